@@ -1,0 +1,110 @@
+"""The public entry points: ``attribute`` and cached, resumable method runs."""
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ProponentError
+from .grads import resolve_device
+from .methods.base import Attributor, Queries, coerce_settings, get_method, settings_dict
+from .project import Project
+from .store import StateDB, atomic_save_npy, atomic_write_json, load_npy, stable_hash
+
+
+def run_key(project: Project, method: str, settings) -> str:
+    """A run is its method, its settings and the hash of the data and checkpoints."""
+    return f"{method}-" + stable_hash({"method": method, "settings": settings_dict(settings),
+                                       "checkpoints": project.checkpoint_hash(), "data": project.data_hash()}, 12)
+
+
+def run_dir(project: Project, key: str) -> Path:
+    return project.state_dir / "runs" / key
+
+
+def fit_method(project: Project, method: str, settings=None, *, device: str = "auto", progress=None,
+               cancel=None, db: StateDB | None = None) -> tuple[Attributor, str]:
+    """Fit ``method`` on ``project``, resuming whatever a previous run of the same key wrote."""
+    cls = get_method(method)
+    reason = cls.supports(project)
+    if reason:
+        raise ProponentError(f"{method} cannot run on this project: {reason}")
+    settings = coerce_settings(cls, settings)
+    key = run_key(project, method, settings)
+    db = db or StateDB.for_project(project)
+    device = resolve_device(device)
+    att = cls(settings, device=device, workdir=run_dir(project, key) / "work", progress=progress, cancel=cancel)
+    prior = db.get_run(key)
+    if prior is None or prior["status"] != "done":
+        db.upsert_run(key, method=method, settings=settings_dict(settings), checkpoint_hash=project.checkpoint_hash(),
+                      status="running", device=device)
+    t0 = time.perf_counter()
+    try:
+        att.fit(project)
+    except BaseException as e:
+        status = "cancelled" if type(e).__name__ == "Cancelled" or isinstance(e, KeyboardInterrupt) else "failed"
+        if prior is None or prior["status"] != "done":
+            db.upsert_run(key, status=status, message=str(e)[:500])
+        raise
+    fit_s = time.perf_counter() - t0
+    if prior is None or prior["status"] != "done":
+        db.upsert_run(key, fit_seconds=fit_s, meta=att.meta)
+    att.meta["fit_seconds"] = fit_s
+    return att, key
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def cached_scores(project: Project, method: str, settings=None, *, device: str = "auto", progress=None,
+                  cancel=None, use_cache: bool = True) -> dict:
+    """Test-query scores, self-scores and suspicion of a run, computed once and cached on disk.
+
+    Returns a dict with ``scores`` [n_test, n_train], ``self_scores`` and ``suspicion`` [n_train]
+    (memory-mapped), and the run's ``key`` and ``meta``.
+    """
+    cls = get_method(method)
+    settings = coerce_settings(cls, settings)
+    key = run_key(project, method, settings)
+    folder = run_dir(project, key)
+    db = StateDB.for_project(project)
+    files = {n: folder / f"{n}.npy" for n in ("scores", "self_scores", "suspicion")}
+    row = db.get_run(key)
+    if use_cache and row and row["status"] == "done" and all(f.is_file() for f in files.values()):
+        return {"key": key, "meta": row.get("meta") or {}, **{n: load_npy(f) for n, f in files.items()}}
+    att, key = fit_method(project, method, settings, device=device, progress=progress, cancel=cancel, db=db)
+    t0 = time.perf_counter()
+    if progress:
+        progress("score", 0, 1)
+    S = att.scores("test")
+    score_s = time.perf_counter() - t0
+    if not np.isfinite(S).all():
+        raise ProponentError(f"{method}: scores contain NaN or inf; the checkpoints may have diverged")
+    self_s = np.asarray(att.self_scores(), dtype=np.float64)
+    susp = np.asarray(att.suspicion(), dtype=np.float64)
+    atomic_save_npy(files["scores"], S.astype(np.float32))
+    atomic_save_npy(files["self_scores"], self_s)
+    atomic_save_npy(files["suspicion"], susp)
+    atomic_write_json(folder / "meta.json", att.meta)
+    if progress:
+        progress("score", 1, 1)
+    db.upsert_run(key, status="done", finished=time.time(), score_seconds=score_s, peak_mb=_peak_mb(),
+                  meta={**att.meta, "label": cls.label, "granularity": cls.granularity})
+    return {"key": key, "meta": att.meta, "scores": S, "self_scores": self_s, "suspicion": susp}
+
+
+def attribute(project: Project, method: str = "trak", queries="test", settings=None, *, device: str = "auto",
+              progress=None, cancel=None, use_cache: bool = True) -> np.ndarray:
+    """[n_queries, n_train] attribution scores (positive: proponent), per methods.md.
+
+    ``queries``: "test" (cached), "train", test row indices, ("train"|"test", indices), an
+    ExampleSet or (x, y) tensors.
+    """
+    if isinstance(queries, str) and queries == "test":
+        return np.asarray(cached_scores(project, method, settings, device=device, progress=progress, cancel=cancel,
+                                        use_cache=use_cache)["scores"], dtype=np.float64)
+    att, _ = fit_method(project, method, settings, device=device, progress=progress, cancel=cancel)
+    return att.scores(Queries.resolve(project, queries))

@@ -1,0 +1,247 @@
+"""The `proponent` command. Every user error ends in one line and exit code 2, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ProponentError
+
+
+def _project(path: str):
+    from .project import Project
+
+    return Project.load(path)
+
+
+def _settings(pairs: list[str] | None) -> dict:
+    out = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise ProponentError(f"--set expects NAME=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _progress():
+    from .progress import TerminalProgress
+
+    return TerminalProgress()
+
+
+def cmd_prepare(a) -> int:
+    from .samples import prepare_sample
+
+    dest = prepare_sample(a.sample, a.dir, train=not a.no_train, models=a.models, progress=_progress(), force=a.force)
+    print(f"prepared {a.sample} at {dest}")
+    return 0
+
+
+def cmd_train(a) -> int:
+    from .train import accuracy, record_training
+
+    p = _project(a.project)
+    device = "cpu" if a.device == "auto" else a.device
+    cks = record_training(p, models=a.models, device=device, progress=_progress())
+    finals = p.final_checkpoints()
+    accs = [accuracy(p.load_model(c), p.test_dataset.x, p.test_dataset.y) for c in finals]
+    print(f"recorded {len(cks)} checkpoints of {len(finals)} model(s) in {p.checkpoint_dir}; "
+          f"test accuracy {np.mean(accs):.3f}" + (f" (range {min(accs):.3f}–{max(accs):.3f})" if len(accs) > 1 else ""))
+    return 0
+
+
+def cmd_attribute(a) -> int:
+    from .api import cached_scores
+
+    p = _project(a.project)
+    res = cached_scores(p, a.method, _settings(a.set), device=a.device, progress=_progress(), use_cache=not a.no_cache)
+    S = np.asarray(res["scores"], dtype=np.float64)
+    if a.export:
+        from .store import atomic_save_npy
+
+        atomic_save_npy(a.export, S)
+    if a.json:
+        k = min(a.top, S.shape[1])
+        out = {"method": a.method, "run": res["key"], "shape": list(S.shape),
+               "sign": "positive = proponent (removing it lowers the query's correct-class margin)", "queries": []}
+        for q in range(S.shape[0]):
+            top = np.argsort(-S[q])[:k]
+            bot = np.argsort(S[q])[:k]
+            out["queries"].append({
+                "test_index": q,
+                "proponents": [{"train_index": int(i), "score": float(S[q, i])} for i in top],
+                "opponents": [{"train_index": int(i), "score": float(S[q, i])} for i in bot]})
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"{a.method}: scores {S.shape[0]} test × {S.shape[1]} train (run {res['key']})"
+              + (f", written to {a.export}" if a.export else ""))
+    return 0
+
+
+def cmd_triage(a) -> int:
+    from .triage import triage
+
+    p = _project(a.project)
+    out = triage(p, a.method, _settings(a.set), device=a.device, progress=_progress(), limit=a.limit)
+    if a.json:
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"{'rank':>4} {'index':>6} {'score':>12} {'label':>6} {'suggested':>9}")
+        for r, it in enumerate(out["items"][: a.limit or 20]):
+            print(f"{r:>4} {it['index']:>6} {it['score']:>12.4g} {str(it['label']):>6} {str(it['suggested_label']):>9}")
+    return 0
+
+
+def cmd_leaks(a) -> int:
+    from .leaks import detect_leaks
+
+    p = _project(a.project)
+    out = detect_leaks(p, a.method, _settings(a.set), device=a.device, progress=_progress())
+    if a.json:
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        flagged = [x for x in out["pairs"] if x["flagged"]]
+        print(f"{len(flagged)} suspected leaks among {len(out['pairs'])} test queries ({a.method})")
+        for x in flagged:
+            print(f"  test {x['test_index']:>5} ↔ train {x['train_index']:>5}  score {x['score']:.4g}")
+    return 0
+
+
+def cmd_info(a) -> int:
+    from .methods import describe_settings, list_methods
+
+    if a.project:
+        p = _project(a.project)
+        info = p.summary()
+        info["methods"] = {}
+        for cls in list_methods():
+            info["methods"][cls.name] = cls.supports(p) or "ok"
+        if a.json:
+            print(json.dumps(info))
+        else:
+            for k, v in info.items():
+                print(f"{k:>12}: {v}")
+        return 0
+    methods = [{"name": c.name, "label": c.label, "description": c.description, "settings": describe_settings(c)}
+               for c in list_methods()]
+    if a.json:
+        print(json.dumps(methods, default=str))
+    else:
+        for m in methods:
+            print(f"{m['name']:<12} {m['description']}")
+            for s in m["settings"]:
+                print(f"{'':<14}{s['name']}={s['default']!r}: {s['help']}")
+    return 0
+
+
+def cmd_bench(a, rest: list[str]) -> int:
+    from .evaluate.bench import cli_main
+
+    return cli_main([a.project, *rest])
+
+
+def cmd_app(a, rest: list[str]) -> int:
+    """Run the Streamlit UI bound to 127.0.0.1 unless --server.address says otherwise."""
+    import subprocess
+
+    main = Path(__file__).resolve().parents[1] / "app" / "main.py"
+    env = dict(os.environ)
+    if a.project:
+        # validate up front so a bad folder is a one-line error, not a broken page
+        _project(a.project)
+        env["PROPONENT_PROJECT"] = str(Path(a.project).resolve())
+    args = [sys.executable, "-m", "streamlit", "run", str(main)]
+    if not any(r.startswith("--server.address") for r in rest):
+        args += ["--server.address", "127.0.0.1"]
+    if not any(r.startswith("--browser.gatherUsageStats") for r in rest):
+        args += ["--browser.gatherUsageStats", "false"]
+    args += rest
+    return subprocess.call(args, env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="proponent", description="Which training examples made my model do this?")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p, method=True):
+        p.add_argument("project", help="project folder (holding project.toml)")
+        if method:
+            p.add_argument("--method", "-m", default="trak", help="method name from the registry (proponent info)")
+            p.add_argument("--set", action="append", metavar="NAME=VALUE", help="a method setting (repeatable)")
+        p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+    p = sub.add_parser("prepare", help="write a ready sample project (data, model.py, project.toml, checkpoints)")
+    p.add_argument("sample", help="sample name, e.g. digits")
+    p.add_argument("--dir", help="where to write it (default: sample_projects/NAME)")
+    p.add_argument("--models", type=int, default=1, help="independently trained models to record")
+    p.add_argument("--no-train", action="store_true", help="write the data only")
+    p.add_argument("--force", action="store_true", help="regenerate data and checkpoints")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train per the recipe, recording the trajectory")
+    common(p, method=False)
+    p.add_argument("--models", type=int, default=1, help="independently trained models (seeds seed..seed+N-1)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("attribute", help="score every test query against every training example")
+    common(p)
+    p.add_argument("--export", help="write the [n_test, n_train] score matrix to this .npy file")
+    p.add_argument("--json", action="store_true", help="print top proponents and opponents per query as JSON")
+    p.add_argument("--top", type=int, default=10, help="proponents/opponents per query in --json")
+    p.add_argument("--no-cache", action="store_true", help="recompute even if a cached run exists")
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("triage", help="rank training examples by how likely they are mislabeled")
+    common(p)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=None, help="keep only the N most suspicious")
+    p.set_defaults(func=cmd_triage)
+
+    p = sub.add_parser("leaks", help="suspected train/test duplicates, with a calibrated flag")
+    common(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_leaks)
+
+    p = sub.add_parser("info", help="describe a project, or list methods and their settings")
+    p.add_argument("project", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="accuracy and cost of methods and peers (see docs/benchmarks.md)", add_help=False)
+    p.add_argument("project")
+    p.set_defaults(func=cmd_bench, passthrough=True)
+
+    p = sub.add_parser("app", help="the Streamlit UI (127.0.0.1 unless --server.address is given)")
+    p.add_argument("project", nargs="?")
+    p.set_defaults(func=cmd_app, passthrough=True)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = build_parser()
+    try:
+        a, rest = ap.parse_known_args(argv)
+        if rest and not getattr(a, "passthrough", False):
+            ap.error(f"unrecognized arguments: {' '.join(rest)}")
+        return a.func(a, rest) if getattr(a, "passthrough", False) else a.func(a)
+    except ProponentError as e:
+        print(f"proponent: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("proponent: interrupted; finished chunks are kept and the next run resumes", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, retraining ground truth and peer-library adapters."""

@@ -1,0 +1,258 @@
+"""The one interface every attribution method implements, and the registry that lists them.
+
+Sign convention (methods.md): ``S[q, i] > 0`` makes training example ``i`` a proponent of
+query ``q``: removing ``i`` is predicted to lower ``q``'s correct-class margin.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+
+from ..errors import Cancelled, ProponentError
+from ..grads.per_example import resolve_device
+from ..project import ExampleSet, Project
+
+ProgressFn = Callable[[str, int, int], None]
+
+SIGN_CONVENTION = ("Positive score: the training example is a proponent — removing it is predicted to lower the "
+                   "query's correct-class margin. Negative: an opponent.")
+
+
+def setting(default, help: str, choices: tuple | None = None, **kw):
+    """A dataclass field carrying its one-line help (the UI and CLI show it)."""
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+@dataclasses.dataclass
+class NoSettings:
+    pass
+
+
+class Queries:
+    """Resolved queries: inputs, labels (the measured class) and where they came from."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, source: str, indices: np.ndarray | None = None):
+        self.x, self.y, self.source, self.indices = x, y.long(), source, indices
+
+    def __len__(self):
+        return len(self.y)
+
+    @classmethod
+    def resolve(cls, project: Project, queries) -> "Queries":
+        if isinstance(queries, Queries):
+            return queries
+        if isinstance(queries, str):
+            if queries == "test":
+                ds = project.test_dataset
+            elif queries == "train":
+                ds = project.train_dataset
+            else:
+                raise ProponentError(f"queries must be 'test', 'train', indices or (x, y), not {queries!r}")
+            return cls(ds.x, ds.y, queries, np.arange(len(ds)))
+        if isinstance(queries, ExampleSet):
+            return cls(queries.x, queries.y, "custom")
+        if isinstance(queries, tuple) and len(queries) == 2:
+            split, idx = queries
+            if isinstance(split, str):
+                ds = project.test_dataset if split == "test" else project.train_dataset
+                idx = np.asarray(idx, dtype=np.int64)
+                return cls(ds.x[idx], ds.y[idx], split, idx)
+            x, y = queries
+            return cls(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long), "custom")
+        idx = np.asarray(queries, dtype=np.int64)  # test indices
+        ds = project.test_dataset
+        return cls(ds.x[idx], ds.y[idx], "test", idx)
+
+
+class Attributor(ABC):
+    """``fit(project, settings)`` → ``scores(queries)`` [n_queries, n_train] → ``self_scores()``.
+
+    Subclasses set ``name`` (the registry key), ``label``, ``description`` and a ``Settings``
+    dataclass whose fields carry a default and one-line help. ``fit`` writes what it computes
+    under ``workdir``; a fit interrupted half-way resumes from there.
+    """
+
+    name: ClassVar[str]
+    label: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Settings: ClassVar[type] = NoSettings
+    # "example": scores are per training example; "cluster": derived from clusters (DDM)
+    granularity: ClassVar[str] = "example"
+    # a method that cannot handle a model says why via ``supports(project)``
+    extension: ClassVar[bool] = False  # our extension of a published method (labelled in the UI)
+
+    def __init__(self, settings: Any = None, *, device: str = "auto", workdir: str | Path | None = None,
+                 progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None):
+        self.settings = settings if settings is not None else self.Settings()
+        self.device = resolve_device(device)
+        self._tmp = None
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix=f"proponent-{self.name}-")
+            workdir = self._tmp.name
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.progress = progress or (lambda stage, done, total: None)
+        self.cancel = cancel
+        self.project: Project | None = None
+        self.meta: dict[str, Any] = {}
+
+    # -- lifecycle
+    def fit(self, project: Project, settings: Any = None) -> "Attributor":
+        if settings is not None:
+            self.settings = coerce_settings(type(self), settings)
+        if not project.checkpoints and self.needs_checkpoints:
+            raise ProponentError("no checkpoints recorded; run `proponent train PROJECT` first",
+                                 file=str(project.checkpoint_dir))
+        self.project = project
+        self._fit(project)
+        return self
+
+    needs_checkpoints: ClassVar[bool] = True
+
+    @abstractmethod
+    def _fit(self, project: Project) -> None: ...
+
+    @abstractmethod
+    def scores(self, queries="test") -> np.ndarray:
+        """[n_queries, n_train] scores, oriented per the sign convention."""
+
+    def self_scores(self) -> np.ndarray:
+        """S[i, i] with each training example as its own query. Subclasses override with a direct form."""
+        n = len(self._p.train_dataset)
+        out = np.empty(n)
+        step = 256
+        for lo in range(0, n, step):
+            idx = np.arange(lo, min(n, lo + step))
+            block = self.scores(("train", idx))
+            out[idx] = block[np.arange(len(idx)), idx]
+        return out
+
+    def suspicion(self) -> np.ndarray:
+        """How suspicious each training example looks (higher: more likely mislabeled)."""
+        return self.self_scores()
+
+    # -- helpers shared by methods
+    @property
+    def _p(self) -> Project:
+        if self.project is None:
+            raise ProponentError(f"{self.name}: call fit(project) before scoring")
+        return self.project
+
+    def _queries(self, queries) -> Queries:
+        return Queries.resolve(self._p, queries)
+
+    def _check_cancel(self, what: str) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled(f"{self.name}: {what} cancelled; rerun to resume")
+
+    def topk(self, queries="test", k: int = 10, chunk: int = 256) -> dict[str, np.ndarray]:
+        """Top-k proponents and opponents per query, streamed over query chunks so memory is
+        bounded by ``chunk × n_train``."""
+        q = self._queries(queries)
+        n = len(q)
+        pos_i = np.empty((n, k), np.int64)
+        pos_s = np.empty((n, k))
+        neg_i = np.empty((n, k), np.int64)
+        neg_s = np.empty((n, k))
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            s = self.scores(Queries(q.x[lo:hi], q.y[lo:hi], q.source, None if q.indices is None else q.indices[lo:hi]))
+            kk = min(k, s.shape[1])
+            top = np.argsort(-s, axis=1)[:, :kk]
+            bot = np.argsort(s, axis=1)[:, :kk]
+            pos_i[lo:hi, :kk], pos_s[lo:hi, :kk] = top, np.take_along_axis(s, top, 1)
+            neg_i[lo:hi, :kk], neg_s[lo:hi, :kk] = bot, np.take_along_axis(s, bot, 1)
+        return {"proponents": pos_i, "proponent_scores": pos_s, "opponents": neg_i, "opponent_scores": neg_s}
+
+    @classmethod
+    def supports(cls, project: Project) -> str | None:
+        """None if the method can run on this project, else the one-line reason it cannot."""
+        return None
+
+
+def coerce_settings(cls: type[Attributor], settings) -> Any:
+    """Build the method's Settings from a dict (CLI, UI, JSON), rejecting unknown keys."""
+    S = cls.Settings
+    if isinstance(settings, S):
+        return settings
+    if settings is None:
+        return S()
+    if not isinstance(settings, dict):
+        raise ProponentError(f"{cls.name}: settings must be a mapping, not {type(settings).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(S)}
+    unknown = [k for k in settings if k not in fields]
+    if unknown:
+        raise ProponentError(f"{cls.name}: unknown setting {unknown[0]!r} (known: {', '.join(fields) or 'none'})")
+    kwargs = {}
+    for k, v in settings.items():
+        default = fields[k].default
+        try:
+            if isinstance(default, bool):
+                v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
+            elif isinstance(default, int) and not isinstance(default, bool):
+                v = int(v)
+            elif isinstance(default, float):
+                v = float(v)
+        except (TypeError, ValueError):
+            raise ProponentError(f"{cls.name}: setting {k!r} must be a {type(default).__name__}, not {v!r}") from None
+        choices = fields[k].metadata.get("choices")
+        if choices and v not in choices:
+            raise ProponentError(f"{cls.name}: setting {k!r} must be one of {', '.join(map(str, choices))}, not {v!r}")
+        kwargs[k] = v
+    return S(**kwargs)
+
+
+def settings_dict(settings) -> dict:
+    return dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(settings or {})
+
+
+def describe_settings(cls: type[Attributor]) -> list[dict]:
+    """Each setting's name, default, type, choices and help (for the UI and `proponent info`)."""
+    out = []
+    for f in dataclasses.fields(cls.Settings):
+        out.append({"name": f.name, "default": f.default, "type": type(f.default).__name__,
+                    "choices": f.metadata.get("choices"), "help": f.metadata.get("help", "")})
+    return out
+
+
+# ----------------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[Attributor]] = {}
+
+
+def register(cls: type[Attributor]) -> type[Attributor]:
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise RuntimeError(f"two methods registered as {cls.name!r}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    import importlib
+    import pkgutil
+
+    from .. import methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_") and info.name != "base":
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+
+
+def list_methods() -> list[type[Attributor]]:
+    _discover()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def get_method(name: str) -> type[Attributor]:
+    _discover()
+    if name not in _REGISTRY:
+        raise ProponentError(f"unknown method {name!r} (known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name]

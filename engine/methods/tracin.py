@@ -1,0 +1,29 @@
+"""TracIn(CP): Σ_t η_t · ∇f(q; θ_t) · (−∇ℓ(z; θ_t)) over the recorded checkpoints of one run."""
+from __future__ import annotations
+
+import dataclasses
+
+from ._gradsim import GradientSimilarity, GradSimSettings
+from .base import register, setting
+
+
+@dataclasses.dataclass
+class TracInSettings(GradSimSettings):
+    max_checkpoints: int = setting(0, "Use at most this many checkpoints, evenly spaced (0: all).")
+
+
+@register
+class TracIn(GradientSimilarity):
+    name = "tracin"
+    label = "TracIn(CP)"
+    description = "Baseline: learning-rate-weighted gradient dot products summed over the training checkpoints."
+    Settings = TracInSettings
+
+    def checkpoints_and_weights(self, project):
+        finals = project.final_checkpoints()
+        cks = [c for c in project.checkpoints if c.model_id == finals[0].model_id]
+        m = self.settings.max_checkpoints
+        if m > 0 and len(cks) > m:
+            import numpy as np
+            cks = [cks[int(i)] for i in np.linspace(0, len(cks) - 1, m).round()]
+        return [(c, c.lr) for c in cks]
