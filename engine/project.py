@@ -116,6 +116,11 @@ class Checkpoint:
         return f"m{self.model_id}/{self.weights.name}"
 
 
+def _native(v):
+    """numpy scalars → Python values, so labels print and compare plainly."""
+    return v.item() if hasattr(v, "item") else v
+
+
 def _read_toml(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
@@ -245,15 +250,16 @@ class Project:
         test_df = _read_csv(self.test_csv, lc)
         self.train_df, self.test_df = train_df, test_df
         # classes come from the training data; a test class that train lacks cannot be attributed
-        raw_classes = sorted(pd.unique(train_df[lc]).tolist(), key=lambda v: (str(type(v)), v))
+        raw_classes = sorted((_native(v) for v in pd.unique(train_df[lc])), key=lambda v: (str(type(v)), v))
         self.classes: list = raw_classes
         index = {c: i for i, c in enumerate(raw_classes)}
-        y_train = torch.tensor([index[v] for v in train_df[lc]], dtype=torch.long)
-        unknown = ~test_df[lc].isin(raw_classes).to_numpy()
+        y_train = torch.tensor([index[_native(v)] for v in train_df[lc]], dtype=torch.long)
+        unknown = np.array([_native(v) not in index for v in test_df[lc]])
         if unknown.any():
             r = int(np.argmax(unknown))
-            raise ValidationError(f"class {test_df[lc].iloc[r]!r} is in test but not in train", file=str(self.test_csv), row=r)
-        y_test = torch.tensor([index[v] for v in test_df[lc]], dtype=torch.long)
+            raise ValidationError(f"class {_native(test_df[lc].iloc[r])!r} is in test but not in train",
+                                  file=str(self.test_csv), row=r)
+        y_test = torch.tensor([index[_native(v)] for v in test_df[lc]], dtype=torch.long)
         if self.data_format == "images":
             x_train = self._load_images(train_df, self.train_csv)
             x_test = self._load_images(test_df, self.test_csv, expect=tuple(x_train.shape[1:]))

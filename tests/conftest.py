@@ -48,3 +48,54 @@ def copy_project(tmp_path):
         shutil.copytree(project.root, dest, ignore=shutil.ignore_patterns(".proponent"))
         return Project.load(dest)
     return _copy
+
+
+LINEAR_MODEL = '''
+from torch import nn
+def build(input_shape, num_classes):
+    return nn.Linear(input_shape[0], num_classes)
+'''
+
+MLP_MODEL = '''
+from torch import nn
+def build(input_shape, num_classes):
+    return nn.Sequential(nn.Linear(input_shape[0], 16), nn.Tanh(), nn.Linear(16, num_classes))
+'''
+
+
+def write_tabular_project(root: Path, *, n_train: int = 80, n_test: int = 20, d: int = 5, classes: int = 3,
+                          seed: int = 0, model: str = LINEAR_MODEL, training: str | None = None) -> Path:
+    """A small tabular project (Gaussian blobs). Default recipe: full-batch L-BFGS with weight
+    decay, i.e. a convex model trained to convergence, so retraining is exact ground truth."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 1.5, (classes, d))
+    n = n_train + n_test
+    y = rng.integers(0, classes, n)
+    x = centers[y] + rng.normal(0, 1.0, (n, d))
+    root.mkdir(parents=True, exist_ok=True)
+    cols = [f"f{j}" for j in range(d)]
+    for name, sl in (("train", slice(0, n_train)), ("test", slice(n_train, n))):
+        lines = [",".join(cols + ["label"])]
+        lines += [",".join(f"{v:.6f}" for v in row) + f",{lab}" for row, lab in zip(x[sl], y[sl])]
+        (root / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    (root / "model.py").write_text(model)
+    training = training or 'optimizer = "lbfgs"\nweight_decay = 0.01\nepochs = 20\nseed = 0\n'
+    (root / "project.toml").write_text(
+        '[project]\nname = "tab"\ntask = "classification"\n\n[data]\nformat = "tabular"\ntrain = "train.csv"\n'
+        'test = "test.csv"\nlabel_column = "label"\n\n[model]\nfactory = "model.py:build"\ncheckpoints = "checkpoints"\n\n'
+        f'[training]\n{training}')
+    return root
+
+
+@pytest.fixture(scope="session")
+def logreg_project(tmp_path_factory):
+    """Multinomial logistic regression on 80 tabular points, trained to convergence (L-BFGS)."""
+    from engine import Project
+    from engine.train import record_training
+
+    root = write_tabular_project(tmp_path_factory.mktemp("logreg") / "logreg")
+    p = Project.load(root)
+    record_training(p)
+    return p

@@ -1,0 +1,121 @@
+"""Gradients, projections and the chunked feature store: determinism and resumption."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from engine import attribute
+from engine.errors import Cancelled
+from engine.grads import GradientComputer, correct_class_margin, make_projector
+from engine.grads.features import featurize
+
+
+def test_per_example_gradients_match_autograd(digits_project):
+    p = digits_project
+    model = p.load_model()
+    comp = GradientComputer(model)
+    x, y = p.train_dataset.x[:5], p.train_dataset.y[:5]
+    G = comp.per_example(x, y, "margin")
+    for i in range(5):
+        model.zero_grad()
+        correct_class_margin(model(x[i:i + 1]), y[i:i + 1]).sum().backward()
+        ref = torch.cat([q.grad.reshape(-1) for q in model.parameters()])
+        torch.testing.assert_close(G[i], ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "sjlt"])
+def test_projection_preserves_inner_products(kind):
+    g = torch.randn(20, 5000)
+    P = make_projector(kind, 5000, 2048, seed=3, model_id=1)
+    z = P.project(g)
+    exact = g @ g.T
+    approx = z @ z.T
+    rel = (approx - exact).norm() / exact.norm()
+    assert rel < 0.15, rel
+    # generated once per (seed, model) and deterministic
+    again = make_projector(kind, 5000, 2048, seed=3, model_id=1).project(g)
+    torch.testing.assert_close(z, again)
+    other = make_projector(kind, 5000, 2048, seed=3, model_id=2).project(g)
+    assert not torch.allclose(z, other)
+
+
+def test_same_seed_same_scores(digits_project, copy_project):
+    a = attribute(digits_project, "trak", settings={"proj_dim": 512, "max_models": 2})
+    other = copy_project(digits_project)
+    b = attribute(other, "trak", settings={"proj_dim": 512, "max_models": 2})
+    np.testing.assert_array_equal(a, b)
+    c = attribute(other, "trak", settings={"proj_dim": 512, "max_models": 2, "seed": 1})
+    assert not np.array_equal(a, c)
+
+
+def _featurize_and_die(root, folder, die_after):
+    os.environ["PROPONENT_THREADS"] = "1"
+    from engine import Project
+
+    p = Project.load(root)
+    comp = GradientComputer(p.load_model())
+    proj = make_projector("rademacher", comp.n_params, 256, seed=0)
+
+    def progress(stage, done, total):
+        if done >= die_after:
+            os._exit(9)  # a hard kill: no cleanup, no exception handlers
+
+    featurize(comp, proj, p.train_dataset.x, p.train_dataset.y, folder, chunk_rows=200, progress=progress)
+
+
+def test_killed_featurization_resumes_to_same_result(digits_project, tmp_path):
+    p = digits_project
+    comp = GradientComputer(p.load_model())
+    proj = make_projector("rademacher", comp.n_params, 256, seed=0)
+    full = featurize(comp, proj, p.train_dataset.x, p.train_dataset.y, tmp_path / "ref", chunk_rows=200).to_array()
+
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=_featurize_and_die, args=(str(p.root), str(tmp_path / "run"), 600))
+    proc.start()
+    proc.join(300)
+    assert proc.exitcode == 9
+    written = sorted(f.name for f in (tmp_path / "run").glob("chunk_*.npy"))
+    assert 0 < len(written) < 8, written
+    assert not list((tmp_path / "run").glob("*.tmp"))  # nothing half-written
+
+    seen = []
+    store = featurize(comp, proj, p.train_dataset.x, p.train_dataset.y, tmp_path / "run", chunk_rows=200,
+                      progress=lambda s, d, t: seen.append(d))
+    assert seen[0] == 200 * len(written)  # resumed where it stopped
+    np.testing.assert_array_equal(store.to_array(), full)
+
+
+def test_cancelled_fit_resumes(digits_project, copy_project):
+    p = copy_project(digits_project)
+    calls = {"n": 0}
+
+    def cancel():
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    with pytest.raises(Cancelled):
+        attribute(p, "trak", settings={"proj_dim": 256, "max_models": 2}, cancel=cancel)
+    from engine.store import StateDB
+    runs = StateDB.for_project(p).list_runs()
+    assert runs[0]["status"] == "cancelled"
+    S = attribute(p, "trak", settings={"proj_dim": 256, "max_models": 2})
+    ref = attribute(copy_project(digits_project, "fresh"), "trak", settings={"proj_dim": 256, "max_models": 2})
+    np.testing.assert_allclose(S, ref, rtol=1e-6, atol=1e-9)
+    assert StateDB.for_project(p).list_runs()[0]["status"] == "done"
+
+
+def test_run_cache_is_reused(digits_project, copy_project, monkeypatch):
+    p = copy_project(digits_project)
+    a = attribute(p, "grad-dot")
+    from engine.methods import grad_dot
+
+    def boom(*a, **k):
+        raise AssertionError("refit although the run is cached")
+
+    monkeypatch.setattr(grad_dot.GradDot, "_fit", boom)
+    b = attribute(p, "grad-dot")
+    np.testing.assert_allclose(a, b, rtol=1e-6)
