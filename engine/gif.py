@@ -94,11 +94,18 @@ def _layer_statistics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: 
         t = t.detach().abs().double()
         return t.transpose(0, 1).reshape(t.shape[1], -1).sum(1).cpu() / max(1, t[0, 0].numel())
 
+    # hooks must return None: a forward hook's return value would replace the layer's output
+    def on_forward(mod, inp, out) -> None:
+        sums[id(mod)].add_(reduce(out))
+
+    def on_backward(mod, grad_in, grad_out) -> None:
+        sums[id(mod)].add_(reduce(grad_out[0]))
+
     for m, _, _ in groups:
         if mode == "output":
-            hooks.append(m.register_forward_hook(lambda mod, inp, out: sums[id(mod)].add_(reduce(out))))
+            hooks.append(m.register_forward_hook(on_forward))
         else:
-            hooks.append(m.register_full_backward_hook(lambda mod, gin, gout: sums[id(mod)].add_(reduce(gout[0]))))
+            hooks.append(m.register_full_backward_hook(on_backward))
     model = model.eval()
     try:
         for lo in range(0, len(y), batch_size):

@@ -75,13 +75,12 @@ def cluster_per_class(features: np.ndarray, labels: np.ndarray, clusters_per_cla
         k = int(min(clusters_per_class, distinct))
         if k <= 1:
             lab = np.zeros(len(rows), dtype=np.int64)
-            centres = f.mean(0, keepdims=True)
         else:
-            km = KMeans(n_clusters=k, random_state=seed, n_init=4).fit(f)
-            lab, centres = km.labels_.astype(np.int64), km.cluster_centers_
+            lab = KMeans(n_clusters=k, random_state=seed, n_init=4).fit(f).labels_.astype(np.int64)
         for j in np.unique(lab):  # only non-empty clusters, numbered consecutively
             sel = np.flatnonzero(lab == j)
-            d = ((f[sel] - centres[j]) ** 2).sum(1)
+            # the centre is the mean of the cluster's final members (k-means' own centre up to its tolerance)
+            d = ((f[sel] - f[sel].mean(0)) ** 2).sum(1)
             assign[rows[sel]] = len(classes)
             classes.append(int(c))
             medoids.append(int(rows[sel[int(np.argmin(d))]]))
@@ -210,7 +209,7 @@ def distill(computers: list[GradientComputer], targets: torch.Tensor, x_init: to
             d, _ = metric(comp.per_example(x, y_syn, "loss"), tgt)
             loss = d.sum()
             loss.backward()  # accumulate over checkpoints: memory of one checkpoint's graph at a time
-            total += float(loss)
+            total += float(loss.detach())
         if not math.isfinite(total):
             raise ProponentError("ddm: gradient matching diverged (non-finite objective); lower distill_lr")
         opt.step()

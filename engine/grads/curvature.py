@@ -213,26 +213,52 @@ class _Capture:
 def sample_labels(model: nn.Module, x: torch.Tensor, samples: int = 1, seed: int = 0, batch_size: int = 512,
                   device: str = "cpu") -> torch.Tensor:
     """[n, samples] labels drawn from the model's own predictive distribution (true Fisher)."""
+    return fisher_targets(model, x, samples, seed, batch_size, device)[0]
+
+
+EXACT_FISHER_MAX_CLASSES = 16
+
+
+def fisher_targets(model: nn.Module, x: torch.Tensor, samples: int = 1, seed: int = 0, batch_size: int = 512,
+                   device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and weights ([n, k] each) for the Fisher pseudo-gradients.
+
+    ``samples ≥ 1``: k labels drawn from the model, weight 1/k each (a Monte-Carlo estimate).
+    ``samples = 0``: every class, weighted by the model's probability: the exact expectation
+    over sampled labels (no sampling noise; k = number of classes). ``samples < 0``: exact
+    when there are at most 16 classes, else one sample.
+    """
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     model = model.eval().to(device)
-    out = []
+    labs, ws = [], []
     with torch.no_grad():
         for lo in range(0, len(x), batch_size):
             p = torch.softmax(model(x[lo:lo + batch_size].to(device)).double().cpu(), -1)
-            out.append(torch.multinomial(p, samples, replacement=True, generator=gen))
-    return torch.cat(out, 0) if out else torch.empty(0, samples, dtype=torch.long)
+            exact = samples == 0 or (samples < 0 and p.shape[1] <= EXACT_FISHER_MAX_CLASSES)
+            if exact:
+                labs.append(torch.arange(p.shape[1]).expand(len(p), -1).clone())
+                ws.append(p)
+            else:
+                k = max(1, samples)
+                labs.append(torch.multinomial(p, k, replacement=True, generator=gen))
+                ws.append(torch.full((len(p), k), 1.0 / k, dtype=torch.float64))
+    if not labs:
+        return torch.empty(0, max(1, samples), dtype=torch.long), torch.empty(0, max(1, samples), dtype=torch.float64)
+    return torch.cat(labs, 0), torch.cat(ws, 0)
 
 
 def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels: torch.Tensor,
-                         batch_size: int, device: str):
-    """Yields, per batch and label sample, {layer: (a [b,T,in], s [b,T,out])} with ``s`` the
-    gradient of each example's own cross-entropy (summed loss, so per-example scale)."""
+                         weights: torch.Tensor, batch_size: int, device: str):
+    """Yields, per batch and label column j, (batch start, j, {layer: (a [b,T,in], s [b,T,out])}, w [b])
+    with ``s`` the gradient of each example's own cross-entropy (summed loss, so per-example
+    scale) for label ``labels[:, j]`` and ``w`` its Fisher weight."""
     model = model.eval().to(device)
     cap = _Capture(layers)
     try:
         for lo in range(0, len(x), batch_size):
             xb = x[lo:lo + batch_size].to(device)
             lb = labels[lo:lo + batch_size].to(device)
+            wb = weights[lo:lo + batch_size].to(device).double()
             with torch.enable_grad():
                 cap.grads.clear()
                 logits = model(xb)
@@ -241,39 +267,37 @@ def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor,
                     cap.grads.clear()
                     loss = F.cross_entropy(logits, lb[:, j], reduction="sum")
                     loss.backward(retain_graph=j + 1 < lb.shape[1])
-                    yield {L.name: (acts[L.name], _out_grads(L, cap.grads[L.name]).double()) for L in layers}
+                    yield lo, j, {L.name: (acts[L.name], _out_grads(L, cap.grads[L.name]).double()) for L in layers}, wb[:, j]
             model.zero_grad(set_to_none=True)
     finally:
         cap.close()
         model.zero_grad(set_to_none=True)
 
 
-def fit_covariances(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels: torch.Tensor, *,
-                    batch_size: int = 256, device: str = "cpu") -> dict[str, torch.Tensor]:
+def _uniform(labels: torch.Tensor) -> torch.Tensor:
+    return torch.full(labels.shape, 1.0 / labels.shape[1], dtype=torch.float64)
+
+
+def fit_covariances(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels: torch.Tensor,
+                    weights: torch.Tensor | None = None, *, batch_size: int = 256, device: str = "cpu"
+                    ) -> dict[str, torch.Tensor]:
     """``{name.A, name.S}``: K-FAC covariances E[Σ_t a aᵀ] and E[Σ_t s sᵀ] (float64)."""
-    n, k = len(x), labels.shape[1]
+    n = len(x)
+    weights = _uniform(labels) if weights is None else weights
     out = {}
     for L in layers:
         out[f"{L.name}.A"] = torch.zeros(L.in_dim, L.in_dim, dtype=torch.float64)
         out[f"{L.name}.S"] = torch.zeros(L.out_dim, L.out_dim, dtype=torch.float64)
-    seen_a = set()
-    for lo, batch in _enumerate_batches(_pseudo_grad_batches(model, layers, x, labels, batch_size, device), k):
+    for lo, j, batch, w in _pseudo_grad_batches(model, layers, x, labels, weights, batch_size, device):
         for L in layers:
             a, s = batch[L.name]
-            if lo not in seen_a:
+            if j == 0:
                 out[f"{L.name}.A"] += torch.einsum("bti,btj->ij", a, a).cpu()
-            out[f"{L.name}.S"] += torch.einsum("bti,btj->ij", s, s).cpu()
-        seen_a.add(lo)
+            out[f"{L.name}.S"] += torch.einsum("b,bti,btj->ij", w, s, s).cpu()
     for L in layers:
         out[f"{L.name}.A"] /= n
-        out[f"{L.name}.S"] /= n * k
+        out[f"{L.name}.S"] /= n
     return out
-
-
-def _enumerate_batches(gen, samples: int):
-    """Pairs each yielded item with its batch number (``samples`` items per batch)."""
-    for i, item in enumerate(gen):
-        yield i // samples, item
 
 
 def eigenbasis(cov: dict[str, torch.Tensor], layers: list[Layer]) -> dict[str, torch.Tensor]:
@@ -290,16 +314,18 @@ def eigenbasis(cov: dict[str, torch.Tensor], layers: list[Layer]) -> dict[str, t
 
 
 def fit_eigenvalues(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels: torch.Tensor,
-                    basis: dict[str, torch.Tensor], *, scale: dict[str, torch.Tensor] | None = None,
-                    batch_size: int = 256, device: str = "cpu") -> dict[str, torch.Tensor]:
+                    basis: dict[str, torch.Tensor], weights: torch.Tensor | None = None, *,
+                    scale: dict[str, torch.Tensor] | None = None, batch_size: int = 256, device: str = "cpu"
+                    ) -> dict[str, torch.Tensor]:
     """``{name.lambda}``: EK-FAC eigenvalues E[(Q_Sᵀ G Q_A)²] [out, in] in the given basis.
 
     ``scale`` (optional, per layer [out, in]) multiplies each pseudo-gradient elementwise
     first: the Adam-preconditioned variant uses √P ⊙ G.
     """
-    n, k = len(x), labels.shape[1]
+    n = len(x)
+    weights = _uniform(labels) if weights is None else weights
     out = {f"{L.name}.lambda": torch.zeros(L.out_dim, L.in_dim, dtype=torch.float64) for L in layers}
-    for _, batch in _enumerate_batches(_pseudo_grad_batches(model, layers, x, labels, batch_size, device), k):
+    for _, _, batch, w in _pseudo_grad_batches(model, layers, x, labels, weights, batch_size, device):
         for L in layers:
             a, s = batch[L.name]
             QA = basis[f"{L.name}.QA"].to(a.device)
@@ -310,9 +336,9 @@ def fit_eigenvalues(model: nn.Module, layers: list[Layer], x: torch.Tensor, labe
             else:
                 G = torch.einsum("bto,bti->boi", s, a) * scale[L.name].to(a.device).double()
                 r = QS.T @ G @ QA
-            out[f"{L.name}.lambda"] += (r * r).sum(0).cpu()
+            out[f"{L.name}.lambda"] += torch.einsum("b,boi->oi", w, r * r).cpu()
     for L in layers:
-        out[f"{L.name}.lambda"] /= n * k
+        out[f"{L.name}.lambda"] /= n
     return out
 
 
@@ -419,6 +445,6 @@ def mean_sigma(lams: dict[str, torch.Tensor]) -> float:
 
 
 __all__ = ["Layer", "LayerLayout", "curvature_layers", "covered_param_names", "sample_labels", "fit_covariances",
-           "eigenbasis", "fit_eigenvalues", "brute_force_pseudo_grads", "rotate", "unrotate", "apply_eigen_fn",
+           "eigenbasis", "fit_eigenvalues", "fisher_targets", "brute_force_pseudo_grads", "rotate", "unrotate", "apply_eigen_fn",
            "response", "propagation", "damped_inverse", "save_tensors", "load_tensors", "tensor_digest",
            "rows_digest", "mean_sigma"]

@@ -45,6 +45,10 @@ class ForwardInfSettings:
     lr: float = setting(0.0, "Step size of those steps; 0: chosen by calibration.")
     direction: str = setting("descent", "descent: learn the query (any query); ascent: unlearn it (for queries known to "
                                         "be in the training set).", choices=("descent", "ascent"))
+    normalize: str = setting("none", "none: the raw loss change; self: divide each training example's score by the square "
+                                     "root of its own self-score (the mirrored Grad-Cos), so examples with large "
+                                     "gradients do not top every ranking — best for duplicate search.",
+                             choices=("none", "self"))
     absolute: bool = setting(False, "Score |Δℓ| instead of the signed change (unsigned: ranks duplicates, not proponents).")
     calibration: str = setting("retrain", "How steps/lr are chosen when left at 0: 'retrain' maximises LDS on held-out "
                                           "TRAINING points against a few small retrainings (cached per checkpoint); "
@@ -144,10 +148,11 @@ class MirrorEngine:
 
     # -- memorised queries
     def unmemorise(self, x: torch.Tensor, y: torch.Tensor, threshold: float, seed: int = 0,
-                   max_doublings: int = 40) -> tuple[torch.Tensor, np.ndarray]:
+                   max_doublings: int = 40, max_radius: float = 8.0) -> tuple[torch.Tensor, np.ndarray]:
         """Inputs to step on: memorised queries (loss < threshold) moved to a random point on an L2
-        sphere around themselves, the radius doubling until the loss reaches the threshold.
-        Returns (inputs, radius per query; 0 where untouched)."""
+        sphere around themselves, the radius doubling (from 0.001 to at most ``max_radius`` times the
+        mean input norm) until the loss reaches the threshold; one that never does keeps the
+        highest-loss point tried. Returns (inputs, radius per query; 0 where untouched)."""
         x = self._cast(x)
         radius = np.zeros(len(y))
         if threshold <= 0 or len(y) == 0:
@@ -163,19 +168,20 @@ class MirrorEngine:
         r = torch.full((len(todo),), 1e-3, dtype=x.dtype, device=x.device) * scale
         out = x.clone()
         pending = torch.ones(len(todo), dtype=torch.bool, device=x.device)
+        best_loss = torch.full((len(todo),), -1.0, dtype=x.dtype, device=x.device)
+        view = (-1,) + (1,) * (x.dim() - 1)
         for _ in range(max_doublings):
-            cand = x[todo] + r.view(-1, *([1] * (x.dim() - 1))) * u
+            cand = x[todo] + r.view(view) * u
             lc = self.losses(cand, y[todo])
-            ok = pending & (lc >= threshold)
-            out[todo[ok]] = cand[ok]
-            radius[todo[ok].cpu().numpy()] = r[ok].cpu().numpy()
-            pending &= ~ok
-            if not pending.any():
+            # queries that never reach the threshold keep the highest-loss point tried
+            better = pending & (lc > best_loss)
+            out[todo[better]] = cand[better]
+            radius[todo[better].cpu().numpy()] = r[better].cpu().numpy()
+            best_loss = torch.where(better, lc, best_loss)
+            pending &= ~(lc >= threshold)
+            if not pending.any() or float(r.max()) > max_radius * float(scale):
                 break
             r = torch.where(pending, r * 2, r)
-        if pending.any():  # never reached the threshold: take the largest radius tried
-            out[todo[pending]] = (x[todo] + r.view(-1, *([1] * (x.dim() - 1))) * u)[pending]
-            radius[todo[pending].cpu().numpy()] = r[pending].cpu().numpy()
         return out, radius
 
     # -- the mirrored step
@@ -236,10 +242,10 @@ class ForwardINF(Attributor):
                 from ..calibration import calibrate_forward_inf
 
                 cal = calibrate_forward_inf(project, optimizer=s.optimizer, direction=s.direction,
-                                            precision=s.precision, seed=s.seed, device=self.device,
+                                            normalize=s.normalize, precision=s.precision, seed=s.seed, device=self.device,
                                             progress=self.progress)
                 how = "calibrated: " + cal["rule"]
-                self.meta["calibration"] = {k: cal[k] for k in ("table", "n_val", "n_subsets") if k in cal}
+                self.meta["calibration"] = {k: cal[k] for k in ("table", "n_val", "n_subsets", "lds") if k in cal}
             steps = steps or int(cal["steps"])
             lr = lr or float(cal["lr"])
         self.steps, self.lr = int(steps), float(lr)
@@ -277,10 +283,25 @@ class ForwardINF(Attributor):
                 moved = self.engine.stacked_losses(P, ds.x[blo:bhi], ds.y[blo:bhi])
                 out[lo:hi, blo:bhi] = self._orient(self.base_train_loss[blo:bhi].unsqueeze(0), moved).double().cpu().numpy()
             self.progress("score", hi, len(q))
+        if self.settings.normalize == "self":
+            out /= self._train_scale()[None, :]
         return out
 
+    def _train_scale(self) -> np.ndarray:
+        """sqrt(|self-score|) per training example (floored): the normaliser of normalize='self'."""
+        raw = np.abs(self._raw_self_scores())
+        floor = max(float(np.median(raw)) * 1e-6, 1e-300)
+        return np.sqrt(np.maximum(raw, floor))
+
     def self_scores(self) -> np.ndarray:
-        """S[i, i]: the change of example i's own loss when the model takes the steps on i."""
+        """S[i, i]: the change of example i's own loss when the model takes the steps on i
+        (with normalize='self': that divided by its own normaliser, i.e. sqrt|S[i, i]|)."""
+        raw = self._raw_self_scores()
+        if self.settings.normalize == "self":
+            return raw / self._train_scale()
+        return raw
+
+    def _raw_self_scores(self) -> np.ndarray:
         if self._self_cache is None:
             ds = self._p.train_dataset
             n = len(ds)
@@ -300,4 +321,4 @@ class ForwardINF(Attributor):
     def suspicion(self) -> np.ndarray:
         """Self-influence: how far an example's own loss moves when the model steps on it. Mislabeled
         examples sit at high loss with large, un-shared gradients, so they move most."""
-        return self.self_scores()
+        return self._raw_self_scores()

@@ -1,0 +1,1 @@
+"""Proponent's Streamlit app (pages) and its service layer."""

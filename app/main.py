@@ -1,0 +1,33 @@
+"""Proponent's Streamlit app. Run with ``proponent app [PROJECT]`` (binds to 127.0.0.1)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import engine  # noqa: E402,F401  (sets the torch thread count before any work)
+import streamlit as st  # noqa: E402
+
+from app import ui  # noqa: E402
+
+st.set_page_config(page_title="Proponent", page_icon="🔎", layout="wide")
+
+PAGES = Path(__file__).parent / "pages"
+pages = [
+    st.Page(str(PAGES / "project.py"), title="Project", icon="📁", url_path="project", default=True),
+    st.Page(str(PAGES / "attribute.py"), title="Attribute", icon="⚙️", url_path="attribute"),
+    st.Page(str(PAGES / "explore.py"), title="Explore", icon="🔍", url_path="explore"),
+    st.Page(str(PAGES / "triage.py"), title="Triage", icon="🚩", url_path="triage"),
+    st.Page(str(PAGES / "leakage.py"), title="Leakage", icon="💧", url_path="leakage"),
+    st.Page(str(PAGES / "embeddings.py"), title="Embeddings", icon="🗺️", url_path="embeddings"),
+    st.Page(str(PAGES / "report.py"), title="Report", icon="📄", url_path="report"),
+]
+nav = st.navigation(pages)
+with st.sidebar:
+    root = ui.project_root()
+    st.caption(f"Project: `{Path(root).name}`" if root else "No project open")
+    st.caption("Scores: positive = proponent (removing it lowers the query's correct-class margin).")
+nav.run()

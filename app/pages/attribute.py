@@ -1,0 +1,90 @@
+"""Attribute: pick a method and its settings, run it as a background job, list cached runs."""
+import pandas as pd
+import streamlit as st
+
+from app import jobs
+from app import services as svc
+from app import ui
+
+st.title("⚙️ Attribute")
+project = ui.get_project()
+methods = svc.methods_info(project)
+names = [m["name"] for m in methods]
+by = {m["name"]: m for m in methods}
+if "method" not in st.session_state:
+    st.session_state["method"] = "trak" if "trak" in names else names[0]
+name = st.selectbox("Method", names, key="method",
+                    format_func=lambda n: f"{by[n]['label']}" + (" (our extension)" if by[n]["extension"] else "")
+                    + (" — unavailable" if by[n]["unsupported"] else ""))
+m = by[name]
+st.caption(m["description"])
+if m["unsupported"]:
+    st.warning(f"{m['label']} cannot run on this project: {m['unsupported']}")
+
+values = {}
+with st.expander("Settings", expanded=False):
+    for s in m["settings"]:
+        k = f"set_{name}_{s['name']}"
+        d = s["default"]
+        if s["choices"]:
+            values[s["name"]] = st.selectbox(s["name"], list(s["choices"]), index=list(s["choices"]).index(d),
+                                             help=s["help"], key=k)
+        elif isinstance(d, bool):
+            values[s["name"]] = st.checkbox(s["name"], value=d, help=s["help"], key=k)
+        elif isinstance(d, int):
+            values[s["name"]] = int(st.number_input(s["name"], value=d, step=1, help=s["help"], key=k))
+        elif isinstance(d, float):
+            values[s["name"]] = float(st.number_input(s["name"], value=d, format="%g", help=s["help"], key=k))
+        else:
+            values[s["name"]] = st.text_input(s["name"], value=str(d), help=s["help"], key=k)
+
+import torch  # noqa: E402
+
+devices = ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+device = st.selectbox("Device", devices, key="device", help="auto: CUDA when available, else the CPU.")
+
+try:
+    settings = svc.coerce_ui_settings(name, values)
+    key = svc.run_key_for(project, name, settings)
+except svc.ProponentError as e:
+    st.error(str(e))
+    st.stop()
+
+runs = {r["key"]: r for r in svc.list_runs(project)}
+prior = runs.get(key)
+same = [r for r in runs.values() if r["method"] == name and r["status"] == "done"]
+if prior and prior["status"] == "done":
+    st.success(f"Cached: this run ({key}) finished in {(prior['fit_s'] or 0) + (prior['score_s'] or 0):.1f}s; "
+               "running it again reuses the cache.")
+elif same:
+    est = sum((r["fit_s"] or 0) + (r["score_s"] or 0) for r in same) / len(same)
+    st.caption(f"Estimated cost: about {est:.0f}s (from {len(same)} earlier {name} run(s) on this project).")
+
+if st.button("Run", type="primary", key="run_button", disabled=bool(m["unsupported"])):
+    jid = ui.start(project, "attribute", {"method": name, "settings": settings, "device": device})
+    j = jobs.get_job(project, jid)
+    if j and j["status"] == "done":
+        st.success(f"{name} finished: run {j['result']['key']}. Open **Explore** to see proponents.")
+    elif j and j["status"] == "failed":
+        st.error(f"{name} failed: {j.get('message')}")
+    else:
+        st.info(f"Started {name} in the background (job {jid}). This page stays usable; reloading finds the job.")
+
+st.subheader("Jobs")
+ui.job_panel(project, kinds=("attribute",))
+recent = [j for j in jobs.list_jobs(project, 10) if j["kind"] == "attribute" and j["status"] not in jobs.ACTIVE][:5]
+for j in recent:
+    p = j.get("params") or {}
+    icon = {"done": "✅", "failed": "❌", "cancelled": "⏹"}.get(j["status"], "•")
+    st.caption(f"{icon} {p.get('method')} — {j['status']}" + (f": {j['message']}" if j.get("message") else ""))
+
+st.subheader("Cached runs")
+done = svc.done_runs(project)
+if done:
+    st.dataframe(pd.DataFrame([{"method": r["method"], "fit (s)": r["fit_s"], "score (s)": r["score_s"],
+                                "peak MB": r["peak_mb"], "device": r["device"], "settings": str(r["settings"]),
+                                "run": r["key"]} for r in done]), hide_index=True)
+    if len(done) >= 2:
+        st.caption("Several methods have run: Explore can show two side by side with their agreement.")
+else:
+    st.caption("No finished runs yet.")

@@ -1,0 +1,86 @@
+"""Embeddings: influence-feature map next to a penultimate-feature map; lasso/box selection → flags."""
+import plotly.express as px
+import streamlit as st
+
+from app import services as svc
+from app import ui
+
+st.title("🗺️ Embeddings")
+project = ui.get_project()
+root = str(project.root)
+db = ui.db(project)
+
+c1, c2 = st.columns(2)
+if "e_reducer" not in st.session_state:
+    ready = [r for r in ("umap", "pca") if all(svc.cached_embedding(project, k, r) is not None
+                                               for k in ("influence", "penultimate"))]
+    st.session_state["e_reducer"] = ready[0] if ready else "umap"
+reducer = c1.selectbox("Layout", ["umap", "pca"], key="e_reducer", help="UMAP (cached on disk) or a quick PCA.")
+colour = c2.selectbox("Colour by", ["label", "prediction", "flag", "self_influence"], key="e_colour")
+KINDS = {"influence": "Influence embedding (projected margin gradients, TRAK's features)",
+         "penultimate": "Penultimate-layer features (for contrast)"}
+embs = {k: svc.cached_embedding(project, k, reducer) for k in KINDS}
+missing = [k for k, v in embs.items() if v is None]
+if missing:
+    st.info(f"Maps not computed yet for {reducer}: {', '.join(missing)}. They run as a background job and are cached.")
+    if st.button("Compute maps", key="e_compute"):
+        for k in missing:
+            ui.start(project, "embedding", {"kind": k, "reducer": reducer})
+        st.rerun()
+    ui.job_panel(project, kinds=("embedding",))
+
+run = None
+runs = svc.done_runs(project)
+if colour == "self_influence":
+    if runs:
+        run = ui.run_arrays(root, runs[0]["key"])
+        st.caption(f"Self-influence from {runs[0]['method']} ({runs[0]['key']}).")
+    else:
+        st.warning("No finished run for self-influence; colouring by label.")
+        colour = "label"
+preds = ui.project_predictions(project, "train")
+flags = svc.flag_state(db, "train")
+
+selected: list[int] = []
+cols = st.columns(2)
+for col, (kind, title) in zip(cols, KINDS.items()):
+    emb = embs[kind]
+    with col:
+        if emb is None:
+            st.caption(f"{title}: not computed")
+            continue
+        df = svc.embedding_frame(project, emb, colour, flags=flags, run=run, preds=preds)
+        n_total = int(emb["n_total"])
+        sub = f" — subsample of {len(df):,} of {n_total:,}" if len(df) < n_total else f" — {len(df):,} examples"
+        fig = px.scatter(df, x="x", y="y", color=colour, custom_data=["index", "label"],
+                         color_continuous_scale="Viridis", title=title + sub,
+                         render_mode="webgl" if len(df) > 5000 else "auto")
+        fig.update_traces(marker=dict(size=5),
+                          hovertemplate="train #%{customdata[0]}<br>label %{customdata[1]}<extra></extra>")
+        fig.update_layout(xaxis_title=f"{reducer.upper()} 1 (arbitrary units)", yaxis_title=f"{reducer.upper()} 2 (arbitrary units)",
+                          height=460, margin=dict(t=40, b=10), dragmode="lasso",
+                          legend_title=colour if colour != "self_influence" else None)
+        if colour == "self_influence":
+            fig.update_layout(coloraxis_colorbar_title="self-influence")
+        event = st.plotly_chart(fig, width="stretch", on_select="rerun", selection_mode=("lasso", "box"),
+                                key=f"map_{kind}")
+        selected += [i for i in svc.selection_indices(event) if i not in selected]
+
+st.subheader("Selection")
+if not selected:
+    st.caption("Draw a lasso or a box on either map to select training examples.")
+else:
+    st.write(f"{len(selected)} training example(s) selected.")
+    a1, a2, a3, a4 = st.columns(4)
+    for col, flag in zip((a1, a2, a3, a4), ("mislabeled", "ok", "ambiguous", "leak")):
+        if col.button(f"Flag {flag}", key=f"sel_{flag}"):
+            n = svc.bulk_update(db, "train", selected, flag=flag, source="app-embeddings")
+            st.toast(f"{n} flagged {flag}")
+    show = selected[:24]
+    grid = st.columns(8)
+    for j, i in enumerate(show):
+        with grid[j % 8]:
+            ui.show_example(project, "train", i, size=64,
+                            caption=f"#{i} label {project.class_name(int(project.train_dataset.y[i]))}")
+    if len(selected) > len(show):
+        st.caption(f"…and {len(selected) - len(show)} more.")

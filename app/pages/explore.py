@@ -1,0 +1,144 @@
+"""Explore: a query, its prediction, and its top-k proponents and opponents."""
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from app import services as svc
+from app import ui
+
+st.title("🔍 Explore: proponents and opponents")
+project = ui.get_project()
+root = str(project.root)
+run = ui.pick_run(project)
+if run is None:
+    st.stop()
+arr = ui.run_arrays(root, run["key"])
+S = arr["scores"]
+preds = ui.project_predictions(project, "test")
+flags = svc.flag_state(ui.db(project), "train")
+self_inf = arr["self_scores"] if arr["self_scores"] is not None else np.zeros(S.shape[1])
+train_preds = ui.project_predictions(project, "train")
+
+# ---------------------------------------------------------------- query choice
+with st.expander("Choose a query", expanded=True):
+    f1, f2, f3 = st.columns([2, 1, 2])
+    classes = f1.multiselect("True class", [str(c) for c in project.classes], key="f_classes")
+    correctness = f2.radio("Prediction", ["all", "correct", "wrong"], horizontal=True, key="f_correct")
+    conf = f3.slider("Confidence", 0.0, 1.0, (0.0, 1.0), 0.01, key="f_conf",
+                     help="The model's top class probability for the query.")
+    table = svc.query_table(project, preds, classes=classes, correctness=correctness, conf_range=conf)
+    st.caption(f"{len(table)} of {S.shape[0]} test queries match. Click a row, or type an index below.")
+    if project.data_format == "images" and len(table):
+        table.insert(1, "image", ui.thumbs(root, "test", tuple(int(i) for i in table["test_index"])))
+    event = st.dataframe(table, hide_index=True, height=220, on_select="rerun", selection_mode="single-row",
+                         key="qtable",
+                         column_config={"image": st.column_config.ImageColumn("image", width="small"),
+                                        "confidence": st.column_config.NumberColumn(format="%.3f"),
+                                        "margin": st.column_config.NumberColumn(
+                                            format="%.2f", help="Correct-class margin z_y − logsumexp of the others")})
+    rows = event.selection.rows if event is not None and hasattr(event, "selection") else []
+    if rows:
+        picked = int(table.iloc[rows[0]]["test_index"])
+        if st.session_state.get("_last_pick") != picked:
+            st.session_state["_last_pick"] = picked
+            st.session_state["q"] = picked
+    if "q" not in st.session_state:
+        qp = st.query_params.get("q")
+        st.session_state["q"] = int(qp) if qp is not None and str(qp).isdigit() and int(qp) < S.shape[0] else 0
+    q = int(st.number_input("Test query index", 0, S.shape[0] - 1, step=1, key="q"))
+    st.query_params["q"] = str(q)
+
+k = st.slider("k (proponents and opponents shown)", 3, 16, 8, key="k")
+top = svc.topk(S[q], k)
+
+# ---------------------------------------------------------------- the query
+qc1, qc2, qc3 = st.columns([1, 1, 2])
+with qc1:
+    st.markdown(f"**Query: test #{q}**")
+    ui.show_example(project, "test", q, size=160)
+with qc2:
+    lab, pr = int(preds["label"][q]), int(preds["pred"][q])
+    st.metric("True label", str(project.class_name(lab)))
+    st.metric("Prediction", str(project.class_name(pr)), delta="correct" if lab == pr else "wrong",
+              delta_color="normal" if lab == pr else "inverse")
+    st.metric("Margin", f"{preds['margin'][q]:.2f}", help="Correct-class margin z_y − logsumexp_{j≠y} z_j; "
+              "what the scores explain. " + svc.SIGN_HELP)
+with qc3:
+    probs = preds["probs"][q]
+    fig = go.Figure(go.Bar(x=[str(c) for c in project.classes], y=probs,
+                           marker_color=["#d62728" if i == pr else "#1f77b4" for i in range(len(probs))],
+                           hovertemplate="class %{x}<br>probability %{y:.3f}<extra></extra>"))
+    fig.update_layout(title="Class probabilities", xaxis_title="class", yaxis_title="probability", height=260,
+                      margin=dict(t=40, b=10), yaxis_range=[0, 1])
+    st.plotly_chart(fig, width="stretch")
+
+
+# ---------------------------------------------------------------- cards
+def cards(indices, scores, role: str, prefix: str = ""):
+    per_row = 8
+    for lo in range(0, len(indices), per_row):
+        cols = st.columns(per_row)
+        for c, i, s in zip(cols, indices[lo:lo + per_row], scores[lo:lo + per_row]):
+            i = int(i)
+            with c:
+                ui.show_example(project, "train", i, size=84)
+                f = (flags.get(i) or {}).get("flag")
+                st.caption(f"#{i} · score {s:+.3g}  \nlabel {project.class_name(int(project.train_dataset.y[i]))} · "
+                           f"pred {project.class_name(int(train_preds['pred'][i]))}  \nself-inf {self_inf[i]:.3g}  \n"
+                           f"{ui.fmt_flag(f)}", help=svc.SIGN_HELP)
+                ui.flag_button(project, "train", i, key=f"{prefix}{role}_flag_{i}", flags=flags)
+
+
+st.subheader(f"Top-{k} proponents", help=svc.SIGN_HELP)
+st.caption("Training examples whose removal is predicted to lower this query's margin the most (positive scores).")
+cards(top["proponents"], top["proponent_scores"], "pro")
+st.subheader(f"Top-{k} opponents", help=svc.SIGN_HELP)
+st.caption("Training examples whose removal is predicted to raise the margin (negative scores).")
+cards(top["opponents"], top["opponent_scores"], "opp")
+
+ids = list(top["proponents"]) + list(top["opponents"])[::-1]
+vals = list(top["proponent_scores"]) + list(top["opponent_scores"])[::-1]
+fig = go.Figure(go.Bar(x=[f"#{i}" for i in ids], y=vals, marker_color=["#2ca02c" if v > 0 else "#d62728" for v in vals],
+                       hovertemplate="train #%{x}<br>score %{y:.4g}<br>" + svc.SIGN_HELP.replace(". ", ".<br>")
+                       + "<extra></extra>"))
+fig.update_layout(title=f"Scores of the top-{k} proponents and opponents ({run['method']})",
+                  xaxis_title="training example", yaxis_title="attribution score (positive = proponent)", height=300,
+                  margin=dict(t=40, b=10))
+st.plotly_chart(fig, width="stretch")
+
+# ---------------------------------------------------------------- compare
+st.subheader("Compare two methods")
+other = ui.pick_run(project, key="run2", label="Compare with", exclude=run["key"])
+if other is None:
+    st.caption("Run a second method (or the same with other settings) on the Attribute page to compare.")
+else:
+    S2 = ui.run_arrays(root, other["key"])["scores"]
+    cmp = svc.compare_rows(S[q], S2[q], k)
+    m1, m2 = st.columns(2)
+    m1.metric(f"Top-{k} proponent overlap", f"{cmp['overlap_count']}/{k}")
+    m2.metric("Spearman rank correlation", f"{cmp['spearman']:.3f}", help="Over all training examples, this query.")
+    top2 = svc.topk(S2[q], k)
+    st.caption(f"{other['method']}: top-{k} proponents")
+    cards(top2["proponents"], top2["proponent_scores"], "pro2", prefix="cmp_")
+
+# ---------------------------------------------------------------- verify
+st.subheader("Verify by retraining")
+why = svc.verify_available(project)
+vk = st.number_input("Remove the top-k proponents, k =", 1, 100, min(k, 10), key="verify_k")
+if st.button("Verify", key="verify", disabled=why is not None, help=why or
+             "Retrain without the top-k proponents and compare the query's margin with k random removals."):
+    import engine.evaluate.counterfactual as cf
+
+    kw = svc.verify_kwargs(cf.counterfactual_check, query=q, proponents=[int(i) for i in top["proponents"][:vk]],
+                           k=int(vk), method=run["method"], key=run["key"], scores_row=None)
+    ui.start(project, "verify", {"kwargs": kw, "run": run["key"], "query": q})
+if why:
+    st.caption(f"Verify is off: {why}.")
+else:
+    ui.job_panel(project, kinds=("verify",))
+    j = ui.last_job(project, "verify", {"run": run["key"], "query": q})
+    if j and j["status"] == "done":
+        st.json(j["result"], expanded=False)
+    elif j and j["status"] == "failed":
+        st.error(j.get("message"))

@@ -1,0 +1,83 @@
+"""Leakage: suspected train/test duplicates side by side; flag or dismiss each pair."""
+import plotly.express as px
+import streamlit as st
+
+from app import jobs
+from app import services as svc
+from app import ui
+
+st.title("💧 Leakage: train/test duplicates")
+project = ui.get_project()
+root = str(project.root)
+run = ui.pick_run(project)
+if run is None:
+    st.stop()
+db = ui.db(project)
+
+
+@st.cache_data(show_spinner="Finding suspected duplicates…", max_entries=8)
+def _pairs(root: str, key: str, job_id: str | None):
+    det = None
+    if job_id:
+        det = (jobs.get_job(root, job_id) or {}).get("result")
+    return svc.leak_pairs(ui._load_project(root, ui._stamp(root)), key, det)
+
+
+why = svc.leaks_available()
+det_job = ui.last_job(project, "leaks", {"run": run["key"]})
+done_job = det_job["id"] if det_job and det_job["status"] == "done" else None
+if why:
+    st.caption(f"Calibrated detector off: {why}. Showing the quick check.")
+elif not done_job:
+    st.caption("Showing the quick check (top-1 proponent + input similarity). The calibrated detector sets its "
+               "threshold from a null of training queries; it runs in the background.")
+    if st.button("Run the calibrated leak detector", key="leak_detect"):
+        ui.start(project, "leaks", {"run": run["key"], "method": run["method"], "settings": run.get("settings") or {}})
+        st.rerun()
+    ui.job_panel(project, kinds=("leaks",))
+    if det_job and det_job["status"] == "failed":
+        st.error(f"The detector failed: {det_job.get('message')}")
+res = _pairs(root, run["key"], done_job)
+pairs = res["pairs"]
+st.caption(f"Source: {res['source']}. Decision: {res['rule']}.")
+pf = svc.flag_state(db, "pair")
+n_flag = sum(p["flagged"] for p in pairs)
+st.metric("Pairs the detector flags", n_flag, help="Threshold: " + str(res.get("threshold")))
+
+if pairs:
+    import pandas as pd
+
+    df = pd.DataFrame(pairs)
+    fig = px.scatter(df, x="cosine", y="score", color=df["flagged"].map({True: "flagged", False: "not flagged"}),
+                     hover_data=["test_index", "train_index"], title="Attribution score vs input similarity")
+    fig.update_layout(xaxis_title="input-space cosine similarity", yaxis_title="attribution score (positive = proponent)",
+                      legend_title="detector", height=280, margin=dict(t=40, b=10))
+    fig.update_traces(hovertemplate="test %{customdata[0]} ↔ train %{customdata[1]}<br>cosine %{x:.3f}<br>score %{y:.4g}"
+                      "<br>" + svc.SIGN_HELP.replace(". ", ".<br>") + "<extra></extra>")
+    st.plotly_chart(fig, width="stretch")
+
+show_all = st.checkbox("Show pairs the detector did not flag too", value=False, key="leak_all")
+n_show = st.number_input("Pairs shown", 1, max(1, len(pairs)), min(12, max(1, len(pairs))), key="leak_n")
+shown = [p for p in pairs if show_all or p["flagged"]][: int(n_show)]
+if not shown:
+    st.info("No pair crosses the detector's threshold. Tick the box above to inspect the closest pairs anyway.")
+for p in shown:
+    t, i = p["test_index"], p["train_index"]
+    item = f"{t}:{i}"
+    cur = (pf.get(item) or {}).get("flag")
+    c = st.columns([1, 1, 3])
+    with c[0]:
+        ui.show_example(project, "test", t, size=84, caption=f"test #{t} (label {project.class_name(int(project.test_dataset.y[t]))})")
+    with c[1]:
+        ui.show_example(project, "train", i, size=84, caption=f"train #{i} (label {project.class_name(int(project.train_dataset.y[i]))})")
+    with c[2]:
+        st.caption(f"score {p['score']:+.4g} · cosine {p['cosine']:.4f} · detector: "
+                   f"{'flagged' if p['flagged'] else 'not flagged'} · yours: {ui.fmt_flag(cur)}", help=svc.SIGN_HELP)
+        b1, b2 = st.columns(2)
+        if b1.button("Leak", key=f"leak_{item}", help="Record this pair as a leak (and flag the training row)"):
+            db.set_flag("pair", item, flag="leak", source="app-leakage")
+            db.set_flag("train", i, flag="leak", source="app-leakage")
+            st.rerun()
+        if b2.button("Dismiss", key=f"dismiss_{item}", help="Not a leak"):
+            db.set_flag("pair", item, flag="dismissed", source="app-leakage")
+            st.rerun()

@@ -1,0 +1,110 @@
+"""Project: open a sample, a server folder or an uploaded zip; summary of data, model and runs."""
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from app import services as svc
+from app import ui
+
+st.title("📁 Project")
+
+with st.expander("Open a project", expanded=ui.project_root() is None):
+    src = st.radio("Source", ["Sample project", "Folder on the server", "Upload a zip"], horizontal=True, key="src")
+    if src == "Sample project":
+        st.caption("The digits sample: sklearn 8×8 digits, an MLP, ~8% flipped labels and a few test images leaked "
+                   "into training (recorded in truth.json, which no method reads).")
+        if st.button("Open the digits sample", key="open_sample"):
+            with st.spinner("Preparing the sample (first time only)…"):
+                try:
+                    st.session_state["project_root"] = str(svc.open_sample("digits"))
+                    st.rerun()
+                except svc.ProponentError as e:
+                    st.error(str(e))
+    elif src == "Folder on the server":
+        path = st.text_input("Project folder (holding project.toml)", key="folder")
+        if st.button("Open folder", key="open_folder"):
+            try:
+                p = svc.open_project(path)
+                st.session_state["project_root"] = str(p.root)
+                st.rerun()
+            except svc.ProponentError as e:
+                st.error(f"Validation failed — {e}")
+    else:
+        up = st.file_uploader("Project archive (.zip, at most 200 MiB unpacked)", type=["zip"], key="upload")
+        if up is not None and st.button("Unpack and open", key="open_zip"):
+            try:
+                dest_root = Path(tempfile.gettempdir()) / "proponent-uploads"
+                folder = svc.extract_upload(up.getvalue(), dest_root)
+                p = svc.open_project(folder)
+                st.session_state["project_root"] = str(p.root)
+                st.rerun()
+            except svc.ProponentError as e:
+                st.error(f"Upload rejected — {e}")
+
+project = ui.get_project()
+
+
+@st.cache_data(show_spinner="Summarising…", max_entries=4)
+def _summary(root: str, ck: str, nruns: int) -> dict:
+    return svc.project_summary(ui._load_project(root, ui._stamp(root)))
+
+
+runs_now = svc.list_runs(project)
+s = _summary(str(project.root), project.checkpoint_hash(), len(runs_now))
+st.subheader(s["name"])
+st.caption(f"`{s['root']}`")
+c = st.columns(6)
+c[0].metric("Data format", s["format"])
+c[1].metric("Classes", s["num_classes"])
+c[2].metric("Train / test", f"{s['n_train']:,} / {s['n_test']:,}")
+c[3].metric("Parameters", f"{s['parameters']:,}")
+c[4].metric("Test accuracy", "—" if s["test_accuracy"] is None else f"{s['test_accuracy']:.1%}",
+            help="Mean over the final checkpoint of each trained model.")
+c[5].metric("Checkpoints", f"{s['checkpoints']} ({s['models']} model{'s' if s['models'] != 1 else ''})")
+
+left, right = st.columns([3, 2])
+with left:
+    st.markdown("**Examples from each class** (training set)")
+    if project.data_format == "images":
+        y = project.train_dataset.y.numpy()
+        cols = st.columns(min(10, project.num_classes))
+        for ci in range(project.num_classes):
+            idx = [int(i) for i in (y == ci).nonzero()[0][:3]]
+            with cols[ci % len(cols)]:
+                st.caption(f"class {project.class_name(ci)}")
+                for i in idx:
+                    ui.show_example(project, "train", i, size=56)
+    else:
+        st.dataframe(project.train_df.head(10), hide_index=False)
+with right:
+    counts = pd.DataFrame({"class": list(s["train_counts"]), "train": list(s["train_counts"].values()),
+                           "test": [s["test_counts"].get(k, 0) for k in s["train_counts"]]})
+    fig = px.bar(counts.melt(id_vars="class", var_name="split", value_name="examples"), x="class", y="examples",
+                 color="split", barmode="group", title="Examples per class")
+    fig.update_layout(xaxis_title="class", yaxis_title="examples (count)", height=300, margin=dict(t=40, b=10))
+    st.plotly_chart(fig, width="stretch")
+
+st.markdown("**Recorded trajectory**")
+traj = pd.DataFrame(s["trajectory"])
+if len(traj):
+    fig = px.line(traj, x="step", y="lr", color=traj["model"].astype(str), markers=True,
+                  hover_data=["epoch", "checkpoint", "stage"], title="Checkpoints along training")
+    fig.update_layout(xaxis_title="optimizer step", yaxis_title="learning rate", legend_title="model", height=260,
+                      margin=dict(t=40, b=10))
+    st.plotly_chart(fig, width="stretch")
+    with st.expander(f"{len(traj)} checkpoints"):
+        st.dataframe(traj, hide_index=True)
+else:
+    st.warning("No checkpoints recorded. Run `proponent train PROJECT` first.")
+
+st.markdown("**Cached attribution runs**")
+if runs_now:
+    df = pd.DataFrame([{"method": r["method"], "status": r["status"], "fit (s)": r["fit_s"], "score (s)": r["score_s"],
+                        "peak MB": r["peak_mb"], "device": r["device"], "settings": str(r["settings"]),
+                        "run": r["key"]} for r in runs_now])
+    st.dataframe(df, hide_index=True)
+else:
+    st.caption("None yet — run a method on the Attribute page.")

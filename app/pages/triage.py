@@ -1,0 +1,165 @@
+"""Triage: ranked suspects, bulk flags/relabels/notes, what-if, exports."""
+import plotly.express as px
+import streamlit as st
+
+from app import services as svc
+from app import ui
+
+st.title("🚩 Triage: mislabeled data")
+project = ui.get_project()
+root = str(project.root)
+run = ui.pick_run(project)
+if run is None:
+    st.stop()
+db = ui.db(project)
+
+
+@st.cache_data(show_spinner="Ranking suspects…", max_entries=8)
+def _base(root: str, key: str, method: str):
+    return svc.triage_table(ui._load_project(root, ui._stamp(root)), key, method, flags={})
+
+
+table = _base(root, run["key"], run["method"]).copy()
+flags = svc.flag_state(db, "train")
+for col in ("flag", "relabel", "note"):
+    table[col] = [(flags.get(int(i)) or {}).get(col) for i in table["index"]]
+
+found = svc.truth_found(project, db)
+if found:
+    t1, t2, t3 = st.columns(3)
+    t1.metric("Planted mislabels found by your flags", f"{found['mislabeled_found']} / {found['mislabeled_planted']}",
+              help="From the sample's truth.json (methods never read it).")
+    t2.metric("Flags that are not planted mislabels", found["mislabeled_false"])
+    t3.metric("Planted leaks found", f"{found['leaks_found']} / {found['leaks_planted']}")
+
+f1, f2, f3 = st.columns([2, 2, 1])
+cls = f1.multiselect("Class (given label)", [str(c) for c in project.classes], key="t_classes")
+state = f2.selectbox("Flag state", ["all", "unflagged", "flagged", "mislabeled", "ok", "ambiguous", "leak"],
+                     key="t_state")
+top_n = int(f3.number_input("Show top", 10, len(table), min(50, len(table)), step=10, key="t_top"))
+view = table
+if cls:
+    view = view[view["label"].isin(cls)]
+if state == "unflagged":
+    view = view[view["flag"].isna()]
+elif state == "flagged":
+    view = view[view["flag"].notna()]
+elif state != "all":
+    view = view[view["flag"] == state]
+view = view.head(top_n).reset_index(drop=True)
+
+st.caption(f"Most suspicious first ({run['method']} suspicion: high self-influence weighted by the model's doubt). "
+           "Evidence: self-influence, how many test queries it is a top-10 opponent of, and the ensemble's "
+           "probability of the given label. Edit flag / relabel / note cells directly; they save at once.")
+shown = view.copy()
+if project.data_format == "images" and len(shown):
+    shown.insert(2, "image", ui.thumbs(root, "train", tuple(int(i) for i in shown["index"])))
+edited = st.data_editor(
+    shown, hide_index=True, key=f"editor_{run['key']}", height=360,
+    disabled=[c for c in shown.columns if c not in svc.EDITABLE],
+    column_config={
+        "image": st.column_config.ImageColumn("image", width="small"),
+        "suspicion": st.column_config.NumberColumn(format="%.4g", help="Higher: more likely mislabeled. " + svc.SIGN_HELP),
+        "self_influence": st.column_config.NumberColumn(format="%.4g", help="S[i, i]: the example's score on itself."),
+        "p_label": st.column_config.NumberColumn("p(label)", format="%.3f", help="Ensemble probability of the given label."),
+        "opponent_of": st.column_config.NumberColumn("opponent of", help="Test queries for which it is a top-10 opponent."),
+        "flag": st.column_config.SelectboxColumn("flag", options=list(svc.FLAG_VALUES)),
+        "relabel": st.column_config.SelectboxColumn("relabel", options=[str(c) for c in project.classes]),
+        "note": st.column_config.TextColumn("note"),
+    })
+n_changed = svc.apply_table_edits(db, shown, edited)
+if n_changed:
+    st.toast(f"saved {n_changed} change(s)")
+    st.rerun()
+
+# ---------------------------------------------------------------- bulk actions
+st.subheader("Bulk actions")
+b1, b2 = st.columns([3, 2])
+choices = [int(i) for i in view["index"]]
+sel = b1.multiselect("Training examples", choices, key="bulk_sel",
+                     format_func=lambda i: f"#{i} (label {table.set_index('index').at[i, 'label']})")
+top_k_sel = b2.number_input("…or the top N shown", 0, len(choices), 0, key="bulk_topn")
+targets = sel or choices[: int(top_k_sel)]
+action = st.selectbox("Action", ["flag mislabeled", "flag ok", "flag ambiguous", "flag leak", "clear flag",
+                                 "relabel to suggested", "add note"], key="bulk_action")
+note = st.text_input("Note", key="bulk_note") if action == "add note" else None
+if st.button(f"Apply to {len(targets)} example(s)", key="bulk_apply", disabled=not targets):
+    if action.startswith("flag "):
+        n = svc.bulk_update(db, "train", targets, flag=action.split(" ", 1)[1])
+    elif action == "clear flag":
+        n = svc.bulk_update(db, "train", targets, flag=None)
+    elif action == "relabel to suggested":
+        sug = table.set_index("index")["suggested"]
+        n = 0
+        for i in targets:
+            db.set_flag("train", i, relabel=sug[i], source="app-bulk")
+            n += 1
+    else:
+        n = svc.bulk_update(db, "train", targets, note=note or None)
+    st.success(f"{action}: {n} example(s) updated")
+    st.rerun()
+
+counts = table["flag"].fillna("unflagged").value_counts().rename_axis("flag").reset_index(name="examples")
+fig = px.bar(counts, x="flag", y="examples", title="Flag counts (training set)")
+fig.update_layout(xaxis_title="flag state", yaxis_title="training examples (count)", height=260, margin=dict(t=40, b=10))
+st.plotly_chart(fig, width="stretch")
+
+# ---------------------------------------------------------------- what-if
+st.subheader("What-if")
+why = svc.whatif_available()
+flags = svc.flag_state(db, "train")
+to_remove = sorted(i for i, r in flags.items() if r.get("flag") in ("mislabeled", "leak") and not r.get("relabel"))
+to_relabel = {i: r["relabel"] for i, r in flags.items() if r.get("relabel")}
+w1, w2 = st.columns(2)
+w_action = w1.radio("Edit", ["remove", "relabel"], horizontal=True, key="w_action",
+                    help="remove: the examples flagged mislabeled or leak; relabel: the examples with a new label")
+cheap = len(project.train_dataset) * sum(p.numel() for p in project.build_model().parameters()) < 5e7
+w_retrain = w2.checkbox("Check with a real retrain", value=False, key="w_retrain", disabled=not cheap,
+                        help="Retrain with the recipe on the edited data" if cheap else "The model is too costly to retrain here")
+idx = to_remove if w_action == "remove" else sorted(to_relabel)
+st.caption(f"{len(idx)} example(s) in the edit set.")
+if st.button("Predict the effect", key="whatif", disabled=bool(why) or not idx):
+    params = {"indices": idx, "action": w_action, "retrain": bool(w_retrain)}
+    if w_action == "relabel":
+        params["new_labels"] = [svc._label_value(to_relabel[i], project.train_df[project.label_column].dtype)
+                                for i in idx]
+    ui.start(project, "whatif", params)
+if why:
+    st.caption(f"What-if is off: {why}.")
+else:
+    ui.job_panel(project, kinds=("whatif",))
+    j = ui.last_job(project, "whatif")
+    if j and j["status"] == "done":
+        r = j["result"]
+        pred = r["predicted"]
+        c = st.columns(3)
+        c[0].metric("Test accuracy now", f"{pred['before']['accuracy']:.1%}")
+        c[1].metric("Predicted after the edit (GIF)", f"{pred['after']['accuracy']:.1%}",
+                    delta=f"{pred['accuracy_change']:+.1%}")
+        if "retrained" in r:
+            c[2].metric("Real retrain", f"{r['retrained']['after']['accuracy']:.1%}",
+                        delta=f"{r['retrained']['accuracy_change']:+.1%}")
+        if pred.get("warning"):
+            st.warning(pred["warning"])
+        st.caption(f"{len(pred['flips'])} test predictions change (predicted); edit of {pred['n_edited']} rows, "
+                   f"{pred['action']}.")
+    elif j and j["status"] == "failed":
+        st.error(f"What-if failed: {j.get('message')}")
+
+# ---------------------------------------------------------------- exports
+st.subheader("Export")
+e1, e2, e3 = st.columns(3)
+e1.download_button("Flags (CSV)", svc.export_flags_csv(project, db), file_name=f"{project.name}-flags.csv",
+                   mime="text/csv", key="dl_csv")
+e2.download_button("Flags (JSON)", svc.export_flags_json(project, db), file_name=f"{project.name}-flags.json",
+                   mime="application/json", key="dl_json")
+if e3.button("Make a cleaned copy of the dataset", key="clean",
+             help="Drops rows flagged mislabeled or leak, applies relabels; written under .proponent/exports"):
+    out = svc.export_cleaned(project, db)
+    st.session_state["cleaned"] = out
+if st.session_state.get("cleaned"):
+    out = st.session_state["cleaned"]
+    st.success(f"Cleaned copy: {out['n_train']} training rows ({out['removed']} removed, {out['relabelled']} relabelled) "
+               f"at `{out['folder']}`")
+    st.download_button("Download the cleaned copy (zip)", svc.zip_folder(out["folder"]),
+                       file_name=f"{project.name}-cleaned.zip", mime="application/zip", key="dl_clean")

@@ -1,0 +1,184 @@
+"""Streamlit helpers shared by the pages: the open project, caches keyed by run key, image cards."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from app import jobs
+from app import services as svc
+
+SIGN = svc.SIGN_HELP
+FLAG_ICONS = {None: "", "mislabeled": "🚩 mislabeled", "ok": "✅ ok", "ambiguous": "❔ ambiguous", "leak": "💧 leak",
+              "dismissed": "dismissed"}
+
+
+def sync_jobs() -> bool:
+    """Tests (AppTest) run jobs in-process so a click finishes before the script ends."""
+    return os.environ.get("PROPONENT_SYNC_JOBS") == "1"
+
+
+def project_root() -> str | None:
+    if "project_root" not in st.session_state:
+        st.session_state["project_root"] = svc.project_from_env()
+    return st.session_state.get("project_root")
+
+
+def _stamp(root: str) -> tuple:
+    r = Path(root)
+    out = []
+    for f in (r / "project.toml", r / "checkpoints" / "trajectory.json"):
+        out.append(f.stat().st_mtime_ns if f.exists() else 0)
+    return tuple(out)
+
+
+@st.cache_resource(show_spinner="Loading project…", max_entries=4)
+def _load_project(root: str, stamp: tuple):
+    return svc.open_project(root)
+
+
+def get_project(required: bool = True):
+    root = project_root()
+    if not root:
+        if required:
+            st.info("No project is open. Open one on the **Project** page.")
+            st.stop()
+        return None
+    try:
+        return _load_project(root, _stamp(root))
+    except svc.ProponentError as e:
+        if required:
+            st.error(f"The project cannot be opened: {e}")
+            st.stop()
+        return None
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def predictions(root: str, ck_hash: str, split: str = "test") -> dict:
+    return svc.predictions(_load_project(root, _stamp(root)), split)
+
+
+def project_predictions(project, split: str = "test") -> dict:
+    return predictions(str(project.root), project.checkpoint_hash(), split)
+
+
+@st.cache_data(show_spinner="Loading scores…", max_entries=8)
+def run_arrays(root: str, key: str) -> dict:
+    return svc.load_run(_load_project(root, _stamp(root)), key)
+
+
+@st.cache_data(show_spinner=False, max_entries=20000)
+def png(root: str, split: str, index: int, size: int = 112) -> bytes | None:
+    return svc.image_png(_load_project(root, _stamp(root)), split, index, size)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def thumbs(root: str, split: str, indices: tuple, size: int = 32) -> list:
+    p = _load_project(root, _stamp(root))
+    return [svc.data_uri(svc.image_png(p, split, i, size)) for i in indices]
+
+
+def db(project):
+    return svc.db_for(project)
+
+
+def pick_run(project, key: str = "run", label: str = "Attribution run", exclude: str | None = None):
+    """A selectbox of finished runs (remembered in the URL); None with a hint when there are none."""
+    runs = [r for r in svc.done_runs(project) if r["key"] != exclude]
+    if not runs:
+        if exclude is None:
+            st.warning("No finished attribution run yet. Run a method on the **Attribute** page.")
+        return None
+    keys = [r["key"] for r in runs]
+    want = st.query_params.get(key)
+    if key not in st.session_state or st.session_state[key] not in keys:
+        st.session_state[key] = want if want in keys else keys[0]
+    by = {r["key"]: r for r in runs}
+    choice = st.selectbox(label, keys, key=key, format_func=lambda k: svc.run_label(by[k]),
+                          help="Finished, cached runs of this project. " + SIGN)
+    if exclude is None:
+        st.query_params[key] = choice
+    return by[choice]
+
+
+def show_example(project, split: str, index: int, size: int = 112, caption: str | None = None):
+    data = png(str(project.root), split, int(index), size)
+    if data is not None:
+        st.image(data, caption=caption, width=size)
+    else:
+        row = svc.example_row(project, split, index)
+        st.dataframe({k: [v] for k, v in row.items()}, hide_index=True)
+        if caption:
+            st.caption(caption)
+
+
+def flag_button(project, split: str, index: int, key: str, flags: dict):
+    cur = (flags.get(int(index)) or {}).get("flag")
+    label = "Unflag" if cur == "mislabeled" else "Flag"
+    if st.button(label, key=key, help="One click: flag this training example as mislabeled (click again to clear). "
+                                      "Saved at once to the project's SQLite state with an audit entry."):
+        new = svc.toggle_flag(db(project), split, index, "mislabeled")
+        st.toast(f"{split} #{index}: {'flagged ' + new if new else 'flag cleared'}")
+        st.rerun()
+
+
+def job_panel(project, kinds: tuple = ("attribute",), title: str = "Jobs"):
+    """Live progress of this project's background jobs (polled once a second)."""
+
+    polling = any(j["kind"] in kinds for j in jobs.active_jobs(project))
+
+    @st.fragment(run_every=1.0 if polling else None)
+    def _panel():
+        act = [j for j in jobs.active_jobs(project) if j["kind"] in kinds]
+        seen = st.session_state.setdefault("_seen_jobs", set())
+        finished = [j for j in jobs.list_jobs(project, 10) if j["id"] in seen and j["status"] not in jobs.ACTIVE]
+        for j in act:
+            seen.add(j["id"])
+            p = j.get("params") or {}
+            what = p.get("method") or p.get("kind") or j["kind"]
+            total, done = j.get("total") or 0, j.get("done") or 0
+            frac = min(1.0, done / total) if total else 0.0
+            rate = j.get("rate")
+            eta = j.get("eta")
+            text = (f"{j['kind']} · {what} · {j.get('stage') or j['status']}: {done}/{total}"
+                    + (f" · {rate:.0f} examples/s" if rate else "") + (f" · ETA {eta:.0f}s" if eta is not None else ""))
+            c1, c2 = st.columns([5, 1])
+            c1.progress(frac, text=text)
+            if j["status"] == "cancelling":
+                c2.caption("cancelling…")
+            elif c2.button("Cancel", key=f"cancel_{j['id']}"):
+                jobs.cancel_job(project, j["id"])
+                st.rerun(scope="fragment")
+        if finished:
+            for j in finished:
+                seen.discard(j["id"])
+            st.rerun(scope="app")
+
+    _panel()
+
+
+def last_job(project, kind: str, match: dict | None = None) -> dict | None:
+    for j in jobs.list_jobs(project, 50):
+        if j["kind"] != kind:
+            continue
+        p = j.get("params") or {}
+        if match and any(p.get(k) != v for k, v in match.items()):
+            continue
+        return j
+    return None
+
+
+def start(project, kind: str, params: dict) -> str:
+    jid = jobs.start_job(project, kind, params, background=not sync_jobs())
+    st.session_state.setdefault("_seen_jobs", set()).add(jid)
+    return jid
+
+
+def fmt_flag(flag) -> str:
+    return FLAG_ICONS.get(flag, str(flag)) or "—"
+
+
+def np_float(v) -> float:
+    return float(np.asarray(v))

@@ -1,0 +1,444 @@
+"""Source: approximate unrolled differentiation (Bae, Lin, Lorraine, Grosse, NeurIPS 2024).
+
+One engine serves Source and EK-FAC influence (engine/methods/ekfac.py is a configuration of
+it). The recorded trajectory of one run is cut into segments ℓ = 1…L (one per training stage
+for multi-stage recipes, else L contiguous groups of checkpoints). Per segment:
+
+- EK-FAC factors (engine.grads.curvature): covariances A, S averaged over the segment's
+  checkpoints, eigendecomposed once; eigenvalues Λ refit at each checkpoint in that shared
+  basis and averaged. The curvature eigenvalues are σ = Λ + weight_decay (the training
+  objective is mean cross-entropy + (wd/2)‖θ‖²);
+- η̄_ℓ: the step-weighted mean learning rate, divided by (1 − β) for SGD with momentum β;
+  K_ℓ: the optimizer steps the segment covers; c_ℓ = η̄_ℓ K_ℓ;
+- response F_ℓ(σ) = (1 − exp(−c_ℓ σ))/σ (expm1; limit c_ℓ for tiny or non-positive σ) and
+  propagation S_ℓ(σ) = exp(−c_ℓ σ);
+- ḡ_ℓ(z_i): the training-loss gradient of z_i averaged over the segment's checkpoints (zero
+  when the segment's stage did not train on z_i), optionally projected with TRAK's projection.
+
+The query walks backwards from v = ∇f(q; θ_final): u_ℓ = F_ℓ(v), v ← S_ℓ(v), and
+
+    S[q, i] = − Σ_ℓ (1/N_ℓ) u_ℓᵀ ḡ_ℓ(z_i),
+
+N_ℓ being the number of rows the segment's stage trained on (N for a single stage). The minus
+sign is the sign convention: removing z_i lowers every step's gradient by (1/N_ℓ)∇ℓ_i, which
+moves θ by +(1/N_ℓ)F(H)∇ℓ_i and q's margin by +(1/N_ℓ)∇f_qᵀF(H)∇ℓ_i; a proponent has that
+change negative, so its score is positive. Checked against leave-one-out retraining in tests.
+
+With L = 1 and F(σ) = 1/(σ + λ) (``response="inverse"``) this is EK-FAC influence exactly.
+Fast-Source averages the weights within each segment and computes everything once there.
+Adam: when optimizer states were saved, gradients are preconditioned with the segment's mean
+P = 1/(√v̂ + ε): the EK-FAC eigenvalues are refit on √P ⊙ G in the (unpreconditioned) K-FAC
+basis, and the query is walked through √P F(√P H √P) √P.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import ProponentError
+from ..grads import GradientComputer, default_projection_dim, make_projector
+from ..grads import curvature as cv
+from ..project import Checkpoint, Project
+from ..store import atomic_save_npy, load_npy, stable_hash
+from .base import Attributor, register, setting
+
+ADAM_BETA2 = 0.999
+ADAM_EPS = 1e-8
+
+
+@dataclass
+class Segment:
+    index: int
+    checkpoints: list[Checkpoint]
+    stages: list[str]
+    rows: np.ndarray  # training rows the segment's stage(s) trained on
+    steps: int  # K
+    lr: float  # step-weighted mean learning rate
+    momentum: float
+    optimizer: str
+
+    @property
+    def eta(self) -> float:
+        """η̄ scaled for momentum: η̄/(1 − β) for SGD."""
+        if self.optimizer == "sgd" and self.momentum > 0:
+            return self.lr / (1.0 - self.momentum)
+        return self.lr
+
+    @property
+    def c(self) -> float:
+        return self.eta * self.steps
+
+    def describe(self) -> dict:
+        return {"index": self.index, "checkpoints": [c.key for c in self.checkpoints], "stages": self.stages,
+                "n_rows": int(len(self.rows)), "steps": int(self.steps), "mean_lr": self.lr,
+                "momentum": self.momentum, "eta_eff": self.eta, "eta_K": self.c}
+
+
+@dataclass
+class EngineConfig:
+    """Everything the shared curvature-influence engine needs (Source and EK-FAC)."""
+
+    segments: int = 3
+    segment_by: str = "auto"  # auto | count
+    last_checkpoints: int = 0
+    max_checkpoints_per_segment: int = 0
+    fast: bool = False
+    response: str = "unrolled"  # unrolled | inverse
+    damping: float = -1.0
+    damping_ratio: float = 0.1
+    fisher_samples: int = -1
+    fit_rows: int = 0
+    proj_dim: int = -1
+    projection: str = "auto"
+    adam_preconditioning: bool = True
+    seed: int = 0
+    all_rows: bool = False  # EK-FAC: one objective over every training row, whatever the stages
+    extra: dict = field(default_factory=dict)
+
+
+def _stage_rows(project: Project) -> dict[str, np.ndarray]:
+    """The rows each stage trained on, from the trajectory log (engine/train.py record_training)."""
+    traj = project.trajectory()
+    out = {}
+    for name, info in (traj.get("stages") or {}).items():
+        f = project.checkpoint_dir / str(info.get("rows_file", ""))
+        if f.is_file():
+            try:
+                out[name] = np.asarray(json.loads(f.read_text()), dtype=np.int64)
+            except (json.JSONDecodeError, ValueError) as e:
+                raise ProponentError(f"corrupt stage rows file: {e}", file=str(f)) from None
+    return out
+
+
+def plan_segments(project: Project, cfg: EngineConfig) -> list[Segment]:
+    """Cut the run of model 0 (the first recorded model) into segments."""
+    finals = project.final_checkpoints()
+    if not finals:
+        raise ProponentError("no checkpoints recorded; run `proponent train PROJECT` first", file=str(project.checkpoint_dir))
+    mid = finals[0].model_id
+    cks = [c for c in project.checkpoints if c.model_id == mid]
+    prev = {c.key: (cks[i - 1].step if i else 0) for i, c in enumerate(cks)}
+    if cfg.last_checkpoints > 0:
+        cks = cks[-cfg.last_checkpoints:]
+    n = len(project.train_dataset)
+    stage_rows = _stage_rows(project)
+    stages_in_order = list(dict.fromkeys(c.stage for c in cks))
+    if cfg.segment_by == "auto" and len(stages_in_order) > 1:
+        groups = [[c for c in cks if c.stage == s] for s in stages_in_order]
+    else:
+        L = max(1, min(int(cfg.segments), len(cks)))
+        groups = [list(g) for g in np.array_split(np.array(cks, dtype=object), L)]
+    segs = []
+    for j, g in enumerate(groups):
+        names = list(dict.fromkeys(c.stage for c in g))
+        parts = [stage_rows[s] for s in names if s in stage_rows]
+        if cfg.all_rows or not parts or len(parts) < len(names):
+            rows = np.arange(n)
+        else:
+            rows = np.unique(np.concatenate(parts))
+        deltas = np.array([max(1, c.step - prev[c.key]) for c in g], dtype=np.float64)
+        lrs = np.array([c.lr for c in g])
+        segs.append(Segment(j, g, names, rows, int(deltas.sum()), float((lrs * deltas).sum() / deltas.sum()),
+                            float(g[-1].momentum), g[-1].optimizer))
+    return segs
+
+
+class CurvatureInfluence(Attributor):
+    """The shared engine: segments of the trajectory, EK-FAC per segment, backward walk."""
+
+    def engine_config(self) -> EngineConfig:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ fitting
+    def _fit(self, project: Project) -> None:
+        cfg = self.engine_config()
+        self.cfg = cfg
+        if cfg.response not in ("unrolled", "inverse"):
+            raise ProponentError(f"{self.name}: response must be 'unrolled' or 'inverse', not {cfg.response!r}")
+        segs = plan_segments(project, cfg)
+        if cfg.response == "unrolled" and any(s.optimizer == "lbfgs" for s in segs):
+            raise ProponentError(f"{self.name}: the project was trained with L-BFGS, which records no step-wise "
+                                 f"trajectory; use method 'ekfac' (or response='inverse')")
+        self.segments = segs
+        model0 = project.build_model()
+        self.layers_template, self.left_out = cv.curvature_layers(model0)
+        if not self.layers_template:
+            raise ProponentError(f"{self.name}: the model has no nn.Linear or nn.Conv2d layer to fit curvature on")
+        self.param_names = cv.covered_param_names(self.layers_template)
+        shapes = [dict(model0.named_parameters())[n].shape for n in self.param_names]
+        self.layout = cv.LayerLayout(self.layers_template, self.param_names, shapes)
+        n = len(project.train_dataset)
+        p = self.layout.n
+        k = cfg.proj_dim if cfg.proj_dim >= 0 else (default_projection_dim(p, n) or 0)
+        kind = "none" if (k == 0 or cfg.projection == "none") else cfg.projection
+        self.projector = make_projector(kind, p, k or None, seed=cfg.seed, model_id=0, device="cpu")
+        self.factor_dir = project.state_dir / "factors"
+        self.factor_dir.mkdir(exist_ok=True)
+        self.wd = float(project.recipe.weight_decay)
+        self.seg_state = []
+        for seg in segs:
+            self._check_cancel("fit")
+            self.seg_state.append(self._fit_segment(project, seg))
+        final = [c for c in project.checkpoints if c.model_id == segs[-1].checkpoints[-1].model_id][-1]
+        self.final_checkpoint = final
+        self.query_model = project.load_model(final)
+        self.query_computer = GradientComputer(self.query_model, param_names=self.param_names, device=self.device)
+        self._self = None
+        self.meta.update({
+            "segments": [s.describe() for s in segs], "response": cfg.response, "fast": cfg.fast,
+            "layers": [L.name for L in self.layers_template], "left_out": self.left_out,
+            "covered_parameters": p, "projection": self.projector.describe(), "weight_decay": self.wd,
+            "fisher_samples": cfg.fisher_samples, "query_checkpoint": final.key,
+            "damping": [st["damping"] for st in self.seg_state],
+            "adam_preconditioned": [st["sqrtP"] is not None for st in self.seg_state],
+            "sigma_mean": [st["sigma_mean"] for st in self.seg_state],
+        })
+
+    def _segment_models(self, project: Project, seg: Segment) -> list[tuple[str, torch.nn.Module, dict | None]]:
+        """(digest, model, optimizer state) for each point where the segment's factors are fitted."""
+        cks = seg.checkpoints
+        m = self.cfg.max_checkpoints_per_segment
+        if m > 0 and len(cks) > m:
+            cks = [cks[int(i)] for i in np.linspace(0, len(cks) - 1, m).round()]
+        if self.cfg.fast:
+            states = [project.load_state(c) for c in cks]
+            avg = {}
+            for key in states[0]:
+                t = states[0][key]
+                avg[key] = torch.stack([s[key].double() for s in states]).mean(0).to(t.dtype) if t.is_floating_point() else states[-1][key]
+            model = project.build_model()
+            model.load_state_dict(avg)
+            opt = self._mean_optimizer_state(project, cks)
+            return [(cv.tensor_digest(avg), model.eval(), opt)]
+        out = []
+        for c in cks:
+            state = project.load_state(c)
+            model = project.build_model()
+            model.load_state_dict(state)
+            out.append((cv.tensor_digest(state), model.eval(), self._mean_optimizer_state(project, [c])))
+        return out
+
+    def _mean_optimizer_state(self, project: Project, cks: list[Checkpoint]) -> dict | None:
+        """Mean Adam preconditioner P = 1/(√v̂ + ε) per parameter, or None (not Adam / not saved)."""
+        if not self.cfg.adam_preconditioning or any(c.optimizer != "adam" for c in cks):
+            return None
+        from safetensors.torch import load_file
+
+        acc: dict[str, torch.Tensor] = {}
+        for c in cks:
+            if c.optimizer_state is None or not c.optimizer_state.is_file():
+                return None
+            st = load_file(str(c.optimizer_state))
+            for name in self.param_names:
+                v = st.get(f"{name}.exp_avg_sq")
+                step = st.get(f"{name}.step")
+                if v is None:
+                    return None
+                t = float(step.reshape(-1)[0]) if step is not None else float(c.step)
+                vhat = v.double() / max(1e-12, 1 - ADAM_BETA2 ** max(t, 1.0))
+                P = 1.0 / (vhat.sqrt() + ADAM_EPS)
+                acc[name] = acc.get(name, 0) + P / len(cks)
+        return acc
+
+    def _fit_segment(self, project: Project, seg: Segment) -> dict:
+        cfg = self.cfg
+        ds = project.train_dataset
+        rows = seg.rows
+        fit_rows = rows
+        if cfg.fit_rows > 0 and len(rows) > cfg.fit_rows:
+            rng = np.random.default_rng(cfg.seed + 7919 * seg.index)
+            fit_rows = np.sort(rng.choice(rows, cfg.fit_rows, replace=False))
+        xf = ds.x[torch.as_tensor(fit_rows)]
+        points = self._segment_models(project, seg)
+        tag = f"segment {seg.index + 1}/{len(self.segments)}"
+        base_key = {"rows": cv.rows_digest(fit_rows), "samples": cfg.fisher_samples, "seed": cfg.seed,
+                    "layers": [L.name for L in self.layers_template]}
+        # 1. covariances per point (cached per checkpoint), averaged over the segment
+        covs, labels = [], []
+        for j, (digest, model, _) in enumerate(points):
+            self.progress(f"{tag}: covariances", j, len(points))
+            self._check_cancel("fit")
+            layers, _ = cv.curvature_layers(model)
+            # the label seed follows the weights, so the same checkpoint gets the same factors in every run
+            lab_seed = int(stable_hash({"seed": cfg.seed, "w": digest}, 12), 16)
+            lab, wts = cv.fisher_targets(model, xf, cfg.fisher_samples, seed=lab_seed, device=self.device)
+            labels.append((lab, wts))
+            path = self.factor_dir / f"cov-{stable_hash({**base_key, 'w': digest})}.safetensors"
+            cov = cv.load_tensors(path)
+            if cov is None:
+                cov = cv.fit_covariances(model, layers, xf, lab, wts, device=self.device)
+                cv.save_tensors(path, cov, {"checkpoint_digest": digest})
+            covs.append(cov)
+        mean_cov = {k: sum(c[k] for c in covs) / len(covs) for k in covs[0]}
+        basis = cv.eigenbasis(mean_cov, self.layers_template)
+        bdig = cv.tensor_digest(basis)
+        # Adam preconditioner (mean over the segment)
+        sqrtP = None
+        opt_states = [o for _, _, o in points]
+        if all(o is not None for o in opt_states) and opt_states:
+            P = {n: sum(o[n] for o in opt_states) / len(opt_states) for n in self.param_names}
+            sqrtP_flat = self.layout.to_layers(torch.cat([P[n].reshape(-1) for n in self.param_names]))
+            sqrtP = [t.sqrt() for t in sqrtP_flat]
+        # 2. eigenvalues refit at each point in the shared basis, averaged
+        lam_sum = None
+        for j, (digest, model, _) in enumerate(points):
+            self.progress(f"{tag}: eigenvalues", j, len(points))
+            self._check_cancel("fit")
+            layers, _ = cv.curvature_layers(model)
+            scale = None if sqrtP is None else {L.name: s for L, s in zip(layers, sqrtP)}
+            pkey = {**base_key, "w": digest, "basis": bdig, "adam": None if scale is None else cv.tensor_digest(scale)}
+            path = self.factor_dir / f"lambda-{stable_hash(pkey)}.safetensors"
+            lam = cv.load_tensors(path)
+            if lam is None:
+                lam = cv.fit_eigenvalues(model, layers, xf, labels[j][0], basis, labels[j][1], scale=scale, device=self.device)
+                cv.save_tensors(path, lam, {"checkpoint_digest": digest, "basis_digest": bdig})
+            lam_sum = lam if lam_sum is None else {k: lam_sum[k] + lam[k] for k in lam}
+        lam_mean = [lam_sum[f"{L.name}.lambda"] / len(points) for L in self.layers_template]
+        sigma = [l + self.wd for l in lam_mean]
+        # 3. curvature functions
+        damping = None
+        if cfg.response == "inverse":
+            if cfg.damping >= 0:
+                damping = [float(cfg.damping)] * len(sigma)
+            else:
+                damping = [cfg.damping_ratio * float(s.mean()) for s in sigma]
+            Fv = [cv.damped_inverse(s, d) for s, d in zip(sigma, damping)]
+            Sv = [torch.ones_like(s) for s in sigma]
+        else:
+            Fv = [cv.response(s, seg.c) for s in sigma]
+            Sv = [cv.propagation(s, seg.c) for s in sigma]
+        # 4. training-loss gradients of the segment's rows, averaged over its points, projected
+        gkey = stable_hash({"points": [d for d, _, _ in points], "rows": cv.rows_digest(rows),
+                            "proj": self.projector.describe(), "seed": cfg.seed, "params": self.param_names})
+        gpath = self.workdir / f"grads_seg{seg.index}_{gkey}.npy"
+        if gpath.is_file():
+            gbar = load_npy(gpath, mmap=False)
+        else:
+            gbar = np.zeros((len(rows), self.projector.out_dim), np.float64)
+            xr, yr = ds.x[torch.as_tensor(rows)], ds.y[torch.as_tensor(rows)]
+            for j, (_, model, _) in enumerate(points):
+                self.progress(f"{tag}: training gradients", j, len(points))
+                self._check_cancel("fit")
+                comp = GradientComputer(model, param_names=self.param_names, device=self.device)
+                for lo, hi, g in comp.iter_batches(xr, yr, "loss"):
+                    gbar[lo:hi] += self.projector.project(g.cpu().float()).double().numpy() / len(points)
+            if not np.isfinite(gbar).all():
+                raise ProponentError(f"{self.name}: non-finite training gradients in {tag}; the checkpoints may have diverged")
+            gbar = gbar.astype(np.float32)
+            atomic_save_npy(gpath, gbar)
+        self.progress(f"{tag}: done", len(points), len(points))
+        pos = np.full(len(ds), -1, np.int64)
+        pos[rows] = np.arange(len(rows))
+        return {"QA": [basis[f"{L.name}.QA"] for L in self.layers_template],
+                "QS": [basis[f"{L.name}.QS"] for L in self.layers_template],
+                "F": Fv, "S": Sv, "sigma": sigma, "damping": damping, "sqrtP": sqrtP,
+                "gbar": gbar, "rows": rows, "pos": pos, "n_rows": len(rows),
+                "sigma_mean": float(np.mean([float(s.mean()) for s in sigma]))}
+
+    # ------------------------------------------------------------------ scoring
+    def _walk(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """u_ℓ (flat, projected, already scaled by −1/N_ℓ) for each segment, walking back from the query."""
+        V = self.layout.to_layers(flat.double().cpu())
+        us: list[torch.Tensor | None] = [None] * len(self.seg_state)
+        for li in range(len(self.seg_state) - 1, -1, -1):
+            st = self.seg_state[li]
+            U, Vn = [], []
+            for l, v in enumerate(V):
+                QS, QA = st["QS"][l], st["QA"][l]
+                sp = st["sqrtP"][l] if st["sqrtP"] is not None else None
+                r = cv.rotate(v if sp is None else v * sp, QS, QA)
+                u = cv.unrotate(st["F"][l] * r, QS, QA)
+                vn = cv.unrotate(st["S"][l] * r, QS, QA)
+                if sp is not None:
+                    u = u * sp
+                    vn = vn / sp
+                U.append(u)
+                Vn.append(vn)
+            u_flat = self.layout.to_flat(U)
+            us[li] = self.projector.project(u_flat.float()).double() * (-1.0 / st["n_rows"])
+            V = Vn
+        return us
+
+    def _query_grads(self, x: torch.Tensor, y: torch.Tensor):
+        return self.query_computer.iter_batches(x, y, "margin")
+
+    def scores(self, queries="test") -> np.ndarray:
+        q = self._queries(queries)
+        n = len(self._p.train_dataset)
+        out = np.zeros((len(q), n))
+        for lo, hi, g in self._query_grads(q.x, q.y):
+            self._check_cancel("scoring")
+            for st, u in zip(self.seg_state, self._walk(g)):
+                out[lo:hi, st["rows"]] += u.numpy() @ st["gbar"].T.astype(np.float64)
+        return out
+
+    def self_scores(self) -> np.ndarray:
+        if self._self is None:
+            ds = self._p.train_dataset
+            out = np.zeros(len(ds))
+            for lo, hi, g in self._query_grads(ds.x, ds.y):
+                self._check_cancel("self-influence")
+                idx = np.arange(lo, hi)
+                for st, u in zip(self.seg_state, self._walk(g)):
+                    pos = st["pos"][idx]
+                    ok = pos >= 0
+                    if ok.any():
+                        out[idx[ok]] += np.einsum("bk,bk->b", u.numpy()[ok], st["gbar"][pos[ok]].astype(np.float64))
+            self._self = out
+        return self._self.copy()
+
+
+@dataclasses.dataclass
+class SourceSettings:
+    segments: int = setting(3, "Number of segments L of a single-stage run (the paper uses 3). A multi-stage run gets "
+                               "one segment per stage unless segment_by='count'.")
+    segment_by: str = setting("auto", "'auto': one segment per training stage when there are several, else `segments` "
+                                      "equal groups of checkpoints; 'count': always `segments` groups.",
+                              choices=("auto", "count"))
+    fast: bool = setting(False, "Fast-Source: average the weights within each segment and fit everything once there "
+                                "(cheaper, slightly less accurate).")
+    response: str = setting("unrolled", "'unrolled': Source's F(σ) = (1 − exp(−η̄Kσ))/σ with propagation exp(−η̄Kσ); "
+                                        "'inverse': 1/(σ + λ) (with segments=1 this is EK-FAC influence).",
+                            choices=("unrolled", "inverse"))
+    damping: float = setting(-1.0, "Only for response='inverse': λ; -1 = 0.1 × mean eigenvalue per layer.")
+    last_checkpoints: int = setting(0, "Use only the last N recorded checkpoints of the run (0: all).")
+    max_checkpoints_per_segment: int = setting(0, "Fit factors and gradients at most at this many checkpoints per "
+                                                  "segment, evenly spaced (0: all). η̄ and K still count every step.")
+    fisher_samples: int = setting(-1, "Labels sampled from the model per example for the Fisher pseudo-gradients; 0: the "
+                                      "exact expectation over all classes; -1: exact for ≤ 16 classes, else 1 sample.")
+    fit_rows: int = setting(0, "Fit the curvature on at most this many rows per segment (0: all).")
+    proj_dim: int = setting(-1, "Projection of the stored training gradients (TRAK's): -1 chooses from the model size "
+                                "(none for ≤ 8192 covered parameters), 0 disables.")
+    projection: str = setting("auto", "Random projection: auto, rademacher, gaussian, sjlt or none.",
+                              choices=("auto", "rademacher", "gaussian", "sjlt", "none"))
+    adam_preconditioning: bool = setting(True, "For Adam runs with saved optimizer states: precondition with the "
+                                               "segment's mean 1/(√v̂ + ε).")
+    seed: int = setting(0, "Seed of the Fisher label sampling and of the projection.")
+
+
+@register
+class Source(CurvatureInfluence):
+    name = "source"
+    label = "Source"
+    description = ("Approximate unrolled differentiation over the recorded trajectory (Bae et al., 2024): EK-FAC per "
+                   "segment with training-derived response functions. Suited to non-converged and multi-stage training.")
+    Settings = SourceSettings
+
+    def engine_config(self) -> EngineConfig:
+        s: SourceSettings = self.settings
+        return EngineConfig(segments=s.segments, segment_by=s.segment_by, last_checkpoints=s.last_checkpoints,
+                            max_checkpoints_per_segment=s.max_checkpoints_per_segment, fast=s.fast, response=s.response,
+                            damping=s.damping, fisher_samples=s.fisher_samples, fit_rows=s.fit_rows,
+                            proj_dim=s.proj_dim, projection=s.projection,
+                            adam_preconditioning=s.adam_preconditioning, seed=s.seed)
+
+    @classmethod
+    def supports(cls, project):
+        cks = project.checkpoints
+        if cks and all(c.optimizer == "lbfgs" for c in cks):
+            return "trained with L-BFGS (no step-wise trajectory); use ekfac"
+        return None

@@ -1,0 +1,194 @@
+"""A real browser (Debian Chromium through Playwright) drives the running app like a user:
+load the digits sample, run TRAK, open a query, see proponent images, flag one, reload, and
+the flag is still there. Screenshots of every page go to PROPONENT_SCREENSHOT_DIR (default: the
+test's temporary folder; `assets/` for the README). With PROPONENT_APP_BENCH=PATH the measured
+latencies are written there as a docs/bench JSON."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_idle(page, timeout: float = 120.0, settle: float = 0.4) -> None:
+    """Wait until [data-testid='stApp'] exists and its script is not running, stably for ``settle`` s."""
+    page.wait_for_selector("[data-testid='stApp']", timeout=timeout * 1000)
+    t0 = time.time()
+    quiet_since = None
+    while time.time() - t0 < timeout:
+        state = page.get_attribute("[data-testid='stApp']", "data-test-script-state")
+        running = state in ("running", "initial", "rerunRequested") or page.locator("[data-testid='stStatusWidget'] "
+                                                                                    "button:has-text('Stop')").count()
+        if not running:
+            quiet_since = quiet_since or time.time()
+            if time.time() - quiet_since >= settle:
+                return
+        else:
+            quiet_since = None
+        time.sleep(0.1)
+    raise TimeoutError(f"app still running after {timeout}s")
+
+
+@pytest.fixture
+def app_server(digits_project, tmp_path):
+    if shutil.which("chromium") is None:
+        pytest.skip("Debian chromium is not installed (make test installs it: apt-get install -y chromium)")
+    proj = tmp_path / "digits"
+    shutil.copytree(digits_project.root, proj, ignore=shutil.ignore_patterns(".proponent"))
+    port = _free_port()
+    env = dict(os.environ, PROPONENT_THREADS="1")
+    env.pop("PROPONENT_SYNC_JOBS", None)
+    exe = shutil.which("proponent", path=str(Path(sys.executable).parent)) or shutil.which("proponent")
+    cmd = ([exe] if exe else [sys.executable, "-m", "engine.cli"]) + [
+        "app", str(proj), "--server.port", str(port), "--server.headless", "true", "--server.fileWatcherType", "none"]
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if urllib.request.urlopen(base + "/_stcore/health", timeout=1).read().strip() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.1)
+            if proc.poll() is not None:
+                raise RuntimeError((tmp_path / "server.log").read_text())
+        yield {"base": base, "project": proj}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_user_flow(app_server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from app import services as svc
+
+    shots = Path(os.environ.get("PROPONENT_SCREENSHOT_DIR") or tmp_path / "shots")
+    shots.mkdir(parents=True, exist_ok=True)
+    base = app_server["base"]
+    timings = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            # 1. load the project
+            page.goto(base + "/project")
+            wait_idle(page)
+            page.get_by_text("Test accuracy").first.wait_for()
+            page.screenshot(path=str(shots / "project.png"), full_page=True)
+
+            # 2. run TRAK (the default method) as a background job
+            page.goto(base + "/attribute")
+            wait_idle(page)
+            assert page.get_by_text("No finished runs yet.").count() == 1
+            t_click = time.perf_counter()
+            page.locator("button:has-text('Run')").first.click()
+            page.get_by_text("examples/s").first.wait_for(timeout=60_000)  # live progress from the job
+            timings["progress_visible_s"] = time.perf_counter() - t_click
+            page.screenshot(path=str(shots / "attribute-running.png"), full_page=True)
+            page.get_by_text("No finished runs yet.").wait_for(state="detached", timeout=240_000)
+            timings["run_done_s"] = time.perf_counter() - t_click
+            wait_idle(page)
+            page.screenshot(path=str(shots / "attribute.png"), full_page=True)
+
+            # 3. open a query; 4. see the proponent images
+            page.locator("[data-testid='stSidebarNav'] a:has-text('Explore')").click()
+            page.get_by_text("Top-8 proponents").first.wait_for(timeout=60_000)
+            wait_idle(page)
+            timings["click_run_to_proponents_s"] = time.perf_counter() - t_click
+            q = page.get_by_label("Test query index")
+            q.fill("5")
+            q.press("Enter")
+            wait_idle(page)
+            page.get_by_text("Query: test #5").wait_for()
+            imgs = page.locator("[data-testid='stImage'] img, [data-testid='stImageContainer'] img")
+            assert imgs.count() >= 1 + 16, imgs.count()
+            assert page.locator("img").first.evaluate("i => i.naturalWidth") > 0
+            cap = page.locator("[data-testid='stCaptionContainer']:has-text('score +')").first
+            first_id = int(cap.inner_text().split("·")[0].strip().lstrip("#"))
+            page.screenshot(path=str(shots / "explore.png"), full_page=True)
+
+            # 5. flag one (the first proponent card)
+            page.locator("button:has-text('Flag')").first.click()
+            wait_idle(page)
+            page.get_by_text("🚩 mislabeled").first.wait_for(timeout=30_000)
+            db_flags = svc.db_for(app_server["project"]).flags("train")
+            assert db_flags[str(first_id)]["flag"] == "mislabeled"
+
+            # 6. reload; 7. the flag is still there (same query from the URL, flag from SQLite)
+            page.reload()
+            wait_idle(page)
+            page.get_by_text("Query: test #5").wait_for(timeout=30_000)
+            page.get_by_text("🚩 mislabeled").first.wait_for(timeout=30_000)
+            assert page.locator("button:has-text('Unflag')").count() >= 1
+
+            # page change once results are cached
+            t0 = time.perf_counter()
+            page.locator("[data-testid='stSidebarNav'] a:has-text('Triage')").click()
+            page.get_by_text("Bulk actions").wait_for(timeout=60_000)
+            wait_idle(page)
+            timings["page_change_triage_s"] = time.perf_counter() - t0
+            page.screenshot(path=str(shots / "triage.png"), full_page=True)
+            t0 = time.perf_counter()
+            page.locator("[data-testid='stSidebarNav'] a:has-text('Explore')").click()
+            page.get_by_text("Top-8 proponents").first.wait_for(timeout=60_000)
+            wait_idle(page)
+            timings["page_change_explore_s"] = time.perf_counter() - t0
+
+            for name in ("leakage", "report"):
+                page.locator(f"[data-testid='stSidebarNav'] a:has-text('{name.capitalize()}')").click()
+                wait_idle(page)
+                page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+            # embeddings: a quick PCA layout computed through the service (UMAP for the README shots)
+            from engine import Project
+
+            proj = Project.load(app_server["project"])
+            reducer = "umap" if os.environ.get("PROPONENT_SCREENSHOT_DIR") else "pca"
+            for kind in ("influence", "penultimate"):
+                svc.compute_embedding(proj, kind, reducer)
+            page.locator("[data-testid='stSidebarNav'] a:has-text('Embeddings')").click()
+            wait_idle(page)
+            page.get_by_text("Influence embedding").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(shots / "embeddings.png"), full_page=True)
+        finally:
+            browser.close()
+    print("timings", json.dumps(timings))
+    bench = os.environ.get("PROPONENT_APP_BENCH")
+    if bench:
+        from engine.store import atomic_write_json
+
+        rows = [[k, round(v, 2)] for k, v in timings.items()]
+        atomic_write_json(bench, {
+            "title": "App latency (digits sample, real browser)", "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.system()} {platform.machine()}, CPU, 2 cores shared, no GPU",
+            "command": f"PROPONENT_APP_BENCH={bench} python -m pytest -q tests/test_browser.py",
+            "tables": [{"title": "Seconds, measured by Playwright in Chromium", "columns": ["step", "seconds"], "rows": rows,
+                        "notes": "click_run_to_proponents_s: click Run (TRAK, default settings) on Attribute → job done → "
+                                 "Explore shows the top-8 proponents. page_change_*: sidebar click → page idle, "
+                                 "with results cached."}],
+            "notes": "The machine was shared with other work while measuring; figures are wall-clock."})

@@ -1,0 +1,164 @@
+"""EK-FAC factors against brute force, the curvature functions, factor storage, left-out layers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from engine.grads import curvature as cv
+
+
+def _tiny_data(n=40, d=6, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def _kron_fisher_diag(G: torch.Tensor, QS: torch.Tensor, QA: torch.Tensor) -> torch.Tensor:
+    """diag of (Q_A ⊗ Q_S)ᵀ F (Q_A ⊗ Q_S), F = E[vec(G) vec(G)ᵀ], built explicitly."""
+    n, o, i = G.shape
+    vec = G.transpose(1, 2).reshape(n, o * i)  # column-major vec
+    Fm = vec.T @ vec / n
+    Q = torch.kron(QA, QS)  # vec(Q_Sᵀ G Q_A) = (Q_A ⊗ Q_S)ᵀ vec(G)
+    return torch.diagonal(Q.T @ Fm @ Q).reshape(i, o).T
+
+
+def test_single_linear_factors_equal_brute_force_fisher():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4).double()
+    x, _ = _tiny_data()
+    x = x.double()
+    layers, left = cv.curvature_layers(model)
+    assert [L.name for L in layers] == [""] and left == {}
+    labels = cv.sample_labels(model, x, samples=2, seed=3)
+    cov = cv.fit_covariances(model, layers, x, labels, batch_size=7)
+    # brute force: a = [x, 1], s = softmax − onehot(sampled label) per example and sample
+    a = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    assert torch.allclose(cov[".A"], a.T @ a / len(x), atol=1e-12)
+    G = cv.brute_force_pseudo_grads(model, layers, x, labels)[""]  # [n·2, out, in]
+    s = G[:, :, -1]  # the bias column of G is s itself
+    assert torch.allclose(cov[".S"], s.T @ s / len(s), atol=1e-12)
+    basis = cv.eigenbasis(cov, layers)
+    lam = cv.fit_eigenvalues(model, layers, x, labels, basis, batch_size=9)[".lambda"]
+    expect = _kron_fisher_diag(G, basis[".QS"], basis[".QA"])
+    assert torch.allclose(lam, expect, rtol=1e-9, atol=1e-12)
+    # EK-FAC eigenvalues differ from the K-FAC products (else the test would not discriminate)
+    kfac = basis[".lS"][:, None] * basis[".lA"][None, :]
+    assert not torch.allclose(lam, kfac, rtol=1e-3)
+
+
+def test_exact_fisher_is_the_expectation_over_model_labels():
+    """samples=0 weights every class by its probability: for a Linear head S = E_x[diag(p) − ppᵀ],
+    and Λ is the sampled estimate's limit (checked against many samples)."""
+    torch.manual_seed(4)
+    model = nn.Linear(6, 4).double()
+    x = _tiny_data(n=30)[0].double()
+    layers, _ = cv.curvature_layers(model)
+    labels, w = cv.fisher_targets(model, x, samples=0)
+    assert labels.shape == (30, 4) and torch.allclose(w.sum(1), torch.ones(30, dtype=torch.float64))
+    cov = cv.fit_covariances(model, layers, x, labels, w, batch_size=8)
+    p = torch.softmax(model(x), -1).detach()
+    expect_S = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
+    assert torch.allclose(cov[".S"], expect_S, atol=1e-12)
+    basis = cv.eigenbasis(cov, layers)
+    lam = cv.fit_eigenvalues(model, layers, x, labels, basis, w)[".lambda"]
+    many, wm = cv.fisher_targets(model, x, samples=4000, seed=1)
+    lam_mc = cv.fit_eigenvalues(model, layers, x, many, basis, wm)[".lambda"]
+    assert torch.allclose(lam, lam_mc, rtol=0.1, atol=1e-3 * float(lam.max()))
+
+
+def test_conv2d_unfolded_patches_match_autograd():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3, 4)).double()
+    x = torch.randn(10, 2, 6, 6, dtype=torch.float64)
+    layers, left = cv.curvature_layers(model)
+    assert [L.kind for L in layers] == ["conv2d", "linear"] and left == {}
+    labels = cv.sample_labels(model, x, samples=1, seed=0)
+    cov = cv.fit_covariances(model, layers, x, labels, batch_size=4)
+    basis = cv.eigenbasis(cov, layers)
+    lam = cv.fit_eigenvalues(model, layers, x, labels, basis, batch_size=3)
+    G = cv.brute_force_pseudo_grads(model, layers, x, labels)
+    for L in layers:
+        QS, QA = basis[f"{L.name}.QS"], basis[f"{L.name}.QA"]
+        expect = ((QS.T @ G[L.name] @ QA) ** 2).mean(0)
+        assert torch.allclose(lam[f"{L.name}.lambda"], expect, rtol=1e-9, atol=1e-14), L.name
+
+
+def test_apply_eigen_fn_is_the_damped_inverse_in_the_kronecker_basis():
+    torch.manual_seed(2)
+    o, i = 3, 5
+    QS, _ = torch.linalg.qr(torch.randn(o, o, dtype=torch.float64))
+    QA, _ = torch.linalg.qr(torch.randn(i, i, dtype=torch.float64))
+    lam = torch.rand(o, i, dtype=torch.float64) * 2
+    V = torch.randn(7, o, i, dtype=torch.float64)
+    out = cv.apply_eigen_fn(V, QS, QA, cv.damped_inverse(lam, 0.1))
+    Q = torch.kron(QA, QS)
+    H = Q @ torch.diag(lam.T.reshape(-1)) @ Q.T
+    vec = V.transpose(1, 2).reshape(7, -1)
+    expect = torch.linalg.solve(H + 0.1 * torch.eye(o * i, dtype=torch.float64), vec.T).T
+    assert torch.allclose(out.transpose(1, 2).reshape(7, -1), expect, atol=1e-10)
+
+
+def test_response_matches_its_series_near_zero_and_limits():
+    c = 57.5
+    sig = torch.tensor([1e-14, 1e-11, 1e-9, 3e-8, 1e-7, 1e-6, 1e-5], dtype=torch.float64)
+    series = c - c ** 2 * sig / 2 + c ** 3 * sig ** 2 / 6 - c ** 4 * sig ** 3 / 24
+    got = cv.response(sig, c)
+    assert torch.allclose(got, series, rtol=1e-9)
+    assert torch.isfinite(got).all()
+    # the limit c for σ = 0 and for non-positive σ
+    assert torch.equal(cv.response(torch.tensor([0.0, -1e-3, -5.0], dtype=torch.float64), c),
+                       torch.full((3,), c, dtype=torch.float64))
+    # away from 0 it is the closed form; for large cσ it tends to 1/σ
+    s = torch.tensor([0.01, 0.5, 3.0, 1e3], dtype=torch.float64)
+    assert torch.allclose(cv.response(s, c), (1 - torch.exp(-c * s)) / s, rtol=1e-12)
+    assert abs(float(cv.response(torch.tensor([1e3], dtype=torch.float64), c)) - 1e-3) < 1e-12
+    # propagation: exp(−cσ), 1 where there is no curvature
+    assert torch.allclose(cv.propagation(s, c), torch.exp(-c * s))
+    assert float(cv.propagation(torch.tensor([-1.0]), c)) == 1.0
+    # F(σ) = ∫_0^c exp(−tσ) dt: check by quadrature at a moderate σ
+    t = torch.linspace(0, c, 200001, dtype=torch.float64)
+    quad = torch.trapezoid(torch.exp(-t * 0.05), t)
+    assert abs(float(cv.response(torch.tensor([0.05], dtype=torch.float64), c)) - float(quad)) < 1e-6
+
+
+def test_layers_without_kronecker_factors_are_listed_not_dropped():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3))
+    layers, left = cv.curvature_layers(model)
+    assert [L.name for L in layers] == ["0", "3"]
+    assert set(left) == {"1.weight", "1.bias"} and "LayerNorm" in left["1.weight"]
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
+    layers, left = cv.curvature_layers(grouped)
+    assert [L.name for L in layers] == ["2"] and "grouped" in left["0.weight"]
+
+
+def test_layout_round_trip():
+    from engine.grads import GradientComputer
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3, bias=False))
+    layers, _ = cv.curvature_layers(model)
+    comp = GradientComputer(model, param_names=cv.covered_param_names(layers))
+    layout = cv.LayerLayout(layers, comp.names, comp.shapes)
+    flat = torch.randn(5, comp.n_params)
+    mats = layout.to_layers(flat)
+    assert [tuple(m.shape[1:]) for m in mats] == [(2, 10), (3, 32)]
+    assert torch.equal(layout.to_flat(mats), flat)
+
+
+def test_ekfac_method_stores_factors_and_reuses_them(logreg_project, copy_project, monkeypatch):
+    from engine.methods.ekfac import EKFAC
+
+    p = copy_project(logreg_project)
+    a = EKFAC().fit(p)
+    S1 = a.scores("test")
+    files = sorted(f.name for f in (p.state_dir / "factors").glob("*.safetensors"))
+    assert any(f.startswith("cov-") for f in files) and any(f.startswith("lambda-") for f in files)
+    assert a.meta["left_out"] == {} and a.meta["layers"] == [""]
+
+    def boom(*args, **kw):
+        raise AssertionError("factors were recomputed instead of reused")
+
+    monkeypatch.setattr(cv, "fit_covariances", boom)
+    monkeypatch.setattr(cv, "fit_eigenvalues", boom)
+    S2 = EKFAC().fit(p).scores("test")
+    np.testing.assert_array_equal(S1, S2)

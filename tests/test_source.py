@@ -1,0 +1,151 @@
+"""Source and EK-FAC influence on one engine: equivalence, sign against leave-one-out
+retraining, segments of multi-stage and non-converged training, Fast-Source and Adam."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from engine import Project
+from engine.errors import ProponentError
+from engine.evaluate.groundtruth import loo_effects
+from engine.evaluate.metrics import pearson
+from engine.methods.ekfac import EKFAC, EKFACSettings
+from engine.methods.source import Source, SourceSettings
+from engine.train import record_training
+from tests.conftest import write_tabular_project
+
+
+def _loo_corr(S, idx, eff):
+    return pearson(S[:, idx].T.ravel(), eff.ravel())
+
+
+GD = 'optimizer = "sgd"\nlr = 0.5\nmomentum = 0.0\nweight_decay = 0.001\nepochs = 30\nbatch_size = 1000\nseed = 0\n'
+
+
+def _multistage(root, optimizer="sgd"):
+    """Full-batch two-stage training (deterministic, so one LOO seed is exact ground truth):
+    pre-train on 36 rows, fine-tune on 24 shifted rows; the test set is shifted too."""
+    lr1, lr2 = (0.5, 0.3) if optimizer == "sgd" else (0.05, 0.03)
+    tr = (f'optimizer = "{optimizer}"\nlr = {lr1}\nmomentum = 0.0\nweight_decay = 0.001\nepochs = 20\nbatch_size = 1000\n'
+          f'seed = 0\n\n[[training.stages]]\nname = "pre"\nepochs = 20\nlr = {lr1}\nselect = "part == pre"\n'
+          f'\n[[training.stages]]\nname = "fine"\nepochs = 15\nlr = {lr2}\nselect = "part == fine"\n')
+    write_tabular_project(root, n_train=60, n_test=20, training=tr)
+    df = pd.read_csv(root / "train.csv")
+    df.insert(len(df.columns) - 1, "part", ["pre"] * 36 + ["fine"] * 24)
+    df.loc[36:, "f0"] += 1.0
+    df.to_csv(root / "train.csv", index=False)
+    te = pd.read_csv(root / "test.csv")
+    te["f0"] += 1.0
+    te.to_csv(root / "test.csv", index=False)
+    p = Project.load(root)
+    record_training(p)
+    return p
+
+
+@pytest.fixture(scope="module")
+def gd_project(tmp_path_factory):
+    """Logistic regression trained by 30 full-batch GD steps: far from converged."""
+    p = Project.load(write_tabular_project(tmp_path_factory.mktemp("gd") / "gd", n_train=60, training=GD))
+    record_training(p)
+    return p
+
+
+@pytest.fixture(scope="module")
+def multistage_project(tmp_path_factory):
+    return _multistage(tmp_path_factory.mktemp("ms") / "ms")
+
+
+def test_one_segment_source_is_ekfac_influence(digits_project, logreg_project):
+    for p in (digits_project, logreg_project):
+        ek = EKFAC(EKFACSettings(damping=-1.0)).fit(p)
+        src = Source(SourceSettings(segments=1, segment_by="count", last_checkpoints=1, response="inverse")).fit(p)
+        q = ("test", np.arange(min(40, len(p.test_dataset))))
+        np.testing.assert_allclose(src.scores(q), ek.scores(q), rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(src.self_scores(), ek.self_scores(), rtol=1e-10, atol=1e-14)
+        assert src.meta["damping"] == ek.meta["damping"]
+
+
+def test_ekfac_scores_equal_the_explicit_formula(logreg_project):
+    """S = −(1/N) ∇f_qᵀ (Q diag(σ) Qᵀ + λ)⁻¹ ∇ℓ_i with the fitted basis, built as dense matrices."""
+    from engine.grads import GradientComputer
+
+    p = logreg_project
+    ek = EKFAC().fit(p)
+    st = ek.seg_state[0]
+    Q = torch.kron(st["QA"][0], st["QS"][0])
+    sig = st["sigma"][0].T.reshape(-1)
+    lam = st["damping"][0]
+    H = Q @ torch.diag(sig) @ Q.T + lam * torch.eye(len(sig), dtype=torch.float64)
+    comp = GradientComputer(p.load_model(), param_names=ek.param_names)
+
+    def vec(flat):  # layout matrices [out, in] -> column-major vec (Kronecker order)
+        return ek.layout.to_layers(flat.double())[0].transpose(1, 2).reshape(len(flat), -1)
+
+    gq = vec(comp.full(p.test_dataset.x, p.test_dataset.y, "margin"))
+    gl = vec(comp.full(p.train_dataset.x, p.train_dataset.y, "loss"))
+    expect = -(gq @ torch.linalg.solve(H, gl.T)) / len(gl)
+    # training gradients are stored in float32, hence the tolerance
+    np.testing.assert_allclose(ek.scores("test"), expect.numpy(), rtol=1e-5, atol=1e-9)
+
+
+def test_ekfac_sign_agrees_with_leave_one_out_on_convex_model(logreg_project):
+    idx = np.arange(0, 80, 5)
+    _, eff = loo_effects(logreg_project, idx, seeds=[0])
+    S = EKFAC().fit(logreg_project).scores("test")
+    r = _loo_corr(S, idx, eff)
+    assert r > 0.6, r
+    # and the scale approximates the margin drop (the 1/N factor is in)
+    ratio = np.abs(S[:, idx]).mean() / np.abs(eff).mean()
+    assert 0.5 < ratio < 2.0, ratio
+
+
+def test_source_tracks_leave_one_out_better_than_ekfac_when_not_converged(gd_project):
+    idx = np.arange(0, 60, 3)
+    _, eff = loo_effects(gd_project, idx, seeds=[0])
+    src = Source().fit(gd_project)
+    assert len(src.segments) == 3 and sum(s.steps for s in src.segments) == 30
+    assert src.segments[0].c == pytest.approx(0.5 * 10)
+    r_src = _loo_corr(src.scores("test"), idx, eff)
+    r_ek = _loo_corr(EKFAC().fit(gd_project).scores("test"), idx, eff)
+    assert r_src > 0.85, r_src
+    assert r_src > r_ek + 0.01, (r_src, r_ek)
+    fast = Source(SourceSettings(fast=True)).fit(gd_project)
+    assert _loo_corr(fast.scores("test"), idx, eff) > 0.8
+    # self-scores are the diagonal of train-query scores
+    block = src.scores(("train", np.arange(10)))
+    np.testing.assert_allclose(src.self_scores()[:10], np.diag(block[:, :10]), rtol=1e-8)
+
+
+def test_multistage_segments_follow_stages_and_track_loo(multistage_project):
+    p = multistage_project
+    src = Source().fit(p)
+    assert [s.stages for s in src.segments] == [["pre"], ["fine"]]
+    np.testing.assert_array_equal(src.segments[0].rows, np.arange(36))
+    np.testing.assert_array_equal(src.segments[1].rows, np.arange(36, 60))
+    assert src.segments[1].steps == 15 and src.segments[1].lr == pytest.approx(0.3)
+    assert src.seg_state[1]["gbar"].shape[0] == 24  # a pre-train row has no fine-tune gradient
+    idx = np.arange(0, 60, 2)
+    _, eff = loo_effects(p, idx, seeds=[0])
+    r_src = _loo_corr(src.scores("test"), idx, eff)
+    r_ek = _loo_corr(EKFAC().fit(p).scores("test"), idx, eff)
+    assert r_src > 0.9 and r_src > r_ek + 0.01, (r_src, r_ek)
+
+
+def test_adam_preconditioning_uses_saved_optimizer_states(tmp_path):
+    p = _multistage(tmp_path / "adam", optimizer="adam")
+    idx = np.arange(0, 60, 2)
+    _, eff = loo_effects(p, idx, seeds=[0])
+    pre = Source().fit(p)
+    assert pre.meta["adam_preconditioned"] == [True, True]
+    plain = Source(SourceSettings(adam_preconditioning=False)).fit(p)
+    assert plain.meta["adam_preconditioned"] == [False, False]
+    r_pre, r_plain = _loo_corr(pre.scores("test"), idx, eff), _loo_corr(plain.scores("test"), idx, eff)
+    assert r_pre > 0.5 and r_pre > r_plain + 0.2, (r_pre, r_plain)
+
+
+def test_source_refuses_lbfgs_trajectories(logreg_project):
+    assert "L-BFGS" in Source.supports(logreg_project)
+    with pytest.raises(ProponentError, match="L-BFGS"):
+        Source().fit(logreg_project)
