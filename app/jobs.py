@@ -32,7 +32,10 @@ def _db(root: str | Path) -> StateDB:
 
 
 def _root(project) -> Path:
-    return Path(project.root if hasattr(project, "root") else project)
+    """A Project or a project folder (str / Path; note a Path's own ``.root`` is "/")."""
+    if isinstance(project, (str, os.PathLike)):
+        return Path(project)
+    return Path(project.root)
 
 
 def _alive(pid: int | None) -> bool:

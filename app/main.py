@@ -15,15 +15,18 @@ from app import ui  # noqa: E402
 
 st.set_page_config(page_title="Proponent", page_icon="🔎", layout="wide")
 
-PAGES = Path(__file__).parent / "pages"
+# Page files live in app/views/, not app/pages/: Streamlit (1.67) treats a pages/ folder beside the
+# entry script as legacy multipage mode, which skips this st.navigation whenever a page URL is
+# opened directly (no wide layout, no icons, a stray "main" page).
+PAGES = Path(__file__).parent / "views"
 pages = [
-    st.Page(str(PAGES / "project.py"), title="Project", icon="📁", url_path="project", default=True),
-    st.Page(str(PAGES / "attribute.py"), title="Attribute", icon="⚙️", url_path="attribute"),
-    st.Page(str(PAGES / "explore.py"), title="Explore", icon="🔍", url_path="explore"),
-    st.Page(str(PAGES / "triage.py"), title="Triage", icon="🚩", url_path="triage"),
-    st.Page(str(PAGES / "leakage.py"), title="Leakage", icon="💧", url_path="leakage"),
-    st.Page(str(PAGES / "embeddings.py"), title="Embeddings", icon="🗺️", url_path="embeddings"),
-    st.Page(str(PAGES / "report.py"), title="Report", icon="📄", url_path="report"),
+    st.Page(str(PAGES / "project.py"), title="Project", icon=":material/folder_open:", url_path="project", default=True),
+    st.Page(str(PAGES / "attribute.py"), title="Attribute", icon=":material/play_circle:", url_path="attribute"),
+    st.Page(str(PAGES / "explore.py"), title="Explore", icon=":material/search:", url_path="explore"),
+    st.Page(str(PAGES / "triage.py"), title="Triage", icon=":material/flag:", url_path="triage"),
+    st.Page(str(PAGES / "leakage.py"), title="Leakage", icon=":material/water_drop:", url_path="leakage"),
+    st.Page(str(PAGES / "embeddings.py"), title="Embeddings", icon=":material/scatter_plot:", url_path="embeddings"),
+    st.Page(str(PAGES / "report.py"), title="Report", icon=":material/description:", url_path="report"),
 ]
 nav = st.navigation(pages)
 with st.sidebar:

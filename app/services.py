@@ -594,16 +594,22 @@ def leak_pairs(project: Project, key: str, detector: dict | None = None, max_pai
                 "rule": f"flagged when {detector.get('statistic')} > {detector.get('threshold'):.4g} "
                         f"(calibration: {detector.get('calibration', {}).get('kind', 'given')}, "
                         f"false-positive rate {detector.get('calibration', {}).get('fpr', '—')})"}
-    S = load_run(project, key)["scores"]
-    top1 = np.argmax(S, axis=1)
-    cosines = np.einsum("ij,ij->i", xn_te, xn_tr[top1])
+    S = np.asarray(load_run(project, key)["scores"])
+    m = min(QUICK_LEAK_TOP, S.shape[1])
+    cand = np.argpartition(-S, m - 1, axis=1)[:, :m]  # each query's top-m proponents
+    cos_c = np.einsum("qk,qmk->qm", xn_te, xn_tr[cand])
+    best = cand[np.arange(len(S)), cos_c.argmax(1)]
+    cosines = cos_c.max(1)
     threshold = 0.98
     order = np.argsort(-cosines, kind="stable")[:max_pairs]
-    pairs = [{"test_index": int(t), "train_index": int(top1[t]), "score": float(S[t, top1[t]]),
+    pairs = [{"test_index": int(t), "train_index": int(best[t]), "score": float(S[t, best[t]]),
               "cosine": float(cosines[t]), "flagged": bool(cosines[t] >= threshold)} for t in order]
-    return {"source": "quick check: each query's top-1 proponent + input-space cosine", "threshold": threshold,
-            "pairs": pairs, "rule": f"flagged when the input-space cosine of a test query and its top-1 proponent "
+    return {"source": f"quick check: the input-closest of each query's top-{m} proponents", "threshold": threshold,
+            "pairs": pairs, "rule": f"flagged when the input-space cosine of a test query and that proponent "
                                     f"is ≥ {threshold}"}
+
+
+QUICK_LEAK_TOP = 100
 
 
 # ------------------------------------------------------------------------------- embeddings
@@ -707,18 +713,65 @@ def embedding_frame(project: Project, emb: dict, colour: str, *, flags: dict | N
     return df
 
 
-def verify_kwargs(fn, *, query: int, proponents: list[int], k: int, method: str, key: str, scores_row=None) -> dict:
-    """Arguments for engine.evaluate.counterfactual.counterfactual_check, matched to its signature
-    by name (the module is built by another engineer; this keeps the page working across
-    small signature differences)."""
+def verify_kwargs(fn, *, query: int, method: str, settings: dict | None, scores_row=None,
+                  k_values=(5, 10, 20), seeds=(0, 1), random_trials: int = 3) -> dict:
+    """Arguments for engine.evaluate.counterfactual.counterfactual_check, keeping only the names
+    its signature has (JSON-able: they travel through the jobs table)."""
     import inspect
 
-    cands = {"query": query, "query_index": query, "test_index": query, "q": query,
-             "proponents": proponents, "indices": proponents, "remove": proponents, "train_indices": proponents,
-             "k": k, "method": method, "run": key, "run_key": key, "scores": scores_row}
+    cands = {"query": int(query), "method": method, "settings": settings or None,
+             "scores_row": None if scores_row is None else [float(v) for v in np.asarray(scores_row).ravel()],
+             "k_values": [int(k) for k in k_values], "seeds": [int(s) for s in seeds],
+             "random_trials": int(random_trials)}
     params = inspect.signature(fn).parameters
-    out = {}
-    for name, p in list(params.items())[1:]:  # the first is the project
-        if name in cands and cands[name] is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-            out[name] = cands[name]
-    return out
+    return {k: v for k, v in cands.items() if k in params and v is not None}
+
+
+def verify_frame(result: dict):
+    """The Verify result as a table: per k, the margin change from removing the top-k proponents
+    against the mean change from k random removals."""
+    import pandas as pd
+
+    return pd.DataFrame([{"k": r["k"], "margin after": r["margin"], "change (top-k removed)": r["change"],
+                          "change (k random, mean)": r["random_change_mean"],
+                          "random std": r["random_change_std"], "prediction flipped": r["flipped"]}
+                         for r in result.get("rows", [])])
+
+
+# ------------------------------------------------------------------------------- cost estimate
+def calibrate_gradients(project: Project, n: int = 64) -> float:
+    """Seconds per training example for one per-example margin gradient at the final checkpoint,
+    measured on ``n`` examples (the unit most methods' cost is made of)."""
+    from engine.grads import GradientComputer
+
+    computer = GradientComputer(project.load_model())
+    x, y = project.train_dataset.x[:n], project.train_dataset.y[:n]
+    computer.per_example(x[:2], y[:2])  # warm-up
+    t0 = time.perf_counter()
+    computer.per_example(x, y)
+    return (time.perf_counter() - t0) / max(1, len(y))
+
+
+def gradient_passes(project: Project, method: str, settings: dict) -> int:
+    """How many passes of per-example gradients over the training set a run makes (an estimate)."""
+    from engine.methods import coerce_settings
+
+    cls = get_method(method)
+    s = coerce_settings(cls, settings)
+    if hasattr(s, "ensemble") and hasattr(s, "max_models"):
+        try:
+            from engine.methods.trak import ensemble_checkpoints
+
+            return max(1, len(ensemble_checkpoints(project, s.ensemble, s.max_models)))
+        except Exception:
+            return 1
+    if hasattr(s, "max_checkpoints"):
+        n = len(project.checkpoints)
+        return max(1, min(n, s.max_checkpoints) if s.max_checkpoints > 0 else n)
+    return 1
+
+
+def estimate_cost(project: Project, method: str, settings: dict, per_example_s: float) -> dict:
+    passes = gradient_passes(project, method, settings)
+    n = len(project.train_dataset) + len(project.test_dataset)
+    return {"passes": passes, "seconds": passes * n * per_example_s, "per_example_ms": per_example_s * 1e3}

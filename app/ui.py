@@ -11,8 +11,9 @@ from app import jobs
 from app import services as svc
 
 SIGN = svc.SIGN_HELP
-FLAG_ICONS = {None: "", "mislabeled": "🚩 mislabeled", "ok": "✅ ok", "ambiguous": "❔ ambiguous", "leak": "💧 leak",
-              "dismissed": "dismissed"}
+FLAG_ICONS = {None: "", "mislabeled": ":red[:material/flag: mislabeled]", "ok": ":green[:material/check: ok]",
+              "ambiguous": ":orange[:material/help: ambiguous]", "leak": ":blue[:material/water_drop: leak]",
+              "dismissed": ":gray[dismissed]"}
 
 
 def sync_jobs() -> bool:

@@ -379,6 +379,34 @@ def generalized_solve(H: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor
     return res
 
 
+def adjoint_solve(H: Callable[[torch.Tensor], torch.Tensor], q: torch.Tensor, mask: torch.Tensor | None, *,
+                  method: str = "cg", tol: float = 1e-3, max_iter: int = 500, damping: float = 0.0,
+                  progress=None) -> tuple[torch.Tensor, SolveResult]:
+    """Per-query adjoint of the GIF update: ``v = H Pᵀ w`` with ``(P H Hᵀ Pᵀ) w = P q``.
+
+    Then for any target gradient ``g``, ``qᵀ Pᵀ x(g) = vᵀ g`` where ``x(g)`` is the GIF update;
+    with ``mask`` None (P = I) ``v = H⁻¹ q``. Rows of ``q`` (and of ``mask``) are separate queries.
+    """
+    single = q.ndim == 1
+    Q = q[None] if single else q
+
+    def Hd(v):
+        out = H(v)
+        return out + damping * v if damping else out
+
+    if mask is None:
+        res = solve_psd(lambda v: Hd(Hd(v)), Q, method=method, tol=tol, max_iter=max_iter, progress=progress)
+        W = res.x if res.x.ndim == 2 else res.x[None]
+        V = Hd(W)
+    else:
+        M = (mask[None] if mask.ndim == 1 else mask).to(device=Q.device, dtype=Q.dtype).expand_as(Q)
+        res = solve_psd(lambda v: M * Hd(Hd(M * v)), M * Q, method=method, tol=tol, max_iter=max_iter, mask=M,
+                        progress=progress)
+        W = res.x if res.x.ndim == 2 else res.x[None]
+        V = Hd(M * W)
+    return (V[0] if single else V), res
+
+
 # ----------------------------------------------------------------------------- targets
 def removal_target(op: HessianOperator, x_u: torch.Tensor, y_u: torch.Tensor, n_total: int) -> torch.Tensor:
     """g = (|U|/(N−|U|)) ∇[mean loss on U + (wd/2)‖θ‖²]."""
@@ -409,5 +437,5 @@ def retained_sample(n_total: int, removed: np.ndarray, max_examples: int, seed: 
 
 
 __all__ = ["select_parameters", "rows_to_mask", "rows_per_layer", "solve_psd", "power_iteration", "SolveResult",
-           "SolverNotConverged", "require_converged", "generalized_solve", "removal_target", "relabel_target",
+           "SolverNotConverged", "require_converged", "generalized_solve", "adjoint_solve", "removal_target", "relabel_target",
            "retained_sample", "SELECTIONS", "VARIANTS", "SOLVERS"]

@@ -41,8 +41,8 @@ METHODS = ("gif", "if", "frozen", "projected")
 # damped Richardson iteration; H estimated on 1024 retained rows moves the update by only a
 # few percent relative to using all of them.
 DEFAULT_HVP_EXAMPLES = 1024
-DEFAULT_TOL = 1e-3
-DEFAULT_MAX_ITER = 500
+DEFAULT_TOL = 1e-6
+DEFAULT_MAX_ITER = 2000
 DEFAULT_SOLVER = "cg"
 
 
@@ -59,7 +59,7 @@ def _check_indices(project: Project, indices) -> np.ndarray:
         raise ProponentError(f"training row {int(idx[bad][0])} does not exist (the training set has {n} rows)",
                              file=str(project.train_csv))
     if len(np.unique(idx)) != len(idx):
-        dup = int(idx[np.flatnonzero(np.bincount(idx) > 1)[0]]) if len(idx) else -1
+        dup = int(np.flatnonzero(np.bincount(idx) > 1)[0])
         raise ProponentError(f"training row {dup} is listed twice", file=str(project.train_csv))
     return idx
 

@@ -94,10 +94,10 @@ def test_user_flow(app_server, tmp_path):
     timings = {}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": 1400, "height": 1500})
         try:
             # 1. load the project
-            page.goto(base + "/project")
+            page.goto(base + "/")
             wait_idle(page)
             page.get_by_text("Test accuracy").first.wait_for()
             page.screenshot(path=str(shots / "project.png"), full_page=True)
@@ -134,9 +134,12 @@ def test_user_flow(app_server, tmp_path):
             page.screenshot(path=str(shots / "explore.png"), full_page=True)
 
             # 5. flag one (the first proponent card)
+            card = page.locator(f"[data-testid='stCaptionContainer']:has-text('#{first_id} · score')").first
+            assert "mislabeled" not in card.inner_text()
             page.locator("button:has-text('Flag')").first.click()
             wait_idle(page)
-            page.get_by_text("🚩 mislabeled").first.wait_for(timeout=30_000)
+            page.locator(f"[data-testid='stCaptionContainer']:has-text('#{first_id} · score'):has-text('mislabeled')"
+                         ).first.wait_for(timeout=30_000)
             db_flags = svc.db_for(app_server["project"]).flags("train")
             assert db_flags[str(first_id)]["flag"] == "mislabeled"
 
@@ -144,7 +147,8 @@ def test_user_flow(app_server, tmp_path):
             page.reload()
             wait_idle(page)
             page.get_by_text("Query: test #5").wait_for(timeout=30_000)
-            page.get_by_text("🚩 mislabeled").first.wait_for(timeout=30_000)
+            page.locator(f"[data-testid='stCaptionContainer']:has-text('#{first_id} · score'):has-text('mislabeled')"
+                         ).first.wait_for(timeout=30_000)
             assert page.locator("button:has-text('Unflag')").count() >= 1
 
             # page change once results are cached
@@ -160,10 +164,16 @@ def test_user_flow(app_server, tmp_path):
             wait_idle(page)
             timings["page_change_explore_s"] = time.perf_counter() - t0
 
-            for name in ("leakage", "report"):
-                page.locator(f"[data-testid='stSidebarNav'] a:has-text('{name.capitalize()}')").click()
-                wait_idle(page)
-                page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+            page.locator("[data-testid='stSidebarNav'] a:has-text('Leakage')").click()
+            wait_idle(page)
+            page.screenshot(path=str(shots / "leakage.png"), full_page=True)
+            page.locator("[data-testid='stSidebarNav'] a:has-text('Report')").click()
+            wait_idle(page)
+            page.locator("button:has-text('Build the report')").click()
+            page.locator("[data-testid='stDownloadButton']").wait_for(timeout=120_000)
+            wait_idle(page)
+            time.sleep(1.0)  # let the preview iframe draw
+            page.screenshot(path=str(shots / "report.png"), full_page=True)
             # embeddings: a quick PCA layout computed through the service (UMAP for the README shots)
             from engine import Project
 

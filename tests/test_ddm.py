@@ -168,6 +168,14 @@ def test_harmful_cluster_is_found_and_removal_really_helps(tmp_path):
     assert np.argsort(-att.suspicion())[0] in top["members"]
 
 
+def test_runs_through_the_cached_api(logreg_project):
+    from engine.api import cached_scores
+    res = cached_scores(logreg_project, "ddm", {"clusters_per_class": 2, "distill_steps": 3})
+    assert res["scores"].shape == (len(logreg_project.test_dataset), len(logreg_project.train_dataset))
+    assert res["meta"]["clusters"] <= 6 and res["meta"]["granularity"] == "cluster"
+    assert np.isfinite(res["suspicion"]).all()
+
+
 def test_bad_settings_are_one_line_errors(logreg_project):
     with pytest.raises(ProponentError, match="variant"):
         coerce_settings(DDM, {"variant": "nope"})

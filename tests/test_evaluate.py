@@ -97,15 +97,24 @@ def tab_project(tmp_path):
     return Project.load(root)
 
 
+import engine.train as _train  # noqa: E402
+
+_REAL_TRAIN_MODEL = _train.train_model
+
+
+class _SimulatedKill(RuntimeError):
+    pass
+
+
 def _count_trains(monkeypatch, fail_after: int | None = None):
     import engine.train as train
 
     calls = {"n": 0}
-    real = train.train_model
+    real = _REAL_TRAIN_MODEL
 
     def counting(*a, **kw):
         if fail_after is not None and calls["n"] >= fail_after:
-            raise KeyboardInterrupt("simulated kill")
+            raise _SimulatedKill("simulated kill")
         calls["n"] += 1
         return real(*a, **kw)
 
@@ -117,7 +126,7 @@ def test_groundtruth_cache_reuse_and_resume(tab_project, monkeypatch):
     p = tab_project
     subsets = gt.random_subsets(len(p.train_dataset), 4, 0.5, seed=0)
     calls = _count_trains(monkeypatch, fail_after=5)  # dies during subset 2 (2 seeds per subset)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(_SimulatedKill):
         gt.retrain_margins(p, subsets=subsets, seeds=[0, 1], processes=1)
     assert calls["n"] == 5
     calls = _count_trains(monkeypatch)
@@ -155,3 +164,75 @@ def test_loo_effects_orientation_on_convex_model(tab_project):
     assert np.allclose(eff[1], full - wo)
     with pytest.raises(ProponentError):
         gt.loo_margins(p, [len(p.train_dataset)], seeds=[0])
+
+
+# ----------------------------------------------------------------------------- detection helpers
+def test_flip_labels_and_truth_metrics():
+    from engine.evaluate.detection import flip_labels, leak_flag_metrics, leak_recall, mislabel_metrics
+
+    y = np.arange(200) % 4
+    new, idx = flip_labels(y, 0.1, 4, seed=3)
+    assert len(idx) == 20 and (new[idx] != y[idx]).all()
+    assert (np.delete(new, idx) == np.delete(y, idx)).all()
+    assert np.array_equal(flip_labels(y, 0.1, 4, seed=3)[0], new)  # seeded
+    susp = np.zeros(200)
+    susp[idx] = 1.0
+    m = mislabel_metrics(susp, idx, 200)
+    assert m["auroc"] == 1.0 and m["precision_at_k"] == 1.0 and m["k"] == 20
+    S = np.array([[0.1, 0.9, 0.3], [0.5, 0.2, 0.4]])
+    r = leak_recall(S, [1, 2], ks=(1, 2))
+    assert r["recall@1"] == 0.5 and r["recall@2"] == 1.0 and r["twin_rank"] == [0, 1]
+    pairs = [{"test_index": 0, "train_index": 1, "flagged": True}, {"test_index": 1, "train_index": 0, "flagged": True},
+             {"test_index": 2, "train_index": 5, "flagged": False}]
+    f = leak_flag_metrics(pairs, [{"test_index": 0, "train_index": 1}, {"test_index": 2, "train_index": 5}])
+    assert f["precision"] == 0.5 and f["recall"] == 0.5
+
+
+def test_planted_exact_leaks_are_found_and_flips_detected(tab_project, tmp_path):
+    """Planted copies are retrained into a copy of the project; exact copies must be each leaked
+    query's top-1 kNN neighbour, and the mislabel benchmark really retrains on flipped labels."""
+    from engine.evaluate.detection import leak_benchmark, mislabel_benchmark, plant_leaks
+
+    leaked, leaks = plant_leaks(tab_project, 4, tmp_path / "leaked", seed=0)
+    assert len(leaked.train_dataset) == len(tab_project.train_dataset) + 4
+    for l in leaks:
+        x_train = leaked.train_dataset.x[l["train_index"]]
+        x_test = leaked.test_dataset.x[l["test_index"]]
+        if l["kind"] == "exact":
+            assert torch.allclose(x_train, x_test, atol=1e-4)
+        assert leaked.train_dataset.y[l["train_index"]] == leaked.test_dataset.y[l["test_index"]]
+    res = leak_benchmark(tab_project, [("knn", {})], source="plant", m=4, workdir=tmp_path)
+    row = res["methods"][0]
+    exact = [r for r, l in zip(row["twin_rank"], res["leaks"]) if l["kind"] == "exact"]
+    assert exact and all(r == 0 for r in exact)
+    mis = mislabel_benchmark(tab_project, [("knn", {})], source="flip", p=0.15, seed=0, cleanlab=False, workdir=tmp_path)
+    assert mis["n_flipped"] == 6 and 0.0 <= mis["methods"][0]["auroc"] <= 1.0
+    with pytest.raises(ProponentError):
+        mislabel_benchmark(tab_project, [("knn", {})], source="truth")
+
+
+# ----------------------------------------------------------------------------- counterfactual
+def test_counterfactual_top_proponents_beat_random_on_convex_model(tab_project):
+    from engine.evaluate.counterfactual import counterfactual_check
+    from engine.train import record_training
+
+    p = tab_project
+    record_training(p)
+    # a query the model gets right, with clearly positive margin
+    full = gt.test_margins(p.load_model(), p.test_dataset.x, p.test_dataset.y)
+    q = int(np.argmax(full))
+    res = counterfactual_check(p, q, "exact-if", k_values=(3, 8), seeds=(0,), random_trials=4, processes=1)
+    assert res["retrains"] == 1 * (1 + 2 * 5)
+    for row in res["rows"]:
+        assert row["change"] < 0  # removing proponents lowers the margin
+        assert row["change"] < row["random_change_mean"]  # ...more than removing random examples
+    # removing the top *opponents* (negated scores) must not lower it like that
+    from engine.evaluate.counterfactual import query_scores
+
+    s = query_scores(p, q, "exact-if")
+    anti = counterfactual_check(p, q, scores_row=-s, k_values=(8,), seeds=(0,), random_trials=0, processes=1)
+    assert anti["rows"][0]["change"] > res["rows"][-1]["change"]
+    with pytest.raises(ProponentError):
+        counterfactual_check(p, len(p.test_dataset), scores_row=s)
+    with pytest.raises(ProponentError):
+        counterfactual_check(p, q, scores_row=s[:-1])

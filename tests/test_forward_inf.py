@@ -143,10 +143,16 @@ def test_self_scores_are_the_diagonal_and_suspicion_finds_high_loss(mlp_project)
     idx = np.arange(0, len(p.train_dataset), 7)
     S = att.scores(("train", idx))
     np.testing.assert_allclose(att.self_scores()[idx], S[np.arange(len(idx)), idx], rtol=1e-9, atol=1e-12)
-    # normalize='self' divides columns by sqrt|self|: its self-scores are sqrt of the raw ones
+    # normalize='self': S[q, i] / sqrt(|S[q, q]| |S[i, i]|), so the diagonal is the sign (±1)
     att_n = _fi(optimizer="sgd", steps=2, lr=0.05, normalize="self").fit(p)
-    np.testing.assert_allclose(att_n.self_scores(), np.sqrt(np.abs(att.self_scores())), rtol=1e-9)
-    np.testing.assert_allclose(att_n.suspicion(), att.self_scores(), rtol=1e-12)
+    raw_self = att.self_scores()
+    mag = np.maximum(np.abs(raw_self), np.median(np.abs(raw_self)) * 1e-6)  # tiny self-changes are floored
+    np.testing.assert_allclose(att_n.self_scores(), raw_self / mag, rtol=1e-9)
+    Sn = att_n.scores(("train", idx))
+    np.testing.assert_allclose(Sn, S / np.sqrt(mag[idx][:, None] * mag[None, :]), rtol=1e-9)
+    big = np.abs(raw_self[idx]) > mag[idx] * 0.999
+    np.testing.assert_allclose(np.diag(Sn[:, idx])[big], np.sign(raw_self[idx])[big], rtol=1e-9)
+    np.testing.assert_allclose(att_n.suspicion(), raw_self, rtol=1e-12)
 
 
 def test_ascent_and_absolute_orientation(mlp_project):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from engine import Project
-from engine.gif import (SolverNotConverged, generalized_solve, removal_target, require_converged, retained_sample,
+from engine.gif import (SolverNotConverged, adjoint_solve, generalized_solve, removal_target, require_converged, retained_sample,
                         rows_per_layer, select_parameters, solve_psd)
 from engine.grads.hvp import HessianOperator, add_to_parameters, flat_parameters, parameter_layout
 from engine.grads.measurement import correct_class_margin
@@ -171,6 +171,12 @@ def test_full_ratio_equals_plain_if(mlp):
     assert fit(r_part.x) <= fit(r_frozen.x) + 1e-12
     r_proj = require_converged(generalized_solve(op, g, part, variant="projected", tol=1e-8, max_iter=2000))
     assert torch.allclose(r_proj.x, r_if.x * part)
+    # the adjoint form used by per-query scores: qᵀ Pᵀ x(g) = vᵀ g with v = H Pᵀ w, (P H Hᵀ Pᵀ) w = P q
+    q = torch.randn(op.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    v, res_adj = adjoint_solve(op, q, part, tol=1e-10, max_iter=3000)
+    require_converged(res_adj)
+    lhs, rhs = float(q @ r_part.x), float(v @ g)
+    assert abs(lhs - rhs) <= 1e-4 * abs(lhs) + 1e-12
 
 
 def test_plain_if_matches_retraining_on_convex_model(logreg):
@@ -252,7 +258,7 @@ def test_gif_attribution_orientation_matches_loo(logreg):
 
     cls = get_method("gif")
     assert cls.extension is True and "extension" in cls.description.lower()
-    att = cls({"ratio": 1.0, "tol": 1e-8, "max_iter": 300, "hvp_examples": 0}).fit(logreg)
+    att = cls().fit(logreg, {"ratio": 1.0, "tol": 1e-8, "max_iter": 300, "hvp_examples": 0})
     S = att.scores("test")
     assert S.shape == (len(logreg.test_dataset), len(logreg.train_dataset)) and np.isfinite(S).all()
     test = logreg.test_dataset
@@ -270,7 +276,7 @@ def test_gif_attribution_orientation_matches_loo(logreg):
     # a 5% selection on an MLP gives finite, differently-ranked scores, and refuses too many queries
     from engine.errors import ProponentError
     with pytest.raises(ProponentError, match="max_queries"):
-        cls({"max_queries": 3}).fit(logreg).scores("test")
+        cls().fit(logreg, {"max_queries": 3}).scores("test")
 
 
 def test_gif_attribution_reports_unconverged(mlp):
@@ -279,7 +285,7 @@ def test_gif_attribution_reports_unconverged(mlp):
 
     cls = get_method("gif")
     with pytest.raises(ProponentError, match="did not converge"):
-        cls({"tol": 1e-12, "max_iter": 2}).fit(mlp).scores(("test", [0, 1]))
-    att = cls({"tol": 1e-12, "max_iter": 2, "on_unconverged": "report"}).fit(mlp)
+        cls().fit(mlp, {"tol": 1e-12, "max_iter": 2}).scores(("test", [0, 1]))
+    att = cls().fit(mlp, {"tol": 1e-12, "max_iter": 2, "on_unconverged": "report"})
     S = att.scores(("test", [0, 1]))
     assert np.isfinite(S).all() and att.meta["unconverged_queries"] == [0, 1]

@@ -149,3 +149,39 @@ def test_source_refuses_lbfgs_trajectories(logreg_project):
     assert "L-BFGS" in Source.supports(logreg_project)
     with pytest.raises(ProponentError, match="L-BFGS"):
         Source().fit(logreg_project)
+
+
+def test_multistage_sample_segments_and_schedule(tmp_path):
+    """The digits-multistage sample: one segment per stage, rows from the trajectory log, and
+    η̄ of the cosine fine-tuning stage integrated from the recipe's schedule."""
+    import math
+
+    from engine.methods.source import EngineConfig, plan_segments
+    from engine.samples import prepare_sample
+    from engine.train import lr_at
+
+    p = Project.load(prepare_sample("digits-multistage", tmp_path / "ms", train=True, models=1))
+    segs = plan_segments(p, EngineConfig())
+    assert [s.stages for s in segs] == [["pretrain"], ["finetune"]]
+    parts = p.train_df["part"].to_numpy()
+    np.testing.assert_array_equal(segs[1].rows, np.flatnonzero(parts == "finetune"))
+    fine = p.recipe.stages[1]
+    total = math.ceil(len(segs[1].rows) / p.recipe.batch_size) * fine.epochs
+    assert segs[1].steps == total
+    assert segs[1].lr == pytest.approx(np.mean([lr_at(fine, k / total) for k in range(total)]), rel=1e-9)
+    assert segs[1].eta == pytest.approx(segs[1].lr / (1 - p.recipe.momentum))
+
+
+def test_noisy_sample_flips_labels(tmp_path):
+    import json
+
+    from engine.samples import prepare_sample
+
+    root = prepare_sample("digits-noisy", tmp_path / "noisy", train=False)
+    truth = json.loads((root / "truth.json").read_text())
+    p = Project.load(root)
+    flipped = [f["train_index"] for f in truth["flipped"]]
+    assert len(flipped) == round(0.2 * len(p.train_dataset))
+    given = p.train_df["label"].to_numpy()
+    assert all(given[f["train_index"]] == f["given_label"] != f["true_label"] for f in truth["flipped"])
+    assert p.recipe.epochs == 3

@@ -55,9 +55,14 @@ class GradientComputer:
         self._grad_fns = {k: vmap(grad(lambda p, x, y, k=k: measure(p, x, y, k)), in_dims=(None, 0, 0)) for k in KINDS}
 
     def batch_size(self, example_numel: int = 0) -> int:
+        """Examples per vmap batch within the memory budget (on CUDA: at most half the free memory)."""
+        budget = self.memory_budget_mb * 2**20
+        if self.device.startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info()
+            budget = max(budget, free // 2)
         # vmap materialises a few copies of [b, p] (the grads, their flattening, and activations)
         per_example = 4 * (3 * self.n_params + 8 * max(example_numel, 1))
-        return int(max(1, min(4096, self.memory_budget_mb * 2**20 // per_example)))
+        return int(max(1, min(8192, budget // per_example)))
 
     def flatten(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         b = next(iter(grads.values())).shape[0]

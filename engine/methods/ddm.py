@@ -57,7 +57,10 @@ class DDM(Attributor):
     description = ("Distilled datamodel (Ye et al., 2024), reconstructed without official code: one synthetic example "
                    "per k-means cluster, distilled by reverse gradient matching; leave-one-cluster-out is simulated "
                    "with the synset. Per-example scores are cluster-derived (cluster score / cluster size). "
-                   "Validation against real leave-cluster-out retraining: see docs/bench/ddm-digits.json.")
+                   "Validated on digits against real leave-cluster-out retraining: better than chance, but less "
+                   "accurate than TRAK or EK-FAC group sums, and the distillation adds little over the medoid "
+                   "initialisation (docs/bench/ddm-digits.json). Use it for cluster-level views, not as the most "
+                   "accurate attribution.")
     Settings = DDMSettings
 
     # ------------------------------------------------------------------ fit

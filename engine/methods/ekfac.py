@@ -30,6 +30,8 @@ class EKFACSettings:
                                 "(none for ≤ 8192 covered parameters), 0 disables.")
     projection: str = setting("auto", "Random projection: auto, rademacher, gaussian, sjlt or none.",
                               choices=("auto", "rademacher", "gaussian", "sjlt", "none"))
+    weight_decay_in_curvature: bool = setting(True, "Add the recipe's weight decay to the curvature eigenvalues "
+                                                    "(the training objective's Hessian includes it; kronfluence does not).")
     seed: int = setting(0, "Seed of the Fisher label sampling and of the projection.")
 
 
@@ -46,4 +48,5 @@ class EKFAC(CurvatureInfluence):
         return EngineConfig(segments=1, segment_by="count", last_checkpoints=1, fast=False, response="inverse",
                             damping=s.damping, damping_ratio=s.damping_ratio, fisher_samples=s.fisher_samples,
                             fit_rows=s.fit_rows, proj_dim=s.proj_dim, projection=s.projection,
-                            adam_preconditioning=False, seed=s.seed, all_rows=True)
+                            adam_preconditioning=False, seed=s.seed, all_rows=True,
+                            weight_decay_in_curvature=s.weight_decay_in_curvature)

@@ -45,9 +45,10 @@ class ForwardInfSettings:
     lr: float = setting(0.0, "Step size of those steps; 0: chosen by calibration.")
     direction: str = setting("descent", "descent: learn the query (any query); ascent: unlearn it (for queries known to "
                                         "be in the training set).", choices=("descent", "ascent"))
-    normalize: str = setting("none", "none: the raw loss change; self: divide each training example's score by the square "
-                                     "root of its own self-score (the mirrored Grad-Cos), so examples with large "
-                                     "gradients do not top every ranking — best for duplicate search.",
+    normalize: str = setting("none", "none: the raw loss change; self: divide S[q, i] by sqrt(|S[q, q]| · |S[i, i]|), "
+                                     "the query's and the example's own self-scores (the mirrored Grad-Cos: 1 for an "
+                                     "exact copy to first order), so examples with large gradients do not top every "
+                                     "ranking — best for duplicate search.",
                              choices=("none", "self"))
     absolute: bool = setting(False, "Score |Δℓ| instead of the signed change (unsigned: ranks duplicates, not proponents).")
     calibration: str = setting("retrain", "How steps/lr are chosen when left at 0: 'retrain' maximises LDS on held-out "
@@ -161,8 +162,11 @@ class MirrorEngine:
         todo = torch.nonzero(loss < threshold).flatten()
         if len(todo) == 0:
             return x, radius
-        g = torch.Generator().manual_seed(seed)
-        u = torch.randn((len(todo),) + tuple(x.shape[1:]), generator=g, dtype=torch.float64).to(x)
+        # each query's direction depends only on its own content and the seed, not on its batch
+        import zlib
+
+        u = torch.stack([torch.randn(tuple(x.shape[1:]), dtype=torch.float64, generator=torch.Generator().manual_seed(
+            (seed * 1_000_003 + zlib.crc32(x[i].double().cpu().numpy().tobytes())) % 2**63)) for i in todo.tolist()]).to(x)
         u = u / u.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
         scale = x.flatten(1).norm(dim=1).mean().clamp_min(1e-6)
         r = torch.full((len(todo),), 1e-3, dtype=x.dtype, device=x.device) * scale
@@ -271,6 +275,7 @@ class ForwardINF(Attributor):
         ds = self._p.train_dataset
         n = len(ds)
         out = np.empty((len(q), n))
+        q_scale = np.ones(len(q))
         Qb, Bb = self.engine.plan(ds.x[:1])
         for lo in range(0, len(q), Qb):
             self._check_cancel("scoring")
@@ -282,23 +287,30 @@ class ForwardINF(Attributor):
                 bhi = min(n, blo + Bb)
                 moved = self.engine.stacked_losses(P, ds.x[blo:bhi], ds.y[blo:bhi])
                 out[lo:hi, blo:bhi] = self._orient(self.base_train_loss[blo:bhi].unsqueeze(0), moved).double().cpu().numpy()
+            if self.settings.normalize == "self":
+                own = self.engine.own_losses(P, q.x[lo:hi], q.y[lo:hi])
+                base = self.engine.losses(q.x[lo:hi], q.y[lo:hi])
+                q_scale[lo:hi] = np.abs(self._orient(base, own).double().cpu().numpy())
             self.progress("score", hi, len(q))
         if self.settings.normalize == "self":
             out /= self._train_scale()[None, :]
+            out /= np.sqrt(np.maximum(q_scale, self._scale_floor()))[:, None]
         return out
 
     def _train_scale(self) -> np.ndarray:
         """sqrt(|self-score|) per training example (floored): the normaliser of normalize='self'."""
-        raw = np.abs(self._raw_self_scores())
-        floor = max(float(np.median(raw)) * 1e-6, 1e-300)
-        return np.sqrt(np.maximum(raw, floor))
+        return np.sqrt(np.maximum(np.abs(self._raw_self_scores()), self._scale_floor()))
+
+    def _scale_floor(self) -> float:
+        """Self-changes below 1e-6 × the median |self-score| of the training set count as that much."""
+        return max(float(np.median(np.abs(self._raw_self_scores()))) * 1e-6, 1e-300)
 
     def self_scores(self) -> np.ndarray:
         """S[i, i]: the change of example i's own loss when the model takes the steps on i
-        (with normalize='self': that divided by its own normaliser, i.e. sqrt|S[i, i]|)."""
+        (with normalize='self': that divided by sqrt|S[i, i]|² = ±1, the sign of the raw change)."""
         raw = self._raw_self_scores()
         if self.settings.normalize == "self":
-            return raw / self._train_scale()
+            return raw / self._train_scale() ** 2
         return raw
 
     def _raw_self_scores(self) -> np.ndarray:

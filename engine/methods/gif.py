@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import ProponentError
-from ..gif import SOLVERS, SolveResult, generalized_solve, retained_sample, select_parameters
+from ..gif import SOLVERS, SolveResult, adjoint_solve, retained_sample, select_parameters
 from ..grads import GradientComputer
 from ..grads.hvp import HessianOperator, parameter_layout
 from .base import Attributor, Queries, register, setting
@@ -43,8 +43,8 @@ class GIFSettings:
                            choices=("gif", "if"))
     solver: str = setting("cg", "Iterative solver: conjugate gradients on the normal equations, or Richardson/LiSSA.",
                           choices=SOLVERS)
-    tol: float = setting(1e-4, "Stop when every query's relative residual is below this.")
-    max_iter: int = setting(400, "Iterations per solve (each costs 2 Hessian-vector products per query).")
+    tol: float = setting(1e-5, "Stop when every query's relative residual is below this.")
+    max_iter: int = setting(1000, "Iterations per solve (each costs 2 Hessian-vector products per query).")
     hvp_examples: int = setting(1024, "Training rows the Hessian is estimated on (≤ 0: all).")
     damping: float = setting(0.0, "λ added to H (0: none).")
     queries_per_solve: int = setting(16, "Queries solved together (one batched solve).")
@@ -117,12 +117,8 @@ class GIFAttribution(Attributor):
             masks = torch.stack([select_parameters(self.model, x[j:j + 1], y[j:j + 1], ratio=s.ratio, mode=s.selection,
                                                    objective="margin", seed=s.seed + j, device=self.device)
                                  for j in range(len(y))]).to(gq.device)
-        res = generalized_solve(self.op, gq, masks, variant=s.variant, method=s.solver, tol=s.tol,
-                                max_iter=s.max_iter, damping=s.damping)
-        w = res.x if res.x.ndim == 2 else res.x[None]
-        v = self.op(w if masks is None else w * masks)
-        if s.damping:
-            v = v + s.damping * w
+        v, res = adjoint_solve(self.op, gq, masks, method=s.solver, tol=s.tol, max_iter=s.max_iter,
+                               damping=s.damping)
         return v, res
 
     def scores(self, queries="test") -> np.ndarray:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -96,8 +96,8 @@ class EngineConfig:
     projection: str = "auto"
     adam_preconditioning: bool = True
     seed: int = 0
+    weight_decay_in_curvature: bool = True
     all_rows: bool = False  # EK-FAC: one objective over every training row, whatever the stages
-    extra: dict = field(default_factory=dict)
 
 
 def _stage_rows(project: Project) -> dict[str, np.ndarray]:
@@ -141,10 +141,37 @@ def plan_segments(project: Project, cfg: EngineConfig) -> list[Segment]:
         else:
             rows = np.unique(np.concatenate(parts))
         deltas = np.array([max(1, c.step - prev[c.key]) for c in g], dtype=np.float64)
-        lrs = np.array([c.lr for c in g])
-        segs.append(Segment(j, g, names, rows, int(deltas.sum()), float((lrs * deltas).sum() / deltas.sum()),
+        lr_sum = sum(_lr_sum(project, c, int(d), stage_rows) for c, d in zip(g, deltas))
+        segs.append(Segment(j, g, names, rows, int(deltas.sum()), float(lr_sum / deltas.sum()),
                             float(g[-1].momentum), g[-1].optimizer))
     return segs
+
+
+def _lr_sum(project: Project, ck: Checkpoint, steps: int, stage_rows: dict[str, np.ndarray]) -> float:
+    """Σ of the learning rates of the ``steps`` optimizer steps that end at ``ck``.
+
+    Recomputed from the recipe's schedule (engine.train.lr_at, as fit_model applies it) when the
+    checkpoint's stage is in the recipe; otherwise the checkpoint's recorded rate × steps.
+    """
+    import math
+
+    from ..train import lr_at
+
+    stage = next((s for s in project.recipe.resolved_stages() if s.name == ck.stage), None)
+    n_rows = len(stage_rows[ck.stage]) if ck.stage in stage_rows else None
+    if stage is None or n_rows is None or ck.optimizer not in ("sgd", "adam") or stage.lr_schedule == "constant":
+        return ck.lr * steps
+    total = math.ceil(n_rows / project.recipe.batch_size) * stage.epochs
+    end = ck.stage_steps
+    start = max(0, end - steps)
+    try:
+        rates = [lr_at(stage, k / total) for k in range(start, end)]
+    except Exception:  # an unknown schedule: fall back to the recorded rate
+        return ck.lr * steps
+    # the recorded rate of the checkpoint's last step must agree, else the recipe changed since training
+    if rates and abs(rates[-1] - ck.lr) > 1e-9 * max(1.0, abs(ck.lr)):
+        return ck.lr * steps
+    return float(sum(rates)) + ck.lr * max(0, steps - len(rates))
 
 
 class CurvatureInfluence(Attributor):
@@ -169,8 +196,9 @@ class CurvatureInfluence(Attributor):
         if not self.layers_template:
             raise ProponentError(f"{self.name}: the model has no nn.Linear or nn.Conv2d layer to fit curvature on")
         self.param_names = cv.covered_param_names(self.layers_template)
-        shapes = [dict(model0.named_parameters())[n].shape for n in self.param_names]
-        self.layout = cv.LayerLayout(self.layers_template, self.param_names, shapes)
+        comp0 = GradientComputer(model0, param_names=self.param_names, device="cpu")
+        self.param_names = comp0.names  # the order GradientComputer flattens in
+        self.layout = cv.LayerLayout(self.layers_template, comp0.names, comp0.shapes)
         n = len(project.train_dataset)
         p = self.layout.n
         k = cfg.proj_dim if cfg.proj_dim >= 0 else (default_projection_dim(p, n) or 0)
@@ -178,7 +206,7 @@ class CurvatureInfluence(Attributor):
         self.projector = make_projector(kind, p, k or None, seed=cfg.seed, model_id=0, device="cpu")
         self.factor_dir = project.state_dir / "factors"
         self.factor_dir.mkdir(exist_ok=True)
-        self.wd = float(project.recipe.weight_decay)
+        self.wd = float(project.recipe.weight_decay) if cfg.weight_decay_in_curvature else 0.0
         self.seg_state = []
         for seg in segs:
             self._check_cancel("fit")
@@ -417,6 +445,8 @@ class SourceSettings:
                               choices=("auto", "rademacher", "gaussian", "sjlt", "none"))
     adam_preconditioning: bool = setting(True, "For Adam runs with saved optimizer states: precondition with the "
                                                "segment's mean 1/(√v̂ + ε).")
+    weight_decay_in_curvature: bool = setting(True, "Add the recipe's weight decay to the curvature eigenvalues "
+                                                    "(the training objective's Hessian includes it).")
     seed: int = setting(0, "Seed of the Fisher label sampling and of the projection.")
 
 
@@ -434,7 +464,8 @@ class Source(CurvatureInfluence):
                             max_checkpoints_per_segment=s.max_checkpoints_per_segment, fast=s.fast, response=s.response,
                             damping=s.damping, fisher_samples=s.fisher_samples, fit_rows=s.fit_rows,
                             proj_dim=s.proj_dim, projection=s.projection,
-                            adam_preconditioning=s.adam_preconditioning, seed=s.seed)
+                            adam_preconditioning=s.adam_preconditioning, seed=s.seed,
+                            weight_decay_in_curvature=s.weight_decay_in_curvature)
 
     @classmethod
     def supports(cls, project):

@@ -6,7 +6,7 @@ from app import jobs
 from app import services as svc
 from app import ui
 
-st.title("⚙️ Attribute")
+st.title("Attribute")
 project = ui.get_project()
 methods = svc.methods_info(project)
 names = [m["name"] for m in methods]
@@ -50,6 +50,16 @@ except svc.ProponentError as e:
     st.error(str(e))
     st.stop()
 
+@st.cache_data(show_spinner="Calibrating…", max_entries=4)
+def _calibration(root: str, ck: str) -> float:
+    return svc.calibrate_gradients(ui._load_project(root, ui._stamp(root)))
+
+
+per_ex = _calibration(str(project.root), project.checkpoint_hash())
+est = svc.estimate_cost(project, name, settings, per_ex)
+st.caption(f"Cost estimate: per-example gradients alone take ≥ {est['seconds']:.1f}s ({est['passes']} pass(es) over "
+           f"{len(project.train_dataset) + len(project.test_dataset):,} examples at {est['per_example_ms']:.2f} ms each, "
+           "calibrated on 64 examples); the method's own solve, start-up and scoring come on top.")
 runs = {r["key"]: r for r in svc.list_runs(project)}
 prior = runs.get(key)
 same = [r for r in runs.values() if r["method"] == name and r["status"] == "done"]
@@ -58,7 +68,7 @@ if prior and prior["status"] == "done":
                "running it again reuses the cache.")
 elif same:
     est = sum((r["fit_s"] or 0) + (r["score_s"] or 0) for r in same) / len(same)
-    st.caption(f"Estimated cost: about {est:.0f}s (from {len(same)} earlier {name} run(s) on this project).")
+    st.caption(f"Earlier {name} runs on this project took {est:.0f}s on average ({len(same)} run(s)).")
 
 if st.button("Run", type="primary", key="run_button", disabled=bool(m["unsupported"])):
     jid = ui.start(project, "attribute", {"method": name, "settings": settings, "device": device})

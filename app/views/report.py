@@ -5,7 +5,7 @@ from app import report
 from app import services as svc
 from app import ui
 
-st.title("📄 Report")
+st.title("Report")
 project = ui.get_project()
 run = ui.pick_run(project)
 if run is None:
@@ -21,4 +21,7 @@ html = st.session_state.get("report_html")
 if html:
     st.download_button("Download report (HTML)", html, file_name=f"{project.name}-proponent-report.html",
                        mime="text/html", key="r_download")
-    st.caption(f"{len(html) / 1e6:.1f} MB, self-contained.")
+    st.caption(f"{len(html) / 1e6:.1f} MB, self-contained. Preview:")
+    import streamlit.components.v1 as components
+
+    components.html(html, height=900, scrolling=True)

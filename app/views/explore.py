@@ -7,7 +7,7 @@ import streamlit as st
 from app import services as svc
 from app import ui
 
-st.title("🔍 Explore: proponents and opponents")
+st.title("Explore: proponents and opponents")
 project = ui.get_project()
 root = str(project.root)
 run = ui.pick_run(project)
@@ -20,23 +20,26 @@ flags = svc.flag_state(ui.db(project), "train")
 self_inf = arr["self_scores"] if arr["self_scores"] is not None else np.zeros(S.shape[1])
 train_preds = ui.project_predictions(project, "train")
 
-# ---------------------------------------------------------------- query choice
-with st.expander("Choose a query", expanded=True):
-    f1, f2, f3 = st.columns([2, 1, 2])
+# ---------------------------------------------------------------- query choice and the query
+left, mid, right = st.columns([5, 2, 3])
+with left:
+    st.markdown("**Choose a query**")
+    f1, f2 = st.columns([3, 2])
     classes = f1.multiselect("True class", [str(c) for c in project.classes], key="f_classes")
-    correctness = f2.radio("Prediction", ["all", "correct", "wrong"], horizontal=True, key="f_correct")
-    conf = f3.slider("Confidence", 0.0, 1.0, (0.0, 1.0), 0.01, key="f_conf",
+    correctness = f2.selectbox("Prediction", ["all", "correct", "wrong"], key="f_correct")
+    conf = st.slider("Confidence", 0.0, 1.0, (0.0, 1.0), 0.01, key="f_conf",
                      help="The model's top class probability for the query.")
     table = svc.query_table(project, preds, classes=classes, correctness=correctness, conf_range=conf)
-    st.caption(f"{len(table)} of {S.shape[0]} test queries match. Click a row, or type an index below.")
     if project.data_format == "images" and len(table):
         table.insert(1, "image", ui.thumbs(root, "test", tuple(int(i) for i in table["test_index"])))
-    event = st.dataframe(table, hide_index=True, height=220, on_select="rerun", selection_mode="single-row",
+    event = st.dataframe(table, hide_index=True, height=230, on_select="rerun", selection_mode="single-row",
                          key="qtable",
-                         column_config={"image": st.column_config.ImageColumn("image", width="small"),
+                         column_config={"test_index": st.column_config.NumberColumn("test #"),
+                                        "image": st.column_config.ImageColumn("image", width="small"),
                                         "confidence": st.column_config.NumberColumn(format="%.3f"),
                                         "margin": st.column_config.NumberColumn(
                                             format="%.2f", help="Correct-class margin z_y − logsumexp of the others")})
+    st.caption(f"{len(table)} of {S.shape[0]} test queries match. Click a row, or type an index.")
     rows = event.selection.rows if event is not None and hasattr(event, "selection") else []
     if rows:
         picked = int(table.iloc[rows[0]]["test_index"])
@@ -49,29 +52,25 @@ with st.expander("Choose a query", expanded=True):
     q = int(st.number_input("Test query index", 0, S.shape[0] - 1, step=1, key="q"))
     st.query_params["q"] = str(q)
 
-k = st.slider("k (proponents and opponents shown)", 3, 16, 8, key="k")
-top = svc.topk(S[q], k)
-
-# ---------------------------------------------------------------- the query
-qc1, qc2, qc3 = st.columns([1, 1, 2])
-with qc1:
+with mid:
     st.markdown(f"**Query: test #{q}**")
-    ui.show_example(project, "test", q, size=160)
-with qc2:
+    ui.show_example(project, "test", q, size=144)
     lab, pr = int(preds["label"][q]), int(preds["pred"][q])
-    st.metric("True label", str(project.class_name(lab)))
-    st.metric("Prediction", str(project.class_name(pr)), delta="correct" if lab == pr else "wrong",
-              delta_color="normal" if lab == pr else "inverse")
+    st.markdown(f"True label **{project.class_name(lab)}** · predicted **{project.class_name(pr)}** "
+                + (":green[(correct)]" if lab == pr else ":red[(wrong)]"))
     st.metric("Margin", f"{preds['margin'][q]:.2f}", help="Correct-class margin z_y − logsumexp_{j≠y} z_j; "
               "what the scores explain. " + svc.SIGN_HELP)
-with qc3:
+with right:
     probs = preds["probs"][q]
     fig = go.Figure(go.Bar(x=[str(c) for c in project.classes], y=probs,
                            marker_color=["#d62728" if i == pr else "#1f77b4" for i in range(len(probs))],
                            hovertemplate="class %{x}<br>probability %{y:.3f}<extra></extra>"))
-    fig.update_layout(title="Class probabilities", xaxis_title="class", yaxis_title="probability", height=260,
-                      margin=dict(t=40, b=10), yaxis_range=[0, 1])
+    fig.update_layout(title="Class probabilities", xaxis_title="class", yaxis_title="probability", height=300,
+                      margin=dict(t=40, b=10), yaxis_range=[0, 1], xaxis_type="category")
     st.plotly_chart(fig, width="stretch")
+
+k = st.slider("k (proponents and opponents shown)", 3, 16, 8, key="k")
+top = svc.topk(S[q], k)
 
 
 # ---------------------------------------------------------------- cards
@@ -125,13 +124,16 @@ else:
 # ---------------------------------------------------------------- verify
 st.subheader("Verify by retraining")
 why = svc.verify_available(project)
-vk = st.number_input("Remove the top-k proponents, k =", 1, 100, min(k, 10), key="verify_k")
-if st.button("Verify", key="verify", disabled=why is not None, help=why or
-             "Retrain without the top-k proponents and compare the query's margin with k random removals."):
+v1, v2 = st.columns([3, 1])
+ks = v1.multiselect("Remove the top-k proponents for k in", [5, 10, 20, 40, 80], default=[5, 10, 20], key="verify_ks")
+trials = v2.number_input("Random removals per k", 0, 10, 3, key="verify_trials")
+if st.button("Verify", key="verify", disabled=why is not None or not ks,
+             help=why or "Retrain (2 seeds) without the top-k proponents and compare the query's margin with k random "
+                         "removals. Runs in the background."):
     import engine.evaluate.counterfactual as cf
 
-    kw = svc.verify_kwargs(cf.counterfactual_check, query=q, proponents=[int(i) for i in top["proponents"][:vk]],
-                           k=int(vk), method=run["method"], key=run["key"], scores_row=None)
+    kw = svc.verify_kwargs(cf.counterfactual_check, query=q, method=run["method"], settings=run.get("settings"),
+                           scores_row=S[q], k_values=sorted(ks), random_trials=int(trials))
     ui.start(project, "verify", {"kwargs": kw, "run": run["key"], "query": q})
 if why:
     st.caption(f"Verify is off: {why}.")
@@ -139,6 +141,20 @@ else:
     ui.job_panel(project, kinds=("verify",))
     j = ui.last_job(project, "verify", {"run": run["key"], "query": q})
     if j and j["status"] == "done":
-        st.json(j["result"], expanded=False)
+        res = j["result"]
+        vf = svc.verify_frame(res)
+        fig = go.Figure()
+        fig.add_trace(go.Scatter(x=vf["k"], y=vf["change (top-k removed)"], mode="lines+markers",
+                                 name="top-k proponents removed"))
+        fig.add_trace(go.Scatter(x=vf["k"], y=vf["change (k random, mean)"], mode="lines+markers", name="k random removed",
+                                 error_y=dict(type="data", array=vf["random std"].fillna(0))))
+        fig.add_hline(y=0, line_dash="dot")
+        fig.update_layout(title=f"Margin change of test #{q} after retraining (base margin {res['base_margin']:.2f})",
+                          xaxis_title="k (training examples removed)", yaxis_title="margin change (after − before)",
+                          height=320, margin=dict(t=40, b=10))
+        st.plotly_chart(fig, width="stretch")
+        st.caption("Proponents are confirmed when removing them lowers the margin more than random removals. "
+                   + (f"Removing the top-{res['flip_k']} flips the prediction." if res.get("flip_k") else ""))
+        st.dataframe(vf, hide_index=True)
     elif j and j["status"] == "failed":
-        st.error(j.get("message"))
+        st.error(f"Verify failed: {j.get('message')}")

@@ -5,7 +5,7 @@ import streamlit as st
 from app import services as svc
 from app import ui
 
-st.title("🗺️ Embeddings")
+st.title("Embeddings")
 project = ui.get_project()
 root = str(project.root)
 db = ui.db(project)
@@ -17,8 +17,11 @@ if "e_reducer" not in st.session_state:
     st.session_state["e_reducer"] = ready[0] if ready else "umap"
 reducer = c1.selectbox("Layout", ["umap", "pca"], key="e_reducer", help="UMAP (cached on disk) or a quick PCA.")
 colour = c2.selectbox("Colour by", ["label", "prediction", "flag", "self_influence"], key="e_colour")
-KINDS = {"influence": "Influence embedding (projected margin gradients, TRAK's features)",
-         "penultimate": "Penultimate-layer features (for contrast)"}
+KINDS = {"influence": "Influence embedding",
+         "penultimate": "Penultimate features"}
+st.caption("Left: projected margin gradients at the final checkpoint (TRAK's features), cosine geometry. "
+           "Right: the inputs of the model's last layer, for contrast. Hover a point for its index and label; "
+           "draw a lasso or box to select.")
 embs = {k: svc.cached_embedding(project, k, reducer) for k in KINDS}
 missing = [k for k, v in embs.items() if v is None]
 if missing:
@@ -51,8 +54,10 @@ for col, (kind, title) in zip(cols, KINDS.items()):
             continue
         df = svc.embedding_frame(project, emb, colour, flags=flags, run=run, preds=preds)
         n_total = int(emb["n_total"])
-        sub = f" — subsample of {len(df):,} of {n_total:,}" if len(df) < n_total else f" — {len(df):,} examples"
-        fig = px.scatter(df, x="x", y="y", color=colour, custom_data=["index", "label"],
+        sub = f" (subsample: {len(df):,} of {n_total:,})" if len(df) < n_total else f" ({len(df):,} examples)"
+        order = {c: sorted(df[c].unique(), key=lambda v: (len(str(v)), str(v))) for c in ("label", "prediction", "flag")
+                 if c in df}
+        fig = px.scatter(df, x="x", y="y", color=colour, custom_data=["index", "label"], category_orders=order,
                          color_continuous_scale="Viridis", title=title + sub,
                          render_mode="webgl" if len(df) > 5000 else "auto")
         fig.update_traces(marker=dict(size=5),

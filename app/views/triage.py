@@ -5,7 +5,7 @@ import streamlit as st
 from app import services as svc
 from app import ui
 
-st.title("🚩 Triage: mislabeled data")
+st.title("Triage: mislabeled data")
 project = ui.get_project()
 root = str(project.root)
 run = ui.pick_run(project)
@@ -54,8 +54,12 @@ st.caption(f"Most suspicious first ({run['method']} suspicion: high self-influen
 shown = view.copy()
 if project.data_format == "images" and len(shown):
     shown.insert(2, "image", ui.thumbs(root, "train", tuple(int(i) for i in shown["index"])))
+# the editor's key changes after every write and with the filters, so an edit is applied exactly once
+# and a stale edit can never land on another row or undo a later bulk action
+ver = st.session_state.setdefault("editor_v", 0)
+ekey = f"editor_{run['key']}_{ver}_" + svc.stable_hash([cls, state, top_n], 8)
 edited = st.data_editor(
-    shown, hide_index=True, key=f"editor_{run['key']}", height=360,
+    shown, hide_index=True, key=ekey, height=360,
     disabled=[c for c in shown.columns if c not in svc.EDITABLE],
     column_config={
         "image": st.column_config.ImageColumn("image", width="small"),
@@ -69,6 +73,7 @@ edited = st.data_editor(
     })
 n_changed = svc.apply_table_edits(db, shown, edited)
 if n_changed:
+    st.session_state["editor_v"] = ver + 1
     st.toast(f"saved {n_changed} change(s)")
     st.rerun()
 
@@ -96,11 +101,14 @@ if st.button(f"Apply to {len(targets)} example(s)", key="bulk_apply", disabled=n
             n += 1
     else:
         n = svc.bulk_update(db, "train", targets, note=note or None)
-    st.success(f"{action}: {n} example(s) updated")
+    st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
+    st.toast(f"{action}: {n} example(s) updated")
     st.rerun()
 
-counts = table["flag"].fillna("unflagged").value_counts().rename_axis("flag").reset_index(name="examples")
-fig = px.bar(counts, x="flag", y="examples", title="Flag counts (training set)")
+n_unflagged = int(table["flag"].isna().sum())
+counts = table["flag"].dropna().value_counts().rename_axis("flag").reset_index(name="examples")
+fig = px.bar(counts, x="flag", y="examples", color="flag",
+             title=f"Flags set so far ({len(table) - n_unflagged} flagged, {n_unflagged:,} not reviewed)")
 fig.update_layout(xaxis_title="flag state", yaxis_title="training examples (count)", height=260, margin=dict(t=40, b=10))
 st.plotly_chart(fig, width="stretch")
 

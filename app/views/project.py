@@ -9,7 +9,7 @@ import streamlit as st
 from app import services as svc
 from app import ui
 
-st.title("📁 Project")
+st.title("Project")
 
 with st.expander("Open a project", expanded=ui.project_root() is None):
     src = st.radio("Source", ["Sample project", "Folder on the server", "Upload a zip"], horizontal=True, key="src")
@@ -56,14 +56,17 @@ runs_now = svc.list_runs(project)
 s = _summary(str(project.root), project.checkpoint_hash(), len(runs_now))
 st.subheader(s["name"])
 st.caption(f"`{s['root']}`")
-c = st.columns(6)
+c = st.columns(4)
 c[0].metric("Data format", s["format"])
 c[1].metric("Classes", s["num_classes"])
-c[2].metric("Train / test", f"{s['n_train']:,} / {s['n_test']:,}")
-c[3].metric("Parameters", f"{s['parameters']:,}")
-c[4].metric("Test accuracy", "—" if s["test_accuracy"] is None else f"{s['test_accuracy']:.1%}",
+c[2].metric("Training examples", f"{s['n_train']:,}")
+c[3].metric("Test examples", f"{s['n_test']:,}")
+c = st.columns(4)
+c[0].metric("Parameters", f"{s['parameters']:,}")
+c[1].metric("Test accuracy", "—" if s["test_accuracy"] is None else f"{s['test_accuracy']:.1%}",
             help="Mean over the final checkpoint of each trained model.")
-c[5].metric("Checkpoints", f"{s['checkpoints']} ({s['models']} model{'s' if s['models'] != 1 else ''})")
+c[2].metric("Checkpoints", s["checkpoints"])
+c[3].metric("Trained models", s["models"])
 
 left, right = st.columns([3, 2])
 with left:
@@ -74,7 +77,7 @@ with left:
         for ci in range(project.num_classes):
             idx = [int(i) for i in (y == ci).nonzero()[0][:3]]
             with cols[ci % len(cols)]:
-                st.caption(f"class {project.class_name(ci)}")
+                st.caption(f"**{project.class_name(ci)}**")
                 for i in idx:
                     ui.show_example(project, "train", i, size=56)
     else:
@@ -93,6 +96,7 @@ if len(traj):
     fig = px.line(traj, x="step", y="lr", color=traj["model"].astype(str), markers=True,
                   hover_data=["epoch", "checkpoint", "stage"], title="Checkpoints along training")
     fig.update_layout(xaxis_title="optimizer step", yaxis_title="learning rate", legend_title="model", height=260,
+                      yaxis_rangemode="tozero",
                       margin=dict(t=40, b=10))
     st.plotly_chart(fig, width="stretch")
     with st.expander(f"{len(traj)} checkpoints"):

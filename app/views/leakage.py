@@ -6,7 +6,7 @@ from app import jobs
 from app import services as svc
 from app import ui
 
-st.title("💧 Leakage: train/test duplicates")
+st.title("Leakage: train/test duplicates")
 project = ui.get_project()
 root = str(project.root)
 run = ui.pick_run(project)

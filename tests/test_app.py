@@ -1,0 +1,425 @@
+"""The Streamlit app, headless (AppTest) on the digits sample, and its service layer directly
+(the selection and table-editing logic AppTest cannot click)."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import stat
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from app import jobs
+from app import services as svc
+from engine import Project
+from engine.errors import ProponentError
+from engine.store import StateDB
+
+MAIN = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
+FAST_TRAK = {"ensemble": "final"}  # one checkpoint: the same code path, a fraction of the time
+
+
+def _copy(src: Project, dest: Path) -> Project:
+    shutil.copytree(src.root, dest, ignore=shutil.ignore_patterns(".proponent"))
+    return Project.load(dest)
+
+
+@pytest.fixture(scope="module")
+def ran_project(digits_project, tmp_path_factory):
+    """A digits copy with one finished TRAK run, made through the job service (in-process)."""
+    p = _copy(digits_project, tmp_path_factory.mktemp("app") / "digits")
+    jid = jobs.start_job(p, "attribute", {"method": "trak", "settings": FAST_TRAK, "device": "auto"}, background=False)
+    j = jobs.get_job(p, jid)
+    assert j["status"] == "done", j
+    return p
+
+
+def _app(monkeypatch, project, page=None):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("PROPONENT_PROJECT", str(project.root))
+    monkeypatch.setenv("PROPONENT_SYNC_JOBS", "1")
+    at = AppTest.from_file(MAIN, default_timeout=180)
+    if page:
+        at.switch_page(f"views/{page}.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _labels(elems):
+    return [e.label for e in elems]
+
+
+# ------------------------------------------------------------------------------------- pages
+def test_every_page_opens(monkeypatch, ran_project):
+    at = _app(monkeypatch, ran_project)
+    assert "Test accuracy" in _labels(at.metric)
+    acc = float([m.value for m in at.metric if m.label == "Test accuracy"][0].rstrip("%"))
+    assert acc > 80
+    at = _app(monkeypatch, ran_project, "attribute")
+    assert "Run" in _labels(at.button)
+    assert any("Cached" in s.value for s in at.success) is False  # default settings: not the fast run
+    at = _app(monkeypatch, ran_project, "explore")
+    assert "Margin" in _labels(at.metric)
+    assert sum(1 for b in at.button if b.label == "Flag") == 16  # 8 proponent + 8 opponent cards
+    verify = [b for b in at.button if b.key == "verify"][0]
+    assert verify.disabled == (svc.verify_available(ran_project) is not None)
+    at = _app(monkeypatch, ran_project, "triage")
+    assert "Bulk actions" in [h.value for h in at.subheader]
+    at = _app(monkeypatch, ran_project, "leakage")
+    assert "Pairs the detector flags" in _labels(at.metric)
+    at = _app(monkeypatch, ran_project, "embeddings")
+    assert "Compute maps" in _labels(at.button)
+    at = _app(monkeypatch, ran_project, "report")
+    assert "Build the report" in _labels(at.button)
+
+
+def test_main_flow(monkeypatch, digits_project, tmp_path):
+    """Run a method from the Attribute page, pick a query, flag a proponent, bulk-flag, export."""
+    p = _copy(digits_project, tmp_path / "digits")
+    at = _app(monkeypatch, p, "attribute")
+    at.selectbox(key="set_trak_ensemble").set_value("final")
+    at.button(key="run_button").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("finished" in s.value for s in at.success), [s.value for s in at.success]
+    runs = svc.done_runs(p)
+    assert [r["method"] for r in runs] == ["trak"]
+
+    at.switch_page("views/explore.py").run()
+    assert not at.exception
+    at.number_input(key="q").set_value(7).run()
+    assert any(m.value == "**Query: test #7**" for m in at.markdown)
+    S = svc.load_run(p, runs[0]["key"])["scores"]
+    top = svc.topk(S[7], 8)["proponents"]
+    first = int(top[0])
+    at.button(key=f"pro_flag_{first}").click().run()
+    assert not at.exception
+    # written at once; a new StateDB (another tab, a restarted server) sees it, with an audit entry
+    fresh = StateDB(p.root / ".proponent" / "state.db")
+    assert fresh.flags("train")[str(first)]["flag"] == "mislabeled"
+    assert any(a["item"] == str(first) and a["new"] == "mislabeled" for a in fresh.audit())
+    assert at.button(key=f"pro_flag_{first}").label == "Unflag"
+    card = [c.value for c in at.caption if c.value.startswith(f"#{first} ·")][0]
+    assert "mislabeled" in card
+
+    # Verify: retrain without the top-10 proponents (2 seeds) against one random removal
+    assert svc.verify_available(p) is None
+    at.multiselect(key="verify_ks").set_value([10])
+    at.number_input(key="verify_trials").set_value(1)
+    at.run()
+    at.button(key="verify").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    vj = [j for j in jobs.list_jobs(p) if j["kind"] == "verify"][0]
+    assert vj["status"] == "done", vj
+    res = vj["result"]
+    assert res["query"] == 7 and [r["k"] for r in res["rows"]] == [10]
+    assert res["rows"][0]["removed"] == [int(i) for i in np.argsort(-S[7], kind="mergesort")[:10]]
+    assert any("Margin change of test #7" in str(c.proto) for c in at.get("plotly_chart"))
+
+    at.switch_page("views/triage.py").run()
+    assert not at.exception
+    ranked = svc.triage_table(p, runs[0]["key"], "trak")
+    pick = [int(i) for i in ranked["index"][:3]]
+    at.multiselect(key="bulk_sel").set_value(pick)
+    at.selectbox(key="bulk_action").set_value("flag ambiguous")
+    at.run()
+    at.button(key="bulk_apply").click().run()
+    assert not at.exception
+    flags = fresh.flags("train")
+    assert all(flags[str(i)]["flag"] == "ambiguous" for i in pick)
+    csv_text = svc.export_flags_csv(p, fresh)
+    df = pd.read_csv(io.StringIO(csv_text))
+    assert set(df["item"].astype(int)) >= set(pick) | {first}
+    at.button(key="clean").click().run()
+    assert not at.exception
+    out = at.session_state["cleaned"]
+    removed = sum(1 for r in fresh.flags("train").values() if r["flag"] in ("mislabeled", "leak"))
+    assert out["n_train"] == len(p.train_dataset) - removed
+
+    at.switch_page("views/report.py").run()
+    at.button(key="r_build").click().run()
+    assert not at.exception
+    html = at.session_state["report_html"]
+    assert "data:image/png;base64," in html and "plotly" in html.lower()
+
+
+# ------------------------------------------------------------------------------------- flags
+def test_flags_survive_restart_and_two_writers(tmp_path):
+    path = tmp_path / "state.db"
+    a, b = StateDB(path), StateDB(path)  # two tabs / two server processes
+    svc.toggle_flag(a, "train", 3)
+    svc.bulk_update(b, "train", [4, 5], flag="ok")
+    b.set_flag("train", 3, note="looks like a 5")
+    assert a.flags("train")["3"] == {**a.flags("train")["3"], "flag": "mislabeled", "note": "looks like a 5"}
+    assert a.flags("train")["4"]["flag"] == "ok"
+
+    errors = []
+
+    def writer(db, items, flag):
+        try:
+            for i in items:
+                db.set_flag("train", i, flag=flag)
+        except Exception as e:  # pragma: no cover - the assertion below reports it
+            errors.append(e)
+
+    t1 = threading.Thread(target=writer, args=(StateDB(path), range(100, 140), "mislabeled"))
+    t2 = threading.Thread(target=writer, args=(StateDB(path), range(140, 180), "ambiguous"))
+    t1.start(), t2.start(), t1.join(), t2.join()
+    assert not errors
+    restarted = StateDB(path)  # server restart
+    f = restarted.flags("train")
+    assert all(f[str(i)]["flag"] == "mislabeled" for i in range(100, 140))
+    assert all(f[str(i)]["flag"] == "ambiguous" for i in range(140, 180))
+    assert svc.toggle_flag(restarted, "train", 3) is None  # one click again clears it
+    assert restarted.flags("train")["3"]["flag"] is None
+    with pytest.raises(ProponentError):
+        svc.bulk_update(restarted, "train", [1], flag="bogus")
+
+
+def test_selection_to_flags(tmp_path):
+    event = {"selection": {"points": [{"customdata": [12, "3"]}, {"customdata": [7, "1"]}, {"customdata": [12, "3"]},
+                                      {"x": 1.0}], "box": [], "lasso": []}}
+    assert svc.selection_indices(event) == [12, 7]
+
+    class Obj:  # the attribute form Streamlit returns
+        selection = {"points": [{"customdata": [5]}]}
+
+    assert svc.selection_indices(Obj()) == [5]
+    assert svc.selection_indices(None) == [] and svc.selection_indices({"selection": {"points": []}}) == []
+    db = StateDB(tmp_path / "s.db")
+    assert svc.bulk_update(db, "train", svc.selection_indices(event), flag="leak") == 2
+    assert {k: v["flag"] for k, v in db.flags("train").items()} == {"12": "leak", "7": "leak"}
+
+
+def test_table_edits_write_only_changes(tmp_path):
+    db = StateDB(tmp_path / "s.db")
+    db.set_flag("train", 3, flag="ok")  # the table shows what the database holds
+    before = pd.DataFrame({"index": [1, 2, 3], "label": ["a", "b", "c"], "flag": [None, None, "ok"],
+                           "relabel": [None, None, None], "note": [None, None, None]})
+    after = before.copy()
+    after.loc[0, "flag"] = "mislabeled"
+    after.loc[1, "relabel"] = "7"
+    after.loc[2, "flag"] = None
+    assert svc.apply_table_edits(db, before, after) == 3
+    f = db.flags("train")
+    assert f["1"]["flag"] == "mislabeled" and f["2"]["relabel"] == "7" and f["3"]["flag"] is None
+    assert svc.apply_table_edits(db, after, after.copy()) == 0
+    n_audit = len(db.audit())
+    assert n_audit == 1 + 3
+    bad = after.copy()
+    bad.loc[0, "flag"] = "nonsense"
+    with pytest.raises(ProponentError):
+        svc.apply_table_edits(db, after, bad)
+
+
+# ------------------------------------------------------------------------------------- uploads
+def _zip(entries: dict[str, bytes], links: tuple = ()) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+        for name in links:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, "/etc/passwd")
+    return buf.getvalue()
+
+
+def test_zip_upload_checks(tmp_path, digits_project):
+    dest = tmp_path / "uploads"
+    for bad in ({"proj/project.toml": b"", "../evil.txt": b"x"}, {"proj/project.toml": b"", "/abs/evil.txt": b"x"},
+                {"proj/project.toml": b"", "proj/../../evil.txt": b"x"}, {"C:/evil.txt": b"x", "project.toml": b""}):
+        with pytest.raises(ProponentError, match="outside|traversal"):
+            svc.extract_upload(_zip(bad), dest)
+    with pytest.raises(ProponentError, match="link"):
+        svc.extract_upload(_zip({"p/project.toml": b""}, links=("p/data",)), dest)
+    with pytest.raises(ProponentError, match="MiB"):
+        svc.extract_upload(_zip({"p/project.toml": b"", "p/big.bin": b"0" * 5000}), dest, max_bytes=4000)
+    with pytest.raises(ProponentError, match="project.toml"):
+        svc.extract_upload(_zip({"p/readme.txt": b"hi"}), dest)
+    with pytest.raises(ProponentError, match="not a zip"):
+        svc.extract_upload(b"not a zip", dest)
+    assert not (tmp_path / "evil.txt").exists() and not Path("/abs/evil.txt").exists()
+    # a real project archive (data + model + checkpoints) unpacks and validates
+    src = digits_project.root
+    entries = {f"digits/{f.relative_to(src)}": f.read_bytes() for f in src.rglob("*")
+               if f.is_file() and ".proponent" not in f.parts}
+    folder = svc.extract_upload(_zip(entries), dest)
+    p = svc.open_project(folder)
+    assert len(p.train_dataset) == len(digits_project.train_dataset) and p.checkpoints
+
+
+def test_invalid_folder_names_file_and_row(tmp_path, digits_project):
+    p = _copy(digits_project, tmp_path / "bad")
+    csv = p.root / "data" / "train.csv"
+    lines = csv.read_text().splitlines()
+    lines[4] = "images/missing.png,3"
+    csv.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ProponentError) as e:
+        svc.open_project(p.root)
+    assert "train.csv" in str(e.value) and "row 3" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------- jobs
+def test_background_job_progress_cancel_and_reload(digits_project, tmp_path):
+    p = _copy(digits_project, tmp_path / "digits")
+    # 15 ensemble members: long enough to be caught running (each member checks the cancel flag)
+    params = {"method": "trak", "settings": {"ensemble": "checkpoints", "max_models": 15}, "device": "cpu"}
+    jid = jobs.start_job(p, "attribute", params)  # a separate worker process
+    assert jobs.start_job(p, "attribute", params) == jid  # the same request joins the running job
+    t0 = time.time()
+    while time.time() - t0 < 90:
+        j = jobs.refresh(p, jid)
+        if j["status"] == "running" and (j.get("total") or 0) > 0:
+            # a reloaded page (a new session) finds the job through the database
+            assert [a["id"] for a in jobs.active_jobs(p.root)] == [jid]
+            jobs.cancel_job(p, jid)
+            break
+        assert j["status"] in jobs.ACTIVE, j
+        time.sleep(0.05)
+    assert j["stage"] and j["total"] == len(p.train_dataset)
+    j = jobs.wait(p, jid, timeout=120)
+    assert j["status"] == "cancelled", j
+    assert jobs.active_jobs(p) == []
+    # a finished job records its result and the run is listed as cached
+    jid2 = jobs.start_job(p, "attribute", {"method": "knn", "settings": {}, "device": "cpu"})
+    j2 = jobs.wait(p, jid2, timeout=120)
+    assert j2["status"] == "done", j2
+    assert j2["result"]["key"] in [r["key"] for r in svc.done_runs(p)]
+    assert j2["done"] == j2["total"] or j2["stage"] == "done"
+
+
+def test_failed_job_reports_one_line(digits_project, tmp_path):
+    p = _copy(digits_project, tmp_path / "digits")
+    jid = jobs.start_job(p, "attribute", {"method": "no-such-method", "settings": {}}, background=False)
+    j = jobs.get_job(p, jid)
+    assert j["status"] == "failed" and "unknown method" in j["message"] and "\n" not in j["message"]
+
+
+# ------------------------------------------------------------------------------------- services
+def test_query_filters_topk_and_compare(ran_project):
+    preds = svc.predictions(ran_project)
+    wrong = svc.query_table(ran_project, preds, correctness="wrong")
+    assert len(wrong) and (wrong["label"] != wrong["prediction"]).all()
+    assert len(wrong) == int((preds["pred"] != preds["label"]).sum())
+    sure = svc.query_table(ran_project, preds, classes=["3"], conf_range=(0.9, 1.0))
+    assert (sure["label"] == "3").all() and (sure["confidence"] >= 0.9).all()
+    row = np.array([0.5, -2.0, 3.0, 0.0, -1.0])
+    t = svc.topk(row, 2)
+    assert list(t["proponents"]) == [2, 0] and list(t["opponents"]) == [1, 4]
+    assert svc.compare_rows(row, row * 2, 2) == {"overlap": 1.0, "overlap_count": 2, "spearman": pytest.approx(1.0)}
+    c = svc.compare_rows(row, -row, 2)
+    assert c["overlap_count"] == 0 and c["spearman"] == pytest.approx(-1.0)
+
+
+def test_images_are_crisp_nearest_neighbour(ran_project):
+    from PIL import Image
+
+    png = svc.image_png(ran_project, "train", 0, size=80)
+    img = np.asarray(Image.open(io.BytesIO(png)))
+    assert img.shape[:2] == (80, 80)
+    blocks = img.reshape(8, 10, 8, 10)  # every 10×10 block is one flat source pixel
+    assert (blocks == blocks[:, :1, :, :1]).all()
+
+
+def test_truth_found_and_cleaned_copy(ran_project, tmp_path):
+    p = _copy(ran_project, tmp_path / "digits")
+    db = svc.db_for(p)
+    t = svc.truth(p)
+    flipped = [f["train_index"] for f in t["flipped"]]
+    db.set_flag("train", flipped[0], flag="mislabeled")
+    db.set_flag("train", flipped[1], relabel=str(t["flipped"][1]["true_label"]))
+    clean_i = next(i for i in range(len(p.train_dataset)) if i not in set(flipped))
+    db.set_flag("train", clean_i, flag="mislabeled")
+    leak = t["leaks"][0]
+    db.set_flag("pair", f"{leak['test_index']}:{leak['train_index']}", flag="leak")
+    found = svc.truth_found(p, db)
+    assert found["mislabeled_found"] == 2 and found["mislabeled_false"] == 1 and found["leaks_found"] == 1
+    assert found["mislabeled_planted"] == len(flipped)
+    out = svc.export_cleaned(p, db, tmp_path / "cleaned")
+    q = Project.load(out["folder"])
+    assert len(q.train_dataset) == len(p.train_dataset) - 2 == out["n_train"]
+    assert out["relabelled"] == 1
+    # the relabelled row now carries its true label (rows before it shifted by the removed ones)
+    i = flipped[1]
+    shift = sum(1 for r in (flipped[0], clean_i) if r < i)
+    assert q.class_name(int(q.train_dataset.y[i - shift])) == t["flipped"][1]["true_label"]
+    js = json.loads(svc.export_flags_json(p, db))
+    assert {f["split"] for f in js["flags"]} == {"train", "pair"}
+
+
+def test_leak_pairs_quick_check(ran_project):
+    key = svc.done_runs(ran_project)[0]["key"]
+    res = svc.leak_pairs(ran_project, key)
+    cos = [x["cosine"] for x in res["pairs"]]
+    assert cos == sorted(cos, reverse=True)
+    assert all(x["flagged"] == (x["cosine"] >= res["threshold"]) for x in res["pairs"])
+    S = svc.load_run(ran_project, key)["scores"]
+    x_tr = ran_project.train_dataset.x.flatten(1).numpy()
+    x_te = ran_project.test_dataset.x.flatten(1).numpy()
+    for x in res["pairs"][:10]:
+        t, i = x["test_index"], x["train_index"]
+        assert (S[t] > S[t, i]).sum() < svc.QUICK_LEAK_TOP  # among the query's top proponents
+        c = x_te[t] @ x_tr[i] / np.linalg.norm(x_te[t]) / np.linalg.norm(x_tr[i])
+        assert c == pytest.approx(x["cosine"], abs=1e-5)
+    # the planted exact copies whose copy is among the top proponents are found and flagged
+    exact = [(l["test_index"], l["train_index"]) for l in svc.truth(ran_project)["leaks"] if l["kind"] == "exact"]
+    found = {(x["test_index"], x["train_index"]) for x in res["pairs"] if x["flagged"]}
+    reachable = [e for e in exact if (S[e[0]] > S[e[0], e[1]]).sum() < svc.QUICK_LEAK_TOP]
+    assert reachable and set(reachable) <= found
+
+
+def test_embedding_cached_and_subsampled(ran_project, tmp_path):
+    p = _copy(ran_project, tmp_path / "digits")
+    calls = []
+    e = svc.compute_embedding(p, "influence", "pca", max_points=300, progress=lambda *a: calls.append(a))
+    assert e["xy"].shape == (300, 2) and int(e["n_total"]) == len(p.train_dataset) and calls
+    assert svc.embedding_path(p, "influence", "pca").is_file()
+    again = svc.compute_embedding(p, "influence", "pca", max_points=300, progress=lambda *a: calls.append("again"))
+    assert "again" not in calls and np.array_equal(again["xy"], e["xy"])
+    pen = svc.compute_embedding(p, "penultimate", "pca")
+    assert pen["xy"].shape == (len(p.train_dataset), 2)
+    df = svc.embedding_frame(p, e, "label", flags={int(e["index"][0]): {"flag": "ok"}})
+    assert list(df["index"]) == list(e["index"]) and df["flag"].iloc[0] == "ok"
+
+
+def test_report_is_self_contained(ran_project, tmp_path):
+    from app.report import build_report
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "x.json").write_text(json.dumps({"title": "Demo bench", "date": "2026-01-01", "machine": "m", "command": "c",
+                                              "tables": [{"title": "T", "columns": ["method", "LDS"],
+                                                          "rows": [["trak", 0.31]], "notes": ""}], "notes": ""}))
+    key = svc.done_runs(ran_project)[0]["key"]
+    html = build_report(ran_project, key, method="trak", n_queries=2, bench_dir=bench)
+    assert html.count("data:image/png;base64,") >= 16
+    assert "Demo bench" in html and "0.31" in html
+    assert "<script src=" not in html.replace("<script src=\"data:", "")  # no external script
+    assert "Plotly" in html and svc.SIGN_HELP.split(":")[0] in html
+
+
+def test_verify_kwargs_match_signature():
+    def check(project, query, method=None, *, scores_row=None, k_values=(5,), progress=None):
+        return None
+
+    kw = svc.verify_kwargs(check, query=4, method="trak", settings={}, scores_row=np.array([0.5, -1.0]), k_values=(5, 10))
+    assert kw == {"query": 4, "method": "trak", "scores_row": [0.5, -1.0], "k_values": [5, 10]}
+    json.dumps(kw)  # travels through the jobs table
+
+
+def test_cost_estimate_counts_passes(ran_project):
+    assert svc.gradient_passes(ran_project, "trak", {"ensemble": "final"}) == 1
+    assert svc.gradient_passes(ran_project, "trak", {"ensemble": "checkpoints", "max_models": 3}) == 3
+    per = svc.calibrate_gradients(ran_project)
+    assert 0 < per < 1
+    est = svc.estimate_cost(ran_project, "trak", {"ensemble": "checkpoints", "max_models": 3}, per)
+    n = len(ran_project.train_dataset) + len(ran_project.test_dataset)
+    assert est["seconds"] == pytest.approx(3 * n * per)
