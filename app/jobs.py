@@ -24,7 +24,7 @@ from engine.store import StateDB
 
 REPO = Path(__file__).resolve().parents[1]
 ACTIVE = ("queued", "running", "cancelling")
-KINDS = ("attribute", "embedding", "verify", "whatif", "leaks")
+KINDS = ("attribute", "embedding", "verify", "whatif", "leaks", "query")
 
 
 def _db(root: str | Path) -> StateDB:
@@ -241,6 +241,10 @@ def _dispatch(project, kind: str, params: dict, rep: JobReporter) -> dict:
             kw["progress"] = rep
         out = mod.counterfactual_check(project, **kw)
         return _plain(out)
+    if kind == "query":
+        return svc.score_uploaded_query(project, params["qid"], params["method"], params.get("settings") or {},
+                                        params["run"], int(params["label"]), device=params.get("device", "auto"),
+                                        progress=rep, cancel=rep.cancel)
     if kind == "leaks":
         mod = svc.optional_module("engine.leaks")
         if mod is None:

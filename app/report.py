@@ -73,7 +73,7 @@ def build_report(project, key: str, *, method: str = "", n_queries: int = 4, k: 
 
     def chart(fig) -> str:
         first = not charts
-        fig.update_layout(height=320, margin=dict(t=50, b=40))
+        fig.update_layout(height=320, margin=dict(t=50, b=40), template="plotly_white")
         s = fig.to_html(full_html=False, include_plotlyjs=True if first else False, config={"displaylogo": False})
         charts.append(s)
         return s

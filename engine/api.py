@@ -16,7 +16,8 @@ from .store import StateDB, atomic_save_npy, atomic_write_json, load_npy, stable
 
 def run_key(project: Project, method: str, settings) -> str:
     """A run is its method, its settings and the hash of the data and checkpoints."""
-    return f"{method}-" + stable_hash({"method": method, "settings": settings_dict(settings),
+    version = get_method(method).version
+    return f"{method}-" + stable_hash({"method": method, "version": version, "settings": settings_dict(settings),
                                        "checkpoints": project.checkpoint_hash(), "data": project.data_hash()}, 12)
 
 

@@ -103,7 +103,8 @@ def cmd_leaks(a) -> int:
     from .leaks import detect_leaks
 
     p = _project(a.project)
-    out = detect_leaks(p, a.method, _settings(a.set), device=a.device, progress=_progress())
+    kw = {k: v for k, v in (("fpr", a.fpr), ("threshold", a.threshold)) if v is not None}
+    out = detect_leaks(p, a.method, _settings(a.set), device=a.device, progress=_progress(), **kw)
     if a.json:
         json.dump(out, sys.stdout)
         sys.stdout.write("\n")
@@ -208,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("leaks", help="suspected train/test duplicates, with a calibrated flag")
     common(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--fpr", type=float, help="false-positive rate the flag threshold holds on clean queries")
+    p.add_argument("--threshold", type=float, help="explicit flag threshold (overrides --fpr)")
     p.set_defaults(func=cmd_leaks)
 
     p = sub.add_parser("info", help="describe a project, or list methods and their settings")

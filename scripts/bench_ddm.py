@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from engine import Project  # noqa: E402
 from engine.evaluate.groundtruth import retrain_margins  # noqa: E402
 from engine.evaluate.metrics import pearson, spearman  # noqa: E402
-from engine.methods.base import get_method, list_methods  # noqa: E402
+from engine.methods.base import get_method  # noqa: E402
 from engine.methods.ddm import DDM, DDMSettings  # noqa: E402
 from engine.samples import prepare_sample  # noqa: E402
 from engine.store import atomic_write_json  # noqa: E402

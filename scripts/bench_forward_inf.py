@@ -133,9 +133,11 @@ def cost_table(p: Project, root: Path) -> dict:
             t0 = time.perf_counter()
             att = cls(cls.Settings(**settings), device="cpu").fit(q)
             fit_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            att.scores("test")
-            score_s = time.perf_counter() - t0
+            score_s = float("inf")
+            for _ in range(2):  # the machine is shared: keep the faster of two runs
+                t0 = time.perf_counter()
+                att.scores("test")
+                score_s = min(score_s, time.perf_counter() - t0)
             t0 = time.perf_counter()
             att.self_scores()
             self_s = time.perf_counter() - t0
@@ -145,7 +147,7 @@ def cost_table(p: Project, root: Path) -> dict:
     return {"title": "Cost against the training-set size (digits train set tiled 1×, 2×, 4×; 360 test queries)",
             "columns": ["method", "n_train", "fit s", "score ms / query", "self-scores s (all train)"],
             "rows": rows,
-            "notes": "CPU, one torch thread, machine shared with other jobs (timings are noisy). Forward-INF's fit is the "
+            "notes": "CPU, one torch thread, machine shared with other jobs (timings are noisy; scoring is the faster of two runs). Forward-INF's fit is the "
                      "training losses at θ (no features); per query it takes `steps` vmapped backward passes on the "
                      "query plus one forward pass over the training set under its own parameters, so scoring grows "
                      "linearly with n_train. TRAK pays featurization (per-example gradients) in the fit and a k-dim dot "

@@ -149,7 +149,8 @@ def test_user_flow(app_server, tmp_path):
             page.get_by_text("Query: test #5").wait_for(timeout=30_000)
             page.locator(f"[data-testid='stCaptionContainer']:has-text('#{first_id} · score'):has-text('mislabeled')"
                          ).first.wait_for(timeout=30_000)
-            assert page.locator("button:has-text('Unflag')").count() >= 1
+            page.locator("button:has-text('Unflag')").first.wait_for(timeout=30_000)
+            wait_idle(page)
 
             # page change once results are cached
             t0 = time.perf_counter()

@@ -236,3 +236,24 @@ def test_counterfactual_top_proponents_beat_random_on_convex_model(tab_project):
         counterfactual_check(p, len(p.test_dataset), scores_row=s)
     with pytest.raises(ProponentError):
         counterfactual_check(p, q, scores_row=s[:-1])
+
+
+def test_exact_influence_scores_high_on_real_retraining(tab_project):
+    """The harness end to end on a convex model: exact influence must predict real retraining (LOO r ≈ 1,
+    LDS high) and its sign-flipped scores must score negative; random scores score ≈ 0."""
+    from engine import attribute
+    from engine.train import record_training
+
+    p = tab_project
+    record_training(p)
+    S = attribute(p, method="exact-if", queries="test")
+    n = len(p.train_dataset)
+    subsets = gt.random_subsets(n, 20, 0.5, seed=0)
+    margins = gt.retrain_margins(p, subsets=subsets, seeds=[0], processes=1)
+    good = lds(S, subsets, margins)["lds"]
+    assert good > 0.8
+    assert lds(-S, subsets, margins)["lds"] == pytest.approx(-good)
+    assert abs(lds(np.random.default_rng(0).normal(size=S.shape), subsets, margins)["lds"]) < 0.3
+    idx = np.arange(0, n, 4)
+    _, eff = gt.loo_effects(p, idx, [0], processes=1)
+    assert loo_correlation(S, idx, eff)["loo"] > 0.95

@@ -185,3 +185,42 @@ def test_noisy_sample_flips_labels(tmp_path):
     given = p.train_df["label"].to_numpy()
     assert all(given[f["train_index"]] == f["given_label"] != f["true_label"] for f in truth["flipped"])
     assert p.recipe.epochs == 3
+
+
+CONV_MODEL = '''
+from torch import nn
+def build(input_shape, num_classes):
+    return nn.Sequential(nn.Unflatten(1, (1, 3, 3)), nn.Conv2d(1, 2, 2), nn.Tanh(), nn.Flatten(),
+                         nn.LayerNorm(8), nn.Linear(8, num_classes))
+'''
+
+
+def test_ekfac_on_conv_model_equals_block_diagonal_formula(tmp_path):
+    """Conv2d + Linear (+ a LayerNorm that is left out and reported): the engine's scores equal
+    −(1/N) ∇f_qᵀ blockdiag(Q_l diag(σ_l + λ_l) Q_lᵀ)⁻¹ ∇ℓ_i over the covered parameters."""
+    from engine.grads import GradientComputer
+
+    root = write_tabular_project(tmp_path / "conv", n_train=50, n_test=10, d=9, model=CONV_MODEL,
+                                 training=GD.replace("epochs = 30", "epochs = 5"))
+    p = Project.load(root)
+    record_training(p)
+    ek = EKFAC().fit(p)
+    assert ek.meta["layers"] == ["1", "5"]
+    assert set(ek.meta["left_out"]) == {"4.weight", "4.bias"}
+    st = ek.seg_state[0]
+    comp = GradientComputer(p.load_model(), param_names=ek.param_names)
+
+    def vec(flat):
+        return torch.cat([m.transpose(1, 2).reshape(len(flat), -1) for m in ek.layout.to_layers(flat.double())], 1)
+
+    blocks = []
+    for QA, QS, sig, lam in zip(st["QA"], st["QS"], st["sigma"], st["damping"]):
+        Q = torch.kron(QA, QS)
+        blocks.append(Q @ torch.diag(sig.T.reshape(-1) + lam) @ Q.T)
+    H = torch.block_diag(*blocks)
+    gq = vec(comp.full(p.test_dataset.x, p.test_dataset.y, "margin"))
+    gl = vec(comp.full(p.train_dataset.x, p.train_dataset.y, "loss"))
+    expect = -(gq @ torch.linalg.solve(H, gl.T)) / len(gl)
+    np.testing.assert_allclose(ek.scores("test"), expect.numpy(), rtol=1e-5, atol=1e-9)
+    src = Source().fit(p)  # the unrolled path runs on the same layers
+    assert src.scores("test").shape == (10, 50) and np.isfinite(src.self_scores()).all()

@@ -85,7 +85,8 @@ ui.job_panel(project, kinds=("attribute",))
 recent = [j for j in jobs.list_jobs(project, 10) if j["kind"] == "attribute" and j["status"] not in jobs.ACTIVE][:5]
 for j in recent:
     p = j.get("params") or {}
-    icon = {"done": "✅", "failed": "❌", "cancelled": "⏹"}.get(j["status"], "•")
+    icon = {"done": ":green[:material/check_circle:]", "failed": ":red[:material/error:]",
+            "cancelled": ":gray[:material/stop_circle:]"}.get(j["status"], "•")
     st.caption(f"{icon} {p.get('method')} — {j['status']}" + (f": {j['message']}" if j.get("message") else ""))
 
 st.subheader("Cached runs")
@@ -93,7 +94,8 @@ done = svc.done_runs(project)
 if done:
     st.dataframe(pd.DataFrame([{"method": r["method"], "fit (s)": r["fit_s"], "score (s)": r["score_s"],
                                 "peak MB": r["peak_mb"], "device": r["device"], "settings": str(r["settings"]),
-                                "run": r["key"]} for r in done]), hide_index=True)
+                                "run": r["key"]} for r in done]), hide_index=True,
+                 column_config={c: st.column_config.NumberColumn(format="%.1f") for c in ("fit (s)", "score (s)", "peak MB")})
     if len(done) >= 2:
         st.caption("Several methods have run: Explore can show two side by side with their agreement.")
 else:

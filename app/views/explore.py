@@ -106,6 +106,50 @@ fig.update_layout(title=f"Scores of the top-{k} proponents and opponents ({run['
                   margin=dict(t=40, b=10))
 st.plotly_chart(fig, width="stretch")
 
+# ---------------------------------------------------------------- an uploaded input
+with st.expander("Or upload a new input as the query"):
+    kind = "an image" if project.data_format == "images" else "a one-row CSV with the feature columns"
+    up = st.file_uploader(f"Upload {kind}", type=["png", "jpg", "jpeg", "bmp"] if project.data_format == "images"
+                          else ["csv"], key="q_upload")
+    if up is not None:
+        try:
+            xq = svc.query_from_upload(project, up.getvalue(), up.name)
+        except svc.ProponentError as e:
+            st.error(str(e))
+            xq = None
+        if xq is not None:
+            qid = svc.save_query(project, xq)
+            pq = svc.uploaded_prediction(project, xq)
+            u1, u2 = st.columns([1, 3])
+            with u1:
+                if project.data_format == "images":
+                    st.image(svc.array_png(xq[0], 144), caption="uploaded (as the model sees it)", width=144)
+                st.markdown(f"Predicted **{project.class_name(pq['pred'])}** ({pq['probs'].max():.1%})")
+            with u2:
+                names = [str(c) for c in project.classes]
+                lab = st.selectbox("Explain the margin of class", list(range(len(names))), index=pq["pred"],
+                                   format_func=lambda c: names[c], key="q_upload_label",
+                                   help="Scores explain this class's margin (default: the predicted class).")
+                path = svc.query_scores_path(project, qid, run["key"], lab)
+                if not path.is_file():
+                    if st.button("Attribute this input", key="q_upload_run",
+                                 help="Runs in the background; reuses the cached features of this run."):
+                        ui.start(project, "query", {"qid": qid, "method": run["method"], "run": run["key"],
+                                                    "settings": run.get("settings") or {}, "label": int(lab)})
+                        st.rerun()
+                    ui.job_panel(project, kinds=("query",))
+                    jq = ui.last_job(project, "query", {"qid": qid})
+                    if jq and jq["status"] == "failed":
+                        st.error(f"Failed: {jq.get('message')}")
+            if path.is_file():
+                row = svc.load_npy(path, mmap=False)
+                tu = svc.topk(row, k)
+                st.markdown(f"**Top-{k} proponents of the uploaded input** (margin of class {names[lab]}: "
+                            f"{pq['margins'][lab]:.2f})", help=svc.SIGN_HELP)
+                cards(tu["proponents"], tu["proponent_scores"], "upro", prefix="up_")
+                st.markdown(f"**Top-{k} opponents of the uploaded input**", help=svc.SIGN_HELP)
+                cards(tu["opponents"], tu["opponent_scores"], "uopp", prefix="up_")
+
 # ---------------------------------------------------------------- compare
 st.subheader("Compare two methods")
 other = ui.pick_run(project, key="run2", label="Compare with", exclude=run["key"])

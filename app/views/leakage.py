@@ -29,7 +29,7 @@ done_job = det_job["id"] if det_job and det_job["status"] == "done" else None
 if why:
     st.caption(f"Calibrated detector off: {why}. Showing the quick check.")
 elif not done_job:
-    st.caption("Showing the quick check (top-1 proponent + input similarity). The calibrated detector sets its "
+    st.caption("Showing the quick check (attribution + input similarity). The calibrated detector sets its "
                "threshold from a null of training queries; it runs in the background.")
     if st.button("Run the calibrated leak detector", key="leak_detect"):
         ui.start(project, "leaks", {"run": run["key"], "method": run["method"], "settings": run.get("settings") or {}})

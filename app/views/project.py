@@ -109,6 +109,7 @@ if runs_now:
     df = pd.DataFrame([{"method": r["method"], "status": r["status"], "fit (s)": r["fit_s"], "score (s)": r["score_s"],
                         "peak MB": r["peak_mb"], "device": r["device"], "settings": str(r["settings"]),
                         "run": r["key"]} for r in runs_now])
-    st.dataframe(df, hide_index=True)
+    st.dataframe(df, hide_index=True,
+                 column_config={c: st.column_config.NumberColumn(format="%.1f") for c in ("fit (s)", "score (s)", "peak MB")})
 else:
     st.caption("None yet — run a method on the Attribute page.")

@@ -150,7 +150,9 @@ else:
         if pred.get("warning"):
             st.warning(pred["warning"])
         st.caption(f"{len(pred['flips'])} test predictions change (predicted); edit of {pred['n_edited']} rows, "
-                   f"{pred['action']}.")
+                   f"{pred['action']}; GIF took {pred.get('seconds', float('nan')):.1f}s"
+                   + (f", the real retrain {r['retrained']['seconds']:.1f}s ({len(r['retrained']['flips'])} predictions "
+                      f"changed; {r['comparison']['flips_found']} of them predicted)." if "comparison" in r else "."))
     elif j and j["status"] == "failed":
         st.error(f"What-if failed: {j.get('message')}")
 

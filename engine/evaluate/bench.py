@@ -59,6 +59,14 @@ def machine_description() -> str:
             f"{torch.get_num_threads()} torch thread(s)")
 
 
+def _deadline(seconds: float | None):
+    """A cancel callback that turns true ``seconds`` from now (methods check it between chunks)."""
+    if not seconds or seconds <= 0:
+        return None
+    end = time.perf_counter() + float(seconds)
+    return lambda: time.perf_counter() > end
+
+
 def _err(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
@@ -117,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--leak-source", default="auto", choices=("auto", "truth", "plant"))
     ap.add_argument("--no-scaling", action="store_true", help="skip the cost-growth measurement (3 training-set sizes)")
     ap.add_argument("--scaling-methods", help="comma-separated methods for the cost-growth measurement (default: all run)")
+    ap.add_argument("--method-timeout", type=float, help="seconds a method may spend on its fit and scoring before it is "
+                                                          "cancelled into its row (default 600; --quick 180)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--processes", type=int, help="retraining processes (default: cores − 1; 1 on ≤ 2 cores)")
     ap.add_argument("--quick", action="store_true", help="the CI configuration: a few minutes on 2 cores")
@@ -161,7 +171,8 @@ def resolve_config(a: argparse.Namespace) -> dict:
            "loo": a.loo if a.loo is not None else (6 if a.quick else 20), "proj_dim": a.proj_dim,
            "mislabel_source": a.mislabel_source, "leak_source": a.leak_source,
            "scaling": not (a.no_scaling or a.quick), "scaling_methods": _csv(a.scaling_methods), "device": a.device,
-           "processes": a.processes, "quick": a.quick, "cf_queries": a.cf_queries}
+           "processes": a.processes, "quick": a.quick, "cf_queries": a.cf_queries,
+           "method_timeout": a.method_timeout if a.method_timeout is not None else (180.0 if a.quick else 600.0)}
     if cfg["subsets"] < 3:
         raise ProponentError("--subsets must be at least 3")
     if cfg["seeds"] < 1:
@@ -216,12 +227,14 @@ def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, l
         log(f"bench: fitting {r['method']}")
         t0 = time.perf_counter()
         try:
-            res = cached_scores(project, r["method"], None, device=cfg["device"])
+            res = cached_scores(project, r["method"], None, device=cfg["device"], cancel=_deadline(cfg["method_timeout"]))
             scores[r["method"]] = np.asarray(res["scores"], np.float64)
             r["run"] = res["key"]
             r["seconds_fit_and_score_or_cached"] = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - a method's failure is its row
             r["error"] = _err(e)
+            if type(e).__name__ == "Cancelled":
+                r["error"] = f"timed out after {cfg['method_timeout']:.0f} s (--method-timeout); " + r["error"]
     out["methods"] = rows
 
     # ---- peers' score matrices on the same queries and checkpoints
@@ -341,7 +354,8 @@ def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, l
         for r in rows:
             if r["method"] in scores:
                 try:
-                    r["cost"] = measure_method(project, r["method"], None, device=cfg["device"], queries=queries)
+                    r["cost"] = measure_method(project, r["method"], None, device=cfg["device"], queries=queries,
+                                               cancel=_deadline(cfg["method_timeout"]))
                 except Exception as e:  # noqa: BLE001
                     r["cost"] = {"error": _err(e)}
         out["metrics"]["cost"] = {"featurize_examples_per_second": {
@@ -359,7 +373,8 @@ def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, l
             log("bench: cost growth (3 training-set sizes)")
             chosen = cfg.get("scaling_methods")
             sc_methods = [m for m in runnable_names if chosen is None or m[0] in chosen]
-            out["metrics"]["cost"]["scaling"] = scaling(project, sc_methods, device=cfg["device"], progress=prog)
+            out["metrics"]["cost"]["scaling"] = scaling(project, sc_methods, device=cfg["device"], progress=prog,
+                                                        timeout=cfg["method_timeout"])
 
     # ---- counterfactual: remove each query's top-k proponents vs k random examples, retrain
     if "counterfactual" in metrics:

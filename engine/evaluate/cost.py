@@ -90,7 +90,8 @@ class _StageTimer:
         return n / t if t > 0 else None
 
 
-def measure_method(project: Project, method: str, settings=None, *, device: str = "cpu", queries="test") -> dict:
+def measure_method(project: Project, method: str, settings=None, *, device: str = "cpu", queries="test",
+                   cancel=None) -> dict:
     """Fit ``method`` from scratch and score ``queries``: seconds and peak memory of each."""
     from ..methods.base import coerce_settings, get_method, settings_dict
 
@@ -101,7 +102,7 @@ def measure_method(project: Project, method: str, settings=None, *, device: str 
     s = coerce_settings(cls, settings)
     timer = _StageTimer()
     with tempfile.TemporaryDirectory(prefix=f"proponent-cost-{method}-") as tmp:
-        att = cls(s, device=device, workdir=Path(tmp) / "work", progress=timer)
+        att = cls(s, device=device, workdir=Path(tmp) / "work", progress=timer, cancel=cancel)
         with MemorySampler() as mfit:
             t0 = time.perf_counter()
             att.fit(project)
@@ -160,7 +161,8 @@ def subsample_project(project: Project, n: int, dest: str | Path, *, seed: int =
 
 
 def scaling(project: Project, methods: Sequence[tuple[str, dict]], *, sizes: Sequence[int] | None = None,
-            device: str = "cpu", n_queries: int = 50, seed: int = 0, progress: ProgressFn | None = None) -> dict:
+            device: str = "cpu", n_queries: int = 50, seed: int = 0, progress: ProgressFn | None = None,
+            timeout: float | None = None) -> dict:
     """Fit + score cost of each method at training-set sizes n/4, n/2, n (or ``sizes``).
 
     Reports, per method, the seconds at each size and the growth exponent b of time ≈ a·n^b
@@ -180,7 +182,9 @@ def scaling(project: Project, methods: Sequence[tuple[str, dict]], *, sizes: Seq
                     progress(f"cost n={n}", 0, 1)
                 r = rows[name]
                 try:
-                    m = measure_method(p, name, settings, device=device, queries=q)
+                    end = None if not timeout else time.perf_counter() + timeout
+                    m = measure_method(p, name, settings, device=device, queries=q,
+                                       cancel=None if end is None else (lambda end=end: time.perf_counter() > end))
                     r["sizes"].append(n)
                     r["fit_seconds"].append(m["fit_seconds"])
                     r["score_seconds"].append(m["score_seconds"])

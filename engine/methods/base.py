@@ -89,6 +89,8 @@ class Attributor(ABC):
     granularity: ClassVar[str] = "example"
     # a method that cannot handle a model says why via ``supports(project)``
     extension: ClassVar[bool] = False  # our extension of a published method (labelled in the UI)
+    # bump when a change alters results, so cached runs of the old code are not reused
+    version: ClassVar[str] = "1"
 
     def __init__(self, settings: Any = None, *, device: str = "auto", workdir: str | Path | None = None,
                  progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None):

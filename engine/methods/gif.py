@@ -45,7 +45,7 @@ class GIFSettings:
                           choices=SOLVERS)
     tol: float = setting(1e-5, "Stop when every query's relative residual is below this.")
     max_iter: int = setting(1000, "Iterations per solve (each costs 2 Hessian-vector products per query).")
-    hvp_examples: int = setting(1024, "Training rows the Hessian is estimated on (≤ 0: all).")
+    hvp_examples: int = setting(16384, "At most this many training rows estimate the Hessian (≤ 0: all); measured on digits: subsamples moved the solution by 50-130%.")
     damping: float = setting(0.0, "λ added to H (0: none).")
     queries_per_solve: int = setting(16, "Queries solved together (one batched solve).")
     max_queries: int = setting(400, "Refuse to score more queries than this in one call (each needs its own solve).")
