@@ -113,10 +113,10 @@ def refresh(project, job_id: str) -> dict | None:
     """The job's row, marking it failed if its worker died without saying so."""
     db = _db(_root(project))
     j = db.get_job(job_id)
-    if j and j["status"] in ("running", "cancelling") and j.get("pid") and not _alive(j["pid"]):
+    if j and j["status"] in ACTIVE and j.get("pid") and not _alive(j["pid"]):
         time.sleep(0.2)
         j = db.get_job(job_id)
-        if j["status"] in ("running", "cancelling"):
+        if j["status"] in ACTIVE:
             status = "cancelled" if j["status"] == "cancelling" else "failed"
             db.upsert_job(job_id, status=status, message=j.get("message") or "the worker process ended unexpectedly")
             j = db.get_job(job_id)

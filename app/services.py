@@ -24,7 +24,7 @@ import numpy as np
 from engine.errors import ProponentError
 from engine.methods import SIGN_CONVENTION, describe_settings, get_method, list_methods
 from engine.project import Project
-from engine.store import FLAG_VALUES, StateDB, atomic_save_npy, atomic_write_bytes, atomic_write_json, load_npy, stable_hash
+from engine.store import FLAG_VALUES, StateDB, atomic_save_npy, atomic_write_bytes, load_npy, stable_hash
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_UPLOAD_BYTES = 200 * 2**20          # uncompressed size limit of an uploaded project archive
@@ -156,7 +156,6 @@ def done_runs(project: Project) -> list[dict]:
 
 
 def run_label(run: dict) -> str:
-    st = {k: v for k, v in (run.get("settings") or {}).items()}
     cost = (run.get("fit_s") or 0) + (run.get("score_s") or 0)
     return f"{run['method']} · {run['key'][-6:]} · {cost:.1f}s"
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import ProponentError
 from .grads import resolve_device
-from .methods.base import Attributor, Queries, coerce_settings, get_method, settings_dict
+from .methods.base import Attributor, Queries, SelfScoresUnavailable, coerce_settings, get_method, settings_dict
 from .project import Project
 from .store import StateDB, atomic_save_npy, atomic_write_json, load_npy, stable_hash
 
@@ -84,8 +84,14 @@ def cached_scores(project: Project, method: str, settings=None, *, device: str =
     score_s = time.perf_counter() - t0
     if not np.isfinite(S).all():
         raise ProponentError(f"{method}: scores contain NaN or inf; the checkpoints may have diverged")
-    self_s = np.asarray(att.self_scores(), dtype=np.float64)
-    susp = np.asarray(att.suspicion(), dtype=np.float64)
+    try:
+        self_s = np.asarray(att.self_scores(), dtype=np.float64)
+        susp = np.asarray(att.suspicion(), dtype=np.float64)
+    except SelfScoresUnavailable as e:
+        # the test scores are still useful; triage says why this run cannot rank suspects
+        n = S.shape[1]
+        self_s = susp = np.full(n, np.nan)
+        att.meta["self_scores_unavailable"] = str(e)
     atomic_save_npy(files["scores"], S.astype(np.float32))
     atomic_save_npy(files["self_scores"], self_s)
     atomic_save_npy(files["suspicion"], susp)

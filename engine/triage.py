@@ -35,6 +35,10 @@ def triage(project: Project, method: str = "trak", settings=None, *, device: str
     """{"method", "items": [{"index", "score", "label", "suggested_label", "model_agrees"}...]}, most suspicious first."""
     res = cached_scores(project, method, settings, device=device, progress=progress)
     susp = np.asarray(res["suspicion"], dtype=np.float64)
+    if np.isnan(susp).all():
+        from .errors import ProponentError
+        reason = (res.get("meta") or {}).get("self_scores_unavailable", "it has no self-scores")
+        raise ProponentError(f"{method} cannot rank suspects on this project: {reason}")
     labels = project.train_dataset.y.numpy()
     probs = ensemble_probabilities(project)
     suggested = suggest_labels(probs, labels)

@@ -470,3 +470,56 @@ def test_uploaded_query_matches_the_test_row(ran_project, tmp_path):
     assert not np.allclose(row, S[t + 1], rtol=1e-2)
     with pytest.raises(ProponentError, match="unreadable image"):
         svc.query_from_upload(p, b"not an image", "x.png")
+
+
+def test_embeddings_and_leak_pages_write_flags(monkeypatch, ran_project, tmp_path):
+    p = _copy(ran_project, tmp_path / "digits")
+    shutil.copytree(ran_project.root / ".proponent" / "runs", p.root / ".proponent" / "runs")
+    for r in StateDB(ran_project.root / ".proponent" / "state.db").list_runs():
+        svc.db_for(p).upsert_run(r["key"], **{k: v for k, v in r.items() if k != "key"})
+    at = _app(monkeypatch, p, "embeddings")
+    at.selectbox(key="e_reducer").set_value("pca").run()
+    at.button(key="e_compute").click().run()  # both maps, as (here synchronous) jobs
+    assert not at.exception, [e.value for e in at.exception]
+    assert svc.cached_embedding(p, "influence", "pca") is not None
+    assert svc.cached_embedding(p, "penultimate", "pca") is not None
+    charts = [str(c.proto) for c in at.get("plotly_chart")]
+    assert len(charts) == 2 and "customdata" in charts[0]
+
+    at = _app(monkeypatch, p, "leakage")
+    pair = svc.leak_pairs(p, svc.done_runs(p)[0]["key"])["pairs"][0]
+    item = f"{pair['test_index']}:{pair['train_index']}"
+    at.button(key=f"leak_{item}").click().run()
+    assert not at.exception
+    db = svc.db_for(p)
+    assert db.flags("pair")[item]["flag"] == "leak"
+    assert db.flags("train")[str(pair["train_index"])]["flag"] == "leak"
+
+
+def test_no_project_opens_the_project_page(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.delenv("PROPONENT_PROJECT", raising=False)
+    at = AppTest.from_file(MAIN, default_timeout=60)
+    at.run()
+    assert not at.exception
+    assert any("No project is open" in i.value for i in at.info)
+    at.radio(key="src").set_value("Folder on the server").run()
+    at.text_input(key="folder").set_value("/nonexistent/project").run()
+    at.button(key="open_folder").click().run()
+    assert any("project folder not found" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_dead_worker_is_reported(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "proj"
+    (root / ".proponent").mkdir(parents=True)
+    jid = jobs.create_job(root, "attribute", {"method": "trak"})
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    StateDB(root / ".proponent" / "state.db").upsert_job(jid, status="running", pid=proc.pid)
+    j = jobs.refresh(root, jid)
+    assert j["status"] == "failed" and "ended unexpectedly" in j["message"]
+    assert jobs.active_jobs(root) == []

@@ -86,3 +86,14 @@ def test_make_benchmarks_md(tmp_path):
     (bench / "a.json").write_text(json.dumps(doc))
     r = subprocess.run([sys.executable, str(script), "--bench-dir", str(bench), "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and "row 2" in r.stderr
+
+
+def test_peer_runner_timeout_and_direct(tiny):
+    from engine.evaluate.bench import run_peer_limited
+
+    q = np.arange(4)
+    res = run_peer_limited(tiny, "traker", "trak", queries=q, proj_dim=16, timeout=0.5)
+    assert res.scores is None and "timed out" in res.skipped
+    res = run_peer_limited(tiny, "traker", "trak", queries=q, proj_dim=16, timeout=None)
+    assert res.skipped is None and res.scores.shape == (4, len(tiny.train_dataset))
+    assert np.isfinite(res.scores).all()

@@ -197,9 +197,9 @@ def test_user_flow(app_server, tmp_path):
         atomic_write_json(bench, {
             "title": "App latency (digits sample, real browser)", "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.system()} {platform.machine()}, CPU, 2 cores shared, no GPU",
-            "command": f"PROPONENT_APP_BENCH={bench} python -m pytest -q tests/test_browser.py",
+            "command": f"PROPONENT_APP_BENCH={os.path.relpath(bench, ROOT)} python -m pytest -q tests/test_browser.py",
             "tables": [{"title": "Seconds, measured by Playwright in Chromium", "columns": ["step", "seconds"], "rows": rows,
                         "notes": "click_run_to_proponents_s: click Run (TRAK, default settings) on Attribute → job done → "
                                  "Explore shows the top-8 proponents. page_change_*: sidebar click → page idle, "
-                                 "with results cached."}],
+                                 "with results cached. Every step ends when the page has been idle for 0.4 s (included)."}],
             "notes": "The machine was shared with other work while measuring; figures are wall-clock."})

@@ -1,6 +1,5 @@
 """Explore: a query, its prediction, and its top-k proponents and opponents."""
 import numpy as np
-import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 

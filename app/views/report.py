@@ -2,7 +2,6 @@
 import streamlit as st
 
 from app import report
-from app import services as svc
 from app import ui
 
 st.title("Report")

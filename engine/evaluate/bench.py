@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("project")
     ap.add_argument("--methods", help="comma-separated method names (default: every method in the registry that supports "
                                       "the project; --quick: trak,grad-dot,knn)")
-    ap.add_argument("--peers", help="comma-separated peers: traker,kronfluence,dattri,captum,cleanlab, or 'none' "
-                                    "(default: all; --quick: none)")
+    ap.add_argument("--peers", help="comma-separated peers: traker,kronfluence,dattri,captum,cleanlab (or peer:method, "
+                                    "e.g. dattri:if-cg), or 'none' (default: all; --quick: none)")
     ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
                     help=f"comma-separated, of {','.join(ALL_METRICS)} (default: {','.join(DEFAULT_METRICS)})")
     ap.add_argument("--cf-queries", type=int, default=5, help="test queries for the counterfactual metric")
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scaling-methods", help="comma-separated methods for the cost-growth measurement (default: all run)")
     ap.add_argument("--method-timeout", type=float, help="seconds a method may spend on its fit and scoring before it is "
                                                           "cancelled into its row (default 600; --quick 180)")
+    ap.add_argument("--peer-timeout", type=float, help="seconds one peer method may run (in its own process) before it "
+                                                        "is stopped and reported as skipped (default 600; 0: no limit)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--processes", type=int, help="retraining processes (default: cores − 1; 1 on ≤ 2 cores)")
     ap.add_argument("--quick", action="store_true", help="the CI configuration: a few minutes on 2 cores")
@@ -161,9 +163,13 @@ def resolve_config(a: argparse.Namespace) -> dict:
     peers = _csv(a.peers)
     if peers is None:
         peers = [] if a.quick else list(PEER_METHODS)
-    bad = [p for p in peers if p not in PEER_METHODS]
+    bad = [p for p in peers if p.partition(":")[0] not in PEER_METHODS]
     if bad:
         raise ProponentError(f"unknown peer {bad[0]!r} (known: {', '.join(PEER_METHODS)})")
+    bad = [p for p in peers if ":" in p and p.partition(":")[2] not in PEER_METHODS[p.partition(":")[0]]]
+    if bad:
+        peer = bad[0].partition(":")[0]
+        raise ProponentError(f"peer {peer!r} has no method {bad[0].partition(':')[2]!r} (it offers {', '.join(PEER_METHODS[peer])})")
     cfg = {"metrics": metrics, "methods": methods, "peers": peers,
            "subsets": a.subsets if a.subsets is not None else (12 if a.quick else 100),
            "seeds": a.seeds if a.seeds is not None else 2,
@@ -172,6 +178,7 @@ def resolve_config(a: argparse.Namespace) -> dict:
            "mislabel_source": a.mislabel_source, "leak_source": a.leak_source,
            "scaling": not (a.no_scaling or a.quick), "scaling_methods": _csv(a.scaling_methods), "device": a.device,
            "processes": a.processes, "quick": a.quick, "cf_queries": a.cf_queries,
+           "peer_timeout": a.peer_timeout if a.peer_timeout is not None else 600.0,
            "method_timeout": a.method_timeout if a.method_timeout is not None else (180.0 if a.quick else 600.0)}
     if cfg["subsets"] < 3:
         raise ProponentError("--subsets must be at least 3")
@@ -192,6 +199,56 @@ def _peer_checkpoints(project: Project, peer_method: tuple[str, str]):
     if peer_method in (("traker", "trak"), ("dattri", "trak")):
         return ensemble_checkpoints(project, "auto", 0)
     return project.final_checkpoints()
+
+
+def _peer_worker(root: str, peer: str, method: str, proj_dim: int, queries, device: str, options, seed: int, out_q) -> None:
+    os.environ["PROPONENT_THREADS"] = "1"
+    torch.set_num_threads(1)
+    try:
+        from .detection import _peer_inputs
+        from .peers import run_peer
+
+        project = Project.load(root)
+        inputs = _peer_inputs(project, device=device, proj_dim=proj_dim, queries=np.asarray(queries), seed=seed,
+                              checkpoints=_peer_checkpoints(project, (peer, method)))
+        out_q.put(run_peer(peer, method, inputs, options=options))
+    except BaseException as e:  # noqa: BLE001 - reported as the peer's skip reason
+        out_q.put(_err(e))
+
+
+def run_peer_limited(project: Project, peer: str, method: str, *, queries, proj_dim: int, device: str = "cpu",
+                     options=None, seed: int = 0, timeout: float | None = None):
+    """``peers.run_peer`` on the project's checkpoints; with ``timeout``, in a spawned process that is
+    stopped after ``timeout`` seconds (the peer then comes back skipped, saying so)."""
+    import multiprocessing as mp
+    import queue as _queue
+
+    from .peers import PeerResult, run_peer
+
+    if not timeout or timeout <= 0:
+        from .detection import _peer_inputs
+
+        inputs = _peer_inputs(project, device=device, proj_dim=proj_dim, queries=queries, seed=seed,
+                              checkpoints=_peer_checkpoints(project, (peer, method)))
+        return run_peer(peer, method, inputs, options=options)
+    ctx = mp.get_context("spawn")
+    out_q = ctx.Queue()
+    proc = ctx.Process(target=_peer_worker, args=(str(project.root), peer, method, proj_dim, np.asarray(queries), device,
+                                                  options, seed, out_q), daemon=True)
+    t0 = time.perf_counter()
+    proc.start()
+    try:
+        res = out_q.get(timeout=timeout)
+    except _queue.Empty:
+        res = PeerResult(peer, method, None, time.perf_counter() - t0, 0.0, 0.0, {"timeout_s": timeout},
+                         skipped=f"timed out after {timeout:.0f} s (--peer-timeout) on this machine")
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+        proc.join(timeout=10)
+    if isinstance(res, str):
+        res = PeerResult(peer, method, None, time.perf_counter() - t0, 0.0, 0.0, {}, skipped=res)
+    return res
 
 
 def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, log=print) -> dict:
@@ -240,7 +297,11 @@ def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, l
     # ---- peers' score matrices on the same queries and checkpoints
     peer_rows = []
     peer_scores: dict[str, np.ndarray] = {}
-    score_peers = [(p, m) for p in cfg["peers"] for m in PEER_SCORE_METHODS.get(p, [])]
+    score_peers = []
+    for item in cfg["peers"]:
+        peer, _, only = item.partition(":")
+        score_peers += [(peer, m) for m in PEER_SCORE_METHODS.get(peer, []) if not only or m == only]
+    peer_names = {p.partition(":")[0] for p in cfg["peers"]}
     leak_q = None
     if "leak" in metrics and cfg["leak_source"] in ("auto", "truth"):
         from .detection import truth_leaks
@@ -249,15 +310,11 @@ def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, l
         leak_q = None if tl is None else np.array([l["test_index"] for l in tl], np.int64)
     peer_q = queries if leak_q is None else np.union1d(queries, leak_q)
     if score_peers and ("lds" in metrics or "loo" in metrics or "leak" in metrics or "cost" in metrics):
-        from .detection import _peer_inputs
-        from .peers import run_peer
-
         for j, (peer, method) in enumerate(score_peers):
             prog("peers", j, len(score_peers))
             log(f"bench: peer {peer}:{method}")
-            inputs = _peer_inputs(project, device=cfg["device"], proj_dim=cfg["proj_dim"], queries=peer_q,
-                                  checkpoints=_peer_checkpoints(project, (peer, method)))
-            res = run_peer(peer, method, inputs, options=PEER_OPTIONS.get((peer, method)))
+            res = run_peer_limited(project, peer, method, queries=peer_q, proj_dim=cfg["proj_dim"], device=cfg["device"],
+                                   options=PEER_OPTIONS.get((peer, method)), timeout=cfg["peer_timeout"])
             prow = {"peer": peer, "method": method, "fit_seconds": res.fit_seconds, "score_seconds": res.score_seconds,
                     "peak_mb": res.peak_rss_mb, "settings": res.settings, "n_queries": int(len(peer_q))}
             if res.skipped:
@@ -314,7 +371,7 @@ def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, l
 
         log("bench: mislabel detection")
         res = mislabel_benchmark(project, runnable_names, source=cfg["mislabel_source"], device=cfg["device"],
-                                 cleanlab="cleanlab" in cfg["peers"], progress=prog)
+                                 cleanlab="cleanlab" in peer_names, progress=prog)
         out["metrics"]["mislabel"] = {"source": res["source"], "n_flipped": res["n_flipped"]}
         by = {m["method"]: m for m in res["methods"]}
         for r in rows:
@@ -360,7 +417,7 @@ def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, l
                     r["cost"] = {"error": _err(e)}
         out["metrics"]["cost"] = {"featurize_examples_per_second": {
             "proponent": featurize_throughput(project, proj_dim=cfg["proj_dim"], device=cfg["device"])}}
-        if "traker" in cfg["peers"]:
+        if "traker" in peer_names:
             from .detection import _peer_inputs
             from .peers import featurize_throughput_traker
 
@@ -401,7 +458,7 @@ def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, l
                                             "flipped_share": v["flipped"] / len(cf_q)} for k, v in per_k.items()}
 
     # ---- our TRAK against traker at the same checkpoints and projection size
-    if "traker" in cfg["peers"] and "trak" in cfg["methods"] and "lds" in metrics:
+    if "traker" in peer_names and "trak" in cfg["methods"] and "lds" in metrics:
         out["trak_vs_traker"] = trak_vs_traker(project, cfg, subsets, margins, queries, log=log)
 
     out["peers"] = peer_rows

@@ -37,6 +37,10 @@ class NoSettings:
     pass
 
 
+class SelfScoresUnavailable(ProponentError):
+    """A method that cannot afford self-scores on this project (e.g. one solve per example)."""
+
+
 class Queries:
     """Resolved queries: inputs, labels (the measured class) and where they came from."""
 
