@@ -24,6 +24,7 @@ pages = [
     st.Page(str(PAGES / "attribute.py"), title="Attribute", icon=":material/play_circle:", url_path="attribute"),
     st.Page(str(PAGES / "explore.py"), title="Explore", icon=":material/search:", url_path="explore"),
     st.Page(str(PAGES / "triage.py"), title="Triage", icon=":material/flag:", url_path="triage"),
+    st.Page(str(PAGES / "synset.py"), title="Synset", icon=":material/auto_awesome:", url_path="synset"),
     st.Page(str(PAGES / "leakage.py"), title="Leakage", icon=":material/water_drop:", url_path="leakage"),
     st.Page(str(PAGES / "embeddings.py"), title="Embeddings", icon=":material/scatter_plot:", url_path="embeddings"),
     st.Page(str(PAGES / "report.py"), title="Report", icon=":material/description:", url_path="report"),

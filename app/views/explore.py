@@ -3,6 +3,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
+from app import clusters
 from app import services as svc
 from app import ui
 
@@ -87,6 +88,45 @@ def cards(indices, scores, role: str, prefix: str = ""):
                            f"{ui.fmt_flag(f)}", help=svc.SIGN_HELP)
                 ui.flag_button(project, "train", i, key=f"{prefix}{role}_flag_{i}", flags=flags)
 
+
+# ---------------------------------------------------------------- cluster-level results (DDM)
+if clusters.is_cluster_run(run):
+    st.subheader("These groups drive this prediction", help=clusters.CLUSTER_HELP)
+    st.info(clusters.method_description(run["method"]))
+    try:
+        cr = clusters.load_cluster_run(project, run)
+    except svc.ProponentError as e:
+        st.error(f"The cluster results cannot be loaded: {e}")
+        cr = None
+    if cr is not None:
+        nk = st.slider("Clusters shown per side", 1, max(2, min(8, cr.n_clusters)), min(3, cr.n_clusters),
+                       key="k_clusters")
+        qc = clusters.query_clusters(cr, q, nk)
+        st.caption("**Cluster-derived.** Predicted effect = margin(all data) − margin(without the cluster), "
+                   "simulated by the method. Positive: a proponent cluster (removing it is predicted to lower this "
+                   "query's margin); negative: an opponent cluster. Residual: the method's own quality signal "
+                   "(0 = perfect gradient match, 1 = none).", help=clusters.CLUSTER_HELP)
+        st.dataframe(clusters.query_cluster_frame(qc), hide_index=True, key="query_clusters",
+                     column_config={
+                         "predicted effect": st.column_config.NumberColumn(format="%+.4g", help=clusters.CLUSTER_HELP),
+                         "residual": st.column_config.NumberColumn(format="%.3f", help=clusters.RESIDUAL_HELP),
+                         "medoid": st.column_config.NumberColumn("medoid (train #)")})
+        for role, key in (("Proponent", "proponents"), ("Opponent", "opponents")):
+            if not qc[key]:
+                st.caption(f"No {role.lower()} cluster for this query (no cluster has a "
+                           f"{'positive' if key == 'proponents' else 'negative'} predicted effect).")
+            for r in qc[key]:
+                st.markdown(f"**{role} cluster {r['cluster']}** · class {r['class']} · {r['size']} members · "
+                            f"predicted effect {r['effect']:+.4g} · residual {r['residual']:.3f}",
+                            help=clusters.CLUSTER_HELP)
+                shown_m = [r["medoid"]] + [i for i in r["members"] if i != r["medoid"]][:15]
+                if project.data_format == "images":
+                    st.image([ui.png(root, "train", i, 56) for i in shown_m],
+                             caption=[("medoid " if i == r["medoid"] else "") + f"#{i}" for i in shown_m], width=56)
+                else:
+                    st.caption("Members: " + ", ".join(f"#{i}" for i in shown_m)
+                               + (" …" if r["size"] > len(shown_m) else ""))
+    st.caption(f"Per-example scores below are cluster-derived too ({run['method']}: cluster effect / cluster size).")
 
 st.subheader(f"Top-{k} proponents", help=svc.SIGN_HELP)
 st.caption("Training examples whose removal is predicted to lower this query's margin the most (positive scores).")

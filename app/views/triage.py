@@ -2,6 +2,7 @@
 import plotly.express as px
 import streamlit as st
 
+from app import clusters
 from app import services as svc
 from app import ui
 
@@ -48,7 +49,9 @@ elif state != "all":
     view = view[view["flag"] == state]
 view = view.head(top_n).reset_index(drop=True)
 
-st.caption(f"Most suspicious first ({run['method']} suspicion: high self-influence weighted by the model's doubt). "
+why_susp = ("members of clusters whose simulated removal lowers validation loss, per member; cluster-derived"
+            if clusters.is_cluster_run(run) else "high self-influence weighted by the model's doubt")
+st.caption(f"Most suspicious first ({run['method']} suspicion: {why_susp}). "
            "Evidence: self-influence, how many test queries it is a top-10 opponent of, and the ensemble's "
            "probability of the given label. Edit flag / relabel / note cells directly; they save at once.")
 shown = view.copy()
@@ -76,6 +79,49 @@ if n_changed:
     st.session_state["editor_v"] = ver + 1
     st.toast(f"saved {n_changed} change(s)")
     st.rerun()
+
+# ---------------------------------------------------------------- cluster data-quality assessment (DDM)
+if clusters.is_cluster_run(run):
+    st.subheader("Cluster data-quality assessment", help=clusters.QUALITY_HELP)
+    st.info(clusters.method_description(run["method"]))
+    try:
+        cr = clusters.load_cluster_run(project, run)
+    except svc.ProponentError as e:
+        st.error(f"The cluster results cannot be loaded: {e}")
+        cr = None
+    if cr is not None:
+        hz = clusters.harmful_clusters(cr, flags)
+        st.caption(f"**Cluster-derived.** {len(hz)} of {cr.n_clusters} clusters lower the validation loss (held-out "
+                   "training rows, never test data) when their removal is simulated; most harmful first. Residual: "
+                   "the method's own quality signal (lower is better); treat clusters with a high residual with "
+                   "caution.", help=clusters.QUALITY_HELP)
+        if len(hz):
+            hshown = hz.copy()
+            if project.data_format == "images":
+                hshown.insert(2, "medoid image", ui.thumbs(root, "train", tuple(int(i) for i in hshown["medoid"])))
+            st.dataframe(hshown, hide_index=True, key="harmful_clusters",
+                         column_config={
+                             "medoid image": st.column_config.ImageColumn("medoid", width="small"),
+                             "validation loss change": st.column_config.NumberColumn(format="%+.4g",
+                                                                                     help=clusters.QUALITY_HELP),
+                             "residual": st.column_config.NumberColumn(format="%.3f", help=clusters.RESIDUAL_HELP),
+                             "medoid": st.column_config.NumberColumn("medoid (train #)")})
+            c1, c2 = st.columns([3, 2])
+            cids = [int(c) for c in hz["cluster"]]
+            sizes = dict(zip(cids, (int(v) for v in hz["size"])))
+            csel = c1.multiselect("Clusters", cids, key="cluster_sel",
+                                  format_func=lambda c: f"cluster {c} ({sizes[c]} members)")
+            cflag = c2.selectbox("Flag members as", list(svc.FLAG_VALUES), key="cluster_flag")
+            n_mem = len(clusters.cluster_members(cr, csel)) if csel else 0
+            if st.button(f"Flag the {n_mem} member(s) of {len(csel)} cluster(s)", key="cluster_flag_apply",
+                         disabled=not csel, help="Flags every training example in the selected clusters (each "
+                                                 "change goes to the audit trail)."):
+                n = clusters.flag_cluster_members(db, cr, csel, cflag)
+                st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
+                st.toast(f"flagged {n} example(s) {cflag}")
+                st.rerun()
+        else:
+            st.success("No cluster's simulated removal lowers the validation loss.")
 
 # ---------------------------------------------------------------- bulk actions
 st.subheader("Bulk actions")

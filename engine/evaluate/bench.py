@@ -557,7 +557,9 @@ def make_tables(result: dict) -> list[dict]:
     if lds_m:
         notes.append(f"LDS: M={lds_m['subsets']} random subsets of α={lds_m['alpha']}, R={lds_m['seeds']} retraining seeds "
                      f"each (margins averaged over seeds), {len(result['queries'])} test queries; noise ceiling = the same "
-                     f"Spearman between seed 0's and seed 1's margins.")
+                     f"Spearman between seed 0's and seed 1's margins (one seed predicting another). Methods are scored "
+                     f"against the mean of the R seeds, a less noisy target than one seed, so a good method can exceed "
+                     f"that ceiling.")
     if loo_m:
         notes.append(f"LOO: Pearson over ({len(loo_m['indices'])} removed examples × queries) of predicted vs retrained "
                      f"margin change, R={loo_m['seeds']} seeds; noise ceiling = seed 0's vs seed 1's measured changes.")
@@ -571,7 +573,7 @@ def make_tables(result: dict) -> list[dict]:
                      f"test queries.")
     notes.append("Peers run on the same checkpoints and queries (TRAK-style: the same ensemble members as our TRAK; "
                  "TracIn-style: the whole trajectory; others: the final checkpoint). fit/score s of methods are fresh fits "
-                 "(cost metric); peak MB is the process RSS peak.")
+                 "on a copy of the project without its cached state (cost metric); peak MB is the process RSS peak.")
     tables = [{"title": f"Accuracy and cost: {proj['name']}", "columns": columns, "rows": table_rows,
                "notes": " ".join(notes)}]
     cf = result["metrics"].get("counterfactual")

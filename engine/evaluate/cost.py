@@ -91,8 +91,11 @@ class _StageTimer:
 
 
 def measure_method(project: Project, method: str, settings=None, *, device: str = "cpu", queries="test",
-                   cancel=None) -> dict:
-    """Fit ``method`` from scratch and score ``queries``: seconds and peak memory of each."""
+                   cancel=None, fresh: bool = True) -> dict:
+    """Fit ``method`` from scratch and score ``queries``: seconds and peak memory of each.
+
+    With ``fresh`` (default) the fit runs on a copy of the project without its ``.proponent``
+    state, so no cached features or factors of earlier runs are reused."""
     from ..methods.base import coerce_settings, get_method, settings_dict
 
     cls = get_method(method)
@@ -102,6 +105,11 @@ def measure_method(project: Project, method: str, settings=None, *, device: str 
     s = coerce_settings(cls, settings)
     timer = _StageTimer()
     with tempfile.TemporaryDirectory(prefix=f"proponent-cost-{method}-") as tmp:
+        if fresh:
+            # a copy without .proponent: nothing a method caches at project level can be reused
+            from .detection import copy_project
+
+            project = Project.load(copy_project(project, Path(tmp) / "project", checkpoints=True))
         att = cls(s, device=device, workdir=Path(tmp) / "work", progress=timer, cancel=cancel)
         with MemorySampler() as mfit:
             t0 = time.perf_counter()
@@ -116,7 +124,7 @@ def measure_method(project: Project, method: str, settings=None, *, device: str 
             "fit_seconds": fit_s, "fit_peak_mb": mfit.peak_mb, "fit_extra_mb": mfit.extra_mb,
             "score_seconds": score_s, "score_peak_mb": mscore.peak_mb, "score_extra_mb": mscore.extra_mb,
             "queries_per_second": n_q / max(score_s, 1e-9), "featurize_examples_per_second": timer.featurize_rate(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "fresh": fresh}
 
 
 def featurize_throughput(project: Project, *, proj_dim: int = 512, projection: str = "rademacher", device: str = "cpu",
