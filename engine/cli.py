@@ -151,8 +151,6 @@ def cmd_bench(a, rest: list[str]) -> int:
 
 def cmd_app(a, rest: list[str]) -> int:
     """Run the Streamlit UI bound to 127.0.0.1 unless --server.address says otherwise."""
-    import subprocess
-
     main = Path(__file__).resolve().parents[1] / "app" / "main.py"
     env = dict(os.environ)
     if a.project:
@@ -165,7 +163,9 @@ def cmd_app(a, rest: list[str]) -> int:
     if not any(r.startswith("--browser.gatherUsageStats") for r in rest):
         args += ["--browser.gatherUsageStats", "false"]
     args += rest
-    return subprocess.call(args, env=env)
+    # replace this process, so a signal to `proponent app` reaches the server itself
+    os.execve(sys.executable, args, env)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,9 @@ latencies are written there as a docs/bench JSON."""
 from __future__ import annotations
 
 import json
+import contextlib
 import os
+import signal
 import platform
 import shutil
 import socket
@@ -75,11 +77,15 @@ def app_server(digits_project, tmp_path):
                 raise RuntimeError((tmp_path / "server.log").read_text())
         yield {"base": base, "project": proj}
     finally:
-        proc.terminate()
+        # the server runs in its own session: end the whole group so no process outlives the test
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
         log.close()
 
 

@@ -462,6 +462,9 @@ def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, l
         out["trak_vs_traker"] = trak_vs_traker(project, cfg, subsets, margins, queries, log=log)
 
     out["peers"] = peer_rows
+    from ..methods.base import list_methods
+
+    out["registry_not_run"] = [c.name for c in list_methods() if c.name not in cfg["methods"]]
     out["seconds"] = time.perf_counter() - t_start
     return out
 
@@ -571,6 +574,9 @@ def make_tables(result: dict) -> list[dict]:
         notes.append(f"Leak: {leak_m['source']} ({leak_m['n_leaks']} planted copies); recall@k = share of leaked queries whose "
                      f"planted twin is among its top-k proponents. Leak flags P/R: engine.leaks.detect_leaks over all "
                      f"test queries.")
+    not_run = result.get("registry_not_run") or []
+    if not_run:
+        notes.append(f"Registry methods not in this run's --methods: {', '.join(not_run)}.")
     notes.append("Peers run on the same checkpoints and queries (TRAK-style: the same ensemble members as our TRAK; "
                  "TracIn-style: the whole trajectory; others: the final checkpoint). fit/score s of methods are fresh fits "
                  "on a copy of the project without its cached state (cost metric); peak MB is the process RSS peak.")
@@ -649,7 +655,9 @@ def cli_main(argv: list[str]) -> int:
     tables = make_tables(result)
     doc = {"title": a.title or f"proponent bench: {project.name}" + (" (quick)" if cfg["quick"] else ""),
            "date": _dt.date.today().isoformat(), "machine": machine_description(), "command": command,
-           "tables": tables, "notes": f"Total wall time {result['seconds'] / 60:.1f} min.", **result}
+           "tables": tables, "notes": f"Wall time of this invocation: {result['seconds'] / 60:.1f} min (method runs and "
+                                      f"retrained margins already in the project's cache are reused; cost figures are "
+                                      f"always fresh fits).", **result}
     for t in tables:
         print_table(t)
         print()
