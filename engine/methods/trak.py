@@ -108,7 +108,7 @@ class TRAK(Attributor):
             psi_path = folder / f"psi_{stable_hash({'d': s.damping, 'r': s.damping_ratio})}.npy"
             if psi_path.is_file():
                 psi = load_npy(psi_path, mmap=False)
-                lam = float(np.load(psi_path.with_suffix(".lambda.npy")))
+                lam = float(np.load(psi_path.with_suffix(".lambda.npy")).reshape(-1)[0])
             else:
                 psi, lam = solve_kernel(phi, s.damping, s.damping_ratio)
                 atomic_save_npy(psi_path.with_suffix(".lambda.npy"), np.array(lam))
