@@ -637,8 +637,6 @@ def compute_embedding(project: Project, kind: str = "influence", reducer: str = 
     kind "influence": margin gradients at the final checkpoint, randomly projected (TRAK's
     features; engine.grads GradientComputer + make_projector). kind "penultimate": inputs of the
     last Linear layer. Sets larger than ``max_points`` are subsampled (seeded)."""
-    import torch
-
     from engine.grads import GradientComputer, make_projector
     from engine.grads.embeddings import penultimate_features
     from engine.grads.features import project_gradients

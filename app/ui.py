@@ -183,3 +183,16 @@ def fmt_flag(flag) -> str:
 
 def np_float(v) -> float:
     return float(np.asarray(v))
+
+
+def cluster_run_section(project, run, title: str, help_text: str):
+    """Header, method description and the loaded cluster results of a DDM run (None if unloadable)."""
+    from app import clusters
+
+    st.subheader(title, help=help_text)
+    st.info(clusters.method_description(run["method"]))
+    try:
+        return clusters.load_cluster_run(project, run)
+    except svc.ProponentError as e:
+        st.error(f"The cluster results cannot be loaded: {e}")
+        return None

@@ -454,19 +454,31 @@ class Project:
         return model.eval()
 
     def checkpoint_hash(self) -> str:
-        """Hash of the recorded weights; part of every run's cache key."""
+        """Hash of the recorded weights; part of every run's cache key. Cached until the trajectory
+        log changes, since every cache lookup (and every app rerun) asks for it."""
+        log = self.trajectory_path
+        stamp = log.stat().st_mtime_ns if log.is_file() else None
+        cached = getattr(self, "_checkpoint_hash", None)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
         h = hashlib.sha256()
         for c in self.checkpoints:
             h.update(c.key.encode())
             h.update(hashlib.sha256(c.weights.read_bytes()).digest() if c.weights.is_file() else b"missing")
-        return h.hexdigest()[:16]
+        self._checkpoint_hash = (stamp, h.hexdigest()[:16])
+        return self._checkpoint_hash[1]
 
-    def data_hash(self) -> str:
+    @cached_property
+    def _data_hash(self) -> str:
         h = hashlib.sha256()
         for ds in (self.train_dataset, self.test_dataset):
             h.update(ds.x.numpy().tobytes())
             h.update(ds.y.numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def data_hash(self) -> str:
+        """Hash of the loaded inputs and labels (fixed for the life of this Project)."""
+        return self._data_hash
 
     # ------------------------------------------------------------------ state
     @property

@@ -160,7 +160,6 @@ def main() -> None:
 
     main_rows, base_rows, abl_rows = [], [], []
     quality_att = None
-    notes_extra = []
     for k in ks:
         ref = DDM(DDMSettings(clusters_per_class=k, distill_steps=0)).fit(p)
         cl = ref.clustering
@@ -189,10 +188,8 @@ def main() -> None:
             configs += [("refit", 0, True), ("refit", 300, True), ("ascent", 0, True), ("ascent", 300, True),
                         ("refit", 100, False), ("ascent", 100, False)]
         for variant, steps, calib in configs:
-            t0 = time.perf_counter()
             att = DDM(DDMSettings(clusters_per_class=k, distill_steps=steps, variant=variant,
                                   norm_calibration=calib)).fit(p)
-            fit_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             C = att.cluster_scores(("test", qidx))
             score_s = time.perf_counter() - t1

@@ -34,7 +34,7 @@ os.environ.setdefault("PROPONENT_THREADS", "1")
 torch.set_num_threads(int(os.environ["PROPONENT_THREADS"]))
 
 from engine import Project  # noqa: E402
-from engine.gif import (generalized_solve, removal_target, relabel_target, retained_sample,  # noqa: E402
+from engine.gif import (generalized_solve, removal_target, retained_sample,  # noqa: E402
                         select_parameters)
 from engine.grads.hvp import HessianOperator  # noqa: E402
 from engine.samples import prepare_sample  # noqa: E402

@@ -64,13 +64,14 @@ def build(input_shape, num_classes):
 
 
 def write_tabular_project(root: Path, *, n_train: int = 80, n_test: int = 20, d: int = 5, classes: int = 3,
-                          seed: int = 0, model: str = LINEAR_MODEL, training: str | None = None) -> Path:
+                          seed: int = 0, model: str = LINEAR_MODEL, training: str | None = None,
+                          spread: float = 1.5) -> Path:
     """A small tabular project (Gaussian blobs). Default recipe: full-batch L-BFGS with weight
     decay, i.e. a convex model trained to convergence, so retraining is exact ground truth."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    centers = rng.normal(0, 1.5, (classes, d))
+    centers = rng.normal(0, spread, (classes, d))
     n = n_train + n_test
     y = rng.integers(0, classes, n)
     x = centers[y] + rng.normal(0, 1.0, (n, d))

@@ -14,17 +14,14 @@ import torch
 from torch import nn
 
 from engine import Project
+from tests.conftest import LINEAR_MODEL, write_tabular_project
 from engine.gif import (SolverNotConverged, adjoint_solve, generalized_solve, removal_target, require_converged, retained_sample,
                         rows_per_layer, select_parameters, solve_psd)
 from engine.grads.hvp import HessianOperator, add_to_parameters, flat_parameters, parameter_layout
 from engine.grads.measurement import correct_class_margin
 from engine.train import predict_logits, record_training, train_model
 
-LINEAR = '''
-from torch import nn
-def build(input_shape, num_classes):
-    return nn.Linear(input_shape[0], num_classes)
-'''
+LINEAR = LINEAR_MODEL
 
 MLP = '''
 from torch import nn
@@ -38,20 +35,8 @@ LBFGS = 'optimizer = "lbfgs"\nweight_decay = 0.01\nepochs = 20\nseed = 0\n'
 def make_project(root: Path, *, model: str = LINEAR, n_train: int = 90, n_test: int = 30, d: int = 4,
                  classes: int = 3, seed: int = 0, training: str = LBFGS) -> Project:
     """A small tabular project (overlapping Gaussian blobs), trained and recorded."""
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(0, 1.2, (classes, d))
-    n = n_train + n_test
-    y = rng.integers(0, classes, n)
-    x = centers[y] + rng.normal(0, 1.0, (n, d))
-    root.mkdir(parents=True, exist_ok=True)
-    cols = [f"f{j}" for j in range(d)]
-    for name, sl in (("train", slice(0, n_train)), ("test", slice(n_train, n))):
-        lines = [",".join(cols + ["label"])] + [",".join(f"{v:.6f}" for v in r) + f",{c}" for r, c in zip(x[sl], y[sl])]
-        (root / f"{name}.csv").write_text("\n".join(lines) + "\n")
-    (root / "model.py").write_text(model)
-    (root / "project.toml").write_text(
-        '[project]\nname = "tab"\n\n[data]\nformat = "tabular"\ntrain = "train.csv"\ntest = "test.csv"\n'
-        'label_column = "label"\n\n[model]\nfactory = "model.py:build"\n\n[training]\n' + training)
+    write_tabular_project(root, n_train=n_train, n_test=n_test, d=d, classes=classes, seed=seed, model=model,
+                          training=training, spread=1.2)
     p = Project.load(root)
     record_training(p)
     return p

@@ -87,3 +87,10 @@ def test_engine_never_imports_streamlit_or_app():
                 names = [node.module]
             for n in names:
                 assert not n.split(".")[0] in ("streamlit", "app"), f"{path} imports {n}"
+
+
+def test_zero_dim_arrays_stay_zero_dim(tmp_path):
+    """TRAK stores its λ as a 0-d array and reads it back with float() when it refits from cache."""
+    atomic_save_npy(tmp_path / "lam.npy", np.array(0.25))
+    back = np.load(tmp_path / "lam.npy")
+    assert back.shape == () and float(back) == 0.25

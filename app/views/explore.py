@@ -91,13 +91,7 @@ def cards(indices, scores, role: str, prefix: str = ""):
 
 # ---------------------------------------------------------------- cluster-level results (DDM)
 if clusters.is_cluster_run(run):
-    st.subheader("These groups drive this prediction", help=clusters.CLUSTER_HELP)
-    st.info(clusters.method_description(run["method"]))
-    try:
-        cr = clusters.load_cluster_run(project, run)
-    except svc.ProponentError as e:
-        st.error(f"The cluster results cannot be loaded: {e}")
-        cr = None
+    cr = ui.cluster_run_section(project, run, "These groups drive this prediction", clusters.CLUSTER_HELP)
     if cr is not None:
         nk = st.slider("Clusters shown per side", 1, max(2, min(8, cr.n_clusters)), min(3, cr.n_clusters),
                        key="k_clusters")

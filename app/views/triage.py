@@ -82,13 +82,7 @@ if n_changed:
 
 # ---------------------------------------------------------------- cluster data-quality assessment (DDM)
 if clusters.is_cluster_run(run):
-    st.subheader("Cluster data-quality assessment", help=clusters.QUALITY_HELP)
-    st.info(clusters.method_description(run["method"]))
-    try:
-        cr = clusters.load_cluster_run(project, run)
-    except svc.ProponentError as e:
-        st.error(f"The cluster results cannot be loaded: {e}")
-        cr = None
+    cr = ui.cluster_run_section(project, run, "Cluster data-quality assessment", clusters.QUALITY_HELP)
     if cr is not None:
         hz = clusters.harmful_clusters(cr, flags)
         st.caption(f"**Cluster-derived.** {len(hz)} of {cr.n_clusters} clusters lower the validation loss (held-out "

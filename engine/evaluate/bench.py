@@ -524,7 +524,6 @@ def trak_vs_traker(project: Project, cfg: dict, subsets, margins, queries, log=p
 
 # ----------------------------------------------------------------------------- tables
 def make_tables(result: dict) -> list[dict]:
-    cfg = result["config"]
     lds_m = result["metrics"].get("lds", {})
     loo_m = result["metrics"].get("loo", {})
     mis_m = result["metrics"].get("mislabel", {})

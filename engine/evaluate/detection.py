@@ -281,7 +281,7 @@ def mislabel_benchmark(project: Project, methods: Sequence[tuple[str, dict]], *,
             rows.append(row)
         peers = []
         if cleanlab:
-            from .peers import PeerInputs, run_peer
+            from .peers import run_peer
 
             t0 = time.perf_counter()
             probs_cache = {}

@@ -36,9 +36,9 @@ class GradientSimilarity(Attributor):
         self._self = np.zeros(n)
         self._norm2 = np.zeros(n)
         plan = self.checkpoints_and_weights(project)
+        n_params = sum(p.numel() for p in project.build_model().parameters())
         for j, (ck, w) in enumerate(plan):
             self._check_cancel("fit")
-            n_params = sum(p.numel() for p in project.build_model().parameters())
             k = s.proj_dim if s.proj_dim >= 0 else (default_projection_dim(n_params, n) or 0)
             projection = "none" if (k == 0 or s.projection == "none") else s.projection
             tag = stable_hash({"ck": ck.key, "k": k, "proj": projection, "seed": s.seed})

@@ -28,7 +28,7 @@ from ..errors import ProponentError
 from ..gif import SOLVERS, SolveResult, adjoint_solve, retained_sample, select_parameters
 from ..grads import GradientComputer
 from ..grads.hvp import HessianOperator, parameter_layout
-from .base import SelfScoresUnavailable, Attributor, Queries, register, setting
+from .base import Attributor, SelfScoresUnavailable, register, setting
 
 MAX_GRADIENT_ENTRIES = 250_000_000  # n_train × p float32 training gradients held in memory (1 GB)
 

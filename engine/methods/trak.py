@@ -93,9 +93,9 @@ class TRAK(Attributor):
         q_sum = np.zeros(n)
         self_sum = np.zeros(n)
         lambdas = []
+        n_params = sum(p.numel() for p in project.build_model().parameters())
         for m, ck in enumerate(self.members):
             self._check_cancel("fit")
-            n_params = sum(p.numel() for p in project.build_model().parameters())
             k = s.proj_dim if s.proj_dim >= 0 else (default_projection_dim(n_params, n) or 0)
             projection = "none" if (k == 0 or s.projection == "none") else s.projection
             tag = stable_hash({"ck": ck.key, "k": k, "proj": projection, "seed": s.seed, "m": m})
@@ -108,7 +108,7 @@ class TRAK(Attributor):
             psi_path = folder / f"psi_{stable_hash({'d': s.damping, 'r': s.damping_ratio})}.npy"
             if psi_path.is_file():
                 psi = load_npy(psi_path, mmap=False)
-                lam = float(np.load(psi_path.with_suffix(".lambda.npy")).reshape(-1)[0])
+                lam = float(np.load(psi_path.with_suffix(".lambda.npy")))
             else:
                 psi, lam = solve_kernel(phi, s.damping, s.damping_ratio)
                 atomic_save_npy(psi_path.with_suffix(".lambda.npy"), np.array(lam))
