@@ -187,7 +187,7 @@ def np_float(v) -> float:
 
 def cluster_run_section(project, run, title: str, help_text: str):
     """Header, method description and the loaded cluster results of a DDM run (None if unloadable)."""
-    from app import clusters
+    from app.services import clusters
 
     st.subheader(title, help=help_text)
     st.info(clusters.method_description(run["method"]))

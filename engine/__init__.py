@@ -14,10 +14,10 @@ import torch as _torch
 if "PROPONENT_THREADS" in _os.environ or "OMP_NUM_THREADS" not in _os.environ:
     _torch.set_num_threads(int(_os.environ.get("PROPONENT_THREADS", "1")))
 
-from .api import attribute, cached_scores, fit_method
-from .errors import ProponentError, ValidationError
-from .methods import get_method, list_methods
-from .project import ExampleSet, Project
+from engine.api import attribute, cached_scores, fit_method
+from engine.core.errors import ProponentError, ValidationError
+from engine.methods import get_method, list_methods
+from engine.core.project import ExampleSet, Project
 
 __all__ = ["Project", "ExampleSet", "attribute", "cached_scores", "fit_method", "get_method", "list_methods",
            "ProponentError", "ValidationError"]

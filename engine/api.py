@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ProponentError
-from .grads import resolve_device
-from .methods.base import Attributor, Queries, SelfScoresUnavailable, coerce_settings, get_method, settings_dict
-from .project import Project
-from .store import StateDB, atomic_save_npy, atomic_write_json, load_npy, stable_hash
+from engine.core.errors import ProponentError
+from engine.autodiff import resolve_device
+from engine.methods.base import Attributor, Queries, SelfScoresUnavailable, coerce_settings, get_method, settings_dict
+from engine.core.project import Project
+from engine.storage.statedb import StateDB
+from engine.storage.arrays import atomic_save_npy, atomic_write_json, load_npy, stable_hash
 
 
 def run_key(project: Project, method: str, settings) -> str:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ProponentError
+from engine.core.errors import ProponentError
 
 
 def _project(path: str):
-    from .project import Project
+    from engine.core.project import Project
 
     return Project.load(path)
 
@@ -29,13 +29,13 @@ def _settings(pairs: list[str] | None) -> dict:
 
 
 def _progress():
-    from .progress import TerminalProgress
+    from engine.core.progress import TerminalProgress
 
     return TerminalProgress()
 
 
 def cmd_prepare(a) -> int:
-    from .samples import prepare_sample
+    from engine.core.samples import prepare_sample
 
     dest = prepare_sample(a.sample, a.dir, train=not a.no_train, models=a.models, progress=_progress(), force=a.force)
     print(f"prepared {a.sample} at {dest}")
@@ -43,7 +43,7 @@ def cmd_prepare(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from .train import accuracy, record_training
+    from engine.core.train import accuracy, record_training
 
     p = _project(a.project)
     device = "cpu" if a.device == "auto" else a.device
@@ -56,13 +56,13 @@ def cmd_train(a) -> int:
 
 
 def cmd_attribute(a) -> int:
-    from .api import cached_scores
+    from engine.api import cached_scores
 
     p = _project(a.project)
     res = cached_scores(p, a.method, _settings(a.set), device=a.device, progress=_progress(), use_cache=not a.no_cache)
     S = np.asarray(res["scores"], dtype=np.float64)
     if a.export:
-        from .store import atomic_save_npy
+        from engine.storage.arrays import atomic_save_npy
 
         atomic_save_npy(a.export, S)
     if a.json:
@@ -85,7 +85,7 @@ def cmd_attribute(a) -> int:
 
 
 def cmd_triage(a) -> int:
-    from .triage import triage
+    from engine.workflows.triage import triage
 
     p = _project(a.project)
     out = triage(p, a.method, _settings(a.set), device=a.device, progress=_progress(), limit=a.limit)
@@ -100,7 +100,7 @@ def cmd_triage(a) -> int:
 
 
 def cmd_leaks(a) -> int:
-    from .leaks import detect_leaks
+    from engine.workflows.leaks import detect_leaks
 
     p = _project(a.project)
     kw = {k: v for k, v in (("fpr", a.fpr), ("threshold", a.threshold)) if v is not None}
@@ -117,7 +117,7 @@ def cmd_leaks(a) -> int:
 
 
 def cmd_info(a) -> int:
-    from .methods import describe_settings, list_methods
+    from engine.methods import describe_settings, list_methods
 
     if a.project:
         p = _project(a.project)
@@ -144,7 +144,7 @@ def cmd_info(a) -> int:
 
 
 def cmd_bench(a, rest: list[str]) -> int:
-    from .evaluate.bench import cli_main
+    from engine.evaluate.bench import cli_main
 
     return cli_main([a.project, *rest])
 

@@ -30,10 +30,10 @@ from engine import Project  # noqa: E402
 from engine.evaluate.groundtruth import retrain_margins  # noqa: E402
 from engine.evaluate.metrics import pearson, spearman  # noqa: E402
 from engine.methods.base import get_method  # noqa: E402
-from engine.methods.ddm import DDM, DDMSettings  # noqa: E402
-from engine.samples import prepare_sample  # noqa: E402
-from engine.store import atomic_write_json  # noqa: E402
-from engine.train import train_model  # noqa: E402
+from engine.methods.ddm.method import DDM, DDMSettings  # noqa: E402
+from engine.core.samples import prepare_sample  # noqa: E402
+from engine.storage.arrays import atomic_write_json  # noqa: E402
+from engine.core.train import train_model  # noqa: E402
 
 
 def log(*a):
@@ -51,7 +51,7 @@ def quality_check(p, att, seeds, baselines) -> tuple[list, str]:
     import json
 
     from engine.evaluate.metrics import auroc
-    from engine.grads.measurement import example_loss
+    from engine.autodiff.measurement import example_loss
 
     cl = att.clustering
     K, n = cl.n_clusters, len(p.train_dataset)

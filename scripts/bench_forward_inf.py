@@ -27,10 +27,10 @@ from engine.api import cached_scores  # noqa: E402
 from engine.evaluate.groundtruth import random_subsets, retrain_margins  # noqa: E402
 from engine.evaluate.lds import lds  # noqa: E402
 from engine.evaluate.metrics import auroc, precision_at_k  # noqa: E402
-from engine.leaks import detect_leaks, leak_settings  # noqa: E402
+from engine.workflows.leaks import detect_leaks, leak_settings  # noqa: E402
 from engine.methods.base import get_method  # noqa: E402
-from engine.samples import prepare_sample  # noqa: E402
-from engine.triage import load_truth  # noqa: E402
+from engine.core.samples import prepare_sample  # noqa: E402
+from engine.workflows.triage import load_truth  # noqa: E402
 
 FI_REFERENCE = {"calibration": "reference"}  # one Adam step at 5e-3, raw loss change
 FI_LEAK = None  # leak defaults: plain steps, self-normalised (calibrated steps/lr)

@@ -34,12 +34,11 @@ os.environ.setdefault("PROPONENT_THREADS", "1")
 torch.set_num_threads(int(os.environ["PROPONENT_THREADS"]))
 
 from engine import Project  # noqa: E402
-from engine.gif import (generalized_solve, removal_target, retained_sample,  # noqa: E402
-                        select_parameters)
-from engine.grads.hvp import HessianOperator  # noqa: E402
-from engine.samples import prepare_sample  # noqa: E402
-from engine.whatif import (DEFAULT_HVP_EXAMPLES, DEFAULT_MAX_ITER, DEFAULT_SOLVER, DEFAULT_TOL,  # noqa: E402
-                           compare_edits, predict_edit, retrain_edit)
+from engine.methods.gif.solvers import generalized_solve, removal_target, retained_sample, select_parameters
+from engine.autodiff.hvp import HessianOperator  # noqa: E402
+from engine.core.samples import prepare_sample  # noqa: E402
+from engine.workflows.whatif import (DEFAULT_HVP_EXAMPLES, DEFAULT_MAX_ITER, DEFAULT_SOLVER, DEFAULT_TOL,
+    compare_edits, predict_edit, retrain_edit)
 
 COMMAND = "PROPONENT_THREADS=1 nice python scripts/bench_gif.py"
 
@@ -253,7 +252,7 @@ def main(argv=None) -> int:
                      f"Total benchmark time {time.perf_counter() - t_all:.0f}s. Each predicted edit is one solve "
                      f"of (P H Hᵀ Pᵀ) x = P H g with Hessian-vector products in float64.")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    from engine.store import atomic_write_json
+    from engine.storage.arrays import atomic_write_json
 
     atomic_write_json(args.out, out)
     log(f"wrote {args.out}")

@@ -34,8 +34,8 @@ from engine import Project  # noqa: E402
 from engine.evaluate.groundtruth import random_subsets, retrain_margins  # noqa: E402
 from engine.evaluate.lds import lds  # noqa: E402
 from engine.methods.base import get_method  # noqa: E402
-from engine.samples import prepare_sample  # noqa: E402
-from engine.store import atomic_write_json  # noqa: E402
+from engine.core.samples import prepare_sample  # noqa: E402
+from engine.storage.arrays import atomic_write_json  # noqa: E402
 
 ENSEMBLE = 5
 

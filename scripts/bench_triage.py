@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import Project  # noqa: E402
 from engine.api import cached_scores  # noqa: E402
 from engine.evaluate.metrics import auroc, precision_at_k  # noqa: E402
-from engine.samples import prepare_sample  # noqa: E402
-from engine.triage import load_truth  # noqa: E402
+from engine.core.samples import prepare_sample  # noqa: E402
+from engine.workflows.triage import load_truth  # noqa: E402
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine import Project, attribute  # noqa: E402
 from engine.evaluate.groundtruth import random_subsets, retrain_margins  # noqa: E402
 from engine.evaluate.lds import lds  # noqa: E402
-from engine.train import record_training  # noqa: E402
+from engine.core.train import record_training  # noqa: E402
 from tests.conftest import write_tabular_project  # noqa: E402
 
 MLP = '''

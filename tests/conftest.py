@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 def digits_project(tmp_path_factory):
     """The digits sample, data + one recorded model (15 checkpoints). Read-only for tests:
     copy it (``copy_project``) before changing anything."""
-    from engine.samples import prepare_sample
+    from engine.core.samples import prepare_sample
 
     root = tmp_path_factory.mktemp("digits")
     prepare_sample("digits", root / "digits", train=True, models=1)
@@ -29,7 +29,7 @@ def digits_project(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_ensemble_project(tmp_path_factory):
     """The digits sample with 3 independently trained models."""
-    from engine.samples import prepare_sample
+    from engine.core.samples import prepare_sample
 
     root = tmp_path_factory.mktemp("digits3")
     prepare_sample("digits", root / "digits", train=True, models=3)
@@ -94,7 +94,7 @@ def write_tabular_project(root: Path, *, n_train: int = 80, n_test: int = 20, d:
 def logreg_project(tmp_path_factory):
     """Multinomial logistic regression on 80 tabular points, trained to convergence (L-BFGS)."""
     from engine import Project
-    from engine.train import record_training
+    from engine.core.train import record_training
 
     root = write_tabular_project(tmp_path_factory.mktemp("logreg") / "logreg")
     p = Project.load(root)

@@ -18,8 +18,8 @@ import pytest
 from app import jobs
 from app import services as svc
 from engine import Project
-from engine.errors import ProponentError
-from engine.store import StateDB
+from engine.core.errors import ProponentError
+from engine.storage.statedb import StateDB
 
 MAIN = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
 FAST_TRAK = {"ensemble": "final"}  # one checkpoint: the same code path, a fraction of the time
@@ -426,9 +426,9 @@ def test_cost_estimate_counts_passes(ran_project):
 
 
 def test_whatif_job_plumbing(monkeypatch, ran_project, tmp_path):
-    """The What-if job hands the flagged set to engine.whatif and stores a JSON-able result
+    """The What-if job hands the flagged set to engine.workflows.whatif and stores a JSON-able result
     (the GIF solve itself is tested by its own engineer; here it is replaced by a recorder)."""
-    import engine.whatif as whatif
+    import engine.workflows.whatif as whatif
 
     p = _copy(ran_project, tmp_path / "digits")
     seen = {}

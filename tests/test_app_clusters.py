@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app import clusters
+from app.services import clusters
 from app import jobs
 from app import services as svc
 from engine import Project
 from engine.api import fit_method, run_dir
-from engine.errors import ProponentError
+from engine.core.errors import ProponentError
 from engine.methods import get_method
-from engine.methods.ddm import cluster_table
-from engine.store import load_npy
+from engine.methods.ddm.method import cluster_table
+from engine.storage.arrays import load_npy
 
 MAIN = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
 # small and fast, same code paths: 2 clusters per class, 4 matching steps at 2 checkpoints
@@ -104,7 +104,7 @@ def test_harmful_clusters_and_bulk_flag(ddm_run, fresh, tmp_path):
     np.testing.assert_allclose(hz["validation loss change"], val[want])
     assert (np.diff(hz["validation loss change"]) >= 0).all() and (hz["validation loss change"] < 0).all()
     # flag through a throwaway state db so the page tests start clean
-    from engine.store import StateDB
+    from engine.storage.statedb import StateDB
 
     db = StateDB(tmp_path / "state.db")
     two = want[:2]

@@ -11,7 +11,7 @@ import pytest
 
 from engine import Project
 from engine.cli import main as cli
-from engine.train import record_training
+from engine.core.train import record_training
 
 try:
     from tests.conftest import MLP_MODEL, write_tabular_project

@@ -197,7 +197,7 @@ def test_user_flow(app_server, tmp_path):
     print("timings", json.dumps(timings))
     bench = os.environ.get("PROPONENT_APP_BENCH")
     if bench:
-        from engine.store import atomic_write_json
+        from engine.storage.arrays import atomic_write_json
 
         rows = [[k, round(v, 2)] for k, v in timings.items()]
         atomic_write_json(bench, {

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.grads import curvature as cv
+from engine.autodiff import curvature as cv
 
 
 def _tiny_data(n=40, d=6, classes=4, seed=0):
@@ -132,7 +132,7 @@ def test_layers_without_kronecker_factors_are_listed_not_dropped():
 
 
 def test_layout_round_trip():
-    from engine.grads import GradientComputer
+    from engine.autodiff import GradientComputer
 
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3, bias=False))
     layers, _ = cv.curvature_layers(model)

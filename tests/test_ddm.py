@@ -7,17 +7,17 @@ import pytest
 import torch
 
 from engine import Project
-from engine.errors import Cancelled, ProponentError
+from engine.core.errors import Cancelled, ProponentError
 from engine.evaluate.metrics import pearson, spearman
 from engine.methods.base import coerce_settings, get_method
-from engine.methods.ddm import DDM, DDMSettings, cluster_quality, cluster_table, synset_images
-from engine.synset import cluster_per_class
-from engine.train import record_training, train_model
+from engine.methods.ddm.method import DDM, DDMSettings, cluster_quality, cluster_table, synset_images
+from engine.methods.ddm.synset import cluster_per_class
+from engine.core.train import record_training, train_model
 from tests.conftest import write_tabular_project
 
 
 def _margins(model, ds):
-    from engine.grads import correct_class_margin
+    from engine.autodiff import correct_class_margin
     with torch.no_grad():
         return correct_class_margin(model(ds.x), ds.y).double().numpy()
 
@@ -157,7 +157,7 @@ def test_harmful_cluster_is_found_and_removal_really_helps(tmp_path):
     assert len(set(top["members"]) & set(src.tolist())) >= 0.75 * top["size"]
     # real check: removing the top-ranked cluster vs the least harmful one
     val = np.setdiff1d(att.validation_rows, np.concatenate([top["members"], table[-1]["members"]]))
-    from engine.grads.measurement import example_loss
+    from engine.autodiff.measurement import example_loss
 
     def val_loss(drop):
         m = train_model(p, indices=np.setdiff1d(np.arange(len(p.train_dataset)), drop))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine import Project
-from engine.errors import ProponentError
+from engine.core.errors import ProponentError
 from engine.evaluate import groundtruth as gt
 from engine.evaluate.lds import lds, loo_correlation
 from engine.evaluate.metrics import auroc, precision_at_k
@@ -97,7 +97,7 @@ def tab_project(tmp_path):
     return Project.load(root)
 
 
-import engine.train as _train  # noqa: E402
+import engine.core.train as _train  # noqa: E402
 
 _REAL_TRAIN_MODEL = _train.train_model
 
@@ -107,7 +107,7 @@ class _SimulatedKill(RuntimeError):
 
 
 def _count_trains(monkeypatch, fail_after: int | None = None):
-    import engine.train as train
+    import engine.core.train as train
 
     calls = {"n": 0}
     real = _REAL_TRAIN_MODEL
@@ -139,7 +139,7 @@ def test_groundtruth_cache_reuse_and_resume(tab_project, monkeypatch):
     b = gt.retrain_margins(p, subsets=subsets, seeds=[0, 1], processes=1)
     assert calls["n"] == 0 and np.array_equal(a, b)
     # the cached values are the real margins of a model retrained on that subset
-    from engine.train import train_model
+    from engine.core.train import train_model
 
     model = train_model(p, indices=np.flatnonzero(subsets[3]), seed=1)
     assert np.allclose(a[3, 1], gt.test_margins(model, p.test_dataset.x, p.test_dataset.y))
@@ -156,7 +156,7 @@ def test_loo_effects_orientation_on_convex_model(tab_project):
     p = tab_project
     per_seed, eff = gt.loo_effects(p, [0, 1, 2], seeds=[0], processes=1)
     assert per_seed.shape == (1, 3, len(p.test_dataset)) and eff.shape == (3, len(p.test_dataset))
-    from engine.train import train_model
+    from engine.core.train import train_model
 
     full = gt.test_margins(train_model(p, seed=0), p.test_dataset.x, p.test_dataset.y)
     wo = gt.test_margins(train_model(p, indices=np.setdiff1d(np.arange(len(p.train_dataset)), [1]), seed=0),
@@ -213,8 +213,8 @@ def test_planted_exact_leaks_are_found_and_flips_detected(tab_project, tmp_path)
 
 # ----------------------------------------------------------------------------- counterfactual
 def test_counterfactual_top_proponents_beat_random_on_convex_model(tab_project):
-    from engine.evaluate.counterfactual import counterfactual_check
-    from engine.train import record_training
+    from engine.workflows.counterfactual import counterfactual_check
+    from engine.core.train import record_training
 
     p = tab_project
     record_training(p)
@@ -227,7 +227,7 @@ def test_counterfactual_top_proponents_beat_random_on_convex_model(tab_project):
         assert row["change"] < 0  # removing proponents lowers the margin
         assert row["change"] < row["random_change_mean"]  # ...more than removing random examples
     # removing the top *opponents* (negated scores) must not lower it like that
-    from engine.evaluate.counterfactual import query_scores
+    from engine.workflows.counterfactual import query_scores
 
     s = query_scores(p, q, "exact-if")
     anti = counterfactual_check(p, q, scores_row=-s, k_values=(8,), seeds=(0,), random_trials=0, processes=1)
@@ -242,7 +242,7 @@ def test_exact_influence_scores_high_on_real_retraining(tab_project):
     """The harness end to end on a convex model: exact influence must predict real retraining (LOO r ≈ 1,
     LDS high) and its sign-flipped scores must score negative; random scores score ≈ 0."""
     from engine import attribute
-    from engine.train import record_training
+    from engine.core.train import record_training
 
     p = tab_project
     record_training(p)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from engine import attribute
-from engine.errors import Cancelled
-from engine.grads import GradientComputer, correct_class_margin, make_projector
-from engine.grads.features import featurize
+from engine.core.errors import Cancelled
+from engine.autodiff import GradientComputer, correct_class_margin, make_projector
+from engine.autodiff.features import featurize
 
 
 def test_per_example_gradients_match_autograd(digits_project):
@@ -99,7 +99,7 @@ def test_cancelled_fit_resumes(digits_project, copy_project):
 
     with pytest.raises(Cancelled):
         attribute(p, "trak", settings={"proj_dim": 256, "max_models": 2}, cancel=cancel)
-    from engine.store import StateDB
+    from engine.storage.statedb import StateDB
     runs = StateDB.for_project(p).list_runs()
     assert runs[0]["status"] == "cancelled"
     S = attribute(p, "trak", settings={"proj_dim": 256, "max_models": 2})

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from engine import Project
-from engine.grads import GradientComputer
+from engine.autodiff import GradientComputer
 from engine.methods.base import get_method
-from engine.train import record_training, train_model
+from engine.core.train import record_training, train_model
 from tests.conftest import MLP_MODEL, write_tabular_project
 
 BN_MODEL = '''
@@ -68,7 +68,7 @@ def test_one_small_sgd_step_is_lr_times_grad_dot(mlp_project):
 
 def test_sign_matches_leave_one_out_on_convex_model(logreg_project):
     """Positive score = removing the example lowers the query's margin (real LOO retraining)."""
-    from engine.grads.measurement import correct_class_margin
+    from engine.autodiff.measurement import correct_class_margin
 
     p = logreg_project
     n = len(p.train_dataset)
@@ -190,7 +190,7 @@ def test_memorised_query_is_moved_onto_a_sphere(mlp_project):
 
 
 def test_bad_settings_are_one_line_errors(mlp_project):
-    from engine.errors import ProponentError
+    from engine.core.errors import ProponentError
     from engine.methods.base import coerce_settings
 
     with pytest.raises(ProponentError, match="optimizer"):
@@ -200,7 +200,7 @@ def test_bad_settings_are_one_line_errors(mlp_project):
 
 
 def test_calibration_uses_training_data_only_and_is_cached(logreg_project, copy_project):
-    from engine.calibration import GRIDS, calibrate_forward_inf
+    from engine.methods.forward_inf.calibration import GRIDS, calibrate_forward_inf
 
     p = copy_project(logreg_project, "cal")
     t0 = time.perf_counter()

@@ -15,11 +15,11 @@ from torch import nn
 
 from engine import Project
 from tests.conftest import LINEAR_MODEL, write_tabular_project
-from engine.gif import (SolverNotConverged, adjoint_solve, generalized_solve, removal_target, require_converged, retained_sample,
-                        rows_per_layer, select_parameters, solve_psd)
-from engine.grads.hvp import HessianOperator, add_to_parameters, flat_parameters, parameter_layout
-from engine.grads.measurement import correct_class_margin
-from engine.train import predict_logits, record_training, train_model
+from engine.methods.gif.solvers import (SolverNotConverged, adjoint_solve, generalized_solve, removal_target,
+    require_converged, retained_sample, rows_per_layer, select_parameters, solve_psd)
+from engine.autodiff.hvp import HessianOperator, add_to_parameters, flat_parameters, parameter_layout
+from engine.autodiff.measurement import correct_class_margin
+from engine.core.train import predict_logits, record_training, train_model
 
 LINEAR = LINEAR_MODEL
 
@@ -77,7 +77,7 @@ def test_parameter_order_is_module_order():
             self.b = nn.Linear(3, 3)
             self.b.weight = self.a.weight
 
-    from engine.errors import ProponentError
+    from engine.core.errors import ProponentError
     with pytest.raises(ProponentError, match="module order"):
         parameter_layout(Shared())
 
@@ -259,13 +259,13 @@ def test_gif_attribution_orientation_matches_loo(logreg):
     r = np.corrcoef(np.concatenate(pred), np.concatenate(true))[0, 1]
     assert r > 0.9, r
     # a 5% selection on an MLP gives finite, differently-ranked scores, and refuses too many queries
-    from engine.errors import ProponentError
+    from engine.core.errors import ProponentError
     with pytest.raises(ProponentError, match="max_queries"):
         cls().fit(logreg, {"max_queries": 3}).scores("test")
 
 
 def test_gif_attribution_reports_unconverged(mlp):
-    from engine.errors import ProponentError
+    from engine.core.errors import ProponentError
     from engine.methods.base import get_method
 
     cls = get_method("gif")

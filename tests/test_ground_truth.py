@@ -7,8 +7,8 @@ import torch
 
 from engine import Project, attribute
 from engine.evaluate.metrics import pearson, spearman
-from engine.grads import correct_class_margin
-from engine.train import train_model
+from engine.autodiff import correct_class_margin
+from engine.core.train import train_model
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_knn_is_similarity_not_influence(logreg_project):
 
 def test_trak_without_projection_matches_closed_form(logreg_project):
     """With no projection and λ→0, TRAK is φ_q (ΦᵀΦ)⁻¹ φ_iᵀ · Q_i with the full margin gradients."""
-    from engine.grads import GradientComputer, correct_class_probability
+    from engine.autodiff import GradientComputer, correct_class_probability
 
     p = logreg_project
     S = attribute(p, "trak", settings={"proj_dim": 0, "damping": 1e-6})
@@ -77,7 +77,7 @@ def test_trak_handles_more_dimensions_than_examples(logreg_project):
     retraining). Proponent solves the n×n dual form and picks λ from the spectrum, so projected
     scores stay close to the unprojected ones."""
     from tests.conftest import MLP_MODEL, write_tabular_project
-    from engine.train import record_training
+    from engine.core.train import record_training
 
     root = write_tabular_project(logreg_project.root.parent / "kn", n_train=30, n_test=10, model=MLP_MODEL)
     p = Project.load(root)

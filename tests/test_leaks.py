@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from engine.leaks import detect_leaks, row_statistics
-from engine.triage import load_truth
+from engine.workflows.leaks import detect_leaks, row_statistics
+from engine.workflows.triage import load_truth
 
 
 @pytest.fixture(scope="module")

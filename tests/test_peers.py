@@ -19,13 +19,7 @@ from torch import nn
 
 torch.set_num_threads(2)
 
-from engine.evaluate.peers import (  # noqa: E402
-    PEER_METHODS,
-    PeerInputs,
-    available_peers,
-    featurize_throughput_traker,
-    run_peer,
-)
+from engine.evaluate.peers import PEER_METHODS, PeerInputs, available_peers, featurize_throughput_traker, run_peer
 
 D, C, N, NQ = 4, 3, 60, 10
 WD = 1e-2  # L2 on all parameters: the Hessian of the training objective is H_CE + WD * I

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from engine import Project
-from engine.errors import ProponentError
+from engine.core.errors import ProponentError
 from engine.evaluate.groundtruth import loo_effects
 from engine.evaluate.metrics import pearson
 from engine.methods.ekfac import EKFAC, EKFACSettings
 from engine.methods.source import Source, SourceSettings
-from engine.train import record_training
+from engine.core.train import record_training
 from tests.conftest import write_tabular_project
 
 
@@ -69,7 +69,7 @@ def test_one_segment_source_is_ekfac_influence(digits_project, logreg_project):
 
 def test_ekfac_scores_equal_the_explicit_formula(logreg_project):
     """S = −(1/N) ∇f_qᵀ (Q diag(σ) Qᵀ + λ)⁻¹ ∇ℓ_i with the fitted basis, built as dense matrices."""
-    from engine.grads import GradientComputer
+    from engine.autodiff import GradientComputer
 
     p = logreg_project
     ek = EKFAC().fit(p)
@@ -157,8 +157,8 @@ def test_multistage_sample_segments_and_schedule(tmp_path):
     import math
 
     from engine.methods.source import EngineConfig, plan_segments
-    from engine.samples import prepare_sample
-    from engine.train import lr_at
+    from engine.core.samples import prepare_sample
+    from engine.core.train import lr_at
 
     p = Project.load(prepare_sample("digits-multistage", tmp_path / "ms", train=True, models=1))
     segs = plan_segments(p, EngineConfig())
@@ -175,7 +175,7 @@ def test_multistage_sample_segments_and_schedule(tmp_path):
 def test_noisy_sample_flips_labels(tmp_path):
     import json
 
-    from engine.samples import prepare_sample
+    from engine.core.samples import prepare_sample
 
     root = prepare_sample("digits-noisy", tmp_path / "noisy", train=False)
     truth = json.loads((root / "truth.json").read_text())
@@ -198,7 +198,7 @@ def build(input_shape, num_classes):
 def test_ekfac_on_conv_model_equals_block_diagonal_formula(tmp_path):
     """Conv2d + Linear (+ a LayerNorm that is left out and reported): the engine's scores equal
     −(1/N) ∇f_qᵀ blockdiag(Q_l diag(σ_l + λ_l) Q_lᵀ)⁻¹ ∇ℓ_i over the covered parameters."""
-    from engine.grads import GradientComputer
+    from engine.autodiff import GradientComputer
 
     root = write_tabular_project(tmp_path / "conv", n_train=50, n_test=10, d=9, model=CONV_MODEL,
                                  training=GD.replace("epochs = 30", "epochs = 5"))

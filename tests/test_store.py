@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.store import ChunkedArray, StateDB, atomic_save_npy
+from engine.storage.arrays import ChunkedArray, atomic_save_npy
+from engine.storage.statedb import StateDB
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,7 @@ def test_bad_flag_value_rejected(tmp_path):
 def test_atomic_save_leaves_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "a.npy"
     atomic_save_npy(path, np.arange(5))
-    import engine.store as store
+    import engine.storage.arrays as store
 
     def broken_save(f, arr, allow_pickle=False):
         f.write(b"partial")

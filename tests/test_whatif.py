@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.errors import ProponentError
-from engine.gif import SolverNotConverged
-from engine.grads.measurement import correct_class_margin
-from engine.train import predict_logits
-from engine.whatif import compare_edits, predict_edit, retrain_edit
+from engine.core.errors import ProponentError
+from engine.methods.gif.solvers import SolverNotConverged
+from engine.autodiff.measurement import correct_class_margin
+from engine.core.train import predict_logits
+from engine.workflows.whatif import compare_edits, predict_edit, retrain_edit
 
-from .test_gif import make_project
+from tests.test_gif import make_project
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app import clusters
+from app.services import clusters
 from app import services as svc
 from app import ui
 
@@ -207,7 +207,7 @@ trials = v2.number_input("Random removals per k", 0, 10, 3, key="verify_trials")
 if st.button("Verify", key="verify", disabled=why is not None or not ks,
              help=why or "Retrain (2 seeds) without the top-k proponents and compare the query's margin with k random "
                          "removals. Runs in the background."):
-    import engine.evaluate.counterfactual as cf
+    import engine.workflows.counterfactual as cf
 
     kw = svc.verify_kwargs(cf.counterfactual_check, query=q, method=run["method"], settings=run.get("settings"),
                            scores_row=S[q], k_values=sorted(ks), random_trials=int(trials))

@@ -1,7 +1,7 @@
 """Synset: the distilled synthetic examples of a cluster method (DDM), one per cluster."""
 import streamlit as st
 
-from app import clusters
+from app.services import clusters
 from app import services as svc
 from app import ui
 

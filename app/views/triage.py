@@ -2,7 +2,7 @@
 import plotly.express as px
 import streamlit as st
 
-from app import clusters
+from app.services import clusters
 from app import services as svc
 from app import ui
 
@@ -169,7 +169,7 @@ st.caption(f"{len(idx)} example(s) in the edit set.")
 if st.button("Predict the effect", key="whatif", disabled=bool(why) or not idx):
     params = {"indices": idx, "action": w_action, "retrain": bool(w_retrain)}
     if w_action == "relabel":
-        params["new_labels"] = [svc._label_value(to_relabel[i], project.train_df[project.label_column].dtype)
+        params["new_labels"] = [svc.label_value(to_relabel[i], project.train_df[project.label_column].dtype)
                                 for i in idx]
     ui.start(project, "whatif", params)
 if why:

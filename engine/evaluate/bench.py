@@ -23,8 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import ProponentError
-from ..project import Project
+from engine.core.errors import ProponentError
+from engine.core.project import Project
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -146,8 +146,8 @@ def _csv(s: str | None) -> list[str] | None:
 
 
 def resolve_config(a: argparse.Namespace) -> dict:
-    from ..methods.base import list_methods
-    from .peers import PEER_METHODS
+    from engine.methods.base import list_methods
+    from engine.evaluate.peers import PEER_METHODS
 
     metrics = _csv(a.metrics) or []
     bad = [m for m in metrics if m not in ALL_METRICS]
@@ -192,7 +192,7 @@ def resolve_config(a: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------- the run
 def _peer_checkpoints(project: Project, peer_method: tuple[str, str]):
     """TracIn-style peers use model 0's whole trajectory; TRAK-style ones the same members as our TRAK."""
-    from ..methods.trak import ensemble_checkpoints
+    from engine.methods.trak import ensemble_checkpoints
 
     if peer_method in (("dattri", "tracin"), ("captum", "tracincp")):
         return [c for c in project.checkpoints if c.model_id == project.final_checkpoints()[0].model_id]
@@ -205,8 +205,8 @@ def _peer_worker(root: str, peer: str, method: str, proj_dim: int, queries, devi
     os.environ["PROPONENT_THREADS"] = "1"
     torch.set_num_threads(1)
     try:
-        from .detection import _peer_inputs
-        from .peers import run_peer
+        from engine.evaluate.detection import _peer_inputs
+        from engine.evaluate.peers import run_peer
 
         project = Project.load(root)
         inputs = _peer_inputs(project, device=device, proj_dim=proj_dim, queries=np.asarray(queries), seed=seed,
@@ -223,10 +223,10 @@ def run_peer_limited(project: Project, peer: str, method: str, *, queries, proj_
     import multiprocessing as mp
     import queue as _queue
 
-    from .peers import PeerResult, run_peer
+    from engine.evaluate.peers import PeerResult, run_peer
 
     if not timeout or timeout <= 0:
-        from .detection import _peer_inputs
+        from engine.evaluate.detection import _peer_inputs
 
         inputs = _peer_inputs(project, device=device, proj_dim=proj_dim, queries=queries, seed=seed,
                               checkpoints=_peer_checkpoints(project, (peer, method)))
@@ -252,10 +252,10 @@ def run_peer_limited(project: Project, peer: str, method: str, *, queries, proj_
 
 
 def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, log=print) -> dict:
-    from ..api import cached_scores
-    from ..methods.base import coerce_settings, get_method, settings_dict
-    from . import groundtruth as gt
-    from .lds import lds, loo_correlation
+    from engine.api import cached_scores
+    from engine.methods.base import coerce_settings, get_method, settings_dict
+    from engine.evaluate import groundtruth as gt
+    from engine.evaluate.lds import lds, loo_correlation
 
     prog = progress or (lambda s, d, t: None)
     t_start = time.perf_counter()
@@ -304,7 +304,7 @@ def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, l
     peer_names = {p.partition(":")[0] for p in cfg["peers"]}
     leak_q = None
     if "leak" in metrics and cfg["leak_source"] in ("auto", "truth"):
-        from .detection import truth_leaks
+        from engine.evaluate.detection import truth_leaks
 
         tl = truth_leaks(project)
         leak_q = None if tl is None else np.array([l["test_index"] for l in tl], np.int64)
@@ -367,7 +367,7 @@ def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, l
     # ---- mislabel
     runnable_names = [(r["method"], {}) for r in rows if r["method"] in scores]
     if "mislabel" in metrics:
-        from .detection import mislabel_benchmark
+        from engine.evaluate.detection import mislabel_benchmark
 
         log("bench: mislabel detection")
         res = mislabel_benchmark(project, runnable_names, source=cfg["mislabel_source"], device=cfg["device"],
@@ -384,7 +384,7 @@ def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, l
 
     # ---- leak
     if "leak" in metrics:
-        from .detection import leak_benchmark, leak_recall
+        from engine.evaluate.detection import leak_benchmark, leak_recall
 
         log("bench: leak detection")
         res = leak_benchmark(project, runnable_names, source=cfg["leak_source"], device=cfg["device"], progress=prog)
@@ -405,7 +405,7 @@ def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, l
 
     # ---- cost
     if "cost" in metrics:
-        from .cost import featurize_throughput, measure_method, scaling
+        from engine.evaluate.cost import featurize_throughput, measure_method, scaling
 
         log("bench: cost")
         for r in rows:
@@ -418,8 +418,8 @@ def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, l
         out["metrics"]["cost"] = {"featurize_examples_per_second": {
             "proponent": featurize_throughput(project, proj_dim=cfg["proj_dim"], device=cfg["device"])}}
         if "traker" in peer_names:
-            from .detection import _peer_inputs
-            from .peers import featurize_throughput_traker
+            from engine.evaluate.detection import _peer_inputs
+            from engine.evaluate.peers import featurize_throughput_traker
 
             try:
                 out["metrics"]["cost"]["featurize_examples_per_second"]["traker"] = featurize_throughput_traker(
@@ -435,7 +435,7 @@ def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, l
 
     # ---- counterfactual: remove each query's top-k proponents vs k random examples, retrain
     if "counterfactual" in metrics:
-        from .counterfactual import counterfactual_check
+        from engine.workflows.counterfactual import counterfactual_check
 
         log(f"bench: counterfactual check, {cfg['cf_queries']} queries")
         cf_q = queries[: max(1, cfg["cf_queries"])]
@@ -462,7 +462,7 @@ def run_bench(project: Project, cfg: dict, progress: ProgressFn | None = None, l
         out["trak_vs_traker"] = trak_vs_traker(project, cfg, subsets, margins, queries, log=log)
 
     out["peers"] = peer_rows
-    from ..methods.base import list_methods
+    from engine.methods.base import list_methods
 
     out["registry_not_run"] = [c.name for c in list_methods() if c.name not in cfg["methods"]]
     out["seconds"] = time.perf_counter() - t_start
@@ -474,11 +474,11 @@ def trak_vs_traker(project: Project, cfg: dict, subsets, margins, queries, log=p
     damping, each with two projection seeds: LDS, times, featurization throughput."""
     import tempfile
 
-    from ..methods.base import coerce_settings, get_method
-    from ..methods.trak import ensemble_checkpoints
-    from .detection import _peer_inputs
-    from .lds import lds
-    from .peers import run_peer
+    from engine.methods.base import coerce_settings, get_method
+    from engine.methods.trak import ensemble_checkpoints
+    from engine.evaluate.detection import _peer_inputs
+    from engine.evaluate.lds import lds
+    from engine.evaluate.peers import run_peer
 
     k = cfg["proj_dim"]
     cks = ensemble_checkpoints(project, "auto", 0)
@@ -571,7 +571,7 @@ def make_tables(result: dict) -> list[dict]:
                      f"includes the cross-validation.")
     if leak_m:
         notes.append(f"Leak: {leak_m['source']} ({leak_m['n_leaks']} planted copies); recall@k = share of leaked queries whose "
-                     f"planted twin is among its top-k proponents. Leak flags P/R: engine.leaks.detect_leaks over all "
+                     f"planted twin is among its top-k proponents. Leak flags P/R: engine.workflows.leaks.detect_leaks over all "
                      f"test queries.")
     not_run = result.get("registry_not_run") or []
     if not_run:
@@ -640,8 +640,8 @@ def print_table(table: dict, stream=sys.stdout) -> None:
 
 
 def cli_main(argv: list[str]) -> int:
-    from ..progress import TerminalProgress
-    from ..store import atomic_write_json
+    from engine.core.progress import TerminalProgress
+    from engine.storage.arrays import atomic_write_json
 
     ap = build_parser()
     a = ap.parse_args(argv)

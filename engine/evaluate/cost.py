@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..errors import ProponentError
-from ..project import Project
+from engine.core.errors import ProponentError
+from engine.core.project import Project
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -96,7 +96,7 @@ def measure_method(project: Project, method: str, settings=None, *, device: str 
 
     With ``fresh`` (default) the fit runs on a copy of the project without its ``.proponent``
     state, so no cached features or factors of earlier runs are reused."""
-    from ..methods.base import coerce_settings, get_method, settings_dict
+    from engine.methods.base import coerce_settings, get_method, settings_dict
 
     cls = get_method(method)
     reason = cls.supports(project)
@@ -107,7 +107,7 @@ def measure_method(project: Project, method: str, settings=None, *, device: str 
     with tempfile.TemporaryDirectory(prefix=f"proponent-cost-{method}-") as tmp:
         if fresh:
             # a copy without .proponent: nothing a method caches at project level can be reused
-            from .detection import copy_project
+            from engine.evaluate.detection import copy_project
 
             project = Project.load(copy_project(project, Path(tmp) / "project", checkpoints=True))
         att = cls(s, device=device, workdir=Path(tmp) / "work", progress=timer, cancel=cancel)
@@ -131,9 +131,9 @@ def featurize_throughput(project: Project, *, proj_dim: int = 512, projection: s
                          n_examples: int | None = None, seed: int = 0) -> float:
     """Examples/s of our featurization (per-example margin gradients + projection) on the training
     set at the final checkpoint: the same work as traker's ``featurize`` (see peers.featurize_throughput_traker)."""
-    from ..grads.features import project_gradients
-    from ..grads.per_example import GradientComputer
-    from ..grads.projection import make_projector
+    from engine.autodiff.features import project_gradients
+    from engine.autodiff.per_example import GradientComputer
+    from engine.autodiff.projection import make_projector
 
     ds = project.train_dataset
     n = len(ds) if n_examples is None else min(int(n_examples), len(ds))
@@ -150,9 +150,9 @@ def featurize_throughput(project: Project, *, proj_dim: int = 512, projection: s
 
 def subsample_project(project: Project, n: int, dest: str | Path, *, seed: int = 0, models: int | None = None) -> Project:
     """A trained copy of ``project`` whose training set is ``n`` rows drawn without replacement."""
-    from ..store import atomic_write_text
-    from ..train import record_training
-    from .detection import copy_project
+    from engine.storage.arrays import atomic_write_text
+    from engine.core.train import record_training
+    from engine.evaluate.detection import copy_project
 
     n_all = len(project.train_dataset)
     if not 1 <= n <= n_all:

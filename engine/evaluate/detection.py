@@ -9,7 +9,7 @@ the project as it is.
 
 Leak: copy ``m`` test examples into the training set of a temporary copy, exactly and as near
 duplicates, retrain, and check whether each leaked query's planted twin is among its top-1 / top-5
-proponents (recall@1, recall@5). If ``engine.leaks.detect_leaks`` is available, the precision and
+proponents (recall@1, recall@5). If ``engine.workflows.leaks.detect_leaks`` is available, the precision and
 recall of its flag decision over all test queries are reported too.
 
 ``truth.json`` is read only here, by the benchmark, never by a method.
@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import ProponentError
-from ..project import STATE_DIRNAME, Project
-from .metrics import auroc, precision_at_k
+from engine.core.errors import ProponentError
+from engine.core.project import STATE_DIRNAME, Project
+from engine.evaluate.metrics import auroc, precision_at_k
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -68,7 +68,7 @@ def copy_project(project: Project, dest: str | Path, *, checkpoints: bool = Fals
 
 
 def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
-    from ..store import atomic_write_text
+    from engine.storage.arrays import atomic_write_text
 
     atomic_write_text(path, df.to_csv(index=False))
 
@@ -76,7 +76,7 @@ def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
 def make_flipped_project(project: Project, labels: np.ndarray, dest: str | Path, *, models: int | None = None,
                          progress: ProgressFn | None = None) -> Project:
     """A trained copy of ``project`` whose train CSV carries ``labels`` (class indices)."""
-    from ..train import record_training
+    from engine.core.train import record_training
 
     dest = copy_project(project, dest)
     rel = project.train_csv.relative_to(project.root)
@@ -108,7 +108,7 @@ def plant_leaks(project: Project, m: int, dest: str | Path, *, seed: int = 0, mo
     Returns the trained copy and ``[{"test_index", "train_index", "kind"}]``."""
     from PIL import Image
 
-    from ..train import record_training
+    from engine.core.train import record_training
 
     n_test = len(project.test_dataset)
     if not 1 <= m <= n_test:
@@ -161,7 +161,7 @@ def plant_leaks(project: Project, m: int, dest: str | Path, *, seed: int = 0, mo
 
 def cross_val_probs(project: Project, labels=None, folds: int = 5, seed: int = 0) -> np.ndarray:
     """Out-of-sample class probabilities of every training example by K-fold retraining (cleanlab's input)."""
-    from ..train import predict_logits, train_model
+    from engine.core.train import predict_logits, train_model
 
     n = len(project.train_dataset)
     perm = np.random.default_rng(seed).permutation(n)
@@ -240,7 +240,7 @@ def leak_flag_metrics(pairs: list[dict], leaks: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- benchmarks
 def _cached(project: Project, method: str, settings, device: str) -> tuple[dict, float]:
     """The method's cached run (test scores, self-scores, suspicion), computed once per project copy."""
-    from ..api import cached_scores
+    from engine.api import cached_scores
 
     t0 = time.perf_counter()
     res = cached_scores(project, method, settings, device=device)
@@ -281,7 +281,7 @@ def mislabel_benchmark(project: Project, methods: Sequence[tuple[str, dict]], *,
             rows.append(row)
         peers = []
         if cleanlab:
-            from .peers import run_peer
+            from engine.evaluate.peers import run_peer
 
             t0 = time.perf_counter()
             probs_cache = {}
@@ -316,7 +316,7 @@ def mislabel_benchmark(project: Project, methods: Sequence[tuple[str, dict]], *,
 
 def _peer_inputs(project: Project, *, device: str = "cpu", proj_dim: int = 512, queries=None, cross_val_probs=None,
                  seed: int = 0, checkpoints=None):
-    from .peers import PeerInputs
+    from engine.evaluate.peers import PeerInputs
 
     cks = checkpoints if checkpoints is not None else project.final_checkpoints()
     ts = project.test_dataset
@@ -331,7 +331,7 @@ def leak_benchmark(project: Project, methods: Sequence[tuple[str, dict]], *, sou
                    seed: int = 0, workdir: str | Path | None = None, device: str = "cpu", detector: bool = True,
                    progress: ProgressFn | None = None) -> dict:
     """recall@1/@5 of the planted twin among each leaked query's top proponents, per method;
-    with ``detector`` and engine.leaks available, precision/recall of its flags over all queries."""
+    with ``detector`` and engine.workflows.leaks available, precision/recall of its flags over all queries."""
     leaks = truth_leaks(project) if source in ("auto", "truth") else None
     if source == "truth" and leaks is None:
         raise ProponentError("no truth.json with planted leaks in the project", file=str(project.root))
@@ -346,7 +346,7 @@ def leak_benchmark(project: Project, methods: Sequence[tuple[str, dict]], *, sou
         q = np.array([l["test_index"] for l in leaks], np.int64)
         twins = np.array([l["train_index"] for l in leaks], np.int64)
         try:
-            from ..leaks import detect_leaks
+            from engine.workflows.leaks import detect_leaks
         except Exception:  # noqa: BLE001 - optional module
             detect_leaks = None
         rows = []

@@ -2,7 +2,7 @@
 
 ``retrain_margins`` is what LDS, leave-one-out and the mislabel benchmark measure against.
 Each (subset, seed) pair is a full retrain with the project's own recipe
-(``engine.train.train_model``); what is recorded is each test query's correct-class margin
+(``engine.core.train.train_model``); what is recorded is each test query's correct-class margin
 ``f = z_y − logsumexp_{j≠y} z_j``.
 
 Results are cached under ``<project>/.proponent/groundtruth/<key>.npy`` where the key hashes
@@ -22,9 +22,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..errors import ProponentError
-from ..project import Project
-from ..store import atomic_save_npy, atomic_write_json, load_npy, stable_hash
+from engine.core.errors import ProponentError
+from engine.core.project import Project
+from engine.storage.arrays import atomic_save_npy, atomic_write_json, load_npy, stable_hash
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -69,7 +69,7 @@ def groundtruth_key(project: Project, subsets: np.ndarray, seeds: Sequence[int],
 
 
 def test_margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 4096) -> np.ndarray:
-    from ..grads.measurement import correct_class_margin
+    from engine.autodiff.measurement import correct_class_margin
 
     model.eval()
     out = []
@@ -81,7 +81,7 @@ def test_margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch
 
 # ----------------------------------------------------------------------------- one subset
 def _subset_margins(project: Project, rows: np.ndarray, seeds: Sequence[int], labels, x) -> np.ndarray:
-    from ..train import train_model
+    from engine.core.train import train_model
 
     ts = project.test_dataset
     out = np.empty((len(seeds), len(ts)))

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
 
-from ..errors import ProponentError
-from .metrics import pearson, rankdata
+from engine.core.errors import ProponentError
+from engine.evaluate.metrics import pearson, spearman
 
 __all__ = ["lds", "loo_correlation", "columnwise_spearman"]
 
@@ -21,8 +22,8 @@ def _columnwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def columnwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman correlation per column (ties get average ranks)."""
-    ra = rankdata(np.asarray(a, np.float64).T).T
-    rb = rankdata(np.asarray(b, np.float64).T).T
+    ra = stats.rankdata(np.asarray(a, np.float64), axis=0)
+    rb = stats.rankdata(np.asarray(b, np.float64), axis=0)
     return _columnwise_pearson(ra, rb)
 
 
@@ -101,8 +102,6 @@ def loo_correlation(scores: np.ndarray, indices, loo_effects: np.ndarray, querie
     if scores.shape[0] != eff.shape[1]:
         raise ProponentError(f"scores has {scores.shape[0]} queries but loo_effects has {eff.shape[1]}")
     pred = scores[:, idx].T  # [k, n_q]
-    from .metrics import spearman
-
     out = {"loo": pearson(pred.ravel(), eff.ravel()), "spearman": spearman(pred.ravel(), eff.ravel()),
            "per_query": _columnwise_pearson(pred, eff), "n_removed": int(len(idx)),
            "n_seeds": 1 if per_seed is None else int(per_seed.shape[0]), "noise_ceiling": float("nan")}

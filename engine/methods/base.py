@@ -14,9 +14,9 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
-from ..errors import Cancelled, ProponentError
-from ..grads.per_example import resolve_device
-from ..project import ExampleSet, Project
+from engine.core.errors import Cancelled, ProponentError
+from engine.autodiff.per_example import resolve_device
+from engine.core.project import ExampleSet, Project
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -241,14 +241,18 @@ def register(cls: type[Attributor]) -> type[Attributor]:
     return cls
 
 
+# modules of the package that hold shared pieces rather than a method
+_NOT_METHODS = {"base", "gradsim"}
+
+
 def _discover() -> None:
     import importlib
     import pkgutil
 
-    from .. import methods as pkg
+    from engine import methods as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
-        if not info.name.startswith("_") and info.name != "base":
+        if info.name not in _NOT_METHODS:
             importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import register, setting
-from .source import CurvatureInfluence, EngineConfig
+from engine.methods.base import register, setting
+from engine.methods.source import CurvatureInfluence, EngineConfig
 
 
 @dataclasses.dataclass

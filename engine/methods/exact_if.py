@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, hessian
 
-from ..errors import ProponentError
-from ..grads import GradientComputer
-from .base import Attributor, register, setting
+from engine.core.errors import ProponentError
+from engine.autodiff import GradientComputer
+from engine.methods.base import Attributor, register, setting
 
 
 @dataclasses.dataclass

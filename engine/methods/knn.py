@@ -5,8 +5,8 @@ import dataclasses
 
 import numpy as np
 
-from ..grads.embeddings import penultimate_features
-from .base import Attributor, register, setting
+from engine.autodiff.embeddings import penultimate_features
+from engine.methods.base import Attributor, register, setting
 
 
 @dataclasses.dataclass

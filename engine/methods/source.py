@@ -4,7 +4,7 @@ One engine serves Source and EK-FAC influence (engine/methods/ekfac.py is a conf
 it). The recorded trajectory of one run is cut into segments ℓ = 1…L (one per training stage
 for multi-stage recipes, else L contiguous groups of checkpoints). Per segment:
 
-- EK-FAC factors (engine.grads.curvature): covariances A, S averaged over the segment's
+- EK-FAC factors (engine.autodiff.curvature): covariances A, S averaged over the segment's
   checkpoints, eigendecomposed once; eigenvalues Λ refit at each checkpoint in that shared
   basis and averaged. The curvature eigenvalues are σ = Λ + weight_decay (the training
   objective is mean cross-entropy + (wd/2)‖θ‖²);
@@ -39,12 +39,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import ProponentError
-from ..grads import GradientComputer, default_projection_dim, make_projector
-from ..grads import curvature as cv
-from ..project import Checkpoint, Project
-from ..store import atomic_save_npy, load_npy, stable_hash
-from .base import Attributor, register, setting
+from engine.core.errors import ProponentError
+from engine.autodiff import GradientComputer, default_projection_dim, make_projector
+from engine.autodiff import curvature as cv
+from engine.core.project import Checkpoint, Project
+from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
+from engine.methods.base import Attributor, register, setting
 
 ADAM_BETA2 = 0.999
 ADAM_EPS = 1e-8
@@ -150,12 +150,12 @@ def plan_segments(project: Project, cfg: EngineConfig) -> list[Segment]:
 def _lr_sum(project: Project, ck: Checkpoint, steps: int, stage_rows: dict[str, np.ndarray]) -> float:
     """Σ of the learning rates of the ``steps`` optimizer steps that end at ``ck``.
 
-    Recomputed from the recipe's schedule (engine.train.lr_at, as fit_model applies it) when the
+    Recomputed from the recipe's schedule (engine.core.train.lr_at, as fit_model applies it) when the
     checkpoint's stage is in the recipe; otherwise the checkpoint's recorded rate × steps.
     """
     import math
 
-    from ..train import lr_at
+    from engine.core.train import lr_at
 
     stage = next((s for s in project.recipe.resolved_stages() if s.name == ck.stage), None)
     n_rows = len(stage_rows[ck.stage]) if ck.stage in stage_rows else None

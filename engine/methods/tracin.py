@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ._gradsim import GradientSimilarity, GradSimSettings
-from .base import register, setting
+from engine.methods.gradsim import GradientSimilarity, GradSimSettings
+from engine.methods.base import register, setting
 
 
 @dataclasses.dataclass

@@ -14,10 +14,10 @@ import dataclasses
 import numpy as np
 import torch
 
-from ..grads import correct_class_probability, default_projection_dim
-from ..grads.features import checkpoint_features, project_gradients
-from ..store import atomic_save_npy, load_npy, stable_hash
-from .base import Attributor, register, setting
+from engine.autodiff import correct_class_probability, default_projection_dim
+from engine.autodiff.features import checkpoint_features, project_gradients
+from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
+from engine.methods.base import Attributor, register, setting
 
 
 @dataclasses.dataclass

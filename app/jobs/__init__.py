@@ -1,0 +1,4 @@
+"""Background jobs: rows of the project's SQLite ``jobs`` table run by worker processes
+(``python -m app.jobs.runner PROJECT JOB_ID``)."""
+from app.jobs.queue import (ACTIVE, KINDS, active_jobs, cancel_job, create_job, find_active, get_job, job_signature, list_jobs,  # noqa: F401
+                            refresh, run_job, start_job, wait)

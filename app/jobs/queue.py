@@ -1,0 +1,284 @@
+"""Background jobs that survive a page reload.
+
+A job is a row of the project's SQLite ``jobs`` table (engine.storage.arrays.StateDB) and a separate
+worker process (``python -m app.jobs.runner PROJECT JOB_ID``). The worker writes its progress
+(stage, done, total, examples/s, ETA) to the row; pages poll the row. Cancelling sets the
+status to ``cancelling``; the worker sees it through the Attributor ``cancel`` callback,
+stops at the next chunk (finished chunks are kept, a rerun resumes) and marks the job
+``cancelled``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+from engine.core.errors import Cancelled, ProponentError
+from engine.core.progress import RateTracker
+from engine.storage.statedb import StateDB
+
+REPO = Path(__file__).resolve().parents[2]
+ACTIVE = ("queued", "running", "cancelling")
+KINDS = ("attribute", "embedding", "verify", "whatif", "leaks", "query")
+
+
+def _db(root: str | Path) -> StateDB:
+    return StateDB(Path(root) / ".proponent" / "state.db")
+
+
+def _root(project) -> Path:
+    """A Project or a project folder (str / Path; note a Path's own ``.root`` is "/")."""
+    if isinstance(project, (str, os.PathLike)):
+        return Path(project)
+    return Path(project.root)
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child (finished, not reaped) counts as dead
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def job_signature(kind: str, params: dict) -> str:
+    return json.dumps({"kind": kind, **params}, sort_keys=True, default=str)
+
+
+def find_active(project, kind: str, params: dict) -> dict | None:
+    sig = job_signature(kind, params)
+    for j in list_jobs(project):
+        if j["status"] in ACTIVE and job_signature(j["kind"], j.get("params") or {}) == sig:
+            return j
+    return None
+
+
+def create_job(project, kind: str, params: dict) -> str:
+    if kind not in KINDS:
+        raise ProponentError(f"unknown job kind {kind!r}")
+    job_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:8]
+    _db(_root(project)).upsert_job(job_id, kind=kind, params=params, status="queued", stage="queued", done=0, total=0)
+    return job_id
+
+
+def start_job(project, kind: str, params: dict, *, background: bool = True) -> str:
+    """Queue a job and start its worker process (or run it here when ``background`` is False).
+    An identical job already running is returned instead of starting a second one."""
+    prior = find_active(project, kind, params)
+    if prior is not None:
+        refresh(project, prior["id"])
+        prior = get_job(project, prior["id"])
+        if prior and prior["status"] in ACTIVE:
+            return prior["id"]
+    job_id = create_job(project, kind, params)
+    root = _root(project)
+    if not background:
+        run_job(root, job_id)
+        return job_id
+    log_dir = root / ".proponent" / "jobs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("PROPONENT_THREADS", "1")
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    with open(log_dir / f"{job_id}.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "app.jobs.runner", str(root), job_id], cwd=str(REPO), env=env,
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    _db(root).upsert_job(job_id, pid=proc.pid)
+    return job_id
+
+
+def get_job(project, job_id: str) -> dict | None:
+    return _db(_root(project)).get_job(job_id)
+
+
+def list_jobs(project, limit: int = 50) -> list[dict]:
+    return _db(_root(project)).list_jobs(limit)
+
+
+def refresh(project, job_id: str) -> dict | None:
+    """The job's row, marking it failed if its worker died without saying so."""
+    db = _db(_root(project))
+    j = db.get_job(job_id)
+    if j and j["status"] in ACTIVE and j.get("pid") and not _alive(j["pid"]):
+        time.sleep(0.2)
+        j = db.get_job(job_id)
+        if j["status"] in ACTIVE:
+            status = "cancelled" if j["status"] == "cancelling" else "failed"
+            db.upsert_job(job_id, status=status, message=j.get("message") or "the worker process ended unexpectedly")
+            j = db.get_job(job_id)
+    return j
+
+
+def active_jobs(project) -> list[dict]:
+    out = []
+    for j in list_jobs(project):
+        if j["status"] in ACTIVE:
+            j = refresh(project, j["id"])
+            if j and j["status"] in ACTIVE:
+                out.append(j)
+    return out
+
+
+def cancel_job(project, job_id: str) -> None:
+    db = _db(_root(project))
+    j = db.get_job(job_id)
+    if j and j["status"] in ACTIVE:
+        db.upsert_job(job_id, status="cancelling", message="cancel requested")
+
+
+def wait(project, job_id: str, timeout: float = 600, poll: float = 0.25) -> dict:
+    t0 = time.time()
+    while True:
+        j = refresh(project, job_id)
+        if j is None or j["status"] not in ACTIVE:
+            return j
+        if time.time() - t0 > timeout:
+            raise TimeoutError(f"job {job_id} still {j['status']} after {timeout}s")
+        time.sleep(poll)
+
+
+# ----------------------------------------------------------------------------- the worker side
+class JobReporter:
+    """Progress callback (stage, done, total) writing to the jobs table at most every 0.3 s,
+    plus the cancel callback reading the status back."""
+
+    def __init__(self, db: StateDB, job_id: str, min_interval: float = 0.3):
+        self.db, self.job_id, self.min_interval = db, job_id, min_interval
+        self.rate = RateTracker()
+        self._last = 0.0
+        self._stage = None
+        self._cancel_checked = 0.0
+        self._cancelled = False
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        r, eta = self.rate.update(stage, done, total)
+        now = time.monotonic()
+        if stage == self._stage and now - self._last < self.min_interval and done < total:
+            return
+        self._stage, self._last = stage, now
+        self.db.upsert_job(self.job_id, stage=stage, done=int(done), total=int(total), rate=float(r),
+                           eta=(float(eta) if eta == eta else None))
+
+    def cancel(self) -> bool:
+        if self._cancelled:
+            return True
+        now = time.monotonic()
+        if now - self._cancel_checked < 0.2:
+            return False
+        self._cancel_checked = now
+        j = self.db.get_job(self.job_id)
+        self._cancelled = bool(j and j["status"] == "cancelling")
+        return self._cancelled
+
+
+def run_job(root: str | Path, job_id: str) -> dict:
+    """Run a queued job to completion in this process, recording the outcome in its row."""
+    db = _db(root)
+    j = db.get_job(job_id)
+    if j is None:
+        raise ProponentError(f"no job {job_id}")
+    if j["status"] == "cancelling":
+        db.upsert_job(job_id, status="cancelled")
+        return db.get_job(job_id)
+    db.upsert_job(job_id, status="running", pid=os.getpid(), stage="loading project")
+    rep = JobReporter(db, job_id)
+    try:
+        from app import services as svc
+
+        project = svc.open_project(root)
+        params = j.get("params") or {}
+        result = _dispatch(project, j["kind"], params, rep)
+        db.upsert_job(job_id, status="done", stage="done", result=result, eta=0.0,
+                      message=None)
+    except Cancelled as e:
+        db.upsert_job(job_id, status="cancelled", message=str(e))
+    except ProponentError as e:
+        db.upsert_job(job_id, status="failed", message=str(e))
+    except BaseException as e:  # the page shows one line; the log keeps the traceback
+        traceback.print_exc()
+        db.upsert_job(job_id, status="failed", message=f"{type(e).__name__}: {e}"[:500])
+        if isinstance(e, KeyboardInterrupt):
+            raise
+    return db.get_job(job_id)
+
+
+def _dispatch(project, kind: str, params: dict, rep: JobReporter) -> dict:
+    from app import services as svc
+
+    if kind == "attribute":
+        from engine.api import cached_scores
+
+        t0 = time.perf_counter()
+        res = cached_scores(project, params["method"], params.get("settings") or {}, device=params.get("device", "auto"),
+                            progress=rep, cancel=rep.cancel)
+        return {"key": res["key"], "method": params["method"], "seconds": time.perf_counter() - t0}
+    if kind == "embedding":
+        out = svc.compute_embedding(project, params.get("kind", "influence"), params.get("reducer", "umap"),
+                                    progress=rep, cancel=rep.cancel)
+        return {"points": int(len(out["index"]))}
+    if kind == "verify":
+        mod = svc.optional_module("engine.workflows.counterfactual")
+        if mod is None:
+            raise ProponentError("the counterfactual check is not available in this build")
+        import inspect
+
+        kw = dict(params.get("kwargs", {}))
+        if "progress" in inspect.signature(mod.counterfactual_check).parameters:
+            kw["progress"] = rep
+        out = mod.counterfactual_check(project, **kw)
+        return _plain(out)
+    if kind == "query":
+        return svc.score_uploaded_query(project, params["qid"], params["method"], params.get("settings") or {},
+                                        params["run"], int(params["label"]), device=params.get("device", "auto"),
+                                        progress=rep, cancel=rep.cancel)
+    if kind == "leaks":
+        mod = svc.optional_module("engine.workflows.leaks")
+        if mod is None:
+            raise ProponentError("the leak detector is not available in this build")
+        out = mod.detect_leaks(project, params["method"], params.get("settings") or None,
+                               device=params.get("device", "auto"), progress=rep)
+        return _plain(out)
+    if kind == "whatif":
+        mod = svc.optional_module("engine.workflows.whatif")
+        if mod is None:
+            raise ProponentError("the what-if engine is not available in this build")
+        kw = dict(action=params.get("action", "remove"), new_labels=params.get("new_labels"))
+        pred = mod.predict_edit(project, params["indices"], **kw, progress=rep, allow_unconverged=True)
+        out = {"predicted": _plain(pred)}
+        if params.get("retrain"):
+            real = mod.retrain_edit(project, params["indices"], **kw, progress=rep)
+            out["retrained"] = _plain(real)
+            if hasattr(mod, "compare_edits"):
+                out["comparison"] = _plain(mod.compare_edits(pred, real))
+        return out
+    raise ProponentError(f"unknown job kind {kind!r}")
+
+
+def _plain(obj):
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist() if obj.size <= 100_000 else f"array{list(obj.shape)}"
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if hasattr(obj, "detach"):
+        return _plain(obj.detach().cpu().numpy())
+    return obj

@@ -1,0 +1,108 @@
+"""Flags, relabels and notes in the project's state database, from clicks, selections and table edits."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from engine.core.errors import ProponentError
+from engine.core.project import Project
+from engine.storage.statedb import FLAG_VALUES, StateDB
+
+
+def db_for(project: Project | str | Path) -> StateDB:
+    root = project.root if isinstance(project, Project) else Path(project)
+    return StateDB(Path(root) / ".proponent" / "state.db")
+
+
+def flag_state(db: StateDB, split: str = "train") -> dict[int | str, dict]:
+    out = {}
+    for item, row in db.flags(split).items():
+        key: int | str = int(item) if split != "pair" and item.lstrip("-").isdigit() else item
+        out[key] = row
+    return out
+
+
+def toggle_flag(db: StateDB, split: str, index: int | str, flag: str = "mislabeled", source: str = "app") -> str | None:
+    """One-click flag: set ``flag`` if the item does not carry it, clear it if it does. Returns the new flag."""
+    cur = db.flags(split).get(str(index), {}).get("flag")
+    new = None if cur == flag else flag
+    db.set_flag(split, index, flag=new, source=source)
+    return new
+
+
+def bulk_update(db: StateDB, split: str, indices: Iterable, *, flag: str | None = ..., relabel: Any = ...,
+                note: str | None = ..., source: str = "app") -> int:
+    """Apply one action to many items (each change goes to the audit trail). Returns the count."""
+    if flag not in (..., None) and flag not in FLAG_VALUES:
+        raise ProponentError(f"flag must be one of {', '.join(FLAG_VALUES)}, not {flag!r}")
+    n = 0
+    for i in indices:
+        db.set_flag(split, int(i) if split != "pair" else i, flag=flag, relabel=relabel, note=note, source=source)
+        n += 1
+    return n
+
+
+def selection_indices(event: Any) -> list[int]:
+    """Example indices from a plotly selection event (lasso/box) whose points carry the index as
+    the first ``customdata`` entry. Accepts the Streamlit event object or its dict form."""
+    if event is None:
+        return []
+    sel = event.get("selection") if isinstance(event, dict) else getattr(event, "selection", None)
+    if sel is None:
+        return []
+    points = sel.get("points", []) if isinstance(sel, dict) else getattr(sel, "points", [])
+    out: list[int] = []
+    seen = set()
+    for p in points or []:
+        cd = p.get("customdata") if isinstance(p, dict) else getattr(p, "customdata", None)
+        if cd is None:
+            continue
+        v = cd[0] if isinstance(cd, (list, tuple)) else cd
+        try:
+            i = int(v)
+        except (TypeError, ValueError):
+            continue
+        if i not in seen:
+            seen.add(i)
+            out.append(i)
+    return out
+
+
+EDITABLE = ("flag", "relabel", "note")
+
+
+def apply_table_edits(db: StateDB, before, after, split: str = "train", index_col: str = "index",
+                      source: str = "app-table") -> int:
+    """Write the cells a user changed in a data_editor (flag / relabel / note columns) to SQLite.
+    ``before`` and ``after`` are DataFrames with the same rows. Returns the number of items changed."""
+    changed = 0
+    b = before.set_index(index_col)
+    a = after.set_index(index_col)
+    for idx in a.index:
+        kw = {}
+        for col in EDITABLE:
+            if col not in a.columns:
+                continue
+            old, new = cell_value(b.at[idx, col]) if idx in b.index else None, cell_value(a.at[idx, col])
+            if old != new:
+                kw[col] = new
+        if kw:
+            if "flag" in kw and kw["flag"] is not None and kw["flag"] not in FLAG_VALUES:
+                raise ProponentError(f"row {idx}: flag must be one of {', '.join(FLAG_VALUES)}, not {kw['flag']!r}")
+            db.set_flag(split, idx, source=source, **kw)
+            changed += 1
+    return changed
+
+
+def cell_value(v):
+    if v is None:
+        return None
+    try:
+        if isinstance(v, float) and np.isnan(v):
+            return None
+    except TypeError:
+        pass
+    s = str(v)
+    return None if s in ("", "None", "nan", "<NA>") else s

@@ -1,0 +1,64 @@
+"""The triage table: ranked suspects with their evidence and the flags already set."""
+from __future__ import annotations
+
+import numpy as np
+
+from app.services.flags import db_for, flag_state
+from app.services.projects import truth
+from app.services.runs import load_run
+from engine.core.project import Project
+from engine.storage.statedb import StateDB
+
+
+def triage_table(project: Project, key: str, method: str, settings: dict | None = None, flags: dict | None = None):
+    """Ranked suspects of a finished run with suggested label, evidence and flag state (DataFrame)."""
+    import pandas as pd
+
+    from engine.workflows.triage import ensemble_probabilities, suggest_labels
+
+    run = load_run(project, key)
+    susp = np.asarray(run["suspicion"] if run["suspicion"] is not None else run["self_scores"], dtype=np.float64)
+    self_s = np.asarray(run["self_scores"], dtype=np.float64) if run["self_scores"] is not None else susp
+    labels = project.train_dataset.y.numpy()
+    probs = ensemble_probabilities(project)
+    suggested = suggest_labels(probs, labels)
+    S = run["scores"]
+    # the opponents it creates: test queries for which this example is among the 10 strongest opponents
+    opp_count = np.zeros(len(labels), dtype=np.int64)
+    if S is not None and S.size:
+        k = min(10, S.shape[1])
+        bot = np.argpartition(S, k - 1, axis=1)[:, :k]
+        np.add.at(opp_count, bot.ravel(), 1)
+    order = np.argsort(-susp, kind="mergesort")
+    flags = flags if flags is not None else flag_state(db_for(project), "train")
+    rows = []
+    for rank, i in enumerate(order):
+        f = flags.get(int(i), {})
+        rows.append({"rank": rank + 1, "index": int(i), "label": str(project.class_name(labels[i])),
+                     "suggested": str(project.class_name(suggested[i])), "suspicion": float(susp[i]),
+                     "self_influence": float(self_s[i]), "p_label": float(probs[i, labels[i]]),
+                     "model_disagrees": bool(probs[i].argmax() != labels[i]), "opponent_of": int(opp_count[i]),
+                     "flag": f.get("flag"), "relabel": f.get("relabel"), "note": f.get("note")})
+    return pd.DataFrame(rows)
+
+
+def truth_found(project: Project, db: StateDB) -> dict | None:
+    """On a sample with truth.json: how many planted problems the user's flags have found."""
+    t = truth(project)
+    if not t:
+        return None
+    train_flags = {int(k): v for k, v in db.flags("train").items()}
+    pair_flags = db.flags("pair")
+    flipped = {int(f["train_index"]) for f in t.get("flipped", [])}
+    leaks = {(int(l["test_index"]), int(l["train_index"])) for l in t.get("leaks", [])}
+    flagged_mis = {i for i, r in train_flags.items() if r.get("flag") == "mislabeled" or r.get("relabel")}
+    flagged_leak_train = {i for i, r in train_flags.items() if r.get("flag") == "leak"}
+    flagged_pairs = set()
+    for item, r in pair_flags.items():
+        if r.get("flag") == "leak":
+            a, _, b = item.partition(":")
+            flagged_pairs.add((int(a), int(b)))
+    found_leaks = {lk for lk in leaks if lk in flagged_pairs or lk[1] in flagged_leak_train}
+    return {"mislabeled_planted": len(flipped), "mislabeled_found": len(flipped & flagged_mis),
+            "mislabeled_flagged": len(flagged_mis), "mislabeled_false": len(flagged_mis - flipped),
+            "leaks_planted": len(leaks), "leaks_found": len(found_leaks)}

@@ -1,0 +1,10 @@
+"""Shared gradient, projection and curvature machinery (every method reuses it)."""
+from engine.autodiff.features import featurize, project_gradients
+from engine.autodiff.measurement import correct_class_margin, correct_class_probability, example_loss
+from engine.autodiff.per_example import GradientComputer, resolve_device
+from engine.autodiff.projection import (DenseProjector, IdentityProjector, Projector, SparseJLProjector,
+    default_projection_dim, make_projector)
+
+__all__ = ["GradientComputer", "resolve_device", "featurize", "project_gradients", "correct_class_margin",
+           "correct_class_probability", "example_loss", "Projector", "IdentityProjector", "DenseProjector",
+           "SparseJLProjector", "make_projector", "default_projection_dim"]

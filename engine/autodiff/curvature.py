@@ -1,0 +1,447 @@
+"""K-FAC / EK-FAC curvature factors for Linear and Conv2d layers (shared by EK-FAC and Source).
+
+For a layer with input ``a`` (a 1 appended when it has a bias) and output gradient ``s``,
+the per-example gradient matrix is ``G = Σ_t s_t a_tᵀ`` (``t`` runs over positions: one for a
+Linear layer on flat input, the unfolded patches of a Conv2d). The Fisher of the *mean*
+training loss is approximated with pseudo-gradients: labels sampled from the model.
+
+- ``A = E[Σ_t a_t a_tᵀ]`` and ``S = E[Σ_t s_t s_tᵀ]`` (expectations over examples and sampled
+  labels), eigendecomposed as ``A = Q_A Λ_A Q_Aᵀ`` and ``S = Q_S Λ_S Q_Sᵀ``;
+- EK-FAC refits the eigenvalues in that basis: ``Λ = E[(Q_Sᵀ G Q_A)²]`` ([out, in]);
+- any elementwise function ``h`` of the eigenvalues applied to a layer gradient ``V``:
+  ``Q_S [h(Λ) ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ`` (:func:`apply_eigen_fn`).
+
+Scale: Λ are eigenvalues of the Fisher of the mean cross-entropy (per-example pseudo-gradient
+squared, averaged), i.e. the same scale as the Hessian of the training objective; Source uses
+their absolute value (``η K σ``), not only their ranking.
+
+Only the tracked parameters (``[model] attribute``) are covered. Tracked layers other than
+Linear / Conv2d (norms, embeddings, grouped convolutions, ...) are not handled:
+:func:`curvature_layers` returns their parameter names as ``left_out`` and the methods report
+them in their metadata. Their gradients are not used.
+
+Factors are stored per checkpoint as safetensors (:func:`save_tensors` / :func:`load_tensors`),
+keyed by the checkpoint's weights, the rows, the Fisher sampling and (for Λ) the basis, so a
+later run with the same request reuses them.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save
+from torch import nn
+
+from engine.autodiff.functional import ParamLayout
+from engine.storage.arrays import atomic_write_bytes
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class Layer:
+    """One layer the curvature covers: its module path, parameter names and matrix shape."""
+
+    name: str
+    module: nn.Module
+    kind: str  # linear | conv2d
+    weight: str  # parameter name in model.named_parameters()
+    bias: str | None
+    out_dim: int
+    in_dim: int  # columns of the gradient matrix, bias column included
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_dim, self.in_dim)
+
+
+def _conv_padding(m: nn.Conv2d):
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            return (0, 0)
+        # 'same' with stride 1: symmetric only for odd effective kernel sizes
+        pads = []
+        for k, d in zip(m.kernel_size, m.dilation):
+            total = d * (k - 1)
+            if total % 2:
+                return None
+            pads.append(total // 2)
+        return tuple(pads)
+    return tuple(m.padding)
+
+
+def curvature_layers(model: nn.Module, tracked: list[str] | None = None) -> tuple[list[Layer], dict[str, str]]:
+    """The Linear / Conv2d layers EK-FAC covers, and every other tracked parameter with the
+    reason it is left out (never silently dropped).
+
+    ``tracked``: the parameter names to cover (default every parameter that requires grad). A
+    layer whose weight is tracked but not its bias is covered without the bias column.
+    """
+    if tracked is None:
+        tracked = [n for n, p in model.named_parameters() if p.requires_grad]
+    wanted = set(tracked)
+    layers: list[Layer] = []
+    covered: set[str] = set()
+    left_out: dict[str, str] = {}
+    pname = {id(p): n for n, p in model.named_parameters()}
+    for mname, m in model.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or m.weight is None:
+            continue
+        w = pname[id(m.weight)]
+        b = pname[id(m.bias)] if (m.bias is not None and pname[id(m.bias)] in wanted) else None
+        if w not in wanted:
+            if b:
+                left_out[b] = "its layer's weight is not tracked, so the layer has no Kronecker factorisation"
+            continue
+        if isinstance(m, nn.Conv2d):
+            reason = None
+            if m.groups != 1:
+                reason = "grouped Conv2d is not handled by K-FAC here"
+            elif m.padding_mode != "zeros":
+                reason = f"Conv2d padding_mode {m.padding_mode!r} is not handled"
+            elif _conv_padding(m) is None:
+                reason = "Conv2d 'same' padding with an even kernel is not handled"
+            if reason:
+                left_out[w] = reason
+                if b:
+                    left_out[b] = reason
+                continue
+            in_dim = m.in_channels * int(np.prod(m.kernel_size))
+            kind = "conv2d"
+        else:
+            in_dim = m.in_features
+            kind = "linear"
+        layers.append(Layer(mname, m, kind, w, b, int(m.weight.shape[0]), in_dim + (1 if b else 0)))
+        covered.update([w] + ([b] if b else []))
+    modules = dict(model.named_modules())
+    for n in tracked:
+        if n not in covered and n not in left_out:
+            mod = modules.get(n.rpartition(".")[0])
+            left_out[n] = f"{type(mod).__name__ if mod is not None else 'parameter'} has no Kronecker factorisation here"
+    return layers, left_out
+
+
+def covered_param_names(layers: list[Layer]) -> list[str]:
+    out = []
+    for L in layers:
+        out.append(L.weight)
+        if L.bias:
+            out.append(L.bias)
+    return out
+
+
+# ----------------------------------------------------------------------------- layer blocks
+class LayerBlocks:
+    """Flat vectors over the covered parameters (in their :class:`ParamLayout`) seen as
+    per-layer gradient matrices [..., out, in] (bias as the last column), and back."""
+
+    def __init__(self, layers: list[Layer], layout: ParamLayout):
+        self.layers = layers
+        self.layout = layout
+        self.n = layout.n
+        missing = [n for n in covered_param_names(layers) if n not in layout]
+        if missing:
+            raise ValueError(f"gradient layout lacks parameters {missing}")
+
+    def to_layers(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        lead = flat.shape[:-1]
+        out = []
+        for L in self.layers:
+            sw = self.layout[L.weight]
+            w = flat[..., sw.offset:sw.offset + sw.numel].reshape(*lead, L.out_dim, -1)
+            if L.bias:
+                sb = self.layout[L.bias]
+                w = torch.cat([w, flat[..., sb.offset:sb.offset + sb.numel].reshape(*lead, L.out_dim, 1)], dim=-1)
+            out.append(w)
+        return out
+
+    def to_flat(self, mats: list[torch.Tensor]) -> torch.Tensor:
+        lead = mats[0].shape[:-2]
+        flat = torch.zeros(*lead, self.n, dtype=mats[0].dtype, device=mats[0].device)
+        for L, M in zip(self.layers, mats):
+            sw = self.layout[L.weight]
+            wcols = L.in_dim - (1 if L.bias else 0)
+            flat[..., sw.offset:sw.offset + sw.numel] = M[..., :wcols].reshape(*lead, sw.numel)
+            if L.bias:
+                sb = self.layout[L.bias]
+                flat[..., sb.offset:sb.offset + sb.numel] = M[..., wcols]
+        return flat
+
+
+# ----------------------------------------------------------------------------- capture
+def _activations(L: Layer, inp: torch.Tensor) -> torch.Tensor:
+    """[b, T, in] layer inputs (bias column of ones appended when the layer has a bias)."""
+    m = L.module
+    if L.kind == "conv2d":
+        a = F.unfold(inp, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m), stride=m.stride)
+        a = a.transpose(1, 2)  # [b, L, cin*kh*kw]
+    else:
+        a = inp.reshape(inp.shape[0], -1, inp.shape[-1])
+    if L.bias:
+        a = torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=a.dtype, device=a.device)], dim=-1)
+    return a
+
+
+def _out_grads(L: Layer, g: torch.Tensor) -> torch.Tensor:
+    """[b, T, out] gradients of the layer output."""
+    if L.kind == "conv2d":
+        return g.flatten(2).transpose(1, 2)
+    return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+class _Capture:
+    """Forward hooks that keep each covered layer's input and its output gradient."""
+
+    def __init__(self, layers: list[Layer]):
+        self.layers = layers
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for L in layers:
+            self.handles.append(L.module.register_forward_hook(self._hook(L)))
+
+    def _hook(self, L: Layer):
+        def hook(mod, inp, out):
+            self.inputs[L.name] = inp[0].detach()
+            if out.requires_grad:
+                out.register_hook(lambda g, name=L.name: self.grads.__setitem__(name, g.detach()))
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def sample_labels(model: nn.Module, x: torch.Tensor, samples: int = 1, seed: int = 0, batch_size: int = 512,
+                  device: str = "cpu") -> torch.Tensor:
+    """[n, samples] labels drawn from the model's own predictive distribution (true Fisher)."""
+    return fisher_targets(model, x, samples, seed, batch_size, device)[0]
+
+
+EXACT_FISHER_MAX_CLASSES = 16
+
+
+def fisher_targets(model: nn.Module, x: torch.Tensor, samples: int = 1, seed: int = 0, batch_size: int = 512,
+                   device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and weights ([n, k] each) for the Fisher pseudo-gradients.
+
+    ``samples ≥ 1``: k labels drawn from the model, weight 1/k each (a Monte-Carlo estimate).
+    ``samples = 0``: every class, weighted by the model's probability: the exact expectation
+    over sampled labels (no sampling noise; k = number of classes). ``samples < 0``: exact
+    when there are at most 16 classes, else one sample.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    model = model.eval().to(device)
+    labs, ws = [], []
+    with torch.no_grad():
+        for lo in range(0, len(x), batch_size):
+            p = torch.softmax(model(x[lo:lo + batch_size].to(device)).double().cpu(), -1)
+            exact = samples == 0 or (samples < 0 and p.shape[1] <= EXACT_FISHER_MAX_CLASSES)
+            if exact:
+                labs.append(torch.arange(p.shape[1]).expand(len(p), -1).clone())
+                ws.append(p)
+            else:
+                k = max(1, samples)
+                labs.append(torch.multinomial(p, k, replacement=True, generator=gen))
+                ws.append(torch.full((len(p), k), 1.0 / k, dtype=torch.float64))
+    if not labs:
+        return torch.empty(0, max(1, samples), dtype=torch.long), torch.empty(0, max(1, samples), dtype=torch.float64)
+    return torch.cat(labs, 0), torch.cat(ws, 0)
+
+
+def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels: torch.Tensor,
+                         weights: torch.Tensor, batch_size: int, device: str):
+    """Yields, per batch and label column j, (batch start, j, {layer: (a [b,T,in], s [b,T,out])}, w [b])
+    with ``s`` the gradient of each example's own cross-entropy (summed loss, so per-example
+    scale) for label ``labels[:, j]`` and ``w`` its Fisher weight."""
+    model = model.eval().to(device)
+    cap = _Capture(layers)
+    try:
+        for lo in range(0, len(x), batch_size):
+            xb = x[lo:lo + batch_size].to(device)
+            lb = labels[lo:lo + batch_size].to(device)
+            wb = weights[lo:lo + batch_size].to(device).double()
+            with torch.enable_grad():
+                cap.grads.clear()
+                logits = model(xb)
+                acts = {L.name: _activations(L, cap.inputs[L.name]).double() for L in layers}
+                for j in range(lb.shape[1]):
+                    cap.grads.clear()
+                    loss = F.cross_entropy(logits, lb[:, j], reduction="sum")
+                    loss.backward(retain_graph=j + 1 < lb.shape[1])
+                    yield lo, j, {L.name: (acts[L.name], _out_grads(L, cap.grads[L.name]).double()) for L in layers}, wb[:, j]
+            model.zero_grad(set_to_none=True)
+    finally:
+        cap.close()
+        model.zero_grad(set_to_none=True)
+
+
+def _uniform(labels: torch.Tensor) -> torch.Tensor:
+    return torch.full(labels.shape, 1.0 / labels.shape[1], dtype=torch.float64)
+
+
+def fit_covariances(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels: torch.Tensor,
+                    weights: torch.Tensor | None = None, *, batch_size: int = 256, device: str = "cpu"
+                    ) -> dict[str, torch.Tensor]:
+    """``{name.A, name.S}``: K-FAC covariances E[Σ_t a aᵀ] and E[Σ_t s sᵀ] (float64)."""
+    n = len(x)
+    weights = _uniform(labels) if weights is None else weights
+    out = {}
+    for L in layers:
+        out[f"{L.name}.A"] = torch.zeros(L.in_dim, L.in_dim, dtype=torch.float64)
+        out[f"{L.name}.S"] = torch.zeros(L.out_dim, L.out_dim, dtype=torch.float64)
+    for lo, j, batch, w in _pseudo_grad_batches(model, layers, x, labels, weights, batch_size, device):
+        for L in layers:
+            a, s = batch[L.name]
+            if j == 0:
+                out[f"{L.name}.A"] += torch.einsum("bti,btj->ij", a, a).cpu()
+            out[f"{L.name}.S"] += torch.einsum("b,bti,btj->ij", w, s, s).cpu()
+    for L in layers:
+        out[f"{L.name}.A"] /= n
+        out[f"{L.name}.S"] /= n
+    return out
+
+
+def eigenbasis(cov: dict[str, torch.Tensor], layers: list[Layer]) -> dict[str, torch.Tensor]:
+    """``{name.QA, name.QS}`` (and the K-FAC eigenvalues ``name.lA``, ``name.lS``)."""
+    out = {}
+    for L in layers:
+        for f in ("A", "S"):
+            M = cov[f"{L.name}.{f}"].double()
+            M = 0.5 * (M + M.T)
+            evals, evecs = torch.linalg.eigh(M)
+            out[f"{L.name}.Q{f}"] = evecs.contiguous()
+            out[f"{L.name}.l{f}"] = evals.clamp_min(0).contiguous()
+    return out
+
+
+def fit_eigenvalues(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels: torch.Tensor,
+                    basis: dict[str, torch.Tensor], weights: torch.Tensor | None = None, *,
+                    scale: dict[str, torch.Tensor] | None = None, batch_size: int = 256, device: str = "cpu"
+                    ) -> dict[str, torch.Tensor]:
+    """``{name.lambda}``: EK-FAC eigenvalues E[(Q_Sᵀ G Q_A)²] [out, in] in the given basis.
+
+    ``scale`` (optional, per layer [out, in]) multiplies each pseudo-gradient elementwise
+    first: the Adam-preconditioned variant uses √P ⊙ G.
+    """
+    n = len(x)
+    weights = _uniform(labels) if weights is None else weights
+    out = {f"{L.name}.lambda": torch.zeros(L.out_dim, L.in_dim, dtype=torch.float64) for L in layers}
+    for _, _, batch, w in _pseudo_grad_batches(model, layers, x, labels, weights, batch_size, device):
+        for L in layers:
+            a, s = batch[L.name]
+            QA = basis[f"{L.name}.QA"].to(a.device)
+            QS = basis[f"{L.name}.QS"].to(a.device)
+            if scale is None:
+                # (Q_Sᵀ s)(Q_Aᵀ a)ᵀ summed over positions, without materialising G
+                r = torch.einsum("bto,bti->boi", s @ QS, a @ QA)
+            else:
+                G = torch.einsum("bto,bti->boi", s, a) * scale[L.name].to(a.device).double()
+                r = QS.T @ G @ QA
+            out[f"{L.name}.lambda"] += torch.einsum("b,boi->oi", w, r * r).cpu()
+    for L in layers:
+        out[f"{L.name}.lambda"] /= n
+    return out
+
+
+def brute_force_pseudo_grads(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels: torch.Tensor
+                             ) -> dict[str, torch.Tensor]:
+    """Per-example pseudo-gradient matrices [n·samples, out, in] by plain autograd, one example
+    at a time (for tests: the reference the factorised code must match)."""
+    params = dict(model.named_parameters())
+    out = {L.name: [] for L in layers}
+    for i in range(len(x)):
+        for j in range(labels.shape[1]):
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[i:i + 1]), labels[i:i + 1, j]).backward()
+            for L in layers:
+                g = params[L.weight].grad.detach().reshape(L.out_dim, -1).double()
+                if L.bias:
+                    g = torch.cat([g, params[L.bias].grad.detach().reshape(L.out_dim, 1).double()], 1)
+                out[L.name].append(g)
+    model.zero_grad(set_to_none=True)
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- applying h(Λ)
+def rotate(V: torch.Tensor, QS: torch.Tensor, QA: torch.Tensor) -> torch.Tensor:
+    """Q_Sᵀ V Q_A for V [..., out, in]."""
+    return QS.T @ V @ QA
+
+
+def unrotate(R: torch.Tensor, QS: torch.Tensor, QA: torch.Tensor) -> torch.Tensor:
+    return QS @ R @ QA.T
+
+
+def apply_eigen_fn(V: torch.Tensor, QS: torch.Tensor, QA: torch.Tensor, h_values: torch.Tensor) -> torch.Tensor:
+    """Q_S [h(Λ) ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ, with ``h_values = h(Λ)`` precomputed [out, in]."""
+    return unrotate(h_values * rotate(V, QS, QA), QS, QA)
+
+
+def response(sigma: torch.Tensor, c: float) -> torch.Tensor:
+    """F(σ) = (1 − exp(−cσ)) / σ, computed with expm1; its limit c for tiny or non-positive σ.
+
+    ``c = η̄ K``: the effect, after K steps at learning rate η̄ on a quadratic with curvature
+    σ, of a constant gradient perturbation (Source's response function).
+    """
+    sigma = sigma.double()
+    x = c * sigma
+    small = x.abs() < 1e-6
+    safe_x = torch.where(small | (sigma <= 0), torch.ones_like(x), x)
+    full = c * (-torch.expm1(-safe_x) / safe_x)
+    series = c * (1 - x / 2 + x * x / 6)
+    out = torch.where(small, series, full)
+    return torch.where(sigma <= 0, torch.full_like(out, c), out)
+
+
+def propagation(sigma: torch.Tensor, c: float) -> torch.Tensor:
+    """S(σ) = exp(−cσ) (σ clipped at 0: a direction with no curvature is carried unchanged)."""
+    return torch.exp(-c * sigma.double().clamp_min(0))
+
+
+def damped_inverse(sigma: torch.Tensor, damping: float) -> torch.Tensor:
+    """h(σ) = 1/(σ + λ): EK-FAC influence."""
+    return 1.0 / (sigma.double() + damping)
+
+
+# ----------------------------------------------------------------------------- storage
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Atomic safetensors write (a reader never sees a half-written factor file)."""
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                metadata={k: str(v) for k, v in (metadata or {}).items()})
+    atomic_write_bytes(path, data)
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor] | None:
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        return load_file(str(p))
+    except Exception:  # a corrupt cache file is recomputed
+        return None
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor] | None) -> str:
+    h = hashlib.sha1()
+    for k in sorted(tensors or {}):
+        h.update(k.encode())
+        h.update(tensors[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def rows_digest(rows: np.ndarray | None) -> str:
+    if rows is None:
+        return "all"
+    return hashlib.sha1(np.asarray(rows, np.int64).tobytes()).hexdigest()[:16]
+
+
+__all__ = ["Layer", "LayerBlocks", "curvature_layers", "covered_param_names", "sample_labels", "fit_covariances",
+           "eigenbasis", "fit_eigenvalues", "fisher_targets", "brute_force_pseudo_grads", "rotate", "unrotate", "apply_eigen_fn",
+           "response", "propagation", "damped_inverse", "save_tensors", "load_tensors", "tensor_digest",
+           "rows_digest"]

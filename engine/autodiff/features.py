@@ -1,0 +1,73 @@
+"""Projected per-example gradient features, written in chunks so a stopped run resumes."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from engine.core.errors import Cancelled
+from engine.storage.arrays import ChunkedArray
+from engine.autodiff.per_example import GradientComputer
+from engine.autodiff.projection import Projector
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def project_gradients(computer: GradientComputer, projector: Projector, x: torch.Tensor, y: torch.Tensor,
+                      kind: str = "margin", *, batch_size: int | None = None) -> torch.Tensor:
+    """In-memory [n, k] projected gradients (for queries and small sets)."""
+    out = [projector.project(g).float().cpu() for _, _, g in computer.iter_batches(x, y, kind, batch_size)]
+    return torch.cat(out, 0) if out else torch.empty(0, projector.out_dim)
+
+
+def featurize(computer: GradientComputer, projector: Projector, x: torch.Tensor, y: torch.Tensor, folder: str | Path,
+              *, kind: str = "margin", chunk_rows: int = 1024, meta: dict | None = None,
+              progress: ProgressFn | None = None, stage: str = "featurize", cancel: Callable[[], bool] | None = None,
+              ) -> ChunkedArray:
+    """Write [n, k] projected gradients to ``folder`` in chunks, skipping chunks already written.
+
+    ``meta`` must identify the request (model, projection, kind); a folder holding another
+    request's chunks is cleared rather than mixed.
+    """
+    store = ChunkedArray(folder, len(y), chunk_rows, meta={**(meta or {}), "kind": kind, **projector.describe()})
+    missing = store.missing_chunks()
+    done_rows = len(y) - sum(store.chunk_bounds(c)[1] - store.chunk_bounds(c)[0] for c in missing)
+    if progress:
+        progress(stage, done_rows, len(y))
+    for c in missing:
+        if cancel is not None and cancel():
+            raise Cancelled(f"{stage} cancelled after {done_rows} of {len(y)} examples; rerun to resume")
+        lo, hi = store.chunk_bounds(c)
+        block = project_gradients(computer, projector, x[lo:hi], y[lo:hi], kind)
+        if not torch.isfinite(block).all():
+            bad = int(torch.nonzero(~torch.isfinite(block).all(1))[0, 0]) + lo
+            from engine.core.errors import ProponentError
+            raise ProponentError(f"non-finite gradient for training row {bad}; the checkpoint may have diverged")
+        store.write_chunk(c, block.numpy())
+        done_rows += hi - lo
+        if progress:
+            progress(stage, done_rows, len(y))
+    return store
+
+
+def checkpoint_features(project, checkpoint, folder: str | Path, *, kind: str, projection: str, proj_dim: int | None,
+                        seed: int, model_id: int, device: str, x: torch.Tensor | None = None,
+                        y: torch.Tensor | None = None, progress: ProgressFn | None = None, cancel=None,
+                        stage: str = "featurize") -> tuple[np.ndarray, GradientComputer, Projector]:
+    """Projected per-example gradients of the training set (or ``x, y``) at one checkpoint.
+
+    Returns the [n, k] features plus the gradient computer and projector, so queries are
+    projected with exactly the same matrix.
+    """
+    from engine.autodiff.projection import make_projector
+
+    model = project.load_model(checkpoint)
+    computer = GradientComputer(model, device=device)
+    projector = make_projector(projection, computer.n_params, proj_dim, seed=seed, model_id=model_id, device=computer.device)
+    if x is None:
+        x, y = project.train_dataset.x, project.train_dataset.y
+    store = featurize(computer, projector, x, y, folder, kind=kind, progress=progress, stage=stage, cancel=cancel,
+                      meta={"checkpoint": checkpoint.key, "seed": seed, "model_id": model_id})
+    return store.to_array(), computer, projector

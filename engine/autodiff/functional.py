@@ -1,0 +1,284 @@
+"""A model as a function of its parameters: one layout, one functional call, one selection.
+
+Every gradient, Hessian, curvature, mirrored-step and what-if computation sees the model
+through :class:`FunctionalModel`:
+
+- the *tracked* parameters: those matched by the project's ``[model] attribute`` globs
+  (fnmatch over ``named_parameters()`` names; default every parameter that requires grad);
+  the others are held fixed;
+- one :class:`ParamLayout`: the tracked parameters in module order (the order of
+  ``model.named_parameters()``), with their shapes and offsets in the flat vector;
+- the functional call (``torch.func.functional_call``), so a parameter set can be swapped in,
+  differentiated or vmapped over without writing to the module.
+
+Inputs are tensors or pytrees of tensors sharing the example dimension (a text model takes a
+dict such as ``{input_ids, attention_mask}``); :func:`batch_len`, :func:`batch_rows`,
+:func:`to_device` and :func:`example_numel` treat both alike.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+from torch.utils import _pytree as pytree  # the pytree registry torch.func maps over (no public alias in torch 2.13)
+
+from engine.core.errors import ValidationError
+
+ATTRIBUTE_KEY = "[model] attribute"
+
+
+# ----------------------------------------------------------------------------- inputs (tensor or pytree)
+def batch_len(x: Any) -> int:
+    """Number of examples in ``x`` (a tensor, or a dict / pytree of tensors sharing dim 0)."""
+    leaves = pytree.tree_leaves(x)
+    return len(leaves[0]) if leaves else 0
+
+
+def batch_rows(x: Any, lo: int, hi: int) -> Any:
+    """Examples ``lo:hi`` of ``x``."""
+    return pytree.tree_map(lambda t: t[lo:hi], x)
+
+
+def add_batch_dim(x: Any) -> Any:
+    """One example as a batch of one (inside ``vmap`` the example dimension is stripped)."""
+    return pytree.tree_map(lambda t: t.unsqueeze(0), x)
+
+
+def to_device(x: Any, device, dtype: torch.dtype | None = None) -> Any:
+    """``x`` on ``device``; floating leaves also cast to ``dtype`` (token ids stay integers)."""
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and t.is_floating_point():
+            return t.to(device, dtype)
+        return t.to(device)
+    return pytree.tree_map(move, x)
+
+
+def example_numel(x: Any) -> int:
+    """Input values of one example (for memory budgets)."""
+    if batch_len(x) == 0:
+        return 0
+    return int(sum(t[0].numel() for t in pytree.tree_leaves(x)))
+
+
+# ----------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class ParamSlot:
+    """One tracked parameter tensor in the flat vector."""
+
+    name: str  # as in named_parameters()
+    shape: tuple[int, ...]
+    offset: int
+    numel: int
+
+    @property
+    def module_name(self) -> str:
+        return self.name.rpartition(".")[0]
+
+    @property
+    def attr(self) -> str:
+        return self.name.rpartition(".")[2]
+
+
+class ParamLayout:
+    """Names, shapes and offsets of the tracked parameters; flat ↔ per-parameter tensors.
+
+    Flat vectors may carry leading dimensions (``[..., p]``): a batch of per-example gradients,
+    a block of Hessian-vector products, a stack of parameter sets.
+    """
+
+    def __init__(self, named_shapes: Iterable[tuple[str, Sequence[int]]]):
+        slots, offset = [], 0
+        for name, shape in named_shapes:
+            numel = math.prod(shape)
+            slots.append(ParamSlot(name, tuple(int(s) for s in shape), offset, numel))
+            offset += numel
+        self.slots: tuple[ParamSlot, ...] = tuple(slots)
+        self.n = offset
+        self._by_name = {s.name: s for s in self.slots}
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.slots]
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [s.shape for s in self.slots]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [s.numel for s in self.slots]
+
+    def __iter__(self):
+        return iter(self.slots)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def __getitem__(self, name: str) -> ParamSlot:
+        return self._by_name[name]
+
+    def positions(self, names: Iterable[str]) -> torch.Tensor:
+        """Flat positions of the given parameters (in the order given)."""
+        parts = [torch.arange(self[n].offset, self[n].offset + self[n].numel) for n in names]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+    def flatten(self, tensors: dict[str, torch.Tensor], lead: tuple[int, ...] | None = None) -> torch.Tensor:
+        """``[*lead, p]`` from per-parameter tensors ``[*lead, *shape]`` (``lead`` read from the first)."""
+        if lead is None:
+            first = self.slots[0]
+            t = tensors[first.name]
+            lead = tuple(t.shape[:t.dim() - len(first.shape)])
+        return torch.cat([tensors[s.name].reshape(*lead, s.numel) for s in self.slots], dim=-1)
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        lead = flat.shape[:-1]
+        return {s.name: flat[..., s.offset:s.offset + s.numel].reshape(*lead, *s.shape) for s in self.slots}
+
+
+# ----------------------------------------------------------------------------- selection
+def select_parameter_names(model: nn.Module, globs: str | Sequence[str] | None = None, *,
+                           file: str | None = None) -> list[str]:
+    """Names of the tracked parameters, in module order.
+
+    ``globs`` (fnmatch patterns over ``named_parameters()`` names, e.g. ``["head.*",
+    "blocks.11.*"]``): every parameter matching any of them. None: every parameter that
+    requires grad. A glob that matches nothing is a :class:`ValidationError` naming the key.
+    """
+    named = list(model.named_parameters())
+    if globs is None:
+        names = [n for n, p in named if p.requires_grad]
+        if not names:
+            raise ValidationError(f"the model has no trainable parameters; set {ATTRIBUTE_KEY}", file=file)
+        return names
+    if isinstance(globs, str):
+        globs = [globs]
+    all_names = [n for n, _ in named]
+    for g in globs:
+        if not isinstance(g, str) or not fnmatch.filter(all_names, g):
+            shown = ", ".join(all_names[:6]) + (", …" if len(all_names) > 6 else "")
+            raise ValidationError(f"{ATTRIBUTE_KEY}: {g!r} matches no parameter of the model (parameters: {shown})",
+                                  file=file)
+    return [n for n in all_names if any(fnmatch.fnmatchcase(n, g) for g in globs)]
+
+
+@dataclass(frozen=True)
+class ParamSelection:
+    """The tracked-parameter globs of a project (None: every parameter that requires grad)."""
+
+    globs: tuple[str, ...] | None = None
+    file: str | None = None  # project.toml, named in the error when a glob matches nothing
+
+    @classmethod
+    def of(cls, project) -> "ParamSelection":
+        model_spec = getattr(getattr(project, "config", None), "model", None)
+        globs = getattr(model_spec, "attribute", None)
+        if isinstance(globs, str):
+            globs = [globs]
+        file = getattr(project, "toml_path", None)
+        return cls(tuple(globs) if globs else None, None if file is None else str(file))
+
+    def names(self, model: nn.Module) -> list[str]:
+        return select_parameter_names(model, self.globs, file=self.file)
+
+
+Selection = ParamSelection | Sequence[str] | str | None
+
+
+def _selected_names(model: nn.Module, selection: Selection) -> list[str]:
+    if isinstance(selection, ParamSelection):
+        return selection.names(model)
+    return select_parameter_names(model, selection)
+
+
+# ----------------------------------------------------------------------------- the functional model
+class FunctionalModel:
+    """A module seen as ``f(θ, x)`` over its tracked parameters θ, in eval mode.
+
+    ``params`` (tracked) and ``frozen`` (the other parameters) are detached views of the
+    module's parameters; ``buffers`` its buffers. Normalisation layers use their running
+    statistics and buffers are never written. With ``copy=True`` a private deep copy is
+    held (and cast to ``device``/``dtype``); otherwise the module itself is moved.
+    """
+
+    def __init__(self, model: nn.Module, selection: Selection = None, *, device=None,
+                 dtype: torch.dtype | None = None, copy_module: bool = False):
+        module = copy.deepcopy(model) if copy_module else model
+        module = module.eval()
+        if device is not None or dtype is not None:
+            module = module.to(device=device, dtype=dtype)
+        self.module = module
+        names = _selected_names(module, selection)
+        named = dict(module.named_parameters())
+        tracked = set(names)
+        self.params = {n: named[n].detach() for n in names}
+        self.frozen = {n: p.detach() for n, p in named.items() if n not in tracked}
+        self.buffers = {n: b.detach() for n, b in module.named_buffers()}
+        self.layout = ParamLayout((n, self.params[n].shape) for n in names)
+
+    @property
+    def names(self) -> list[str]:
+        return self.layout.names
+
+    @property
+    def n_params(self) -> int:
+        return self.layout.n
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
+
+    def __call__(self, params: dict[str, torch.Tensor], x: Any) -> torch.Tensor:
+        """The module's output with the tracked parameters replaced by ``params``."""
+        return functional_call(self.module, ({**params, **self.frozen}, self.buffers), (x,))
+
+    def call_flat(self, theta: torch.Tensor, x: Any) -> torch.Tensor:
+        """The output at the flat parameter vector ``theta`` [p]."""
+        return self(self.layout.unflatten(theta), x)
+
+    def call_stacked(self, thetas: torch.Tensor, x: Any) -> torch.Tensor:
+        """[P, b, ...] outputs of one batch under each of P flat parameter vectors [P, p]."""
+        return vmap(self.call_flat, in_dims=(0, None))(thetas, x)
+
+    def theta(self) -> torch.Tensor:
+        """The current tracked parameters as one flat vector [p]."""
+        return self.layout.flatten(self.params, ())
+
+    def flatten(self, tensors: dict[str, torch.Tensor], lead: tuple[int, ...] | None = None) -> torch.Tensor:
+        return self.layout.flatten(tensors, lead)
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.layout.unflatten(flat)
+
+    def add_(self, delta: torch.Tensor) -> None:
+        """θ ← θ + delta in the module itself, ``delta`` flat over the tracked parameters."""
+        if delta.numel() != self.n_params:
+            raise ValueError(f"update has {delta.numel()} entries, the model {self.n_params} tracked parameters")
+        named = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for s in self.layout:
+                p = named[s.name]
+                p.add_(delta[s.offset:s.offset + s.numel].reshape(s.shape).to(device=p.device, dtype=p.dtype))
+
+    def outputs(self, x: Any, batch: int = 4096) -> torch.Tensor:
+        """Model outputs for every example of ``x`` (no grad), batched."""
+        n = batch_len(x)
+        with torch.no_grad():
+            return torch.cat([self.module(to_device(batch_rows(x, lo, lo + batch), self.device))
+                              for lo in range(0, n, batch)], 0)
+
+
+__all__ = ["FunctionalModel", "ParamLayout", "ParamSlot", "ParamSelection", "select_parameter_names", "ATTRIBUTE_KEY",
+           "batch_len", "batch_rows", "add_batch_dim", "to_device", "example_numel"]

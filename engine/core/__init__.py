@@ -1,0 +1,1 @@
+"""The core: the project folder (spec, data, model, checkpoints), the trainer, errors and progress."""

@@ -1,0 +1,227 @@
+"""Where a project's weights come from: a recorded trajectory, or the user's own trained weights.
+
+- ``checkpoints/trajectory.json`` (written by ``proponent train`` or ``proponent import``): every
+  recorded checkpoint of one or more runs, with step, epoch and learning rate. Trajectory methods
+  (Source, TracIn, DDM) need it.
+- ``[model] weights = ["a.safetensors", ...]``: one file per independently trained model, no
+  history. Enough for every final-weights method (TRAK, EK-FAC, Grad-Dot/Cos, kNN, ...).
+
+Weights are read with safetensors, or ``torch.load(weights_only=True)`` for ``.pt``/``.pth``
+state dicts: never an unpickle of arbitrary objects.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.core.errors import ValidationError
+
+TRAJECTORY_FILE = "trajectory.json"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+MANIFEST_NAMES = ("manifest.json", "manifest.csv")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One set of weights: a recorded checkpoint of a trajectory (see engine.core.train), or a
+    ``[model] weights`` file (``kind == "weights"``: no step, epoch or learning rate known)."""
+
+    model_id: int
+    index: int  # position within its model's run
+    step: int
+    epoch: float
+    lr: float
+    stage: str
+    weights: Path
+    optimizer_state: Path | None
+    stage_steps: int  # optimizer steps taken within this checkpoint's stage so far
+    momentum: float = 0.0
+    optimizer: str = "sgd"
+    kind: str = "trajectory"  # "trajectory" | "weights"
+
+    @property
+    def key(self) -> str:
+        return f"m{self.model_id}/{self.weights.name}"
+
+
+def read_trajectory(checkpoint_dir: Path) -> dict:
+    path = checkpoint_dir / TRAJECTORY_FILE
+    if not path.is_file():
+        return {"checkpoints": []}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValidationError(f"corrupt trajectory log: {e}", file=str(path)) from None
+
+
+def trajectory_checkpoints(checkpoint_dir: Path, log: dict) -> list[Checkpoint]:
+    out = []
+    for c in log.get("checkpoints", []):
+        out.append(Checkpoint(
+            model_id=int(c["model_id"]), index=int(c["index"]), step=int(c["step"]), epoch=float(c["epoch"]),
+            lr=float(c["lr"]), stage=str(c.get("stage", "train")),
+            weights=checkpoint_dir / c["weights"],
+            optimizer_state=(checkpoint_dir / c["optimizer_state"]) if c.get("optimizer_state") else None,
+            stage_steps=int(c.get("stage_steps", c["step"])), momentum=float(c.get("momentum", 0.0)),
+            optimizer=str(c.get("optimizer", "sgd"))))
+    return sorted(out, key=lambda c: (c.model_id, c.step))
+
+
+def weights_checkpoints(root: Path, files: list[str]) -> list[Checkpoint]:
+    """``[model] weights``: model i is the i-th file."""
+    out = []
+    for i, f in enumerate(files):
+        p = Path(f)
+        p = p if p.is_absolute() else root / p
+        out.append(Checkpoint(model_id=i, index=0, step=0, epoch=0.0, lr=0.0, stage="final", weights=p,
+                              optimizer_state=None, stage_steps=0, kind="weights"))
+    return out
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a tensors-only .pt/.pth/.bin file."""
+    if not path.is_file():
+        raise ValidationError("weights file not found", file=str(path))
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file  # optional heavy import: only when weights are read
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise ValidationError(f"cannot read safetensors: {e}", file=str(path)) from None
+    if path.suffix in (".pt", ".pth", ".bin"):
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # never unpickle objects
+        except Exception as e:
+            raise ValidationError(f"cannot read weights (only tensors are loaded, weights_only=True): "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", file=str(path)) from None
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]  # the common {"state_dict": ..., "epoch": ...} bundle
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ValidationError("expected a state dict (parameter name → tensor)", file=str(path))
+        return {str(k): v for k, v in obj.items()}
+    raise ValidationError(f"unknown weights format {path.suffix!r} (use .safetensors, or a .pt state dict)", file=str(path))
+
+
+def fit_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    """Load ``state`` into ``model``; a mismatch is one line naming the file and the first key."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing:
+        raise ValidationError(f"weights do not fit model.py: key {missing[0]!r} is missing"
+                              + (f" ({len(missing)} missing)" if len(missing) > 1 else ""), file=str(path))
+    if unexpected:
+        raise ValidationError(f"weights do not fit model.py: unexpected key {unexpected[0]!r}"
+                              + (f" ({len(unexpected)} unexpected)" if len(unexpected) > 1 else ""), file=str(path))
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValidationError(f"weights do not fit model.py: key {k!r} has shape {tuple(state[k].shape)} "
+                                  f"but model.py builds {tuple(v.shape)}", file=str(path))
+    model.load_state_dict(state)
+    return model
+
+
+# ----------------------------------------------------------------------------- import
+def read_manifest(src: Path) -> list[dict]:
+    """The user's manifest: ``manifest.json`` (a list, or {"checkpoints": [...]}) or ``manifest.csv``,
+    one entry per checkpoint with ``file``, ``step``, ``lr`` and optionally ``epoch``, ``model_id``,
+    ``stage``, ``optimizer``, ``momentum``."""
+    path = next((src / n for n in MANIFEST_NAMES if (src / n).is_file()), None)
+    if path is None:
+        raise ValidationError(f"no manifest ({' or '.join(MANIFEST_NAMES)}) with file, step, epoch, lr per checkpoint",
+                              file=str(src))
+    if path.suffix == ".csv":
+        import pandas as pd  # already a dependency; only the CSV manifest needs it
+
+        try:
+            rows = pd.read_csv(path).to_dict("records")
+        except Exception as e:
+            raise ValidationError(f"cannot parse CSV: {str(e).splitlines()[0]}", file=str(path)) from None
+    else:
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValidationError(f"invalid JSON: {e}", file=str(path)) from None
+        rows = data.get("checkpoints") if isinstance(data, dict) else data
+        if not isinstance(rows, list):
+            raise ValidationError("expected a list of checkpoints (or {\"checkpoints\": [...]})", file=str(path))
+    if not rows:
+        raise ValidationError("the manifest lists no checkpoints", file=str(path))
+    out = []
+    for r, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValidationError("each checkpoint must be a table with file, step, lr", file=str(path), row=r)
+        for key in ("file", "step", "lr"):
+            if key not in row or row[key] is None or row[key] != row[key]:
+                raise ValidationError(f"missing {key!r}", file=str(path), row=r)
+        try:
+            out.append({"file": str(row["file"]), "step": int(row["step"]), "lr": float(row["lr"]),
+                        "epoch": float(row.get("epoch", 0.0) if row.get("epoch") == row.get("epoch") else 0.0),
+                        "model_id": int(row.get("model_id", 0) if row.get("model_id") == row.get("model_id") else 0),
+                        "stage": str(row.get("stage") or "train"),
+                        "optimizer": str(row.get("optimizer") or "sgd"),
+                        "momentum": float(row.get("momentum") or 0.0)})
+        except (TypeError, ValueError) as e:
+            raise ValidationError(f"bad value: {e}", file=str(path), row=r) from None
+    return out
+
+
+def import_trajectory(project, src: str | Path) -> int:
+    """Turn a folder of the user's saved checkpoints + manifest into ``checkpoints/trajectory.json``,
+    so trajectory methods (Source, TracIn) can run on a model trained elsewhere. Every file is read and
+    fitted to model.py first; the trajectory folder is swapped in only when all of them fit."""
+    from safetensors.torch import save_file  # optional heavy import: only import writes weights
+
+    from engine.storage.arrays import atomic_write_json
+
+    src = Path(src).expanduser().resolve()
+    if not src.is_dir():
+        raise ValidationError("checkpoint folder not found", file=str(src))
+    entries = read_manifest(src)
+    final = project.checkpoint_dir
+    tmp = final.with_name(final.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        log = {"imported_from": str(src), "n_train": len(project.train_dataset), "data_hash": project.data_hash(),
+               "models": len({e["model_id"] for e in entries}), "checkpoints": [], "stages": {}}
+        index: dict[int, int] = {}
+        seen = set()
+        for e in sorted(entries, key=lambda e: (e["model_id"], e["step"])):
+            if (e["model_id"], e["step"]) in seen:
+                raise ValidationError(f"model {e['model_id']} has two checkpoints at step {e['step']}", file=str(src))
+            seen.add((e["model_id"], e["step"]))
+            path = src / e["file"]
+            state = read_state_dict(path)
+            fit_state(project.build_model(), state, path)
+            sub = f"model_{e['model_id']}"
+            (tmp / sub).mkdir(exist_ok=True)
+            wname = f"{sub}/step_{e['step']:07d}.safetensors"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / wname))
+            i = index.get(e["model_id"], 0)
+            index[e["model_id"]] = i + 1
+            log["checkpoints"].append({
+                "model_id": e["model_id"], "index": i, "step": e["step"], "epoch": e["epoch"], "lr": e["lr"],
+                "stage": e["stage"], "stage_steps": e["step"], "weights": wname, "optimizer_state": None,
+                "optimizer": e["optimizer"], "momentum": e["momentum"]})
+        atomic_write_json(tmp / TRAJECTORY_FILE, log)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written
+        raise
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+    return len(log["checkpoints"])

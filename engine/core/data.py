@@ -1,0 +1,550 @@
+"""Reading a project's data: image CSVs, ImageFolder trees, tables (CSV/Parquet) and text.
+
+Every format ends in the same thing, :class:`LoadedData`: train/test inputs (a tensor, or a
+:class:`TensorDict` for text), integer labels, the class names, and a table with one row per
+example (``rows``) whose order is the order of every index Proponent prints.
+
+Decisions for ImageFolder trees (torchvision's ``ImageFolder`` conventions, so indexes agree):
+classes are the sorted sub-folder names of ``train``; rows are sorted by (class folder, path
+inside it). A file whose extension is not an image extension is *skipped and counted* (as
+torchvision does; each skip is reported in :attr:`LoadedData.warnings`, one line naming the
+path). An empty class folder, or a class folder only in test, is an error naming the folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils import _pytree as pytree
+
+from engine.core.errors import ValidationError
+
+FORMATS = ("images", "image_folder", "tabular", "text")
+# torchvision.datasets.folder.IMG_EXTENSIONS
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
+
+
+# ----------------------------------------------------------------------------- dict inputs
+class TensorDict:
+    """A batch of dict inputs (e.g. ``input_ids`` and ``attention_mask``), all sharing the first
+    (example) dimension. Indexing by a key gives a tensor; by an int, slice or index array it gives
+    the selected examples, so engine code written for tensors (``x[lo:hi]``, ``x.to(device)``,
+    ``len(x)``) works unchanged. Registered as a pytree node so ``torch.func.vmap`` maps over it."""
+
+    def __init__(self, data: dict[str, torch.Tensor]):
+        if not data:
+            raise ValueError("a TensorDict needs at least one tensor")
+        self.data = {str(k): torch.as_tensor(v) for k, v in data.items()}
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self.data[key]
+        return TensorDict({k: v[key] for k, v in self.data.items()})
+
+    def __len__(self) -> int:
+        return len(next(iter(self.data.values())))
+
+    def __contains__(self, key) -> bool:
+        return key in self.data
+
+    def __repr__(self) -> str:
+        return f"TensorDict({', '.join(f'{k}: {tuple(v.shape)}' for k, v in self.data.items())})"
+
+    def keys(self):
+        return self.data.keys()
+
+    def values(self):
+        return self.data.values()
+
+    def items(self):
+        return self.data.items()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the first tensor: (examples, *per-example shape of that tensor)."""
+        return tuple(next(iter(self.data.values())).shape)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TensorDict":
+        return TensorDict({k: fn(v) for k, v in self.data.items()})
+
+    def to(self, *args, **kwargs) -> "TensorDict":
+        return self.map(lambda v: v.to(*args, **kwargs))
+
+    def unsqueeze(self, dim: int) -> "TensorDict":
+        return self.map(lambda v: v.unsqueeze(dim))
+
+    def numel(self) -> int:
+        return int(sum(v.numel() for v in self.data.values()))
+
+    def numpy_bytes(self) -> bytes:
+        return b"".join(k.encode() + v.numpy().tobytes() for k, v in sorted(self.data.items()))
+
+    @staticmethod
+    def cat(parts: list["TensorDict"]) -> "TensorDict":
+        return TensorDict({k: torch.cat([p.data[k] for p in parts]) for k in parts[0].data})
+
+
+pytree.register_pytree_node(
+    TensorDict,
+    lambda td: (list(td.data.values()), list(td.data.keys())),
+    lambda values, keys: TensorDict(dict(zip(keys, values))),
+    serialized_type_name="engine.core.data.TensorDict",
+)
+
+
+def take(x, idx):
+    """Rows ``idx`` of a tensor or TensorDict."""
+    return x[torch.as_tensor(np.asarray(idx), dtype=torch.long)]
+
+
+def input_bytes(x) -> bytes:
+    return x.numpy_bytes() if isinstance(x, TensorDict) else x.numpy().tobytes()
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """``[data] resize``, ``mode`` and ``normalize``: one definition used for training,
+    attribution and the app's uploads. The app shows the original pixels (:func:`read_raw_image`)."""
+
+    resize: tuple[int, int] | None = None  # (height, width)
+    mode: str | None = None  # "rgb" | "grey"; None: grey for single-channel files, else RGB
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def pil_mode(self, im) -> str:
+        if self.mode == "rgb":
+            return "RGB"
+        if self.mode == "grey":
+            return "L"
+        return "L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+
+    def apply(self, im) -> np.ndarray:
+        """A PIL image → float32 [channels, height, width] in the project's preprocessing."""
+        from PIL import Image  # heavy optional import kept local to image projects
+
+        im = im.convert(self.pil_mode(im))
+        if self.resize is not None:
+            h, w = self.resize
+            if im.size != (w, h):
+                im = im.resize((w, h), Image.BILINEAR)
+        arr = np.asarray(im, dtype=np.float32) / 255.0
+        arr = arr[None] if arr.ndim == 2 else np.transpose(arr, (2, 0, 1))
+        if self.mean is not None:
+            c = arr.shape[0]
+            mean = np.asarray(self.mean, np.float32).reshape(-1, 1, 1)
+            std = np.asarray(self.std, np.float32).reshape(-1, 1, 1)
+            if mean.shape[0] not in (1, c):
+                raise ValueError(f"normalize has {mean.shape[0]} channel(s) but the images have {c}")
+            arr = (arr - mean) / std
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    def fingerprint(self) -> dict:
+        return {"resize": self.resize, "mode": self.mode, "mean": self.mean, "std": self.std}
+
+
+@dataclass
+class DataConfig:
+    """The ``[data]`` table as the loaders use it."""
+
+    format: str = "images"
+    train: str = ""
+    test: str = ""
+    label_column: str = "label"
+    image_column: str = "path"
+    text_column: str = "text"
+    image_root: str | None = None
+    feature_columns: list[str] | None = None
+    categorical_columns: list[str] = field(default_factory=list)
+    preprocessing: ImagePreprocessing = field(default_factory=ImagePreprocessing)
+
+    @classmethod
+    def from_spec(cls, data: dict, toml: Path) -> "DataConfig":
+        """Read the ``[data]`` table (or an object with the same attributes, e.g. a parsed config)."""
+        get = data.get if isinstance(data, dict) else (lambda k, d=None: getattr(data, k, d))
+        fmt = str(get("format", "images") or "images")
+        if fmt not in FORMATS:
+            raise ValidationError(f"[data] format {fmt!r} must be one of {', '.join(FORMATS)}", file=str(toml))
+        for key in ("train", "test"):
+            if not get(key):
+                what = "a folder" if fmt == "image_folder" else "a file path"
+                raise ValidationError(f"[data] needs {key!r} ({what})", file=str(toml))
+
+        def str_list(key):
+            v = get(key)
+            if v is None:
+                return None
+            if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v):
+                raise ValidationError(f"[data] {key} must be a list of column names", file=str(toml))
+            return [str(s) for s in v]
+
+        return cls(format=fmt, train=str(get("train")), test=str(get("test")),
+                   label_column=str(get("label_column", "label") or "label"),
+                   image_column=str(get("image_column", "path") or "path"),
+                   text_column=str(get("text_column", "text") or "text"),
+                   image_root=get("image_root") or None,
+                   feature_columns=str_list("feature_columns"),
+                   categorical_columns=str_list("categorical_columns") or [],
+                   preprocessing=_parse_preprocessing(get, toml))
+
+
+def _parse_preprocessing(get, toml: Path) -> ImagePreprocessing:
+    resize = get("resize")
+    if resize is not None:
+        if (not isinstance(resize, (list, tuple)) or len(resize) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in resize)):
+            raise ValidationError(f"[data] resize must be [height, width] in pixels, not {resize!r}", file=str(toml))
+        resize = (int(resize[0]), int(resize[1]))
+    mode = get("mode")
+    if mode is not None and mode not in ("rgb", "grey", "gray"):
+        raise ValidationError(f"[data] mode must be 'rgb' or 'grey', not {mode!r}", file=str(toml))
+    mode = "grey" if mode == "gray" else mode
+    norm = get("normalize")
+    mean = std = None
+    if norm is not None:
+        if not isinstance(norm, dict):
+            norm = {"mean": getattr(norm, "mean", None), "std": getattr(norm, "std", None)}
+        mean, std = norm.get("mean"), norm.get("std")
+        for name, v in (("mean", mean), ("std", std)):
+            if not isinstance(v, (list, tuple)) or not v or not all(isinstance(t, (int, float)) for t in v):
+                raise ValidationError(f"[data] normalize.{name} must be a list of numbers (one per channel)", file=str(toml))
+        if len(mean) != len(std):
+            raise ValidationError(f"[data] normalize has {len(mean)} means but {len(std)} stds", file=str(toml))
+        if any(s <= 0 for s in std):
+            raise ValidationError("[data] normalize.std must be positive", file=str(toml))
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    return ImagePreprocessing(resize=resize, mode=mode, mean=mean, std=std)
+
+
+@dataclass
+class LoadedData:
+    x_train: Any  # Tensor [n, ...] or TensorDict
+    y_train: torch.Tensor
+    x_test: Any
+    y_test: torch.Tensor
+    classes: list
+    train_df: pd.DataFrame  # one row per training example, in index order
+    test_df: pd.DataFrame
+    feature_columns: list[str] = field(default_factory=list)  # tabular: the model's input columns
+    feature_mean: np.ndarray | None = None
+    feature_std: np.ndarray | None = None
+    categories: dict[str, list] = field(default_factory=dict)  # categorical column → train categories
+    train_files: list[Path] | None = None  # image formats: the file behind each row
+    test_files: list[Path] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _native(v):
+    """numpy scalars → Python values, so labels print and compare plainly."""
+    return v.item() if hasattr(v, "item") else v
+
+
+# ----------------------------------------------------------------------------- tables
+def read_table(path: Path, label_column: str) -> pd.DataFrame:
+    """A CSV, Parquet or JSONL file with a label column and at least one row."""
+    if not path.is_file():
+        raise ValidationError("file not found", file=str(path))
+    kind = TABLE_SUFFIXES.get(path.suffix.lower(), "csv")
+    try:
+        if kind == "parquet":
+            df = pd.read_parquet(path)
+        elif kind == "jsonl":
+            df = pd.read_json(path, lines=True)
+        else:
+            df = pd.read_csv(path)
+    except Exception as e:  # pandas/pyarrow raise many types; the user needs one line
+        raise ValidationError(f"cannot parse {kind.upper() if kind != 'jsonl' else 'JSONL'}: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", file=str(path)) from None
+    df.columns = [str(c) for c in df.columns]
+    if label_column not in df.columns:
+        raise ValidationError(
+            f"label column {label_column!r} not found (columns: {', '.join(map(str, df.columns))})", file=str(path))
+    if len(df) == 0:
+        raise ValidationError("no data rows", file=str(path))
+    missing = df[label_column].isna().to_numpy()
+    if missing.any():
+        raise ValidationError(f"empty label in column {label_column!r}", file=str(path), row=int(np.argmax(missing)))
+    return df
+
+
+def _class_index(train_df, test_df, lc, test_file: Path):
+    raw = sorted((_native(v) for v in pd.unique(train_df[lc])), key=lambda v: (str(type(v)), v))
+    index = {c: i for i, c in enumerate(raw)}
+    unknown = np.array([_native(v) not in index for v in test_df[lc]])
+    if unknown.any():
+        r = int(np.argmax(unknown))
+        raise ValidationError(f"class {_native(test_df[lc].iloc[r])!r} is in test but not in train",
+                              file=str(test_file), row=r)
+    y_train = torch.tensor([index[_native(v)] for v in train_df[lc]], dtype=torch.long)
+    y_test = torch.tensor([index[_native(v)] for v in test_df[lc]], dtype=torch.long)
+    return raw, y_train, y_test
+
+
+# ----------------------------------------------------------------------------- images
+def read_raw_image(path: Path):
+    """The file's pixels as a PIL image (loaded, file closed)."""
+    from PIL import Image  # heavy optional import kept local to image projects
+
+    with Image.open(path) as im:
+        im.load()
+        return im.copy()
+
+
+def load_image(path: Path, prep: ImagePreprocessing, file: Path, row: int | None) -> np.ndarray:
+    from PIL import UnidentifiedImageError  # heavy optional import kept local to image projects
+
+    try:
+        im = read_raw_image(path)
+    except FileNotFoundError:
+        raise ValidationError(f"image file not found: {path}", file=str(file), row=row) from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValidationError(f"unreadable image {path.name}: {e}", file=str(file), row=row) from None
+    try:
+        return prep.apply(im)
+    except ValueError as e:
+        raise ValidationError(f"image {path.name}: {e}", file=str(file), row=row) from None
+
+
+def _stack_images(paths: list[Path], names: list[str], prep: ImagePreprocessing, files: list[Path],
+                  rows: list[int | None], expect: tuple | None) -> torch.Tensor:
+    arrays = []
+    for p, name, f, r in zip(paths, names, files, rows):
+        arr = load_image(p, prep, f, r)
+        shape = expect or (arrays[0].shape if arrays else arr.shape)
+        if arr.shape != tuple(shape):
+            hint = "" if prep.resize else "; set [data] resize = [h, w] to resize them"
+            raise ValidationError(
+                f"image {name} has shape {tuple(arr.shape)} (channels, height, width) but the others have "
+                f"{tuple(shape)}{hint}", file=str(f), row=r)
+        arrays.append(arr)
+    return torch.from_numpy(np.stack(arrays))
+
+
+def resolve_image_path(rel: str, csv: Path, root: Path, image_root: str | None, row: int) -> Path:
+    """A CSV's image path: absolute as is; relative under ``image_root`` when set, else relative
+    to the CSV's folder, then to the project root. The error names every place it looked."""
+    p = Path(rel)
+    if p.is_absolute():
+        candidates = [p]
+    elif image_root:
+        base = Path(image_root)
+        candidates = [(base if base.is_absolute() else root / base) / p]
+    else:
+        candidates = [csv.parent / p, root / p]
+    for c in candidates:
+        if c.is_file():
+            return c
+    looked = ", ".join(str(c) for c in dict.fromkeys(candidates))
+    raise ValidationError(f"image file not found: {rel} (looked in {looked})", file=str(csv), row=row)
+
+
+def _load_image_csv(cfg: DataConfig, root: Path, train_file: Path, test_file: Path) -> LoadedData:
+    lc, col = cfg.label_column, cfg.image_column
+    train_df, test_df = read_table(train_file, lc), read_table(test_file, lc)
+    classes, y_train, y_test = _class_index(train_df, test_df, lc, test_file)
+    xs, files = [], []
+    for df, f in ((train_df, train_file), (test_df, test_file)):
+        if col not in df.columns:
+            raise ValidationError(f"image column {col!r} not found (columns: {', '.join(map(str, df.columns))})", file=str(f))
+        paths = []
+        for r, rel in enumerate(df[col].tolist()):
+            if not isinstance(rel, str) or not rel:
+                raise ValidationError(f"empty image path in column {col!r}", file=str(f), row=r)
+            paths.append(resolve_image_path(rel, f, root, cfg.image_root, r))
+        expect = tuple(xs[0].shape[1:]) if xs else None
+        xs.append(_stack_images(paths, df[col].tolist(), cfg.preprocessing, [f] * len(paths), list(range(len(paths))), expect))
+        files.append(paths)
+    return LoadedData(xs[0], y_train, xs[1], y_test, classes, train_df, test_df,
+                      train_files=files[0], test_files=files[1])
+
+
+def scan_image_folder(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[Path, str]], list[Path]]:
+    """(classes, [(file, class)], skipped non-image files) of an ImageFolder tree, in torchvision's
+    order. With ``classes`` (the training classes), a class folder outside them is an error."""
+    if not folder.is_dir():
+        raise ValidationError("image folder not found (expected one sub-folder per class)", file=str(folder))
+    found = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    if not found:
+        raise ValidationError("no class sub-folders (expected one sub-folder per class, e.g. train/cat/*.png)", file=str(folder))
+    if classes is not None:
+        extra = [c for c in found if c not in classes]
+        if extra:
+            raise ValidationError(f"class folder {extra[0]!r} is in test but not in train", file=str(folder / extra[0]))
+    samples, skipped = [], []
+    for cls in found:
+        n_before = len(samples)
+        for dirpath, _, fnames in sorted(os.walk(folder / cls, followlinks=True)):
+            for fname in sorted(fnames):
+                path = Path(dirpath) / fname
+                if fname.lower().endswith(IMAGE_EXTENSIONS):
+                    samples.append((path, cls))
+                else:
+                    skipped.append(path)
+        if len(samples) == n_before:
+            raise ValidationError(f"class folder {cls!r} has no images ({', '.join(IMAGE_EXTENSIONS)})",
+                                  file=str(folder / cls))
+    return found, samples, skipped
+
+
+def _load_image_folder(cfg: DataConfig, root: Path, train_dir: Path, test_dir: Path) -> LoadedData:
+    classes, train_s, skip_train = scan_image_folder(train_dir)
+    _, test_s, skip_test = scan_image_folder(test_dir, classes)
+    index = {c: i for i, c in enumerate(classes)}
+    xs, dfs = [], []
+    for samples, folder in ((train_s, train_dir), (test_s, test_dir)):
+        paths = [p for p, _ in samples]
+        rel = [_relative(p, root) for p in paths]
+        expect = tuple(xs[0].shape[1:]) if xs else None
+        # the file is named in the error itself; a row number would be a position, not a line
+        xs.append(_stack_images(paths, rel, cfg.preprocessing, paths, [None] * len(paths), expect))
+        dfs.append(pd.DataFrame({cfg.image_column: rel, cfg.label_column: [c for _, c in samples]}))
+    y_train = torch.tensor([index[c] for _, c in train_s], dtype=torch.long)
+    y_test = torch.tensor([index[c] for _, c in test_s], dtype=torch.long)
+    skipped = skip_train + skip_test
+    warnings = [f"{p}: skipped, not an image file ({len(skipped)} skipped in all)" for p in skipped]
+    return LoadedData(xs[0], y_train, xs[1], y_test, list(classes), dfs[0], dfs[1],
+                      train_files=[p for p, _ in train_s], test_files=[p for p, _ in test_s], warnings=warnings)
+
+
+def _relative(p: Path, root: Path) -> str:
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return str(p)
+
+
+# ----------------------------------------------------------------------------- tabular
+def _load_tabular(cfg: DataConfig, train_file: Path, test_file: Path, exclude: set[str]) -> LoadedData:
+    lc = cfg.label_column
+    train_df, test_df = read_table(train_file, lc), read_table(test_file, lc)
+    classes, y_train, y_test = _class_index(train_df, test_df, lc, test_file)
+    cats = list(cfg.categorical_columns)
+    if cfg.feature_columns is not None:
+        cols = list(cfg.feature_columns)
+        cols += [c for c in cats if c not in cols]
+    else:
+        cols = [c for c in train_df.columns if c != lc and c not in exclude]
+    for df, f in ((train_df, train_file), (test_df, test_file)):
+        for c in cols:
+            if c not in df.columns:
+                raise ValidationError(f"feature column {c!r} not found (columns: {', '.join(map(str, df.columns))})", file=str(f))
+    if lc in cols:
+        raise ValidationError(f"[data] label column {lc!r} cannot also be a feature column", file=str(train_file))
+    numeric = [c for c in cols if c not in cats]
+    if not cols:
+        raise ValidationError("no feature columns", file=str(train_file))
+    categories = {c: sorted({str(v) for v in train_df[c].tolist()}) for c in cats}
+    for c in cats:
+        missing = train_df[c].isna().to_numpy()
+        if missing.any():
+            raise ValidationError(f"empty value in categorical column {c!r}", file=str(train_file), row=int(np.argmax(missing)))
+    mats = []
+    for df, f in ((train_df, train_file), (test_df, test_file)):
+        block = df[numeric]
+        num = block.apply(pd.to_numeric, errors="coerce")
+        bad = num.isna().to_numpy() | ~np.isfinite(num.to_numpy(dtype=np.float64, na_value=np.nan))
+        if bad.any():
+            r, c = map(int, np.argwhere(bad)[0])
+            raise ValidationError(f"column {numeric[c]!r}: value {block.iat[r, c]!r} is not a finite number", file=str(f), row=r)
+        mats.append(num.to_numpy(dtype=np.float32))
+    # standardise with training statistics only, so test data never leaks into preprocessing
+    mean = mats[0].mean(0) if numeric else np.zeros(0, np.float32)
+    std = mats[0].std(0) if numeric else np.ones(0, np.float32)
+    std[std == 0] = 1.0
+    out = []
+    for m, df, f in zip(mats, (train_df, test_df), (train_file, test_file)):
+        parts = [(m - mean) / std] + [_one_hot(df[c], categories[c], c, f) for c in cats]
+        out.append(torch.from_numpy(np.concatenate(parts, axis=1).astype(np.float32)))
+    names = [str(c) for c in numeric] + [f"{c}={v}" for c in cats for v in categories[c]]
+    n_hot = len(names) - len(numeric)
+    return LoadedData(out[0], y_train, out[1], y_test, classes, train_df, test_df, feature_columns=names,
+                      feature_mean=np.concatenate([mean, np.zeros(n_hot, np.float32)]),
+                      feature_std=np.concatenate([std, np.ones(n_hot, np.float32)]), categories=categories)
+
+
+def _one_hot(values: pd.Series, categories: list[str], column: str, file: Path) -> np.ndarray:
+    index = {v: i for i, v in enumerate(categories)}
+    out = np.zeros((len(values), len(categories)), np.float32)
+    for r, v in enumerate(values.tolist()):
+        key = None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+        if key not in index:
+            raise ValidationError(f"categorical column {column!r}: value {v!r} is not among the training categories "
+                                  f"({', '.join(categories)})", file=str(file), row=r)
+        out[r, index[key]] = 1.0
+    return out
+
+
+# ----------------------------------------------------------------------------- text
+def _load_text(cfg: DataConfig, train_file: Path, test_file: Path, tokenize: Callable | None,
+               factory_file: Path) -> LoadedData:
+    lc, tc = cfg.label_column, cfg.text_column
+    train_df, test_df = read_table(train_file, lc), read_table(test_file, lc)
+    classes, y_train, y_test = _class_index(train_df, test_df, lc, test_file)
+    if tokenize is None:
+        raise ValidationError("format 'text' needs a function tokenize(texts) -> dict of tensors", file=str(factory_file))
+    xs = []
+    for df, f in ((train_df, train_file), (test_df, test_file)):
+        if tc not in df.columns:
+            raise ValidationError(f"text column {tc!r} not found (columns: {', '.join(map(str, df.columns))})", file=str(f))
+        texts = df[tc].tolist()
+        for r, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise ValidationError(f"empty text in column {tc!r}", file=str(f), row=r)
+        xs.append(tokenize_texts(tokenize, texts, factory_file))
+    return LoadedData(xs[0], y_train, xs[1], y_test, classes, train_df, test_df)
+
+
+def tokenize_texts(tokenize: Callable, texts: list[str], factory_file: Path) -> TensorDict:
+    """model.py's ``tokenize(texts)`` → a TensorDict with one row per text."""
+    try:
+        out = tokenize(list(texts))
+    except Exception as e:
+        raise ValidationError(f"tokenize failed: {type(e).__name__}: {e}", file=str(factory_file)) from None
+    if not isinstance(out, dict) or not out:
+        raise ValidationError(f"tokenize returned {type(out).__name__}, not a dict of tensors", file=str(factory_file))
+    for k, v in out.items():
+        if not isinstance(v, torch.Tensor) or v.ndim == 0 or len(v) != len(texts):
+            raise ValidationError(f"tokenize()[{k!r}] must be a tensor with one row per text ({len(texts)})",
+                                  file=str(factory_file))
+    return TensorDict(out)
+
+
+# ----------------------------------------------------------------------------- entry point
+def load_data(cfg: DataConfig, root: Path, *, exclude_columns: set[str] = frozenset(),
+              tokenize: Callable | None = None, factory_file: Path | None = None) -> LoadedData:
+    train_file, test_file = root / cfg.train, root / cfg.test
+    if cfg.format == "images":
+        return _load_image_csv(cfg, root, train_file, test_file)
+    if cfg.format == "image_folder":
+        return _load_image_folder(cfg, root, train_file, test_file)
+    if cfg.format == "tabular":
+        return _load_tabular(cfg, train_file, test_file, set(exclude_columns))
+    return _load_text(cfg, train_file, test_file, tokenize, factory_file or root / "model.py")
+
+
+def rows_table(data: LoadedData, split: str, root: Path) -> pd.DataFrame:
+    """index, file (image formats; else empty), label: how printed indexes map back to examples."""
+    df = data.train_df if split == "train" else data.test_df
+    files = data.train_files if split == "train" else data.test_files
+    y = data.y_train if split == "train" else data.y_test
+    return pd.DataFrame({
+        "index": np.arange(len(df)),
+        "file": [_relative(p, root) for p in files] if files is not None else [""] * len(df),
+        "label": [data.classes[int(i)] for i in y],
+    })
+
+
+def iter_batches(x, batch: int) -> Iterator:
+    for lo in range(0, len(x), batch):
+        yield x[lo:lo + batch]
+
+
+__all__ = ["TensorDict", "DataConfig", "ImagePreprocessing", "LoadedData", "load_data", "read_table", "read_raw_image",
+           "resolve_image_path", "scan_image_folder", "rows_table", "take", "input_bytes", "json"]

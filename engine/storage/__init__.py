@@ -1,0 +1,1 @@
+"""Storage: arrays on disk (atomic, chunked) and project state in SQLite."""

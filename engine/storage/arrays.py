@@ -1,0 +1,148 @@
+"""Results on disk: arrays and JSON written atomically, and chunked feature stores.
+
+Arrays: ``.npy`` files written to a temporary name in the same folder and renamed into
+place, so a reader never sees half a file and a killed writer leaves nothing half-written.
+Chunked stores (features) keep a manifest; an interrupted featurization resumes at the
+first missing chunk.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+
+# ---------------------------------------------------------------------------- atomic files
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # mkstemp makes 0600 files; results should read like any other file
+
+
+def _atomic_write(path: str | Path, write) -> None:
+    """Write through ``write(fileobj)`` to a temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, _FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=json_default))
+
+
+def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
+    # np.asarray keeps 0-d arrays 0-d (ascontiguousarray would make them 1-d)
+    _atomic_write(path, lambda f: np.save(f, np.asarray(array, order="C"), allow_pickle=False))
+
+
+def load_npy(path: str | Path, mmap: bool = True) -> np.ndarray:
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=json_default).encode()).hexdigest()[:n]
+
+
+# ---------------------------------------------------------------------------- chunked arrays
+class ChunkedArray:
+    """A 2-D float array of known row count stored as fixed-size row chunks.
+
+    Each chunk is its own atomically written ``.npy``, so a run killed half-way keeps every
+    finished chunk and resumes with the first missing one.
+    """
+
+    def __init__(self, folder: str | Path, n_rows: int, chunk_rows: int, meta: dict | None = None):
+        self.folder = Path(folder)
+        self.n_rows = int(n_rows)
+        self.chunk_rows = int(chunk_rows)
+        self.meta = dict(meta or {})
+        manifest = self.folder / "manifest.json"
+        want = {"n_rows": self.n_rows, "chunk_rows": self.chunk_rows, "meta": self.meta}
+        if manifest.is_file():
+            have = json.loads(manifest.read_text())
+            if have != json.loads(json.dumps(want, default=json_default)):
+                # a different request under the same folder: start over rather than mix results
+                for f in self.folder.glob("chunk_*.npy"):
+                    f.unlink()
+                atomic_write_json(manifest, want)
+        else:
+            atomic_write_json(manifest, want)
+
+    @property
+    def n_chunks(self) -> int:
+        return (self.n_rows + self.chunk_rows - 1) // self.chunk_rows
+
+    def chunk_bounds(self, c: int) -> tuple[int, int]:
+        return c * self.chunk_rows, min(self.n_rows, (c + 1) * self.chunk_rows)
+
+    def chunk_path(self, c: int) -> Path:
+        return self.folder / f"chunk_{c:06d}.npy"
+
+    def has_chunk(self, c: int) -> bool:
+        return self.chunk_path(c).is_file()
+
+    def missing_chunks(self) -> list[int]:
+        return [c for c in range(self.n_chunks) if not self.has_chunk(c)]
+
+    def write_chunk(self, c: int, block: np.ndarray) -> None:
+        lo, hi = self.chunk_bounds(c)
+        if block.shape[0] != hi - lo:
+            raise ValueError(f"chunk {c} should have {hi - lo} rows, got {block.shape[0]}")
+        atomic_save_npy(self.chunk_path(c), block)
+
+    def read_chunk(self, c: int) -> np.ndarray:
+        return load_npy(self.chunk_path(c), mmap=False)
+
+    def iter_chunks(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        for c in range(self.n_chunks):
+            lo, hi = self.chunk_bounds(c)
+            yield lo, hi, self.read_chunk(c)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing_chunks()
+
+    def to_array(self) -> np.ndarray:
+        if not self.complete:
+            raise RuntimeError(f"{self.folder}: {len(self.missing_chunks())} chunks missing")
+        return np.concatenate([self.read_chunk(c) for c in range(self.n_chunks)], axis=0)

@@ -1,0 +1,213 @@
+"""Project state in SQLite (WAL mode): runs, flags, notes, the audit trail and jobs."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.storage.arrays import json_default
+
+
+# ---------------------------------------------------------------------------- SQLite state
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    key TEXT PRIMARY KEY,
+    method TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    checkpoint_hash TEXT NOT NULL,
+    status TEXT NOT NULL,              -- running | done | failed | cancelled
+    created REAL NOT NULL,
+    finished REAL,
+    fit_seconds REAL,
+    score_seconds REAL,
+    peak_mb REAL,
+    device TEXT,
+    message TEXT,
+    meta TEXT
+);
+CREATE TABLE IF NOT EXISTS flags (
+    split TEXT NOT NULL,               -- train | test | pair
+    item TEXT NOT NULL,                -- row index, or "test:train" for a pair
+    flag TEXT,                         -- mislabeled | ok | ambiguous | leak | dismissed | NULL
+    relabel TEXT,                      -- new label (as text) or NULL
+    note TEXT,
+    updated REAL NOT NULL,
+    PRIMARY KEY (split, item)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    split TEXT NOT NULL,
+    item TEXT NOT NULL,
+    field TEXT NOT NULL,
+    old TEXT,
+    new TEXT,
+    source TEXT
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    params TEXT NOT NULL,
+    status TEXT NOT NULL,              -- queued | running | done | failed | cancelled
+    stage TEXT,
+    done INTEGER DEFAULT 0,
+    total INTEGER DEFAULT 0,
+    rate REAL,
+    eta REAL,
+    message TEXT,
+    result TEXT,
+    pid INTEGER,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+"""
+
+FLAG_VALUES = ("mislabeled", "ok", "ambiguous", "leak", "dismissed")
+
+
+class StateDB:
+    """The project's SQLite database (WAL mode) for runs, flags, notes, audit trail and jobs.
+
+    Every write commits at once, so a reload, another tab or a restarted server sees it.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._conn() as con:
+            con.executescript(SCHEMA)
+
+    @classmethod
+    def for_project(cls, project) -> "StateDB":
+        return cls(project.state_dir / "state.db")
+
+    def _conn(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=NORMAL")
+            con.row_factory = sqlite3.Row
+            self._local.con = con
+        return con
+
+    @contextlib.contextmanager
+    def _tx(self):
+        con = self._conn()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    # ------------------------------------------------------------ runs
+    def upsert_run(self, key: str, **fields) -> None:
+        fields = {k: (json.dumps(v, default=json_default) if k in ("settings", "meta") and not isinstance(v, str) else v)
+                  for k, v in fields.items()}
+        with self._tx() as con:
+            row = con.execute("SELECT key FROM runs WHERE key=?", (key,)).fetchone()
+            if row is None:
+                fields.setdefault("created", time.time())
+                fields.setdefault("status", "running")
+                cols = ["key", *fields]
+                con.execute(f"INSERT INTO runs ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+                            (key, *fields.values()))
+            elif fields:
+                con.execute(f"UPDATE runs SET {','.join(f'{k}=?' for k in fields)} WHERE key=?", (*fields.values(), key))
+
+    def get_run(self, key: str) -> dict | None:
+        row = self._conn().execute("SELECT * FROM runs WHERE key=?", (key,)).fetchone()
+        return _run_row(row) if row else None
+
+    def list_runs(self) -> list[dict]:
+        return [_run_row(r) for r in self._conn().execute("SELECT * FROM runs ORDER BY created DESC")]
+
+    # ------------------------------------------------------------ flags
+    def set_flag(self, split: str, item: int | str, *, flag: str | None = ..., relabel: Any = ...,
+                 note: str | None = ..., source: str = "user") -> dict:
+        """Set any of flag / relabel / note for one item, recording each change in the audit trail.
+
+        Fields left as ``...`` are unchanged; ``None`` clears them.
+        """
+        if split not in ("train", "test", "pair"):
+            raise ValueError(f"split must be train, test or pair, not {split!r}")
+        if flag not in (..., None) and flag not in FLAG_VALUES:
+            raise ValueError(f"flag must be one of {', '.join(FLAG_VALUES)}, not {flag!r}")
+        item = str(item)
+        now = time.time()
+        with self._tx() as con:
+            row = con.execute("SELECT flag, relabel, note FROM flags WHERE split=? AND item=?", (split, item)).fetchone()
+            old = dict(row) if row else {"flag": None, "relabel": None, "note": None}
+            new = dict(old)
+            for name, val in (("flag", flag), ("relabel", relabel), ("note", note)):
+                if val is not ...:
+                    new[name] = None if val is None else str(val)
+            for name in ("flag", "relabel", "note"):
+                if new[name] != old[name]:
+                    con.execute("INSERT INTO audit (ts, split, item, field, old, new, source) VALUES (?,?,?,?,?,?,?)",
+                                (now, split, item, name, old[name], new[name], source))
+            con.execute("INSERT INTO flags (split, item, flag, relabel, note, updated) VALUES (?,?,?,?,?,?) "
+                        "ON CONFLICT(split, item) DO UPDATE SET flag=excluded.flag, relabel=excluded.relabel, "
+                        "note=excluded.note, updated=excluded.updated",
+                        (split, item, new["flag"], new["relabel"], new["note"], now))
+        return new
+
+    def set_flags(self, split: str, items, **kw) -> None:
+        for it in items:
+            self.set_flag(split, it, **kw)
+
+    def flags(self, split: str | None = None) -> dict[str, dict]:
+        q = "SELECT * FROM flags" + (" WHERE split=?" if split else "")
+        rows = self._conn().execute(q, (split,) if split else ()).fetchall()
+        return {(r["item"] if split else f"{r['split']}:{r['item']}"): dict(r) for r in rows}
+
+    def audit(self, limit: int = 1000) -> list[dict]:
+        return [dict(r) for r in self._conn().execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))]
+
+    # ------------------------------------------------------------ jobs
+    def upsert_job(self, job_id: str, **fields) -> None:
+        fields = {k: (json.dumps(v, default=json_default) if k in ("params", "result") and not isinstance(v, str) else v)
+                  for k, v in fields.items()}
+        fields["updated"] = time.time()
+        with self._tx() as con:
+            row = con.execute("SELECT id FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                fields.setdefault("created", fields["updated"])
+                fields.setdefault("status", "queued")
+                fields.setdefault("params", "{}")
+                fields.setdefault("kind", "attribute")
+                cols = ["id", *fields]
+                con.execute(f"INSERT INTO jobs ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+                            (job_id, *fields.values()))
+            else:
+                con.execute(f"UPDATE jobs SET {','.join(f'{k}=?' for k in fields)} WHERE id=?", (*fields.values(), job_id))
+
+    def get_job(self, job_id: str) -> dict | None:
+        row = self._conn().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return _job_row(row) if row else None
+
+    def list_jobs(self, limit: int = 50) -> list[dict]:
+        return [_job_row(r) for r in self._conn().execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,))]
+
+
+def _run_row(row) -> dict:
+    d = dict(row)
+    for k in ("settings", "meta"):
+        if d.get(k):
+            d[k] = json.loads(d[k])
+    return d
+
+
+def _job_row(row) -> dict:
+    d = dict(row)
+    for k in ("params", "result"):
+        if d.get(k):
+            d[k] = json.loads(d[k])
+    return d

@@ -1,0 +1,1 @@
+"""User workflows built on attribution: triage, leak search, what-if, counterfactual checks."""

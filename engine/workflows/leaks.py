@@ -1,0 +1,152 @@
+"""Train/test leak detection: each test query's top-1 training match, and a calibrated flag.
+
+For every test query q, with s = S[q, :] the method's scores over the training set:
+
+- ``z``: robust z-score of the top-1, (s₁ − median s) / (1.4826 · MAD s);
+- ``gap``: the top-1/top-2 gap in the same robust units, (s₁ − s₂) / (1.4826 · MAD s);
+- ``separation``: (s₁ − s₂) / (s₂ − s₁₀): how far the top-1 stands out from the runner-up,
+  relative to how tightly the next neighbours bunch up;
+- ``self_ratio`` ρ = s₁ / S[i₁, i₁] and ``self_match`` = −|log ρ| (the default decision
+  statistic): the top-1 match's score against the score an exact copy of that training example
+  would get, which is its own self-score (for every method whose query and training sides are
+  the same function of an example: Forward-INF, TRAK, Grad-Dot/Cos, kNN). An exact copy gives
+  ρ = 1 (self_match 0); near-duplicates come close; a merely similar example falls short.
+  Score-shape statistics (z, gap, separation) do not separate copies on data with many natural
+  near-twins (8×8 digits), where the runner-up scores almost as high as the copy.
+
+The flag is ``statistic > threshold``. Unless given, the threshold holds a false-positive rate
+``fpr`` on clean queries: it is the (1 − fpr) quantile of the same statistic over a null of
+training examples used as queries against the rest of the training set (own column removed).
+No test query, and never the truth file, is used to set it.
+
+Beside the attribution evidence each pair carries the input-space cosine (raw inputs) and the
+penultimate-feature cosine, so a user can tell a literal copy from a near-duplicate.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.api import attribute, cached_scores, run_dir, run_key
+from engine.core.errors import ProponentError
+from engine.autodiff.embeddings import penultimate_features
+from engine.methods.base import coerce_settings, get_method, settings_dict
+from engine.core.project import Project
+from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
+
+STATISTICS = ("self_match", "separation", "z", "gap")
+# leak-search defaults a method gets unless the user sets them: Forward-INF's raw loss change is
+# dominated by high-gradient examples (every query's top-1 is a mislabeled point), so duplicate
+# search uses plain gradient steps with the self-normalised (mirrored-cosine) score.
+LEAK_DEFAULTS = {"forward-inf": {"optimizer": "sgd", "normalize": "self"}}
+NEIGHBOURS = 10
+
+
+def leak_settings(method: str, settings) -> dict:
+    """The method's settings for leak search: ``LEAK_DEFAULTS`` under whatever the user set."""
+    get_method(method)  # unknown method: one-line error
+    if settings is None:
+        return dict(LEAK_DEFAULTS.get(method, {}))
+    if isinstance(settings, dict):
+        return {**LEAK_DEFAULTS.get(method, {}), **settings}
+    return settings_dict(settings)  # a full Settings object: taken as is
+
+
+def row_statistics(S: np.ndarray, self_scores: np.ndarray, exclude: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per row: top-1 index and score, top-2 score, and the self_match / z / gap / separation
+    statistics. ``exclude[r]`` (optional) is a column to leave out of row r (a training query's
+    own entry)."""
+    S = np.array(S, dtype=np.float64, copy=True)
+    if S.ndim != 2 or S.shape[1] < 3:
+        raise ProponentError(f"leak detection needs scores over at least 3 training examples, not shape {S.shape}")
+    if exclude is not None:
+        S[np.arange(len(S)), exclude] = np.nan
+    S = np.where(np.isfinite(S), S, np.nan)
+    k = min(NEIGHBOURS, S.shape[1] - 1 - (exclude is not None))
+    filled = np.where(np.isnan(S), -np.inf, S)
+    top = np.argsort(-filled, axis=1, kind="stable")[:, :k]
+    st = np.take_along_axis(filled, top, 1)
+    med = np.nanmedian(S, axis=1)
+    mad = 1.4826 * np.nanmedian(np.abs(S - med[:, None]), axis=1)
+    scale = np.maximum(mad, 1e-12 * np.maximum(np.nanmax(np.abs(S), axis=1), 1e-300))
+    z = (st[:, 0] - med) / scale
+    gap = (st[:, 0] - st[:, 1]) / scale
+    spread = st[:, 1] - st[:, -1]
+    separation = (st[:, 0] - st[:, 1]) / np.maximum(spread, 1e-12 * scale)
+    ref = np.asarray(self_scores, dtype=np.float64)[top[:, 0]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = st[:, 0] / ref
+        self_match = np.where(ratio > 0, -np.abs(np.log(np.where(ratio > 0, ratio, 1.0))), -np.inf)
+    return {"train_index": top[:, 0], "score": st[:, 0], "second": st[:, 1], "z": z, "gap": gap,
+            "separation": separation, "self_ratio": ratio, "self_match": self_match}
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+
+def null_statistics(project: Project, method: str, settings: dict, self_scores: np.ndarray, *, n_null: int = 300,
+                    seed: int = 0,
+                    device: str = "auto", progress=None) -> dict[str, np.ndarray]:
+    """The statistics of training examples used as queries against the rest of the training set
+    (cached beside the method's run)."""
+    n = len(project.train_dataset)
+    m = int(min(n_null, n))
+    idx = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
+    key = run_key(project, method, coerce_settings(get_method(method), settings))
+    path = run_dir(project, key) / f"leak_null_{stable_hash({'n': m, 'seed': seed, 'k': NEIGHBOURS, 'v': 2})}.npy"
+    if path.is_file():
+        arr = load_npy(path, mmap=False)
+        return {s: arr[j] for j, s in enumerate(STATISTICS)}
+    try:
+        S = attribute(project, method, ("train", idx), settings, device=device, progress=progress)
+    except TypeError:
+        # a method whose cached fit cannot be reloaded (store.atomic_save_npy turns 0-d arrays
+        # into shape (1,), which TRAK's damping reload rejects): fit afresh in a temporary folder
+        cls = get_method(method)
+        att = cls(coerce_settings(cls, settings), device=device, progress=progress).fit(project)
+        S = att.scores(("train", idx))
+    st = row_statistics(S, self_scores, exclude=idx)
+    atomic_save_npy(path, np.stack([st[s] for s in STATISTICS]))
+    return {s: st[s] for s in STATISTICS}
+
+
+def detect_leaks(project: Project, method: str = "forward-inf", settings=None, *, device: str = "auto", progress=None,
+                 threshold: float | None = None, fpr: float = 0.01, statistic: str = "self_match",
+                 n_null: int = 300, seed: int = 0) -> dict:
+    """{"method", "statistic", "threshold", "fpr", "settings", "pairs": [{"test_index", "train_index", "score",
+    "flagged", "z", "gap", "separation", "input_cosine", "feature_cosine"}, ...]} with one pair per test query."""
+    if statistic not in STATISTICS:
+        raise ProponentError(f"leak statistic must be one of {', '.join(STATISTICS)}, not {statistic!r}")
+    if threshold is None and not (0.0 < fpr < 1.0):
+        raise ProponentError(f"fpr must be between 0 and 1 (exclusive), not {fpr!r}")
+    settings = leak_settings(method, settings)
+    res = cached_scores(project, method, settings, device=device, progress=progress)
+    S = np.asarray(res["scores"], dtype=np.float64)
+    st = row_statistics(S, res["self_scores"])
+    calibration = {"kind": "given"}
+    if threshold is None:
+        null = null_statistics(project, method, settings, res["self_scores"], n_null=n_null, seed=seed, device=device, progress=progress)
+        vals = null[statistic][np.isfinite(null[statistic])]
+        if len(vals) == 0:
+            raise ProponentError(f"{method}: the leak null has no finite statistics; cannot calibrate a threshold")
+        threshold = float(np.quantile(vals, 1.0 - fpr, method="higher"))
+        calibration = {"kind": "null of training queries", "n_null": int(len(vals)), "fpr": fpr,
+                       "null_flag_rate": float((vals > threshold).mean())}
+    flagged = st[statistic] > threshold
+    train, test = project.train_dataset, project.test_dataset
+    ti = st["train_index"]
+    x_test = test.x.flatten(1).double().numpy()
+    x_train = train.x[torch.as_tensor(ti)].flatten(1).double().numpy()
+    input_cos = np.einsum("ik,ik->i", _unit(x_test), _unit(x_train))
+    model = project.load_model(project.final_checkpoint())
+    f_test = penultimate_features(model, test.x).double().numpy()
+    f_train = penultimate_features(model, train.x[torch.as_tensor(ti)]).double().numpy()
+    feat_cos = np.einsum("ik,ik->i", _unit(f_test), _unit(f_train))
+    pairs = [{"test_index": int(q), "train_index": int(ti[q]), "score": float(st["score"][q]),
+              "flagged": bool(flagged[q]), "z": float(st["z"][q]), "gap": float(st["gap"][q]),
+              "separation": float(st["separation"][q]), "self_ratio": float(st["self_ratio"][q]), "self_match": float(st["self_match"][q]),
+              "input_cosine": float(input_cos[q]),
+              "feature_cosine": float(feat_cos[q])} for q in range(len(S))]
+    return {"method": method, "statistic": statistic, "threshold": float(threshold), "calibration": calibration,
+            "settings": settings, "run": res["key"], "n_flagged": int(flagged.sum()), "pairs": pairs}
