@@ -9,7 +9,8 @@ import numpy as np
 
 from engine.core.errors import ProponentError
 from engine.autodiff import resolve_device
-from engine.methods.base import Attributor, Queries, SelfScoresUnavailable, coerce_settings, get_method, settings_dict
+from engine.methods.base import (Attributor, Queries, SelfScoresUnavailable, coerce_settings, get_method, settings_dict,
+                                 unmet_requirements)
 from engine.core.project import Project
 from engine.storage.statedb import StateDB
 from engine.storage.arrays import atomic_save_npy, atomic_write_json, load_npy, stable_hash
@@ -32,8 +33,12 @@ def fit_method(project: Project, method: str, settings=None, *, device: str = "a
     cls = get_method(method)
     reason = cls.supports(project)
     if reason:
-        raise ProponentError(f"{method} cannot run on this project: {reason}")
+        # requirement reasons already start with the method's name
+        raise ProponentError(reason if reason.startswith(f"{cls.name} needs") else f"{method} cannot run on this project: {reason}")
     settings = coerce_settings(cls, settings)
+    unmet = unmet_requirements(cls, project, settings)
+    if unmet:
+        raise ProponentError(unmet)
     key = run_key(project, method, settings)
     db = db or StateDB.for_project(project)
     device = resolve_device(device)

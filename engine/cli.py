@@ -61,10 +61,15 @@ def cmd_attribute(a) -> int:
     p = _project(a.project)
     res = cached_scores(p, a.method, _settings(a.set), device=a.device, progress=_progress(), use_cache=not a.no_cache)
     S = np.asarray(res["scores"], dtype=np.float64)
+    from engine.api import run_dir
+
+    # rows.csv maps every printed index back to its file and label
+    p.write_rows_csv(run_dir(p, res["key"]))
     if a.export:
         from engine.storage.arrays import atomic_save_npy
 
         atomic_save_npy(a.export, S)
+        p.write_rows_csv(Path(a.export).resolve().parent)
     if a.json:
         k = min(a.top, S.shape[1])
         out = {"method": a.method, "run": res["key"], "shape": list(S.shape),
@@ -122,6 +127,9 @@ def cmd_info(a) -> int:
     if a.project:
         p = _project(a.project)
         info = p.summary()
+        acc = p.accuracy_report()
+        info["accuracy"] = acc["models"]
+        info["warnings"] = [w for w in [acc["warning"], *p.data_warnings] if w]
         info["methods"] = {}
         for cls in list_methods():
             info["methods"][cls.name] = cls.supports(p) or "ok"
@@ -129,7 +137,18 @@ def cmd_info(a) -> int:
             print(json.dumps(info))
         else:
             for k, v in info.items():
+                if k in ("methods", "accuracy", "warnings"):
+                    continue
                 print(f"{k:>12}: {v}")
+            for r in info["accuracy"]:
+                print(f"{'accuracy':>12}: model {r['model']} train {r['train']:.3f}, test {r['test']:.3f}")
+            runnable = [n for n, v in info["methods"].items() if v == "ok"]
+            print(f"{'can run':>12}: {', '.join(runnable) or 'none'}")
+            for n, v in info["methods"].items():
+                if v != "ok":
+                    print(f"{'cannot run':>12}: {n}: {v}")
+            for w in info["warnings"]:
+                print(f"proponent: warning: {w}", file=sys.stderr)
         return 0
     methods = [{"name": c.name, "label": c.label, "description": c.description, "settings": describe_settings(c)}
                for c in list_methods()]
@@ -140,6 +159,25 @@ def cmd_info(a) -> int:
             print(f"{m['name']:<12} {m['description']}")
             for s in m["settings"]:
                 print(f"{'':<14}{s['name']}={s['default']!r}: {s['help']}")
+    return 0
+
+
+def cmd_import(a) -> int:
+    from engine.core.checkpoints import import_trajectory
+
+    p = _project(a.project)
+    n = import_trajectory(p, a.checkpoints)
+    print(f"imported {n} checkpoints from {a.checkpoints} into {p.trajectory_path}; "
+          f"trajectory methods ({', '.join(c for c in ('source', 'tracin') )}) can now run")
+    return 0
+
+
+def cmd_init(a) -> int:
+    from engine.core.init_project import init_project
+
+    result = init_project(a.dir, force=a.force)
+    for line in result.report:
+        print(line)
     return 0
 
 
@@ -217,6 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project", nargs="?")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("import", help="turn a folder of your own saved checkpoints (+ manifest) into a trajectory")
+    p.add_argument("project")
+    p.add_argument("--checkpoints", required=True, metavar="DIR",
+                   help="folder with the weight files and manifest.json/.csv (file, step, epoch, lr per checkpoint)")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("init", help="inspect a data folder and write project.toml and a model.py template")
+    p.add_argument("dir")
+    p.add_argument("--force", action="store_true", help="overwrite an existing project.toml / model.py")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("bench", help="accuracy and cost of methods and peers (see docs/benchmarks.md)", add_help=False)
     p.add_argument("project")

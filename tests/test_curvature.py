@@ -136,8 +136,8 @@ def test_layout_round_trip():
 
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3, bias=False))
     layers, _ = cv.curvature_layers(model)
-    comp = GradientComputer(model, param_names=cv.covered_param_names(layers))
-    layout = cv.LayerLayout(layers, comp.names, comp.shapes)
+    comp = GradientComputer(model, tracked=cv.covered_param_names(layers))
+    layout = cv.LayerBlocks(layers, comp.layout)
     flat = torch.randn(5, comp.n_params)
     mats = layout.to_layers(flat)
     assert [tuple(m.shape[1:]) for m in mats] == [(2, 10), (3, 32)]

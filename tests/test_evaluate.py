@@ -107,8 +107,6 @@ class _SimulatedKill(RuntimeError):
 
 
 def _count_trains(monkeypatch, fail_after: int | None = None):
-    import engine.core.train as train
-
     calls = {"n": 0}
     real = _REAL_TRAIN_MODEL
 
@@ -118,7 +116,7 @@ def _count_trains(monkeypatch, fail_after: int | None = None):
         calls["n"] += 1
         return real(*a, **kw)
 
-    monkeypatch.setattr(train, "train_model", counting)
+    monkeypatch.setattr(gt, "train_model", counting)
     return calls
 
 

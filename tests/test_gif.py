@@ -17,7 +17,8 @@ from engine import Project
 from tests.conftest import LINEAR_MODEL, write_tabular_project
 from engine.methods.gif.solvers import (SolverNotConverged, adjoint_solve, generalized_solve, removal_target,
     require_converged, retained_sample, rows_per_layer, select_parameters, solve_psd)
-from engine.autodiff.hvp import HessianOperator, add_to_parameters, flat_parameters, parameter_layout
+from engine.autodiff.functional import FunctionalModel, ParamLayout
+from engine.autodiff.hvp import HessianOperator
 from engine.autodiff.measurement import correct_class_margin
 from engine.core.train import predict_logits, record_training, train_model
 
@@ -64,22 +65,24 @@ def test_hvp_matches_explicit_hessian(logreg):
     assert torch.allclose(op(V[0]), H @ V[0], atol=1e-10)
 
 
-def test_parameter_order_is_module_order():
+def test_parameter_layout_is_module_order_and_round_trips():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
-    layout = parameter_layout(model)
+    layout = FunctionalModel(model).layout
     assert [s.name for s in layout] == [n for n, _ in model.named_parameters()]
-    assert [s.offset for s in layout] == list(np.cumsum([0] + [s.numel for s in layout[:-1]]))
+    assert [s.offset for s in layout] == list(np.cumsum([0] + [s.numel for s in list(layout)[:-1]]))
+    flat = torch.randn(3, layout.n)  # leading dims survive flatten(unflatten(.))
+    assert torch.equal(layout.flatten(layout.unflatten(flat)), flat)
 
-    class Shared(nn.Module):  # a parameter shared between modules breaks the one flat order
+    class Shared(nn.Module):  # a tied parameter is one tracked tensor, listed once
         def __init__(self):
             super().__init__()
             self.a = nn.Linear(3, 3)
             self.b = nn.Linear(3, 3)
             self.b.weight = self.a.weight
 
-    from engine.core.errors import ProponentError
-    with pytest.raises(ProponentError, match="module order"):
-        parameter_layout(Shared())
+    shared = FunctionalModel(Shared())
+    assert shared.names == ["a.weight", "a.bias", "b.bias"]
+    assert shared.n_params == 9 + 3 + 3
 
 
 def _norm_model():
@@ -95,11 +98,11 @@ def test_selection_whole_rows_never_norm(mode, ratio):
     x = torch.randn(12, 2, 5, 5)
     y = torch.randint(0, 4, (12,))
     mask = select_parameters(model, x, y, ratio=ratio, mode=mode)
-    layout = {s.name: s for s in parameter_layout(model)}
+    layout = {s.name: s for s in FunctionalModel(model).layout}
     named = dict(model.named_parameters())
     for name, s in layout.items():
         part = mask[s.offset:s.offset + s.numel].reshape(s.shape)
-        if isinstance(s.module, (nn.BatchNorm2d, nn.LayerNorm)):
+        if isinstance(model.get_submodule(s.module_name), (nn.BatchNorm2d, nn.LayerNorm)):
             assert not part.any(), f"normalisation parameter {name} selected"
             continue
         rows = s.shape[0]
@@ -169,7 +172,7 @@ def test_plain_if_matches_retraining_on_convex_model(logreg):
     model = logreg.load_model()
     ds, test = logreg.train_dataset, logreg.test_dataset
     n = len(ds)
-    theta0 = flat_parameters(model, torch.float64)
+    theta0 = FunctionalModel(model).theta().double()
     base = correct_class_margin(predict_logits(model, test.x).double(), test.y)
     rng = np.random.default_rng(0)
     pred_dtheta, true_dtheta, pred_dm, true_dm = [], [], [], []
@@ -180,10 +183,10 @@ def test_plain_if_matches_retraining_on_convex_model(logreg):
         g = removal_target(op, ds.x[U], ds.y[U], n)
         res = require_converged(generalized_solve(op, g, None, variant="if", tol=1e-8, max_iter=500))
         edited = logreg.load_model()
-        add_to_parameters(edited, res.x.float())
+        FunctionalModel(edited).add_(res.x.float())
         retrained = train_model(logreg, indices=rows)
         pred_dtheta.append(res.x.numpy())
-        true_dtheta.append((flat_parameters(retrained, torch.float64) - theta0).numpy())
+        true_dtheta.append((FunctionalModel(retrained).theta().double() - theta0).numpy())
         pred_dm.append((correct_class_margin(predict_logits(edited, test.x).double(), test.y) - base).numpy())
         true_dm.append((correct_class_margin(predict_logits(retrained, test.x).double(), test.y) - base).numpy())
     for a, b in zip(pred_dtheta, true_dtheta):

@@ -78,10 +78,10 @@ def test_ekfac_scores_equal_the_explicit_formula(logreg_project):
     sig = st["sigma"][0].T.reshape(-1)
     lam = st["damping"][0]
     H = Q @ torch.diag(sig) @ Q.T + lam * torch.eye(len(sig), dtype=torch.float64)
-    comp = GradientComputer(p.load_model(), param_names=ek.param_names)
+    comp = GradientComputer(p.load_model(), tracked=ek.param_names)
 
     def vec(flat):  # layout matrices [out, in] -> column-major vec (Kronecker order)
-        return ek.layout.to_layers(flat.double())[0].transpose(1, 2).reshape(len(flat), -1)
+        return ek.blocks.to_layers(flat.double())[0].transpose(1, 2).reshape(len(flat), -1)
 
     gq = vec(comp.full(p.test_dataset.x, p.test_dataset.y, "margin"))
     gl = vec(comp.full(p.train_dataset.x, p.train_dataset.y, "loss"))
@@ -208,10 +208,10 @@ def test_ekfac_on_conv_model_equals_block_diagonal_formula(tmp_path):
     assert ek.meta["layers"] == ["1", "5"]
     assert set(ek.meta["left_out"]) == {"4.weight", "4.bias"}
     st = ek.seg_state[0]
-    comp = GradientComputer(p.load_model(), param_names=ek.param_names)
+    comp = GradientComputer(p.load_model(), tracked=ek.param_names)
 
     def vec(flat):
-        return torch.cat([m.transpose(1, 2).reshape(len(flat), -1) for m in ek.layout.to_layers(flat.double())], 1)
+        return torch.cat([m.transpose(1, 2).reshape(len(flat), -1) for m in ek.blocks.to_layers(flat.double())], 1)
 
     blocks = []
     for QA, QS, sig, lam in zip(st["QA"], st["QS"], st["sigma"], st["damping"]):

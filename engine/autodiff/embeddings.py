@@ -4,6 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.autodiff.functional import batch_len, batch_rows, to_device
+from engine.core.errors import ProponentError
+
 
 def last_linear(model: nn.Module) -> nn.Linear:
     last = None
@@ -11,7 +14,6 @@ def last_linear(model: nn.Module) -> nn.Linear:
         if isinstance(m, nn.Linear):
             last = m
     if last is None:
-        from engine.core.errors import ProponentError
         raise ProponentError("the model has no nn.Linear layer, so it has no penultimate features")
     return last
 
@@ -23,8 +25,8 @@ def penultimate_features(model: nn.Module, x: torch.Tensor, batch: int = 2048, d
     hook = last_linear(model).register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach().flatten(1).cpu()))
     try:
         with torch.no_grad():
-            for i in range(0, len(x), batch):
-                model(x[i:i + batch].to(device))
+            for i in range(0, batch_len(x), batch):
+                model(to_device(batch_rows(x, i, i + batch), device))
     finally:
         hook.remove()
     return torch.cat(captured, 0) if captured else torch.empty(0)

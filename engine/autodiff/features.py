@@ -7,10 +7,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.core.errors import Cancelled
-from engine.storage.arrays import ChunkedArray
+from engine.autodiff.functional import TrackedParameters, batch_rows
 from engine.autodiff.per_example import GradientComputer
-from engine.autodiff.projection import Projector
+from engine.autodiff.projection import Projector, make_projector
+from engine.core.errors import Cancelled, ProponentError
+from engine.storage.arrays import ChunkedArray
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -40,10 +41,9 @@ def featurize(computer: GradientComputer, projector: Projector, x: torch.Tensor,
         if cancel is not None and cancel():
             raise Cancelled(f"{stage} cancelled after {done_rows} of {len(y)} examples; rerun to resume")
         lo, hi = store.chunk_bounds(c)
-        block = project_gradients(computer, projector, x[lo:hi], y[lo:hi], kind)
+        block = project_gradients(computer, projector, batch_rows(x, lo, hi), y[lo:hi], kind)
         if not torch.isfinite(block).all():
             bad = int(torch.nonzero(~torch.isfinite(block).all(1))[0, 0]) + lo
-            from engine.core.errors import ProponentError
             raise ProponentError(f"non-finite gradient for training row {bad}; the checkpoint may have diverged")
         store.write_chunk(c, block.numpy())
         done_rows += hi - lo
@@ -58,13 +58,12 @@ def checkpoint_features(project, checkpoint, folder: str | Path, *, kind: str, p
                         stage: str = "featurize") -> tuple[np.ndarray, GradientComputer, Projector]:
     """Projected per-example gradients of the training set (or ``x, y``) at one checkpoint.
 
-    Returns the [n, k] features plus the gradient computer and projector, so queries are
-    projected with exactly the same matrix.
+    Gradients are over the project's tracked parameters (``[model] attribute``). Returns the
+    [n, k] features plus the gradient computer and projector, so queries are projected with
+    exactly the same matrix.
     """
-    from engine.autodiff.projection import make_projector
-
     model = project.load_model(checkpoint)
-    computer = GradientComputer(model, device=device)
+    computer = GradientComputer(model, tracked=TrackedParameters.of(project), device=device)
     projector = make_projector(projection, computer.n_params, proj_dim, seed=seed, model_id=model_id, device=computer.device)
     if x is None:
         x, y = project.train_dataset.x, project.train_dataset.y

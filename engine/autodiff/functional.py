@@ -171,32 +171,28 @@ def select_parameter_names(model: nn.Module, globs: str | Sequence[str] | None =
 
 
 @dataclass(frozen=True)
-class ParamSelection:
+class TrackedParameters:
     """The tracked-parameter globs of a project (None: every parameter that requires grad)."""
 
     globs: tuple[str, ...] | None = None
     file: str | None = None  # project.toml, named in the error when a glob matches nothing
 
     @classmethod
-    def of(cls, project) -> "ParamSelection":
-        model_spec = getattr(getattr(project, "config", None), "model", None)
-        globs = getattr(model_spec, "attribute", None)
-        if isinstance(globs, str):
-            globs = [globs]
-        file = getattr(project, "toml_path", None)
-        return cls(tuple(globs) if globs else None, None if file is None else str(file))
+    def of(cls, project) -> "TrackedParameters":
+        globs = project.tracked_parameter_globs
+        return cls(tuple(globs) if globs else None, str(project.toml_path))
 
     def names(self, model: nn.Module) -> list[str]:
         return select_parameter_names(model, self.globs, file=self.file)
 
 
-Selection = ParamSelection | Sequence[str] | str | None
+Tracked = TrackedParameters | Sequence[str] | str | None
 
 
-def _selected_names(model: nn.Module, selection: Selection) -> list[str]:
-    if isinstance(selection, ParamSelection):
-        return selection.names(model)
-    return select_parameter_names(model, selection)
+def _tracked_names(model: nn.Module, tracked: Tracked) -> list[str]:
+    if isinstance(tracked, TrackedParameters):
+        return tracked.names(model)
+    return select_parameter_names(model, tracked)
 
 
 # ----------------------------------------------------------------------------- the functional model
@@ -209,14 +205,14 @@ class FunctionalModel:
     held (and cast to ``device``/``dtype``); otherwise the module itself is moved.
     """
 
-    def __init__(self, model: nn.Module, selection: Selection = None, *, device=None,
+    def __init__(self, model: nn.Module, tracked: Tracked = None, *, device=None,
                  dtype: torch.dtype | None = None, copy_module: bool = False):
         module = copy.deepcopy(model) if copy_module else model
         module = module.eval()
         if device is not None or dtype is not None:
             module = module.to(device=device, dtype=dtype)
         self.module = module
-        names = _selected_names(module, selection)
+        names = _tracked_names(module, tracked)
         named = dict(module.named_parameters())
         tracked = set(names)
         self.params = {n: named[n].detach() for n in names}
@@ -280,5 +276,5 @@ class FunctionalModel:
                               for lo in range(0, n, batch)], 0)
 
 
-__all__ = ["FunctionalModel", "ParamLayout", "ParamSlot", "ParamSelection", "select_parameter_names", "ATTRIBUTE_KEY",
+__all__ = ["FunctionalModel", "ParamLayout", "ParamSlot", "TrackedParameters", "select_parameter_names", "ATTRIBUTE_KEY",
            "batch_len", "batch_rows", "add_batch_dim", "to_device", "example_numel"]

@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import grad, jvp, vmap
 
 from engine.autodiff.compute import resolve_device
-from engine.autodiff.functional import FunctionalModel, Selection, batch_rows, to_device
+from engine.autodiff.functional import FunctionalModel, Tracked, batch_rows, to_device
 from engine.core.errors import ProponentError
 
 
@@ -33,12 +33,12 @@ class HessianOperator:
 
     def __init__(self, model: nn.Module, x: Any, y: torch.Tensor, *, weight_decay: float = 0.0,
                  batch_size: int = 1024, dtype: torch.dtype = torch.float64, device: str = "cpu",
-                 example_weights: torch.Tensor | None = None, selection: Selection = None):
+                 example_weights: torch.Tensor | None = None, tracked: Tracked = None):
         if len(y) == 0:
             raise ProponentError("Hessian-vector products need at least one retained training example")
         self.device = resolve_device(device)
         self.dtype = dtype
-        self.fm = FunctionalModel(model, selection, device=self.device, dtype=dtype, copy_module=True)
+        self.fm = FunctionalModel(model, tracked, device=self.device, dtype=dtype, copy_module=True)
         self.model = self.fm.module
         self.layout = self.fm.layout
         self.names = self.layout.names

@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from engine.autodiff.compute import resolve_device
-from engine.autodiff.functional import (FunctionalModel, Selection, add_batch_dim, batch_len, batch_rows,
+from engine.autodiff.functional import (FunctionalModel, Tracked, add_batch_dim, batch_len, batch_rows,
     example_numel, to_device)
 from engine.autodiff.measurement import correct_class_margin, example_loss
 
@@ -25,14 +25,14 @@ KINDS = ("margin", "loss")
 class GradientComputer:
     """Per-example gradients of one model (in eval mode: normalisation uses running statistics).
 
-    ``selection``: the tracked parameters (a :class:`ParamSelection`, globs or exact names;
+    ``tracked``: the tracked parameters (a :class:`TrackedParameters`, globs or exact names;
     default every parameter that requires grad). The model is moved to ``device`` in place.
     """
 
-    def __init__(self, model: nn.Module, *, selection: Selection = None, param_names: list[str] | None = None,
-                 device: str = "cpu", memory_budget_mb: float = 512.0):
+    def __init__(self, model: nn.Module, *, tracked: Tracked = None, device: str = "cpu",
+                 memory_budget_mb: float = 512.0):
         self.device = resolve_device(device)
-        self.fm = FunctionalModel(model, selection if selection is not None else param_names, device=self.device)
+        self.fm = FunctionalModel(model, tracked, device=self.device)
         self.model = self.fm.module
         self.layout = self.fm.layout
         self.names = self.layout.names

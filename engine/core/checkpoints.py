@@ -185,11 +185,14 @@ def import_trajectory(project, src: str | Path) -> int:
     if not src.is_dir():
         raise ValidationError("checkpoint folder not found", file=str(src))
     entries = read_manifest(src)
-    final = project.checkpoint_dir
-    tmp = final.with_name(final.name + ".partial")
+    # written beside (not over) whatever the checkpoint folder holds, which may be the user's own
+    # [model] weights; trajectory.json is written last, so a failure leaves the old log in force
+    ck_dir = project.checkpoint_dir
+    ck_dir.mkdir(parents=True, exist_ok=True)
+    final, tmp = ck_dir / "imported", ck_dir / "imported.partial"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
         log = {"imported_from": str(src), "n_train": len(project.train_dataset), "data_hash": project.data_hash(),
                "models": len({e["model_id"] for e in entries}), "checkpoints": [], "stages": {}}
@@ -210,18 +213,18 @@ def import_trajectory(project, src: str | Path) -> int:
             index[e["model_id"]] = i + 1
             log["checkpoints"].append({
                 "model_id": e["model_id"], "index": i, "step": e["step"], "epoch": e["epoch"], "lr": e["lr"],
-                "stage": e["stage"], "stage_steps": e["step"], "weights": wname, "optimizer_state": None,
-                "optimizer": e["optimizer"], "momentum": e["momentum"]})
-        atomic_write_json(tmp / TRAJECTORY_FILE, log)
+                "stage": e["stage"], "stage_steps": e["step"], "weights": f"{final.name}/{wname}",
+                "optimizer_state": None, "optimizer": e["optimizer"], "momentum": e["momentum"]})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written
         raise
-    old = final.with_name(final.name + ".old")
+    old = ck_dir / "imported.old"
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
+    atomic_write_json(ck_dir / TRAJECTORY_FILE, log)
     if old.exists():
         shutil.rmtree(old)
     return len(log["checkpoints"])

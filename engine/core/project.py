@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import sys
 import tomllib
@@ -20,17 +21,23 @@ import pandas as pd
 import torch
 from torch import nn
 
+from engine.core import checkpoints as ckpt
+from engine.core.checkpoints import TRAJECTORY_FILE, Checkpoint
+from engine.core.data import (DataConfig, TensorDict, input_bytes, load_data, read_raw_image, rows_table, take,
+                              tokenize_texts)
 from engine.core.errors import ValidationError
+from engine.storage.arrays import atomic_write_text
 
 STATE_DIRNAME = ".proponent"
-TRAJECTORY_FILE = "trajectory.json"
+ROWS_FILE = "rows.csv"
 
 
 class ExampleSet(torch.utils.data.Dataset):
-    """An in-memory dataset of (x: Tensor, y: int); ``x`` and ``y`` are also exposed whole
-    so the engine can slice batches without a DataLoader."""
+    """An in-memory dataset of (x, y: int); ``x`` is a Tensor, or a :class:`TensorDict` of tensors
+    for dict inputs (text). ``x`` and ``y`` are also exposed whole so the engine can slice batches
+    without a DataLoader."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+    def __init__(self, x: "torch.Tensor | TensorDict", y: torch.Tensor):
         if len(x) != len(y):
             raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
         self.x = x
@@ -43,8 +50,7 @@ class ExampleSet(torch.utils.data.Dataset):
         return self.x[i], int(self.y[i])
 
     def subset(self, indices) -> "ExampleSet":
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        return ExampleSet(self.x[idx], self.y[idx])
+        return ExampleSet(take(self.x, indices), take(self.y, indices))
 
 
 @dataclass
@@ -95,27 +101,6 @@ class Recipe:
         return d
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """One recorded checkpoint of the trajectory (see engine.core.train)."""
-
-    model_id: int
-    index: int  # position within its model's run
-    step: int
-    epoch: float
-    lr: float
-    stage: str
-    weights: Path
-    optimizer_state: Path | None
-    stage_steps: int  # optimizer steps taken within this checkpoint's stage so far
-    momentum: float = 0.0
-    optimizer: str = "sgd"
-
-    @property
-    def key(self) -> str:
-        return f"m{self.model_id}/{self.weights.name}"
-
-
 def _native(v):
     """numpy scalars → Python values, so labels print and compare plainly."""
     return v.item() if hasattr(v, "item") else v
@@ -129,43 +114,6 @@ def _read_toml(path: Path) -> dict:
         raise ValidationError("missing project.toml (is this a project folder?)", file=str(path)) from None
     except tomllib.TOMLDecodeError as e:
         raise ValidationError(f"invalid TOML: {e}", file=str(path)) from None
-
-
-def _read_csv(path: Path, label_column: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise ValidationError("file not found", file=str(path))
-    try:
-        df = pd.read_csv(path)
-    except Exception as e:  # pandas raises many types; the user needs one line
-        raise ValidationError(f"cannot parse CSV: {str(e).splitlines()[0]}", file=str(path)) from None
-    if label_column not in df.columns:
-        raise ValidationError(
-            f"label column {label_column!r} not found (columns: {', '.join(map(str, df.columns))})", file=str(path))
-    if len(df) == 0:
-        raise ValidationError("no data rows", file=str(path))
-    missing = df[label_column].isna().to_numpy()
-    if missing.any():
-        raise ValidationError(f"empty label in column {label_column!r}", file=str(path), row=int(np.argmax(missing)))
-    return df
-
-
-def _load_image(path: Path, csv: Path, row: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise ValidationError(f"image file not found: {path}", file=str(csv), row=row)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = "L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"
-            arr = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValidationError(f"unreadable image {path.name}: {e}", file=str(csv), row=row) from None
-    if arr.ndim == 2:
-        arr = arr[None]
-    else:
-        arr = np.transpose(arr, (2, 0, 1))
-    return arr
 
 
 class Project:
@@ -190,18 +138,35 @@ class Project:
         self.task: str = str(proj.get("task", "classification"))
         if self.task != "classification":
             raise ValidationError(f"task {self.task!r} is not supported (only 'classification')", file=str(self.toml_path))
-        self.data_format: str = str(data.get("format", "images"))
-        if self.data_format not in ("images", "tabular"):
-            raise ValidationError(f"[data] format {self.data_format!r} must be 'images' or 'tabular'", file=str(self.toml_path))
-        for key in ("train", "test"):
-            if key not in data:
-                raise ValidationError(f"[data] needs {key!r} (a CSV path)", file=str(self.toml_path))
-        self.train_csv = root / data["train"]
-        self.test_csv = root / data["test"]
-        self.label_column: str = str(data.get("label_column", "label"))
-        self.image_column: str = str(data.get("image_column", "path"))
+        self.data_config = DataConfig.from_spec(data, self.toml_path)
+        # data_format is the kind of input (images | tabular | text), what pages and workflows
+        # branch on; data_source is the layout on disk ([data] format, e.g. image_folder)
+        self.data_source: str = self.data_config.format
+        self.data_format: str = "images" if self.data_source == "image_folder" else self.data_source
+        self.train_csv = root / self.data_config.train  # a folder for image_folder
+        self.test_csv = root / self.data_config.test
+        self.label_column: str = self.data_config.label_column
+        self.image_column: str = self.data_config.image_column
+        self.text_column: str = self.data_config.text_column
+        self.preprocessing = self.data_config.preprocessing
         self.factory_spec: str = str(model.get("factory", "model.py:build"))
         self.checkpoint_dir = root / str(model.get("checkpoints", "checkpoints"))
+        weights = model.get("weights", [])
+        if isinstance(weights, str):
+            weights = [weights]
+        if not isinstance(weights, list) or not all(isinstance(w, str) and w for w in weights):
+            raise ValidationError("[model] weights must be a list of weight files, one per trained model",
+                                  file=str(self.toml_path))
+        self.weight_files: list[str] = list(weights)
+        globs = model.get("attribute", [])
+        if isinstance(globs, str):
+            globs = [globs]
+        if not isinstance(globs, list) or not all(isinstance(g, str) and g for g in globs):
+            raise ValidationError("[model] attribute must be a list of parameter-name globs, e.g. [\"head.*\"]",
+                                  file=str(self.toml_path))
+        self._attribute_globs: list[str] = list(globs)
+        # without [training] there is no recipe: final-weights methods run, retraining does not
+        self.has_recipe: bool = isinstance(spec.get("training"), dict)
         self.recipe = self._parse_recipe(spec.get("training", {}))
         self._load_data()
 
@@ -217,6 +182,8 @@ class Project:
         p = cls(root, spec)
         if check_model:
             p._check_model()
+            if not p.has_trajectory:
+                p.check_weights()
         return p
 
     def _parse_recipe(self, t: dict) -> Recipe:
@@ -245,71 +212,77 @@ class Project:
         return r
 
     def _load_data(self) -> None:
-        lc = self.label_column
-        train_df = _read_csv(self.train_csv, lc)
-        test_df = _read_csv(self.test_csv, lc)
-        self.train_df, self.test_df = train_df, test_df
-        # classes come from the training data; a test class that train lacks cannot be attributed
-        raw_classes = sorted((_native(v) for v in pd.unique(train_df[lc])), key=lambda v: (str(type(v)), v))
-        self.classes: list = raw_classes
-        index = {c: i for i, c in enumerate(raw_classes)}
-        y_train = torch.tensor([index[_native(v)] for v in train_df[lc]], dtype=torch.long)
-        unknown = np.array([_native(v) not in index for v in test_df[lc]])
-        if unknown.any():
-            r = int(np.argmax(unknown))
-            raise ValidationError(f"class {_native(test_df[lc].iloc[r])!r} is in test but not in train",
-                                  file=str(self.test_csv), row=r)
-        y_test = torch.tensor([index[_native(v)] for v in test_df[lc]], dtype=torch.long)
-        if self.data_format == "images":
-            x_train = self._load_images(train_df, self.train_csv)
-            x_test = self._load_images(test_df, self.test_csv, expect=tuple(x_train.shape[1:]))
-            self.feature_columns: list[str] = []
-        else:
-            x_train, x_test = self._load_tabular(train_df, test_df)
-        self.train_dataset = ExampleSet(x_train, y_train)
-        self.test_dataset = ExampleSet(x_test, y_test)
+        tokenize = None
+        if self.data_source == "text":
+            tokenize = getattr(self._model_module, "tokenize", None)
+        d = load_data(self.data_config, self.root, exclude_columns=self._stage_columns(), tokenize=tokenize,
+                      factory_file=self._factory_file)
+        self._data = d
+        self.train_df, self.test_df = d.train_df, d.test_df
+        self.classes: list = d.classes
+        self.feature_columns: list[str] = d.feature_columns
+        if d.feature_mean is not None:
+            self.feature_mean, self.feature_std = d.feature_mean, d.feature_std
+        self.categories: dict[str, list] = d.categories
+        self.data_warnings: list[str] = d.warnings
+        self.train_dataset = ExampleSet(d.x_train, d.y_train)
+        self.test_dataset = ExampleSet(d.x_test, d.y_test)
         self._apply_stage_selections()
 
-    def _load_images(self, df: pd.DataFrame, csv: Path, expect: tuple | None = None) -> torch.Tensor:
-        col = self.image_column
-        if col not in df.columns:
-            raise ValidationError(f"image column {col!r} not found (columns: {', '.join(map(str, df.columns))})", file=str(csv))
-        base = csv.parent
-        arrays = []
-        for r, rel in enumerate(df[col].tolist()):
-            if not isinstance(rel, str) or not rel:
-                raise ValidationError(f"empty image path in column {col!r}", file=str(csv), row=r)
-            arr = _load_image((base / rel), csv, r)
-            shape = expect or (arrays[0].shape if arrays else arr.shape)
-            if arr.shape != tuple(shape):
-                raise ValidationError(
-                    f"image {rel} has shape {tuple(arr.shape)} (channels, height, width) but the others have {tuple(shape)}",
-                    file=str(csv), row=r)
-            arrays.append(arr)
-        return torch.from_numpy(np.stack(arrays))
+    # ------------------------------------------------------------------ rows and raw inputs
+    def rows(self, split: str = "train") -> pd.DataFrame:
+        """index, file, label per example of ``split``: how printed indexes map back to the data."""
+        return rows_table(self._data, split, self.root)
 
-    def _load_tabular(self, train_df: pd.DataFrame, test_df: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
-        lc = self.label_column
-        feat_cols = [c for c in train_df.columns if c != lc and c not in self._stage_columns()]
-        missing = [c for c in feat_cols if c not in test_df.columns]
-        if missing:
-            raise ValidationError(f"feature column {missing[0]!r} is in train but missing here", file=str(self.test_csv))
-        self.feature_columns = [str(c) for c in feat_cols]
-        mats = []
-        for df, csv in ((train_df, self.train_csv), (test_df, self.test_csv)):
-            block = df[feat_cols]
-            num = block.apply(pd.to_numeric, errors="coerce")
-            bad = num.isna().to_numpy() | ~np.isfinite(num.to_numpy(dtype=np.float64, na_value=np.nan))
-            if bad.any():
-                r, c = map(int, np.argwhere(bad)[0])
-                raise ValidationError(f"column {feat_cols[c]!r}: value {block.iat[r, c]!r} is not a finite number", file=str(csv), row=r)
-            mats.append(num.to_numpy(dtype=np.float32))
-        # standardise with training statistics only, so test data never leaks into preprocessing
-        mean = mats[0].mean(0)
-        std = mats[0].std(0)
-        std[std == 0] = 1.0
-        self.feature_mean, self.feature_std = mean, std
-        return tuple(torch.from_numpy((m - mean) / std) for m in mats)  # type: ignore[return-value]
+    def write_rows_csv(self, folder: str | Path) -> Path:
+        """Write ``rows.csv`` (split, index, file, label; train rows then test rows) into ``folder``."""
+        frames = []
+        for split in ("train", "test"):
+            df = self.rows(split)
+            df.insert(0, "split", split)
+            frames.append(df)
+        path = Path(folder) / ROWS_FILE
+        atomic_write_text(path, pd.concat(frames, ignore_index=True).to_csv(index=False))
+        return path
+
+    def example_file(self, split: str, index: int) -> Path | None:
+        files = self._data.train_files if split == "train" else self._data.test_files
+        return None if files is None else files[int(index)]
+
+    def raw_image(self, split: str, index: int):
+        """The example's original pixels (a PIL image, before resize/mode/normalize), for display;
+        None when the project has no image files."""
+        f = self.example_file(split, index)
+        return None if f is None else read_raw_image(f)
+
+    def preprocess_image(self, image) -> np.ndarray:
+        """A PIL image → [channels, height, width] float32, exactly as the training data was prepared."""
+        return self.preprocessing.apply(image)
+
+    def text(self, split: str, index: int) -> str | None:
+        if self.data_format != "text":
+            return None
+        df = self.train_df if split == "train" else self.test_df
+        return str(df[self.text_column].iloc[int(index)])
+
+    def tokenize(self, texts: list[str]) -> TensorDict:
+        """model.py's tokenizer, as applied to the project's texts (for queries typed in the app)."""
+        fn = getattr(self._model_module, "tokenize", None)
+        if fn is None:
+            raise ValidationError("no function 'tokenize'", file=str(self._factory_file))
+        return tokenize_texts(fn, texts, self._factory_file)
+
+    def require_recipe(self, action: str) -> None:
+        """One line, before anything is written, when ``action`` retrains but there is no [training]."""
+        if not self.has_recipe:
+            raise ValidationError(f"{action} needs a training recipe: add a [training] table (optimizer, lr, epochs, "
+                                  f"batch_size) describing how the model is trained", file=str(self.toml_path))
+
+    @property
+    def tracked_parameter_globs(self) -> list[str]:
+        """``[model] attribute``: globs over parameter names that gradients, curvature and projections
+        are restricted to (empty: every parameter that requires grad)."""
+        return list(self._attribute_globs)
 
     def _stage_columns(self) -> set[str]:
         cols = set()
@@ -337,17 +310,28 @@ class Project:
     # ------------------------------------------------------------------ model
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """Per-example input shape (for dict inputs: that of the first tensor)."""
         return tuple(self.train_dataset.x.shape[1:])
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def _factory_file(self) -> Path:
+        return self.root / self.factory_spec.partition(":")[0]
+
     @cached_property
     def _factory(self):
-        file_part, _, func = self.factory_spec.partition(":")
-        func = func or "build"
-        path = self.root / file_part
+        func = self.factory_spec.partition(":")[2] or "build"
+        module = self._model_module
+        if not hasattr(module, func):
+            raise ValidationError(f"no function {func!r}", file=str(self._factory_file))
+        return getattr(module, func)
+
+    @cached_property
+    def _model_module(self):
+        path = self._factory_file
         if not path.is_file():
             raise ValidationError(f"model factory file not found ({self.factory_spec})", file=str(path))
         mod_name = f"_proponent_model_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
@@ -359,16 +343,17 @@ class Project:
         except Exception as e:
             sys.modules.pop(mod_name, None)
             raise ValidationError(f"cannot import: {type(e).__name__}: {e}", file=str(path)) from None
-        if not hasattr(module, func):
-            raise ValidationError(f"no function {func!r}", file=str(path))
-        return getattr(module, func)
+        return module
 
     def build_model(self) -> nn.Module:
         """A fresh, untrained module from the project's factory."""
+        # text models are built from the class count alone: build(num_classes)
+        args = (self.num_classes,) if self.data_format == "text" and _positional_arity(self._factory) == 1 \
+            else (self.input_shape, self.num_classes)
         try:
-            model = self._factory(self.input_shape, self.num_classes)
+            model = self._factory(*args)
         except Exception as e:
-            raise ValidationError(f"build{self.input_shape, self.num_classes} failed: {type(e).__name__}: {e}",
+            raise ValidationError(f"build{args} failed: {type(e).__name__}: {e}",
                                   file=str(self.root / self.factory_spec.partition(':')[0])) from None
         if not isinstance(model, nn.Module):
             raise ValidationError(f"factory returned {type(model).__name__}, not a torch.nn.Module",
@@ -381,7 +366,7 @@ class Project:
             try:
                 out = model(self.train_dataset.x[:2])
             except Exception as e:
-                raise ValidationError(f"model forward failed on input of shape {tuple(self.train_dataset.x[:2].shape)}: "
+                raise ValidationError(f"model forward failed on input {_describe(self.train_dataset.x[:2])}: "
                                       f"{type(e).__name__}: {e}", file=self.factory_spec) from None
         if out.ndim != 2 or out.shape[1] != self.num_classes:
             raise ValidationError(f"model output has shape {tuple(out.shape)} but the data has {self.num_classes} classes; "
@@ -393,27 +378,19 @@ class Project:
         return self.checkpoint_dir / TRAJECTORY_FILE
 
     def trajectory(self) -> dict:
-        path = self.trajectory_path
-        if not path.is_file():
-            return {"checkpoints": []}
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValidationError(f"corrupt trajectory log: {e}", file=str(path)) from None
+        return ckpt.read_trajectory(self.checkpoint_dir)
+
+    @property
+    def has_trajectory(self) -> bool:
+        """A recorded trajectory (``proponent train`` or ``proponent import``) exists."""
+        return bool(self.trajectory().get("checkpoints"))
 
     @property
     def checkpoints(self) -> list[Checkpoint]:
-        """All recorded checkpoints, ordered by (model, step)."""
-        out = []
-        for c in self.trajectory().get("checkpoints", []):
-            out.append(Checkpoint(
-                model_id=int(c["model_id"]), index=int(c["index"]), step=int(c["step"]), epoch=float(c["epoch"]),
-                lr=float(c["lr"]), stage=str(c.get("stage", "train")),
-                weights=self.checkpoint_dir / c["weights"],
-                optimizer_state=(self.checkpoint_dir / c["optimizer_state"]) if c.get("optimizer_state") else None,
-                stage_steps=int(c.get("stage_steps", c["step"])), momentum=float(c.get("momentum", 0.0)),
-                optimizer=str(c.get("optimizer", "sgd"))))
-        return sorted(out, key=lambda c: (c.model_id, c.step))
+        """All recorded checkpoints, ordered by (model, step); without a trajectory, the
+        ``[model] weights`` files (one final checkpoint per model)."""
+        cks = ckpt.trajectory_checkpoints(self.checkpoint_dir, self.trajectory())
+        return cks or ckpt.weights_checkpoints(self.root, self.weight_files)
 
     def model_ids(self) -> list[int]:
         return sorted({c.model_id for c in self.checkpoints})
@@ -425,39 +402,64 @@ class Project:
             last[c.model_id] = c
         return [last[m] for m in sorted(last)]
 
+    def run_checkpoints(self, model_id: int | None = None) -> list[Checkpoint]:
+        """The checkpoints of one model's run in step order (default: the first recorded model,
+        whose trajectory the trajectory-aware methods use)."""
+        cks = self.checkpoints
+        if model_id is None:
+            model_id = min((c.model_id for c in cks), default=0)
+        return [c for c in cks if c.model_id == model_id]
+
     def final_checkpoint(self, model_id: int = 0) -> Checkpoint:
         cks = [c for c in self.checkpoints if c.model_id == model_id]
         if not cks:
-            raise ValidationError("no checkpoints recorded; run `proponent train` first", file=str(self.checkpoint_dir))
+            raise ValidationError("no trained weights: run `proponent train`, or list your own in "
+                                  "[model] weights = [\"model.safetensors\"]", file=str(self.checkpoint_dir))
         return cks[-1]
 
     def load_state(self, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        if not checkpoint.weights.is_file():
-            raise ValidationError("checkpoint weights missing", file=str(checkpoint.weights))
-        try:
-            return load_file(str(checkpoint.weights))
-        except Exception as e:
-            raise ValidationError(f"cannot read safetensors: {e}", file=str(checkpoint.weights)) from None
+        return ckpt.read_state_dict(checkpoint.weights)
 
     def load_model(self, checkpoint: Checkpoint | None = None) -> nn.Module:
         """A module with the checkpoint's weights (default: final checkpoint of model 0), in eval mode."""
         checkpoint = checkpoint or self.final_checkpoint()
-        model = self.build_model()
-        state = self.load_state(checkpoint)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ValidationError(f"weights do not fit model.py's architecture: {str(e).splitlines()[0]}",
-                                  file=str(checkpoint.weights)) from None
-        return model.eval()
+        return ckpt.fit_state(self.build_model(), self.load_state(checkpoint), checkpoint.weights).eval()
+
+    def accuracy_report(self, batch: int = 1024) -> dict[str, Any]:
+        """Train/test accuracy of each final model, and a warning when test accuracy is near chance
+        (for a model trained elsewhere that usually means the preprocessing differs)."""
+        if not self.checkpoints:
+            return {"models": [], "warning": None}
+        rows = []
+        for c in self.final_checkpoints():
+            model = self.load_model(c)
+            acc = {}
+            for split, ds in (("train", self.train_dataset), ("test", self.test_dataset)):
+                with torch.no_grad():
+                    pred = torch.cat([model(ds.x[i:i + batch]).argmax(1) for i in range(0, len(ds), batch)])
+                acc[split] = float((pred == ds.y).float().mean())
+            rows.append({"model": c.model_id, "weights": c.key, **acc})
+        # chance: always predicting the most common test class
+        chance = float(np.bincount(self.test_dataset.y.numpy(), minlength=self.num_classes).max() / len(self.test_dataset))
+        test = float(np.mean([r["test"] for r in rows]))
+        warning = None
+        if test <= chance + 0.5 * (1 - chance) * 0.2:
+            warning = (f"test accuracy {test:.3f} is near chance ({chance:.3f}): if the model was trained elsewhere, "
+                       f"check that [data] resize, mode and normalize match its training preprocessing")
+        return {"models": rows, "chance": chance, "warning": warning}
+
+    def check_weights(self) -> None:
+        """Every ``[model] weights`` file exists and fits model.py (one line naming file and key)."""
+        for c in ckpt.weights_checkpoints(self.root, self.weight_files):
+            self.load_model(c)
 
     def checkpoint_hash(self) -> str:
         """Hash of the recorded weights; part of every run's cache key. Cached until the trajectory
         log changes, since every cache lookup (and every app rerun) asks for it."""
         log = self.trajectory_path
-        stamp = log.stat().st_mtime_ns if log.is_file() else None
+        stamp = (log.stat().st_mtime_ns if log.is_file() else None,
+                 tuple(c.weights.stat().st_mtime_ns if c.weights.is_file() else None
+                       for c in ckpt.weights_checkpoints(self.root, self.weight_files)))
         cached = getattr(self, "_checkpoint_hash", None)
         if cached is not None and cached[0] == stamp:
             return cached[1]
@@ -472,7 +474,7 @@ class Project:
     def _data_hash(self) -> str:
         h = hashlib.sha256()
         for ds in (self.train_dataset, self.test_dataset):
-            h.update(ds.x.numpy().tobytes())
+            h.update(input_bytes(ds.x))
             h.update(ds.y.numpy().tobytes())
         return h.hexdigest()[:16]
 
@@ -501,9 +503,20 @@ class Project:
             "parameters": int(sum(p.numel() for p in model.parameters())),
             "models": len(self.model_ids()), "checkpoints": len(cks),
             "epochs": max((c.epoch for c in cks), default=0),
+            "weights": "trajectory" if self.has_trajectory else ("weights files" if self.weight_files else "none"),
+            "recipe": self.has_recipe,
         }
 
 
-def is_finite_model(model: nn.Module) -> bool:
-    return all(torch.isfinite(p).all() for p in model.parameters())
+def _positional_arity(fn) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 2
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
 
+
+def _describe(x) -> str:
+    if isinstance(x, TensorDict):
+        return repr(x)
+    return f"of shape {tuple(x.shape)}"

@@ -207,6 +207,8 @@ def train_model(project: Project, *, indices=None, labels: torch.Tensor | None =
 
     ``labels`` replaces the training labels (relabel what-ifs, mislabel benchmarks); ``x`` the inputs.
     """
+    if recipe is None:
+        project.require_recipe("retraining")
     ds = project.train_dataset
     res = fit_model(project.build_model, ds.x if x is None else x, ds.y if labels is None else labels,
                     recipe or project.recipe, rows=indices, seed=seed, device=device, progress=progress)
@@ -224,6 +226,7 @@ def record_training(project: Project, *, models: int = 1, device: str = "cpu",
 
     if models < 1:
         raise ProponentError("--models must be at least 1")
+    project.require_recipe("training")
     final = project.checkpoint_dir
     tmp = final.with_name(final.name + ".partial")
     if tmp.exists():

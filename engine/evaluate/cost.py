@@ -7,10 +7,7 @@ the level at the start of the call, and the absolute peak).
 """
 from __future__ import annotations
 
-import os
-import resource
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,53 +15,20 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from engine.autodiff.features import project_gradients
+from engine.autodiff.per_example import GradientComputer
+from engine.autodiff.projection import make_projector
 from engine.core.errors import ProponentError
 from engine.core.project import Project
+from engine.core.train import record_training
+from engine.evaluate.detection import copy_project
+from engine.evaluate.memory import MemorySampler
+from engine.methods.base import coerce_settings, get_method, settings_dict
+from engine.storage.arrays import atomic_write_text
 
 ProgressFn = Callable[[str, int, int], None]
 
 __all__ = ["MemorySampler", "measure_method", "featurize_throughput", "scaling", "subsample_project"]
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # not Linux: lifetime max only
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class MemorySampler:
-    """``with MemorySampler() as m: ...`` then ``m.peak_mb`` (absolute) and ``m.extra_mb`` (above the start)."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval = interval
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self.start = self.peak = _rss_bytes()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            self._stop.wait(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=1.0)
-        self.peak = max(self.peak, _rss_bytes())
-        return False
-
-    @property
-    def peak_mb(self) -> float:
-        return self.peak / 2**20
-
-    @property
-    def extra_mb(self) -> float:
-        return max(0, self.peak - self.start) / 2**20
 
 
 class _StageTimer:
@@ -96,8 +60,6 @@ def measure_method(project: Project, method: str, settings=None, *, device: str 
 
     With ``fresh`` (default) the fit runs on a copy of the project without its ``.proponent``
     state, so no cached features or factors of earlier runs are reused."""
-    from engine.methods.base import coerce_settings, get_method, settings_dict
-
     cls = get_method(method)
     reason = cls.supports(project)
     if reason:
@@ -107,7 +69,6 @@ def measure_method(project: Project, method: str, settings=None, *, device: str 
     with tempfile.TemporaryDirectory(prefix=f"proponent-cost-{method}-") as tmp:
         if fresh:
             # a copy without .proponent: nothing a method caches at project level can be reused
-            from engine.evaluate.detection import copy_project
 
             project = Project.load(copy_project(project, Path(tmp) / "project", checkpoints=True))
         att = cls(s, device=device, workdir=Path(tmp) / "work", progress=timer, cancel=cancel)
@@ -131,10 +92,6 @@ def featurize_throughput(project: Project, *, proj_dim: int = 512, projection: s
                          n_examples: int | None = None, seed: int = 0) -> float:
     """Examples/s of our featurization (per-example margin gradients + projection) on the training
     set at the final checkpoint: the same work as traker's ``featurize`` (see peers.featurize_throughput_traker)."""
-    from engine.autodiff.features import project_gradients
-    from engine.autodiff.per_example import GradientComputer
-    from engine.autodiff.projection import make_projector
-
     ds = project.train_dataset
     n = len(ds) if n_examples is None else min(int(n_examples), len(ds))
     model = project.load_model(project.final_checkpoint())
@@ -150,10 +107,6 @@ def featurize_throughput(project: Project, *, proj_dim: int = 512, projection: s
 
 def subsample_project(project: Project, n: int, dest: str | Path, *, seed: int = 0, models: int | None = None) -> Project:
     """A trained copy of ``project`` whose training set is ``n`` rows drawn without replacement."""
-    from engine.storage.arrays import atomic_write_text
-    from engine.core.train import record_training
-    from engine.evaluate.detection import copy_project
-
     n_all = len(project.train_dataset)
     if not 1 <= n <= n_all:
         raise ProponentError(f"subsample size must be between 1 and {n_all}, not {n}")

@@ -9,8 +9,8 @@ the project as it is.
 
 Leak: copy ``m`` test examples into the training set of a temporary copy, exactly and as near
 duplicates, retrain, and check whether each leaked query's planted twin is among its top-1 / top-5
-proponents (recall@1, recall@5). If ``engine.workflows.leaks.detect_leaks`` is available, the precision and
-recall of its flag decision over all test queries are reported too.
+proponents (recall@1, recall@5), and the precision and recall of
+``engine.workflows.leaks.detect_leaks``'s flags over all test queries.
 
 ``truth.json`` is read only here, by the benchmark, never by a method.
 """
@@ -26,10 +26,16 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
+from engine.api import cached_scores
 from engine.core.errors import ProponentError
 from engine.core.project import STATE_DIRNAME, Project
+from engine.core.train import predict_logits, record_training, train_model
 from engine.evaluate.metrics import auroc, precision_at_k
+from engine.evaluate.peers import PeerInputs, run_peer
+from engine.storage.arrays import atomic_write_text
+from engine.workflows.leaks import detect_leaks
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -68,16 +74,12 @@ def copy_project(project: Project, dest: str | Path, *, checkpoints: bool = Fals
 
 
 def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
-    from engine.storage.arrays import atomic_write_text
-
     atomic_write_text(path, df.to_csv(index=False))
 
 
 def make_flipped_project(project: Project, labels: np.ndarray, dest: str | Path, *, models: int | None = None,
                          progress: ProgressFn | None = None) -> Project:
     """A trained copy of ``project`` whose train CSV carries ``labels`` (class indices)."""
-    from engine.core.train import record_training
-
     dest = copy_project(project, dest)
     rel = project.train_csv.relative_to(project.root)
     df = project.train_df.copy()
@@ -106,10 +108,6 @@ def plant_leaks(project: Project, m: int, dest: str | Path, *, seed: int = 0, mo
 
     Kinds cycle through exact, noise, shift, brightness (images) or exact, noise (tabular).
     Returns the trained copy and ``[{"test_index", "train_index", "kind"}]``."""
-    from PIL import Image
-
-    from engine.core.train import record_training
-
     n_test = len(project.test_dataset)
     if not 1 <= m <= n_test:
         raise ProponentError(f"number of planted leaks must be between 1 and {n_test}, not {m}")
@@ -161,8 +159,6 @@ def plant_leaks(project: Project, m: int, dest: str | Path, *, seed: int = 0, mo
 
 def cross_val_probs(project: Project, labels=None, folds: int = 5, seed: int = 0) -> np.ndarray:
     """Out-of-sample class probabilities of every training example by K-fold retraining (cleanlab's input)."""
-    from engine.core.train import predict_logits, train_model
-
     n = len(project.train_dataset)
     perm = np.random.default_rng(seed).permutation(n)
     probs = np.zeros((n, project.num_classes))
@@ -240,8 +236,6 @@ def leak_flag_metrics(pairs: list[dict], leaks: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- benchmarks
 def _cached(project: Project, method: str, settings, device: str) -> tuple[dict, float]:
     """The method's cached run (test scores, self-scores, suspicion), computed once per project copy."""
-    from engine.api import cached_scores
-
     t0 = time.perf_counter()
     res = cached_scores(project, method, settings, device=device)
     return res, time.perf_counter() - t0
@@ -281,8 +275,6 @@ def mislabel_benchmark(project: Project, methods: Sequence[tuple[str, dict]], *,
             rows.append(row)
         peers = []
         if cleanlab:
-            from engine.evaluate.peers import run_peer
-
             t0 = time.perf_counter()
             probs_cache = {}
 
@@ -316,8 +308,6 @@ def mislabel_benchmark(project: Project, methods: Sequence[tuple[str, dict]], *,
 
 def _peer_inputs(project: Project, *, device: str = "cpu", proj_dim: int = 512, queries=None, cross_val_probs=None,
                  seed: int = 0, checkpoints=None):
-    from engine.evaluate.peers import PeerInputs
-
     cks = checkpoints if checkpoints is not None else project.final_checkpoints()
     ts = project.test_dataset
     q = np.arange(len(ts)) if queries is None else np.asarray(queries, np.int64)
@@ -345,10 +335,6 @@ def leak_benchmark(project: Project, methods: Sequence[tuple[str, dict]], *, sou
             used = f"planted {len(leaks)} copies of test examples (seed={seed}) and retrained"
         q = np.array([l["test_index"] for l in leaks], np.int64)
         twins = np.array([l["train_index"] for l in leaks], np.int64)
-        try:
-            from engine.workflows.leaks import detect_leaks
-        except Exception:  # noqa: BLE001 - optional module
-            detect_leaks = None
         rows = []
         for j, (name, settings) in enumerate(methods):
             if progress:
@@ -359,7 +345,7 @@ def leak_benchmark(project: Project, methods: Sequence[tuple[str, dict]], *, sou
                 S = np.asarray(res["scores"][q], np.float64)
                 row.update(leak_recall(S, twins), seconds=secs)
                 row["kinds"] = [l["kind"] for l in leaks]
-                if detector and detect_leaks is not None:
+                if detector :
                     try:
                         det = detect_leaks(target, name, settings, device=device)
                         row["detector"] = leak_flag_metrics(det["pairs"], leaks)
@@ -372,7 +358,7 @@ def leak_benchmark(project: Project, methods: Sequence[tuple[str, dict]], *, sou
         if progress:
             progress("leaks", len(methods), len(methods))
         return {"source": used, "n_leaks": len(leaks), "leaks": leaks, "methods": rows,
-                "detector_available": detect_leaks is not None}
+                "detector_available": True}
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -22,8 +22,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from engine.autodiff.measurement import correct_class_margin
 from engine.core.errors import ProponentError
 from engine.core.project import Project
+from engine.core.train import train_model
 from engine.storage.arrays import atomic_save_npy, atomic_write_json, load_npy, stable_hash
 
 ProgressFn = Callable[[str, int, int], None]
@@ -69,8 +71,6 @@ def groundtruth_key(project: Project, subsets: np.ndarray, seeds: Sequence[int],
 
 
 def test_margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 4096) -> np.ndarray:
-    from engine.autodiff.measurement import correct_class_margin
-
     model.eval()
     out = []
     with torch.no_grad():
@@ -81,8 +81,6 @@ def test_margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch
 
 # ----------------------------------------------------------------------------- one subset
 def _subset_margins(project: Project, rows: np.ndarray, seeds: Sequence[int], labels, x) -> np.ndarray:
-    from engine.core.train import train_model
-
     ts = project.test_dataset
     out = np.empty((len(seeds), len(ts)))
     for r, seed in enumerate(seeds):

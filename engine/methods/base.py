@@ -95,6 +95,8 @@ class Attributor(ABC):
     extension: ClassVar[bool] = False  # our extension of a published method (labelled in the UI)
     # bump when a change alters results, so cached runs of the old code are not reused
     version: ClassVar[str] = "1"
+    # what the method needs from the project (REQUIREMENTS): checked by supports() and fit()
+    requires: ClassVar[frozenset] = frozenset({"weights"})
 
     def __init__(self, settings: Any = None, *, device: str = "auto", workdir: str | Path | None = None,
                  progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None):
@@ -115,6 +117,9 @@ class Attributor(ABC):
     def fit(self, project: Project, settings: Any = None) -> "Attributor":
         if settings is not None:
             self.settings = coerce_settings(type(self), settings)
+        unmet = unmet_requirements(type(self), project, self.settings)
+        if unmet:
+            raise ProponentError(unmet)
         if not project.checkpoints and self.needs_checkpoints:
             raise ProponentError("no checkpoints recorded; run `proponent train PROJECT` first",
                                  file=str(project.checkpoint_dir))
@@ -180,9 +185,62 @@ class Attributor(ABC):
         return {"proponents": pos_i, "proponent_scores": pos_s, "opponents": neg_i, "opponent_scores": neg_s}
 
     @classmethod
+    def requirements(cls, settings=None) -> frozenset:
+        """What this method needs with these settings; with None, what it needs whatever the
+        settings (the class's ``requires``)."""
+        return cls.requires
+
+    @classmethod
     def supports(cls, project: Project) -> str | None:
-        """None if the method can run on this project, else the one-line reason it cannot."""
+        """None if the method can run on this project, else the one-line reason it cannot.
+        Subclasses that add model-specific checks call ``super().supports(project)`` first."""
+        return unmet_requirements(cls, project)
+
+
+# what a method can need, and how a project provides it
+REQUIREMENTS = {
+    "weights": "final trained weights",
+    "models": "several independently trained models",
+    "trajectory": "a recorded training trajectory",
+    "recipe": "a training recipe ([training] in project.toml)",
+}
+
+
+def _has(project: Project, need: str) -> bool:
+    if need == "weights":
+        return bool(project.checkpoints)
+    if need == "models":
+        return len(project.model_ids()) > 1
+    if need == "trajectory":
+        return project.has_trajectory
+    if need == "recipe":
+        return project.has_recipe
+    raise ValueError(f"unknown requirement {need!r} (known: {', '.join(REQUIREMENTS)})")
+
+
+def unmet_requirements(cls: type[Attributor], project: Project, settings=None) -> str | None:
+    """None if the project provides everything ``cls`` needs, else one line naming what is
+    missing, how to provide it, and which methods can run instead."""
+    missing = [n for n in ("weights", "trajectory", "models", "recipe") if n in cls.requirements(settings)
+               and not _has(project, n)]
+    if not missing:
         return None
+    need = missing[0]
+    if need == "weights":
+        return (f"{cls.name} needs trained weights; run `proponent train` or list your own in "
+                f"[model] weights = [\"model.safetensors\"]")
+    others = [m.name for m in list_methods() if m is not cls and all(_has(project, n) for n in m.requirements())]
+    instead = f" or choose {', '.join(others[:4])}{' …' if len(others) > 4 else ''}" if others else ""
+    traj = project.trajectory_path.relative_to(project.root) if project.trajectory_path.is_relative_to(project.root) \
+        else project.trajectory_path
+    if need == "trajectory":
+        return (f"{cls.name} needs a recorded trajectory ({traj.as_posix()}); record one with `proponent train`, "
+                f"import yours with `proponent import PROJECT --checkpoints DIR`{instead}")
+    if need == "models":
+        return (f"{cls.name} needs several independently trained models (this project has {len(project.model_ids())}); "
+                f"list them in [model] weights or run `proponent train --models N`{instead}")
+    return (f"{cls.name} needs a training recipe ([training] in project.toml) because it retrains the model"
+            f"{' with these settings' if settings is not None and 'recipe' not in cls.requires else ''}{instead}")
 
 
 def coerce_settings(cls: type[Attributor], settings) -> Any:

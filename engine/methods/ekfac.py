@@ -15,24 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from engine.methods.base import register, setting
+from engine.methods.base import register, settings_dict
+from engine.methods.settings import CurvatureSettings, DampingRatioSettings
 from engine.methods.source import CurvatureInfluence, EngineConfig
 
 
 @dataclasses.dataclass
-class EKFACSettings:
-    damping: float = setting(-1.0, "λ added to the EK-FAC eigenvalues; -1 = damping_ratio × mean eigenvalue per layer.")
-    damping_ratio: float = setting(0.1, "With damping = -1: λ as a fraction of each layer's mean eigenvalue.")
-    fisher_samples: int = setting(-1, "Labels sampled from the model per example for the Fisher pseudo-gradients; 0: the "
-                                      "exact expectation over all classes; -1: exact for ≤ 16 classes, else 1 sample.")
-    fit_rows: int = setting(0, "Fit the curvature on at most this many training rows (0: all).")
-    proj_dim: int = setting(-1, "Projection of the stored training gradients (TRAK's): -1 chooses from the model size "
-                                "(none for ≤ 8192 covered parameters), 0 disables.")
-    projection: str = setting("auto", "Random projection: auto, rademacher, gaussian, sjlt or none.",
-                              choices=("auto", "rademacher", "gaussian", "sjlt", "none"))
-    weight_decay_in_curvature: bool = setting(True, "Add the recipe's weight decay to the curvature eigenvalues "
-                                                    "(the training objective's Hessian includes it; kronfluence does not).")
-    seed: int = setting(0, "Seed of the Fisher label sampling and of the projection.")
+class EKFACSettings(CurvatureSettings, DampingRatioSettings):
+    """EK-FAC influence: the shared curvature settings and the damping ratio."""
 
 
 @register
@@ -44,9 +34,6 @@ class EKFAC(CurvatureInfluence):
     Settings = EKFACSettings
 
     def engine_config(self) -> EngineConfig:
-        s: EKFACSettings = self.settings
-        return EngineConfig(segments=1, segment_by="count", last_checkpoints=1, fast=False, response="inverse",
-                            damping=s.damping, damping_ratio=s.damping_ratio, fisher_samples=s.fisher_samples,
-                            fit_rows=s.fit_rows, proj_dim=s.proj_dim, projection=s.projection,
-                            adam_preconditioning=False, seed=s.seed, all_rows=True,
-                            weight_decay_in_curvature=s.weight_decay_in_curvature)
+        # one segment holding the final checkpoint, inverse response, one objective over every row
+        return EngineConfig(**settings_dict(self.settings), segments=1, segment_by="count", last_checkpoints=1,
+                            fast=False, response="inverse", adam_preconditioning=False, all_rows=True)

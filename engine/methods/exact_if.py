@@ -11,40 +11,37 @@ import dataclasses
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, hessian
+from torch.func import hessian
 
+from engine.autodiff.functional import FunctionalModel, Tracked, TrackedParameters, batch_rows, to_device
+from engine.autodiff.per_example import GradientComputer
 from engine.core.errors import ProponentError
-from engine.autodiff import GradientComputer
 from engine.methods.base import Attributor, register, setting
 
 
 @dataclasses.dataclass
 class ExactIFSettings:
     damping: float = setting(-1.0, "λ added to H; -1: 0 if H is positive definite, else shift to 1e-3 × the largest eigenvalue.")
-    max_params: int = setting(6000, "Refuse models with more parameters (the Hessian is p×p).")
+    max_params: int = setting(6000, "Refuse models with more tracked parameters (the Hessian is p×p).")
     batch_size: int = setting(128, "Examples per Hessian block.")
 
 
-def objective_hessian(model, x, y, weight_decay: float, batch_size: int, device: str) -> torch.Tensor:
-    """Hessian of mean CE + (wd/2)‖θ‖² over all trainable parameters, flattened in module order."""
-    comp = GradientComputer(model, device=device)
-    flat0 = torch.cat([comp.params[n].reshape(-1) for n in comp.names]).double()
-    model = model.double()
-    buffers = {k: v.double() if v.is_floating_point() else v for k, v in comp.buffers.items()}
+def objective_hessian(model, x, y, weight_decay: float, batch_size: int, device: str,
+                      tracked: Tracked = None) -> torch.Tensor:
+    """Hessian of mean CE + (wd/2)‖θ‖² over the tracked parameters, in their flat layout (float64)."""
+    fm = FunctionalModel(model, tracked, device=device, dtype=torch.float64, copy_module=True)
+    flat0 = fm.theta()
     n = len(y)
 
     def batch_objective(flat, xb, yb):
-        params = {k: v for k, v in comp.unflatten(flat).items()}
-        out = functional_call(model, (params, buffers), (xb,))
-        return F.cross_entropy(out, yb, reduction="sum") / n
+        return F.cross_entropy(fm.call_flat(flat, xb), yb, reduction="sum") / n
 
-    H = torch.zeros(len(flat0), len(flat0), dtype=torch.float64, device=comp.device)
+    H = torch.zeros(len(flat0), len(flat0), dtype=torch.float64, device=flat0.device)
     for lo in range(0, n, batch_size):
-        xb = x[lo:lo + batch_size].to(comp.device).double()
-        yb = y[lo:lo + batch_size].to(comp.device)
+        xb = to_device(batch_rows(x, lo, lo + batch_size), flat0.device, torch.float64)
+        yb = y[lo:lo + batch_size].to(flat0.device)
         H += hessian(batch_objective)(flat0, xb, yb)
-    H += weight_decay * torch.eye(len(flat0), dtype=torch.float64, device=comp.device)
-    model.float()
+    H += weight_decay * torch.eye(len(flat0), dtype=torch.float64, device=flat0.device)
     return H
 
 
@@ -58,20 +55,23 @@ class ExactInfluence(Attributor):
 
     @classmethod
     def supports(cls, project):
-        p = sum(t.numel() for t in project.build_model().parameters())
+        if unmet := super().supports(project):
+            return unmet
+        p = FunctionalModel(project.build_model(), TrackedParameters.of(project)).n_params
         limit = ExactIFSettings().max_params
         return None if p <= limit else f"the model has {p} parameters; exact influence needs ≤ {limit} (max_params)"
 
     def _fit(self, project) -> None:
         s: ExactIFSettings = self.settings
         model = project.load_model(project.final_checkpoint())
-        p = sum(t.numel() for t in model.parameters() if t.requires_grad)
+        tracked = TrackedParameters.of(project)
+        p = FunctionalModel(model, tracked).n_params
         if p > s.max_params:
             raise ProponentError(f"exact-if: the model has {p} parameters, more than max_params={s.max_params}; "
                                  f"use ekfac, trak or source")
         ds = project.train_dataset
         self.progress("hessian", 0, 1)
-        H = objective_hessian(model, ds.x, ds.y, project.recipe.weight_decay, s.batch_size, self.device)
+        H = objective_hessian(model, ds.x, ds.y, project.recipe.weight_decay, s.batch_size, self.device, tracked)
         evals = torch.linalg.eigvalsh(H)
         lo_eig, hi_eig = float(evals[0]), float(evals[-1])
         if s.damping >= 0:
@@ -79,7 +79,7 @@ class ExactInfluence(Attributor):
         else:
             lam = 0.0 if lo_eig > 1e-8 * hi_eig else (-lo_eig + 1e-3 * hi_eig)
         self.progress("hessian", 1, 1)
-        self.computer = GradientComputer(model, device=self.device)
+        self.computer = GradientComputer(model, tracked=tracked, device=self.device)
         g_loss = self.computer.full(ds.x, ds.y, "loss").double()
         A = H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
         # V[:, i] = −(1/n) (H+λI)⁻¹ ∇ℓ_i

@@ -9,18 +9,16 @@ import dataclasses
 
 import numpy as np
 
-from engine.autodiff import default_projection_dim
 from engine.autodiff.features import checkpoint_features, project_gradients
+from engine.autodiff.functional import FunctionalModel, TrackedParameters
+from engine.methods.base import Attributor
+from engine.methods.settings import ProjectionSettings
 from engine.storage.arrays import stable_hash
-from engine.methods.base import Attributor, setting
 
 
 @dataclasses.dataclass
-class GradSimSettings:
-    proj_dim: int = setting(-1, "Projection size; -1 chooses from the model size (none for ≤ 8192 parameters), 0 disables.")
-    projection: str = setting("auto", "Random projection: auto, rademacher, gaussian, sjlt or none.",
-                              choices=("auto", "rademacher", "gaussian", "sjlt", "none"))
-    seed: int = setting(0, "Seed of the projection matrix.")
+class GradSimSettings(ProjectionSettings):
+    """Grad-Dot and Grad-Cos: only the projection."""
 
 
 class GradientSimilarity(Attributor):
@@ -36,11 +34,10 @@ class GradientSimilarity(Attributor):
         self._self = np.zeros(n)
         self._norm2 = np.zeros(n)
         plan = self.checkpoints_and_weights(project)
-        n_params = sum(p.numel() for p in project.build_model().parameters())
+        n_params = FunctionalModel(project.build_model(), TrackedParameters.of(project)).n_params
+        projection, k = s.projection_plan(n_params, n)
         for j, (ck, w) in enumerate(plan):
             self._check_cancel("fit")
-            k = s.proj_dim if s.proj_dim >= 0 else (default_projection_dim(n_params, n) or 0)
-            projection = "none" if (k == 0 or s.projection == "none") else s.projection
             tag = stable_hash({"ck": ck.key, "k": k, "proj": projection, "seed": s.seed})
             folder = self.workdir / f"ck_{j:03d}_{tag}"
             step = lambda st, d, t, j=j: self.progress(f"featurize {j + 1}/{len(plan)}", d, t)

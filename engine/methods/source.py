@@ -34,17 +34,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
-from engine.core.errors import ProponentError
-from engine.autodiff import GradientComputer, default_projection_dim, make_projector
 from engine.autodiff import curvature as cv
+from engine.autodiff.functional import FunctionalModel, TrackedParameters
+from engine.autodiff.per_example import GradientComputer
+from engine.autodiff.projection import make_projector
+from engine.core.errors import ProponentError
 from engine.core.project import Checkpoint, Project
+from engine.core.train import lr_at
+from engine.methods.base import Attributor, register, settings_dict
+from engine.methods.settings import CurvatureSettings, DampingRatioSettings, TrajectorySettings
 from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
-from engine.methods.base import Attributor, register, setting
 
 ADAM_BETA2 = 0.999
 ADAM_EPS = 1e-8
@@ -79,25 +85,11 @@ class Segment:
 
 
 @dataclass
-class EngineConfig:
-    """Everything the shared curvature-influence engine needs (Source and EK-FAC)."""
+class EngineConfig(CurvatureSettings, DampingRatioSettings, TrajectorySettings):
+    """Everything the shared curvature-influence engine needs: Source's settings, EK-FAC's damping
+    ratio, and whether one objective covers every training row whatever the stages (EK-FAC)."""
 
-    segments: int = 3
-    segment_by: str = "auto"  # auto | count
-    last_checkpoints: int = 0
-    max_checkpoints_per_segment: int = 0
-    fast: bool = False
-    response: str = "unrolled"  # unrolled | inverse
-    damping: float = -1.0
-    damping_ratio: float = 0.1
-    fisher_samples: int = -1
-    fit_rows: int = 0
-    proj_dim: int = -1
-    projection: str = "auto"
-    adam_preconditioning: bool = True
-    seed: int = 0
-    weight_decay_in_curvature: bool = True
-    all_rows: bool = False  # EK-FAC: one objective over every training row, whatever the stages
+    all_rows: bool = False
 
 
 def _stage_rows(project: Project) -> dict[str, np.ndarray]:
@@ -119,8 +111,7 @@ def plan_segments(project: Project, cfg: EngineConfig) -> list[Segment]:
     finals = project.final_checkpoints()
     if not finals:
         raise ProponentError("no checkpoints recorded; run `proponent train PROJECT` first", file=str(project.checkpoint_dir))
-    mid = finals[0].model_id
-    cks = [c for c in project.checkpoints if c.model_id == mid]
+    cks = project.run_checkpoints()
     prev = {c.key: (cks[i - 1].step if i else 0) for i, c in enumerate(cks)}
     if cfg.last_checkpoints > 0:
         cks = cks[-cfg.last_checkpoints:]
@@ -153,10 +144,6 @@ def _lr_sum(project: Project, ck: Checkpoint, steps: int, stage_rows: dict[str, 
     Recomputed from the recipe's schedule (engine.core.train.lr_at, as fit_model applies it) when the
     checkpoint's stage is in the recipe; otherwise the checkpoint's recorded rate × steps.
     """
-    import math
-
-    from engine.core.train import lr_at
-
     stage = next((s for s in project.recipe.resolved_stages() if s.name == ck.stage), None)
     n_rows = len(stage_rows[ck.stage]) if ck.stage in stage_rows else None
     if stage is None or n_rows is None or ck.optimizer not in ("sgd", "adam") or stage.lr_schedule == "constant":
@@ -192,17 +179,18 @@ class CurvatureInfluence(Attributor):
                                  f"trajectory; use method 'ekfac' (or response='inverse')")
         self.segments = segs
         model0 = project.build_model()
-        self.layers_template, self.left_out = cv.curvature_layers(model0)
+        self.tracked = FunctionalModel(model0, TrackedParameters.of(project)).names
+        self.layers_template, self.left_out = cv.curvature_layers(model0, self.tracked)
         if not self.layers_template:
-            raise ProponentError(f"{self.name}: the model has no nn.Linear or nn.Conv2d layer to fit curvature on")
-        self.param_names = cv.covered_param_names(self.layers_template)
-        comp0 = GradientComputer(model0, param_names=self.param_names, device="cpu")
-        self.param_names = comp0.names  # the order GradientComputer flattens in
-        self.layout = cv.LayerLayout(self.layers_template, comp0.names, comp0.shapes)
+            raise ProponentError(f"{self.name}: the tracked parameters include no nn.Linear or nn.Conv2d layer to fit "
+                                 f"curvature on")
+        # the covered parameters, in the one flat layout gradients, curvature and projections share
+        layout = FunctionalModel(model0, cv.covered_param_names(self.layers_template)).layout
+        self.param_names = layout.names
+        self.blocks = cv.LayerBlocks(self.layers_template, layout)
         n = len(project.train_dataset)
-        p = self.layout.n
-        k = cfg.proj_dim if cfg.proj_dim >= 0 else (default_projection_dim(p, n) or 0)
-        kind = "none" if (k == 0 or cfg.projection == "none") else cfg.projection
+        p = layout.n
+        kind, k = cfg.projection_plan(p, n)
         self.projector = make_projector(kind, p, k or None, seed=cfg.seed, model_id=0, device="cpu")
         self.factor_dir = project.state_dir / "factors"
         self.factor_dir.mkdir(exist_ok=True)
@@ -211,10 +199,10 @@ class CurvatureInfluence(Attributor):
         for seg in segs:
             self._check_cancel("fit")
             self.seg_state.append(self._fit_segment(project, seg))
-        final = [c for c in project.checkpoints if c.model_id == segs[-1].checkpoints[-1].model_id][-1]
+        final = project.final_checkpoint(segs[-1].checkpoints[-1].model_id)
         self.final_checkpoint = final
         self.query_model = project.load_model(final)
-        self.query_computer = GradientComputer(self.query_model, param_names=self.param_names, device=self.device)
+        self.query_computer = GradientComputer(self.query_model, tracked=self.param_names, device=self.device)
         self._self = None
         self.meta.update({
             "segments": [s.describe() for s in segs], "response": cfg.response, "fast": cfg.fast,
@@ -254,8 +242,6 @@ class CurvatureInfluence(Attributor):
         """Mean Adam preconditioner P = 1/(√v̂ + ε) per parameter, or None (not Adam / not saved)."""
         if not self.cfg.adam_preconditioning or any(c.optimizer != "adam" for c in cks):
             return None
-        from safetensors.torch import load_file
-
         acc: dict[str, torch.Tensor] = {}
         for c in cks:
             if c.optimizer_state is None or not c.optimizer_state.is_file():
@@ -290,7 +276,7 @@ class CurvatureInfluence(Attributor):
         for j, (digest, model, _) in enumerate(points):
             self.progress(f"{tag}: covariances", j, len(points))
             self._check_cancel("fit")
-            layers, _ = cv.curvature_layers(model)
+            layers, _ = cv.curvature_layers(model, self.tracked)
             # the label seed follows the weights, so the same checkpoint gets the same factors in every run
             lab_seed = int(stable_hash({"seed": cfg.seed, "w": digest}, 12), 16)
             lab, wts = cv.fisher_targets(model, xf, cfg.fisher_samples, seed=lab_seed, device=self.device)
@@ -309,14 +295,14 @@ class CurvatureInfluence(Attributor):
         opt_states = [o for _, _, o in points]
         if all(o is not None for o in opt_states) and opt_states:
             P = {n: sum(o[n] for o in opt_states) / len(opt_states) for n in self.param_names}
-            sqrtP_flat = self.layout.to_layers(torch.cat([P[n].reshape(-1) for n in self.param_names]))
+            sqrtP_flat = self.blocks.to_layers(self.blocks.layout.flatten(P, ()))
             sqrtP = [t.sqrt() for t in sqrtP_flat]
         # 2. eigenvalues refit at each point in the shared basis, averaged
         lam_sum = None
         for j, (digest, model, _) in enumerate(points):
             self.progress(f"{tag}: eigenvalues", j, len(points))
             self._check_cancel("fit")
-            layers, _ = cv.curvature_layers(model)
+            layers, _ = cv.curvature_layers(model, self.tracked)
             scale = None if sqrtP is None else {L.name: s for L, s in zip(layers, sqrtP)}
             pkey = {**base_key, "w": digest, "basis": bdig, "adam": None if scale is None else cv.tensor_digest(scale)}
             path = self.factor_dir / f"lambda-{stable_hash(pkey)}.safetensors"
@@ -351,7 +337,7 @@ class CurvatureInfluence(Attributor):
             for j, (_, model, _) in enumerate(points):
                 self.progress(f"{tag}: training gradients", j, len(points))
                 self._check_cancel("fit")
-                comp = GradientComputer(model, param_names=self.param_names, device=self.device)
+                comp = GradientComputer(model, tracked=self.param_names, device=self.device)
                 for lo, hi, g in comp.iter_batches(xr, yr, "loss"):
                     gbar[lo:hi] += self.projector.project(g.cpu().float()).double().numpy() / len(points)
             if not np.isfinite(gbar).all():
@@ -370,7 +356,7 @@ class CurvatureInfluence(Attributor):
     # ------------------------------------------------------------------ scoring
     def _walk(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """u_ℓ (flat, projected, already scaled by −1/N_ℓ) for each segment, walking back from the query."""
-        V = self.layout.to_layers(flat.double().cpu())
+        V = self.blocks.to_layers(flat.double().cpu())
         us: list[torch.Tensor | None] = [None] * len(self.seg_state)
         for li in range(len(self.seg_state) - 1, -1, -1):
             st = self.seg_state[li]
@@ -386,7 +372,7 @@ class CurvatureInfluence(Attributor):
                     vn = vn / sp
                 U.append(u)
                 Vn.append(vn)
-            u_flat = self.layout.to_flat(U)
+            u_flat = self.blocks.to_flat(U)
             us[li] = self.projector.project(u_flat.float()).double() * (-1.0 / st["n_rows"])
             V = Vn
         return us
@@ -421,54 +407,26 @@ class CurvatureInfluence(Attributor):
 
 
 @dataclasses.dataclass
-class SourceSettings:
-    segments: int = setting(3, "Number of segments L of a single-stage run (the paper uses 3). A multi-stage run gets "
-                               "one segment per stage unless segment_by='count'.")
-    segment_by: str = setting("auto", "'auto': one segment per training stage when there are several, else `segments` "
-                                      "equal groups of checkpoints; 'count': always `segments` groups.",
-                              choices=("auto", "count"))
-    fast: bool = setting(False, "Fast-Source: average the weights within each segment and fit everything once there "
-                                "(cheaper, slightly less accurate).")
-    response: str = setting("unrolled", "'unrolled': Source's F(σ) = (1 − exp(−η̄Kσ))/σ with propagation exp(−η̄Kσ); "
-                                        "'inverse': 1/(σ + λ) (with segments=1 this is EK-FAC influence).",
-                            choices=("unrolled", "inverse"))
-    damping: float = setting(-1.0, "Only for response='inverse': λ; -1 = 0.1 × mean eigenvalue per layer.")
-    last_checkpoints: int = setting(0, "Use only the last N recorded checkpoints of the run (0: all).")
-    max_checkpoints_per_segment: int = setting(0, "Fit factors and gradients at most at this many checkpoints per "
-                                                  "segment, evenly spaced (0: all). η̄ and K still count every step.")
-    fisher_samples: int = setting(-1, "Labels sampled from the model per example for the Fisher pseudo-gradients; 0: the "
-                                      "exact expectation over all classes; -1: exact for ≤ 16 classes, else 1 sample.")
-    fit_rows: int = setting(0, "Fit the curvature on at most this many rows per segment (0: all).")
-    proj_dim: int = setting(-1, "Projection of the stored training gradients (TRAK's): -1 chooses from the model size "
-                                "(none for ≤ 8192 covered parameters), 0 disables.")
-    projection: str = setting("auto", "Random projection: auto, rademacher, gaussian, sjlt or none.",
-                              choices=("auto", "rademacher", "gaussian", "sjlt", "none"))
-    adam_preconditioning: bool = setting(True, "For Adam runs with saved optimizer states: precondition with the "
-                                               "segment's mean 1/(√v̂ + ε).")
-    weight_decay_in_curvature: bool = setting(True, "Add the recipe's weight decay to the curvature eigenvalues "
-                                                    "(the training objective's Hessian includes it).")
-    seed: int = setting(0, "Seed of the Fisher label sampling and of the projection.")
+class SourceSettings(CurvatureSettings, TrajectorySettings):
+    """Source: the shared curvature settings and how the trajectory is cut and walked."""
 
 
 @register
 class Source(CurvatureInfluence):
     name = "source"
+    requires = frozenset({"trajectory"})
     label = "Source"
     description = ("Approximate unrolled differentiation over the recorded trajectory (Bae et al., 2024): EK-FAC per "
                    "segment with training-derived response functions. Suited to non-converged and multi-stage training.")
     Settings = SourceSettings
 
     def engine_config(self) -> EngineConfig:
-        s: SourceSettings = self.settings
-        return EngineConfig(segments=s.segments, segment_by=s.segment_by, last_checkpoints=s.last_checkpoints,
-                            max_checkpoints_per_segment=s.max_checkpoints_per_segment, fast=s.fast, response=s.response,
-                            damping=s.damping, fisher_samples=s.fisher_samples, fit_rows=s.fit_rows,
-                            proj_dim=s.proj_dim, projection=s.projection,
-                            adam_preconditioning=s.adam_preconditioning, seed=s.seed,
-                            weight_decay_in_curvature=s.weight_decay_in_curvature)
+        return EngineConfig(**settings_dict(self.settings))
 
     @classmethod
     def supports(cls, project):
+        if unmet := super().supports(project):
+            return unmet
         cks = project.checkpoints
         if cks and all(c.optimizer == "lbfgs" for c in cks):
             return "trained with L-BFGS (no step-wise trajectory); use ekfac"

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from engine.methods.gradsim import GradientSimilarity, GradSimSettings
+import numpy as np
+
 from engine.methods.base import register, setting
+from engine.methods.gradsim import GradientSimilarity, GradSimSettings
 
 
 @dataclasses.dataclass
@@ -15,15 +17,14 @@ class TracInSettings(GradSimSettings):
 @register
 class TracIn(GradientSimilarity):
     name = "tracin"
+    requires = frozenset({"trajectory"})
     label = "TracIn(CP)"
     description = "Baseline: learning-rate-weighted gradient dot products summed over the training checkpoints."
     Settings = TracInSettings
 
     def checkpoints_and_weights(self, project):
-        finals = project.final_checkpoints()
-        cks = [c for c in project.checkpoints if c.model_id == finals[0].model_id]
+        cks = project.run_checkpoints()
         m = self.settings.max_checkpoints
         if m > 0 and len(cks) > m:
-            import numpy as np
             cks = [cks[int(i)] for i in np.linspace(0, len(cks) - 1, m).round()]
         return [(c, c.lr) for c in cks]

@@ -14,28 +14,25 @@ import dataclasses
 import numpy as np
 import torch
 
-from engine.autodiff import correct_class_probability, default_projection_dim
 from engine.autodiff.features import checkpoint_features, project_gradients
-from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
+from engine.autodiff.functional import FunctionalModel, TrackedParameters
+from engine.autodiff.measurement import correct_class_probability
 from engine.methods.base import Attributor, register, setting
+from engine.methods.settings import ProjectionSettings
+from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
 
 
 @dataclasses.dataclass
-class TrakSettings:
+class TrakSettings(ProjectionSettings):
     ensemble: str = setting("auto", "Which checkpoints form the ensemble: 'auto' (final checkpoint of every independently "
                                      "trained model, or the last checkpoints of a single run), 'models', 'checkpoints', 'final'.",
                             choices=("auto", "models", "checkpoints", "final"))
     max_models: int = setting(0, "Use at most this many ensemble members (0: all).")
-    proj_dim: int = setting(-1, "Projection size k; -1 chooses from the model size (no projection for ≤ 8192 parameters), "
-                                 "0 disables projection.")
-    projection: str = setting("auto", "Random projection: auto, rademacher, gaussian, sjlt (sparse JL) or none.",
-                              choices=("auto", "rademacher", "gaussian", "sjlt", "none"))
     damping: float = setting(-1.0, "Ridge λ added to ΦᵀΦ; -1 chooses λ = damping_ratio × mean non-zero eigenvalue.")
     # measured on validation projects (scripts/tune_trak_damping.py, docs/bench/trak-damping.json): LDS rises
     # from 0.08–0.21 at 1e-3 to 0.65–0.67 at 10 on small MLPs, where the undamped kernel regression overfits
     damping_ratio: float = setting(10.0, "With damping = -1: λ as a multiple of the mean non-zero eigenvalue of ΦᵀΦ "
                                          "(10 was best on held-out validation projects).")
-    seed: int = setting(0, "Seed of the projection matrices (one per ensemble member).")
 
 
 def solve_kernel(phi: np.ndarray, damping: float, damping_ratio: float) -> tuple[np.ndarray, float]:
@@ -69,7 +66,7 @@ def ensemble_checkpoints(project, mode: str, max_models: int) -> list:
     elif mode == "final":
         cks = finals[:1]
     else:  # checkpoints of model 0, latest first: early checkpoints carry little signal
-        cks = [c for c in project.checkpoints if c.model_id == finals[0].model_id][::-1]
+        cks = project.run_checkpoints()[::-1]
         if max_models <= 0:
             cks = cks[: max(1, len(cks) // 2)]
     if max_models > 0:
@@ -85,6 +82,10 @@ class TRAK(Attributor):
                    "(Park et al., 2023). Fast and accurate with an ensemble; self-influence ranks mislabels.")
     Settings = TrakSettings
 
+    @classmethod
+    def requirements(cls, settings=None):  # the model ensemble needs several trained models
+        return cls.requires | ({"models"} if getattr(settings, "ensemble", None) == "models" else set())
+
     def _fit(self, project) -> None:
         s: TrakSettings = self.settings
         self.members = ensemble_checkpoints(project, s.ensemble, s.max_models)
@@ -93,11 +94,10 @@ class TRAK(Attributor):
         q_sum = np.zeros(n)
         self_sum = np.zeros(n)
         lambdas = []
-        n_params = sum(p.numel() for p in project.build_model().parameters())
+        n_params = FunctionalModel(project.build_model(), TrackedParameters.of(project)).n_params
+        projection, k = s.projection_plan(n_params, n)
         for m, ck in enumerate(self.members):
             self._check_cancel("fit")
-            k = s.proj_dim if s.proj_dim >= 0 else (default_projection_dim(n_params, n) or 0)
-            projection = "none" if (k == 0 or s.projection == "none") else s.projection
             tag = stable_hash({"ck": ck.key, "k": k, "proj": projection, "seed": s.seed, "m": m})
             folder = self.workdir / f"member_{m:03d}_{tag}"
             phi, computer, projector = checkpoint_features(

@@ -40,6 +40,11 @@ STATISTICS = ("self_match", "separation", "z", "gap")
 # search uses plain gradient steps with the self-normalised (mirrored-cosine) score.
 LEAK_DEFAULTS = {"forward-inf": {"optimizer": "sgd", "normalize": "self"}}
 NEIGHBOURS = 10
+# the quick check: among each test query's QUICK_TOP strongest proponents, the input-closest one is a
+# suspected copy when its raw-input cosine reaches QUICK_COSINE. Natural near-twins (8x8 digits) reach
+# 0.98-0.99; copies, noisy and re-brightened copies reach 0.995 or more.
+QUICK_TOP = 100
+QUICK_COSINE = 0.995
 
 
 def leak_settings(method: str, settings) -> dict:
@@ -98,14 +103,7 @@ def null_statistics(project: Project, method: str, settings: dict, self_scores: 
     if path.is_file():
         arr = load_npy(path, mmap=False)
         return {s: arr[j] for j, s in enumerate(STATISTICS)}
-    try:
-        S = attribute(project, method, ("train", idx), settings, device=device, progress=progress)
-    except TypeError:
-        # a method whose cached fit cannot be reloaded (store.atomic_save_npy turns 0-d arrays
-        # into shape (1,), which TRAK's damping reload rejects): fit afresh in a temporary folder
-        cls = get_method(method)
-        att = cls(coerce_settings(cls, settings), device=device, progress=progress).fit(project)
-        S = att.scores(("train", idx))
+    S = attribute(project, method, ("train", idx), settings, device=device, progress=progress)
     st = row_statistics(S, self_scores, exclude=idx)
     atomic_save_npy(path, np.stack([st[s] for s in STATISTICS]))
     return {s: st[s] for s in STATISTICS}
@@ -136,9 +134,7 @@ def detect_leaks(project: Project, method: str = "forward-inf", settings=None, *
     flagged = st[statistic] > threshold
     train, test = project.train_dataset, project.test_dataset
     ti = st["train_index"]
-    x_test = test.x.flatten(1).double().numpy()
-    x_train = train.x[torch.as_tensor(ti)].flatten(1).double().numpy()
-    input_cos = np.einsum("ik,ik->i", _unit(x_test), _unit(x_train))
+    input_cos = input_cosines(project, np.arange(len(test)), ti)
     model = project.load_model(project.final_checkpoint())
     f_test = penultimate_features(model, test.x).double().numpy()
     f_train = penultimate_features(model, train.x[torch.as_tensor(ti)]).double().numpy()
@@ -148,5 +144,65 @@ def detect_leaks(project: Project, method: str = "forward-inf", settings=None, *
               "separation": float(st["separation"][q]), "self_ratio": float(st["self_ratio"][q]), "self_match": float(st["self_match"][q]),
               "input_cosine": float(input_cos[q]),
               "feature_cosine": float(feat_cos[q])} for q in range(len(S))]
+    for p in pairs:
+        p["reason"] = explain_detector_pair(p, statistic, threshold)
     return {"method": method, "statistic": statistic, "threshold": float(threshold), "calibration": calibration,
             "settings": settings, "run": res["key"], "n_flagged": int(flagged.sum()), "pairs": pairs}
+
+
+def input_cosines(project: Project, test_index: np.ndarray, train_index: np.ndarray) -> np.ndarray:
+    """Raw-input cosine similarity of test row ``test_index[j]`` and training row ``train_index[j]``."""
+    x_test = project.test_dataset.x[torch.as_tensor(test_index)].flatten(1).double().numpy()
+    x_train = project.train_dataset.x[torch.as_tensor(train_index)].flatten(1).double().numpy()
+    return np.einsum("ik,ik->i", _unit(x_test), _unit(x_train))
+
+
+def quick_leak_check(project: Project, scores: np.ndarray, *, top: int = QUICK_TOP, cosine: float = QUICK_COSINE,
+                     chunk: int = 256) -> dict:
+    """The quick leak check: for each test query, the input-closest of its ``top`` strongest proponents
+    in ``scores`` [n_test, n_train]; flagged when their raw-input cosine is at least ``cosine``.
+
+    Returns {"top", "threshold", "rule", "pairs": [{"test_index", "train_index", "score", "cosine",
+    "rank", "flagged", "reason"}, ...]} with one pair per test query, most similar first. Memory is
+    bounded by ``chunk`` queries at a time."""
+    S = np.asarray(scores)
+    if S.ndim != 2 or S.shape[0] != len(project.test_dataset) or S.shape[1] != len(project.train_dataset):
+        raise ProponentError(f"quick leak check needs scores of shape [{len(project.test_dataset)}, "
+                             f"{len(project.train_dataset)}] (test x train), not {list(S.shape)}")
+    m = int(min(top, S.shape[1]))
+    xn_train = _unit(project.train_dataset.x.flatten(1).double().numpy())
+    xn_test = _unit(project.test_dataset.x.flatten(1).double().numpy())
+    best = np.empty(len(S), dtype=np.int64)
+    best_cos = np.empty(len(S))
+    best_rank = np.empty(len(S), dtype=np.int64)
+    for lo in range(0, len(S), chunk):
+        rows = np.asarray(S[lo:lo + chunk], dtype=np.float64)
+        cand = np.argpartition(-rows, m - 1, axis=1)[:, :m]  # each query's top-m proponents
+        cos = np.einsum("qk,qmk->qm", xn_test[lo:lo + len(rows)], xn_train[cand])
+        j = cos.argmax(1)
+        b = cand[np.arange(len(rows)), j]
+        best[lo:lo + len(rows)] = b
+        best_cos[lo:lo + len(rows)] = cos[np.arange(len(rows)), j]
+        # 1-based rank of that proponent among the query's scores
+        best_rank[lo:lo + len(rows)] = 1 + (rows > rows[np.arange(len(rows)), b][:, None]).sum(1)
+    order = np.argsort(-best_cos, kind="stable")
+    pairs = []
+    for t in order:
+        flagged = bool(best_cos[t] >= cosine)
+        reason = (f"input cosine {best_cos[t]:.4f} {'≥' if flagged else '<'} {cosine} with its proponent "
+                  f"ranked {int(best_rank[t])} of the top {m}")
+        pairs.append({"test_index": int(t), "train_index": int(best[t]), "score": float(S[t, best[t]]),
+                      "cosine": float(best_cos[t]), "rank": int(best_rank[t]), "flagged": flagged, "reason": reason})
+    return {"top": m, "threshold": float(cosine), "pairs": pairs,
+            "rule": f"the input-closest of a test query's top-{m} proponents is flagged when their raw-input "
+                    f"cosine is ≥ {cosine}"}
+
+
+def explain_detector_pair(pair: dict, statistic: str, threshold: float) -> str:
+    """Why the calibrated detector flagged (or did not flag) one pair, in one line."""
+    v = pair.get(statistic)
+    if v is None:
+        return "no statistic recorded"
+    side = ">" if pair.get("flagged") else "≤"
+    extra = f" (score / self-score {pair['self_ratio']:.3f})" if statistic == "self_match" and "self_ratio" in pair else ""
+    return f"{statistic} {v:.4g} {side} threshold {threshold:.4g}{extra}"

@@ -25,13 +25,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from engine.autodiff.compute import resolve_device
+from engine.autodiff.functional import FunctionalModel, TrackedParameters
+from engine.autodiff.hvp import HessianOperator
 from engine.core.errors import ProponentError
-from engine.methods.gif.solvers import (SolverNotConverged, generalized_solve, relabel_target, removal_target,
-    require_converged, retained_sample, select_parameters)
-from engine.autodiff.hvp import HessianOperator, add_to_parameters
-from engine.autodiff.per_example import resolve_device
 from engine.core.project import Project
 from engine.core.train import predict_logits, train_model
+from engine.methods.gif.solvers import (SolverNotConverged, generalized_solve, relabel_target, removal_target,
+    require_converged, retained_sample, select_parameters)
 
 ACTIONS = ("remove", "relabel")
 METHODS = ("gif", "if", "frozen", "projected")
@@ -142,6 +143,7 @@ def predict_edit(project: Project, indices, action: str = "remove", new_labels=N
     n = len(ds)
     y_new = _label_indices(project, idx, new_labels) if action == "relabel" else None
     model = project.load_model(project.final_checkpoint())
+    tracked = TrackedParameters.of(project)
     progress = progress or (lambda stage, done, total: None)
 
     # H: the post-edit objective, on (a sample of) the edited training set
@@ -153,7 +155,7 @@ def predict_edit(project: Project, indices, action: str = "remove", new_labels=N
         labels[torch.as_tensor(idx)] = y_new
         rows = retained_sample(n, np.array([], np.int64), hvp_examples, seed)
         hx, hy = ds.x[rows], labels[rows]
-    op = HessianOperator(model, hx, hy, weight_decay=project.recipe.weight_decay, device=device)
+    op = HessianOperator(model, hx, hy, weight_decay=project.recipe.weight_decay, device=device, tracked=tracked)
     xu, yu = ds.x[idx], ds.y[idx]
     if action == "remove":
         g = removal_target(op, xu, yu, n)
@@ -168,7 +170,8 @@ def predict_edit(project: Project, indices, action: str = "remove", new_labels=N
     mask = None
     if method != "if":
         mask = select_parameters(copy.deepcopy(model), xu, yu, ratio=ratio, mode=selection,
-                                 objective=objective, seed=seed, device=device, batch_size=max(1, len(idx)))
+                                 objective=objective, seed=seed, device=device, batch_size=max(1, len(idx)),
+                                 tracked=tracked)
     res = generalized_solve(op, g, mask, variant=method, method=solver, tol=tol, max_iter=max_iter,
                             damping=damping, progress=progress)
     warning = None
@@ -179,7 +182,7 @@ def predict_edit(project: Project, indices, action: str = "remove", new_labels=N
                    f"the prediction is unreliable")
     before_logits = predict_logits(model, project.test_dataset.x)
     edited = copy.deepcopy(model)
-    add_to_parameters(edited, res.x.to(torch.float32).cpu())
+    FunctionalModel(edited, tracked).add_(res.x.to(torch.float32).cpu())
     after_logits = predict_logits(edited, project.test_dataset.x)
     if not torch.isfinite(after_logits).all():
         raise ProponentError(f"{method}: the edited model produces non-finite outputs; the update diverged")

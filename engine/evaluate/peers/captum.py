@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+from captum.influence import TracInCP
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from engine.evaluate.peers.base import MarginLoss, PeerInputs, Recorder
 
-def _run_captum(inputs: PeerInputs, method: str, rec: Recorder, opts: dict, settings: dict) -> np.ndarray:
-    from captum.influence import TracInCP
 
+def run(inputs: PeerInputs, method: str, rec: Recorder, opts: dict, settings: dict) -> np.ndarray:
     if len(inputs.checkpoint_lrs) != len(inputs.checkpoints):
         raise ValueError(f"{len(inputs.checkpoints)} checkpoints but {len(inputs.checkpoint_lrs)} learning rates")
     model = inputs.build_model().to(inputs.device)

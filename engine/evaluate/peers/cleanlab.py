@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import numpy as np
+from cleanlab.filter import find_label_issues
+from cleanlab.rank import get_label_quality_scores
 
 from engine.evaluate.peers.base import PeerInputs, Recorder
 
-def _run_cleanlab(inputs: PeerInputs, method: str, rec: Recorder, opts: dict, settings: dict) -> np.ndarray:
-    from cleanlab.filter import find_label_issues
-    from cleanlab.rank import get_label_quality_scores
 
+def run(inputs: PeerInputs, method: str, rec: Recorder, opts: dict, settings: dict) -> np.ndarray:
     probs = np.asarray(inputs.cross_val_probs(), dtype=np.float64)  # the K-fold CV is cleanlab's cost
     rec.fit_done()
     labels = inputs.y_train.detach().cpu().numpy().astype(np.int64)

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from dattri.algorithm.influence_function import IFAttributorCG, IFAttributorLiSSA
+from dattri.algorithm.tracin import TracInAttributor
+from dattri.algorithm.trak import TRAKAttributor
+from dattri.task import AttributionTask
 
-from engine.evaluate.peers.base import PeerInputs, Recorder, functional_fns, grad_batch_size, loader, n_params
+from engine.evaluate.peers.base import PeerInputs, Recorder, functional_fns, grad_batch_size, loader, count_params
 
-def _run_dattri(inputs: PeerInputs, method: str, rec: Recorder, opts: dict, settings: dict) -> np.ndarray:
-    from dattri.task import AttributionTask
 
+def run(inputs: PeerInputs, method: str, rec: Recorder, opts: dict, settings: dict) -> np.ndarray:
     model = inputs.build_model().to(inputs.device)  # graph only; dattri loads the checkpoints
     loss_ce, margin_fn, correct_prob = functional_fns(model, inputs.x_train.ndim)
-    n_train, n_params = len(inputs.x_train), n_params(model)
+    n_train, n_params = len(inputs.x_train), count_params(model)
     bs = int(opts.get("batch_size", grad_batch_size(n_train, n_params)))
     train_loader = loader(inputs.x_train, inputs.y_train, bs)
     test_loader = loader(inputs.x_test, inputs.y_test, int(opts.get("test_batch_size", bs)))
@@ -28,8 +31,6 @@ def _run_dattri(inputs: PeerInputs, method: str, rec: Recorder, opts: dict, sett
     settings.update(batch_size=bs, measurement="margin", train_loss="mean cross-entropy")
 
     if method == "trak":
-        from dattri.algorithm.trak import TRAKAttributor
-
         # dattri's own TRAK recipe: the margin on both sides, Q from the correct-class probability
         task = AttributionTask(loss_func=margin_fn, model=model, checkpoints=list(inputs.checkpoints))
         reg = 0.0 if inputs.damping is None else float(inputs.damping)
@@ -55,8 +56,6 @@ def _run_dattri(inputs: PeerInputs, method: str, rec: Recorder, opts: dict, sett
         return raw.detach().to(torch.float64).cpu().numpy().T
 
     if method in ("tracin", "grad-dot", "grad-cos"):
-        from dattri.algorithm.tracin import TracInAttributor
-
         if method == "tracin":
             ckpts, weights = list(inputs.checkpoints), [float(w) for w in inputs.checkpoint_lrs]
             if len(weights) != len(ckpts):
@@ -85,8 +84,6 @@ def _run_dattri(inputs: PeerInputs, method: str, rec: Recorder, opts: dict, sett
         return -raw.detach().to(torch.float64).cpu().numpy().T
 
     if method in ("if-cg", "if-lissa"):
-        from dattri.algorithm.influence_function import IFAttributorCG, IFAttributorLiSSA
-
         task = AttributionTask(loss_func=loss_ce, model=model, checkpoints=final_only, target_func=margin_fn)
         # dattri sums the inverse-HVP over the batches of the cached loader, so the Hessian is
         # only the training-loss Hessian when that loader is a single batch of the whole set.

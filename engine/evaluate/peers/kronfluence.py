@@ -11,32 +11,35 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from kronfluence.analyzer import Analyzer, prepare_model
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.module.utils import get_tracked_module_names
+from kronfluence.task import Task
+from kronfluence.utils.dataset import DataLoaderKwargs
+
 from engine.autodiff.measurement import correct_class_margin
 from engine.evaluate.peers.base import PeerInputs, Recorder, model_at
 
-def _run_kronfluence(inputs: PeerInputs, method: str, rec: Recorder, opts: dict, settings: dict) -> np.ndarray:
-    import torch.nn.functional as F
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-    from kronfluence.utils.dataset import DataLoaderKwargs
 
-    class _ClassificationTask(Task):
-        def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
-            x, y = batch
-            logits = model(x)
-            if sample:
-                # labels sampled from the model: the true Fisher, as EK-FAC asks
-                with torch.no_grad():
-                    y = torch.multinomial(torch.softmax(logits.detach().float(), -1), 1).squeeze(-1)
-            # summed (not mean) cross-entropy: kronfluence divides its factors by the
-            # number of examples itself
-            return F.cross_entropy(logits, y, reduction="sum")
 
-        def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
-            x, y = batch
-            return correct_class_margin(model(x), y.long()).sum()
+class _ClassificationTask(Task):
+    def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
+        x, y = batch
+        logits = model(x)
+        if sample:
+            # labels sampled from the model: the true Fisher, as EK-FAC asks
+            with torch.no_grad():
+                y = torch.multinomial(torch.softmax(logits.detach().float(), -1), 1).squeeze(-1)
+        # summed (not mean) cross-entropy: kronfluence divides its factors by the
+        # number of examples itself
+        return F.cross_entropy(logits, y, reduction="sum")
 
+    def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        x, y = batch
+        return correct_class_margin(model(x), y.long()).sum()
+
+
+def run(inputs: PeerInputs, method: str, rec: Recorder, opts: dict, settings: dict) -> np.ndarray:
     # EK-FAC is an influence function at the final model: one checkpoint
     model = model_at(inputs, inputs.checkpoints[-1])
     task = _ClassificationTask()
@@ -82,7 +85,6 @@ def _run_kronfluence(inputs: PeerInputs, method: str, rec: Recorder, opts: dict,
         )
         scores = analyzer.load_pairwise_scores("pairwise")["all_modules"]
         raw = scores.detach().to(torch.float64).cpu().numpy()
-    from kronfluence.module.utils import get_tracked_module_names
 
     settings.update(
         checkpoints_used=1,

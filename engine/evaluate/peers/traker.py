@@ -9,13 +9,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.evaluate.peers.base import PeerInputs, Recorder, batches, grad_batch_size, model_at, n_params
+from trak import TRAKer
+from trak.projectors import BasicProjector, ProjectionType
+
+from engine.evaluate.peers.base import PeerInputs, Recorder, batches, grad_batch_size, model_at, count_params
+
 
 def _make_traker(inputs: PeerInputs, model: nn.Module, save_dir: str, opts: dict, settings: dict):
-    from trak import TRAKer
-    from trak.projectors import BasicProjector, ProjectionType
-
-    n_params = n_params(model)
+    n_params = count_params(model)
     proj_type = opts.get("proj_type", "rademacher")
     projector = None
     if not str(inputs.device).startswith("cuda"):
@@ -73,9 +74,9 @@ def _restore_basic_projector(projector) -> None:
         projector.generate_sketch_matrix(projector.generator_states[0])
 
 
-def _run_traker(inputs: PeerInputs, method: str, rec: Recorder, opts: dict, settings: dict) -> np.ndarray:
+def run(inputs: PeerInputs, method: str, rec: Recorder, opts: dict, settings: dict) -> np.ndarray:
     model = model_at(inputs, inputs.checkpoints[-1])
-    bs = int(opts.get("batch_size", grad_batch_size(len(inputs.x_train), n_params(model))))
+    bs = int(opts.get("batch_size", grad_batch_size(len(inputs.x_train), count_params(model))))
     settings.update(checkpoints_used=len(inputs.checkpoints), batch_size=bs)
     with tempfile.TemporaryDirectory(prefix="proponent_traker_") as tmp:
         traker = _make_traker(inputs, model, tmp, opts, settings)
@@ -108,7 +109,7 @@ def featurize_throughput_traker(inputs: PeerInputs, n_examples: int | None = Non
     """
     n = len(inputs.x_train) if n_examples is None else min(int(n_examples), len(inputs.x_train))
     model = model_at(inputs, inputs.checkpoints[-1])
-    bs = grad_batch_size(n, n_params(model))
+    bs = grad_batch_size(n, count_params(model))
     x, y = inputs.x_train[:n], inputs.y_train[:n]
     with tempfile.TemporaryDirectory(prefix="proponent_traker_tp_") as tmp:
         sub = PeerInputs(**{**inputs.__dict__, "x_train": x, "y_train": y})

@@ -51,6 +51,7 @@ class DDMSettings:
 @register
 class DDM(Attributor):
     name = "ddm"
+    requires = frozenset({"trajectory"})
     label = "DDM (distilled datamodel)"
     granularity = "cluster"
     extension = True

@@ -229,6 +229,12 @@ class ForwardINF(Attributor):
                    "set; good at surfacing duplicates. Steps/lr are calibrated on held-out training points.")
     Settings = ForwardInfSettings
 
+    @classmethod
+    def requirements(cls, settings=None):  # calibration by retraining needs the recipe
+        s = settings
+        retrains = s is not None and s.calibration == "retrain" and (s.steps == 0 or s.lr == 0)
+        return cls.requires | ({"recipe"} if retrains else set())
+
     def _fit(self, project) -> None:
         s: ForwardInfSettings = self.settings
         if s.steps < 0 or s.lr < 0 or not math.isfinite(s.lr):

@@ -24,11 +24,12 @@ import dataclasses
 import numpy as np
 import torch
 
+from engine.autodiff.functional import FunctionalModel, TrackedParameters, batch_rows
+from engine.autodiff.hvp import HessianOperator
+from engine.autodiff.per_example import GradientComputer
 from engine.core.errors import ProponentError
-from engine.methods.gif.solvers import SOLVERS, SolveResult, adjoint_solve, retained_sample, select_parameters
-from engine.autodiff import GradientComputer
-from engine.autodiff.hvp import HessianOperator, parameter_layout
 from engine.methods.base import Attributor, SelfScoresUnavailable, register, setting
+from engine.methods.gif.solvers import SOLVERS, SolveResult, adjoint_solve, retained_sample, select_parameters
 
 MAX_GRADIENT_ENTRIES = 250_000_000  # n_train × p float32 training gradients held in memory (1 GB)
 
@@ -69,10 +70,12 @@ class GIFAttribution(Attributor):
 
     @classmethod
     def supports(cls, project):
+        if unmet := super().supports(project):
+            return unmet
         model = project.build_model()
         if not any(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in model.modules()):
             return "GIF selects rows of Linear/Conv2d layers and the model has none"
-        p = sum(t.numel() for t in model.parameters() if t.requires_grad)
+        p = FunctionalModel(model, TrackedParameters.of(project)).n_params
         n = len(project.train_dataset)
         if n * p > MAX_GRADIENT_ENTRIES:
             return (f"per-query GIF holds all {n}×{p} training gradients in memory (limit {MAX_GRADIENT_ENTRIES:,} "
@@ -84,15 +87,13 @@ class GIFAttribution(Attributor):
         if not 0 < s.ratio <= 1:
             raise ProponentError(f"gif: ratio must be in (0, 1], not {s.ratio}")
         model = project.load_model(project.final_checkpoint())
-        parameter_layout(model)  # asserts module order
+        self.tracked = TrackedParameters.of(project)
         ds = project.train_dataset
         self.n = len(ds)
         rows = retained_sample(self.n, np.array([], np.int64), s.hvp_examples, s.seed)
         self.op = HessianOperator(model, ds.x[rows], ds.y[rows], weight_decay=project.recipe.weight_decay,
-                                  device=self.device)
-        self.computer = GradientComputer(model, device=self.device)
-        if self.computer.names != self.op.names:
-            raise ProponentError("gif: gradient and Hessian parameter orders differ")
+                                  device=self.device, tracked=self.tracked)
+        self.computer = GradientComputer(model, tracked=self.tracked, device=self.device)
         self.model = model
         self.progress("train gradients", 0, self.n)
         grads = []
@@ -115,8 +116,9 @@ class GIFAttribution(Attributor):
         if s.variant == "if":
             masks = None
         else:
-            masks = torch.stack([select_parameters(self.model, x[j:j + 1], y[j:j + 1], ratio=s.ratio, mode=s.selection,
-                                                   objective="margin", seed=s.seed + j, device=self.device)
+            masks = torch.stack([select_parameters(self.model, batch_rows(x, j, j + 1), y[j:j + 1], ratio=s.ratio,
+                                                   mode=s.selection, objective="margin", seed=s.seed + j,
+                                                   device=self.device, tracked=self.tracked)
                                  for j in range(len(y))]).to(gq.device)
         v, res = adjoint_solve(self.op, gq, masks, method=s.solver, tol=s.tol, max_iter=s.max_iter,
                                damping=s.damping)

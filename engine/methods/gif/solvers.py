@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.core.errors import ProponentError
-from engine.autodiff.hvp import HessianOperator, parameter_layout
+from engine.autodiff.functional import FunctionalModel, Tracked
+from engine.autodiff.hvp import HessianOperator
 from engine.autodiff.measurement import correct_class_margin
+from engine.core.errors import ProponentError
 
 SELECTABLE = (nn.Linear, nn.Conv2d)
 SELECTIONS = ("output", "gradient", "random")
@@ -48,17 +49,18 @@ SOLVERS = ("cg", "richardson")
 
 
 # ----------------------------------------------------------------------------- selection
-def _row_groups(model: nn.Module) -> list[tuple[nn.Module, list[tuple[int, int]], int]]:
-    """For each selectable layer: (module, [(offset, row_size) of weight, bias], out rows)."""
-    layout = parameter_layout(model)
+def _row_groups(model: nn.Module, tracked: Tracked = None) -> list[tuple[nn.Module, list[tuple[int, int]], int]]:
+    """For each selectable layer with tracked parameters: (module, [(offset, row_size) of weight,
+    bias], out rows), offsets in the tracked parameters' flat layout."""
     by_module: dict[int, list] = {}
     order: list[nn.Module] = []
-    for s in layout:
-        if isinstance(s.module, SELECTABLE) and s.attr in ("weight", "bias"):
-            if id(s.module) not in by_module:
-                by_module[id(s.module)] = []
-                order.append(s.module)
-            by_module[id(s.module)].append(s)
+    for s in FunctionalModel(model, tracked).layout:
+        module = model.get_submodule(s.module_name)
+        if isinstance(module, SELECTABLE) and s.attr in ("weight", "bias"):
+            if id(module) not in by_module:
+                by_module[id(module)] = []
+                order.append(module)
+            by_module[id(module)].append(s)
     out = []
     for m in order:
         rows = m.out_features if isinstance(m, nn.Linear) else m.out_channels
@@ -67,10 +69,11 @@ def _row_groups(model: nn.Module) -> list[tuple[nn.Module, list[tuple[int, int]]
     return out
 
 
-def rows_to_mask(model: nn.Module, chosen: dict[int, np.ndarray], n_params: int) -> torch.Tensor:
+def rows_to_mask(model: nn.Module, chosen: dict[int, np.ndarray], n_params: int,
+                 tracked: Tracked = None) -> torch.Tensor:
     """Boolean flat mask selecting, per layer (keyed by id(module)), whole output rows with their bias."""
     mask = torch.zeros(n_params, dtype=torch.bool)
-    for m, parts, rows in _row_groups(model):
+    for m, parts, rows in _row_groups(model, tracked):
         for r in chosen.get(id(m), ()):
             for offset, size in parts:
                 mask[offset + int(r) * size: offset + (int(r) + 1) * size] = True
@@ -83,9 +86,9 @@ def rows_per_layer(rows: int, ratio: float) -> int:
 
 def _layer_statistics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str,
                       objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
-                      batch_size: int, device: str) -> dict[int, torch.Tensor]:
+                      batch_size: int, device: str, tracked: Tracked = None) -> dict[int, torch.Tensor]:
     """Mean |output| (mode "output") or mean |∂objective/∂output| ("gradient") per output row."""
-    groups = _row_groups(model)
+    groups = _row_groups(model, tracked)
     sums = {id(m): torch.zeros(rows, dtype=torch.float64) for m, _, rows in groups}
     count = {"n": 0}
     hooks = []
@@ -128,8 +131,8 @@ def _layer_statistics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: 
 
 def select_parameters(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ratio: float = 0.05,
                       mode: str = "output", objective: str | Callable = "loss", seed: int = 0,
-                      batch_size: int = 512, device: str = "cpu") -> torch.Tensor:
-    """GIF's selection operator P as a flat boolean mask over the trainable parameters.
+                      batch_size: int = 512, device: str = "cpu", tracked: Tracked = None) -> torch.Tensor:
+    """GIF's selection operator P as a flat boolean mask over the tracked parameters (``tracked``).
 
     Per Linear/Conv2d layer, ``ceil(ratio × rows)`` whole output rows (neurons / channels, with
     their bias) are taken, ranked by the mean |activation| over ``(x, y)`` ("output"), the mean
@@ -141,16 +144,15 @@ def select_parameters(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, rat
         raise ProponentError(f"selection must be one of {', '.join(SELECTIONS)}, not {mode!r}")
     if not 0 < ratio <= 1:
         raise ProponentError(f"ratio must be in (0, 1], not {ratio}")
-    layout = parameter_layout(model)
-    n_params = sum(s.numel for s in layout)
-    groups = _row_groups(model)
+    n_params = FunctionalModel(model, tracked).n_params
+    groups = _row_groups(model, tracked)
     if not groups:
         raise ProponentError("GIF needs at least one nn.Linear or nn.Conv2d layer to select parameters from")
     model = model.to(device)
     if mode == "random":
         rng = np.random.default_rng(seed)
         chosen = {id(m): rng.choice(rows, rows_per_layer(rows, ratio), replace=False) for m, _, rows in groups}
-        return rows_to_mask(model, chosen, n_params)
+        return rows_to_mask(model, chosen, n_params, tracked)
     if isinstance(objective, str):
         if objective == "loss":
             objective_fn = lambda logits, yb: F.cross_entropy(logits, yb, reduction="sum")
@@ -160,14 +162,14 @@ def select_parameters(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, rat
             raise ProponentError(f"selection objective must be 'loss' or 'margin', not {objective!r}")
     else:
         objective_fn = objective
-    stats = _layer_statistics(model, x, y, mode, objective_fn, batch_size, device)
+    stats = _layer_statistics(model, x, y, mode, objective_fn, batch_size, device, tracked)
     chosen = {}
     for m, _, rows in groups:
         k = rows_per_layer(rows, ratio)
         # stable ranking, ties broken by row index
         order = np.argsort(-stats[id(m)].numpy(), kind="stable")
         chosen[id(m)] = order[:k]
-    return rows_to_mask(model, chosen, n_params)
+    return rows_to_mask(model, chosen, n_params, tracked)
 
 
 # ----------------------------------------------------------------------------- solvers
