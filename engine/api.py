@@ -111,7 +111,7 @@ def cached_scores(project: Project, method: str, settings=None, *, device: str =
 
 def attribute(project: Project, method: str = "trak", queries="test", settings=None, *, device: str = "auto",
               progress=None, cancel=None, use_cache: bool = True) -> np.ndarray:
-    """[n_queries, n_train] attribution scores (positive: proponent), per methods.md.
+    """[n_queries, n_train] attribution scores (positive: proponent), per docs/design.md, section 2.
 
     ``queries``: "test" (cached), "train", test row indices, ("train"|"test", indices), an
     ExampleSet or (x, y) tensors.

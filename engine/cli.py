@@ -9,12 +9,21 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.api import cached_scores, run_dir
+from engine.core.checkpoints import import_trajectory
 from engine.core.errors import ProponentError
+from engine.core.progress import TerminalProgress
+from engine.core.project import Project
+from engine.core.samples import prepare_sample
+from engine.core.train import accuracy, record_training
+from engine.evaluate.bench import cli_main
+from engine.methods import describe_settings, list_methods
+from engine.storage.arrays import atomic_save_npy
+from engine.workflows.leaks import detect_leaks
+from engine.workflows.triage import triage
 
 
 def _project(path: str):
-    from engine.core.project import Project
-
     return Project.load(path)
 
 
@@ -29,22 +38,16 @@ def _settings(pairs: list[str] | None) -> dict:
 
 
 def _progress():
-    from engine.core.progress import TerminalProgress
-
     return TerminalProgress()
 
 
 def cmd_prepare(a) -> int:
-    from engine.core.samples import prepare_sample
-
     dest = prepare_sample(a.sample, a.dir, train=not a.no_train, models=a.models, progress=_progress(), force=a.force)
     print(f"prepared {a.sample} at {dest}")
     return 0
 
 
 def cmd_train(a) -> int:
-    from engine.core.train import accuracy, record_training
-
     p = _project(a.project)
     device = "cpu" if a.device == "auto" else a.device
     cks = record_training(p, models=a.models, device=device, progress=_progress())
@@ -56,18 +59,13 @@ def cmd_train(a) -> int:
 
 
 def cmd_attribute(a) -> int:
-    from engine.api import cached_scores
-
     p = _project(a.project)
     res = cached_scores(p, a.method, _settings(a.set), device=a.device, progress=_progress(), use_cache=not a.no_cache)
     S = np.asarray(res["scores"], dtype=np.float64)
-    from engine.api import run_dir
 
     # rows.csv maps every printed index back to its file and label
     p.write_rows_csv(run_dir(p, res["key"]))
     if a.export:
-        from engine.storage.arrays import atomic_save_npy
-
         atomic_save_npy(a.export, S)
         p.write_rows_csv(Path(a.export).resolve().parent)
     if a.json:
@@ -90,8 +88,6 @@ def cmd_attribute(a) -> int:
 
 
 def cmd_triage(a) -> int:
-    from engine.workflows.triage import triage
-
     p = _project(a.project)
     out = triage(p, a.method, _settings(a.set), device=a.device, progress=_progress(), limit=a.limit)
     if a.json:
@@ -105,8 +101,6 @@ def cmd_triage(a) -> int:
 
 
 def cmd_leaks(a) -> int:
-    from engine.workflows.leaks import detect_leaks
-
     p = _project(a.project)
     kw = {k: v for k, v in (("fpr", a.fpr), ("threshold", a.threshold)) if v is not None}
     out = detect_leaks(p, a.method, _settings(a.set), device=a.device, progress=_progress(), **kw)
@@ -122,8 +116,6 @@ def cmd_leaks(a) -> int:
 
 
 def cmd_info(a) -> int:
-    from engine.methods import describe_settings, list_methods
-
     if a.project:
         p = _project(a.project)
         info = p.summary()
@@ -163,8 +155,6 @@ def cmd_info(a) -> int:
 
 
 def cmd_import(a) -> int:
-    from engine.core.checkpoints import import_trajectory
-
     p = _project(a.project)
     n = import_trajectory(p, a.checkpoints)
     print(f"imported {n} checkpoints from {a.checkpoints} into {p.trajectory_path}; "
@@ -182,8 +172,6 @@ def cmd_init(a) -> int:
 
 
 def cmd_bench(a, rest: list[str]) -> int:
-    from engine.evaluate.bench import cli_main
-
     return cli_main([a.project, *rest])
 
 

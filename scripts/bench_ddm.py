@@ -264,7 +264,7 @@ def main() -> None:
         sp = ", ".join([f"DDM {d[7]:.2f}"] + [f"{n.split(' ')[0]} {b[n][3]:.2f}" for n in names])
         pe = ", ".join([f"DDM {d[8]:.2f}"] + [f"{n.split(' ')[0]} {b[n][4]:.2f}" for n in names])
         summary.append(f"{k}/class — per-query Spearman: {sp}; pooled Pearson: {pe}")
-    out["notes"] = ("DDM has no official code; this is the reconstruction in design/methods.md, validated here against "
+    out["notes"] = ("DDM has no official code; this is the reconstruction in docs/design.md, validated here against "
                     "real leave-one-cluster-out retraining (seed-averaged effects). " + " | ".join(summary) + ". "
                     + verdict(main_rows, base_rows, abl_rows) + " Pooled Pearson has a chance level above 0 "
                     "(the shuffled row keeps each query's scale), so read it against that row. The seed-vs-seed "

@@ -1,4 +1,4 @@
-"""The `proponent` command line: contracts from architecture.md."""
+"""The `proponent` command line: the public contract (README, docs/design.md)."""
 from __future__ import annotations
 
 import json

@@ -113,11 +113,11 @@ def test_vmap_batches_equal_per_query_loop_and_batchnorm_is_frozen(bn_project, o
     ds, ts = p.train_dataset, p.test_dataset
     saved = {k: v.clone() for k, v in p.load_state(p.final_checkpoint()).items()}
     att = _fi(optimizer=optimizer, steps=steps, lr=lr, precision="float64").fit(p)
-    bufs = {n: b.clone() for n, b in att.engine.buffers.items()}
+    bufs = {n: b.clone() for n, b in att.engine.fm.buffers.items()}
     assert any("running_mean" in n for n in bufs)
     S = att.scores(("test", q))
     # normalisation statistics untouched by scoring (in the engine and on disk)
-    for n, b in att.engine.buffers.items():
+    for n, b in att.engine.fm.buffers.items():
         assert torch.equal(b, bufs[n]), n
     for k, v in p.load_state(p.final_checkpoint()).items():
         assert torch.equal(v, saved[k]), k

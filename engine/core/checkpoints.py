@@ -17,10 +17,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine.core.errors import ValidationError
+from engine.storage.arrays import atomic_write_json
 
 TRAJECTORY_FILE = "trajectory.json"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -89,8 +92,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ValidationError("weights file not found", file=str(path))
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file  # optional heavy import: only when weights are read
-
         try:
             return load_file(str(path))
         except Exception as e:
@@ -138,8 +139,6 @@ def read_manifest(src: Path) -> list[dict]:
         raise ValidationError(f"no manifest ({' or '.join(MANIFEST_NAMES)}) with file, step, epoch, lr per checkpoint",
                               file=str(src))
     if path.suffix == ".csv":
-        import pandas as pd  # already a dependency; only the CSV manifest needs it
-
         try:
             rows = pd.read_csv(path).to_dict("records")
         except Exception as e:
@@ -177,10 +176,6 @@ def import_trajectory(project, src: str | Path) -> int:
     """Turn a folder of the user's saved checkpoints + manifest into ``checkpoints/trajectory.json``,
     so trajectory methods (Source, TracIn) can run on a model trained elsewhere. Every file is read and
     fitted to model.py first; the trajectory folder is swapped in only when all of them fit."""
-    from safetensors.torch import save_file  # optional heavy import: only import writes weights
-
-    from engine.storage.arrays import atomic_write_json
-
     src = Path(src).expanduser().resolve()
     if not src.is_dir():
         raise ValidationError("checkpoint folder not found", file=str(src))

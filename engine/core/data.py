@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils import _pytree as pytree
 
 from engine.core.errors import ValidationError
@@ -128,8 +129,6 @@ class ImagePreprocessing:
 
     def apply(self, im) -> np.ndarray:
         """A PIL image → float32 [channels, height, width] in the project's preprocessing."""
-        from PIL import Image  # heavy optional import kept local to image projects
-
         im = im.convert(self.pil_mode(im))
         if self.resize is not None:
             h, w = self.resize
@@ -290,16 +289,12 @@ def _class_index(train_df, test_df, lc, test_file: Path):
 # ----------------------------------------------------------------------------- images
 def read_raw_image(path: Path):
     """The file's pixels as a PIL image (loaded, file closed)."""
-    from PIL import Image  # heavy optional import kept local to image projects
-
     with Image.open(path) as im:
         im.load()
         return im.copy()
 
 
 def load_image(path: Path, prep: ImagePreprocessing, file: Path, row: int | None) -> np.ndarray:
-    from PIL import UnidentifiedImageError  # heavy optional import kept local to image projects
-
     try:
         im = read_raw_image(path)
     except FileNotFoundError:

@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 
 from engine.core.errors import ProponentError
+from engine.core.project import Project
+from engine.core.train import record_training
 
 SAMPLES_ROOT = Path(__file__).resolve().parents[2] / "sample_projects"
 
@@ -43,8 +45,6 @@ def prepare_sample(name: str, directory: str | Path | None = None, *, train: boo
             shutil.rmtree(dest / "data")
         mod.materialise(dest)
     if train:
-        from engine.core.project import Project
-        from engine.core.train import record_training
 
         p = Project.load(dest)
         want = getattr(mod, "MODELS", models)

@@ -19,11 +19,12 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
-from engine.core.errors import ProponentError
+from engine.core.errors import Cancelled, ProponentError
 from engine.core.project import Project, Recipe, Stage
-from engine.storage.arrays import atomic_write_json, atomic_write_bytes
+from engine.storage.arrays import atomic_write_bytes, atomic_write_json
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -166,7 +167,6 @@ def fit_model(build_model: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
             perm = stage_idx_t[torch.randperm(len(stage_idx), generator=gen).to(device)]
             for b in range(per_epoch):
                 if cancel is not None and cancel():
-                    from engine.core.errors import Cancelled
                     raise Cancelled("training cancelled")
                 lr = lr_at(s, stage_step / stage_total)
                 for g in opt.param_groups:
@@ -222,8 +222,6 @@ def record_training(project: Project, *, models: int = 1, device: str = "cpu",
     Everything is written into a fresh folder beside the checkpoint folder and swapped in at
     the end, so an interrupted run leaves the previous trajectory intact.
     """
-    from safetensors.torch import save_file
-
     if models < 1:
         raise ProponentError("--models must be at least 1")
     project.require_recipe("training")

@@ -33,7 +33,7 @@ from engine.core.errors import ProponentError
 from engine.core.project import STATE_DIRNAME, Project
 from engine.core.train import predict_logits, record_training, train_model
 from engine.evaluate.metrics import auroc, precision_at_k
-from engine.evaluate.peers import PeerInputs, run_peer
+from engine.evaluate.peers import project_inputs, run_peer
 from engine.storage.arrays import atomic_write_text
 from engine.workflows.leaks import detect_leaks
 
@@ -283,7 +283,7 @@ def mislabel_benchmark(project: Project, methods: Sequence[tuple[str, dict]], *,
                     probs_cache["p"] = cross_val_probs(target, folds=folds, seed=seed)
                 return probs_cache["p"]
 
-            res = run_peer("cleanlab", "label-quality", _peer_inputs(target, device=device, cross_val_probs=cv))
+            res = run_peer("cleanlab", "label-quality", project_inputs(target, device=device, cross_val_probs=cv))
             prow = {"method": "cleanlab label-quality", "peer": "cleanlab", "fit_seconds": res.fit_seconds,
                     "total_seconds": time.perf_counter() - t0}
             if res.skipped:
@@ -304,17 +304,6 @@ def mislabel_benchmark(project: Project, methods: Sequence[tuple[str, dict]], *,
     finally:
         if tmp is not None:
             tmp.cleanup()
-
-
-def _peer_inputs(project: Project, *, device: str = "cpu", proj_dim: int = 512, queries=None, cross_val_probs=None,
-                 seed: int = 0, checkpoints=None):
-    cks = checkpoints if checkpoints is not None else project.final_checkpoints()
-    ts = project.test_dataset
-    q = np.arange(len(ts)) if queries is None else np.asarray(queries, np.int64)
-    return PeerInputs(build_model=project.build_model, checkpoints=[project.load_state(c) for c in cks],
-                      checkpoint_lrs=[c.lr for c in cks], x_train=project.train_dataset.x, y_train=project.train_dataset.y,
-                      x_test=ts.x[torch.as_tensor(q)], y_test=ts.y[torch.as_tensor(q)], num_classes=project.num_classes,
-                      proj_dim=proj_dim, device=device, seed=seed, cross_val_probs=cross_val_probs)
 
 
 def leak_benchmark(project: Project, methods: Sequence[tuple[str, dict]], *, source: str = "auto", m: int = 8,

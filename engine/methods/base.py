@@ -1,11 +1,13 @@
 """The one interface every attribution method implements, and the registry that lists them.
 
-Sign convention (methods.md): ``S[q, i] > 0`` makes training example ``i`` a proponent of
+Sign convention (docs/design.md, section 2): ``S[q, i] > 0`` makes training example ``i`` a proponent of
 query ``q``: removing ``i`` is predicted to lower ``q``'s correct-class margin.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -300,18 +302,14 @@ def register(cls: type[Attributor]) -> type[Attributor]:
 
 
 # modules of the package that hold shared pieces rather than a method
-_NOT_METHODS = {"base", "gradsim"}
+_NOT_METHODS = {"base", "gradsim", "settings"}
 
 
 def _discover() -> None:
-    import importlib
-    import pkgutil
-
-    from engine import methods as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
+    """Import every method module of this package (each registers itself)."""
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if info.name not in _NOT_METHODS:
-            importlib.import_module(f"{pkg.__name__}.{info.name}")
+            importlib.import_module(f"{__package__}.{info.name}")
 
 
 def list_methods() -> list[type[Attributor]]:

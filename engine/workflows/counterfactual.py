@@ -16,9 +16,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from engine.api import fit_method, run_dir, run_key
 from engine.core.errors import ProponentError
 from engine.core.project import Project
 from engine.evaluate.groundtruth import retrain_margins
+from engine.methods.base import coerce_settings, get_method
+from engine.storage.arrays import load_npy
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -27,9 +30,6 @@ __all__ = ["counterfactual_check", "query_scores"]
 
 def query_scores(project: Project, query: int, method: str, settings=None, *, device: str = "auto") -> np.ndarray:
     """One test query's scores [n_train]: from the cached run when there is one, else fit and score just it."""
-    from engine.api import fit_method, run_dir, run_key
-    from engine.methods.base import coerce_settings, get_method
-    from engine.storage.arrays import load_npy
 
     cls = get_method(method)
     s = coerce_settings(cls, settings)

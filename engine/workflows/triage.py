@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from engine.api import cached_scores
+from engine.core.errors import ProponentError
 from engine.core.project import Project
 from engine.core.train import predict_logits
 
@@ -36,7 +37,6 @@ def triage(project: Project, method: str = "trak", settings=None, *, device: str
     res = cached_scores(project, method, settings, device=device, progress=progress)
     susp = np.asarray(res["suspicion"], dtype=np.float64)
     if np.isnan(susp).all():
-        from engine.core.errors import ProponentError
         reason = (res.get("meta") or {}).get("self_scores_unavailable", "it has no self-scores")
         raise ProponentError(f"{method} cannot rank suspects on this project: {reason}")
     labels = project.train_dataset.y.numpy()

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine.core.project import Project
 from engine.evaluate.peers.base import PeerInputs, PeerResult, Recorder, one_line
 
 __all__ = ["PEERS", "PEER_METHODS", "Peer", "PeerInputs", "PeerResult", "available_peers",
-           "featurize_throughput_traker", "run_peer"]
+           "featurize_throughput_traker", "project_inputs", "run_peer", "SCORE_METHODS"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,21 @@ PEERS: dict[str, Peer] = {p.name: p for p in (
     Peer("cleanlab", "cleanlab", "cleanlab", ("label-quality",), output="suspicion"),
 )}
 PEER_METHODS: dict[str, list[str]] = {name: list(p.methods) for name, p in PEERS.items()}
+# the peer methods that give [n_test, n_train] scores (the others join the mislabel table)
+SCORE_METHODS: dict[str, list[str]] = {name: list(p.methods) for name, p in PEERS.items() if p.output == "scores"}
+
+
+def project_inputs(project: Project, *, device: str = "cpu", proj_dim: int = 512, queries=None, cross_val_probs=None,
+                   seed: int = 0, checkpoints=None) -> PeerInputs:
+    """A peer's inputs from a project: the given checkpoints (default: each model's final one), all
+    training rows, and the chosen test queries (default: all)."""
+    cks = checkpoints if checkpoints is not None else project.final_checkpoints()
+    ts = project.test_dataset
+    q = np.arange(len(ts)) if queries is None else np.asarray(queries, np.int64)
+    return PeerInputs(build_model=project.build_model, checkpoints=[project.load_state(c) for c in cks],
+                      checkpoint_lrs=[c.lr for c in cks], x_train=project.train_dataset.x, y_train=project.train_dataset.y,
+                      x_test=ts.x[torch.as_tensor(q)], y_test=ts.y[torch.as_tensor(q)], num_classes=project.num_classes,
+                      proj_dim=proj_dim, device=device, seed=seed, cross_val_probs=cross_val_probs)
 
 
 def _import_error(peer: str) -> str | None:

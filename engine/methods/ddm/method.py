@@ -1,6 +1,6 @@
 """DDM: Distilled Datamodel with reverse gradient matching (Ye et al., CVPR 2024), reconstructed.
 
-No official code exists; the reconstruction (design/methods.md) lives in engine/synset.py:
+No official code exists; the reconstruction (docs/design.md, section 4) lives in engine/methods/ddm/synset.py:
 per-class k-means clusters → one synthetic example per cluster, distilled offline by matching
 its loss gradient to the cluster's mean real gradient along the trajectory → online
 leave-one-cluster-out simulated from the final checkpoint with the synset.
@@ -17,13 +17,24 @@ import time
 import numpy as np
 import torch
 
-from engine.core.errors import ProponentError
-from engine.autodiff import GradientComputer
+from engine.autodiff import FunctionalModel, GradientComputer, TrackedParameters
 from engine.autodiff.embeddings import penultimate_features
-from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
-from engine.methods.ddm.synset import (Clustering, FlatModel, cluster_mean_gradients, cluster_per_class,
-    cluster_quality, cluster_table, distill, select_checkpoints, simulate_removals, synset_images)
+from engine.core.errors import ProponentError
 from engine.methods.base import Attributor, register, setting
+from engine.methods.ddm.synset import (
+    Clustering,
+    cluster_mean_gradients,
+    cluster_per_class,
+    cluster_quality,
+    cluster_table,
+    distill,
+    select_checkpoints,
+    simulate_removals,
+    stacked_losses,
+    stacked_margins,
+    synset_images,
+)
+from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
 
 __all__ = ["DDM", "DDMSettings", "cluster_quality", "cluster_table", "synset_images"]
 
@@ -86,7 +97,8 @@ class DDM(Attributor):
 
         # 2. targets: each cluster's mean real loss gradient at each checkpoint (cached in workdir)
         cks = select_checkpoints(project, s.max_checkpoints)
-        computers = [GradientComputer(project.load_model(ck), device=self.device) for ck in cks]
+        tracked = TrackedParameters.of(project)
+        computers = [GradientComputer(project.load_model(ck), tracked=tracked, device=self.device) for ck in cks]
         key = stable_hash({"cks": [c.key for c in cks], "assign": cl.assign.tolist(), "medoids": cl.medoids.tolist()})
         tpath = self.workdir / f"targets_{key}.npy"
         if tpath.is_file():
@@ -115,7 +127,8 @@ class DDM(Attributor):
 
         # 4. online: simulated leave-one-cluster-out from the final checkpoint
         t0 = time.perf_counter()
-        self.flat = FlatModel(project.load_model(final))
+        # float64 for the simulated steps: margin differences of a few 1e-4 must not be round-off
+        self.fm = FunctionalModel(project.load_model(final), tracked, dtype=torch.float64, copy_module=True)
         sizes = torch.as_tensor(cl.sizes, dtype=torch.float64)
         weights = sizes / n
         if s.norm_calibration:
@@ -125,7 +138,7 @@ class DDM(Attributor):
         self.weights = weights
         lr = s.online_lr if s.online_lr > 0 else float(final.lr)
         self.ref_theta, self.removed_theta = simulate_removals(
-            self.flat, res.x, y_syn, weights, variant=s.variant, steps=s.online_steps, lr=lr,
+            self.fm, res.x, y_syn, weights, variant=s.variant, steps=s.online_steps, lr=lr,
             weight_decay=project.recipe.weight_decay if s.variant == "refit" else 0.0)
         online_s = time.perf_counter() - t0
 
@@ -134,8 +147,8 @@ class DDM(Attributor):
         n_val = max(1, int(round(s.validation_fraction * n)))
         self.validation_rows = np.sort(rng.choice(n, n_val, replace=False))
         xv, yv = ds.x[self.validation_rows], ds.y[self.validation_rows]
-        l_ref = self.flat.losses(self.ref_theta[None], xv, yv)[0]
-        l_rem = self.flat.losses(self.removed_theta, xv, yv)  # [K, n_val]
+        l_ref = stacked_losses(self.fm, self.ref_theta[None], xv, yv)[0]
+        l_rem = stacked_losses(self.fm, self.removed_theta, xv, yv)  # [K, n_val]
         own = torch.as_tensor(cl.assign[self.validation_rows])[None, :] == torch.arange(cl.n_clusters)[:, None]
         keep = (~own).double()
         self.validation_effects = (((l_rem - l_ref[None]) * keep).sum(1) / keep.sum(1).clamp_min(1)).numpy()
@@ -160,8 +173,8 @@ class DDM(Attributor):
     def cluster_scores(self, queries="test") -> np.ndarray:
         """[n_q, K] simulated effect of removing each cluster: margin(reference) − margin(without k)."""
         q = self._queries(queries)
-        m_ref = self.flat.margins(self.ref_theta[None], q.x, q.y)[0]
-        m_rem = self.flat.margins(self.removed_theta, q.x, q.y)
+        m_ref = stacked_margins(self.fm, self.ref_theta[None], q.x, q.y)[0]
+        m_rem = stacked_margins(self.fm, self.removed_theta, q.x, q.y)
         return (m_ref[None, :] - m_rem).T.numpy()
 
     def scores(self, queries="test") -> np.ndarray:

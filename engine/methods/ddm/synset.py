@@ -1,6 +1,6 @@
 """Synthetic stand-in sets for the Distilled Datamodel (DDM; Ye et al., CVPR 2024).
 
-No official code exists; this is the reconstruction described in design/methods.md:
+No official code exists; this is the reconstruction summarised in docs/design.md, section 4:
 
 1. ``cluster_per_class``: k-means within each class on penultimate features; each cluster's
    synthetic example starts from its medoid (the real member nearest the cluster centre).
@@ -27,10 +27,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
+from engine.autodiff import FunctionalModel, GradientComputer, correct_class_margin, example_loss
 from engine.core.errors import Cancelled, ProponentError
-from engine.autodiff import GradientComputer, correct_class_margin, example_loss
 from engine.storage.arrays import atomic_write_bytes
 
 ProgressFn = Callable[[str, int, int], None]
@@ -59,7 +59,7 @@ class Clustering:
 
 def cluster_per_class(features: np.ndarray, labels: np.ndarray, clusters_per_class: int, seed: int = 0) -> Clustering:
     """k-means (fixed seed) within each class; a class with fewer distinct points gets fewer clusters."""
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # sklearn takes ~1 s to import; only DDM clustering needs it
 
     if clusters_per_class < 1:
         raise ProponentError(f"ddm: clusters_per_class must be at least 1, not {clusters_per_class}")
@@ -226,35 +226,24 @@ def distill(computers: list[GradientComputer], targets: torch.Tensor, x_init: to
 
 
 # ----------------------------------------------------------------------------- online stage
-class FlatModel:
-    """A model evaluated at flat parameter vectors (float64), vmappable over parameter sets."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.comp = GradientComputer(model.double())
-        self.model = self.comp.model
-        self.theta = torch.cat([self.comp.params[n].reshape(-1) for n in self.comp.names]).double()
-
-    def logits(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        params = {**self.comp.unflatten(flat), **self.comp.frozen}
-        return functional_call(self.model, (params, self.comp.buffers), (x,))
-
-    def margins(self, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> torch.Tensor:
-        """[P, n] correct-class margins under each of P parameter vectors."""
-        x, y = x.double(), y.long()
-        f = vmap(lambda th, xb, yb: correct_class_margin(self.logits(th, xb), yb), in_dims=(0, None, None))
-        out = []
-        with torch.no_grad():
-            for lo in range(0, len(y), batch):
-                out.append(f(thetas, x[lo:lo + batch], y[lo:lo + batch]))
-        return torch.cat(out, 1) if out else torch.zeros(len(thetas), 0, dtype=torch.float64)
-
-    def losses(self, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, y = x.double(), y.long()
-        with torch.no_grad():
-            return vmap(lambda th: example_loss(self.logits(th, x), y))(thetas)
+def stacked_margins(fm: FunctionalModel, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                    batch: int = 2048) -> torch.Tensor:
+    """[P, n] correct-class margins under each of P flat parameter vectors (float64)."""
+    x, y = x.double(), y.long()
+    f = vmap(lambda th, xb, yb: correct_class_margin(fm.call_flat(th, xb), yb), in_dims=(0, None, None))
+    with torch.no_grad():
+        out = [f(thetas, x[lo:lo + batch], y[lo:lo + batch]) for lo in range(0, len(y), batch)]
+    return torch.cat(out, 1) if out else torch.zeros(len(thetas), 0, dtype=torch.float64)
 
 
-def simulate_removals(fm: FlatModel, x_syn: torch.Tensor, y_syn: torch.Tensor, weights: torch.Tensor, *,
+def stacked_losses(fm: FunctionalModel, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[P, n] per-example losses under each of P flat parameter vectors (float64)."""
+    x, y = x.double(), y.long()
+    with torch.no_grad():
+        return vmap(lambda th: example_loss(fm.call_flat(th, x), y))(thetas)
+
+
+def simulate_removals(fm: FunctionalModel, x_syn: torch.Tensor, y_syn: torch.Tensor, weights: torch.Tensor, *,
                       variant: str, steps: int, lr: float, weight_decay: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(reference [p], removed [K, p]) parameter vectors after simulating each cluster's removal.
 
@@ -264,10 +253,10 @@ def simulate_removals(fm: FlatModel, x_syn: torch.Tensor, y_syn: torch.Tensor, w
     """
     xs, ys, w = x_syn.double(), y_syn.long(), weights.double()
     K = len(ys)
-    theta = fm.theta
+    theta = fm.theta().double()
     if variant == "ascent":
         def one(th, xk, yk):
-            return example_loss(fm.logits(th, xk[None]), yk[None]).sum()
+            return example_loss(fm.call_flat(th, xk[None]), yk[None]).sum()
         g1 = vmap(grad(one))
         thetas = theta.expand(K, -1).clone()
         for _ in range(steps):
@@ -278,7 +267,7 @@ def simulate_removals(fm: FlatModel, x_syn: torch.Tensor, y_syn: torch.Tensor, w
         W[torch.arange(K), torch.arange(K)] = 0.0
 
         def obj(th, wr):
-            val = (wr * example_loss(fm.logits(th, xs), ys)).sum()
+            val = (wr * example_loss(fm.call_flat(th, xs), ys)).sum()
             return val + 0.5 * weight_decay * (th * th).sum()
         gr = vmap(grad(obj))
         thetas = theta.expand(K + 1, -1).clone()

@@ -15,13 +15,19 @@ and the arguments, so each project pays for the retraining once.
 """
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
 import torch
 
+from engine.autodiff.functional import TrackedParameters
+from engine.autodiff.measurement import correct_class_margin
 from engine.core.errors import ProponentError
 from engine.core.project import Project
+from engine.core.train import train_model
+from engine.evaluate.lds import lds
+from engine.methods.forward_inf.mirror import MirrorEngine, resolve_dtype
 from engine.storage.arrays import atomic_write_json, stable_hash
 
 GRIDS = {"adam": {"steps": (1, 3), "lr": (1e-3, 3e-3, 1e-2, 3e-2)},
@@ -31,8 +37,6 @@ RULE = ("max LDS on {n_val} held-out training points over {m} half-subset retrai
 
 
 def _margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    from engine.autodiff.measurement import correct_class_margin
-
     with torch.no_grad():
         return correct_class_margin(model.eval()(x), y).double().numpy()
 
@@ -42,10 +46,6 @@ def calibrate_forward_inf(project: Project, *, optimizer: str = "adam", directio
                           alpha: float = 0.5, seed: int = 0, grid: dict | None = None, device: str = "cpu",
                           progress=None) -> dict:
     """{"steps", "lr", "rule", "table": [[steps, lr, lds], ...], "n_val", "n_subsets"} (see module docstring)."""
-    from engine.evaluate.lds import lds
-    from engine.methods.forward_inf.method import MirrorEngine, resolve_dtype
-    from engine.core.train import train_model
-
     if optimizer not in GRIDS:
         raise ProponentError(f"calibration: optimizer must be one of {', '.join(GRIDS)}, not {optimizer!r}")
     grid = grid or GRIDS[optimizer]
@@ -59,8 +59,6 @@ def calibrate_forward_inf(project: Project, *, optimizer: str = "adam", directio
                        "m": n_subsets, "alpha": alpha, "seed": seed, "grid": grid, "v": 1})
     path = project.state_dir / "calibration" / f"forward-inf-{key}.json"
     if path.is_file():
-        import json
-
         return json.loads(path.read_text())
     rng = np.random.default_rng(seed)
     val = np.sort(rng.choice(n, size=n_val, replace=False))
@@ -77,7 +75,7 @@ def calibrate_forward_inf(project: Project, *, optimizer: str = "adam", directio
         model = train_model(project, indices=rest[subsets[m]], seed=project.recipe.seed + m)
         margins[m] = _margins(model, ds.x[val], ds.y[val])
     retrain_s = time.perf_counter() - t0
-    engine = MirrorEngine(project.load_model(project.final_checkpoint()), device=device,
+    engine = MirrorEngine(project.load_model(project.final_checkpoint()), TrackedParameters.of(project), device=device,
                           dtype=resolve_dtype(precision, device))
     base = engine.losses(ds.x[rest], ds.y[rest])
     base_val = engine.losses(ds.x[val], ds.y[val])
