@@ -86,7 +86,7 @@ class DDM(Attributor):
             raise ProponentError(f"ddm: validation_fraction must be in (0, 1), not {s.validation_fraction}")
         ds = project.train_dataset
         n = len(ds)
-        final = project.final_checkpoint(project.final_checkpoints()[0].model_id)
+        final = project.run_checkpoints()[-1]
 
         # 1. clusters on the final checkpoint's penultimate features
         self.progress("cluster", 0, 1)

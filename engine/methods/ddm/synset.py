@@ -129,7 +129,7 @@ class LayerwiseCosine:
 
 def select_checkpoints(project, max_checkpoints: int) -> list:
     """The trajectory of model 0, evenly thinned to ``max_checkpoints`` (0: all), final one kept."""
-    cks = [c for c in project.checkpoints if c.model_id == project.final_checkpoints()[0].model_id]
+    cks = project.run_checkpoints()
     if max_checkpoints > 0 and len(cks) > max_checkpoints:
         pick = np.unique(np.round(np.linspace(len(cks) - 1, 0, max_checkpoints)).astype(int))
         cks = [cks[i] for i in sorted(pick)]
