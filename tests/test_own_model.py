@@ -434,3 +434,29 @@ def test_attribute_globs_restrict_gradients(own, tmp_path):
     g_test = torch.autograd.grad(correct_class_margin(model(x_te), y_te).sum(), head)
     expected = -sum(float((a * b).sum()) for a, b in zip(g_test, g_train))
     assert float(res["scores"][0, 0]) == pytest.approx(expected, rel=1e-4, abs=1e-7)
+
+
+def test_categorical_value_unseen_in_train(tmp_path, capsys):
+    import pandas as pd
+
+    root = tmp_path / "tab"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    train = pd.DataFrame({"x": rng.normal(size=12), "colour": ["red", "green"] * 6, "label": [0, 1] * 6})
+    test = pd.DataFrame({"x": rng.normal(size=3), "colour": ["red", "blue", "green"], "label": [0, 1, 0]})
+    train.to_parquet(root / "train.parquet")
+    test.to_csv(root / "test.csv", index=False)
+    (root / "model.py").write_text("from torch import nn\ndef build(s, k):\n    return nn.Linear(s[0], k)\n")
+    (root / "project.toml").write_text('[data]\nformat = "tabular"\ntrain = "train.parquet"\ntest = "test.csv"\n'
+                                       'feature_columns = ["x"]\ncategorical_columns = ["colour"]\n\n[model]\n'
+                                       '\n[training]\nepochs = 1\n')
+    code, _, err = run_cli(capsys, "train", root)
+    assert code == 2 and err.count("\n") == 1
+    assert (f"{root / 'test.csv'}: row 1 (line 3): categorical column 'colour': value 'blue' is not among the "
+            f"training categories (green, red)") in err
+    assert not (root / "checkpoints").exists() and not (root / "checkpoints.partial").exists()
+    test.loc[1, "colour"] = "red"
+    test.to_csv(root / "test.csv", index=False)
+    p = Project.load(root)
+    assert p.feature_columns == ["x", "colour=green", "colour=red"] and p.input_shape == (3,)
+    assert p.test_dataset.x[1, 1:].tolist() == [0.0, 1.0]

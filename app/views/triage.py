@@ -57,6 +57,8 @@ st.caption(f"Most suspicious first ({run['method']} suspicion: {why_susp}). "
 shown = view.copy()
 if project.data_format == "images" and len(shown):
     shown.insert(2, "image", ui.thumbs(root, "train", tuple(int(i) for i in shown["index"])))
+elif project.data_format == "text" and len(shown):
+    shown.insert(2, "text", svc.example_texts(project, "train", shown["index"]))
 # the editor's key changes after every write and with the filters, so an edit is applied exactly once
 # and a stale edit can never land on another row or undo a later bulk action
 ver = st.session_state.setdefault("editor_v", 0)
@@ -66,6 +68,7 @@ edited = st.data_editor(
     disabled=[c for c in shown.columns if c not in svc.EDITABLE],
     column_config={
         "image": st.column_config.ImageColumn("image", width="small"),
+        "text": st.column_config.TextColumn("text", width="large"),
         "suspicion": st.column_config.NumberColumn(format="%.4g", help="Higher: more likely mislabeled. " + svc.SIGN_HELP),
         "self_influence": st.column_config.NumberColumn(format="%.4g", help="S[i, i]: the example's score on itself."),
         "p_label": st.column_config.NumberColumn("p(label)", format="%.3f", help="Ensemble probability of the given label."),
