@@ -165,8 +165,9 @@ w1, w2 = st.columns(2)
 w_action = w1.radio("Edit", ["remove", "relabel"], horizontal=True, key="w_action",
                     help="remove: the examples flagged mislabeled or leak; relabel: the examples with a new label")
 cheap = len(project.train_dataset) * sum(p.numel() for p in project.build_model().parameters()) < 5e7
-w_retrain = w2.checkbox("Check with a real retrain", value=False, key="w_retrain", disabled=not cheap,
-                        help="Retrain with the recipe on the edited data" if cheap else "The model is too costly to retrain here")
+w_retrain = w2.checkbox("Check with a real retrain", value=False, key="w_retrain", disabled=not cheap or not project.has_recipe,
+                        help=("Retrain with the recipe on the edited data" if cheap else "The model is too costly to retrain here")
+                        if project.has_recipe else "Retraining needs a training recipe ([training] in project.toml)")
 idx = to_remove if w_action == "remove" else sorted(to_relabel)
 st.caption(f"{len(idx)} example(s) in the edit set.")
 if st.button("Predict the effect", key="whatif", disabled=bool(why) or not idx):
