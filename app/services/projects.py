@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
 from app.services.runs import list_runs
+from engine.core.checkpoints import WEIGHT_SUFFIXES, fit_state, read_state_dict
 from engine.core.errors import ProponentError
+from engine.core.init_project import init_project, inspect_folder
 from engine.core.project import Project
+from engine.storage.arrays import atomic_write_text
 from engine.methods import SIGN_CONVENTION
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,8 +116,6 @@ def truth(project: Project) -> dict | None:
 # ----------------------------------------------------------------------------- new projects and weights
 def inspect_new_folder(path: str | os.PathLike) -> dict:
     """What `proponent init` would write for a data folder: {"data", "weights", "notes", "num_classes"}."""
-    from engine.core.init_project import inspect_folder
-
     if not str(path).strip():
         raise ProponentError("no folder given")
     return inspect_folder(path)
@@ -121,8 +123,6 @@ def inspect_new_folder(path: str | os.PathLike) -> dict:
 
 def create_project(path: str | os.PathLike, *, force: bool = False) -> dict:
     """`proponent init` from the app: writes project.toml and model.py; returns the report lines."""
-    from engine.core.init_project import init_project
-
     res = init_project(path, force=force)
     return {"root": str(res.root), "report": res.report, "guessed": res.guessed}
 
@@ -133,11 +133,6 @@ def add_weights_file(root: str | os.PathLike, filename: str, data: bytes) -> str
     The file is read (safetensors, or a tensors-only .pt state dict) and fitted to model.py before
     anything is kept; project.toml is rewritten atomically and restored if the project then fails
     to load. Returns the path written, relative to the project."""
-    import tomllib
-
-    from engine.core.checkpoints import WEIGHT_SUFFIXES, fit_state, read_state_dict
-    from engine.storage.arrays import atomic_write_text
-
     root = Path(root).resolve()
     name = Path(filename).name
     if Path(name).suffix not in WEIGHT_SUFFIXES or name.startswith("."):
