@@ -159,7 +159,7 @@ def cmd_import(a) -> int:
     p = _project(a.project)
     n = import_trajectory(p, a.checkpoints)
     print(f"imported {n} checkpoints from {a.checkpoints} into {p.trajectory_path}; "
-          f"trajectory methods ({', '.join(c for c in ('source', 'tracin') )}) can now run")
+          f"trajectory methods (source, tracin) can now run")
     return 0
 
 

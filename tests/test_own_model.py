@@ -460,3 +460,70 @@ def test_categorical_value_unseen_in_train(tmp_path, capsys):
     p = Project.load(root)
     assert p.feature_columns == ["x", "colour=green", "colour=red"] and p.input_shape == (3,)
     assert p.test_dataset.x[1, 1:].tolist() == [0.0, 1.0]
+
+
+def test_preprocessing_resize_mode_normalize_and_original_pixels_in_the_app(tmp_path):
+    """[data] resize/mode/normalize shape what the model sees; the app shows the file's own pixels."""
+    import io
+
+    from PIL import Image
+
+    from app import services as svc
+
+    root = tmp_path / "rgb"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            for i in range(3):
+                (root / split / c).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8), "RGB").save(root / split / c / f"{i}.png")
+    (root / "model.py").write_text(MODEL_PY)
+    (root / "project.toml").write_text('[data]\nformat = "image_folder"\ntrain = "train"\ntest = "test"\n'
+                                       'resize = [6, 8]\nmode = "grey"\nnormalize = {mean = [0.5], std = [0.25]}\n\n'
+                                       '[model]\n\n[training]\nepochs = 1\n')
+    p = Project.load(root)
+    assert p.input_shape == (1, 6, 8)
+    f = p.example_file("train", 4)
+    expected = np.asarray(Image.open(f).convert("L").resize((8, 6), Image.BILINEAR), np.float32) / 255.0
+    assert torch.allclose(p.train_dataset.x[4, 0], torch.from_numpy((expected - 0.5) / 0.25), atol=1e-5)
+    shown = np.asarray(Image.open(io.BytesIO(svc.image_png(p, "train", 4, size=16))))
+    assert shown.shape == (12, 16, 3) and (shown == np.asarray(Image.open(f))).all()  # original pixels, RGB, 12×16
+    # an uploaded query goes through the same resize/mode/normalize
+    buf = io.BytesIO()
+    Image.open(f).save(buf, format="PNG")
+    xq = svc.query_from_upload(p, buf.getvalue(), "q.png")
+    assert np.allclose(xq[0], p.train_dataset.x[4].numpy(), atol=1e-5)
+
+
+def test_project_page_summary_reports_accuracy_and_warnings(own, tmp_path):
+    from app import services as svc
+
+    root = _copy(own, tmp_path)
+    (root / "train" / "2" / "notes.txt").write_text("not an image")
+    s = svc.project_summary(Project.load(root))
+    assert s["test_accuracy"] == pytest.approx(own["test_acc"]) and s["accuracy"][0]["train"] > 0.9
+    assert any("notes.txt: skipped, not an image file" in w for w in s["warnings"])
+
+
+def test_upload_weights_from_the_app(own, tmp_path):
+    from app import services as svc
+    from engine.core.errors import ProponentError
+
+    root = _copy(own, tmp_path)
+    data = (root / "weights" / "model.safetensors").read_bytes()
+    toml_before = (root / "project.toml").read_text()
+    with pytest.raises(ProponentError, match="weights do not fit model.py"):
+        svc.add_weights_file(root, "bad.pt", _torch_bytes({"0.weight": torch.zeros(2, 2)}))
+    assert not list((root / "weights").glob("*bad*")) and (root / "project.toml").read_text() == toml_before
+    rel = svc.add_weights_file(root, "second.safetensors", data)
+    assert rel == "weights/second.safetensors"
+    p = Project.load(root)
+    assert [c.weights.name for c in p.checkpoints] == ["model.safetensors", "second.safetensors"]
+
+
+def _torch_bytes(state) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()

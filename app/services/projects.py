@@ -57,15 +57,14 @@ def class_counts(project: Project, split: str = "train") -> dict[str, int]:
 
 def project_summary(project: Project) -> dict:
     """Everything the Project page shows, as plain data."""
-    from engine.core.train import accuracy
-
     s = project.summary()
     s["train_counts"] = class_counts(project, "train")
     s["test_counts"] = class_counts(project, "test")
-    accs = []
-    for ck in project.final_checkpoints():
-        accs.append(accuracy(project.load_model(ck), project.test_dataset.x, project.test_dataset.y))
-    s["test_accuracy"] = float(np.mean(accs)) if accs else None
+    # train/test accuracy of each final model, with a warning when test accuracy is near chance
+    rep = project.accuracy_report()
+    s["accuracy"] = rep["models"]
+    s["warnings"] = [w for w in [rep["warning"], *project.data_warnings] if w]
+    s["test_accuracy"] = float(np.mean([r["test"] for r in rep["models"]])) if rep["models"] else None
     s["trajectory"] = [{"model": c.model_id, "checkpoint": c.index, "step": c.step, "epoch": c.epoch, "lr": c.lr,
                         "stage": c.stage} for c in project.checkpoints]
     s["runs"] = list_runs(project)

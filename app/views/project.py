@@ -99,6 +99,8 @@ c[1].metric("Test accuracy", "—" if s["test_accuracy"] is None else f"{s['test
             help="Mean over the final checkpoint of each trained model.")
 c[2].metric("Checkpoints", s["checkpoints"])
 c[3].metric("Trained models", s["models"])
+for w in s.get("warnings", []):
+    st.warning(w)
 
 left, right = st.columns([3, 2])
 with left:
