@@ -333,9 +333,14 @@ def test_import_own_checkpoints_then_tracin_runs(own, tmp_path, capsys):
     assert code == 0, err
     p = Project.load(root)
     assert p.has_trajectory and [c.epoch for c in p.checkpoints] == [20.0, 40.0, 60.0]
-    code, out, err = run_cli(capsys, "attribute", root, "--method", "tracin", "--json", "--top", "1")
-    assert code == 0, err
-    assert len(json.loads(out)["queries"]) == len(p.test_dataset)
+    for method in ("tracin", "source"):  # the recorded learning rates stand in for the recipe
+        code, out, err = run_cli(capsys, "attribute", root, "--method", method, "--json", "--top", "1")
+        assert code == 0, err
+        queries = json.loads(out)["queries"]
+        assert len(queries) == len(p.test_dataset)
+        y_tr, y_te = p.train_dataset.y.numpy(), p.test_dataset.y.numpy()
+        agree = np.mean([y_tr[q["proponents"][0]["train_index"]] == y_te[i] for i, q in enumerate(queries)])
+        assert agree > 0.7, (method, agree)
 
 
 def test_import_rejects_a_checkpoint_that_does_not_fit(own, tmp_path, capsys):
