@@ -532,3 +532,29 @@ def _torch_bytes(state) -> bytes:
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()
+
+
+def test_curvature_backprops_only_through_tracked_layers():
+    """EK-FAC's Fisher passes leave an untracked backbone alone (no gradients computed for it, its
+    requires_grad restored) and give the same head covariances as a fully trainable model."""
+    from engine.autodiff.curvature import curvature_layers, fit_covariances
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x, labels = torch.randn(20, 6), torch.randint(0, 3, (20, 2))
+    layers, _ = curvature_layers(model, ["2.weight", "2.bias"])
+    assert [L.name for L in layers] == ["2"]
+    backbone_grads = []
+    model[0].weight.register_hook(lambda g: backbone_grads.append(g))
+    cov = fit_covariances(model, layers, x, labels, batch_size=8)
+    assert backbone_grads == [] and model[0].weight.requires_grad  # never differentiated; flag restored
+    # reference: the head covariances from per-example autograd on the head's input and output
+    h = torch.tanh(model[0](x)).detach()
+    a = torch.cat([h, torch.ones(len(x), 1)], 1).double()  # the bias as a column of ones
+    assert torch.allclose(cov["2.A"], a.T @ a / len(x), atol=1e-8)
+    logits = model[2](h)
+    S = torch.zeros(3, 3, dtype=torch.float64)
+    for j in range(2):
+        g = torch.softmax(logits, 1) - torch.nn.functional.one_hot(labels[:, j], 3)
+        S += (g.double().T @ g.double()) / 2
+    assert torch.allclose(cov["2.S"], S / len(x), atol=1e-8)
