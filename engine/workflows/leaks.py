@@ -150,18 +150,22 @@ def detect_leaks(project: Project, method: str = "forward-inf", settings=None, *
             "settings": settings, "run": res["key"], "n_flagged": int(flagged.sum()), "pairs": pairs}
 
 
-def unit_inputs(project: Project, split: str):
-    """Every example of ``split`` as a unit vector of its raw input: the flattened pixels or features,
-    or for text a bag of words (hashed word counts of the text column, lower-cased), so a copy with a
-    word dropped or its case changed stays close. Dense [n, d], or a sparse matrix for text."""
+def unit_inputs(project: Project, split: str, index: np.ndarray | None = None):
+    """Examples ``index`` (default: all) of ``split`` as unit vectors of their raw input: the flattened
+    pixels or features, or for text a bag of words (hashed word counts of the text column,
+    lower-cased), so a copy with a word dropped or its case changed stays close. Dense [n, d], or a
+    sparse matrix for text."""
     if project.data_format == "text":
         from sklearn.feature_extraction.text import HashingVectorizer  # optional heavy import: text only
 
         df = project.train_df if split == "train" else project.test_df
-        texts = df[project.text_column].astype(str).tolist()
+        texts = df[project.text_column].astype(str)
+        texts = (texts if index is None else texts.iloc[np.asarray(index)]).tolist()
         return HashingVectorizer(n_features=2**18, alternate_sign=False, norm="l2").transform(texts)
-    ds = project.train_dataset if split == "train" else project.test_dataset
-    return _unit(ds.x.flatten(1).double().numpy())
+    x = (project.train_dataset if split == "train" else project.test_dataset).x
+    if index is not None:
+        x = x[torch.as_tensor(np.asarray(index))]
+    return _unit(x.flatten(1).double().numpy())
 
 
 def paired_cosines(a, a_index: np.ndarray, b, b_index: np.ndarray) -> np.ndarray:
@@ -183,7 +187,9 @@ def candidate_cosines(queries, train, candidates: np.ndarray) -> np.ndarray:
 
 def input_cosines(project: Project, test_index: np.ndarray, train_index: np.ndarray) -> np.ndarray:
     """Raw-input cosine similarity of test row ``test_index[j]`` and training row ``train_index[j]``."""
-    return paired_cosines(unit_inputs(project, "test"), test_index, unit_inputs(project, "train"), train_index)
+    n = len(test_index)
+    return paired_cosines(unit_inputs(project, "test", test_index), np.arange(n),
+                          unit_inputs(project, "train", train_index), np.arange(n))
 
 
 def quick_leak_check(project: Project, scores: np.ndarray, *, top: int = QUICK_TOP, cosine: float = QUICK_COSINE,
