@@ -46,4 +46,4 @@ bench-quick: setup
 	$(BIN)/proponent bench sample_projects/digits --quick --json docs/bench/digits-quick.json
 
 clean:
-	rm -rf $(VENV) sample_projects/*/data sample_projects/*/checkpoints sample_projects/*/.proponent sample_projects/*/truth.json
+	rm -rf $(VENV) sample_projects/*/data sample_projects/*/checkpoints sample_projects/*/weights sample_projects/*/.proponent sample_projects/*/truth.json

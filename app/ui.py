@@ -1,6 +1,7 @@
 """Streamlit helpers shared by the pages: the open project, caches keyed by run key, image cards."""
 from __future__ import annotations
 
+import html
 import os
 from pathlib import Path
 
@@ -104,7 +105,17 @@ def pick_run(project, key: str = "run", label: str = "Attribution run", exclude:
     return by[choice]
 
 
+def text_card(text: str, caption: str | None = None):
+    """A text example as a readable card."""
+    st.markdown(f"<div style='border:1px solid #ddd;border-radius:6px;padding:6px 8px;font-size:0.9em;"
+                f"line-height:1.35'>{html.escape(text)}</div>", unsafe_allow_html=True)
+    if caption:
+        st.caption(caption)
+
+
 def show_example(project, split: str, index: int, size: int = 112, caption: str | None = None):
+    if project.data_format == "text":
+        return text_card(svc.example_text(project, split, index) or "", caption)
     data = png(str(project.root), split, int(index), size)
     if data is not None:
         st.image(data, caption=caption, width=size)

@@ -12,6 +12,7 @@ import numpy as np
 from engine.api import cached_scores, run_dir
 from engine.core.checkpoints import import_trajectory
 from engine.core.errors import ProponentError
+from engine.core.init_project import init_project
 from engine.core.progress import TerminalProgress
 from engine.core.project import Project
 from engine.core.samples import prepare_sample
@@ -158,13 +159,11 @@ def cmd_import(a) -> int:
     p = _project(a.project)
     n = import_trajectory(p, a.checkpoints)
     print(f"imported {n} checkpoints from {a.checkpoints} into {p.trajectory_path}; "
-          f"trajectory methods ({', '.join(c for c in ('source', 'tracin') )}) can now run")
+          f"trajectory methods (source, tracin) can now run")
     return 0
 
 
 def cmd_init(a) -> int:
-    from engine.core.init_project import init_project
-
     result = init_project(a.dir, force=a.force)
     for line in result.report:
         print(line)

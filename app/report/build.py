@@ -20,12 +20,15 @@ h1{margin-bottom:0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-to
 text-align:center;font-size:12px;width:96px}.card img{image-rendering:pixelated;width:84px;height:84px}
 .q img{image-rendering:pixelated;width:120px;height:120px}table{border-collapse:collapse;font-size:13px;margin:.5em 0}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f5f5f5}td:first-child,th:first-child{text-align:left}
+.card:has(.txt){width:240px;text-align:left}.txt{font-size:12px;line-height:1.35;margin-bottom:4px}
 .kpi{display:inline-block;margin-right:2em}.kpi b{font-size:1.6em;display:block}.note{color:#555;font-size:13px}
 """
 
 
 def _img(project, split: str, i: int, size: int = 84) -> str:
     png = svc.image_png(project, split, int(i), size)
+    if project.data_format == "text":
+        return f"<div class='txt'>{html.escape(svc.example_text(project, split, int(i)) or '')}</div>"
     if png is None:
         row = svc.example_row(project, split, int(i))
         return "<div style='font-size:10px'>" + html.escape(", ".join(f"{k}={v}" for k, v in list(row.items())[:6])) + "</div>"

@@ -15,10 +15,15 @@ def example_array(project: Project, split: str, index: int) -> np.ndarray:
 
 
 def image_png(project: Project, split: str, index: int, size: int = 112) -> bytes | None:
-    """A crisp PNG of an image example, upscaled with nearest-neighbour; None for tabular data."""
+    """A crisp PNG of an image example, upscaled with nearest-neighbour; None for tabular data and text.
+    The original pixels of the file, not the resized/normalised input the model sees."""
     if project.data_format != "images":
         return None
-    return array_png(example_array(project, split, index), size)
+    raw = project.raw_image(split, index)
+    if raw is None:
+        return array_png(example_array(project, split, index), size)
+    grey = raw.mode in ("1", "L", "LA", "I", "I;16", "F")
+    return array_png(np.asarray(raw.convert("L" if grey else "RGB"), dtype=np.float32) / 255.0, size)
 
 
 def array_png(arr: np.ndarray, size: int = 112) -> bytes:
@@ -41,6 +46,15 @@ def array_png(arr: np.ndarray, size: int = 112) -> bytes:
 
 def data_uri(png: bytes | None) -> str | None:
     return None if png is None else "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def example_text(project: Project, split: str, index: int) -> str | None:
+    """A text example's text (None for other projects)."""
+    return project.text(split, index)
+
+
+def example_texts(project: Project, split: str, indices) -> list[str]:
+    return [project.text(split, int(i)) or "" for i in indices]
 
 
 def example_row(project: Project, split: str, index: int) -> dict:

@@ -5,6 +5,7 @@ import numpy as np
 
 from app.services.runs import load_run
 from engine.core.project import Project
+from engine.workflows.leaks import candidate_cosines, paired_cosines, unit_inputs
 
 
 def leak_pairs(project: Project, key: str, detector: dict | None = None, max_pairs: int = 60) -> dict:
@@ -12,16 +13,13 @@ def leak_pairs(project: Project, key: str, detector: dict | None = None, max_pai
     run as a background job) its calibrated decisions are used; otherwise each test query's
     input-closest among its top proponents in this run, flagged when the input-space cosine is at least
     ``QUICK_LEAK_COSINE``."""
-    x_tr = project.train_dataset.x.reshape(len(project.train_dataset), -1).numpy().astype(np.float64)
-    x_te = project.test_dataset.x.reshape(len(project.test_dataset), -1).numpy().astype(np.float64)
-    xn_tr = x_tr / np.maximum(1e-12, np.linalg.norm(x_tr, axis=1, keepdims=True))
-    xn_te = x_te / np.maximum(1e-12, np.linalg.norm(x_te, axis=1, keepdims=True))
+    xn_tr, xn_te = unit_inputs(project, "train"), unit_inputs(project, "test")  # text: bags of words
     if detector is not None:
         pairs = []
         for p in detector.get("pairs", []):
             t, i = int(p["test_index"]), int(p["train_index"])
             c = p.get("input_cosine")
-            pairs.append({**p, "cosine": float(c if c is not None else xn_te[t] @ xn_tr[i])})
+            pairs.append({**p, "cosine": float(c if c is not None else paired_cosines(xn_te, [t], xn_tr, [i])[0])})
         pairs.sort(key=lambda p: (not p.get("flagged"), -float(p.get(detector.get("statistic", "score"), p["score"]))))
         return {"source": f"calibrated detector (engine.workflows.leaks, {detector.get('method')})",
                 "threshold": detector.get("threshold"), "pairs": pairs[:max_pairs],
@@ -31,7 +29,7 @@ def leak_pairs(project: Project, key: str, detector: dict | None = None, max_pai
     S = np.asarray(load_run(project, key)["scores"])
     m = min(QUICK_LEAK_TOP, S.shape[1])
     cand = np.argpartition(-S, m - 1, axis=1)[:, :m]  # each query's top-m proponents
-    cos_c = np.einsum("qk,qmk->qm", xn_te, xn_tr[cand])
+    cos_c = candidate_cosines(xn_te, xn_tr, cand)
     best = cand[np.arange(len(S)), cos_c.argmax(1)]
     cosines = cos_c.max(1)
     threshold = QUICK_LEAK_COSINE

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
 from app.services.runs import list_runs
+from engine.core.checkpoints import WEIGHT_SUFFIXES, fit_state, read_state_dict
 from engine.core.errors import ProponentError
+from engine.core.init_project import init_project, inspect_folder
 from engine.core.project import Project
+from engine.storage.arrays import atomic_write_text
 from engine.methods import SIGN_CONVENTION
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +43,8 @@ def open_sample(name: str = "digits", directory: str | Path | None = None, progr
     from engine.core.samples import prepare_sample
 
     dest = Path(directory) if directory else sample_root() / name
-    if (dest / "project.toml").is_file() and (dest / "checkpoints" / "trajectory.json").is_file():
+    trained = (dest / "checkpoints" / "trajectory.json").is_file() or (dest / "weights").is_dir()  # text: [model] weights
+    if (dest / "project.toml").is_file() and trained:
         return dest
     return Path(prepare_sample(name, dest, train=True, models=1, progress=progress))
 
@@ -52,15 +57,14 @@ def class_counts(project: Project, split: str = "train") -> dict[str, int]:
 
 def project_summary(project: Project) -> dict:
     """Everything the Project page shows, as plain data."""
-    from engine.core.train import accuracy
-
     s = project.summary()
     s["train_counts"] = class_counts(project, "train")
     s["test_counts"] = class_counts(project, "test")
-    accs = []
-    for ck in project.final_checkpoints():
-        accs.append(accuracy(project.load_model(ck), project.test_dataset.x, project.test_dataset.y))
-    s["test_accuracy"] = float(np.mean(accs)) if accs else None
+    # train/test accuracy of each final model, with a warning when test accuracy is near chance
+    rep = project.accuracy_report()
+    s["accuracy"] = rep["models"]
+    s["warnings"] = [w for w in [rep["warning"], *project.data_warnings] if w]
+    s["test_accuracy"] = float(np.mean([r["test"] for r in rep["models"]])) if rep["models"] else None
     s["trajectory"] = [{"model": c.model_id, "checkpoint": c.index, "step": c.step, "epoch": c.epoch, "lr": c.lr,
                         "stage": c.stage} for c in project.checkpoints]
     s["runs"] = list_runs(project)
@@ -106,3 +110,66 @@ def truth(project: Project) -> dict | None:
     from engine.workflows.triage import load_truth
 
     return load_truth(project)
+
+
+# ----------------------------------------------------------------------------- new projects and weights
+def inspect_new_folder(path: str | os.PathLike) -> dict:
+    """What `proponent init` would write for a data folder: {"data", "weights", "notes", "num_classes"}."""
+    if not str(path).strip():
+        raise ProponentError("no folder given")
+    return inspect_folder(path)
+
+
+def create_project(path: str | os.PathLike, *, force: bool = False) -> dict:
+    """`proponent init` from the app: writes project.toml and model.py; returns the report lines."""
+    res = init_project(path, force=force)
+    return {"root": str(res.root), "report": res.report, "guessed": res.guessed}
+
+
+def add_weights_file(root: str | os.PathLike, filename: str, data: bytes) -> str:
+    """Save uploaded weights as ``weights/<name>`` and list them in ``[model] weights``.
+
+    The file is read (safetensors, or a tensors-only .pt state dict) and fitted to model.py before
+    anything is kept; project.toml is rewritten atomically and restored if the project then fails
+    to load. Returns the path written, relative to the project."""
+    root = Path(root).resolve()
+    name = Path(filename).name
+    if Path(name).suffix not in WEIGHT_SUFFIXES or name.startswith("."):
+        raise ProponentError(f"weights must be a {', '.join(WEIGHT_SUFFIXES)} file", file=name or None)
+    project = Project.load(root, check_model=False)
+    folder = root / "weights"
+    folder.mkdir(exist_ok=True)
+    final = folder / name
+    tmp = folder / f".{name}.partial{Path(name).suffix}"  # keeps the suffix, which picks the reader
+    tmp.write_bytes(data)
+    try:
+        fit_state(project.build_model(), read_state_dict(tmp), final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    rel = final.relative_to(root).as_posix()
+    toml_path = root / "project.toml"
+    old = toml_path.read_text()
+    listed = tomllib.loads(old).get("model", {}).get("weights", [])
+    listed = [listed] if isinstance(listed, str) else list(listed)
+    os.replace(tmp, final)
+    if rel in listed:
+        return rel
+    lines = old.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.strip() == "[model]")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+    new_line = "weights = [" + ", ".join(f'"{w}"' for w in listed + [rel]) + "]"
+    at = next((i for i in range(start + 1, end) if lines[i].split("=")[0].strip() == "weights"), None)
+    if at is not None and "]" in lines[at]:
+        lines[at] = new_line
+    elif at is None:
+        lines.insert(start + 1, new_line)
+    else:
+        raise ProponentError("[model] weights spans several lines; add the uploaded file by hand", file=str(toml_path))
+    atomic_write_text(toml_path, "\n".join(lines) + "\n")
+    try:
+        Project.load(root)
+    except ProponentError:
+        atomic_write_text(toml_path, old)  # leave the project as it was
+        raise
+    return rel

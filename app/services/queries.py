@@ -16,6 +16,9 @@ def query_from_upload(project: Project, data: bytes, filename: str = "") -> np.n
     """An uploaded input as one query [1, *input_shape], preprocessed like the project's data:
     an image (PNG/JPEG; resized to the training images' size if it differs) or a one-row CSV with
     the feature columns (standardised with the training statistics)."""
+    if project.data_format == "text":
+        raise ProponentError("uploaded queries are not supported for text projects yet; pick a test sentence",
+                             file=filename or None)
     if project.data_format == "images":
         from PIL import Image, UnidentifiedImageError
 
@@ -23,12 +26,12 @@ def query_from_upload(project: Project, data: bytes, filename: str = "") -> np.n
         try:
             with Image.open(io.BytesIO(data)) as im:
                 im = im.convert("L" if c == 1 else "RGB")
-                if im.size != (w, h):
+                if project.preprocessing.resize is None and im.size != (w, h):
                     im = im.resize((w, h), Image.BILINEAR)
-                arr = np.asarray(im, dtype=np.float32) / 255.0
+                # the project's own resize / normalize, exactly as its training data was prepared
+                arr = project.preprocess_image(im)
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise ProponentError(f"unreadable image: {e}", file=filename or None) from None
-        arr = arr[None] if arr.ndim == 2 else np.transpose(arr, (2, 0, 1))
         return arr[None].astype(np.float32)
     import pandas as pd
 

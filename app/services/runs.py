@@ -113,6 +113,8 @@ def verify_available(project: Project) -> str | None:
     mod = optional_module("engine.workflows.counterfactual")
     if mod is None or not hasattr(mod, "counterfactual_check"):
         return "the counterfactual retraining check (engine.workflows.counterfactual) is not installed in this build"
+    if not project.has_recipe:
+        return "Verify retrains the model and this project has no training recipe ([training] in project.toml)"
     if not project.checkpoints:
         return "no recorded training run to retrain from"
     n_params = sum(p.numel() for p in project.build_model().parameters())

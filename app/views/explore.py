@@ -32,6 +32,8 @@ with left:
     table = svc.query_table(project, preds, classes=classes, correctness=correctness, conf_range=conf)
     if project.data_format == "images" and len(table):
         table.insert(1, "image", ui.thumbs(root, "test", tuple(int(i) for i in table["test_index"])))
+    elif project.data_format == "text" and len(table):
+        table.insert(1, "text", svc.example_texts(project, "test", table["test_index"]))
     event = st.dataframe(table, hide_index=True, height=230, on_select="rerun", selection_mode="single-row",
                          key="qtable",
                          column_config={"test_index": st.column_config.NumberColumn("test #"),
@@ -75,7 +77,7 @@ top = svc.topk(S[q], k)
 
 # ---------------------------------------------------------------- cards
 def cards(indices, scores, role: str, prefix: str = ""):
-    per_row = 8
+    per_row = 4 if project.data_format == "text" else 8  # text cards need the width to be readable
     for lo in range(0, len(indices), per_row):
         cols = st.columns(per_row)
         for c, i, s in zip(cols, indices[lo:lo + per_row], scores[lo:lo + per_row]):

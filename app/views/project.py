@@ -44,6 +44,38 @@ with st.expander("Open a project", expanded=ui.project_root() is None):
             except svc.ProponentError as e:
                 st.error(f"Upload rejected — {e}")
 
+with st.expander("New project from a folder"):
+    st.caption("A data folder on the server: an ImageFolder tree (train/ and test/, one sub-folder per class), or "
+               "train and test tables (CSV, Parquet, JSONL) of image paths, text or features. Proponent writes "
+               "project.toml and a model.py template there, as `proponent init` does; edit model.py to build your "
+               "model, then upload its weights below.")
+    new_path = st.text_input("Data folder", key="new_folder")
+    if st.button("Inspect", key="inspect_folder"):
+        try:
+            st.session_state["new_found"] = (new_path, svc.inspect_new_folder(new_path))
+        except svc.ProponentError as e:
+            st.error(str(e))
+    found = st.session_state.get("new_found")
+    if found and found[0] == new_path:
+        for note in found[1]["notes"]:
+            st.markdown(f"- {note}")
+        st.markdown("Guessed `[data]`: " + ", ".join(f"`{k} = {v!r}`" for k, v in found[1]["data"].items()
+                                                    if not k.startswith("_")))
+        st.markdown("Weights found: " + (", ".join(f"`{w}`" for w in found[1]["weights"]) or "none"))
+        force = st.checkbox("Overwrite an existing project.toml and model.py", key="new_force")
+        if st.button("Write project.toml and model.py", key="create_project"):
+            try:
+                res = svc.create_project(new_path, force=force)
+                st.code("\n".join(res["report"]), language=None)
+                try:
+                    svc.open_project(res["root"])
+                    st.session_state["project_root"] = res["root"]
+                    st.rerun()
+                except svc.ProponentError as e:
+                    st.warning(f"Written, but the project does not load yet — {e}")
+            except svc.ProponentError as e:
+                st.error(str(e))
+
 project = ui.get_project()
 
 
@@ -67,6 +99,8 @@ c[1].metric("Test accuracy", "—" if s["test_accuracy"] is None else f"{s['test
             help="Mean over the final checkpoint of each trained model.")
 c[2].metric("Checkpoints", s["checkpoints"])
 c[3].metric("Trained models", s["models"])
+for w in s.get("warnings", []):
+    st.warning(w)
 
 left, right = st.columns([3, 2])
 with left:
@@ -101,8 +135,23 @@ if len(traj):
     st.plotly_chart(fig, width="stretch")
     with st.expander(f"{len(traj)} checkpoints"):
         st.dataframe(traj, hide_index=True)
+elif project.checkpoints:
+    st.caption(f"No recorded trajectory: the weights are your own ([model] weights, {s['models']} model(s)). Every "
+               "final-weights method runs; Source, TracIn and DDM need a trajectory (`proponent import`).")
 else:
     st.warning("No checkpoints recorded. Run `proponent train PROJECT` first.")
+
+with st.expander("Upload weights"):
+    st.caption("A .safetensors file (or a .pt state dict of tensors only; nothing is unpickled) of the model "
+               "model.py builds. It is checked against model.py, saved under weights/ and added to [model] weights.")
+    wup = st.file_uploader("Weights file", type=["safetensors", "pt", "pth", "bin"], key="weights_upload")
+    if wup is not None and st.button("Add these weights", key="add_weights"):
+        try:
+            rel = svc.add_weights_file(project.root, wup.name, wup.getvalue())
+            st.success(f"Added {rel} to [model] weights.")
+            st.rerun()
+        except svc.ProponentError as e:
+            st.error(f"Weights rejected — {e}")
 
 st.markdown("**Cached attribution runs**")
 if runs_now:

@@ -57,6 +57,8 @@ st.caption(f"Most suspicious first ({run['method']} suspicion: {why_susp}). "
 shown = view.copy()
 if project.data_format == "images" and len(shown):
     shown.insert(2, "image", ui.thumbs(root, "train", tuple(int(i) for i in shown["index"])))
+elif project.data_format == "text" and len(shown):
+    shown.insert(2, "text", svc.example_texts(project, "train", shown["index"]))
 # the editor's key changes after every write and with the filters, so an edit is applied exactly once
 # and a stale edit can never land on another row or undo a later bulk action
 ver = st.session_state.setdefault("editor_v", 0)
@@ -66,6 +68,7 @@ edited = st.data_editor(
     disabled=[c for c in shown.columns if c not in svc.EDITABLE],
     column_config={
         "image": st.column_config.ImageColumn("image", width="small"),
+        "text": st.column_config.TextColumn("text", width="large"),
         "suspicion": st.column_config.NumberColumn(format="%.4g", help="Higher: more likely mislabeled. " + svc.SIGN_HELP),
         "self_influence": st.column_config.NumberColumn(format="%.4g", help="S[i, i]: the example's score on itself."),
         "p_label": st.column_config.NumberColumn("p(label)", format="%.3f", help="Ensemble probability of the given label."),
@@ -162,8 +165,9 @@ w1, w2 = st.columns(2)
 w_action = w1.radio("Edit", ["remove", "relabel"], horizontal=True, key="w_action",
                     help="remove: the examples flagged mislabeled or leak; relabel: the examples with a new label")
 cheap = len(project.train_dataset) * sum(p.numel() for p in project.build_model().parameters()) < 5e7
-w_retrain = w2.checkbox("Check with a real retrain", value=False, key="w_retrain", disabled=not cheap,
-                        help="Retrain with the recipe on the edited data" if cheap else "The model is too costly to retrain here")
+w_retrain = w2.checkbox("Check with a real retrain", value=False, key="w_retrain", disabled=not cheap or not project.has_recipe,
+                        help=("Retrain with the recipe on the edited data" if cheap else "The model is too costly to retrain here")
+                        if project.has_recipe else "Retraining needs a training recipe ([training] in project.toml)")
 idx = to_remove if w_action == "remove" else sorted(to_relabel)
 st.caption(f"{len(idx)} example(s) in the edit set.")
 if st.button("Predict the effect", key="whatif", disabled=bool(why) or not idx):

@@ -26,6 +26,7 @@ later run with the same request reuses them.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,6 +255,22 @@ def fisher_targets(model: nn.Module, x: torch.Tensor, samples: int = 1, seed: in
     return torch.cat(labs, 0), torch.cat(ws, 0)
 
 
+@contextlib.contextmanager
+def _grads_only_for(model: nn.Module, layers: list[Layer]):
+    """Only the covered layers' parameters require grad while inside: a backward pass then stops at
+    the earliest covered layer instead of running through an untracked (e.g. pretrained, frozen by
+    ``[model] attribute``) backbone. Output gradients of the covered layers are unchanged."""
+    covered = {id(p) for L in layers for p in L.module.parameters()}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(id(p) in covered)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
 def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels: torch.Tensor,
                          weights: torch.Tensor, batch_size: int, device: str):
     """Yields, per batch and label column j, (batch start, j, {layer: (a [b,T,in], s [b,T,out])}, w [b])
@@ -262,20 +279,22 @@ def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor,
     model = model.eval().to(device)
     cap = _Capture(layers)
     try:
-        for lo in range(0, len(x), batch_size):
-            xb = x[lo:lo + batch_size].to(device)
-            lb = labels[lo:lo + batch_size].to(device)
-            wb = weights[lo:lo + batch_size].to(device).double()
-            with torch.enable_grad():
-                cap.grads.clear()
-                logits = model(xb)
-                acts = {L.name: _activations(L, cap.inputs[L.name]).double() for L in layers}
-                for j in range(lb.shape[1]):
+        with _grads_only_for(model, layers):
+            for lo in range(0, len(x), batch_size):
+                xb = x[lo:lo + batch_size].to(device)
+                lb = labels[lo:lo + batch_size].to(device)
+                wb = weights[lo:lo + batch_size].to(device).double()
+                with torch.enable_grad():
                     cap.grads.clear()
-                    loss = F.cross_entropy(logits, lb[:, j], reduction="sum")
-                    loss.backward(retain_graph=j + 1 < lb.shape[1])
-                    yield lo, j, {L.name: (acts[L.name], _out_grads(L, cap.grads[L.name]).double()) for L in layers}, wb[:, j]
-            model.zero_grad(set_to_none=True)
+                    logits = model(xb)
+                    acts = {L.name: _activations(L, cap.inputs[L.name]).double() for L in layers}
+                    for j in range(lb.shape[1]):
+                        cap.grads.clear()
+                        loss = F.cross_entropy(logits, lb[:, j], reduction="sum")
+                        loss.backward(retain_graph=j + 1 < lb.shape[1])
+                        yield (lo, j, {L.name: (acts[L.name], _out_grads(L, cap.grads[L.name]).double()) for L in layers},
+                               wb[:, j])
+                model.zero_grad(set_to_none=True)
     finally:
         cap.close()
         model.zero_grad(set_to_none=True)

@@ -2,7 +2,9 @@
 
 A sample's definition lives in ``sample_projects/NAME/``: ``project.toml``, ``model.py`` and
 ``make_data.py`` (whose ``materialise(root)`` writes the data and an optional truth.json of
-planted problems that no method reads).
+planted problems that no method reads). A sample whose model is trained outside Proponent (a
+``[model] weights`` project, e.g. text) also defines ``train(root, progress=...)``, which writes
+those weight files; the others are trained by ``proponent train``'s recorder.
 """
 from __future__ import annotations
 
@@ -44,8 +46,12 @@ def prepare_sample(name: str, directory: str | Path | None = None, *, train: boo
         if (dest / "data").is_dir():
             shutil.rmtree(dest / "data")
         mod.materialise(dest)
-    if train:
-
+    if train and hasattr(mod, "train"):
+        # the sample's own training loop writes its [model] weights (no trajectory, no recipe)
+        p = Project.load(dest, check_model=False)
+        if force or not p.checkpoints or not all(c.weights.is_file() for c in p.checkpoints):
+            mod.train(dest, progress=progress)
+    elif train:
         p = Project.load(dest)
         want = getattr(mod, "MODELS", models)
         if force or len(p.model_ids()) < want:

@@ -128,6 +128,7 @@ def retrain_margins(project: Project, *, subsets: np.ndarray, seeds: Sequence[in
     ``subsets`` is bool [M, n_train]; returns float64 [M, len(seeds), n_test]. ``labels`` /
     ``x`` replace the training labels / inputs (mislabel benchmark). Cached and resumable.
     """
+    project.require_recipe("retraining for ground truth (LDS, LOO)")
     subsets = np.asarray(subsets)
     n_train = len(project.train_dataset)
     if subsets.ndim != 2 or subsets.shape[1] != n_train:

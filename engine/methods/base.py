@@ -208,6 +208,11 @@ REQUIREMENTS = {
 }
 
 
+# the order in which runnable alternatives are suggested: general-purpose and fast first
+SUGGESTION_ORDER = {name: i for i, name in enumerate(("trak", "ekfac", "grad-cos", "knn", "source", "tracin", "grad-dot",
+                                                      "forward-inf", "gif", "exact-if", "ddm"))}
+
+
 def _has(project: Project, need: str) -> bool:
     if need == "weights":
         return bool(project.checkpoints)
@@ -231,7 +236,9 @@ def unmet_requirements(cls: type[Attributor], project: Project, settings=None) -
     if need == "weights":
         return (f"{cls.name} needs trained weights; run `proponent train` or list your own in "
                 f"[model] weights = [\"model.safetensors\"]")
-    others = [m.name for m in list_methods() if m is not cls and all(_has(project, n) for n in m.requirements())]
+    # requirements first: supports() of a method whose requirements are met never comes back here
+    others = [m.name for m in sorted(list_methods(), key=lambda m: SUGGESTION_ORDER.get(m.name, len(SUGGESTION_ORDER)))
+              if m is not cls and all(_has(project, n) for n in m.requirements()) and m.supports(project) is None]
     instead = f" or choose {', '.join(others[:4])}{' …' if len(others) > 4 else ''}" if others else ""
     traj = project.trajectory_path.relative_to(project.root) if project.trajectory_path.is_relative_to(project.root) \
         else project.trajectory_path

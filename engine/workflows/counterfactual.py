@@ -54,6 +54,7 @@ def counterfactual_check(project: Project, query: int, method: str | None = None
     smallest k in ``k_values`` whose removal flips the predicted class (None if none does).
     Changes are ``margin after − margin with all data``: negative means the margin dropped.
     """
+    project.require_recipe("Verify (retraining without the top-k proponents)")
     t0 = time.perf_counter()
     n_train, n_test = len(project.train_dataset), len(project.test_dataset)
     try:

@@ -150,11 +150,46 @@ def detect_leaks(project: Project, method: str = "forward-inf", settings=None, *
             "settings": settings, "run": res["key"], "n_flagged": int(flagged.sum()), "pairs": pairs}
 
 
+def unit_inputs(project: Project, split: str, index: np.ndarray | None = None):
+    """Examples ``index`` (default: all) of ``split`` as unit vectors of their raw input: the flattened
+    pixels or features, or for text a bag of words (hashed word counts of the text column,
+    lower-cased), so a copy with a word dropped or its case changed stays close. Dense [n, d], or a
+    sparse matrix for text."""
+    if project.data_format == "text":
+        from sklearn.feature_extraction.text import HashingVectorizer  # optional heavy import: text only
+
+        df = project.train_df if split == "train" else project.test_df
+        texts = df[project.text_column].astype(str)
+        texts = (texts if index is None else texts.iloc[np.asarray(index)]).tolist()
+        return HashingVectorizer(n_features=2**18, alternate_sign=False, norm="l2").transform(texts)
+    x = (project.train_dataset if split == "train" else project.test_dataset).x
+    if index is not None:
+        x = x[torch.as_tensor(np.asarray(index))]
+    return _unit(x.flatten(1).double().numpy())
+
+
+def paired_cosines(a, a_index: np.ndarray, b, b_index: np.ndarray) -> np.ndarray:
+    """cos(a[a_index[j]], b[b_index[j]]) for unit rows from :func:`unit_inputs`."""
+    a_rows, b_rows = a[np.asarray(a_index)], b[np.asarray(b_index)]
+    if hasattr(a_rows, "multiply"):  # sparse
+        return np.asarray(a_rows.multiply(b_rows).sum(1), dtype=np.float64).ravel()
+    return np.einsum("ik,ik->i", a_rows, b_rows)
+
+
+def candidate_cosines(queries, train, candidates: np.ndarray) -> np.ndarray:
+    """[q, m] cosines of each query row with its m candidate training rows (unit rows from
+    :func:`unit_inputs`; ``queries`` holds only the rows of this chunk)."""
+    if hasattr(queries, "multiply"):  # sparse: one [q, n_train] block, bounded by the chunk
+        block = np.asarray((queries @ train.T).todense(), dtype=np.float64)
+        return np.take_along_axis(block, candidates, 1)
+    return np.einsum("qk,qmk->qm", queries, train[candidates])
+
+
 def input_cosines(project: Project, test_index: np.ndarray, train_index: np.ndarray) -> np.ndarray:
     """Raw-input cosine similarity of test row ``test_index[j]`` and training row ``train_index[j]``."""
-    x_test = project.test_dataset.x[torch.as_tensor(test_index)].flatten(1).double().numpy()
-    x_train = project.train_dataset.x[torch.as_tensor(train_index)].flatten(1).double().numpy()
-    return np.einsum("ik,ik->i", _unit(x_test), _unit(x_train))
+    n = len(test_index)
+    return paired_cosines(unit_inputs(project, "test", test_index), np.arange(n),
+                          unit_inputs(project, "train", train_index), np.arange(n))
 
 
 def quick_leak_check(project: Project, scores: np.ndarray, *, top: int = QUICK_TOP, cosine: float = QUICK_COSINE,
@@ -170,15 +205,15 @@ def quick_leak_check(project: Project, scores: np.ndarray, *, top: int = QUICK_T
         raise ProponentError(f"quick leak check needs scores of shape [{len(project.test_dataset)}, "
                              f"{len(project.train_dataset)}] (test x train), not {list(S.shape)}")
     m = int(min(top, S.shape[1]))
-    xn_train = _unit(project.train_dataset.x.flatten(1).double().numpy())
-    xn_test = _unit(project.test_dataset.x.flatten(1).double().numpy())
+    xn_train = unit_inputs(project, "train")
+    xn_test = unit_inputs(project, "test")
     best = np.empty(len(S), dtype=np.int64)
     best_cos = np.empty(len(S))
     best_rank = np.empty(len(S), dtype=np.int64)
     for lo in range(0, len(S), chunk):
         rows = np.asarray(S[lo:lo + chunk], dtype=np.float64)
         cand = np.argpartition(-rows, m - 1, axis=1)[:, :m]  # each query's top-m proponents
-        cos = np.einsum("qk,qmk->qm", xn_test[lo:lo + len(rows)], xn_train[cand])
+        cos = candidate_cosines(xn_test[lo:lo + len(rows)], xn_train, cand)
         j = cos.argmax(1)
         b = cand[np.arange(len(rows)), j]
         best[lo:lo + len(rows)] = b

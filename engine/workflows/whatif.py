@@ -204,6 +204,7 @@ def retrain_edit(project: Project, indices, action: str = "remove", new_labels=N
                  return_model: bool = False) -> dict:
     """Retrain from scratch with the project's recipe on the edited data; same metrics as
     :func:`predict_edit` (``before`` is the recorded final model)."""
+    project.require_recipe("what-if retraining")
     t0 = time.perf_counter()
     _check_action(action)
     idx = _check_indices(project, indices)

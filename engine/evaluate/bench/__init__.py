@@ -21,7 +21,7 @@ import sys
 
 from engine.core.progress import TerminalProgress
 from engine.core.project import Project
-from engine.evaluate.bench.config import build_parser, machine_description, resolve_config
+from engine.evaluate.bench.config import DEFAULT_METRICS, build_parser, check_recipe, machine_description, resolve_config
 from engine.evaluate.bench.peer_runs import run_peer_limited, trak_vs_traker
 from engine.evaluate.bench.run import run_bench
 from engine.evaluate.bench.tables import make_tables, print_table
@@ -35,6 +35,7 @@ def cli_main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     cfg = resolve_config(a)
     project = Project.load(a.project)
+    check_recipe(project, cfg, explicit_metrics=a.metrics != ",".join(DEFAULT_METRICS))
     os.environ.setdefault("PROPONENT_THREADS", "1")
     result = run_bench(project, cfg, progress=TerminalProgress(),
                        log=lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -8,6 +8,8 @@ import platform
 import torch
 
 from engine.core.errors import ProponentError
+from engine.core.project import Project
+from engine.evaluate.detection import truth_flips, truth_leaks
 from engine.evaluate.peers import PEER_METHODS
 from engine.methods.base import list_methods
 
@@ -115,3 +117,26 @@ def resolve_config(a: argparse.Namespace) -> dict:
     if not 0 < cfg["alpha"] <= 1:
         raise ProponentError("--alpha must be in (0, 1]")
     return cfg
+
+
+def retraining_metrics(project: Project, cfg: dict) -> list[str]:
+    """The requested metrics that retrain the model (and so need ``[training]``)."""
+    metrics = cfg["metrics"]
+    need = [m for m in ("lds", "loo", "counterfactual") if m in metrics]
+    if "mislabel" in metrics and (cfg["mislabel_source"] == "flip" or truth_flips(project) is None):
+        need.append("mislabel")  # flips planted in a copy, which is retrained
+    if "leak" in metrics and (cfg["leak_source"] == "plant" or truth_leaks(project) is None):
+        need.append("leak")
+    return need
+
+
+def check_recipe(project: Project, cfg: dict, explicit_metrics: bool) -> None:
+    """Without ``[training]``: an explicit request for a retraining metric is a one-line error naming
+    it; the default metric list just leaves those metrics out (recorded in ``cfg['skipped_metrics']``)."""
+    need = retraining_metrics(project, cfg)
+    if project.has_recipe or not need:
+        return
+    if explicit_metrics:
+        project.require_recipe(f"bench --metrics {','.join(need)}")
+    cfg["metrics"] = [m for m in cfg["metrics"] if m not in need]
+    cfg["skipped_metrics"] = {m: "needs a training recipe ([training] in project.toml)" for m in need}

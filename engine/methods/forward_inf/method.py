@@ -52,10 +52,11 @@ class ForwardInfSettings:
                                      "ranking — best for duplicate search.",
                              choices=("none", "self"))
     absolute: bool = setting(False, "Score |Δℓ| instead of the signed change (unsigned: ranks duplicates, not proponents).")
-    calibration: str = setting("retrain", "How steps/lr are chosen when left at 0: 'retrain' maximises LDS on held-out "
-                                          "TRAINING points against a few small retrainings (cached per checkpoint); "
-                                          "'reference' uses the paper's one Adam step at lr 5e-3.",
-                               choices=("retrain", "reference"))
+    calibration: str = setting("auto", "How steps/lr are chosen when left at 0: 'retrain' maximises LDS on held-out "
+                                       "TRAINING points against a few small retrainings (cached per checkpoint; needs "
+                                       "[training]); 'reference' uses the paper's one Adam step at lr 5e-3; 'auto': "
+                                       "retrain when the project has a training recipe, else reference.",
+                               choices=("auto", "retrain", "reference"))
     memorised_loss: float = setting(1e-6, "A query whose loss is below this is memorised: its step is taken on a "
                                           "sphere-perturbed copy of its input.")
     precision: str = setting("auto", "Arithmetic of the steps and loss differences: auto (float64 on CPU, float32 on "
@@ -75,6 +76,15 @@ class ForwardINF(Attributor):
     Settings = ForwardInfSettings
 
     @classmethod
+    def supports(cls, project):
+        if unmet := super().supports(project):
+            return unmet
+        if project.data_format == "text":
+            return ("Forward-INF steps a private copy of every parameter per query and perturbs memorised queries' "
+                    "inputs, which needs tensor inputs, not text tokens; use grad-cos, trak or ekfac")
+        return None
+
+    @classmethod
     def requirements(cls, settings=None):  # calibration by retraining needs the recipe
         s = settings
         retrains = s is not None and s.calibration == "retrain" and (s.steps == 0 or s.lr == 0)
@@ -89,8 +99,11 @@ class ForwardINF(Attributor):
         self.engine = MirrorEngine(model, TrackedParameters.of(project), device=self.device, dtype=resolve_dtype(s.precision, self.device),
                                    memory_budget_mb=s.memory_budget_mb)
         steps, lr, how = s.steps, s.lr, "settings"
+        calibration = s.calibration
+        if calibration == "auto":  # a model trained elsewhere has no recipe to retrain with
+            calibration = "retrain" if project.has_recipe else "reference"
         if steps == 0 or lr == 0:
-            if s.calibration == "reference":
+            if calibration == "reference":
                 cal = {"steps": REFERENCE_STEPS, "lr": REFERENCE_LR}
                 how = "reference (1 Adam step, lr 5e-3)"
             else:
