@@ -20,6 +20,7 @@ from engine.core.train import accuracy, record_training
 from engine.evaluate.bench import cli_main
 from engine.methods import describe_settings, list_methods
 from engine.storage.arrays import atomic_save_npy
+from engine.storage.cache import cache_entries, cache_size, prune_cache
 from engine.workflows.leaks import detect_leaks
 from engine.workflows.triage import triage
 
@@ -155,6 +156,36 @@ def cmd_info(a) -> int:
     return 0
 
 
+def cmd_cache(a) -> int:
+    p = _project(a.project)
+    criteria = a.older_than is not None or a.max_size is not None or a.run or a.all
+    if a.prune and not criteria:
+        raise ProponentError("--prune needs what to remove: --older-than DAYS, --max-size MB, --run KEY or --all")
+    if a.prune:
+        removed = prune_cache(p.root, older_than_days=a.older_than, max_total_mb=a.max_size, keys=a.run,
+                              everything=a.all, dry_run=a.dry_run)
+        verb = "would remove" if a.dry_run else "removed"
+        if a.json:
+            print(json.dumps({"removed": [e.as_dict() for e in removed], "dry_run": a.dry_run}))
+        else:
+            for e in removed:
+                print(f"{verb} {e.kind}/{e.key} ({e.bytes / 2**20:.1f} MiB)")
+            print(f"{verb} {len(removed)} entries, {sum(e.bytes for e in removed) / 2**20:.1f} MiB; "
+                  f"cache now {cache_size(p.root) / 2**20:.1f} MiB")
+        return 0
+    entries = cache_entries(p.root)
+    if a.json:
+        print(json.dumps({"bytes": sum(e.bytes for e in entries), "entries": [e.as_dict() for e in entries]}))
+        return 0
+    print(f"{'kind':<12} {'key':<28} {'method':<12} {'status':<10} {'MiB':>9} {'age (days)':>11}")
+    for e in entries:
+        d = e.as_dict()
+        print(f"{e.kind:<12} {e.key:<28} {e.method or '':<12} {e.status or '':<10} {d['mb']:>9.1f} {d['age_days']:>11.1f}")
+    print(f"total {sum(e.bytes for e in entries) / 2**20:.1f} MiB in {len(entries)} entries under {p.root / '.proponent'} "
+          f"(state.db with flags is never pruned)")
+    return 0
+
+
 def cmd_import(a) -> int:
     p = _project(a.project)
     n = import_trajectory(p, a.checkpoints)
@@ -242,6 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project", nargs="?")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("cache", help="list the cached runs and results of a project, or prune them by age or size")
+    p.add_argument("project")
+    p.add_argument("--prune", action="store_true", help="remove entries (with --older-than, --max-size, --run or --all)")
+    p.add_argument("--older-than", type=float, metavar="DAYS", help="entries not used for this many days")
+    p.add_argument("--max-size", type=float, metavar="MB", help="least recently used entries until the cache fits")
+    p.add_argument("--run", action="append", metavar="KEY", help="this run key (repeatable)")
+    p.add_argument("--all", action="store_true", help="every cached entry (flags and notes are kept)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("import", help="turn a folder of your own saved checkpoints (+ manifest) into a trajectory")
     p.add_argument("project")

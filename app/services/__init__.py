@@ -8,7 +8,7 @@ from app.services.uploads import MAX_UPLOAD_BYTES, MAX_UPLOAD_FILES, extract_upl
 from app.services.runs import list_runs, done_runs, run_label, load_run, methods_info, coerce_ui_settings, run_key_for, topk, compare_rows, optional_module, verify_available, whatif_available, leaks_available, verify_kwargs, verify_frame  # noqa: F401
 from app.services.images import example_array, image_png, array_png, data_uri, example_row  # noqa: F401
 from app.services.images import example_text, example_texts  # noqa: F401
-from app.services.projects import inspect_new_folder, create_project, add_weights_file  # noqa: F401
+from app.services.projects import inspect_new_folder, create_project, add_weights_file, cache_summary  # noqa: F401
 from app.services.flags import db_for, flag_state, toggle_flag, bulk_update, selection_indices, EDITABLE, apply_table_edits, cell_value  # noqa: F401
 from app.services.triage import triage_table, truth_found  # noqa: F401
 from app.services.exports import flags_records, export_flags_json, export_flags_csv, export_cleaned, label_value, zip_folder  # noqa: F401

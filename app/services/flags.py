@@ -25,11 +25,9 @@ def flag_state(db: StateDB, split: str = "train") -> dict[int | str, dict]:
 
 
 def toggle_flag(db: StateDB, split: str, index: int | str, flag: str = "mislabeled", source: str = "app") -> str | None:
-    """One-click flag: set ``flag`` if the item does not carry it, clear it if it does. Returns the new flag."""
-    cur = db.flags(split).get(str(index), {}).get("flag")
-    new = None if cur == flag else flag
-    db.set_flag(split, index, flag=new, source=source)
-    return new
+    """One-click flag: set ``flag`` if the item does not carry it, clear it if it does. Returns the new flag.
+    Read and write are one transaction (StateDB.toggle_flag), so two clicks at once are never lost."""
+    return db.toggle_flag(split, index, flag, source=source)
 
 
 def bulk_update(db: StateDB, split: str, indices: Iterable, *, flag: str | None = ..., relabel: Any = ...,
@@ -37,11 +35,9 @@ def bulk_update(db: StateDB, split: str, indices: Iterable, *, flag: str | None 
     """Apply one action to many items (each change goes to the audit trail). Returns the count."""
     if flag not in (..., None) and flag not in FLAG_VALUES:
         raise ProponentError(f"flag must be one of {', '.join(FLAG_VALUES)}, not {flag!r}")
-    n = 0
-    for i in indices:
-        db.set_flag(split, int(i) if split != "pair" else i, flag=flag, relabel=relabel, note=note, source=source)
-        n += 1
-    return n
+    items = [int(i) if split != "pair" else i for i in indices]
+    db.set_flags(split, items, flag=flag, relabel=relabel, note=note, source=source)
+    return len(items)
 
 
 def selection_indices(event: Any) -> list[int]:

@@ -14,6 +14,7 @@ from engine.core.errors import ProponentError
 from engine.core.init_project import init_project, inspect_folder
 from engine.core.project import Project
 from engine.storage.arrays import atomic_write_text
+from engine.storage.cache import cache_entries
 from engine.methods import SIGN_CONVENTION
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,6 +114,13 @@ def truth(project: Project) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- new projects and weights
+def cache_summary(project: Project) -> dict:
+    """Size and entry count of the project's recomputable cache (``proponent cache`` prunes it)."""
+    entries = cache_entries(project.root)
+    return {"mb": sum(e.bytes for e in entries) / 2**20, "entries": len(entries),
+            "runs": sum(e.kind == "runs" for e in entries)}
+
+
 def inspect_new_folder(path: str | os.PathLike) -> dict:
     """What `proponent init` would write for a data folder: {"data", "weights", "notes", "num_classes"}."""
     if not str(path).strip():

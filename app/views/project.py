@@ -1,6 +1,4 @@
 """Project: open a sample, a server folder or an uploaded zip; summary of data, model and runs."""
-import tempfile
-from pathlib import Path
 
 import pandas as pd
 import plotly.express as px
@@ -12,6 +10,8 @@ from app import ui
 st.title("Project")
 
 with st.expander("Open a project", expanded=ui.project_root() is None):
+    st.warning("Opening a project runs its model.py (the model factory) in this server process, with your "
+               "permissions. Open only projects whose model.py you trust.", icon="⚠️")
     src = st.radio("Source", ["Sample project", "Folder on the server", "Upload a zip"], horizontal=True, key="src")
     if src == "Sample project":
         st.caption("The digits sample: sklearn 8×8 digits, an MLP, ~8% flipped labels and a few test images leaked "
@@ -36,8 +36,7 @@ with st.expander("Open a project", expanded=ui.project_root() is None):
         up = st.file_uploader("Project archive (.zip, at most 200 MiB unpacked)", type=["zip"], key="upload")
         if up is not None and st.button("Unpack and open", key="open_zip"):
             try:
-                dest_root = Path(tempfile.gettempdir()) / "proponent-uploads"
-                folder = svc.extract_upload(up.getvalue(), dest_root)
+                folder = svc.extract_upload(up.getvalue())  # the app's private upload folder (0700)
                 p = svc.open_project(folder)
                 st.session_state["project_root"] = str(p.root)
                 st.rerun()
@@ -154,6 +153,10 @@ with st.expander("Upload weights"):
             st.error(f"Weights rejected — {e}")
 
 st.markdown("**Cached attribution runs**")
+cache = svc.cache_summary(project)
+st.caption(f"Cache: {cache['mb']:.1f} MiB in {cache['entries']} entries ({cache['runs']} runs) under .proponent/ — "
+           f"everything there but the flags can be recomputed; `proponent cache {project.root} --prune --older-than 30` "
+           f"removes runs unused for 30 days.")
 if runs_now:
     df = pd.DataFrame([{"method": r["method"], "status": r["status"], "fit (s)": r["fit_s"], "score (s)": r["score_s"],
                         "peak MB": r["peak_mb"], "device": r["device"], "settings": str(r["settings"]),

@@ -12,18 +12,20 @@ state dicts: never an unpickle of arbitrary objects.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pydantic
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine.core.errors import ValidationError
 from engine.storage.arrays import atomic_write_json
+from engine.storage.folders import make_owned_dir, partial_path, remove_owned, replace_owned_dir
+from engine.storage.locks import project_writer_lock
 
 TRAJECTORY_FILE = "trajectory.json"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -53,26 +55,58 @@ class Checkpoint:
         return f"m{self.model_id}/{self.weights.name}"
 
 
+class TrajectoryEntry(BaseModel):
+    """One checkpoint in trajectory.json (other keys, e.g. the seed, are kept as they are)."""
+
+    model_config = ConfigDict(extra="allow")
+    model_id: int = Field(ge=0)
+    index: int = Field(ge=0)
+    step: int = Field(ge=0)
+    epoch: float
+    lr: float
+    weights: str = Field(min_length=1)
+    stage: str = "train"
+    stage_steps: int | None = None
+    optimizer_state: str | None = None
+    momentum: float = 0.0
+    optimizer: str = "sgd"
+
+
+class TrajectoryLog(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    checkpoints: list[TrajectoryEntry] = []
+
+
 def read_trajectory(checkpoint_dir: Path) -> dict:
+    """The trajectory log, validated: a bad entry is one line naming the file, the entry and the key."""
     path = checkpoint_dir / TRAJECTORY_FILE
     if not path.is_file():
         return {"checkpoints": []}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValidationError(f"corrupt trajectory log: {e}", file=str(path)) from None
+    if not isinstance(raw, dict):
+        raise ValidationError(f"trajectory log must be a JSON object with a 'checkpoints' list, not a "
+                              f"{type(raw).__name__}", file=str(path))
+    try:
+        TrajectoryLog.model_validate(raw)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ValidationError(f"trajectory log: {where}: {err['msg'].lower()}", file=str(path)) from None
+    return raw
 
 
 def trajectory_checkpoints(checkpoint_dir: Path, log: dict) -> list[Checkpoint]:
     out = []
-    for c in log.get("checkpoints", []):
+    for c in (TrajectoryEntry.model_validate(e) for e in log.get("checkpoints", [])):
         out.append(Checkpoint(
-            model_id=int(c["model_id"]), index=int(c["index"]), step=int(c["step"]), epoch=float(c["epoch"]),
-            lr=float(c["lr"]), stage=str(c.get("stage", "train")),
-            weights=checkpoint_dir / c["weights"],
-            optimizer_state=(checkpoint_dir / c["optimizer_state"]) if c.get("optimizer_state") else None,
-            stage_steps=int(c.get("stage_steps", c["step"])), momentum=float(c.get("momentum", 0.0)),
-            optimizer=str(c.get("optimizer", "sgd"))))
+            model_id=c.model_id, index=c.index, step=c.step, epoch=c.epoch, lr=c.lr, stage=c.stage,
+            weights=checkpoint_dir / c.weights,
+            optimizer_state=(checkpoint_dir / c.optimizer_state) if c.optimizer_state else None,
+            stage_steps=c.step if c.stage_steps is None else c.stage_steps, momentum=c.momentum,
+            optimizer=c.optimizer))
     return sorted(out, key=lambda c: (c.model_id, c.step))
 
 
@@ -182,14 +216,17 @@ def import_trajectory(project, src: str | Path) -> int:
     entries = read_manifest(src)
     # written beside (not over) whatever the checkpoint folder holds, which may be the user's own
     # [model] weights; trajectory.json is written last, so a failure leaves the old log in force
+    with project_writer_lock(project.state_dir, "proponent import"):
+        return _import_into(project, src, entries)
+
+
+def _import_into(project, src: Path, entries: list[dict]) -> int:
     ck_dir = project.checkpoint_dir
     ck_dir.mkdir(parents=True, exist_ok=True)
-    final, tmp = ck_dir / "imported", ck_dir / "imported.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    final = ck_dir / "imported"
+    tmp = make_owned_dir(partial_path(final))
     try:
-        log = {"imported_from": str(src), "n_train": len(project.train_dataset), "data_hash": project.data_hash(),
+        log = {"imported_from": str(src), "n_train": len(project.train_dataset), "data_hash": project.data_hash(), "train_hash": project.train_data_hash,
                "models": len({e["model_id"] for e in entries}), "checkpoints": [], "stages": {}}
         index: dict[int, int] = {}
         seen = set()
@@ -211,15 +248,8 @@ def import_trajectory(project, src: str | Path) -> int:
                 "stage": e["stage"], "stage_steps": e["step"], "weights": f"{final.name}/{wname}",
                 "optimizer_state": None, "optimizer": e["optimizer"], "momentum": e["momentum"]})
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written
+        remove_owned(tmp)  # nothing half-written
         raise
-    old = ck_dir / "imported.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
+    replace_owned_dir(final, tmp)
     atomic_write_json(ck_dir / TRAJECTORY_FILE, log)
-    if old.exists():
-        shutil.rmtree(old)
     return len(log["checkpoints"])

@@ -12,8 +12,10 @@ path). An empty class folder, or a class folder only in test, is an error naming
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -25,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils import _pytree as pytree
 
 from engine.core.errors import ValidationError
+from engine.core.paths import check_inside
 
 FORMATS = ("images", "image_folder", "tabular", "text")
 # torchvision.datasets.folder.IMG_EXTENSIONS
@@ -163,9 +166,10 @@ class DataConfig:
     feature_columns: list[str] | None = None
     categorical_columns: list[str] = field(default_factory=list)
     preprocessing: ImagePreprocessing = field(default_factory=ImagePreprocessing)
+    allow_outside_paths: bool = False  # [project] allow_outside_paths: files outside the project folder
 
     @classmethod
-    def from_spec(cls, data: dict, toml: Path) -> "DataConfig":
+    def from_spec(cls, data: dict, toml: Path, *, allow_outside_paths: bool = False) -> "DataConfig":
         """Read the ``[data]`` table (or an object with the same attributes, e.g. a parsed config)."""
         get = data.get if isinstance(data, dict) else (lambda k, d=None: getattr(data, k, d))
         fmt = str(get("format", "images") or "images")
@@ -191,7 +195,7 @@ class DataConfig:
                    image_root=get("image_root") or None,
                    feature_columns=str_list("feature_columns"),
                    categorical_columns=str_list("categorical_columns") or [],
-                   preprocessing=_parse_preprocessing(get, toml))
+                   preprocessing=_parse_preprocessing(get, toml), allow_outside_paths=allow_outside_paths)
 
 
 def _parse_preprocessing(get, toml: Path) -> ImagePreprocessing:
@@ -261,6 +265,8 @@ def read_table(path: Path, label_column: str) -> pd.DataFrame:
     except Exception as e:  # pandas/pyarrow raise many types; the user needs one line
         raise ValidationError(f"cannot parse {kind.upper() if kind != 'jsonl' else 'JSONL'}: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", file=str(path)) from None
+    if kind == "csv":
+        _check_unique_header(path)
     df.columns = [str(c) for c in df.columns]
     if label_column not in df.columns:
         raise ValidationError(
@@ -273,8 +279,22 @@ def read_table(path: Path, label_column: str) -> pd.DataFrame:
     return df
 
 
-def _class_index(train_df, test_df, lc, test_file: Path):
+def _check_unique_header(path: Path) -> None:
+    # pandas renames a repeated column to "name.1"; a repeated label or feature column is a mistake
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader(f), [])
+    seen = set()
+    for name in header:
+        if name in seen:
+            raise ValidationError(f"column {name!r} appears twice in the header", file=str(path))
+        seen.add(name)
+
+
+def _class_index(train_df, test_df, lc, test_file: Path, train_file: Path | None = None):
     raw = sorted((_native(v) for v in pd.unique(train_df[lc])), key=lambda v: (str(type(v)), v))
+    if len(raw) < 2:
+        raise ValidationError(f"the training data has a single class ({raw[0]!r} in column {lc!r}); "
+                              f"classification needs at least two", file=str(train_file or test_file))
     index = {c: i for i, c in enumerate(raw)}
     unknown = np.array([_native(v) not in index for v in test_df[lc]])
     if unknown.any():
@@ -288,10 +308,16 @@ def _class_index(train_df, test_df, lc, test_file: Path):
 
 # ----------------------------------------------------------------------------- images
 def read_raw_image(path: Path):
-    """The file's pixels as a PIL image (loaded, file closed)."""
-    with Image.open(path) as im:
-        im.load()
-        return im.copy()
+    """The file's pixels as a PIL image (loaded, file closed). An image over PIL's pixel limit
+    (a possible decompression bomb) is refused, not just warned about."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im.copy()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"too large ({e}); refused as a possible decompression bomb") from None
 
 
 def load_image(path: Path, prep: ImagePreprocessing, file: Path, row: int | None) -> np.ndarray:
@@ -322,9 +348,11 @@ def _stack_images(paths: list[Path], names: list[str], prep: ImagePreprocessing,
     return torch.from_numpy(np.stack(arrays))
 
 
-def resolve_image_path(rel: str, csv: Path, root: Path, image_root: str | None, row: int) -> Path:
+def resolve_image_path(rel: str, csv: Path, root: Path, image_root: str | None, row: int,
+                       allow_outside: bool = False) -> Path:
     """A CSV's image path: absolute as is; relative under ``image_root`` when set, else relative
-    to the CSV's folder, then to the project root. The error names every place it looked."""
+    to the CSV's folder, then to the project root. The error names every place it looked. A path
+    outside the project folder is refused unless ``allow_outside``."""
     p = Path(rel)
     if p.is_absolute():
         candidates = [p]
@@ -335,7 +363,7 @@ def resolve_image_path(rel: str, csv: Path, root: Path, image_root: str | None, 
         candidates = [csv.parent / p, root / p]
     for c in candidates:
         if c.is_file():
-            return c
+            return check_inside(c, root, allowed=allow_outside, what="image", file=csv, row=row)
     looked = ", ".join(str(c) for c in dict.fromkeys(candidates))
     raise ValidationError(f"image file not found: {rel} (looked in {looked})", file=str(csv), row=row)
 
@@ -343,7 +371,7 @@ def resolve_image_path(rel: str, csv: Path, root: Path, image_root: str | None, 
 def _load_image_csv(cfg: DataConfig, root: Path, train_file: Path, test_file: Path) -> LoadedData:
     lc, col = cfg.label_column, cfg.image_column
     train_df, test_df = read_table(train_file, lc), read_table(test_file, lc)
-    classes, y_train, y_test = _class_index(train_df, test_df, lc, test_file)
+    classes, y_train, y_test = _class_index(train_df, test_df, lc, test_file, train_file)
     xs, files = [], []
     for df, f in ((train_df, train_file), (test_df, test_file)):
         if col not in df.columns:
@@ -352,7 +380,7 @@ def _load_image_csv(cfg: DataConfig, root: Path, train_file: Path, test_file: Pa
         for r, rel in enumerate(df[col].tolist()):
             if not isinstance(rel, str) or not rel:
                 raise ValidationError(f"empty image path in column {col!r}", file=str(f), row=r)
-            paths.append(resolve_image_path(rel, f, root, cfg.image_root, r))
+            paths.append(resolve_image_path(rel, f, root, cfg.image_root, r, cfg.allow_outside_paths))
         expect = tuple(xs[0].shape[1:]) if xs else None
         xs.append(_stack_images(paths, df[col].tolist(), cfg.preprocessing, [f] * len(paths), list(range(len(paths))), expect))
         files.append(paths)
@@ -390,11 +418,15 @@ def scan_image_folder(folder: Path, classes: list[str] | None = None) -> tuple[l
 
 def _load_image_folder(cfg: DataConfig, root: Path, train_dir: Path, test_dir: Path) -> LoadedData:
     classes, train_s, skip_train = scan_image_folder(train_dir)
+    if len(classes) < 2:
+        raise ValidationError(f"the training folder has a single class folder ({classes[0]!r}); classification needs "
+                              f"at least two", file=str(train_dir))
     _, test_s, skip_test = scan_image_folder(test_dir, classes)
     index = {c: i for i, c in enumerate(classes)}
     xs, dfs = [], []
     for samples, folder in ((train_s, train_dir), (test_s, test_dir)):
-        paths = [p for p, _ in samples]
+        paths = [check_inside(p, root, allowed=cfg.allow_outside_paths, what="image (a link?)", file=folder)
+                 for p, _ in samples]
         rel = [_relative(p, root) for p in paths]
         expect = tuple(xs[0].shape[1:]) if xs else None
         # the file is named in the error itself; a row number would be a position, not a line
@@ -419,7 +451,7 @@ def _relative(p: Path, root: Path) -> str:
 def _load_tabular(cfg: DataConfig, train_file: Path, test_file: Path, exclude: set[str]) -> LoadedData:
     lc = cfg.label_column
     train_df, test_df = read_table(train_file, lc), read_table(test_file, lc)
-    classes, y_train, y_test = _class_index(train_df, test_df, lc, test_file)
+    classes, y_train, y_test = _class_index(train_df, test_df, lc, test_file, train_file)
     cats = list(cfg.categorical_columns)
     if cfg.feature_columns is not None:
         cols = list(cfg.feature_columns)
@@ -481,7 +513,7 @@ def _load_text(cfg: DataConfig, train_file: Path, test_file: Path, tokenize: Cal
                factory_file: Path) -> LoadedData:
     lc, tc = cfg.label_column, cfg.text_column
     train_df, test_df = read_table(train_file, lc), read_table(test_file, lc)
-    classes, y_train, y_test = _class_index(train_df, test_df, lc, test_file)
+    classes, y_train, y_test = _class_index(train_df, test_df, lc, test_file, train_file)
     if tokenize is None:
         raise ValidationError("format 'text' needs a function tokenize(texts) -> dict of tensors", file=str(factory_file))
     xs = []
@@ -515,6 +547,11 @@ def tokenize_texts(tokenize: Callable, texts: list[str], factory_file: Path) -> 
 def load_data(cfg: DataConfig, root: Path, *, exclude_columns: set[str] = frozenset(),
               tokenize: Callable | None = None, factory_file: Path | None = None) -> LoadedData:
     train_file, test_file = root / cfg.train, root / cfg.test
+    for key, path in (("train", train_file), ("test", test_file)):
+        check_inside(path, root, allowed=cfg.allow_outside_paths, what=f"[data] {key}", file=root / "project.toml")
+    if cfg.image_root:
+        check_inside(root / cfg.image_root, root, allowed=cfg.allow_outside_paths, what="[data] image_root",
+                     file=root / "project.toml")
     if cfg.format == "images":
         return _load_image_csv(cfg, root, train_file, test_file)
     if cfg.format == "image_folder":

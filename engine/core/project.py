@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
-import json
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -26,9 +25,12 @@ from engine.core.checkpoints import TRAJECTORY_FILE, Checkpoint
 from engine.core.data import (DataConfig, TensorDict, input_bytes, load_data, read_raw_image, rows_table, take,
                               tokenize_texts)
 from engine.core.errors import ValidationError
-from engine.storage.arrays import atomic_write_text
+from engine.core.paths import check_inside
+from engine.core.spec import ProjectSpec, TrainingTable, parse_spec
+from engine.storage.folders import recover_interrupted_swap
+from engine.storage.statedb import STATE_DIRNAME
+from engine.storage.arrays import atomic_write_text, clean_orphan_temp_files
 
-STATE_DIRNAME = ".proponent"
 ROWS_FILE = "rows.csv"
 
 
@@ -125,20 +127,14 @@ class Project:
 
     def __init__(self, root: Path, spec: dict):
         self.root = root
-        self.spec = spec
         self.toml_path = root / "project.toml"
-        proj = spec.get("project", {})
-        data = spec.get("data")
-        model = spec.get("model")
-        if not isinstance(data, dict):
-            raise ValidationError("missing [data] table", file=str(self.toml_path))
-        if not isinstance(model, dict):
-            raise ValidationError("missing [model] table", file=str(self.toml_path))
-        self.name: str = str(proj.get("name", root.name))
-        self.task: str = str(proj.get("task", "classification"))
-        if self.task != "classification":
-            raise ValidationError(f"task {self.task!r} is not supported (only 'classification')", file=str(self.toml_path))
-        self.data_config = DataConfig.from_spec(data, self.toml_path)
+        self.config: ProjectSpec = parse_spec(spec, self.toml_path)
+        self.spec = spec
+        cfg = self.config
+        self.allow_outside_paths: bool = cfg.project.allow_outside_paths
+        self.name: str = cfg.project.name or root.name
+        self.task: str = cfg.project.task
+        self.data_config = DataConfig.from_spec(cfg.data, self.toml_path, allow_outside_paths=self.allow_outside_paths)
         # data_format is the kind of input (images | tabular | text), what pages and workflows
         # branch on; data_source is the layout on disk ([data] format, e.g. image_folder)
         self.data_source: str = self.data_config.format
@@ -149,26 +145,48 @@ class Project:
         self.image_column: str = self.data_config.image_column
         self.text_column: str = self.data_config.text_column
         self.preprocessing = self.data_config.preprocessing
-        self.factory_spec: str = str(model.get("factory", "model.py:build"))
-        self.checkpoint_dir = root / str(model.get("checkpoints", "checkpoints"))
-        weights = model.get("weights", [])
-        if isinstance(weights, str):
-            weights = [weights]
-        if not isinstance(weights, list) or not all(isinstance(w, str) and w for w in weights):
-            raise ValidationError("[model] weights must be a list of weight files, one per trained model",
-                                  file=str(self.toml_path))
-        self.weight_files: list[str] = list(weights)
-        globs = model.get("attribute", [])
-        if isinstance(globs, str):
-            globs = [globs]
-        if not isinstance(globs, list) or not all(isinstance(g, str) and g for g in globs):
-            raise ValidationError("[model] attribute must be a list of parameter-name globs, e.g. [\"head.*\"]",
-                                  file=str(self.toml_path))
-        self._attribute_globs: list[str] = list(globs)
+        self.factory_spec: str = cfg.model.factory
+        self._inside(self._factory_file, "[model] factory file")
+        self.checkpoint_dir = root / cfg.model.checkpoints
+        self.weight_files: list[str] = list(cfg.model.weights)
+        for w in self.weight_files:
+            self._inside(root / w, "[model] weights file")
+        self._attribute_globs: list[str] = list(cfg.model.attribute)
         # without [training] there is no recipe: final-weights methods run, retraining does not
-        self.has_recipe: bool = isinstance(spec.get("training"), dict)
-        self.recipe = self._parse_recipe(spec.get("training", {}))
+        self.has_recipe: bool = cfg.training is not None
+        self.recipe = self._parse_recipe(cfg.training)
+        self._check_checkpoint_dir()
+        # a kill between the two renames of a trajectory swap leaves only the previous folder, as .old
+        recover_interrupted_swap(self.checkpoint_dir)
+        recover_interrupted_swap(self.checkpoint_dir / "imported")
+        for folder in (root / STATE_DIRNAME, self.checkpoint_dir):
+            clean_orphan_temp_files(folder)  # left by a killed writer (its pid is in the name)
         self._load_data()
+
+    def _inside(self, path: Path, what: str) -> Path:
+        return check_inside(path, self.root, allowed=self.allow_outside_paths, what=what, file=self.toml_path)
+
+    def _check_checkpoint_dir(self) -> None:
+        """The checkpoint folder is replaced wholesale by ``train``/``import``, so it must be a folder
+        of its own: inside the project (unless allowed), not the project folder, and not a folder
+        that holds the data, the model file or project.toml."""
+        d = self.checkpoint_dir.resolve()
+        key = f"[model] checkpoints = {self.config.model.checkpoints!r}"
+        self._inside(d, key + ":")
+        protected = {self.root.resolve(): "the project folder"}
+        for what, path in (("the training data", self.train_csv), ("the test data", self.test_csv),
+                           ("the model file", self._factory_file), ("project.toml", self.toml_path)):
+            path = path.resolve()
+            protected.setdefault(path if path.is_dir() else path.parent, f"the folder of {what}")
+        for w in self.weight_files:
+            protected.setdefault((self.root / w).resolve().parent, "the folder of a [model] weights file")
+        if self.data_config.image_root:
+            protected.setdefault((self.root / self.data_config.image_root).resolve(), "the image folder")
+        for folder, what in protected.items():
+            if d == folder or d in folder.parents:
+                raise ValidationError(f"{key} points at {what} ({d}); `proponent train` replaces that folder, so "
+                                      f"it must be a folder of its own, e.g. checkpoints = \"checkpoints\"",
+                                      file=str(self.toml_path))
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -186,29 +204,17 @@ class Project:
                 p.check_weights()
         return p
 
-    def _parse_recipe(self, t: dict) -> Recipe:
-        known = {f for f in Recipe.__dataclass_fields__} - {"stages"}
-        kwargs = {}
-        for k, v in t.items():
-            if k == "stages":
-                continue
-            if k not in known:
-                raise ValidationError(f"[training] unknown key {k!r} (known: {', '.join(sorted(known))})", file=str(self.toml_path))
-            kwargs[k] = v
-        try:
-            r = Recipe(**kwargs)
-            r.lr, r.momentum, r.weight_decay = float(r.lr), float(r.momentum), float(r.weight_decay)
-            r.epochs, r.batch_size, r.seed = int(r.epochs), int(r.batch_size), int(r.seed)
-            r.checkpoints_per_epoch = int(r.checkpoints_per_epoch)
-        except (TypeError, ValueError) as e:
-            raise ValidationError(f"[training] {e}", file=str(self.toml_path)) from None
-        if r.optimizer not in ("sgd", "adam", "lbfgs"):
-            raise ValidationError(f"[training] optimizer {r.optimizer!r} must be sgd, adam or lbfgs", file=str(self.toml_path))
-        for s in t.get("stages", []) or []:
-            r.stages.append(Stage(name=str(s.get("name", f"stage{len(r.stages)}")),
-                                  epochs=int(s.get("epochs", r.epochs)), lr=float(s.get("lr", r.lr)),
-                                  lr_schedule=str(s.get("lr_schedule", r.lr_schedule)),
-                                  select=s.get("select")))
+    @staticmethod
+    def _parse_recipe(t: TrainingTable | None) -> Recipe:
+        """The validated ``[training]`` table as a Recipe (the defaults when there is none)."""
+        if t is None:
+            return Recipe()
+        r = Recipe(optimizer=t.optimizer, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, epochs=t.epochs,
+                   batch_size=t.batch_size, seed=t.seed, checkpoints_per_epoch=t.checkpoints_per_epoch,
+                   lr_schedule=t.lr_schedule)
+        for s in t.stages:
+            r.stages.append(Stage(name=s.name or f"stage{len(r.stages)}", epochs=s.epochs or r.epochs,
+                                  lr=s.lr or r.lr, lr_schedule=s.lr_schedule or r.lr_schedule, select=s.select))
         return r
 
     def _load_data(self) -> None:
@@ -362,12 +368,20 @@ class Project:
 
     def _check_model(self) -> None:
         model = self.build_model().eval()
-        with torch.no_grad():
-            try:
-                out = model(self.train_dataset.x[:2])
-            except Exception as e:
-                raise ValidationError(f"model forward failed on input {_describe(self.train_dataset.x[:2])}: "
-                                      f"{type(e).__name__}: {e}", file=self.factory_spec) from None
+        if not any(True for _ in model.parameters()):
+            raise ValidationError("the model has no parameters to attribute", file=str(self._factory_file))
+        # two rows, then a realistic batch: a model that only breaks for larger batches fails here,
+        # not half-way through training or featurization
+        for n in (2, min(len(self.train_dataset), 32)):
+            x = take(self.train_dataset.x, range(n))
+            with torch.no_grad():
+                try:
+                    out = model(x)
+                except Exception as e:
+                    raise ValidationError(f"model forward failed on a batch of {n}, input {_describe(x)}: "
+                                          f"{type(e).__name__}: {e}", file=str(self._factory_file)) from None
+            if out.ndim != 2 or out.shape[0] != n:
+                break
         if out.ndim != 2 or out.shape[1] != self.num_classes:
             raise ValidationError(f"model output has shape {tuple(out.shape)} but the data has {self.num_classes} classes; "
                                   f"expected [batch, {self.num_classes}]", file=str(self.root / self.factory_spec.partition(':')[0]))
@@ -472,15 +486,31 @@ class Project:
 
     @cached_property
     def _data_hash(self) -> str:
-        h = hashlib.sha256()
-        for ds in (self.train_dataset, self.test_dataset):
-            h.update(input_bytes(ds.x))
-            h.update(ds.y.numpy().tobytes())
-        return h.hexdigest()[:16]
+        return _hash_examples(self.train_dataset, self.test_dataset)
+
+    @cached_property
+    def train_data_hash(self) -> str:
+        """Hash of the training inputs and labels: what a recorded trajectory was trained on."""
+        return _hash_examples(self.train_dataset)
 
     def data_hash(self) -> str:
         """Hash of the loaded inputs and labels (fixed for the life of this Project)."""
         return self._data_hash
+
+    def check_data_unchanged(self) -> None:
+        """The data the trajectory was recorded on is the data now; otherwise one line saying what
+        changed and how to fix it (nothing may run on checkpoints of other data)."""
+        log = self.trajectory() if self.has_trajectory else {}
+        # train_hash: trajectories recorded before it existed are checked by their row count only
+        recorded_n, recorded_hash = log.get("n_train"), log.get("train_hash")
+        n = len(self.train_dataset)
+        if recorded_n is not None and int(recorded_n) != n:
+            raise ValidationError(f"the training data has {n} rows but the trajectory was recorded on {recorded_n}; "
+                                  f"retrain (`proponent train`) or re-import (`proponent import`)",
+                                  file=str(self.trajectory_path))
+        if recorded_hash and recorded_hash != self.train_data_hash:
+            raise ValidationError("the training data changed since the trajectory was recorded; retrain "
+                                  "(`proponent train`) or re-import (`proponent import`)", file=str(self.trajectory_path))
 
     # ------------------------------------------------------------------ state
     @property
@@ -506,6 +536,14 @@ class Project:
             "weights": "trajectory" if self.has_trajectory else ("weights files" if self.weight_files else "none"),
             "recipe": self.has_recipe,
         }
+
+
+def _hash_examples(*datasets) -> str:
+    h = hashlib.sha256()
+    for ds in datasets:
+        h.update(input_bytes(ds.x))
+        h.update(ds.y.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _positional_arity(fn) -> int:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,9 +20,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from engine.core.errors import Cancelled, ProponentError
+from engine.core.errors import Cancelled, ProponentError, ValidationError
 from engine.core.project import Project, Recipe, Stage
 from engine.storage.arrays import atomic_write_bytes, atomic_write_json
+from engine.storage.folders import MARKER, is_owned, make_owned_dir, partial_path, remove_owned, replace_owned_dir
+from engine.storage.locks import project_writer_lock
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -225,13 +225,19 @@ def record_training(project: Project, *, models: int = 1, device: str = "cpu",
     if models < 1:
         raise ProponentError("--models must be at least 1")
     project.require_recipe("training")
+    with project_writer_lock(project.state_dir, "proponent train"):
+        _record_training(project, models, device, progress, cancel)
+    return project.checkpoints
+
+
+def _record_training(project: Project, models: int, device: str, progress, cancel) -> None:
     final = project.checkpoint_dir
-    tmp = final.with_name(final.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    if final.exists() and not is_owned(final):  # refuse before training, not after
+        raise ValidationError(f"refusing to replace {final}: Proponent did not create it (no {MARKER} marker); move it "
+                              f"away or choose another [model] checkpoints folder", file=str(project.toml_path))
+    tmp = make_owned_dir(partial_path(final))
     ds = project.train_dataset
-    log = {"recipe": project.recipe.fingerprint(), "n_train": len(ds), "data_hash": project.data_hash(),
+    log = {"recipe": project.recipe.fingerprint(), "n_train": len(ds), "data_hash": project.data_hash(), "train_hash": project.train_data_hash,
            "models": models, "checkpoints": [], "stages": {}}
     for m in range(models):
         res = fit_model(project.build_model, ds.x, ds.y, project.recipe, seed=project.recipe.seed + m, device=device,
@@ -258,16 +264,11 @@ def record_training(project: Project, *, models: int = 1, device: str = "cpu",
                 "optimizer": project.recipe.optimizer,
                 "momentum": project.recipe.momentum if project.recipe.optimizer == "sgd" else 0.0,
                 "seed": project.recipe.seed + m})
+    if not log["checkpoints"]:  # a recipe that records nothing never replaces a trajectory
+        remove_owned(tmp)
+        raise ProponentError("training recorded no checkpoints; the previous trajectory is kept", file=str(final))
     atomic_write_json(tmp / "trajectory.json", log)
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-    return project.checkpoints
+    replace_owned_dir(final, tmp)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 4096) -> float:

@@ -6,14 +6,17 @@ query ``q``: removing ``i`` is predicted to lower ``q``'s correct-class margin.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import importlib
 import pkgutil
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Annotated, Any, Callable, ClassVar, Literal
 
 import numpy as np
+import pydantic
 import torch
 
 from engine.core.errors import Cancelled, ProponentError
@@ -26,11 +29,16 @@ SIGN_CONVENTION = ("Positive score: the training example is a proponent — remo
                    "query's correct-class margin. Negative: an opponent.")
 
 
-def setting(default, help: str, choices: tuple | None = None, **kw):
-    """A dataclass field carrying its one-line help (the UI and CLI show it)."""
+RANGE_KEYS = ("ge", "gt", "le", "lt")
+
+
+def setting(default, help: str, choices: tuple | None = None, *, ge=None, gt=None, le=None, lt=None, **kw):
+    """A dataclass field carrying its one-line help (the UI and CLI show it), its choices and its
+    range (``ge``/``gt``/``le``/``lt``), which :func:`coerce_settings` enforces."""
     meta = {"help": help}
     if choices:
-        meta["choices"] = choices
+        meta["choices"] = tuple(choices)
+    meta.update({k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None})
     return dataclasses.field(default=default, metadata=meta, **kw)
 
 
@@ -125,6 +133,7 @@ class Attributor(ABC):
         if not project.checkpoints and self.needs_checkpoints:
             raise ProponentError("no checkpoints recorded; run `proponent train PROJECT` first",
                                  file=str(project.checkpoint_dir))
+        project.check_data_unchanged()
         self.project = project
         self._fit(project)
         return self
@@ -252,36 +261,56 @@ def unmet_requirements(cls: type[Attributor], project: Project, settings=None) -
             f"{' with these settings' if settings is not None and 'recipe' not in cls.requires else ''}{instead}")
 
 
+def _not_bool(v):
+    if isinstance(v, bool):
+        raise ValueError("must be a number, not true/false")
+    return v
+
+
+@functools.lru_cache(maxsize=None)
+def settings_model(settings_cls: type) -> type[pydantic.BaseModel]:
+    """The pydantic model that validates one method's settings: types from the defaults, choices,
+    ranges and unknown names (extra="forbid"). Strings (``--set NAME=VALUE``) are parsed by it, so
+    ``absolute=ture`` is an error, never False."""
+    fields = {}
+    for f in dataclasses.fields(settings_cls):
+        default = f.default
+        kind = type(default)
+        ann: Any = kind
+        if f.metadata.get("choices"):
+            ann = Literal[tuple(f.metadata["choices"])]
+        elif kind in (int, float):
+            ann = Annotated[kind, pydantic.BeforeValidator(_not_bool)]
+        limits = {k: f.metadata[k] for k in RANGE_KEYS if k in f.metadata}
+        fields[f.name] = (ann, pydantic.Field(default, allow_inf_nan=False, **limits) if kind is float
+                          else pydantic.Field(default, **limits))
+    return pydantic.create_model(f"{settings_cls.__name__}Model", __config__=pydantic.ConfigDict(extra="forbid"),
+                                 **fields)
+
+
 def coerce_settings(cls: type[Attributor], settings) -> Any:
-    """Build the method's Settings from a dict (CLI, UI, JSON), rejecting unknown keys."""
+    """Build the method's Settings from a dict (CLI strings, UI values, JSON), validated by
+    :func:`settings_model`; any problem is one line naming the method and the setting."""
     S = cls.Settings
     if isinstance(settings, S):
-        return settings
+        settings = dataclasses.asdict(settings)
     if settings is None:
         return S()
     if not isinstance(settings, dict):
         raise ProponentError(f"{cls.name}: settings must be a mapping, not {type(settings).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(S)}
-    unknown = [k for k in settings if k not in fields]
-    if unknown:
-        raise ProponentError(f"{cls.name}: unknown setting {unknown[0]!r} (known: {', '.join(fields) or 'none'})")
-    kwargs = {}
-    for k, v in settings.items():
-        default = fields[k].default
-        try:
-            if isinstance(default, bool):
-                v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
-            elif isinstance(default, int) and not isinstance(default, bool):
-                v = int(v)
-            elif isinstance(default, float):
-                v = float(v)
-        except (TypeError, ValueError):
-            raise ProponentError(f"{cls.name}: setting {k!r} must be a {type(default).__name__}, not {v!r}") from None
-        choices = fields[k].metadata.get("choices")
-        if choices and v not in choices:
-            raise ProponentError(f"{cls.name}: setting {k!r} must be one of {', '.join(map(str, choices))}, not {v!r}")
-        kwargs[k] = v
-    return S(**kwargs)
+    try:
+        valid = settings_model(S).model_validate(settings)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        known = [f.name for f in dataclasses.fields(S)]
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known) or 'none'})"
+            raise ProponentError(f"{cls.name}: unknown setting {name!r}{hint}") from None
+        msg = err["msg"].replace("Input should be", "must be").replace("Value error, ", "")
+        raise ProponentError(f"{cls.name}: setting {name!r} {msg[0].lower() + msg[1:]} (got {err.get('input')!r})") from None
+    return S(**valid.model_dump())
 
 
 def settings_dict(settings) -> dict:
@@ -293,7 +322,8 @@ def describe_settings(cls: type[Attributor]) -> list[dict]:
     out = []
     for f in dataclasses.fields(cls.Settings):
         out.append({"name": f.name, "default": f.default, "type": type(f.default).__name__,
-                    "choices": f.metadata.get("choices"), "help": f.metadata.get("help", "")})
+                    "choices": f.metadata.get("choices"), "help": f.metadata.get("help", ""),
+                    **{k: f.metadata[k] for k in RANGE_KEYS if k in f.metadata}})
     return out
 
 

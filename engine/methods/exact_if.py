@@ -21,9 +21,9 @@ from engine.methods.base import Attributor, register, setting
 
 @dataclasses.dataclass
 class ExactIFSettings:
-    damping: float = setting(-1.0, "λ added to H; -1: 0 if H is positive definite, else shift to 1e-3 × the largest eigenvalue.")
-    max_params: int = setting(6000, "Refuse models with more tracked parameters (the Hessian is p×p).")
-    batch_size: int = setting(128, "Examples per Hessian block.")
+    damping: float = setting(-1.0, "λ added to H; -1: 0 if H is positive definite, else shift to 1e-3 × the largest eigenvalue.", ge=-1)
+    max_params: int = setting(6000, "Refuse models with more tracked parameters (the Hessian is p×p).", ge=1)
+    batch_size: int = setting(128, "Examples per Hessian block.", ge=1)
 
 
 def objective_hessian(model, x, y, weight_decay: float, batch_size: int, device: str,

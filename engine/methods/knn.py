@@ -11,7 +11,7 @@ from engine.methods.base import Attributor, register, setting
 
 @dataclasses.dataclass
 class KnnSettings:
-    neighbours: int = setting(10, "Neighbours used for the label-disagreement suspicion score.")
+    neighbours: int = setting(10, "Neighbours used for the label-disagreement suspicion score.", ge=1)
 
 
 def _unit(a: np.ndarray) -> np.ndarray:

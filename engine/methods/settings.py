@@ -18,10 +18,10 @@ class ProjectionSettings:
     """The random projection of per-example gradients (TRAK's), and its seed."""
 
     proj_dim: int = setting(-1, "Projection size k; -1 chooses from the number of tracked parameters (no projection "
-                                "for ≤ 8192), 0 disables projection.")
+                                "for ≤ 8192), 0 disables projection.", ge=-1)
     projection: str = setting("auto", "Random projection: auto, rademacher, gaussian, sjlt (sparse JL) or none.",
                               choices=PROJECTIONS)
-    seed: int = setting(0, "Seed of the projection matrices (and of any sampling the method does).")
+    seed: int = setting(0, "Seed of the projection matrices (and of any sampling the method does).", ge=0)
 
     def projection_plan(self, n_params: int, n_train: int) -> tuple[str, int]:
         """(projection kind, k) for gradients of ``n_params`` entries; k = 0 means no projection.
@@ -38,17 +38,17 @@ class CurvatureSettings(ProjectionSettings):
     """EK-FAC curvature (Fisher with labels sampled from the model), shared by EK-FAC and Source."""
 
     damping: float = setting(-1.0, "λ added to the curvature eigenvalues (Source: only with response='inverse'); "
-                                   "-1 = damping_ratio × each layer's mean eigenvalue.")
+                                   "-1 = damping_ratio × each layer's mean eigenvalue.", ge=-1)
     fisher_samples: int = setting(-1, "Labels sampled from the model per example for the Fisher pseudo-gradients; 0: the "
-                                      "exact expectation over all classes; -1: exact for ≤ 16 classes, else 1 sample.")
-    fit_rows: int = setting(0, "Fit the curvature on at most this many training rows (per segment; 0: all).")
+                                      "exact expectation over all classes; -1: exact for ≤ 16 classes, else 1 sample.", ge=-1)
+    fit_rows: int = setting(0, "Fit the curvature on at most this many training rows (per segment; 0: all).", ge=0)
     weight_decay_in_curvature: bool = setting(True, "Add the recipe's weight decay to the curvature eigenvalues "
                                                     "(the training objective's Hessian includes it; kronfluence does not).")
 
 
 @dataclasses.dataclass
 class DampingRatioSettings:
-    damping_ratio: float = setting(0.1, "With damping = -1: λ as a fraction of each layer's mean eigenvalue.")
+    damping_ratio: float = setting(0.1, "With damping = -1: λ as a fraction of each layer's mean eigenvalue.", gt=0)
 
 
 @dataclasses.dataclass
@@ -56,7 +56,7 @@ class TrajectorySettings:
     """How Source cuts the recorded trajectory into segments and walks it."""
 
     segments: int = setting(3, "Number of segments L of a single-stage run (the paper uses 3). A multi-stage run gets "
-                               "one segment per stage unless segment_by='count'.")
+                               "one segment per stage unless segment_by='count'.", ge=1)
     segment_by: str = setting("auto", "'auto': one segment per training stage when there are several, else `segments` "
                                       "equal groups of checkpoints; 'count': always `segments` groups.",
                               choices=("auto", "count"))
@@ -65,9 +65,9 @@ class TrajectorySettings:
     response: str = setting("unrolled", "'unrolled': Source's F(σ) = (1 − exp(−η̄Kσ))/σ with propagation exp(−η̄Kσ); "
                                         "'inverse': 1/(σ + λ) (with segments=1 this is EK-FAC influence).",
                             choices=("unrolled", "inverse"))
-    last_checkpoints: int = setting(0, "Use only the last N recorded checkpoints of the run (0: all).")
+    last_checkpoints: int = setting(0, "Use only the last N recorded checkpoints of the run (0: all).", ge=0)
     max_checkpoints_per_segment: int = setting(0, "Fit factors and gradients at most at this many checkpoints per "
-                                                  "segment, evenly spaced (0: all). η̄ and K still count every step.")
+                                                  "segment, evenly spaced (0: all). η̄ and K still count every step.", ge=0)
     adam_preconditioning: bool = setting(True, "For Adam runs with saved optimizer states: precondition with the "
                                                "segment's mean 1/(√v̂ + ε).")
 

@@ -11,7 +11,7 @@ from engine.methods.gradsim import GradientSimilarity, GradSimSettings
 
 @dataclasses.dataclass
 class TracInSettings(GradSimSettings):
-    max_checkpoints: int = setting(0, "Use at most this many checkpoints, evenly spaced (0: all).")
+    max_checkpoints: int = setting(0, "Use at most this many checkpoints, evenly spaced (0: all).", ge=0)
 
 
 @register

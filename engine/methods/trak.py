@@ -27,12 +27,12 @@ class TrakSettings(ProjectionSettings):
     ensemble: str = setting("auto", "Which checkpoints form the ensemble: 'auto' (final checkpoint of every independently "
                                      "trained model, or the last checkpoints of a single run), 'models', 'checkpoints', 'final'.",
                             choices=("auto", "models", "checkpoints", "final"))
-    max_models: int = setting(0, "Use at most this many ensemble members (0: all).")
-    damping: float = setting(-1.0, "Ridge λ added to ΦᵀΦ; -1 chooses λ = damping_ratio × mean non-zero eigenvalue.")
+    max_models: int = setting(0, "Use at most this many ensemble members (0: all).", ge=0)
+    damping: float = setting(-1.0, "Ridge λ added to ΦᵀΦ; -1 chooses λ = damping_ratio × mean non-zero eigenvalue.", ge=-1)
     # measured on validation projects (scripts/tune_trak_damping.py, docs/bench/trak-damping.json): LDS rises
     # from 0.08–0.21 at 1e-3 to 0.65–0.67 at 10 on small MLPs, where the undamped kernel regression overfits
     damping_ratio: float = setting(10.0, "With damping = -1: λ as a multiple of the mean non-zero eigenvalue of ΦᵀΦ "
-                                         "(10 was best on held-out validation projects).")
+                                         "(10 was best on held-out validation projects).", gt=0)
 
 
 def solve_kernel(phi: np.ndarray, damping: float, damping_ratio: float) -> tuple[np.ndarray, float]:

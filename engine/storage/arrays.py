@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,7 +34,8 @@ def _atomic_write(path: str | Path, write) -> None:
     """Write through ``write(fileobj)`` to a temporary file in the same folder, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the writer's pid is in the name, so a later start can tell an orphan from a write in progress
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX)
     try:
         os.chmod(tmp, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
@@ -45,6 +47,36 @@ def _atomic_write(path: str | Path, write) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_orphan_temp_files(folder: str | Path) -> int:
+    """Remove temporary files that :func:`_atomic_write` left behind when its process was killed
+    (only ours: the name pattern, and a writer pid that no longer runs). Returns how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for p in folder.rglob(f"*{TEMP_SUFFIX}"):
+        m = _TEMP_NAME.match(p.name)
+        if m and p.is_file() and not _alive(int(m.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed += 1
+    return removed
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engine.core.errors import ProponentError
 from engine.storage.arrays import json_default
 
 
@@ -66,7 +67,18 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 """
 
+# the per-project folder of results and state: <project>/.proponent/
+STATE_DIRNAME = ".proponent"
+
 FLAG_VALUES = ("mislabeled", "ok", "ambiguous", "leak", "dismissed")
+
+# Schema versions (PRAGMA user_version). Version 1 is SCHEMA above; each later entry upgrades the
+# one before it, inside one transaction, so an existing project's state.db is never broken by a
+# schema change. A database from a newer Proponent is refused rather than altered.
+MIGRATIONS: list[tuple[int, str]] = [
+    (2, "CREATE INDEX IF NOT EXISTS audit_item ON audit (split, item, id);"),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
 class StateDB:
@@ -79,8 +91,28 @@ class StateDB:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._conn() as con:
-            con.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        con = self._conn()
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise ProponentError(f"state.db has schema version {version}, newer than this Proponent knows "
+                                 f"({SCHEMA_VERSION}); upgrade Proponent to open it", file=str(self.path))
+        if version == SCHEMA_VERSION:
+            return
+        with self._tx() as con:
+            version = con.execute("PRAGMA user_version").fetchone()[0]  # another process may have migrated
+            if version < 1:
+                for stmt in SCHEMA.split(";"):
+                    if stmt.strip():
+                        con.execute(stmt)
+                version = 1
+            for target, sql in MIGRATIONS:
+                if target > version:
+                    con.execute(sql)
+                    version = target
+            con.execute(f"PRAGMA user_version = {int(version)}")
 
     @classmethod
     def for_project(cls, project) -> "StateDB":
@@ -126,6 +158,10 @@ class StateDB:
         row = self._conn().execute("SELECT * FROM runs WHERE key=?", (key,)).fetchone()
         return _run_row(row) if row else None
 
+    def delete_run(self, key: str) -> None:
+        with self._tx() as con:
+            con.execute("DELETE FROM runs WHERE key=?", (key,))
+
     def list_runs(self) -> list[dict]:
         return [_run_row(r) for r in self._conn().execute("SELECT * FROM runs ORDER BY created DESC")]
 
@@ -136,32 +172,53 @@ class StateDB:
 
         Fields left as ``...`` are unchanged; ``None`` clears them.
         """
+        with self._tx() as con:
+            return self._set_in(con, split, item, {k: v for k, v in (("flag", flag), ("relabel", relabel), ("note", note))
+                                                   if v is not ...}, source)
+
+    @staticmethod
+    def _set_in(con, split: str, item, changes: dict, source: str) -> dict:
+        """Apply ``changes`` (flag/relabel/note → value or None) to one item inside the caller's
+        transaction, writing each changed field to the audit trail."""
         if split not in ("train", "test", "pair"):
             raise ValueError(f"split must be train, test or pair, not {split!r}")
-        if flag not in (..., None) and flag not in FLAG_VALUES:
-            raise ValueError(f"flag must be one of {', '.join(FLAG_VALUES)}, not {flag!r}")
+        if changes.get("flag") is not None and changes["flag"] not in FLAG_VALUES:
+            raise ValueError(f"flag must be one of {', '.join(FLAG_VALUES)}, not {changes['flag']!r}")
         item = str(item)
         now = time.time()
+        row = con.execute("SELECT flag, relabel, note FROM flags WHERE split=? AND item=?", (split, item)).fetchone()
+        old = dict(row) if row else {"flag": None, "relabel": None, "note": None}
+        new = dict(old)
+        for name, val in changes.items():
+            new[name] = None if val is None else str(val)
+        for name in ("flag", "relabel", "note"):
+            if new[name] != old[name]:
+                con.execute("INSERT INTO audit (ts, split, item, field, old, new, source) VALUES (?,?,?,?,?,?,?)",
+                            (now, split, item, name, old[name], new[name], source))
+        con.execute("INSERT INTO flags (split, item, flag, relabel, note, updated) VALUES (?,?,?,?,?,?) "
+                    "ON CONFLICT(split, item) DO UPDATE SET flag=excluded.flag, relabel=excluded.relabel, "
+                    "note=excluded.note, updated=excluded.updated",
+                    (split, item, new["flag"], new["relabel"], new["note"], now))
+        return new
+
+    def toggle_flag(self, split: str, item: int | str, flag: str = "mislabeled", source: str = "user") -> str | None:
+        """One-click flag: set ``flag`` if the item does not carry it, clear it if it does. The read
+        and the write are one transaction, so concurrent clicks are never lost."""
+        if flag not in FLAG_VALUES:
+            raise ValueError(f"flag must be one of {', '.join(FLAG_VALUES)}, not {flag!r}")
         with self._tx() as con:
-            row = con.execute("SELECT flag, relabel, note FROM flags WHERE split=? AND item=?", (split, item)).fetchone()
-            old = dict(row) if row else {"flag": None, "relabel": None, "note": None}
-            new = dict(old)
-            for name, val in (("flag", flag), ("relabel", relabel), ("note", note)):
-                if val is not ...:
-                    new[name] = None if val is None else str(val)
-            for name in ("flag", "relabel", "note"):
-                if new[name] != old[name]:
-                    con.execute("INSERT INTO audit (ts, split, item, field, old, new, source) VALUES (?,?,?,?,?,?,?)",
-                                (now, split, item, name, old[name], new[name], source))
-            con.execute("INSERT INTO flags (split, item, flag, relabel, note, updated) VALUES (?,?,?,?,?,?) "
-                        "ON CONFLICT(split, item) DO UPDATE SET flag=excluded.flag, relabel=excluded.relabel, "
-                        "note=excluded.note, updated=excluded.updated",
-                        (split, item, new["flag"], new["relabel"], new["note"], now))
+            row = con.execute("SELECT flag FROM flags WHERE split=? AND item=?", (split, str(item))).fetchone()
+            new = None if (row is not None and row["flag"] == flag) else flag
+            self._set_in(con, split, item, {"flag": new}, source)
         return new
 
     def set_flags(self, split: str, items, **kw) -> None:
-        for it in items:
-            self.set_flag(split, it, **kw)
+        """The same change for many items, in one transaction."""
+        source = kw.pop("source", "user")
+        changes = {k: v for k, v in kw.items() if v is not ...}
+        with self._tx() as con:
+            for it in items:
+                self._set_in(con, split, it, changes, source)
 
     def flags(self, split: str | None = None) -> dict[str, dict]:
         q = "SELECT * FROM flags" + (" WHERE split=?" if split else "")

@@ -41,22 +41,22 @@ __all__ = ["DDM", "DDMSettings", "cluster_quality", "cluster_table", "synset_ima
 
 @dataclasses.dataclass
 class DDMSettings:
-    clusters_per_class: int = setting(5, "k-means clusters per class (each gets one synthetic example).")
-    distill_steps: int = setting(100, "Adam steps of reverse gradient matching on the synthetic inputs.")
-    distill_lr: float = setting(0.01, "Adam learning rate for the synthetic inputs.")
-    max_checkpoints: int = setting(0, "Match gradients at this many evenly spaced checkpoints of the trajectory (0: all).")
+    clusters_per_class: int = setting(5, "k-means clusters per class (each gets one synthetic example).", ge=1)
+    distill_steps: int = setting(100, "Adam steps of reverse gradient matching on the synthetic inputs.", ge=0)
+    distill_lr: float = setting(0.01, "Adam learning rate for the synthetic inputs.", gt=0)
+    max_checkpoints: int = setting(0, "Match gradients at this many evenly spaced checkpoints of the trajectory (0: all).", ge=0)
     variant: str = setting("refit", "Online removal: 'ascent' (gradient ascent on s_k weighted by |D_k|/N) or 'refit' "
                                      "(short re-fit on the synset without s_k, compared with all).",
                            choices=("ascent", "refit"))
-    online_steps: int = setting(10, "Fast steps of the online stage.")
+    online_steps: int = setting(10, "Fast steps of the online stage.", ge=1)
     online_lr: float = setting(-1.0, "Step size of the online stage; -1: the learning rate of the final checkpoint.")
     norm_calibration: bool = setting(True, "Weight each synthetic example so its gradient norm at the final checkpoint "
                                            "equals its cluster's mean real gradient norm (our addition: cosine "
                                            "matching leaves the scale free).")
     validation_fraction: float = setting(0.1, "Share of the TRAINING rows used as validation for data-quality "
-                                              "assessment (test data is never used).")
-    save_every: int = setting(10, "Save the synset and optimiser state every this many distillation steps.")
-    seed: int = setting(0, "Seed of k-means and of the validation split.")
+                                              "assessment (test data is never used).", gt=0, lt=1)
+    save_every: int = setting(10, "Save the synset and optimiser state every this many distillation steps.", ge=0)
+    seed: int = setting(0, "Seed of k-means and of the validation split.", ge=0)
 
 
 @register

@@ -42,8 +42,8 @@ REFERENCE_STEPS, REFERENCE_LR = 1, 5e-3  # the paper's notebook: one Adam step a
 class ForwardInfSettings:
     optimizer: str = setting("adam", "Optimizer of the per-query steps: adam (fresh state, as in the reference) or sgd "
                                      "(plain gradient steps).", choices=("adam", "sgd"))
-    steps: int = setting(0, "Optimizer steps on each query's loss; 0: chosen by calibration (see 'calibration').")
-    lr: float = setting(0.0, "Step size of those steps; 0: chosen by calibration.")
+    steps: int = setting(0, "Optimizer steps on each query's loss; 0: chosen by calibration (see 'calibration').", ge=0)
+    lr: float = setting(0.0, "Step size of those steps; 0: chosen by calibration.", ge=0)
     direction: str = setting("descent", "descent: learn the query (any query); ascent: unlearn it (for queries known to "
                                         "be in the training set).", choices=("descent", "ascent"))
     normalize: str = setting("none", "none: the raw loss change; self: divide S[q, i] by sqrt(|S[q, q]| · |S[i, i]|), "
@@ -58,12 +58,12 @@ class ForwardInfSettings:
                                        "retrain when the project has a training recipe, else reference.",
                                choices=("auto", "retrain", "reference"))
     memorised_loss: float = setting(1e-6, "A query whose loss is below this is memorised: its step is taken on a "
-                                          "sphere-perturbed copy of its input.")
+                                          "sphere-perturbed copy of its input.", ge=0)
     precision: str = setting("auto", "Arithmetic of the steps and loss differences: auto (float64 on CPU, float32 on "
                                      "CUDA), float32 or float64.", choices=("auto", "float32", "float64"))
     memory_budget_mb: float = setting(512.0, "Memory for stacked parameter copies and activations; sets how many queries "
-                                             "are scored together.")
-    seed: int = setting(0, "Seed of the sphere perturbation and of the calibration split.")
+                                             "are scored together.", gt=0)
+    seed: int = setting(0, "Seed of the sphere perturbation and of the calibration split.", ge=0)
 
 
 @register

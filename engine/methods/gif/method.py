@@ -36,7 +36,7 @@ MAX_GRADIENT_ENTRIES = 250_000_000  # n_train × p float32 training gradients he
 
 @dataclasses.dataclass
 class GIFSettings:
-    ratio: float = setting(0.05, "Fraction of each Linear/Conv2d layer's output rows (with bias) updated per query.")
+    ratio: float = setting(0.05, "Fraction of each Linear/Conv2d layer's output rows (with bias) updated per query.", gt=0, le=1)
     selection: str = setting("output", "How the rows are chosen from the query: mean |activation| (output), "
                                        "|margin gradient| at the layer output (gradient), or random (ablation).",
                              choices=("output", "gradient", "random"))
@@ -44,17 +44,17 @@ class GIFSettings:
                            choices=("gif", "if"))
     solver: str = setting("cg", "Iterative solver: conjugate gradients on the normal equations, or Richardson/LiSSA.",
                           choices=SOLVERS)
-    tol: float = setting(1e-5, "Stop when every query's relative residual is below this.")
-    max_iter: int = setting(1000, "Iterations per solve (each costs 2 Hessian-vector products per query).")
+    tol: float = setting(1e-5, "Stop when every query's relative residual is below this.", gt=0)
+    max_iter: int = setting(1000, "Iterations per solve (each costs 2 Hessian-vector products per query).", ge=1)
     hvp_examples: int = setting(16384, "At most this many training rows estimate the Hessian (≤ 0: all); measured on digits: subsamples moved the solution by 50-130%.")
-    damping: float = setting(0.0, "λ added to H (0: none).")
-    queries_per_solve: int = setting(16, "Queries solved together (one batched solve).")
+    damping: float = setting(0.0, "λ added to H (0: none).", ge=0)
+    queries_per_solve: int = setting(16, "Queries solved together (one batched solve).", ge=1)
     max_queries: int = setting(64, "Refuse to score more queries than this in one call (each needs its own solve: about "
-                                   "3 min per 16 queries on the digits MLP on a loaded 2-core CPU).")
+                                   "3 min per 16 queries on the digits MLP on a loaded 2-core CPU).", ge=0)
     on_unconverged: str = setting("error", "error: raise when a query's solve does not converge; report: keep the "
                                             "scores and record the unconverged queries and residuals in the run's meta.",
                                   choices=("error", "report"))
-    seed: int = setting(0, "Seed of the Hessian subsample and of random selection.")
+    seed: int = setting(0, "Seed of the Hessian subsample and of random selection.", ge=0)
 
 
 @register
