@@ -106,7 +106,8 @@ def cached_scores(project: Project, method: str, settings=None, *, device: str =
         progress("score", 1, 1)
     db.upsert_run(key, status="done", finished=time.time(), score_seconds=score_s, peak_mb=_peak_mb(),
                   meta={**att.meta, "label": cls.label, "granularity": cls.granularity})
-    return {"key": key, "meta": att.meta, "scores": S, "self_scores": self_s, "suspicion": susp}
+    # what was stored (scores in float32), so a first run and a cached run give identical numbers
+    return {"key": key, "meta": att.meta, **{n: load_npy(f) for n, f in files.items()}}
 
 
 def attribute(project: Project, method: str = "trak", queries="test", settings=None, *, device: str = "auto",

@@ -479,7 +479,8 @@ def _load_tabular(cfg: DataConfig, train_file: Path, test_file: Path, exclude: s
         bad = num.isna().to_numpy() | ~np.isfinite(num.to_numpy(dtype=np.float64, na_value=np.nan))
         if bad.any():
             r, c = map(int, np.argwhere(bad)[0])
-            raise ValidationError(f"column {numeric[c]!r}: value {block.iat[r, c]!r} is not a finite number", file=str(f), row=r)
+            raise ValidationError(f"column {numeric[c]!r}: value {str(block.iat[r, c])!r} is not a finite number",
+                                  file=str(f), row=r)
         mats.append(num.to_numpy(dtype=np.float32))
     # standardise with training statistics only, so test data never leaks into preprocessing
     mean = mats[0].mean(0) if numeric else np.zeros(0, np.float32)

@@ -353,11 +353,12 @@ class Project:
 
     def build_model(self) -> nn.Module:
         """A fresh, untrained module from the project's factory."""
+        factory = self._factory  # a missing file or function is its own one-line error
         # text models are built from the class count alone: build(num_classes)
-        args = (self.num_classes,) if self.data_format == "text" and _positional_arity(self._factory) == 1 \
+        args = (self.num_classes,) if self.data_format == "text" and _positional_arity(factory) == 1 \
             else (self.input_shape, self.num_classes)
         try:
-            model = self._factory(*args)
+            model = factory(*args)
         except Exception as e:
             raise ValidationError(f"build{args} failed: {type(e).__name__}: {e}",
                                   file=str(self.root / self.factory_spec.partition(':')[0])) from None

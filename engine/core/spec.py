@@ -183,7 +183,8 @@ def parse_spec(raw: dict, toml: Path) -> ProjectSpec:
     try:
         return ProjectSpec.model_validate(raw)
     except pydantic.ValidationError as e:
-        errors = e.errors()
+        # a misspelt key explains the "required" error it causes, so it is named first
+        errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
         raise ValidationError(describe_error(errors[0]) + more, file=str(toml)) from None
 
