@@ -8,9 +8,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import engine  # noqa: E402,F401  (sets the torch thread count before any work)
 import streamlit as st  # noqa: E402
 
+import engine  # noqa: E402,F401  (sets the torch thread count before any work)
 from app import ui  # noqa: E402
 
 st.set_page_config(page_title="Proponent", page_icon="🔎", layout="wide")

@@ -5,11 +5,11 @@ import html
 import os
 from pathlib import Path
 
-import numpy as np
 import streamlit as st
 
 from app import jobs
 from app import services as svc
+from app.services import clusters
 
 SIGN = svc.SIGN_HELP
 FLAG_ICONS = {None: "", "mislabeled": ":red[:material/flag: mislabeled]", "ok": ":green[:material/check: ok]",
@@ -39,6 +39,11 @@ def _stamp(root: str) -> tuple:
 @st.cache_resource(show_spinner="Loading project…", max_entries=4)
 def _load_project(root: str, stamp: tuple):
     return svc.open_project(root)
+
+
+def project_at(root: str):
+    """The project at ``root``, loaded once per change of its project.toml or trajectory."""
+    return _load_project(root, _stamp(root))
 
 
 def get_project(required: bool = True):
@@ -192,14 +197,8 @@ def fmt_flag(flag) -> str:
     return FLAG_ICONS.get(flag, str(flag)) or "—"
 
 
-def np_float(v) -> float:
-    return float(np.asarray(v))
-
-
 def cluster_run_section(project, run, title: str, help_text: str):
     """Header, method description and the loaded cluster results of a DDM run (None if unloadable)."""
-    from app.services import clusters
-
     st.subheader(title, help=help_text)
     st.info(clusters.method_description(run["method"]))
     try:

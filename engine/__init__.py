@@ -16,8 +16,8 @@ if "PROPONENT_THREADS" in _os.environ or "OMP_NUM_THREADS" not in _os.environ:
 
 from engine.api import attribute, cached_scores, fit_method
 from engine.core.errors import ProponentError, ValidationError
-from engine.methods import get_method, list_methods
 from engine.core.project import ExampleSet, Project
+from engine.methods import get_method, list_methods
 
 __all__ = ["Project", "ExampleSet", "attribute", "cached_scores", "fit_method", "get_method", "list_methods",
            "ProponentError", "ValidationError"]

@@ -7,13 +7,25 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.core.errors import ProponentError
 from engine.autodiff import resolve_device
-from engine.methods.base import (Attributor, Queries, SelfScoresUnavailable, coerce_settings, get_method, settings_dict,
-                                 unmet_requirements)
+from engine.core.errors import ProponentError
 from engine.core.project import Project
+from engine.methods.base import (
+    Attributor,
+    Queries,
+    SelfScoresUnavailable,
+    coerce_settings,
+    get_method,
+    settings_dict,
+    unmet_requirements,
+)
+from engine.storage.arrays import (
+    atomic_save_npy,
+    atomic_write_json,
+    load_npy,
+    stable_hash,
+)
 from engine.storage.statedb import StateDB
-from engine.storage.arrays import atomic_save_npy, atomic_write_json, load_npy, stable_hash
 
 
 def run_key(project: Project, method: str, settings) -> str:

@@ -406,13 +406,30 @@ def test_report_is_self_contained(ran_project, tmp_path):
     assert "Plotly" in html and svc.SIGN_HELP.split(":")[0] in html
 
 
-def test_verify_kwargs_match_signature():
-    def check(project, query, method=None, *, scores_row=None, k_values=(5,), progress=None):
-        return None
+def test_verify_kwargs_bind_to_the_counterfactual_check():
+    import inspect
 
-    kw = svc.verify_kwargs(check, query=4, method="trak", settings={}, scores_row=np.array([0.5, -1.0]), k_values=(5, 10))
-    assert kw == {"query": 4, "method": "trak", "scores_row": [0.5, -1.0], "k_values": [5, 10]}
+    from engine.workflows.counterfactual import counterfactual_check
+
+    kw = svc.verify_kwargs(query=4, method="trak", settings={}, scores_row=np.array([0.5, -1.0]), k_values=(5, 10))
+    assert kw == {"query": 4, "method": "trak", "scores_row": [0.5, -1.0], "k_values": [5, 10], "seeds": [0, 1],
+                  "random_trials": 3}
+    inspect.signature(counterfactual_check).bind(None, **kw, progress=None)  # the job calls it this way
     json.dumps(kw)  # travels through the jobs table
+
+
+def test_one_retrain_budget_for_verify_and_whatif(ran_project, monkeypatch):
+    from app.services import runs
+
+    assert svc.retrain_refusal(ran_project, 1) is None
+    n_params = sum(p.numel() for p in ran_project.build_model().parameters())
+    one = n_params * len(ran_project.train_dataset)
+    monkeypatch.setattr(runs, "RETRAIN_BUDGET", one * 5)
+    assert svc.retrain_refusal(ran_project, 5) is None
+    assert "too costly" in svc.retrain_refusal(ran_project, 6)
+    # Verify with 2 seeds, 3 k values and 3 random removals each is 24 retrains
+    assert svc.verify_retrains([5, 10, 20], (0, 1), 3) == 24
+    assert "too costly" in svc.verify_available(ran_project, [5, 10, 20], random_trials=3)
 
 
 def test_cost_estimate_counts_passes(ran_project):
@@ -427,8 +444,8 @@ def test_cost_estimate_counts_passes(ran_project):
 
 def test_whatif_job_plumbing(monkeypatch, ran_project, tmp_path):
     """The What-if job hands the flagged set to engine.workflows.whatif and stores a JSON-able result
-    (the GIF solve itself is tested by its own engineer; here it is replaced by a recorder)."""
-    import engine.workflows.whatif as whatif
+    (the GIF solve itself is tested in test_whatif.py; here it is replaced by a recorder)."""
+    from app.jobs import queue
 
     p = _copy(ran_project, tmp_path / "digits")
     seen = {}
@@ -438,7 +455,7 @@ def test_whatif_job_plumbing(monkeypatch, ran_project, tmp_path):
         return {"before": {"accuracy": np.float32(0.9)}, "after": {"accuracy": 0.95}, "accuracy_change": 0.05,
                 "flips": [], "n_edited": len(indices), "action": action, "predictions": np.arange(3)}
 
-    monkeypatch.setattr(whatif, "predict_edit", fake_predict)
+    monkeypatch.setattr(queue, "predict_edit", fake_predict)
     jid = jobs.start_job(p, "whatif", {"indices": [3, 9], "action": "relabel", "new_labels": [1, 2]}, background=False)
     j = jobs.get_job(p, jid)
     assert j["status"] == "done", j

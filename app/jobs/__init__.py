@@ -1,4 +1,17 @@
 """Background jobs: rows of the project's SQLite ``jobs`` table run by worker processes
 (``python -m app.jobs.runner PROJECT JOB_ID``)."""
-from app.jobs.queue import (ACTIVE, KINDS, active_jobs, cancel_job, create_job, find_active, get_job, job_signature, list_jobs,  # noqa: F401
-                            refresh, run_job, start_job, wait)
+from app.jobs.queue import (  # noqa: F401
+                            ACTIVE,
+                            KINDS,
+                            active_jobs,
+                            cancel_job,
+                            create_job,
+                            find_active,
+                            get_job,
+                            job_signature,
+                            list_jobs,
+                            refresh,
+                            run_job,
+                            start_job,
+                            wait,
+)

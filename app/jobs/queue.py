@@ -18,9 +18,16 @@ import traceback
 import uuid
 from pathlib import Path
 
+from app import services as svc
+from engine.api import cached_scores
 from engine.core.errors import Cancelled, ProponentError
 from engine.core.progress import RateTracker
+from engine.storage.arrays import jsonable
 from engine.storage.statedb import StateDB
+from engine.workflows.counterfactual import counterfactual_check
+from engine.workflows.embeddings import compute_embedding
+from engine.workflows.leaks import detect_leaks
+from engine.workflows.whatif import compare_edits, predict_edit, retrain_edit
 
 REPO = Path(__file__).resolve().parents[2]
 ACTIVE = ("queued", "running", "cancelling")
@@ -197,8 +204,6 @@ def run_job(root: str | Path, job_id: str) -> dict:
     db.upsert_job(job_id, status="running", pid=os.getpid(), stage="loading project")
     rep = JobReporter(db, job_id)
     try:
-        from app import services as svc
-
         project = svc.open_project(root)
         params = j.get("params") or {}
         result = _dispatch(project, j["kind"], params, rep)
@@ -217,68 +222,33 @@ def run_job(root: str | Path, job_id: str) -> dict:
 
 
 def _dispatch(project, kind: str, params: dict, rep: JobReporter) -> dict:
-    from app import services as svc
-
     if kind == "attribute":
-        from engine.api import cached_scores
-
         t0 = time.perf_counter()
         res = cached_scores(project, params["method"], params.get("settings") or {}, device=params.get("device", "auto"),
                             progress=rep, cancel=rep.cancel)
         return {"key": res["key"], "method": params["method"], "seconds": time.perf_counter() - t0}
     if kind == "embedding":
-        out = svc.compute_embedding(project, params.get("kind", "influence"), params.get("reducer", "umap"),
-                                    progress=rep, cancel=rep.cancel)
+        out = compute_embedding(project, params.get("kind", "influence"), params.get("reducer", "umap"),
+                                progress=rep, cancel=rep.cancel)
         return {"points": int(len(out["index"]))}
     if kind == "verify":
-        mod = svc.optional_module("engine.workflows.counterfactual")
-        if mod is None:
-            raise ProponentError("the counterfactual check is not available in this build")
-        import inspect
-
-        kw = dict(params.get("kwargs", {}))
-        if "progress" in inspect.signature(mod.counterfactual_check).parameters:
-            kw["progress"] = rep
-        out = mod.counterfactual_check(project, **kw)
-        return _plain(out)
+        out = counterfactual_check(project, **dict(params.get("kwargs", {})), progress=rep)
+        return jsonable(out)
     if kind == "query":
         return svc.score_uploaded_query(project, params["qid"], params["method"], params.get("settings") or {},
                                         params["run"], int(params["label"]), device=params.get("device", "auto"),
                                         progress=rep, cancel=rep.cancel)
     if kind == "leaks":
-        mod = svc.optional_module("engine.workflows.leaks")
-        if mod is None:
-            raise ProponentError("the leak detector is not available in this build")
-        out = mod.detect_leaks(project, params["method"], params.get("settings") or None,
-                               device=params.get("device", "auto"), progress=rep)
-        return _plain(out)
+        out = detect_leaks(project, params["method"], params.get("settings") or None,
+                           device=params.get("device", "auto"), progress=rep)
+        return jsonable(out)
     if kind == "whatif":
-        mod = svc.optional_module("engine.workflows.whatif")
-        if mod is None:
-            raise ProponentError("the what-if engine is not available in this build")
         kw = dict(action=params.get("action", "remove"), new_labels=params.get("new_labels"))
-        pred = mod.predict_edit(project, params["indices"], **kw, progress=rep, allow_unconverged=True)
-        out = {"predicted": _plain(pred)}
+        pred = predict_edit(project, params["indices"], **kw, progress=rep, allow_unconverged=True)
+        out = {"predicted": jsonable(pred)}
         if params.get("retrain"):
-            real = mod.retrain_edit(project, params["indices"], **kw, progress=rep)
-            out["retrained"] = _plain(real)
-            if hasattr(mod, "compare_edits"):
-                out["comparison"] = _plain(mod.compare_edits(pred, real))
+            real = retrain_edit(project, params["indices"], **kw, progress=rep)
+            out["retrained"] = jsonable(real)
+            out["comparison"] = jsonable(compare_edits(pred, real))
         return out
     raise ProponentError(f"unknown job kind {kind!r}")
-
-
-def _plain(obj):
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist() if obj.size <= 100_000 else f"array{list(obj.shape)}"
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if hasattr(obj, "detach"):
-        return _plain(obj.detach().cpu().numpy())
-    return obj

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import sys
 
+from app.jobs.queue import run_job
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 2:
         print("usage: python -m app.jobs.runner PROJECT_ROOT JOB_ID", file=sys.stderr)
         return 2
-    import engine  # noqa: F401  (sets the torch thread count)
-    from app.jobs.queue import run_job
 
     j = run_job(argv[0], argv[1])
     return 0 if j and j["status"] == "done" else 1

@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import plotly.graph_objects as go
 
 from app import services as svc
+from engine.storage.arrays import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,8 +64,6 @@ def bench_tables(folder: Path | None = None) -> list[dict]:
 
 def build_report(project, key: str, *, method: str = "", n_queries: int = 4, k: int = 8,
                  bench_dir: Path | None = None) -> str:
-    import plotly.graph_objects as go
-
     run = svc.load_run(project, key)
     S = run["scores"]
     db = svc.db_for(project)
@@ -167,7 +167,5 @@ def build_report(project, key: str, *, method: str = "", n_queries: int = 4, k: 
 
 
 def write_report(project, key: str, path: str | Path, **kw) -> Path:
-    from engine.storage.arrays import atomic_write_text
-
     atomic_write_text(path, build_report(project, key, **kw))
     return Path(path)

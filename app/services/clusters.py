@@ -13,10 +13,15 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
+import pandas as pd
+from PIL import Image
 
+from app.services.flags import bulk_update
+from engine.api import fit_method
 from engine.core.errors import ProponentError
-from engine.methods import SIGN_CONVENTION, get_method
 from engine.core.project import Project
+from engine.methods import SIGN_CONVENTION, get_method
+from engine.methods.ddm.method import cluster_table, synset_images
 from engine.storage.statedb import FLAG_VALUES, StateDB
 
 SIGN_HELP = SIGN_CONVENTION
@@ -73,9 +78,6 @@ def method_description(method: str) -> str:
 
 def load_cluster_run(project: Project, run: dict, *, cache: bool = True) -> ClusterRun:
     """Reload a finished cluster run (resuming from its cached work) and tabulate its clusters."""
-    from engine.api import fit_method
-    from engine.methods.ddm.method import cluster_table
-
     if not is_cluster_run(run):
         raise ProponentError(f"run {run.get('key')} ({run.get('method')}) has no cluster-level results")
     ck = (str(project.root), run["key"], project.checkpoint_hash(), project.data_hash())
@@ -126,8 +128,6 @@ def query_clusters(cr: ClusterRun, query: int, k: int = 3) -> dict:
 
 def query_cluster_frame(qc: dict):
     """One table of a query's proponent and opponent clusters, as the Explore page shows it."""
-    import pandas as pd
-
     rows = []
     for role, key in (("proponent", "proponents"), ("opponent", "opponents")):
         for r in qc[key]:
@@ -139,8 +139,6 @@ def query_cluster_frame(qc: dict):
 def harmful_clusters(cr: ClusterRun, flags: dict | None = None):
     """The data-quality assessment: clusters whose simulated removal lowers validation loss, most
     harmful (most negative change) first, with how many members are already flagged."""
-    import pandas as pd
-
     flags = flags or {}
     rows = []
     for r in cr.table:  # already sorted by validation_loss_change, ascending
@@ -165,8 +163,6 @@ def cluster_members(cr: ClusterRun, cluster_ids: Iterable[int]) -> list[int]:
 
 def flag_cluster_members(db: StateDB, cr: ClusterRun, cluster_ids: Iterable[int], flag: str = "mislabeled") -> int:
     """Flag every member of the given clusters (one audit entry each). Returns the count."""
-    from app.services import bulk_update
-
     if flag not in FLAG_VALUES:
         raise ProponentError(f"flag must be one of {', '.join(FLAG_VALUES)}, not {flag!r}")
     members = cluster_members(cr, cluster_ids)
@@ -176,8 +172,6 @@ def flag_cluster_members(db: StateDB, cr: ClusterRun, cluster_ids: Iterable[int]
 def to_image(arr: np.ndarray, size: int = 96, lo: float = 0.0, hi: float = 1.0):
     """A PIL image of one input (C×H×W or H×W), mapped from [lo, hi] to 0..255 (clipped) and
     upscaled by nearest-neighbour to about ``size`` pixels, like the rest of the app."""
-    from PIL import Image
-
     a = np.asarray(arr, dtype=np.float64)
     if a.ndim == 3 and a.shape[0] in (1, 3):
         a = a[0] if a.shape[0] == 1 else np.transpose(a, (1, 2, 0))
@@ -194,8 +188,6 @@ def synset_gallery(project: Project, cr: ClusterRun, size: int = 96) -> list[dic
     """One entry per cluster: the distilled synthetic example and its medoid starting point (PIL
     images for image projects, feature vectors otherwise), with class, size and residual. Both
     images share the training data's value range, so they are directly comparable."""
-    from engine.methods.ddm.method import synset_images
-
     s = synset_images(cr.attributor)
     shape = list(s["input_shape"])
     images = project.data_format == "images"

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import time
 
+from engine.autodiff import GradientComputer
+from engine.core.errors import ProponentError
 from engine.core.project import Project
-from engine.methods import get_method
+from engine.methods import coerce_settings, get_method
+from engine.methods.trak import ensemble_checkpoints
 
 
 def calibrate_gradients(project: Project, n: int = 64) -> float:
     """Seconds per training example for one per-example margin gradient at the final checkpoint,
     measured on ``n`` examples (the unit most methods' cost is made of)."""
-    from engine.autodiff import GradientComputer
-
     computer = GradientComputer(project.load_model())
     x, y = project.train_dataset.x[:n], project.train_dataset.y[:n]
     computer.per_example(x[:2], y[:2])  # warm-up
@@ -22,16 +23,12 @@ def calibrate_gradients(project: Project, n: int = 64) -> float:
 
 def gradient_passes(project: Project, method: str, settings: dict) -> int:
     """How many passes of per-example gradients over the training set a run makes (an estimate)."""
-    from engine.methods import coerce_settings
-
     cls = get_method(method)
     s = coerce_settings(cls, settings)
     if hasattr(s, "ensemble") and hasattr(s, "max_models"):
         try:
-            from engine.methods.trak import ensemble_checkpoints
-
             return max(1, len(ensemble_checkpoints(project, s.ensemble, s.max_models)))
-        except Exception:
+        except ProponentError:  # e.g. an ensemble this project's checkpoints cannot give: the run will say why
             return 1
     if hasattr(s, "max_checkpoints"):
         n = len(project.checkpoints)

@@ -1,10 +1,9 @@
 """Flags, relabels and notes in the project's state database, from clicks, selections and table edits."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Iterable
-
-import numpy as np
 
 from engine.core.errors import ProponentError
 from engine.core.project import Project
@@ -95,10 +94,7 @@ def apply_table_edits(db: StateDB, before, after, split: str = "train", index_co
 def cell_value(v):
     if v is None:
         return None
-    try:
-        if isinstance(v, float) and np.isnan(v):
-            return None
-    except TypeError:
-        pass
+    if isinstance(v, float) and math.isnan(v):
+        return None
     s = str(v)
     return None if s in ("", "None", "nan", "<NA>") else s

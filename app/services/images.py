@@ -5,6 +5,7 @@ import base64
 import io
 
 import numpy as np
+from PIL import Image
 
 from engine.core.project import Project
 
@@ -27,8 +28,6 @@ def image_png(project: Project, split: str, index: int, size: int = 112) -> byte
 
 
 def array_png(arr: np.ndarray, size: int = 112) -> bytes:
-    from PIL import Image
-
     a = np.asarray(arr, dtype=np.float32)
     if a.ndim == 3 and a.shape[0] in (1, 3):
         a = a[0] if a.shape[0] == 1 else np.transpose(a, (1, 2, 0))

@@ -7,15 +7,21 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+import pandas as pd
+import torch
 
 from app.services.runs import list_runs
+from engine.autodiff.measurement import correct_class_margin
 from engine.core.checkpoints import WEIGHT_SUFFIXES, fit_state, read_state_dict
 from engine.core.errors import ProponentError
 from engine.core.init_project import init_project, inspect_folder
 from engine.core.project import Project
+from engine.core.samples import prepare_sample
+from engine.core.train import predict_logits
+from engine.methods import SIGN_CONVENTION
 from engine.storage.arrays import atomic_write_text
 from engine.storage.cache import cache_entries
-from engine.methods import SIGN_CONVENTION
+from engine.workflows.triage import load_truth
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,8 +47,6 @@ def sample_root() -> Path:
 
 def open_sample(name: str = "digits", directory: str | Path | None = None, progress=None) -> Path:
     """The sample project folder, prepared (data + trained checkpoints) if it is not there yet."""
-    from engine.core.samples import prepare_sample
-
     dest = Path(directory) if directory else sample_root() / name
     trained = (dest / "checkpoints" / "trajectory.json").is_file() or (dest / "weights").is_dir()  # text: [model] weights
     if (dest / "project.toml").is_file() and trained:
@@ -74,11 +78,6 @@ def project_summary(project: Project) -> dict:
 
 def predictions(project: Project, split: str = "test") -> dict:
     """The model's (model 0, final checkpoint) class probabilities, predictions and margins."""
-    import torch
-
-    from engine.autodiff.measurement import correct_class_margin
-    from engine.core.train import predict_logits
-
     ds = project.test_dataset if split == "test" else project.train_dataset
     logits = predict_logits(project.load_model(), ds.x)
     probs = torch.softmax(logits, 1).numpy()
@@ -90,8 +89,6 @@ def predictions(project: Project, split: str = "test") -> dict:
 def query_table(project: Project, preds: dict, *, classes: Iterable | None = None, correctness: str = "all",
                 conf_range: tuple[float, float] = (0.0, 1.0)):
     """Test queries filtered by true class, correct/wrong and confidence (a pandas DataFrame)."""
-    import pandas as pd
-
     y, pred, conf = preds["label"], preds["pred"], preds["confidence"]
     df = pd.DataFrame({"test_index": np.arange(len(y)),
                        "label": [str(project.class_name(c)) for c in y],
@@ -108,8 +105,6 @@ def query_table(project: Project, preds: dict, *, classes: Iterable | None = Non
 
 
 def truth(project: Project) -> dict | None:
-    from engine.workflows.triage import load_truth
-
     return load_truth(project)
 
 

@@ -6,9 +6,15 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
 
+from engine.api import attribute
+from engine.autodiff.measurement import correct_class_margin
 from engine.core.errors import ProponentError
 from engine.core.project import Project
+from engine.core.train import predict_logits
 from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
 
 
@@ -20,8 +26,6 @@ def query_from_upload(project: Project, data: bytes, filename: str = "") -> np.n
         raise ProponentError("uploaded queries are not supported for text projects yet; pick a test sentence",
                              file=filename or None)
     if project.data_format == "images":
-        from PIL import Image, UnidentifiedImageError
-
         c, h, w = project.input_shape
         try:
             with Image.open(io.BytesIO(data)) as im:
@@ -33,7 +37,6 @@ def query_from_upload(project: Project, data: bytes, filename: str = "") -> np.n
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise ProponentError(f"unreadable image: {e}", file=filename or None) from None
         return arr[None].astype(np.float32)
-    import pandas as pd
 
     try:
         df = pd.read_csv(io.BytesIO(data))
@@ -65,10 +68,6 @@ def query_scores_path(project: Project, qid: str, key: str, label: int) -> Path:
 def score_uploaded_query(project: Project, qid: str, method: str, settings: dict, key: str, label: int,
                          device: str = "auto", progress=None, cancel=None) -> dict:
     """Scores [n_train] of an uploaded query (explaining its margin for class ``label``)."""
-    import torch
-
-    from engine.api import attribute
-
     x = load_npy(project.state_dir / "queries" / f"{qid}-x.npy", mmap=False)
     S = attribute(project, method, (torch.as_tensor(x), torch.tensor([int(label)])), settings or None, device=device,
                   progress=progress, cancel=cancel)
@@ -78,11 +77,6 @@ def score_uploaded_query(project: Project, qid: str, method: str, settings: dict
 
 
 def uploaded_prediction(project: Project, x: np.ndarray) -> dict:
-    import torch
-
-    from engine.autodiff.measurement import correct_class_margin
-    from engine.core.train import predict_logits
-
     logits = predict_logits(project.load_model(), torch.as_tensor(x))
     probs = torch.softmax(logits, 1).numpy()[0]
     return {"probs": probs, "pred": int(probs.argmax()),

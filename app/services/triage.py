@@ -2,20 +2,18 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from app.services.flags import db_for, flag_state
 from app.services.projects import truth
 from app.services.runs import load_run
 from engine.core.project import Project
 from engine.storage.statedb import StateDB
+from engine.workflows.triage import ensemble_probabilities, suggest_labels
 
 
 def triage_table(project: Project, key: str, method: str, settings: dict | None = None, flags: dict | None = None):
     """Ranked suspects of a finished run with suggested label, evidence and flag state (DataFrame)."""
-    import pandas as pd
-
-    from engine.workflows.triage import ensemble_probabilities, suggest_labels
-
     run = load_run(project, key)
     susp = np.asarray(run["suspicion"] if run["suspicion"] is not None else run["self_scores"], dtype=np.float64)
     self_s = np.asarray(run["self_scores"], dtype=np.float64) if run["self_scores"] is not None else susp

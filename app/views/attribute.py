@@ -2,9 +2,8 @@
 import pandas as pd
 import streamlit as st
 
-from app import jobs
+from app import jobs, ui
 from app import services as svc
-from app import ui
 
 st.title("Attribute")
 project = ui.get_project()
@@ -52,7 +51,7 @@ except svc.ProponentError as e:
 
 @st.cache_data(show_spinner="Calibrating…", max_entries=4)
 def _calibration(root: str, ck: str) -> float:
-    return svc.calibrate_gradients(ui._load_project(root, ui._stamp(root)))
+    return svc.calibrate_gradients(ui.project_at(root))
 
 
 per_ex = _calibration(str(project.root), project.checkpoint_hash())

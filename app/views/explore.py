@@ -3,9 +3,9 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app.services import clusters
 from app import services as svc
 from app import ui
+from app.services import clusters
 
 st.title("Explore: proponents and opponents")
 project = ui.get_project()
@@ -202,16 +202,14 @@ else:
 
 # ---------------------------------------------------------------- verify
 st.subheader("Verify by retraining")
-why = svc.verify_available(project)
 v1, v2 = st.columns([3, 1])
 ks = v1.multiselect("Remove the top-k proponents for k in", [5, 10, 20, 40, 80], default=[5, 10, 20], key="verify_ks")
 trials = v2.number_input("Random removals per k", 0, 10, 3, key="verify_trials")
+why = svc.verify_available(project, sorted(ks), random_trials=int(trials))
 if st.button("Verify", key="verify", disabled=why is not None or not ks,
              help=why or "Retrain (2 seeds) without the top-k proponents and compare the query's margin with k random "
                          "removals. Runs in the background."):
-    import engine.workflows.counterfactual as cf
-
-    kw = svc.verify_kwargs(cf.counterfactual_check, query=q, method=run["method"], settings=run.get("settings"),
+    kw = svc.verify_kwargs(query=q, method=run["method"], settings=run.get("settings"),
                            scores_row=S[q], k_values=sorted(ks), random_trials=int(trials))
     ui.start(project, "verify", {"kwargs": kw, "run": run["key"], "query": q})
 if why:

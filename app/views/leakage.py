@@ -1,10 +1,10 @@
 """Leakage: suspected train/test duplicates side by side; flag or dismiss each pair."""
+import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app import jobs
+from app import jobs, ui
 from app import services as svc
-from app import ui
 
 st.title("Leakage: train/test duplicates")
 project = ui.get_project()
@@ -20,15 +20,12 @@ def _pairs(root: str, key: str, job_id: str | None):
     det = None
     if job_id:
         det = (jobs.get_job(root, job_id) or {}).get("result")
-    return svc.leak_pairs(ui._load_project(root, ui._stamp(root)), key, det)
+    return svc.leak_pairs(ui.project_at(root), key, det)
 
 
-why = svc.leaks_available()
 det_job = ui.last_job(project, "leaks", {"run": run["key"]})
 done_job = det_job["id"] if det_job and det_job["status"] == "done" else None
-if why:
-    st.caption(f"Calibrated detector off: {why}. Showing the quick check.")
-elif not done_job:
+if not done_job:
     st.caption("Showing the quick check (attribution + input similarity). The calibrated detector sets its "
                "threshold from a null of training queries; it runs in the background.")
     if st.button("Run the calibrated leak detector", key="leak_detect"):
@@ -45,8 +42,6 @@ n_flag = sum(p["flagged"] for p in pairs)
 st.metric("Pairs the detector flags", n_flag, help="Threshold: " + str(res.get("threshold")))
 
 if pairs:
-    import pandas as pd
-
     df = pd.DataFrame(pairs)
     fig = px.scatter(df, x="cosine", y="score", color=df["flagged"].map({True: "flagged", False: "not flagged"}),
                      hover_data=["test_index", "train_index"], title="Attribution score vs input similarity")

@@ -80,7 +80,7 @@ project = ui.get_project()
 
 @st.cache_data(show_spinner="Summarising…", max_entries=4)
 def _summary(root: str, ck: str, nruns: int) -> dict:
-    return svc.project_summary(ui._load_project(root, ui._stamp(root)))
+    return svc.project_summary(ui.project_at(root))
 
 
 runs_now = svc.list_runs(project)

@@ -1,8 +1,8 @@
 """Report: one self-contained HTML file for people who will not run the app."""
 import streamlit as st
+import streamlit.components.v1 as components
 
-from app import report
-from app import ui
+from app import report, ui
 
 st.title("Report")
 project = ui.get_project()
@@ -21,6 +21,5 @@ if html:
     st.download_button("Download report (HTML)", html, file_name=f"{project.name}-proponent-report.html",
                        mime="text/html", key="r_download")
     st.caption(f"{len(html) / 1e6:.1f} MB, self-contained. Preview:")
-    import streamlit.components.v1 as components
 
     components.html(html, height=900, scrolling=True)

@@ -1,9 +1,9 @@
 """Synset: the distilled synthetic examples of a cluster method (DDM), one per cluster."""
 import streamlit as st
 
-from app.services import clusters
 from app import services as svc
 from app import ui
+from app.services import clusters
 
 st.title("Synset: distilled synthetic examples")
 project = ui.get_project()

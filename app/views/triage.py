@@ -2,9 +2,9 @@
 import plotly.express as px
 import streamlit as st
 
-from app.services import clusters
 from app import services as svc
 from app import ui
+from app.services import clusters
 
 st.title("Triage: mislabeled data")
 project = ui.get_project()
@@ -17,7 +17,7 @@ db = ui.db(project)
 
 @st.cache_data(show_spinner="Ranking suspects…", max_entries=8)
 def _base(root: str, key: str, method: str):
-    return svc.triage_table(ui._load_project(root, ui._stamp(root)), key, method, flags={})
+    return svc.triage_table(ui.project_at(root), key, method, flags={})
 
 
 table = _base(root, run["key"], run["method"]).copy()
@@ -157,48 +157,43 @@ st.plotly_chart(fig, width="stretch")
 
 # ---------------------------------------------------------------- what-if
 st.subheader("What-if")
-why = svc.whatif_available()
 flags = svc.flag_state(db, "train")
 to_remove = sorted(i for i, r in flags.items() if r.get("flag") in ("mislabeled", "leak") and not r.get("relabel"))
 to_relabel = {i: r["relabel"] for i, r in flags.items() if r.get("relabel")}
 w1, w2 = st.columns(2)
 w_action = w1.radio("Edit", ["remove", "relabel"], horizontal=True, key="w_action",
                     help="remove: the examples flagged mislabeled or leak; relabel: the examples with a new label")
-cheap = len(project.train_dataset) * sum(p.numel() for p in project.build_model().parameters()) < 5e7
-w_retrain = w2.checkbox("Check with a real retrain", value=False, key="w_retrain", disabled=not cheap or not project.has_recipe,
-                        help=("Retrain with the recipe on the edited data" if cheap else "The model is too costly to retrain here")
-                        if project.has_recipe else "Retraining needs a training recipe ([training] in project.toml)")
+no_retrain = svc.retrain_refusal(project, 1)
+w_retrain = w2.checkbox("Check with a real retrain", value=False, key="w_retrain", disabled=no_retrain is not None,
+                        help=f"Off: {no_retrain}." if no_retrain else "Retrain with the recipe on the edited data")
 idx = to_remove if w_action == "remove" else sorted(to_relabel)
 st.caption(f"{len(idx)} example(s) in the edit set.")
-if st.button("Predict the effect", key="whatif", disabled=bool(why) or not idx):
+if st.button("Predict the effect", key="whatif", disabled=not idx):
     params = {"indices": idx, "action": w_action, "retrain": bool(w_retrain)}
     if w_action == "relabel":
         params["new_labels"] = [svc.label_value(to_relabel[i], project.train_df[project.label_column].dtype)
                                 for i in idx]
     ui.start(project, "whatif", params)
-if why:
-    st.caption(f"What-if is off: {why}.")
-else:
-    ui.job_panel(project, kinds=("whatif",))
-    j = ui.last_job(project, "whatif")
-    if j and j["status"] == "done":
-        r = j["result"]
-        pred = r["predicted"]
-        c = st.columns(3)
-        c[0].metric("Test accuracy now", f"{pred['before']['accuracy']:.1%}")
-        c[1].metric("Predicted after the edit (GIF)", f"{pred['after']['accuracy']:.1%}",
-                    delta=f"{pred['accuracy_change']:+.1%}")
-        if "retrained" in r:
-            c[2].metric("Real retrain", f"{r['retrained']['after']['accuracy']:.1%}",
-                        delta=f"{r['retrained']['accuracy_change']:+.1%}")
-        if pred.get("warning"):
-            st.warning(pred["warning"])
-        st.caption(f"{len(pred['flips'])} test predictions change (predicted); edit of {pred['n_edited']} rows, "
-                   f"{pred['action']}; GIF took {pred.get('seconds', float('nan')):.1f}s"
-                   + (f", the real retrain {r['retrained']['seconds']:.1f}s ({len(r['retrained']['flips'])} predictions "
-                      f"changed; {r['comparison']['flips_found']} of them predicted)." if "comparison" in r else "."))
-    elif j and j["status"] == "failed":
-        st.error(f"What-if failed: {j.get('message')}")
+ui.job_panel(project, kinds=("whatif",))
+j = ui.last_job(project, "whatif")
+if j and j["status"] == "done":
+    r = j["result"]
+    pred = r["predicted"]
+    c = st.columns(3)
+    c[0].metric("Test accuracy now", f"{pred['before']['accuracy']:.1%}")
+    c[1].metric("Predicted after the edit (GIF)", f"{pred['after']['accuracy']:.1%}",
+                delta=f"{pred['accuracy_change']:+.1%}")
+    if "retrained" in r:
+        c[2].metric("Real retrain", f"{r['retrained']['after']['accuracy']:.1%}",
+                    delta=f"{r['retrained']['accuracy_change']:+.1%}")
+    if pred.get("warning"):
+        st.warning(pred["warning"])
+    st.caption(f"{len(pred['flips'])} test predictions change (predicted); edit of {pred['n_edited']} rows, "
+               f"{pred['action']}; GIF took {pred.get('seconds', float('nan')):.1f}s"
+               + (f", the real retrain {r['retrained']['seconds']:.1f}s ({len(r['retrained']['flips'])} predictions "
+                  f"changed; {r['comparison']['flips_found']} of them predicted)." if "comparison" in r else "."))
+elif j and j["status"] == "failed":
+    st.error(f"What-if failed: {j.get('message')}")
 
 # ---------------------------------------------------------------- exports
 st.subheader("Export")

@@ -26,7 +26,9 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
-from torch.utils import _pytree as pytree  # the pytree registry torch.func maps over (no public alias in torch 2.13)
+from torch.utils import (
+    _pytree as pytree,  # the pytree registry torch.func maps over (no public alias in torch 2.13)
+)
 
 from engine.core.errors import ValidationError
 

@@ -15,8 +15,15 @@ from torch import nn
 from torch.func import grad, vmap
 
 from engine.autodiff.compute import resolve_device
-from engine.autodiff.functional import (FunctionalModel, Tracked, add_batch_dim, batch_len, batch_rows,
-    example_numel, to_device)
+from engine.autodiff.functional import (
+    FunctionalModel,
+    Tracked,
+    add_batch_dim,
+    batch_len,
+    batch_rows,
+    example_numel,
+    to_device,
+)
 from engine.autodiff.measurement import correct_class_margin, example_loss
 
 KINDS = ("margin", "loss")

@@ -24,7 +24,12 @@ from torch import nn
 
 from engine.core.errors import ValidationError
 from engine.storage.arrays import atomic_write_json
-from engine.storage.folders import make_owned_dir, partial_path, remove_owned, replace_owned_dir
+from engine.storage.folders import (
+    make_owned_dir,
+    partial_path,
+    remove_owned,
+    replace_owned_dir,
+)
 from engine.storage.locks import project_writer_lock
 
 TRAJECTORY_FILE = "trajectory.json"

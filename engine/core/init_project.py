@@ -25,8 +25,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from engine.core.data import IMAGE_EXTENSIONS, TABLE_SUFFIXES, read_table, resolve_image_path, scan_image_folder
 from engine.core.checkpoints import WEIGHT_SUFFIXES
+from engine.core.data import (
+    IMAGE_EXTENSIONS,
+    TABLE_SUFFIXES,
+    read_table,
+    resolve_image_path,
+    scan_image_folder,
+)
 from engine.core.errors import ProponentError, ValidationError
 from engine.storage.arrays import atomic_write_text
 

@@ -22,14 +22,22 @@ from torch import nn
 
 from engine.core import checkpoints as ckpt
 from engine.core.checkpoints import TRAJECTORY_FILE, Checkpoint
-from engine.core.data import (DataConfig, TensorDict, input_bytes, load_data, read_raw_image, rows_table, take,
-                              tokenize_texts)
+from engine.core.data import (
+    DataConfig,
+    TensorDict,
+    input_bytes,
+    load_data,
+    read_raw_image,
+    rows_table,
+    take,
+    tokenize_texts,
+)
 from engine.core.errors import ValidationError
 from engine.core.paths import check_inside
 from engine.core.spec import ProjectSpec, TrainingTable, parse_spec
+from engine.storage.arrays import atomic_write_text, clean_orphan_temp_files
 from engine.storage.folders import recover_interrupted_swap
 from engine.storage.statedb import STATE_DIRNAME
-from engine.storage.arrays import atomic_write_text, clean_orphan_temp_files
 
 ROWS_FILE = "rows.csv"
 

@@ -23,7 +23,14 @@ from torch import nn
 from engine.core.errors import Cancelled, ProponentError, ValidationError
 from engine.core.project import Project, Recipe, Stage
 from engine.storage.arrays import atomic_write_bytes, atomic_write_json
-from engine.storage.folders import MARKER, is_owned, make_owned_dir, partial_path, remove_owned, replace_owned_dir
+from engine.storage.folders import (
+    MARKER,
+    is_owned,
+    make_owned_dir,
+    partial_path,
+    remove_owned,
+    replace_owned_dir,
+)
 from engine.storage.locks import project_writer_lock
 
 ProgressFn = Callable[[str, int, int], None]

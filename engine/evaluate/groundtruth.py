@@ -26,7 +26,12 @@ from engine.autodiff.measurement import correct_class_margin
 from engine.core.errors import ProponentError
 from engine.core.project import Project
 from engine.core.train import train_model
-from engine.storage.arrays import atomic_save_npy, atomic_write_json, load_npy, stable_hash
+from engine.storage.arrays import (
+    atomic_save_npy,
+    atomic_write_json,
+    load_npy,
+    stable_hash,
+)
 
 ProgressFn = Callable[[str, int, int], None]
 

@@ -19,8 +19,8 @@ import numpy as np
 import pydantic
 import torch
 
-from engine.core.errors import Cancelled, ProponentError
 from engine.autodiff.per_example import resolve_device
+from engine.core.errors import Cancelled, ProponentError
 from engine.core.project import ExampleSet, Project
 
 ProgressFn = Callable[[str, int, int], None]

@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch.func import hessian
 
-from engine.autodiff.functional import FunctionalModel, Tracked, TrackedParameters, batch_rows, to_device
+from engine.autodiff.functional import (
+    FunctionalModel,
+    Tracked,
+    TrackedParameters,
+    batch_rows,
+    to_device,
+)
 from engine.autodiff.per_example import GradientComputer
 from engine.core.errors import ProponentError
 from engine.methods.base import Attributor, register, setting

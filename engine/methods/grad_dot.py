@@ -1,8 +1,8 @@
 """Grad-Dot and Grad-Cos baselines: gradient dot product or cosine at the final checkpoint."""
 from __future__ import annotations
 
-from engine.methods.gradsim import GradientSimilarity, GradSimSettings
 from engine.methods.base import register
+from engine.methods.gradsim import GradientSimilarity, GradSimSettings
 
 
 @register

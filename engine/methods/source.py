@@ -49,7 +49,11 @@ from engine.core.errors import ProponentError
 from engine.core.project import Checkpoint, Project
 from engine.core.train import lr_at
 from engine.methods.base import Attributor, register, settings_dict
-from engine.methods.settings import CurvatureSettings, DampingRatioSettings, TrajectorySettings
+from engine.methods.settings import (
+    CurvatureSettings,
+    DampingRatioSettings,
+    TrajectorySettings,
+)
 from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
 
 ADAM_BETA2 = 0.999

@@ -12,7 +12,6 @@ from typing import Any
 from engine.core.errors import ProponentError
 from engine.storage.arrays import json_default
 
-
 # ---------------------------------------------------------------------------- SQLite state
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from engine.api import attribute, cached_scores, run_dir, run_key
-from engine.core.errors import ProponentError
 from engine.autodiff.embeddings import penultimate_features
-from engine.methods.base import coerce_settings, get_method, settings_dict
+from engine.core.errors import ProponentError
 from engine.core.project import Project
+from engine.methods.base import coerce_settings, get_method, settings_dict
 from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
 
 STATISTICS = ("self_match", "separation", "z", "gap")
@@ -156,7 +156,9 @@ def unit_inputs(project: Project, split: str, index: np.ndarray | None = None):
     lower-cased), so a copy with a word dropped or its case changed stays close. Dense [n, d], or a
     sparse matrix for text."""
     if project.data_format == "text":
-        from sklearn.feature_extraction.text import HashingVectorizer  # optional heavy import: text only
+        from sklearn.feature_extraction.text import (
+            HashingVectorizer,  # optional heavy import: text only
+        )
 
         df = project.train_df if split == "train" else project.test_df
         texts = df[project.text_column].astype(str)

@@ -31,8 +31,15 @@ from engine.autodiff.hvp import HessianOperator
 from engine.core.errors import ProponentError
 from engine.core.project import Project
 from engine.core.train import predict_logits, train_model
-from engine.methods.gif.solvers import (SolverNotConverged, generalized_solve, relabel_target, removal_target,
-    require_converged, retained_sample, select_parameters)
+from engine.methods.gif.solvers import (
+    SolverNotConverged,
+    generalized_solve,
+    relabel_target,
+    removal_target,
+    require_converged,
+    retained_sample,
+    select_parameters,
+)
 
 ACTIONS = ("remove", "relabel")
 METHODS = ("gif", "if", "frozen", "projected")

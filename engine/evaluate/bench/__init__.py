@@ -21,7 +21,13 @@ import sys
 
 from engine.core.progress import TerminalProgress
 from engine.core.project import Project
-from engine.evaluate.bench.config import DEFAULT_METRICS, build_parser, check_recipe, machine_description, resolve_config
+from engine.evaluate.bench.config import (
+    DEFAULT_METRICS,
+    build_parser,
+    check_recipe,
+    machine_description,
+    resolve_config,
+)
 from engine.evaluate.bench.peer_runs import run_peer_limited, trak_vs_traker
 from engine.evaluate.bench.run import run_bench
 from engine.evaluate.bench.tables import make_tables, print_table

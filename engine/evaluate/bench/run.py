@@ -12,11 +12,25 @@ from engine.api import cached_scores
 from engine.core.errors import Cancelled
 from engine.core.project import Project
 from engine.evaluate import groundtruth as gt
-from engine.evaluate.bench.peer_runs import error_line, peer_options, run_peer_limited, trak_vs_traker
+from engine.evaluate.bench.peer_runs import (
+    error_line,
+    peer_options,
+    run_peer_limited,
+    trak_vs_traker,
+)
 from engine.evaluate.cost import featurize_throughput, measure_method, scaling
-from engine.evaluate.detection import leak_benchmark, leak_recall, mislabel_benchmark, truth_leaks
+from engine.evaluate.detection import (
+    leak_benchmark,
+    leak_recall,
+    mislabel_benchmark,
+    truth_leaks,
+)
 from engine.evaluate.lds import lds, loo_correlation
-from engine.evaluate.peers import SCORE_METHODS, featurize_throughput_traker, project_inputs
+from engine.evaluate.peers import (
+    SCORE_METHODS,
+    featurize_throughput_traker,
+    project_inputs,
+)
 from engine.methods.base import coerce_settings, get_method, list_methods, settings_dict
 from engine.workflows.counterfactual import counterfactual_check
 

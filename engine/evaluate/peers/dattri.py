@@ -8,7 +8,14 @@ from dattri.algorithm.tracin import TracInAttributor
 from dattri.algorithm.trak import TRAKAttributor
 from dattri.task import AttributionTask
 
-from engine.evaluate.peers.base import PeerInputs, Recorder, functional_fns, grad_batch_size, loader, count_params
+from engine.evaluate.peers.base import (
+    PeerInputs,
+    Recorder,
+    count_params,
+    functional_fns,
+    grad_batch_size,
+    loader,
+)
 
 
 def run(inputs: PeerInputs, method: str, rec: Recorder, opts: dict, settings: dict) -> np.ndarray:

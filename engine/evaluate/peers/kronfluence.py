@@ -8,18 +8,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import TensorDataset
-
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.module.utils import get_tracked_module_names
 from kronfluence.task import Task
 from kronfluence.utils.dataset import DataLoaderKwargs
+from torch import nn
+from torch.utils.data import TensorDataset
 
 from engine.autodiff.measurement import correct_class_margin
 from engine.evaluate.peers.base import PeerInputs, Recorder, model_at
-
 
 
 class _ClassificationTask(Task):

@@ -8,11 +8,17 @@ import time
 import numpy as np
 import torch
 from torch import nn
-
 from trak import TRAKer
 from trak.projectors import BasicProjector, ProjectionType
 
-from engine.evaluate.peers.base import PeerInputs, Recorder, batches, grad_batch_size, model_at, count_params
+from engine.evaluate.peers.base import (
+    PeerInputs,
+    Recorder,
+    batches,
+    count_params,
+    grad_batch_size,
+    model_at,
+)
 
 
 def _make_traker(inputs: PeerInputs, model: nn.Module, save_dir: str, opts: dict, settings: dict):

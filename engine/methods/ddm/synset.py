@@ -29,7 +29,12 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
-from engine.autodiff import FunctionalModel, GradientComputer, correct_class_margin, example_loss
+from engine.autodiff import (
+    FunctionalModel,
+    GradientComputer,
+    correct_class_margin,
+    example_loss,
+)
 from engine.core.errors import Cancelled, ProponentError
 from engine.storage.arrays import atomic_write_bytes
 
@@ -59,7 +64,9 @@ class Clustering:
 
 def cluster_per_class(features: np.ndarray, labels: np.ndarray, clusters_per_class: int, seed: int = 0) -> Clustering:
     """k-means (fixed seed) within each class; a class with fewer distinct points gets fewer clusters."""
-    from sklearn.cluster import KMeans  # sklearn takes ~1 s to import; only DDM clustering needs it
+    from sklearn.cluster import (
+        KMeans,  # sklearn takes ~1 s to import; only DDM clustering needs it
+    )
 
     if clusters_per_class < 1:
         raise ProponentError(f"ddm: clusters_per_class must be at least 1, not {clusters_per_class}")

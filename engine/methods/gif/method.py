@@ -29,7 +29,13 @@ from engine.autodiff.hvp import HessianOperator
 from engine.autodiff.per_example import GradientComputer
 from engine.core.errors import ProponentError
 from engine.methods.base import Attributor, SelfScoresUnavailable, register, setting
-from engine.methods.gif.solvers import SOLVERS, SolveResult, adjoint_solve, retained_sample, select_parameters
+from engine.methods.gif.solvers import (
+    SOLVERS,
+    SolveResult,
+    adjoint_solve,
+    retained_sample,
+    select_parameters,
+)
 
 MAX_GRADIENT_ENTRIES = 250_000_000  # n_train × p float32 training gradients held in memory (1 GB)
 
