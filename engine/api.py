@@ -6,8 +6,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from engine.autodiff import resolve_device
+from engine.autodiff.threads import gradient_threads, intra_op_threads
 from engine.core.errors import ProponentError
 from engine.core.project import Project
 from engine.methods.base import (
@@ -59,9 +61,12 @@ def fit_method(project: Project, method: str, settings=None, *, device: str = "a
     if prior is None or prior["status"] != "done":
         db.upsert_run(key, method=method, settings=settings_dict(settings), checkpoint_hash=project.checkpoint_hash(),
                       status="running", device=device)
+    threads = gradient_threads(project, device=device)
+    att.meta["threads"] = threads["threads"]
     t0 = time.perf_counter()
     try:
-        att.fit(project)
+        with intra_op_threads(threads["threads"]):
+            att.fit(project)
     except BaseException as e:
         status = "cancelled" if type(e).__name__ == "Cancelled" or isinstance(e, KeyboardInterrupt) else "failed"
         if prior is None or prior["status"] != "done":
@@ -98,18 +103,18 @@ def cached_scores(project: Project, method: str, settings=None, *, device: str =
     t0 = time.perf_counter()
     if progress:
         progress("score", 0, 1)
-    S = att.scores("test")
+    with intra_op_threads(att.meta.get("threads") or torch.get_num_threads()):
+        S = att.scores("test")
+        try:
+            self_s = np.asarray(att.self_scores(), dtype=np.float64)
+            susp = np.asarray(att.suspicion(), dtype=np.float64)
+        except SelfScoresUnavailable as e:
+            # the test scores are still useful; triage says why this run cannot rank suspects
+            self_s = susp = np.full(S.shape[1], np.nan)
+            att.meta["self_scores_unavailable"] = str(e)
     score_s = time.perf_counter() - t0
     if not np.isfinite(S).all():
         raise ProponentError(f"{method}: scores contain NaN or inf; the checkpoints may have diverged")
-    try:
-        self_s = np.asarray(att.self_scores(), dtype=np.float64)
-        susp = np.asarray(att.suspicion(), dtype=np.float64)
-    except SelfScoresUnavailable as e:
-        # the test scores are still useful; triage says why this run cannot rank suspects
-        n = S.shape[1]
-        self_s = susp = np.full(n, np.nan)
-        att.meta["self_scores_unavailable"] = str(e)
     atomic_save_npy(files["scores"], S.astype(np.float32))
     atomic_save_npy(files["self_scores"], self_s)
     atomic_save_npy(files["suspicion"], susp)
@@ -133,4 +138,5 @@ def attribute(project: Project, method: str = "trak", queries="test", settings=N
         return np.asarray(cached_scores(project, method, settings, device=device, progress=progress, cancel=cancel,
                                         use_cache=use_cache)["scores"], dtype=np.float64)
     att, _ = fit_method(project, method, settings, device=device, progress=progress, cancel=cancel)
-    return att.scores(Queries.resolve(project, queries))
+    with intra_op_threads(att.meta.get("threads") or torch.get_num_threads()):
+        return att.scores(Queries.resolve(project, queries))

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.api import cached_scores, run_dir
+from engine.autodiff.threads import gradient_threads
 from engine.core.checkpoints import import_trajectory
 from engine.core.errors import ProponentError
 from engine.core.init_project import init_project
@@ -124,6 +125,7 @@ def cmd_info(a) -> int:
         acc = p.accuracy_report()
         info["accuracy"] = acc["models"]
         info["warnings"] = [w for w in [acc["warning"], *p.data_warnings] if w]
+        info["threads"] = gradient_threads(p)
         info["methods"] = {}
         for cls in list_methods():
             info["methods"][cls.name] = cls.supports(p) or "ok"
@@ -131,11 +133,12 @@ def cmd_info(a) -> int:
             print(json.dumps(info))
         else:
             for k, v in info.items():
-                if k in ("methods", "accuracy", "warnings"):
+                if k in ("methods", "accuracy", "warnings", "threads"):
                     continue
                 print(f"{k:>12}: {v}")
             for r in info["accuracy"]:
                 print(f"{'accuracy':>12}: model {r['model']} train {r['train']:.3f}, test {r['test']:.3f}")
+            print(f"{'threads':>12}: {info['threads']['threads']} for gradient work ({info['threads']['reason']})")
             runnable = [n for n, v in info["methods"].items() if v == "ok"]
             print(f"{'can run':>12}: {', '.join(runnable) or 'none'}")
             for n, v in info["methods"].items():
@@ -205,20 +208,52 @@ def cmd_bench(a, rest: list[str]) -> int:
     return cli_main([a.project, *rest])
 
 
-def cmd_app(a, rest: list[str]) -> int:
-    """Run the Streamlit UI bound to 127.0.0.1 unless --server.address says otherwise."""
+def split_app_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``proponent app [PROJECT] [streamlit options]``: the project folder and the options passed on.
+    Every Streamlit option takes a value, as ``--server.port 8599`` or ``--server.port=8599``, so a
+    value after an option is never taken for the project."""
+    project, opts, i = None, [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("--"):
+            if "=" in tok:
+                name, value = tok.split("=", 1)
+                opts += [name, value]
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                opts += [tok, argv[i + 1]]
+                i += 1
+            else:
+                raise ProponentError(f"streamlit option {tok} needs a value (for example {tok}=VALUE)")
+        elif project is None:
+            project = tok
+        else:
+            raise ProponentError(f"proponent app takes one project folder; {project!r} and {tok!r} were given")
+        i += 1
+    return project, opts
+
+
+def app_command(project: str | None, opts: list[str]) -> tuple[list[str], dict]:
+    """The Streamlit command line and environment of ``proponent app``: loopback unless
+    --server.address says otherwise, no usage statistics, and the minimal toolbar (no Deploy)."""
     main = Path(__file__).resolve().parents[1] / "app" / "main.py"
     env = dict(os.environ)
-    if a.project:
+    if project:
         # validate up front so a bad folder is a one-line error, not a broken page
-        _project(a.project)
-        env["PROPONENT_PROJECT"] = str(Path(a.project).resolve())
+        _project(project)
+        env["PROPONENT_PROJECT"] = str(Path(project).resolve())
+    given = set(opts[0::2])
+    defaults = {"--server.address": "127.0.0.1", "--browser.gatherUsageStats": "false",
+                "--client.toolbarMode": "minimal"}
     args = [sys.executable, "-m", "streamlit", "run", str(main)]
-    if not any(r.startswith("--server.address") for r in rest):
-        args += ["--server.address", "127.0.0.1"]
-    if not any(r.startswith("--browser.gatherUsageStats") for r in rest):
-        args += ["--browser.gatherUsageStats", "false"]
-    args += rest
+    for name, value in defaults.items():
+        if name not in given:
+            args += [name, value]
+    return args + opts, env
+
+
+def cmd_app(a, rest: list[str]) -> int:
+    """Run the Streamlit UI bound to 127.0.0.1 unless --server.address says otherwise."""
+    args, env = app_command(a.project, rest)
     # replace this process, so a signal to `proponent app` reaches the server itself
     os.execve(sys.executable, args, env)
     return 0
@@ -310,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = build_parser()
     try:
+        if argv and argv[0] == "app" and not {"-h", "--help"} & set(argv[1:]):
+            project, opts = split_app_args(argv[1:])
+            return cmd_app(argparse.Namespace(project=project), opts)
         a, rest = ap.parse_known_args(argv)
         if rest and not getattr(a, "passthrough", False):
             ap.error(f"unrecognized arguments: {' '.join(rest)}")

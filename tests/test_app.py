@@ -540,3 +540,54 @@ def test_dead_worker_is_reported(tmp_path):
     j = jobs.refresh(root, jid)
     assert j["status"] == "failed" and "ended unexpectedly" in j["message"]
     assert jobs.active_jobs(root) == []
+
+
+def test_flags_export_fields_and_numeric_order(ran_project, tmp_path):
+    from datetime import datetime
+
+    p = _copy(ran_project, tmp_path / "digits")
+    db = svc.db_for(p)
+    for i in (10, 9, 100, 2):
+        db.set_flag("train", i, flag="mislabeled", note=f"n{i}")
+    db.set_flag("pair", "3:10", flag="leak")
+    suspects = svc.triage_table(ran_project, svc.done_runs(ran_project)[0]["key"], "trak", flags={})
+    df = pd.read_csv(io.StringIO(svc.export_flags_csv(p, db, suspects)), dtype={"label": str, "suggested": str})
+    assert list(df.columns) == ["split", "index", "item", "file", "label", "suggested", "score", "flag", "relabel",
+                                "note", "time"]
+    train = df[df["split"] == "train"]
+    assert train["index"].tolist() == [2, 9, 10, 100]  # numeric, not "10" < "100" < "2" < "9"
+    row = train.iloc[0]
+    by = suspects.set_index("index")
+    assert row["suggested"] == by.at[2, "suggested"] and row["score"] == pytest.approx(by.at[2, "suspicion"])
+    assert row["label"] == str(p.class_name(int(p.train_dataset.y[2])))
+    assert row["file"] == p.rows("train").at[2, "file"] and (p.root / row["file"]).is_file()
+    assert datetime.fromisoformat(row["time"]).tzinfo is not None
+    js = json.loads(svc.export_flags_json(p, db, suspects))
+    assert [f["index"] for f in js["flags"] if f["split"] == "train"] == [2, 9, 10, 100]
+    assert isinstance(js["flags"][0]["updated"], float)  # the old field keeps its type
+
+
+def test_cleaned_copy_renumbers_truth_and_keeps_foreign_folders(ran_project, tmp_path):
+    p = _copy(ran_project, tmp_path / "digits")
+    db = svc.db_for(p)
+    t = svc.truth(p)
+    flipped = sorted(f["train_index"] for f in t["flipped"])
+    db.set_flag("train", flipped[0], flag="mislabeled")
+    out = svc.export_cleaned(p, db, tmp_path / "cleaned")
+    t2 = json.loads((Path(out["folder"]) / "truth.json").read_text())
+    q = Project.load(out["folder"])
+    assert len(t2["flipped"]) == len(t["flipped"]) - 1
+    for old, new in zip(flipped[1:], sorted(f["train_index"] for f in t2["flipped"])):
+        assert new == old - 1  # one earlier row removed
+        assert np.array_equal(q.train_dataset.x[new].numpy(), p.train_dataset.x[old].numpy())
+    for lk in t2["leaks"]:
+        old = next(x["train_index"] for x in t["leaks"] if x["test_index"] == lk["test_index"])
+        assert lk["train_index"] == old - (old > flipped[0])
+    svc.export_cleaned(p, db, tmp_path / "cleaned")  # ours: replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("user data")
+    with pytest.raises(svc.ProponentError, match="did not make it"):
+        svc.export_cleaned(p, db, mine)
+    assert (mine / "keep.txt").read_text() == "user data"
+    assert ".proponent-owned" not in str(svc.zip_folder(out["folder"]))

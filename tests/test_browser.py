@@ -6,49 +6,18 @@ latencies are written there as a docs/bench JSON."""
 from __future__ import annotations
 
 import json
-import contextlib
 import os
-import signal
 import platform
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.browser_support import CHROMIUM_ARGS, serve_app, wait_idle
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_idle(page, timeout: float = 120.0, settle: float = 0.4) -> None:
-    """Wait until [data-testid='stApp'] exists and its script is not running, stably for ``settle`` s."""
-    page.wait_for_selector("[data-testid='stApp']", timeout=timeout * 1000)
-    t0 = time.time()
-    quiet_since = None
-    while time.time() - t0 < timeout:
-        state = page.get_attribute("[data-testid='stApp']", "data-test-script-state")
-        running = state in ("running", "initial", "rerunRequested") or page.locator("[data-testid='stStatusWidget'] "
-                                                                                    "button:has-text('Stop')").count()
-        if not running:
-            quiet_since = quiet_since or time.time()
-            if time.time() - quiet_since >= settle:
-                return
-        else:
-            quiet_since = None
-        time.sleep(0.1)
-    raise TimeoutError(f"app still running after {timeout}s")
 
 
 @pytest.fixture
@@ -57,36 +26,8 @@ def app_server(digits_project, tmp_path):
         pytest.skip("Debian chromium is not installed (make test installs it: apt-get install -y chromium)")
     proj = tmp_path / "digits"
     shutil.copytree(digits_project.root, proj, ignore=shutil.ignore_patterns(".proponent"))
-    port = _free_port()
-    env = dict(os.environ, PROPONENT_THREADS="1")
-    env.pop("PROPONENT_SYNC_JOBS", None)
-    exe = shutil.which("proponent", path=str(Path(sys.executable).parent)) or shutil.which("proponent")
-    cmd = ([exe] if exe else [sys.executable, "-m", "engine.cli"]) + [
-        "app", str(proj), "--server.port", str(port), "--server.headless", "true", "--server.fileWatcherType", "none"]
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if urllib.request.urlopen(base + "/_stcore/health", timeout=1).read().strip() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.1)
-            if proc.poll() is not None:
-                raise RuntimeError((tmp_path / "server.log").read_text())
+    with serve_app(proj, tmp_path / "server.log") as base:
         yield {"base": base, "project": proj}
-    finally:
-        # the server runs in its own session: end the whole group so no process outlives the test
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        log.close()
 
 
 def test_user_flow(app_server, tmp_path):

@@ -2,19 +2,13 @@
 its proponents and opponents as readable sentences, and Triage lists the suspects with their text."""
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.test_browser import CHROMIUM_ARGS, _free_port, wait_idle
+from tests.browser_support import CHROMIUM_ARGS, serve_app, wait_idle
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,34 +26,8 @@ def text_app(tmp_path):
     prepare_sample("text", proj)
     project = Project.load(proj)
     cached_scores(project, "trak")  # the run the pages show
-    port = _free_port()
-    env = dict(os.environ, PROPONENT_THREADS="1", HF_HUB_OFFLINE="1")
-    env.pop("PROPONENT_SYNC_JOBS", None)
-    cmd = [sys.executable, "-m", "engine.cli", "app", str(proj), "--server.port", str(port),
-           "--server.headless", "true", "--server.fileWatcherType", "none"]
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(900):
-            try:
-                if urllib.request.urlopen(base + "/_stcore/health", timeout=1).read().strip() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.1)
-            if proc.poll() is not None:
-                raise RuntimeError((tmp_path / "server.log").read_text())
+    with serve_app(proj, tmp_path / "server.log", {"HF_HUB_OFFLINE": "1"}, wait_s=120) as base:
         yield {"base": base, "project": project}
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        log.close()
 
 
 def test_text_explore_and_triage(text_app, tmp_path):

@@ -89,3 +89,35 @@ def test_info_lists_methods():
     r = cli("info", "--json")
     names = {m["name"] for m in json.loads(r.stdout)}
     assert {"trak", "grad-dot", "grad-cos", "tracin", "knn", "exact-if"} <= names
+
+
+@pytest.mark.parametrize("argv, project, opts", [
+    (["--server.port", "8599"], None, ["--server.port", "8599"]),
+    (["--server.port=8599"], None, ["--server.port", "8599"]),
+    (["proj", "--server.port=8599", "--server.headless", "true"], "proj",
+     ["--server.port", "8599", "--server.headless", "true"]),
+    (["--server.port", "8599", "proj"], "proj", ["--server.port", "8599"]),
+])
+def test_app_options_never_become_the_project(argv, project, opts):
+    from engine.cli import split_app_args
+
+    assert split_app_args(argv) == (project, opts)
+
+
+def test_app_command_defaults_and_overrides(digits_project):
+    from engine.cli import app_command, split_app_args
+
+    args, env = app_command(*split_app_args([str(digits_project.root), "--server.port=8599"]))
+    pairs = dict(zip(args[5::2], args[6::2]))
+    assert pairs == {"--server.address": "127.0.0.1", "--browser.gatherUsageStats": "false",
+                     "--client.toolbarMode": "minimal", "--server.port": "8599"}
+    assert env["PROPONENT_PROJECT"] == str(Path(digits_project.root).resolve())
+    args, _ = app_command(None, ["--server.address", "0.0.0.0"])
+    assert args.count("--server.address") == 1 and args[args.index("--server.address") + 1] == "0.0.0.0"
+
+
+def test_app_bad_options_are_one_line(tmp_path):
+    r = cli("app", "a", "b", check=False)
+    assert r.returncode == 2 and "one project folder" in r.stderr and "Traceback" not in r.stderr
+    r = cli("app", "--server.port", check=False)
+    assert r.returncode == 2 and "needs a value" in r.stderr

@@ -147,3 +147,11 @@ def test_weights_are_not_unpickled(digits_copy):
     with pytest.raises(ValidationError, match="cannot read safetensors"):
         p.load_model(ck)
     assert not (digits_copy / "pwned").exists()
+
+
+def test_a_file_is_not_a_project_folder(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    with pytest.raises(ValidationError, match="not a folder") as e:
+        Project.load(f)
+    assert str(f) in str(e.value)

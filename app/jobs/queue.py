@@ -99,7 +99,6 @@ def start_job(project, kind: str, params: dict, *, background: bool = True) -> s
     log_dir = root / ".proponent" / "jobs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    env.setdefault("PROPONENT_THREADS", "1")
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with open(log_dir / f"{job_id}.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "app.jobs.runner", str(root), job_id], cwd=str(REPO), env=env,

@@ -139,6 +139,8 @@ fig = go.Figure(go.Bar(x=[f"#{i}" for i in ids], y=vals, marker_color=["#2ca02c"
 fig.update_layout(title=f"Scores of the top-{k} proponents and opponents ({run['method']})",
                   xaxis_title="training example", yaxis_title="attribution score (positive = proponent)", height=300,
                   margin=dict(t=40, b=10))
+# ranked bars: one category per example in rank order, never a numeric axis of training indexes
+fig.update_xaxes(type="category", categoryorder="array", categoryarray=[f"#{i}" for i in ids])
 st.plotly_chart(fig, width="stretch")
 
 # ---------------------------------------------------------------- an uploaded input

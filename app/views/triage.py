@@ -198,9 +198,10 @@ elif j and j["status"] == "failed":
 # ---------------------------------------------------------------- exports
 st.subheader("Export")
 e1, e2, e3 = st.columns(3)
-e1.download_button("Flags (CSV)", svc.export_flags_csv(project, db), file_name=f"{project.name}-flags.csv",
+suspects = _base(root, run["key"], run["method"])
+e1.download_button("Flags (CSV)", svc.export_flags_csv(project, db, suspects), file_name=f"{project.name}-flags.csv",
                    mime="text/csv", key="dl_csv")
-e2.download_button("Flags (JSON)", svc.export_flags_json(project, db), file_name=f"{project.name}-flags.json",
+e2.download_button("Flags (JSON)", svc.export_flags_json(project, db, suspects), file_name=f"{project.name}-flags.json",
                    mime="application/json", key="dl_json")
 if e3.button("Make a cleaned copy of the dataset", key="clean",
              help="Drops rows flagged mislabeled or leak, applies relabels; written under .proponent/exports"):

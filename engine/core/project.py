@@ -204,6 +204,8 @@ class Project:
             raise ValidationError("project folder not found", file=str(path))
         if root.is_file() and root.name == "project.toml":
             root = root.parent
+        elif not root.is_dir():
+            raise ValidationError("not a folder; give the project folder that holds project.toml", file=str(path))
         spec = _read_toml(root / "project.toml")
         p = cls(root, spec)
         if check_model:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from engine.autodiff.threads import gradient_threads, intra_op_threads
 from engine.core.errors import Cancelled, ProponentError, ValidationError
 from engine.core.project import Project, Recipe, Stage
 from engine.storage.arrays import atomic_write_bytes, atomic_write_json
@@ -232,7 +233,8 @@ def record_training(project: Project, *, models: int = 1, device: str = "cpu",
     if models < 1:
         raise ProponentError("--models must be at least 1")
     project.require_recipe("training")
-    with project_writer_lock(project.state_dir, "proponent train"):
+    with project_writer_lock(project.state_dir, "proponent train"), \
+            intra_op_threads(gradient_threads(project, device=device)["threads"]):
         _record_training(project, models, device, progress, cancel)
     return project.checkpoints
 

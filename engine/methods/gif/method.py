@@ -66,7 +66,7 @@ class GIFSettings:
 @register
 class GIFAttribution(Attributor):
     name = "gif"
-    label = "GIF (per-query, extension)"
+    label = "GIF (per-query)"
     extension = True
     description = ("Our extension of generalized influence functions (Lyu et al., 2023) to per-query scores: one "
                    "least-squares solve per query on ~5% of the parameters chosen from that query. Slow (an "

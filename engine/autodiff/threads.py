@@ -1,0 +1,103 @@
+"""How many intra-op threads torch uses for a workload, chosen per project and never as an import
+side effect.
+
+Small models run per-example gradients faster on one thread (thread start-up and contention cost
+more than the arithmetic, above all on a busy shared machine); bigger ones gain from every core.
+Rather than guess from a parameter count, the first gradient workload on a project times a batch
+of per-example gradients at one thread and at all cores and keeps the faster, cached in
+``.proponent/threads.json`` per (architecture, cores). ``PROPONENT_THREADS`` overrides the choice.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import time
+from typing import Iterator
+
+import torch
+
+from engine.autodiff.per_example import GradientComputer
+from engine.core.errors import ProponentError
+from engine.storage.arrays import atomic_write_json, stable_hash
+
+ENV = "PROPONENT_THREADS"
+_FILE = "threads.json"
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def env_threads() -> int | None:
+    v = os.environ.get(ENV)
+    if not v:
+        return None
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ProponentError(f"{ENV} must be a whole number ≥ 1, not {v!r}")
+    return n
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[int]:
+    """Run the block with ``n`` intra-op threads and restore the previous count afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield int(n)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _time_gradients(computer, x, y, threads: int, repeats: int = 3) -> float:
+    with intra_op_threads(threads):
+        computer.per_example(x[:2], y[:2])  # warm-up (allocations, thread pool)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            computer.per_example(x, y)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gradient_threads(project, *, device: str = "cpu", n_examples: int = 32) -> dict:
+    """{"threads", "reason", "seconds": {threads: median s per batch}} for gradient work on ``project``."""
+    forced = env_threads()
+    if forced is not None:
+        return {"threads": forced, "reason": f"{ENV}={forced}", "seconds": {}}
+    cores = available_cores()
+    if device != "cpu" or cores == 1:
+        return {"threads": 1 if cores == 1 else cores, "reason": "one core" if cores == 1 else f"device {device}",
+                "seconds": {}}
+    model = project.build_model()  # the architecture decides the cost; trained weights are not needed
+    key = stable_hash([[n, list(p.shape)] for n, p in model.named_parameters()], 12) + f"-{cores}"
+    path = project.state_dir / _FILE
+    try:
+        cached = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError):
+        cached = None
+    if cached:
+        return cached
+    computer = GradientComputer(model.eval())
+    rows = torch.arange(min(n_examples, len(project.train_dataset)))
+    x, y = project.train_dataset.x[rows], project.train_dataset.y[rows]
+    seconds = {1: _time_gradients(computer, x, y, 1), cores: _time_gradients(computer, x, y, cores)}
+    best = min(seconds, key=seconds.get)
+    out = {"threads": best, "seconds": {str(k): round(v, 5) for k, v in seconds.items()},
+           "reason": f"measured: {', '.join(f'{k} thread(s) {v * 1e3:.1f} ms' for k, v in seconds.items())} "
+                     f"per {len(rows)} per-example gradients"}
+    try:
+        table = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        table = {}
+    table[key] = out
+    atomic_write_json(path, table)
+    return out
