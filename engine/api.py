@@ -27,6 +27,7 @@ from engine.storage.arrays import (
     load_npy,
     stable_hash,
 )
+from engine.storage.blocks import write_blocks
 from engine.storage.statedb import StateDB
 
 
@@ -103,24 +104,36 @@ def cached_scores(project: Project, method: str, settings=None, *, device: str =
     t0 = time.perf_counter()
     if progress:
         progress("score", 0, 1)
+    n_test, n_train = len(project.test_dataset), len(project.train_dataset)
+
+    def finite(blocks, axis: int, total: int):
+        for lo, hi, block in blocks:
+            if not np.isfinite(block).all():
+                bad = np.argwhere(~np.isfinite(block))[0]
+                raise ProponentError(f"{method}: scores contain NaN or inf (test query {bad[0] + (lo if axis == 0 else 0)}, "
+                                     f"training row {bad[1] + (lo if axis == 1 else 0)}); the checkpoints may have diverged")
+            if progress:
+                progress("score", hi, total)
+            yield lo, hi, block
+
     with intra_op_threads(att.meta.get("threads") or torch.get_num_threads()):
-        S = att.scores("test")
+        # block by block onto disk: the [n_test, n_train] matrix is never held in memory
+        columns = att.score_columns("test")
+        if columns is not None:
+            write_blocks(files["scores"], (n_test, n_train), finite(columns, 1, n_train), axis=1)
+        else:
+            write_blocks(files["scores"], (n_test, n_train), finite(att.score_blocks("test"), 0, n_test))
         try:
             self_s = np.asarray(att.self_scores(), dtype=np.float64)
             susp = np.asarray(att.suspicion(), dtype=np.float64)
         except SelfScoresUnavailable as e:
             # the test scores are still useful; triage says why this run cannot rank suspects
-            self_s = susp = np.full(S.shape[1], np.nan)
+            self_s = susp = np.full(n_train, np.nan)
             att.meta["self_scores_unavailable"] = str(e)
     score_s = time.perf_counter() - t0
-    if not np.isfinite(S).all():
-        raise ProponentError(f"{method}: scores contain NaN or inf; the checkpoints may have diverged")
-    atomic_save_npy(files["scores"], S.astype(np.float32))
     atomic_save_npy(files["self_scores"], self_s)
     atomic_save_npy(files["suspicion"], susp)
     atomic_write_json(folder / "meta.json", att.meta)
-    if progress:
-        progress("score", 1, 1)
     db.upsert_run(key, status="done", finished=time.time(), score_seconds=score_s, peak_mb=_peak_mb(),
                   meta={**att.meta, "label": cls.label, "granularity": cls.granularity})
     # what was stored (scores in float32), so a first run and a cached run give identical numbers

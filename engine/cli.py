@@ -20,7 +20,7 @@ from engine.core.samples import prepare_sample
 from engine.core.train import accuracy, record_training
 from engine.evaluate.bench import cli_main
 from engine.methods import describe_settings, list_methods
-from engine.storage.arrays import atomic_save_npy
+from engine.storage.blocks import iter_row_blocks, write_blocks
 from engine.storage.cache import cache_entries, cache_size, prune_cache
 from engine.workflows.leaks import detect_leaks
 from engine.workflows.triage import triage
@@ -64,24 +64,25 @@ def cmd_train(a) -> int:
 def cmd_attribute(a) -> int:
     p = _project(a.project)
     res = cached_scores(p, a.method, _settings(a.set), device=a.device, progress=_progress(), use_cache=not a.no_cache)
-    S = np.asarray(res["scores"], dtype=np.float64)
+    S = res["scores"]  # memory-mapped from the run's store; read a row at a time
 
     # rows.csv maps every printed index back to its file and label
     p.write_rows_csv(run_dir(p, res["key"]))
     if a.export:
-        atomic_save_npy(a.export, S)
+        write_blocks(a.export, S.shape, iter_row_blocks(S), dtype=np.float64)  # block by block, renamed when complete
         p.write_rows_csv(Path(a.export).resolve().parent)
     if a.json:
         k = min(a.top, S.shape[1])
         out = {"method": a.method, "run": res["key"], "shape": list(S.shape),
                "sign": "positive = proponent (removing it lowers the query's correct-class margin)", "queries": []}
         for q in range(S.shape[0]):
-            top = np.argsort(-S[q])[:k]
-            bot = np.argsort(S[q])[:k]
+            row = np.asarray(S[q], dtype=np.float64)
+            top = np.argsort(-row, kind="stable")[:k]
+            bot = np.argsort(row, kind="stable")[:k]
             out["queries"].append({
                 "test_index": q,
-                "proponents": [{"train_index": int(i), "score": float(S[q, i])} for i in top],
-                "opponents": [{"train_index": int(i), "score": float(S[q, i])} for i in bot]})
+                "proponents": [{"train_index": int(i), "score": float(row[i])} for i in top],
+                "opponents": [{"train_index": int(i), "score": float(row[i])} for i in bot]})
         json.dump(out, sys.stdout)
         sys.stdout.write("\n")
     else:

@@ -52,15 +52,16 @@ def featurize(computer: GradientComputer, projector: Projector, x: torch.Tensor,
     return store
 
 
-def checkpoint_features(project, checkpoint, folder: str | Path, *, kind: str, projection: str, proj_dim: int | None,
-                        seed: int, model_id: int, device: str, x: torch.Tensor | None = None,
-                        y: torch.Tensor | None = None, progress: ProgressFn | None = None, cancel=None,
-                        stage: str = "featurize") -> tuple[np.ndarray, GradientComputer, Projector]:
-    """Projected per-example gradients of the training set (or ``x, y``) at one checkpoint.
+def checkpoint_feature_store(project, checkpoint, folder: str | Path, *, kind: str, projection: str,
+                             proj_dim: int | None, seed: int, model_id: int, device: str,
+                             x: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                             progress: ProgressFn | None = None, cancel=None,
+                             stage: str = "featurize") -> tuple[ChunkedArray, GradientComputer, Projector]:
+    """Projected per-example gradients of the training set (or ``x, y``) at one checkpoint, as an
+    on-disk chunked store read chunk by chunk.
 
-    Gradients are over the project's tracked parameters (``[model] attribute``). Returns the
-    [n, k] features plus the gradient computer and projector, so queries are projected with
-    exactly the same matrix.
+    Gradients are over the project's tracked parameters (``[model] attribute``). Returns the store
+    plus the gradient computer and projector, so queries are projected with exactly the same matrix.
     """
     model = project.load_model(checkpoint)
     computer = GradientComputer(model, tracked=TrackedParameters.of(project), device=device)
@@ -69,4 +70,11 @@ def checkpoint_features(project, checkpoint, folder: str | Path, *, kind: str, p
         x, y = project.train_dataset.x, project.train_dataset.y
     store = featurize(computer, projector, x, y, folder, kind=kind, progress=progress, stage=stage, cancel=cancel,
                       meta={"checkpoint": checkpoint.key, "seed": seed, "model_id": model_id})
+    return store, computer, projector
+
+
+def checkpoint_features(project, checkpoint, folder: str | Path, **kw) -> tuple[np.ndarray, GradientComputer, Projector]:
+    """:func:`checkpoint_feature_store` read whole into memory ([n, k]); for methods whose
+    training side is small (Grad-Dot/Cos keep it in memory)."""
+    store, computer, projector = checkpoint_feature_store(project, checkpoint, folder, **kw)
     return store.to_array(), computer, projector

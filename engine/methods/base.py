@@ -13,7 +13,7 @@ import pkgutil
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Literal
+from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal
 
 import numpy as np
 import pydantic
@@ -176,24 +176,43 @@ class Attributor(ABC):
         if self.cancel is not None and self.cancel():
             raise Cancelled(f"{self.name}: {what} cancelled; rerun to resume")
 
-    def topk(self, queries="test", k: int = 10, chunk: int = 256) -> dict[str, np.ndarray]:
-        """Top-k proponents and opponents per query, streamed over query chunks so memory is
-        bounded by ``chunk × n_train``."""
+    # queries scored at once by score_blocks; None: as many as keep a block's float64 scores and
+    # the temporaries of scoring (about 4 copies) within SCORE_BLOCK_BYTES, at most 256
+    query_block: ClassVar[int | None] = None
+    SCORE_BLOCK_BYTES: ClassVar[int] = 64 << 20
+
+    def score_blocks(self, queries="test", block: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(lo, hi, scores[lo:hi])`` over blocks of queries: the whole [n_queries, n_train] matrix
+        is never held at once (cached_scores writes it to disk block by block)."""
         q = self._queries(queries)
-        n = len(q)
-        pos_i = np.empty((n, k), np.int64)
-        pos_s = np.empty((n, k))
-        neg_i = np.empty((n, k), np.int64)
-        neg_s = np.empty((n, k))
-        for lo in range(0, n, chunk):
-            hi = min(n, lo + chunk)
-            s = self.scores(Queries(q.x[lo:hi], q.y[lo:hi], q.source, None if q.indices is None else q.indices[lo:hi]))
-            kk = min(k, s.shape[1])
-            top = np.argsort(-s, axis=1)[:, :kk]
-            bot = np.argsort(s, axis=1)[:, :kk]
-            pos_i[lo:hi, :kk], pos_s[lo:hi, :kk] = top, np.take_along_axis(s, top, 1)
-            neg_i[lo:hi, :kk], neg_s[lo:hi, :kk] = bot, np.take_along_axis(s, bot, 1)
-        return {"proponents": pos_i, "proponent_scores": pos_s, "opponents": neg_i, "opponent_scores": neg_s}
+        n_train = len(self._p.train_dataset)
+        step = int(block or self.query_block or max(1, min(256, self.SCORE_BLOCK_BYTES // (8 * 4 * max(1, n_train)))))
+        for lo in range(0, len(q), step):
+            hi = min(len(q), lo + step)
+            self._check_cancel("scoring")
+            part = Queries(q.x[lo:hi], q.y[lo:hi], q.source, None if q.indices is None else q.indices[lo:hi])
+            yield lo, hi, np.asarray(self.scores(part))
+
+    def score_columns(self, queries="test") -> Iterator[tuple[int, int, np.ndarray]] | None:
+        """Optionally ``(lo, hi, scores[:, lo:hi])`` over training chunks, for methods whose
+        training side lives on disk (one pass over it instead of one per query block); None
+        when the method scores by query blocks only."""
+        return None
+
+    def topk(self, queries="test", k: int = 10, chunk: int | None = None) -> dict[str, np.ndarray]:
+        """Top-k proponents and opponents per query (ties: lower training index first), streamed
+        over query blocks so memory is bounded by ``chunk × n_train``."""
+        q = self._queries(queries)
+        n, n_train = len(q), len(self._p.train_dataset)
+        kk = min(k, n_train)
+        out = {"proponents": np.empty((n, kk), np.int64), "proponent_scores": np.empty((n, kk)),
+               "opponents": np.empty((n, kk), np.int64), "opponent_scores": np.empty((n, kk))}
+        for lo, hi, s in self.score_blocks(q, chunk):
+            top = np.argsort(-s, axis=1, kind="stable")[:, :kk]
+            bot = np.argsort(s, axis=1, kind="stable")[:, :kk]
+            out["proponents"][lo:hi], out["proponent_scores"][lo:hi] = top, np.take_along_axis(s, top, 1)
+            out["opponents"][lo:hi], out["opponent_scores"][lo:hi] = bot, np.take_along_axis(s, bot, 1)
+        return out
 
     @classmethod
     def requirements(cls, settings=None) -> frozenset:

@@ -3,9 +3,11 @@
 Per model m: φ_i = Pᵀ∇f(z_i) (margin gradients, projected), Ψ_m = Φ_m (Φ_mᵀΦ_m + λI)⁻¹,
 S_m[q, i] = φ_q · Ψ_m[i]; then S = mean_m S_m ⊙ mean_m Q with Q_i = 1 − p(y_i | x_i).
 
-Ψ is computed in whichever of the k×k or n×n forms is smaller (push-through identity:
-Φ(ΦᵀΦ + λI)⁻¹ = (ΦΦᵀ + λI)⁻¹Φ), so k ≥ n is handled, and λ is chosen from the spectrum
-rather than left at 0, where ΦᵀΦ is singular whenever k > n.
+Memory is bounded by the chunk size, not by n: when k ≤ n, ΦᵀΦ (k×k) is accumulated chunk by
+chunk from the on-disk feature store and M = (ΦᵀΦ + λI)⁻¹ is solved once; Ψ is never formed,
+since S[q, i] = (φ_q M) · φ_i streams over training chunks. When k > n (small n), the n×n form
+(push-through identity Φ(ΦᵀΦ + λI)⁻¹ = (ΦΦᵀ + λI)⁻¹Φ) is used with Ψ in memory. λ is chosen
+from the spectrum rather than left at 0, where ΦᵀΦ is singular whenever k > n.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from engine.autodiff.features import checkpoint_features, project_gradients
+from engine.autodiff.features import checkpoint_feature_store, project_gradients
 from engine.autodiff.functional import FunctionalModel, TrackedParameters
 from engine.autodiff.measurement import correct_class_probability
 from engine.methods.base import Attributor, register, setting
@@ -74,6 +76,53 @@ def ensemble_checkpoints(project, mode: str, max_models: int) -> list:
     return cks
 
 
+def kernel_trace_gram(store) -> tuple[np.ndarray, int]:
+    """ΦᵀΦ in float64, accumulated over the store's chunks (k×k memory, whatever n)."""
+    gram, n = None, 0
+    for _, _, chunk in store.iter_chunks():
+        c = np.asarray(chunk, dtype=np.float64)
+        gram = c.T @ c if gram is None else gram + c.T @ c
+        n += len(c)
+    return gram, n
+
+
+def primal_kernel_inverse(gram: np.ndarray, n: int, damping: float, damping_ratio: float) -> tuple[np.ndarray, float]:
+    """M = (ΦᵀΦ + λI)⁻¹ (symmetric k×k) and λ, with λ chosen as in :func:`solve_kernel`."""
+    k = gram.shape[0]
+    lam = damping_ratio * float(np.trace(gram)) / max(1, min(n, k)) if damping < 0 else float(damping)
+    g = gram.copy()
+    g[np.diag_indices_from(g)] += lam
+    try:
+        M = np.linalg.solve(g, np.eye(k))
+    except np.linalg.LinAlgError:
+        M = np.linalg.pinv(g)
+    return (M + M.T) / 2, lam
+
+
+class _Member:
+    """One ensemble member: its gradient computer and projector, and either the primal inverse M
+    with the on-disk feature store (k ≤ n) or Ψ in memory (k > n, small n)."""
+
+    def __init__(self, computer, projector, store, M=None, psi=None):
+        self.computer, self.projector, self.store, self.M, self.psi = computer, projector, store, M, psi
+
+    def scores(self, phi_q: np.ndarray, n: int) -> np.ndarray:
+        if self.psi is not None:
+            return phi_q @ self.psi.T.astype(np.float64)
+        u = phi_q @ self.M
+        out = np.empty((len(phi_q), n))
+        for lo, hi, chunk in self.store.iter_chunks():
+            out[:, lo:hi] = u @ np.asarray(chunk, dtype=np.float64).T
+        return out
+
+    def self_scores(self) -> np.ndarray:
+        parts = []
+        for lo, hi, chunk in self.store.iter_chunks():
+            c = np.asarray(chunk, dtype=np.float64)
+            parts.append(np.einsum("ik,ik->i", c, c @ self.M if self.psi is None else self.psi[lo:hi].astype(np.float64)))
+        return np.concatenate(parts)
+
+
 @register
 class TRAK(Attributor):
     name = "trak"
@@ -86,10 +135,13 @@ class TRAK(Attributor):
     def requirements(cls, settings=None):  # the model ensemble needs several trained models
         return cls.requires | ({"models"} if getattr(settings, "ensemble", None) == "models" else set())
 
+    version = "2"  # streamed primal form (same formula; rounding differs from v1's stored float32 Ψ)
+
     def _fit(self, project) -> None:
         s: TrakSettings = self.settings
         self.members = ensemble_checkpoints(project, s.ensemble, s.max_models)
-        n = len(project.train_dataset)
+        ds = project.train_dataset
+        n = len(ds)
         self._proj = []
         q_sum = np.zeros(n)
         self_sum = np.zeros(n)
@@ -100,38 +152,71 @@ class TRAK(Attributor):
             self._check_cancel("fit")
             tag = stable_hash({"ck": ck.key, "k": k, "proj": projection, "seed": s.seed, "m": m})
             folder = self.workdir / f"member_{m:03d}_{tag}"
-            phi, computer, projector = checkpoint_features(
+            store, computer, projector = checkpoint_feature_store(
                 project, ck, folder / "features", kind="margin", projection=projection, proj_dim=k or None,
                 seed=s.seed, model_id=m, device=self.device,
                 progress=lambda st, d, t, m=m: self.progress(f"featurize {m + 1}/{len(self.members)}", d, t),
                 cancel=self.cancel)
-            psi_path = folder / f"psi_{stable_hash({'d': s.damping, 'r': s.damping_ratio})}.npy"
-            if psi_path.is_file():
-                psi = load_npy(psi_path, mmap=False)
-                lam = float(np.load(psi_path.with_suffix(".lambda.npy")))
-            else:
-                psi, lam = solve_kernel(phi, s.damping, s.damping_ratio)
-                atomic_save_npy(psi_path.with_suffix(".lambda.npy"), np.array(lam))
-                atomic_save_npy(psi_path, psi.astype(np.float32))
+            k_out = projector.out_dim
+            solved = folder / f"kernel_{stable_hash({'d': s.damping, 'r': s.damping_ratio})}"
+            primal = k_out <= n
+            if (solved / "kernel.npy").is_file():
+                kernel = load_npy(solved / "kernel.npy", mmap=False)
+                lam = float(np.load(solved / "lambda.npy"))
+            elif primal:
+                self.progress(f"kernel {m + 1}/{len(self.members)}", 0, 1)
+                kernel, lam = primal_kernel_inverse(*kernel_trace_gram(store), s.damping, s.damping_ratio)
+                atomic_save_npy(solved / "lambda.npy", np.array(lam))
+                atomic_save_npy(solved / "kernel.npy", kernel)
+            else:  # k > n: the n×n form, with n small enough that Φ and Ψ fit in memory
+                kernel, lam = solve_kernel(store.to_array(), s.damping, s.damping_ratio)
+                atomic_save_npy(solved / "lambda.npy", np.array(lam))
+                atomic_save_npy(solved / "kernel.npy", kernel)
             lambdas.append(lam)
-            with torch.no_grad():
-                logits = computer.outputs(project.train_dataset.x)
-                q_sum += (1 - correct_class_probability(logits, project.train_dataset.y.to(logits.device))).cpu().double().numpy()
-            self_sum += np.einsum("ik,ik->i", phi.astype(np.float64), psi.astype(np.float64))
-            self._proj.append((computer, projector, psi.astype(np.float32)))
+            member = _Member(computer, projector, store, M=kernel if primal else None, psi=None if primal else kernel)
+            for lo in range(0, n, 1024):  # outputs by chunk: activations of the whole set are never held
+                rows = torch.arange(lo, min(n, lo + 1024))
+                with torch.no_grad():
+                    logits = computer.outputs(ds.x[rows])
+                    q_sum[lo:lo + len(rows)] += (1 - correct_class_probability(logits, ds.y[rows].to(logits.device))
+                                                 ).cpu().double().numpy()
+            self_sum += member.self_scores()
+            self._proj.append(member)
         self.q = q_sum / len(self.members)
         self._self = self_sum / len(self.members) * self.q
         self.meta.update({"members": [c.key for c in self.members], "lambda": lambdas,
-                          "projection": self._proj[0][1].describe()})
+                          "projection": self._proj[0].projector.describe(),
+                          "kernel_form": "primal (k×k, streamed)" if self._proj[0].psi is None else "dual (n×n)"})
 
     def scores(self, queries="test") -> np.ndarray:
         q = self._queries(queries)
-        total = np.zeros((len(q), len(self._p.train_dataset)))
-        for computer, projector, psi in self._proj:
+        n = len(self._p.train_dataset)
+        total = np.zeros((len(q), n))
+        for member in self._proj:
             self._check_cancel("scoring")
-            phi_q = project_gradients(computer, projector, q.x, q.y, "margin").numpy()
-            total += phi_q.astype(np.float64) @ psi.T.astype(np.float64)
-        return total / len(self._proj) * self.q[None, :]
+            phi_q = project_gradients(member.computer, member.projector, q.x, q.y, "margin").numpy().astype(np.float64)
+            total += member.scores(phi_q, n)
+        total *= self.q[None, :] / len(self._proj)  # in place: no second [n_q, n] temporary
+        return total
+
+    def score_columns(self, queries="test"):
+        """One pass over each member's on-disk features for all queries at once: U_m = φ_q M_m
+        (n_q × k), then S[:, chunk] = mean_m U_m Φ_m[chunk]ᵀ ⊙ Q[chunk]."""
+        if any(m.psi is not None for m in self._proj):
+            return None  # the dual form holds Ψ in memory; query blocks are as cheap
+        q = self._queries(queries)
+        us = [project_gradients(m.computer, m.projector, q.x, q.y, "margin").numpy().astype(np.float64) @ m.M
+              for m in self._proj]
+
+        def columns():
+            readers = [m.store.iter_chunks() for m in self._proj]
+            for parts in zip(*readers):
+                self._check_cancel("scoring")
+                lo, hi = parts[0][0], parts[0][1]
+                block = sum(u @ np.asarray(c, dtype=np.float64).T for u, (_, _, c) in zip(us, parts))
+                yield lo, hi, block * (self.q[None, lo:hi] / len(self._proj))
+
+        return columns()
 
     def self_scores(self) -> np.ndarray:
         return self._self.copy()

@@ -50,6 +50,16 @@ def _atomic_write(path: str | Path, write) -> None:
 
 
 TEMP_SUFFIX = ".tmp"
+
+
+def temp_path_for(path: str | Path) -> Path:
+    """A new empty temporary file beside ``path``, named so orphan cleanup recognises it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX)
+    os.close(fd)
+    os.chmod(tmp, _FILE_MODE)
+    return Path(tmp)
 _TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
 
 
@@ -183,6 +193,20 @@ class ChunkedArray:
 
     def read_chunk(self, c: int) -> np.ndarray:
         return load_npy(self.chunk_path(c), mmap=False)
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows at arbitrary positions, reading only the chunks that hold them (memory-mapped)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = None
+        chunk_of = rows // self.chunk_rows
+        for c in np.unique(chunk_of):
+            sel = np.nonzero(chunk_of == c)[0]
+            block = load_npy(self.chunk_path(int(c)), mmap=True)
+            part = np.asarray(block[rows[sel] - int(c) * self.chunk_rows])
+            if out is None:
+                out = np.empty((len(rows), part.shape[1]), dtype=part.dtype)
+            out[sel] = part
+        return out if out is not None else np.empty((0, 0), np.float32)
 
     def iter_chunks(self) -> Iterator[tuple[int, int, np.ndarray]]:
         for c in range(self.n_chunks):

@@ -130,6 +130,9 @@ class GIFAttribution(Attributor):
                                damping=s.damping)
         return v, res
 
+    # max_queries bounds one call, so all queries go in one block (the check sees the total)
+    query_block = 1 << 30
+
     def scores(self, queries="test") -> np.ndarray:
         s: GIFSettings = self.settings
         q = self._queries(queries)

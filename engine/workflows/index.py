@@ -1,0 +1,155 @@
+"""Interactive top-k over a large training set: TRAK's scores as inner products in one index.
+
+For TRAK with members m = 1…M, S[q, i] = (1/M) Σ_m (φ_q^m M_m) · φ_i^m × Q_i. Stacking the members,
+S[q, i] = u_q · v_i with u_q = [φ_q^1 M_1, …, φ_q^M M_M] and v_i = (Q_i / M) [φ_i^1, …, φ_i^M],
+so a new query's top proponents are a maximum-inner-product search over the v_i, and its top
+opponents the same search with -u_q.
+
+Two backends:
+- ``exact``: a blocked matmul over the on-disk features with a running top-k (torch, so on CUDA
+  when the device is a GPU); memory is one chunk.
+- ``faiss``: faiss-cpu's inner-product indexes, flat (exact) up to ``FLAT_MAX`` rows, else IVF-PQ
+  (``nlist`` ≈ 4√n, trained on a sample, filled chunk by chunk; a few bytes per row in memory).
+  IVF-PQ's candidates (``RERANK`` × k) are re-scored exactly from the on-disk features, so the
+  scores returned are exact and only membership is approximate. Its recall@k against exact is
+  measured by :func:`recall_at_k` and reported by scripts/bench_index.py.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+
+from engine.autodiff.features import project_gradients
+from engine.core.errors import ProponentError
+from engine.storage.blocks import RunningTopK
+
+FLAT_MAX = 200_000
+RERANK = 10  # IVF-PQ candidates per wanted neighbour, re-scored exactly
+
+
+@dataclass
+class IndexPlan:
+    kind: str  # "flat" or "ivfpq"
+    nlist: int = 0
+    m: int = 0  # PQ sub-quantizers
+    nprobe: int = 0
+
+
+def plan_index(n: int, d: int, kind: str = "auto") -> IndexPlan:
+    if kind == "flat" or (kind == "auto" and n <= FLAT_MAX):
+        return IndexPlan("flat")
+    if kind not in ("auto", "ivfpq"):
+        raise ProponentError(f"index kind must be auto, flat or ivfpq, not {kind!r}")
+    nlist = int(min(65536, max(16, 4 * math.sqrt(n))))
+    m = max(m for m in range(1, min(d, 64) + 1) if d % m == 0)  # sub-vectors must divide d
+    return IndexPlan("ivfpq", nlist=nlist, m=m, nprobe=max(16, nlist // 8))
+
+
+class InfluenceIndex:
+    """Top-k proponents and opponents of new queries for a fitted TRAK attributor."""
+
+    def __init__(self, att, backend: str = "faiss", kind: str = "auto", device: str = "cpu", seed: int = 0):
+        if getattr(att, "name", None) != "trak" or any(m.psi is not None for m in att._proj):
+            raise ProponentError("the influence index needs a fitted TRAK run in its streamed (k ≤ n) form")
+        self.att, self.backend, self.device = att, backend, device
+        self.members = att._proj
+        self.n = len(att._p.train_dataset)
+        self.d = sum(m.projector.out_dim for m in self.members)
+        self.scale = att.q / len(self.members)  # Q_i / M, folded into the training side
+        self.build_seconds = 0.0
+        self.plan = None
+        if backend == "faiss":
+            self._build_faiss(kind, seed)
+        elif backend != "exact":
+            raise ProponentError(f"index backend must be faiss or exact, not {backend!r}")
+
+    # ---------------------------------------------------------------- training side, by chunk
+    def _train_chunks(self):
+        """(lo, hi, v[lo:hi]) float32: the stacked, Q-scaled training vectors, one chunk at a time."""
+        for parts in zip(*(m.store.iter_chunks() for m in self.members)):
+            lo, hi = parts[0][0], parts[0][1]
+            v = np.concatenate([np.asarray(c, dtype=np.float32) for _, _, c in parts], axis=1)
+            yield lo, hi, v * self.scale[lo:hi, None].astype(np.float32)
+
+    def _build_faiss(self, kind: str, seed: int) -> None:
+        t0 = time.perf_counter()
+        self.plan = plan_index(self.n, self.d, kind)
+        if self.plan.kind == "flat":
+            index = faiss.IndexFlatIP(self.d)
+        else:
+            quantizer = faiss.IndexFlatIP(self.d)
+            index = faiss.IndexIVFPQ(quantizer, self.d, self.plan.nlist, self.plan.m, 8, faiss.METRIC_INNER_PRODUCT)
+            # train on a seeded sample of at most 64 vectors per list (faiss's own guidance is 39–256)
+            want = min(self.n, 64 * self.plan.nlist)
+            rng = np.random.default_rng(seed)
+            pick = np.sort(rng.choice(self.n, want, replace=False))
+            sample = []
+            for lo, hi, v in self._train_chunks():
+                sel = pick[(pick >= lo) & (pick < hi)] - lo
+                if len(sel):
+                    sample.append(v[sel])
+            index.train(np.ascontiguousarray(np.concatenate(sample)))
+            index.nprobe = self.plan.nprobe
+        for _, _, v in self._train_chunks():
+            index.add(np.ascontiguousarray(v))
+        self.index = index
+        self.build_seconds = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- queries
+    def query_vectors(self, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        parts = [project_gradients(m.computer, m.projector, x, y, "margin").numpy().astype(np.float64) @ m.M
+                 for m in self.members]
+        return np.concatenate(parts, axis=1).astype(np.float32)
+
+    def search(self, u: np.ndarray, k: int = 10) -> dict[str, np.ndarray]:
+        """Top-k proponents (largest u·v) and opponents (smallest) of query vectors ``u`` [n_q, d]."""
+        k = min(k, self.n)
+        if self.backend == "exact":
+            return self._exact(u, k)
+        if self.plan.kind == "flat":
+            s_top, i_top = self.index.search(np.ascontiguousarray(u), k)
+            s_bot, i_bot = self.index.search(np.ascontiguousarray(-u), k)
+            return {"proponents": i_top, "proponent_scores": s_top, "opponents": i_bot, "opponent_scores": -s_bot}
+        kc = min(self.n, RERANK * k)
+        i_top, s_top = self._rerank(u, self.index.search(np.ascontiguousarray(u), kc)[1], k)
+        i_bot, s_bot = self._rerank(-u, self.index.search(np.ascontiguousarray(-u), kc)[1], k)
+        return {"proponents": i_top, "proponent_scores": s_top, "opponents": i_bot, "opponent_scores": -s_bot}
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        """The stacked, Q-scaled training vectors of rows ``ids``, read from the on-disk features."""
+        v = np.concatenate([m.store.read_rows(ids).astype(np.float32) for m in self.members], axis=1)
+        return v * self.scale[ids, None].astype(np.float32)
+
+    def _rerank(self, u: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        ids_out = np.empty((len(u), k), np.int64)
+        s_out = np.empty((len(u), k))
+        for r, (uq, ids) in enumerate(zip(u, cand)):
+            ids = ids[ids >= 0]  # faiss pads with -1 when a probe finds fewer candidates
+            s = self._rows(ids).astype(np.float64) @ uq.astype(np.float64)
+            order = np.lexsort((ids, -s))[:k]
+            got = len(order)
+            ids_out[r, :got], s_out[r, :got] = ids[order], s[order]
+            ids_out[r, got:], s_out[r, got:] = -1, -np.inf
+        return ids_out, s_out
+
+    def _exact(self, u: np.ndarray, k: int) -> dict[str, np.ndarray]:
+        acc = RunningTopK(len(u), k)
+        ut = torch.as_tensor(u, dtype=torch.float32, device=self.device)
+        for lo, _, v in self._train_chunks():
+            block = (ut @ torch.as_tensor(v, device=self.device).T).double().cpu().numpy()
+            acc.update(lo, block)
+        return acc.result()
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of the exact top-k found by the approximate top-k."""
+    k = exact.shape[1]
+    return float(np.mean([len(set(a[:k]) & set(e)) / k for a, e in zip(approx, exact)]))
+
+
+__all__ = ["InfluenceIndex", "IndexPlan", "plan_index", "recall_at_k", "FLAT_MAX"]

@@ -1,0 +1,159 @@
+"""Streamed scoring: TRAK's chunked k×k kernel equals the dense formula, scores reach disk block by
+block, and the running top-k equals a full sort."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from engine import Project
+from engine.api import cached_scores, fit_method
+from engine.autodiff.features import project_gradients
+from engine.methods.trak import solve_kernel
+from engine.storage.arrays import ChunkedArray, load_npy
+from engine.storage.blocks import RunningTopK, iter_row_blocks, write_blocks
+
+
+@pytest.fixture
+def project(digits_project, tmp_path):
+    dest = tmp_path / "digits"
+    shutil.copytree(digits_project.root, dest, ignore=shutil.ignore_patterns(".proponent"))
+    return Project.load(dest)
+
+
+def _dense_trak(att, project, queries):
+    """TRAK from its definition with every array in memory: Ψ = Φ(ΦᵀΦ+λI)⁻¹, S = mean_m φ_q Ψᵀ ⊙ Q."""
+    total = 0
+    for m in att._proj:
+        phi = m.store.to_array().astype(np.float64)
+        psi, _ = solve_kernel(phi, att.settings.damping, att.settings.damping_ratio)
+        phi_q = project_gradients(m.computer, m.projector, queries.x, queries.y, "margin").numpy().astype(np.float64)
+        total = total + phi_q @ psi.T
+    return total / len(att._proj) * att.q[None, :]
+
+
+@pytest.mark.parametrize("proj_dim", [64, 0])  # 64 ≤ n: streamed primal form; 0 = all parameters > n: dual form
+def test_streamed_trak_equals_the_dense_formula(project, proj_dim):
+    att, _ = fit_method(project, "trak", {"proj_dim": proj_dim, "ensemble": "final"})
+    n = len(project.train_dataset)
+    primal = att._proj[0].psi is None
+    assert primal == (att._proj[0].projector.out_dim <= n)
+    assert att.meta["kernel_form"].startswith("primal" if primal else "dual")
+    q = att._queries(("test", np.arange(40)))
+    S = att.scores(q)
+    np.testing.assert_allclose(S, _dense_trak(att, project, q), rtol=1e-6, atol=1e-9 * np.abs(S).max())
+    # self-scores: the diagonal of the train × train scores
+    tr = att._queries(("train", np.arange(30)))
+    np.testing.assert_allclose(att.self_scores()[:30], np.diag(att.scores(tr)[:, :30]), rtol=1e-6,
+                               atol=1e-9 * np.abs(S).max())
+
+
+def test_chunk_size_does_not_change_the_kernel(tmp_path):
+    rng = np.random.default_rng(1)
+    phi = rng.normal(size=(500, 40)).astype(np.float32)
+    from engine.methods.trak import kernel_trace_gram, primal_kernel_inverse
+
+    for rows in (7, 128, 500):
+        store = ChunkedArray(tmp_path / f"s{rows}", len(phi), rows)
+        for c in range(store.n_chunks):
+            lo, hi = store.chunk_bounds(c)
+            store.write_chunk(c, phi[lo:hi])
+        M, lam = primal_kernel_inverse(*kernel_trace_gram(store), -1.0, 10.0)
+        psi, lam_dense = solve_kernel(phi, -1.0, 10.0)
+        assert lam == pytest.approx(lam_dense)
+        np.testing.assert_allclose(phi.astype(np.float64) @ M, psi, rtol=1e-7, atol=1e-12)
+
+
+def test_cached_scores_are_the_blocks_written_to_disk(project, monkeypatch):
+    from engine.methods.base import Attributor
+
+    monkeypatch.setattr(Attributor, "query_block", 37)  # several blocks, the last one partial
+    res = cached_scores(project, "grad-dot")
+    assert isinstance(res["scores"], np.memmap)  # read back from disk, not held
+    att, _ = fit_method(project, "grad-dot")
+    np.testing.assert_allclose(res["scores"], att.scores("test").astype(np.float32), rtol=1e-6)
+
+
+def test_write_blocks_is_all_or_nothing(tmp_path):
+    a = np.arange(20, dtype=np.float32).reshape(5, 4)
+    path = write_blocks(tmp_path / "m.npy", a.shape, iter_row_blocks(a, 2))
+    assert np.array_equal(load_npy(path), a)
+
+    def broken():
+        yield 0, 2, a[:2]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_blocks(tmp_path / "m.npy", a.shape, broken())
+    assert np.array_equal(load_npy(path), a)  # the old file stands
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npy"]  # no temporary left
+    with pytest.raises(RuntimeError, match="3 of 5 rows"):
+        write_blocks(tmp_path / "x.npy", a.shape, iter_row_blocks(a[:3], 2))
+
+
+def test_running_topk_equals_a_full_sort():
+    rng = np.random.default_rng(0)
+    S = np.round(rng.normal(size=(6, 103)), 1)  # rounded: many ties
+    top = RunningTopK(6, 9)
+    for lo in range(0, 103, 10):
+        top.update(lo, S[:, lo:lo + 10])
+    r = top.result()
+    want_top = np.argsort(-S, axis=1, kind="stable")[:, :9]
+    want_bot = np.argsort(S, axis=1, kind="stable")[:, :9]
+    assert np.array_equal(r["proponents"], want_top) and np.array_equal(r["opponents"], want_bot)
+    assert np.array_equal(r["proponent_scores"], np.take_along_axis(S, want_top, 1))
+
+
+def test_trak_column_pass_equals_query_blocks(project):
+    att, _ = fit_method(project, "trak", {"proj_dim": 64, "ensemble": "checkpoints", "max_models": 2})
+    assert len(att._proj) == 2
+    S = att.scores("test")
+    cols = att.score_columns("test")
+    assert cols is not None
+    got = np.zeros_like(S)
+    widths = []
+    for lo, hi, block in cols:
+        got[:, lo:hi] = block
+        widths.append(hi - lo)
+    assert len(widths) > 1 or len(project.train_dataset) <= 1024
+    np.testing.assert_allclose(got, S, rtol=1e-9, atol=1e-12 * np.abs(S).max())
+    res = cached_scores(project, "trak", {"proj_dim": 64, "ensemble": "checkpoints", "max_models": 2})
+    np.testing.assert_allclose(res["scores"], S.astype(np.float32), rtol=1e-6)
+
+
+def test_column_blocks_write(tmp_path):
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    path = write_blocks(tmp_path / "c.npy", a.shape, ((lo, lo + 2, a[:, lo:lo + 2]) for lo in (0, 2)), axis=1)
+    assert np.array_equal(load_npy(path), a)
+
+
+def test_influence_index_matches_trak_scores(project):
+    from engine.workflows.index import InfluenceIndex, plan_index, recall_at_k
+
+    att, _ = fit_method(project, "trak", {"proj_dim": 64, "ensemble": "checkpoints", "max_models": 2})
+    q = att._queries(("test", np.arange(30)))
+    want = att.topk(q, k=10)
+    exact = InfluenceIndex(att, backend="exact")
+    u = exact.query_vectors(q.x, q.y)
+    got = exact.search(u, 10)
+    assert np.array_equal(got["proponents"], want["proponents"]) and np.array_equal(got["opponents"], want["opponents"])
+    np.testing.assert_allclose(got["proponent_scores"], want["proponent_scores"], rtol=1e-4,
+                               atol=1e-6 * np.abs(want["proponent_scores"]).max())
+    flat = InfluenceIndex(att, backend="faiss")
+    assert flat.plan.kind == "flat"
+    res = flat.search(u, 10)
+    assert recall_at_k(res["proponents"], want["proponents"]) == 1.0
+    assert recall_at_k(res["opponents"], want["opponents"]) == 1.0
+    ivf = InfluenceIndex(att, backend="faiss", kind="ivfpq")
+    assert ivf.plan.kind == "ivfpq" and 128 % ivf.plan.m == 0
+    approx = ivf.search(u, 10)
+    # membership is approximate, scores are exact: re-scored from the on-disk features
+    S = att.scores(q)
+    np.testing.assert_allclose(approx["proponent_scores"], np.take_along_axis(S, approx["proponents"], 1),
+                               rtol=1e-4, atol=1e-6 * np.abs(S).max())
+    r_default = recall_at_k(approx["proponents"], want["proponents"])
+    ivf.index.nprobe = ivf.plan.nlist  # every list probed: only PQ's ranking of candidates is approximate
+    r_all = recall_at_k(ivf.search(u, 10)["proponents"], want["proponents"])
+    assert r_all >= 0.95 and r_all >= r_default, (r_all, r_default)
+    assert plan_index(2_000_000, 2048).kind == "ivfpq" and plan_index(1000, 16).kind == "flat"
