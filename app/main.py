@@ -10,7 +10,6 @@ if str(ROOT) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-import engine  # noqa: E402,F401  (sets the torch thread count before any work)
 from app import ui  # noqa: E402
 
 st.set_page_config(page_title="Proponent", page_icon="🔎", layout="wide")

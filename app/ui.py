@@ -9,7 +9,7 @@ import streamlit as st
 
 from app import jobs
 from app import services as svc
-from app.services import clusters
+from app.services import clusters, state
 
 SIGN = svc.SIGN_HELP
 FLAG_ICONS = {None: "", "mislabeled": ":red[:material/flag: mislabeled]", "ok": ":green[:material/check: ok]",
@@ -23,9 +23,32 @@ def sync_jobs() -> bool:
 
 
 def project_root() -> str | None:
-    if "project_root" not in st.session_state:
-        st.session_state["project_root"] = svc.project_from_env()
-    return st.session_state.get("project_root")
+    """The open project: this session's, else the URL's (if the user opened it before in the UI,
+    see app.services.state), else the one `proponent app PROJECT` was started with. It is written
+    back to the URL so a reload, a deep link or a second tab shows the same project."""
+    if not st.session_state.get("project_root"):
+        want = st.query_params.get("project")
+        if want and state.trusted_project(want):
+            st.session_state["project_root"] = str(Path(want).resolve())
+        else:
+            if want:
+                st.session_state["_untrusted_project"] = want
+            st.session_state["project_root"] = svc.project_from_env()
+    root = st.session_state.get("project_root")
+    if root and st.query_params.get("project") != root:
+        st.query_params["project"] = root
+    return root
+
+
+def set_project(root: str) -> None:
+    """Open ``root`` in this session, in the URL, and in the list of projects a URL may reopen."""
+    root = str(Path(root).resolve())
+    state.remember_project(root)
+    st.session_state["project_root"] = root
+    st.query_params.clear()  # another project's run and query do not apply
+    st.query_params["project"] = root
+    for k in ("_keep_run", "_keep_q", "run", "q"):
+        st.session_state.pop(k, None)
 
 
 def _stamp(root: str) -> tuple:
@@ -50,7 +73,10 @@ def get_project(required: bool = True):
     root = project_root()
     if not root:
         if required:
-            st.info("No project is open. Open one on the **Project** page.")
+            if st.session_state.get("_untrusted_project"):
+                st.warning(f"The link names the project `{st.session_state['_untrusted_project']}`, which was never "
+                           "opened in this app. Opening a project runs its model.py, so open it yourself first.")
+            st.page_link("views/project.py", label="Open a project", icon=":material/folder_open:")
             st.stop()
         return None
     try:
@@ -92,21 +118,40 @@ def db(project):
 
 
 def pick_run(project, key: str = "run", label: str = "Attribution run", exclude: str | None = None):
-    """A selectbox of finished runs (remembered in the URL); None with a hint when there are none."""
+    """A selectbox of finished runs; None with a hint when there are none.
+
+    The choice survives page switches (session), reloads and deep links (``?run=`` in the URL).
+    Without a choice the newest per-example run is taken (a cluster-level run such as DDM is never
+    the silent default); a newer run than the chosen one is offered, never imposed."""
     runs = [r for r in svc.done_runs(project) if r["key"] != exclude]
     if not runs:
         if exclude is None:
             st.warning("No finished attribution run yet. Run a method on the **Attribute** page.")
         return None
     keys = [r["key"] for r in runs]
-    want = st.query_params.get(key)
-    if key not in st.session_state or st.session_state[key] not in keys:
-        st.session_state[key] = want if want in keys else keys[0]
     by = {r["key"]: r for r in runs}
+    per_example = [k for k in keys if not clusters.is_cluster_run(by[k])]
+    newest = (per_example or keys)[0]
+    keep = f"_keep_{key}"
+    # a widget's state does not carry over to the same key on another page, so the choice lives
+    # in a plain session key and is handed to the widget on every run
+    # (a value set in the session under the widget's own key by code, not by the widget, wins)
+    set_directly = st.session_state.get(key) if st.session_state.get(key) != st.session_state.get(keep) else None
+    for cand in (set_directly, st.session_state.get(keep), st.query_params.get(key), newest):
+        if cand in keys:
+            st.session_state[key] = st.session_state[keep] = cand
+            break
     choice = st.selectbox(label, keys, key=key, format_func=lambda k: svc.run_label(by[k]),
+                          on_change=lambda: st.session_state.__setitem__(keep, st.session_state[key]),
                           help="Finished, cached runs of this project. " + SIGN)
     if exclude is None:
         st.query_params[key] = choice
+        if choice != newest and choice in per_example and keys.index(newest) < keys.index(choice):
+            c1, c2 = st.columns([4, 1])
+            c1.caption(f"A newer run is available: {svc.run_label(by[newest])}.")
+            if c2.button("Use it", key=f"{key}_newest"):
+                st.session_state[keep] = newest
+                st.rerun()
     return by[choice]
 
 

@@ -520,11 +520,16 @@ def test_no_project_opens_the_project_page(monkeypatch):
     at = AppTest.from_file(MAIN, default_timeout=60)
     at.run()
     assert not at.exception
-    assert any("No project is open" in i.value for i in at.info)
+    assert any("No project is open yet" in i.value for i in at.info)
+    assert not any("on the Project page" in i.value for i in at.info)  # we are on it
     at.radio(key="src").set_value("Folder on the server").run()
     at.text_input(key="folder").set_value("/nonexistent/project").run()
     at.button(key="open_folder").click().run()
     assert any("project folder not found" in e.value for e in at.error), [e.value for e in at.error]
+    at.text_input(key="folder").set_value(MAIN).run()  # a file, not a folder: one line, no traceback
+    at.button(key="open_folder").click().run()
+    assert not at.exception
+    assert any("not a folder" in e.value for e in at.error), [e.value for e in at.error]
 
 
 def test_dead_worker_is_reported(tmp_path):
@@ -591,3 +596,64 @@ def test_cleaned_copy_renumbers_truth_and_keeps_foreign_folders(ran_project, tmp
         svc.export_cleaned(p, db, mine)
     assert (mine / "keep.txt").read_text() == "user data"
     assert ".proponent-owned" not in str(svc.zip_folder(out["folder"]))
+
+
+def test_run_and_query_survive_page_switches_and_the_newest_is_offered(ran_project, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROPONENT_STATE_DIR", str(tmp_path / "state"))
+    p = _copy(ran_project, tmp_path / "digits")
+    for method in ("trak", "grad-dot"):  # grad-dot is the newest run
+        settings = FAST_TRAK if method == "trak" else {}
+        assert jobs.get_job(p, jobs.start_job(p, "attribute", {"method": method, "settings": settings},
+                                              background=False))["status"] == "done"
+    runs = svc.done_runs(p)
+    assert runs[0]["method"] == "grad-dot"
+    trak_key = next(r["key"] for r in runs if r["method"] == "trak")
+    at = _app(monkeypatch, p, "explore")
+    assert at.selectbox(key="run").value == runs[0]["key"]  # no choice yet: the newest
+    at.selectbox(key="run").set_value(trak_key).run()
+    at.number_input(key="q").set_value(7).run()
+    assert at.query_params["run"] == [trak_key] or at.query_params["run"] == trak_key
+    assert any("newer run is available" in c.value for c in at.caption)
+    at.switch_page("views/triage.py").run()
+    assert not at.exception
+    assert at.selectbox(key="run").value == trak_key  # kept across pages, not reset to the newest
+    at.switch_page("views/explore.py").run()
+    assert at.selectbox(key="run").value == trak_key and at.number_input(key="q").value == 7
+
+
+def test_cluster_runs_are_never_the_silent_default(ran_project, tmp_path, monkeypatch):
+    from app.services import clusters
+
+    monkeypatch.setenv("PROPONENT_STATE_DIR", str(tmp_path / "state"))
+    p = _copy(ran_project, tmp_path / "digits")
+    for method in ("trak", "grad-dot"):
+        settings = FAST_TRAK if method == "trak" else {}
+        jobs.start_job(p, "attribute", {"method": method, "settings": settings}, background=False)
+    # pretend the newest run (grad-dot) is cluster-level, as DDM's is
+    monkeypatch.setattr(clusters, "is_cluster_run", lambda run: run["method"] == "grad-dot")
+    at = _app(monkeypatch, p, "explore")
+    assert svc.done_runs(p)[0]["method"] == "grad-dot"
+    chosen = at.selectbox(key="run").value
+    assert next(r for r in svc.done_runs(p) if r["key"] == chosen)["method"] == "trak"
+
+
+def test_a_url_reopens_only_projects_opened_before(ran_project, tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from app.services import state
+
+    monkeypatch.setenv("PROPONENT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("PROPONENT_PROJECT", raising=False)
+    p = _copy(ran_project, tmp_path / "digits")
+    at = AppTest.from_file(MAIN, default_timeout=180)
+    at.query_params["project"] = str(p.root)
+    at.run()
+    assert not at.exception
+    assert any("never opened in this app" in w.value for w in at.warning)
+    assert not any("Test accuracy" in str(m.label) for m in at.metric)
+    state.remember_project(p.root)  # what opening it on the Project page records
+    at = AppTest.from_file(MAIN, default_timeout=180)
+    at.query_params["project"] = str(p.root)
+    at.run()
+    assert not at.exception and not any("never opened" in w.value for w in at.warning)
+    assert at.session_state["project_root"] == str(p.root.resolve())

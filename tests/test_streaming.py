@@ -157,3 +157,23 @@ def test_influence_index_matches_trak_scores(project):
     r_all = recall_at_k(ivf.search(u, 10)["proponents"], want["proponents"])
     assert r_all >= 0.95 and r_all >= r_default, (r_all, r_default)
     assert plan_index(2_000_000, 2048).kind == "ivfpq" and plan_index(1000, 16).kind == "flat"
+
+
+@pytest.mark.parametrize("method", ["grad-dot", "grad-cos", "tracin"])
+def test_gradient_similarity_streams_to_the_dense_formula(project, method):
+    att, _ = fit_method(project, method, {"proj_dim": 64})
+    q = att._queries(("test", np.arange(25)))
+    want = 0
+    for m in att._members:
+        side = -m.loss_store.to_array().astype(np.float64)
+        g = project_gradients(m.computer, m.projector, q.x, q.y, "margin").numpy().astype(np.float64)
+        if method == "grad-cos":
+            side /= np.linalg.norm(side, axis=1, keepdims=True)
+            g /= np.linalg.norm(g, axis=1, keepdims=True)
+        want = want + m.weight * g @ side.T
+    S = att.scores(q)
+    np.testing.assert_allclose(S, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+    got = np.zeros_like(S)
+    for lo, hi, block in att.score_columns(q):
+        got[:, lo:hi] = block
+    np.testing.assert_allclose(got, S, rtol=1e-9, atol=1e-12 * np.abs(S).max())

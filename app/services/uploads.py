@@ -20,6 +20,7 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from app.services.state import app_state_dir
 from engine.core.errors import ProponentError
 
 MAX_UPLOAD_BYTES = 200 * 2**20          # uncompressed size limit of an uploaded project archive
@@ -29,9 +30,7 @@ _CHUNK = 1 << 20
 
 def uploads_root() -> Path:
     """The app's private upload folder (0700)."""
-    base = os.environ.get("PROPONENT_STATE_DIR") or os.path.join(
-        os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state"), "proponent")
-    root = Path(base) / "uploads"
+    root = app_state_dir() / "uploads"
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(root, 0o700)
     return root

@@ -47,11 +47,15 @@ with left:
         picked = int(table.iloc[rows[0]]["test_index"])
         if st.session_state.get("_last_pick") != picked:
             st.session_state["_last_pick"] = picked
-            st.session_state["q"] = picked
-    if "q" not in st.session_state:
-        qp = st.query_params.get("q")
-        st.session_state["q"] = int(qp) if qp is not None and str(qp).isdigit() and int(qp) < S.shape[0] else 0
-    q = int(st.number_input("Test query index", 0, S.shape[0] - 1, step=1, key="q"))
+            st.session_state["q"] = st.session_state["_keep_q"] = picked
+    # the query lives in a plain session key (widget state does not survive a page switch), then the URL
+    set_directly = st.session_state.get("q") if st.session_state.get("q") != st.session_state.get("_keep_q") else None
+    for cand in (set_directly, st.session_state.get("_keep_q"), st.query_params.get("q"), 0):
+        if cand is not None and str(cand).isdigit() and int(cand) < S.shape[0]:
+            st.session_state["q"] = st.session_state["_keep_q"] = int(cand)
+            break
+    q = int(st.number_input("Test query index", 0, S.shape[0] - 1, step=1, key="q",
+                            on_change=lambda: st.session_state.__setitem__("_keep_q", st.session_state["q"])))
     st.query_params["q"] = str(q)
 
 with mid:

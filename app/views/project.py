@@ -19,7 +19,7 @@ with st.expander("Open a project", expanded=ui.project_root() is None):
         if st.button("Open the digits sample", key="open_sample"):
             with st.spinner("Preparing the sample (first time only)…"):
                 try:
-                    st.session_state["project_root"] = str(svc.open_sample("digits"))
+                    ui.set_project(str(svc.open_sample("digits")))
                     st.rerun()
                 except svc.ProponentError as e:
                     st.error(str(e))
@@ -28,7 +28,7 @@ with st.expander("Open a project", expanded=ui.project_root() is None):
         if st.button("Open folder", key="open_folder"):
             try:
                 p = svc.open_project(path)
-                st.session_state["project_root"] = str(p.root)
+                ui.set_project(str(p.root))
                 st.rerun()
             except svc.ProponentError as e:
                 st.error(f"Validation failed — {e}")
@@ -38,7 +38,7 @@ with st.expander("Open a project", expanded=ui.project_root() is None):
             try:
                 folder = svc.extract_upload(up.getvalue())  # the app's private upload folder (0700)
                 p = svc.open_project(folder)
-                st.session_state["project_root"] = str(p.root)
+                ui.set_project(str(p.root))
                 st.rerun()
             except svc.ProponentError as e:
                 st.error(f"Upload rejected — {e}")
@@ -68,14 +68,20 @@ with st.expander("New project from a folder"):
                 st.code("\n".join(res["report"]), language=None)
                 try:
                     svc.open_project(res["root"])
-                    st.session_state["project_root"] = res["root"]
+                    ui.set_project(res["root"])
                     st.rerun()
                 except svc.ProponentError as e:
                     st.warning(f"Written, but the project does not load yet — {e}")
             except svc.ProponentError as e:
                 st.error(str(e))
 
-project = ui.get_project()
+project = ui.get_project(required=False)
+if project is None:
+    if st.session_state.get("_untrusted_project"):
+        st.warning(f"The link names the project `{st.session_state['_untrusted_project']}`, which was never opened in "
+                   "this app. Opening a project runs its model.py, so open it above if you trust it.")
+    st.info("No project is open yet: open the sample, a folder on the server or an uploaded archive above.")
+    st.stop()
 
 
 @st.cache_data(show_spinner="Summarising…", max_entries=4)

@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from engine.autodiff.features import checkpoint_features, project_gradients
+from engine.autodiff.features import checkpoint_feature_store, project_gradients
 from engine.autodiff.functional import FunctionalModel, TrackedParameters
 from engine.methods.base import Attributor
 from engine.methods.settings import ProjectionSettings
@@ -21,8 +21,25 @@ class GradSimSettings(ProjectionSettings):
     """Grad-Dot and Grad-Cos: only the projection."""
 
 
+class _Side:
+    """One checkpoint's training side, on disk: loss-gradient features, read chunk by chunk."""
+
+    def __init__(self, computer, projector, loss_store, weight: float, inv_norm: np.ndarray | None):
+        self.computer, self.projector, self.loss_store, self.weight, self.inv_norm = (
+            computer, projector, loss_store, weight, inv_norm)
+
+    def chunks(self):
+        """(lo, hi, −∇ℓ features [lo:hi], normalised for Grad-Cos) in float64."""
+        for lo, hi, c in self.loss_store.iter_chunks():
+            side = -np.asarray(c, dtype=np.float64)
+            if self.inv_norm is not None:
+                side *= self.inv_norm[lo:hi, None]
+            yield lo, hi, side
+
+
 class GradientSimilarity(Attributor):
     normalize: bool = False
+    version = "2"  # training side streamed from disk (same formula; v1 kept a float32 copy in memory)
 
     def checkpoints_and_weights(self, project) -> list[tuple]:
         return [(project.final_checkpoint(), 1.0)]
@@ -41,35 +58,55 @@ class GradientSimilarity(Attributor):
             tag = stable_hash({"ck": ck.key, "k": k, "proj": projection, "seed": s.seed})
             folder = self.workdir / f"ck_{j:03d}_{tag}"
             step = lambda st, d, t, j=j: self.progress(f"featurize {j + 1}/{len(plan)}", d, t)
-            loss_f, computer, projector = checkpoint_features(
+            loss_store, computer, projector = checkpoint_feature_store(
                 project, ck, folder / "loss", kind="loss", projection=projection, proj_dim=k or None, seed=s.seed,
                 model_id=0, device=self.device, progress=step, cancel=self.cancel)
-            margin_f, _, _ = checkpoint_features(
+            margin_store, _, _ = checkpoint_feature_store(
                 project, ck, folder / "margin", kind="margin", projection=projection, proj_dim=k or None, seed=s.seed,
                 model_id=0, device=self.device, progress=step, cancel=self.cancel)
-            train_side = -loss_f.astype(np.float64)
-            norms = np.linalg.norm(train_side, axis=1)
-            if self.normalize:
-                train_side = train_side / np.maximum(norms, 1e-12)[:, None]
-                mq = margin_f / np.maximum(np.linalg.norm(margin_f, axis=1), 1e-12)[:, None]
-                self._self += w * np.einsum("ik,ik->i", mq, train_side)
-            else:
-                self._self += w * np.einsum("ik,ik->i", margin_f.astype(np.float64), train_side)
+            norms = np.empty(n)
+            for (lo, hi, lc), (_, _, mc) in zip(loss_store.iter_chunks(), margin_store.iter_chunks()):
+                side = -np.asarray(lc, dtype=np.float64)
+                mq = np.asarray(mc, dtype=np.float64)
+                norms[lo:hi] = np.linalg.norm(side, axis=1)
+                if self.normalize:
+                    side /= np.maximum(norms[lo:hi], 1e-12)[:, None]
+                    mq /= np.maximum(np.linalg.norm(mq, axis=1), 1e-12)[:, None]
+                self._self[lo:hi] += w * np.einsum("ik,ik->i", mq, side)
             self._norm2 += w * norms ** 2
-            self._members.append((computer, projector, train_side.astype(np.float32), w))
+            inv = 1.0 / np.maximum(norms, 1e-12) if self.normalize else None
+            self._members.append(_Side(computer, projector, loss_store, w, inv))
         self.meta.update({"checkpoints": [ck.key for ck, _ in plan], "weights": [w for _, w in plan],
-                          "projection": self._members[0][1].describe()})
+                          "projection": self._members[0].projector.describe()})
+
+    def _query_side(self, member: _Side, q) -> np.ndarray:
+        g = project_gradients(member.computer, member.projector, q.x, q.y, "margin").numpy().astype(np.float64)
+        if self.normalize:
+            g /= np.maximum(np.linalg.norm(g, axis=1), 1e-12)[:, None]
+        return member.weight * g
 
     def scores(self, queries="test") -> np.ndarray:
         q = self._queries(queries)
         total = np.zeros((len(q), len(self._p.train_dataset)))
-        for computer, projector, train_side, w in self._members:
+        for member in self._members:
             self._check_cancel("scoring")
-            g = project_gradients(computer, projector, q.x, q.y, "margin").numpy().astype(np.float64)
-            if self.normalize:
-                g = g / np.maximum(np.linalg.norm(g, axis=1), 1e-12)[:, None]
-            total += w * (g @ train_side.T.astype(np.float64))
+            g = self._query_side(member, q)
+            for lo, hi, side in member.chunks():
+                total[:, lo:hi] += g @ side.T
         return total
+
+    def score_columns(self, queries="test"):
+        """One pass over each checkpoint's on-disk training side for all queries at once."""
+        q = self._queries(queries)
+        gs = [self._query_side(m, q) for m in self._members]
+
+        def columns():
+            for parts in zip(*(m.chunks() for m in self._members)):
+                self._check_cancel("scoring")
+                lo, hi = parts[0][0], parts[0][1]
+                yield lo, hi, sum(g @ side.T for g, (_, _, side) in zip(gs, parts))
+
+        return columns()
 
     def self_scores(self) -> np.ndarray:
         return self._self.copy()
