@@ -74,7 +74,7 @@ def test_every_page_opens(monkeypatch, ran_project):
     at = _app(monkeypatch, ran_project, "triage")
     assert "Bulk actions" in [h.value for h in at.subheader]
     at = _app(monkeypatch, ran_project, "leakage")
-    assert "Pairs the detector flags" in _labels(at.metric)
+    assert {"Quick check flags", "Calibrated detector flags"} <= set(_labels(at.metric))
     at = _app(monkeypatch, ran_project, "embeddings")
     assert "Compute maps" in _labels(at.button)
     at = _app(monkeypatch, ran_project, "report")
@@ -657,3 +657,24 @@ def test_a_url_reopens_only_projects_opened_before(ran_project, tmp_path, monkey
     at.run()
     assert not at.exception and not any("never opened" in w.value for w in at.warning)
     assert at.session_state["project_root"] == str(p.root.resolve())
+
+
+def test_leak_page_never_hides_the_quick_check(ran_project):
+    key = svc.done_runs(ran_project)[0]["key"]
+    quick = svc.leak_pairs(ran_project, key)
+    q_flagged = [(p["test_index"], p["train_index"]) for p in quick["pairs"] if p["flagged"]]
+    assert q_flagged and quick["calibrated_flagged"] is None
+    t0, i0 = q_flagged[0]
+    other = next(p for p in quick["pairs"] if not p["flagged"])
+    # a detector that disagrees both ways: it misses a quick-check pair and flags another one
+    det = {"method": "trak", "statistic": "z", "threshold": 3.0, "calibration": {"fpr": 0.01},
+           "pairs": [{"test_index": t0, "train_index": i0, "score": 1.0, "z": 0.5, "flagged": False},
+                     {"test_index": other["test_index"], "train_index": other["train_index"], "score": 1.0, "z": 9.0,
+                      "flagged": True}]}
+    res = svc.leak_pairs(ran_project, key, det)
+    by = {(p["test_index"], p["train_index"]): p for p in res["pairs"]}
+    assert by[(t0, i0)]["flagged"] and by[(t0, i0)]["quick"] and by[(t0, i0)]["calibrated"] is False
+    assert "input cosine" in by[(t0, i0)]["why"]
+    o = by[(other["test_index"], other["train_index"])]
+    assert o["flagged"] and o["calibrated"] and not o["quick"] and "calibrated threshold" in o["why"]
+    assert res["quick_flagged"] == quick["quick_flagged"] and res["calibrated_flagged"] == 1

@@ -8,37 +8,59 @@ from engine.core.project import Project
 from engine.workflows.leaks import candidate_cosines, paired_cosines, unit_inputs
 
 
-def leak_pairs(project: Project, key: str, detector: dict | None = None, max_pairs: int = 60) -> dict:
-    """Suspected train/test duplicates. With ``detector`` (the output of engine.workflows.leaks.detect_leaks,
-    run as a background job) its calibrated decisions are used; otherwise each test query's
-    input-closest among its top proponents in this run, flagged when the input-space cosine is at least
-    ``QUICK_LEAK_COSINE``."""
-    xn_tr, xn_te = unit_inputs(project, "train"), unit_inputs(project, "test")  # text: bags of words
-    if detector is not None:
-        pairs = []
-        for p in detector.get("pairs", []):
-            t, i = int(p["test_index"]), int(p["train_index"])
-            c = p.get("input_cosine")
-            pairs.append({**p, "cosine": float(c if c is not None else paired_cosines(xn_te, [t], xn_tr, [i])[0])})
-        pairs.sort(key=lambda p: (not p.get("flagged"), -float(p.get(detector.get("statistic", "score"), p["score"]))))
-        return {"source": f"calibrated detector (engine.workflows.leaks, {detector.get('method')})",
-                "threshold": detector.get("threshold"), "pairs": pairs[:max_pairs],
-                "rule": f"flagged when {detector.get('statistic')} > {detector.get('threshold'):.4g} "
-                        f"(calibration: {detector.get('calibration', {}).get('kind', 'given')}, "
-                        f"false-positive rate {detector.get('calibration', {}).get('fpr', '—')})"}
+def quick_check(project: Project, key: str, xn_tr, xn_te) -> dict[tuple[int, int], dict]:
+    """Each test query's input-closest among its top proponents in this run, flagged when the
+    input-space cosine is at least ``QUICK_LEAK_COSINE``."""
     S = np.asarray(load_run(project, key)["scores"])
     m = min(QUICK_LEAK_TOP, S.shape[1])
     cand = np.argpartition(-S, m - 1, axis=1)[:, :m]  # each query's top-m proponents
     cos_c = candidate_cosines(xn_te, xn_tr, cand)
     best = cand[np.arange(len(S)), cos_c.argmax(1)]
     cosines = cos_c.max(1)
-    threshold = QUICK_LEAK_COSINE
-    order = np.argsort(-cosines, kind="stable")[:max_pairs]
-    pairs = [{"test_index": int(t), "train_index": int(best[t]), "score": float(S[t, best[t]]),
-              "cosine": float(cosines[t]), "flagged": bool(cosines[t] >= threshold)} for t in order]
-    return {"source": f"quick check: the input-closest of each query's top-{m} proponents", "threshold": threshold,
-            "pairs": pairs, "rule": f"flagged when the input-space cosine of a test query and that proponent "
-                                    f"is ≥ {threshold}"}
+    return {(int(t), int(best[t])): {"test_index": int(t), "train_index": int(best[t]), "score": float(S[t, best[t]]),
+                                     "cosine": float(cosines[t]), "quick": bool(cosines[t] >= QUICK_LEAK_COSINE)}
+            for t in range(len(S))}
+
+
+def leak_pairs(project: Project, key: str, detector: dict | None = None, max_pairs: int = 60) -> dict:
+    """Suspected train/test duplicates with both decisions side by side: the quick check (always)
+    and, when ``detector`` (engine.workflows.leaks.detect_leaks, run as a background job) is given,
+    its calibrated decision. A pair is flagged when either flags it, so the page never shows a
+    worse decision than the quick check; each pair says why (``why``)."""
+    xn_tr, xn_te = unit_inputs(project, "train"), unit_inputs(project, "test")  # text: bags of words
+    pairs = quick_check(project, key, xn_tr, xn_te)
+    for p in pairs.values():
+        p["calibrated"] = None
+    stat = rule_cal = None
+    if detector is not None:
+        stat, thr = detector.get("statistic", "score"), detector.get("threshold")
+        cal = detector.get("calibration", {}) or {}
+        rule_cal = (f"calibrated detector ({detector.get('method')}): {stat} > {thr:.4g} "
+                    f"(null of training queries, false-positive rate {cal.get('fpr', '—')})")
+        for d in detector.get("pairs", []):
+            t, i = int(d["test_index"]), int(d["train_index"])
+            c = d.get("input_cosine")
+            cur = pairs.get((t, i)) or {"test_index": t, "train_index": i, "score": float(d["score"]),
+                                         "cosine": float(c if c is not None else paired_cosines(xn_te, [t], xn_tr, [i])[0]),
+                                         "quick": False}
+            cur["calibrated"] = bool(d.get("flagged"))
+            cur["statistic"] = float(d.get(stat, d["score"]))
+            pairs[(t, i)] = cur
+    for p in pairs.values():
+        why = []
+        if p["quick"]:
+            why.append(f"input cosine {p['cosine']:.4f} ≥ {QUICK_LEAK_COSINE} among the query's top proponents")
+        if p.get("calibrated"):
+            why.append(f"{stat} {p['statistic']:.4g} above the calibrated threshold")
+        p["flagged"] = bool(why)
+        p["why"] = "; ".join(why) or "not flagged"
+    ordered = sorted(pairs.values(), key=lambda p: (not p["flagged"], -p["cosine"]))
+    rule_quick = f"quick check: input-space cosine ≥ {QUICK_LEAK_COSINE} with one of the query's top-{QUICK_LEAK_TOP} proponents"
+    return {"source": "quick check" + (" + calibrated detector" if detector is not None else ""),
+            "threshold": QUICK_LEAK_COSINE, "pairs": ordered[:max_pairs],
+            "rule": rule_quick + (f"; or {rule_cal}" if rule_cal else ""),
+            "quick_flagged": sum(p["quick"] for p in pairs.values()),
+            "calibrated_flagged": None if detector is None else sum(bool(p["calibrated"]) for p in pairs.values())}
 
 
 QUICK_LEAK_TOP = 100

@@ -19,9 +19,10 @@ reducer = c1.selectbox("Layout", ["umap", "pca"], key="e_reducer", help="UMAP (c
 colour = c2.selectbox("Colour by", ["label", "prediction", "flag", "self_influence"], key="e_colour")
 KINDS = {"influence": "Influence embedding",
          "penultimate": "Penultimate features"}
-st.caption("Left: projected margin gradients at the final checkpoint (TRAK's features), cosine geometry. "
-           "Right: the inputs of the model's last layer, for contrast. Hover a point for its index and label; "
-           "draw a lasso or box to select.")
+st.caption("Left: projected margin gradients of the model's predicted class at the final checkpoint (TRAK's "
+           "features), cosine geometry; a mislabeled example sits among its true class, so coloured by label it "
+           "shows as an odd colour. Right: the inputs of the model's last layer, for contrast. Hover a point for its "
+           "index and label; draw a lasso or box to select.")
 embs = {k: svc.cached_embedding(project, k, reducer) for k in KINDS}
 missing = [k for k, v in embs.items() if v is None]
 if missing:
@@ -44,6 +45,10 @@ if colour == "self_influence":
 preds = ui.project_predictions(project, "train")
 flags = svc.flag_state(db, "train")
 
+# flags stand out: grey for unflagged points, strong colours for decisions
+FLAG_COLOURS = {"none": "#d0d0d0", "mislabeled": "#d62728", "leak": "#1f3fff", "ok": "#2ca02c",
+                "ambiguous": "#ff7f0e", "dismissed": "#7f7f7f"}
+gen = st.session_state.setdefault("e_sel_gen", 0)  # a new chart key clears the selection
 selected: list[int] = []
 cols = st.columns(2)
 for col, (kind, title) in zip(cols, KINDS.items()):
@@ -57,8 +62,11 @@ for col, (kind, title) in zip(cols, KINDS.items()):
         sub = f" (subsample: {len(df):,} of {n_total:,})" if len(df) < n_total else f" ({len(df):,} examples)"
         order = {c: sorted(df[c].unique(), key=lambda v: (len(str(v)), str(v))) for c in ("label", "prediction", "flag")
                  if c in df}
+        if colour == "flag":  # unflagged points first, so flagged ones are drawn on top
+            df = df.assign(_o=(df["flag"] != "none").astype(int)).sort_values("_o", kind="stable")
         fig = px.scatter(df, x="x", y="y", color=colour, custom_data=["index", "label"], category_orders=order,
                          color_continuous_scale="Viridis", title=title + sub,
+                         color_discrete_map=FLAG_COLOURS if colour == "flag" else None,
                          render_mode="webgl" if len(df) > 5000 else "auto")
         fig.update_traces(marker=dict(size=5),
                           hovertemplate="train #%{customdata[0]}<br>label %{customdata[1]}<extra></extra>")
@@ -68,19 +76,23 @@ for col, (kind, title) in zip(cols, KINDS.items()):
         if colour == "self_influence":
             fig.update_layout(coloraxis_colorbar_title="self-influence")
         event = st.plotly_chart(fig, width="stretch", on_select="rerun", selection_mode=("lasso", "box"),
-                                key=f"map_{kind}")
+                                key=f"map_{kind}_{gen}")
         selected += [i for i in svc.selection_indices(event) if i not in selected]
 
 st.subheader("Selection")
 if not selected:
     st.caption("Draw a lasso or a box on either map to select training examples.")
 else:
-    st.write(f"{len(selected)} training example(s) selected.")
-    a1, a2, a3, a4 = st.columns(4)
+    st.write(f"{len(selected)} training example(s) selected. Flagging applies to all of them; clear the "
+             "selection to start again.")
+    a1, a2, a3, a4, a5 = st.columns(5)
     for col, flag in zip((a1, a2, a3, a4), ("mislabeled", "ok", "ambiguous", "leak")):
         if col.button(f"Flag {flag}", key=f"sel_{flag}"):
             n = svc.bulk_update(db, "train", selected, flag=flag, source="app-embeddings")
             st.toast(f"{n} flagged {flag}")
+    if a5.button("Clear selection", key="sel_clear"):
+        st.session_state["e_sel_gen"] = gen + 1
+        st.rerun()
     show = selected[:24]
     grid = st.columns(8)
     for j, i in enumerate(show):

@@ -38,8 +38,11 @@ res = _pairs(root, run["key"], done_job)
 pairs = res["pairs"]
 st.caption(f"Source: {res['source']}. Decision: {res['rule']}.")
 pf = svc.flag_state(db, "pair")
-n_flag = sum(p["flagged"] for p in pairs)
-st.metric("Pairs the detector flags", n_flag, help="Threshold: " + str(res.get("threshold")))
+m1, m2 = st.columns(2)
+m1.metric("Quick check flags", res["quick_flagged"], help="Input-space cosine ≥ the threshold with a top proponent.")
+m2.metric("Calibrated detector flags", "not run" if res["calibrated_flagged"] is None else res["calibrated_flagged"],
+          help="Threshold from a null of training queries at a stated false-positive rate. A pair is shown as "
+               "flagged when either decision flags it.")
 
 if pairs:
     df = pd.DataFrame(pairs)
@@ -66,8 +69,11 @@ for p in shown:
     with c[1]:
         ui.show_example(project, "train", i, size=84, caption=f"train #{i} (label {project.class_name(int(project.train_dataset.y[i]))})")
     with c[2]:
-        st.caption(f"score {p['score']:+.4g} · cosine {p['cosine']:.4f} · detector: "
-                   f"{'flagged' if p['flagged'] else 'not flagged'} · yours: {ui.fmt_flag(cur)}", help=svc.SIGN_HELP)
+        cal = {None: "not run", True: "flagged", False: "not flagged"}[p.get("calibrated")]
+        st.caption(f"score {p['score']:+.4g} · cosine {p['cosine']:.4f} · quick check: "
+                   f"{'flagged' if p['quick'] else 'not flagged'} · calibrated: {cal} · yours: {ui.fmt_flag(cur)}",
+                   help=svc.SIGN_HELP)
+        st.caption(f"Why: {p['why']}.")
         b1, b2 = st.columns(2)
         if b1.button("Leak", key=f"leak_{item}", help="Record this pair as a leak (and flag the training row)"):
             db.set_flag("pair", item, flag="leak", source="app-leakage")

@@ -2,6 +2,10 @@
 
 kind "influence": margin gradients at the final checkpoint, randomly projected (TRAK's features)
 and normalised to unit length, so the map shows influence directions rather than gradient size.
+The margin is taken for the model's *predicted* class, not the given label: gradients of the given
+label's margin split the map by given label (ten pure clusters on digits), which hides exactly the
+examples triage looks for; with the predicted class a mislabeled example sits among its true
+class and shows up in the colour of its given label (scripts/bench_embeddings.py measures this).
 kind "penultimate": inputs of the model's last Linear layer.
 """
 from __future__ import annotations
@@ -25,12 +29,16 @@ REDUCERS = ("umap", "pca")
 _CHUNK = 256
 
 
-def embedding_path(project: Project, kind: str, reducer: str) -> Path:
-    return project.state_dir / "embeddings" / f"{kind}-{reducer}-{project.checkpoint_hash()}-{project.data_hash()}.npz"
+LABELS = ("predicted", "given")
 
 
-def cached_embedding(project: Project, kind: str, reducer: str) -> dict | None:
-    p = embedding_path(project, kind, reducer)
+def embedding_path(project: Project, kind: str, reducer: str, label: str = "predicted") -> Path:
+    tag = f"{kind}-{label}" if kind == "influence" else kind
+    return project.state_dir / "embeddings" / f"{tag}-{reducer}-{project.checkpoint_hash()}-{project.data_hash()}.npz"
+
+
+def cached_embedding(project: Project, kind: str, reducer: str, label: str = "predicted") -> dict | None:
+    p = embedding_path(project, kind, reducer, label)
     if not p.is_file():
         return None
     with np.load(p, allow_pickle=False) as z:
@@ -38,14 +46,17 @@ def cached_embedding(project: Project, kind: str, reducer: str) -> dict | None:
 
 
 def compute_embedding(project: Project, kind: str = "influence", reducer: str = "umap", *,
-                      max_points: int = EMBED_MAX_POINTS, proj_dim: int = 256, progress=None, cancel=None) -> dict:
+                      max_points: int = EMBED_MAX_POINTS, proj_dim: int = 256, label: str = "predicted",
+                      progress=None, cancel=None) -> dict:
     """{"xy": [m, 2], "index": [m] training rows, "n_total"}: a seeded subsample of at most
     ``max_points`` rows, read by chunks of 256 (memory bounded by the chunk, not by n)."""
     if kind not in EMBED_KINDS:
         raise ProponentError(f"embedding kind must be one of {', '.join(EMBED_KINDS)}, not {kind!r}")
     if reducer not in REDUCERS:
         raise ProponentError(f"layout must be one of {', '.join(REDUCERS)}, not {reducer!r}")
-    cached = cached_embedding(project, kind, reducer)
+    if label not in LABELS:
+        raise ProponentError(f"embedding label must be one of {', '.join(LABELS)}, not {label!r}")
+    cached = cached_embedding(project, kind, reducer, label)
     if cached is not None:
         return cached
     n = len(project.train_dataset)
@@ -65,6 +76,9 @@ def compute_embedding(project: Project, kind: str = "influence", reducer: str = 
         rows = torch.as_tensor(idx[lo:lo + _CHUNK])
         x, y = project.train_dataset.x[rows], project.train_dataset.y[rows]
         if computer is not None:
+            if label == "predicted":
+                with torch.no_grad():
+                    y = computer.outputs(x).argmax(1).cpu()
             feats.append(project_gradients(computer, projector, x, y, "margin").numpy())
         else:
             feats.append(penultimate_features(model, x).numpy())
@@ -81,7 +95,7 @@ def compute_embedding(project: Project, kind: str = "influence", reducer: str = 
     out = {"xy": xy.astype(np.float32), "index": idx.astype(np.int64), "n_total": np.array(n)}
     buf = io.BytesIO()
     np.savez(buf, **out)
-    atomic_write_bytes(embedding_path(project, kind, reducer), buf.getvalue())
+    atomic_write_bytes(embedding_path(project, kind, reducer, label), buf.getvalue())
     return out
 
 
