@@ -398,12 +398,25 @@ def test_report_is_self_contained(ran_project, tmp_path):
     (bench / "x.json").write_text(json.dumps({"title": "Demo bench", "date": "2026-01-01", "machine": "m", "command": "c",
                                               "tables": [{"title": "T", "columns": ["method", "LDS"],
                                                           "rows": [["trak", 0.31]], "notes": ""}], "notes": ""}))
-    key = svc.done_runs(ran_project)[0]["key"]
-    html = build_report(ran_project, key, method="trak", n_queries=2, bench_dir=bench)
+    p = _copy(ran_project, tmp_path / "digits")
+    shutil.copytree(ran_project.state_dir / "runs", p.state_dir / "runs")
+    for r in svc.db_for(ran_project).list_runs():
+        svc.db_for(p).upsert_run(r["key"], **{k: v for k, v in r.items() if k != "key"})
+    key = svc.done_runs(p)[0]["key"]
+    db = svc.db_for(p)
+    db.set_flag("train", 3, flag="mislabeled")
+    db.set_flag("train", 5, relabel="<b>7</b>")  # user text is escaped, never markup
+    html = build_report(p, key, method="trak", n_queries=2, bench_dir=bench)
     assert html.count("data:image/png;base64,") >= 16
     assert "Demo bench" in html and "0.31" in html
     assert "<script src=" not in html.replace("<script src=\"data:", "")  # no external script
     assert "Plotly" in html and svc.SIGN_HELP.split(":")[0] in html
+    # findings first, the benchmark tables last (an appendix)
+    assert html.index("Findings") < html.index("Flagged training examples") < html.index("Why did the model") \
+        < html.index("How accurate") < html.index("Appendix")
+    flagged = html[html.index("Flagged training examples"):html.index("Why did the model")]
+    assert "#3 · mislabeled" in flagged and "relabel → &lt;b&gt;7&lt;/b&gt;" in flagged and "<b>7</b>" not in html
+    assert flagged.count("data:image/png;base64,") == 2
 
 
 def test_verify_kwargs_bind_to_the_counterfactual_check():

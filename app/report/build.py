@@ -1,51 +1,32 @@
-"""A self-contained, offline HTML report: findings, plotly charts (library embedded inline),
-example images as base64 PNG, flag counts and the benchmark table from docs/bench/*.json."""
+"""A self-contained, offline HTML report for stakeholders, rendered from a jinja2 template with
+autoescape: the findings first (counts, the flagged examples with images, explained queries, what-if
+and Verify results), then the method's measured accuracy as one short table; the full benchmark
+tables and run settings are an appendix. Plotly's library is embedded once, images as base64 PNG."""
 from __future__ import annotations
 
-import html
 import json
 import time
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import plotly.graph_objects as go
+import plotly.offline
 
+from app import jobs
 from app import services as svc
 from engine.storage.arrays import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-h1{margin-bottom:0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
-.sub{color:#666}.grid{display:flex;flex-wrap:wrap;gap:10px}.card{border:1px solid #ddd;border-radius:6px;padding:6px;
-text-align:center;font-size:12px;width:96px}.card img{image-rendering:pixelated;width:84px;height:84px}
-.q img{image-rendering:pixelated;width:120px;height:120px}table{border-collapse:collapse;font-size:13px;margin:.5em 0}
-td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f5f5f5}td:first-child,th:first-child{text-align:left}
-.card:has(.txt){width:240px;text-align:left}.txt{font-size:12px;line-height:1.35;margin-bottom:4px}
-.kpi{display:inline-block;margin-right:2em}.kpi b{font-size:1.6em;display:block}.note{color:#555;font-size:13px}
-"""
-
-
-def _img(project, split: str, i: int, size: int = 84) -> str:
-    png = svc.image_png(project, split, int(i), size)
-    if project.data_format == "text":
-        return f"<div class='txt'>{html.escape(svc.example_text(project, split, int(i)) or '')}</div>"
-    if png is None:
-        row = svc.example_row(project, split, int(i))
-        return "<div style='font-size:10px'>" + html.escape(", ".join(f"{k}={v}" for k, v in list(row.items())[:6])) + "</div>"
-    return f"<img alt='{split} {i}' src='{svc.data_uri(png)}'>"
-
-
-def _table(columns, rows) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+_ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+                          autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
 def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return "n/a" if v != v else f"{v:.4g}"
     return "" if v is None else str(v)
 
 
@@ -62,8 +43,43 @@ def bench_tables(folder: Path | None = None) -> list[dict]:
     return out
 
 
+def accuracy_table(benches: list[dict]) -> dict | None:
+    """The first benchmark table with a method and an LDS column, cut to method, LDS and its
+    noise ceiling (plus mislabel AUROC when present): the one short accuracy table."""
+    for b in benches:
+        for t in b.get("tables", []):
+            cols = [str(c) for c in t.get("columns", [])]
+            if "method" in cols and "LDS" in cols:
+                keep = [c for c in ("method", "LDS", "LDS noise ceiling", "mislabel AUROC") if c in cols]
+                ix = [cols.index(c) for c in keep]
+                return {"source": f"{b.get('title', b['file'])}: {t.get('title', '')}", "date": b.get("date", ""),
+                        "machine": b.get("machine", ""), "columns": keep,
+                        "rows": [[_fmt(r[i]) for i in ix] for r in t.get("rows", []) if len(r) > max(ix)]}
+    return None
+
+
+def _example(project, split: str, i: int, lines: list[str], size: int = 84) -> dict:
+    i = int(i)
+    text = svc.example_text(project, split, i) if project.data_format == "text" else None
+    png = None if text is not None else svc.image_png(project, split, i, size)
+    row = "" if (text is not None or png) else ", ".join(f"{k}={v}" for k, v in list(svc.example_row(project, split, i).items())[:6])
+    return {"split": split, "index": i, "text": text, "png": svc.data_uri(png) if png else None, "row": row, "lines": lines}
+
+
+def _chart(fig) -> str:
+    fig.update_layout(height=320, margin=dict(t=50, b=40), template="plotly_white")
+    return fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
+
+
+def _last_result(project, kind: str) -> dict | None:
+    for j in jobs.list_jobs(project, 50):
+        if j["kind"] == kind and j["status"] == "done" and j.get("result"):
+            return j
+    return None
+
+
 def build_report(project, key: str, *, method: str = "", n_queries: int = 4, k: int = 8,
-                 bench_dir: Path | None = None) -> str:
+                 bench_dir: Path | None = None, max_flagged: int = 48) -> str:
     run = svc.load_run(project, key)
     S = run["scores"]
     db = svc.db_for(project)
@@ -72,98 +88,95 @@ def build_report(project, key: str, *, method: str = "", n_queries: int = 4, k: 
     flags = svc.flag_state(db, "train")
     tri = svc.triage_table(project, key, method, flags=flags)
     found = svc.truth_found(project, db)
-    charts: list[str] = []
+    by_index = tri.set_index("index")
+    name = project.class_name
 
-    def chart(fig) -> str:
-        first = not charts
-        fig.update_layout(height=320, margin=dict(t=50, b=40), template="plotly_white")
-        s = fig.to_html(full_html=False, include_plotlyjs=True if first else False, config={"displaylogo": False})
-        charts.append(s)
-        return s
-
-    parts = [f"<h1>Proponent report: {html.escape(project.name)}</h1>",
-             f"<p class='sub'>Method <b>{html.escape(method or key)}</b> (run {html.escape(key)}) · generated "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}</p>",
-             f"<p class='note'>{html.escape(svc.SIGN_HELP)}</p>"]
-    # findings
-    n_flag = sum(1 for r in flags.values() if r.get("flag") not in (None, "ok", "dismissed"))
+    problem = {i: r for i, r in flags.items() if r.get("flag") not in (None, "ok", "dismissed") or r.get("relabel")}
     wrong = int((preds["pred"] != preds["label"]).sum())
     kpis = [("test accuracy", f"{summ['test_accuracy']:.1%}" if summ["test_accuracy"] is not None else "—"),
             ("training examples", f"{summ['n_train']:,}"), ("test examples", f"{summ['n_test']:,}"),
-            ("misclassified test examples", str(wrong)), ("training examples flagged", str(n_flag))]
+            ("misclassified test examples", str(wrong)), ("training examples flagged", str(len(problem)))]
     if found:
         kpis.append(("planted mislabels found", f"{found['mislabeled_found']}/{found['mislabeled_planted']}"))
         kpis.append(("planted leaks found", f"{found['leaks_found']}/{found['leaks_planted']}"))
-    parts.append("<h2>Findings</h2><div>" + "".join(f"<span class='kpi'><b>{html.escape(v)}</b>{html.escape(n)}</span>"
-                                                    for n, v in kpis) + "</div>")
-    parts.append(f"<p>The model has {summ['parameters']:,} parameters and was trained for {summ['epochs']:g} epochs "
-                 f"({summ['checkpoints']} recorded checkpoints). {n_flag} training examples carry a problem flag.</p>")
-
-    # flag counts
     counts: dict[str, int] = {}
-    for r in flags.values():
-        counts[r.get("flag") or "note/relabel only"] = counts.get(r.get("flag") or "note/relabel only", 0) + 1
-    if counts:
-        fig = go.Figure(go.Bar(x=list(counts), y=list(counts.values())))
-        fig.update_layout(title="Flags set during review", xaxis_title="flag", yaxis_title="training examples (count)")
-        parts.append("<h2>Flags</h2>" + chart(fig))
-    else:
-        parts.append("<h2>Flags</h2><p>No flags set yet.</p>")
+    for r in problem.values():
+        counts[r.get("flag") or "relabel"] = counts.get(r.get("flag") or "relabel", 0) + 1
+    summary = (f"The model has {summ['parameters']:,} parameters. Review flagged {len(problem)} training examples"
+               + (": " + ", ".join(f"{n} {f}" for f, n in sorted(counts.items())) if counts else "") + ".")
 
-    # suspects
-    top = tri.head(16)
-    parts.append("<h2>Most suspicious training examples</h2><p class='note'>Ranked by the method's suspicion "
-                 "(self-influence weighted by the model's doubt); the suggested label is the ensemble's most probable "
-                 "other class.</p><div class='grid'>")
-    for _, r in top.iterrows():
-        parts.append(f"<div class='card'>{_img(project, 'train', r['index'])}<br>#{r['index']} label {html.escape(r['label'])}"
-                     f"<br>suggest {html.escape(r['suggested'])}<br>{html.escape(str(r['flag'] or ''))}</div>")
-    parts.append("</div>")
-    susp = tri["suspicion"].to_numpy()
-    fig = go.Figure(go.Histogram(x=susp, nbinsx=60, hovertemplate="suspicion %{x}<br>%{y} examples<extra></extra>"))
+    flagged = []
+    for i in sorted(problem, key=lambda i: -float(by_index.at[i, "suspicion"]) if i in by_index.index else 0)[:max_flagged]:
+        r = problem[i]
+        lines = [f"#{i} · {r.get('flag') or 'relabel'}", f"given {name(int(project.train_dataset.y[i]))}"]
+        if r.get("relabel"):
+            lines.append(f"relabel → {r['relabel']}")
+        elif i in by_index.index:
+            lines.append(f"suggested {by_index.at[i, 'suggested']}")
+        flagged.append(_example(project, "train", i, lines))
+
+    suspects = []
+    for _, r in tri[tri["flag"].isna()].head(16).iterrows():
+        suspects.append(_example(project, "train", r["index"], [f"#{r['index']}", f"given {r['label']}",
+                                                                 f"suggested {r['suggested']}"]))
+    fig = go.Figure(go.Histogram(x=tri["suspicion"].to_numpy(), nbinsx=60,
+                                 hovertemplate="suspicion %{x}<br>%{y} examples<extra></extra>"))
     fig.update_layout(title="Distribution of suspicion scores", xaxis_title="suspicion (higher: more likely mislabeled)",
                       yaxis_title="training examples (count)")
-    parts.append(chart(fig))
 
-    # query explanations
-    order = np.argsort(preds["margin"])  # the least confident / wrong first
-    parts.append(f"<h2>Why did the model predict this?</h2><p class='note'>Test queries with the lowest correct-class "
-                 f"margin, with their top-{k} proponents (supporting) and opponents (opposing).</p>")
-    for q in order[:n_queries]:
+    queries = []
+    for q in np.argsort(preds["margin"])[:n_queries]:  # the least confident / wrong first
         q = int(q)
         t = svc.topk(S[q], k)
-        lab, pr = project.class_name(int(preds["label"][q])), project.class_name(int(preds["pred"][q]))
-        parts.append(f"<h3>Test #{q}: label {html.escape(str(lab))}, predicted {html.escape(str(pr))} "
-                     f"(margin {preds['margin'][q]:.2f})</h3><div class='grid'><div class='card q'>{_img(project, 'test', q, 120)}"
-                     "<br>query</div>")
-        for role, ids, sc in (("proponent", t["proponents"], t["proponent_scores"]),
-                              ("opponent", t["opponents"], t["opponent_scores"])):
-            for i, s in zip(ids, sc):
-                parts.append(f"<div class='card'>{_img(project, 'train', i)}<br>{role} #{int(i)}<br>label "
-                             f"{html.escape(str(project.class_name(int(project.train_dataset.y[int(i)]))))}<br>{s:+.3g}</div>")
-        parts.append("</div>")
         ids = list(t["proponents"]) + list(t["opponents"])[::-1]
         vals = list(t["proponent_scores"]) + list(t["opponent_scores"])[::-1]
-        fig = go.Figure(go.Bar(x=[f"#{int(i)}" for i in ids], y=vals,
-                               hovertemplate="train %{x}<br>score %{y:.4g}<br>" + html.escape(svc.SIGN_HELP) + "<extra></extra>"))
-        fig.update_layout(title=f"Scores for test #{q}", xaxis_title="training example",
+        bar = go.Figure(go.Bar(x=[f"#{int(i)}" for i in ids], y=vals,
+                               marker_color=["#2ca02c" if v > 0 else "#d62728" for v in vals]))
+        bar.update_layout(title=f"Scores for test #{q}", xaxis_title="training example",
                           yaxis_title="attribution score (positive = proponent)")
-        parts.append(chart(fig))
+        bar.update_xaxes(type="category")
 
-    # benchmark
-    tables = bench_tables(bench_dir)
-    parts.append("<h2>Benchmarks</h2>")
-    if not tables:
-        parts.append("<p>No benchmark files (docs/bench/*.json) in this build.</p>")
-    for b in tables:
-        parts.append(f"<h3>{html.escape(str(b.get('title', b['file'])))}</h3><p class='note'>{html.escape(str(b.get('machine', '')))}"
-                     f" · {html.escape(str(b.get('date', '')))}</p>")
+        def cards(role, idx, sc):
+            return [_example(project, "train", i, [f"{role} #{int(i)}", f"label {name(int(project.train_dataset.y[int(i)]))}",
+                                                   f"{s:+.3g}"]) for i, s in zip(idx, sc)]
+
+        queries.append({"index": q, "label": name(int(preds["label"][q])), "pred": name(int(preds["pred"][q])),
+                        "margin": float(preds["margin"][q]), "example": _example(project, "test", q, ["query"], 120),
+                        "proponents": cards("proponent", t["proponents"], t["proponent_scores"]),
+                        "opponents": cards("opponent", t["opponents"], t["opponent_scores"]), "chart": _chart(bar)})
+
+    whatif = None
+    j = _last_result(project, "whatif")
+    if j:
+        pred = j["result"]["predicted"]
+        whatif = (f"Removing or relabelling the {pred['n_edited']} flagged examples is predicted (GIF) to move test "
+                  f"accuracy from {pred['before']['accuracy']:.1%} to {pred['after']['accuracy']:.1%}")
+        if "retrained" in j["result"]:
+            whatif += f"; a real retrain gave {j['result']['retrained']['after']['accuracy']:.1%}"
+        whatif += "."
+    verify = None
+    j = _last_result(project, "verify")
+    if j and j["result"].get("rows"):
+        q = (j.get("params") or {}).get("query")
+        verify = {"sentence": f"Verify (test #{q}): removing its top-k proponents and retraining changes its margin "
+                              f"far more than removing k random examples, as the table shows.",
+                  "rows": j["result"]["rows"]}
+
+    benches = bench_tables(bench_dir)
+    for b in benches:
         for t in b["tables"]:
-            parts.append(f"<b>{html.escape(str(t.get('title', '')))}</b>" + _table(t.get("columns", []), t.get("rows", []))
-                         + (f"<p class='note'>{html.escape(str(t.get('notes', '')))}</p>" if t.get("notes") else ""))
-    body = "\n".join(parts)
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Proponent report: {html.escape(project.name)}</title>"
-            f"<style>{CSS}</style></head><body>{body}</body></html>")
+            t["rows"] = [[_fmt(v) for v in r] for r in t.get("rows", [])]
+            t["notes"] = " ".join(t["notes"]) if isinstance(t.get("notes"), list) else (t.get("notes") or "")
+    run_row = next((r for r in svc.list_runs(project) if r["key"] == key), {})
+    return _ENV.get_template("report.html.j2").render(
+        project_name=project.name, method=method or run_row.get("method") or key, key=key,
+        generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), sign=svc.SIGN_HELP, kpis=kpis,
+        summary_sentence=summary, flagged=flagged, n_flagged=len(problem), whatif=whatif, verify=verify, k=k,
+        queries=queries, suspects=suspects, suspicion_chart=_chart(fig),
+        suspicion_note="Ranked by the run's suspicion score; the suggested label is the model ensemble's most probable "
+                       "other class. Flag them in the app's Triage page.",
+        accuracy=accuracy_table(benches), benches=[{**b, "title": b.get("title", b["file"])} for b in benches],
+        settings=json.dumps(run_row.get("settings") or {}, indent=1), plotly_js=plotly.offline.get_plotlyjs())
 
 
 def write_report(project, key: str, path: str | Path, **kw) -> Path:
