@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from engine import Project  # noqa: E402
 from engine.api import fit_method  # noqa: E402
 from engine.core.train import record_training  # noqa: E402
-from engine.workflows.index import InfluenceIndex, recall_at_k  # noqa: E402
+from engine.workflows.index import RERANK, InfluenceIndex, recall_at_k  # noqa: E402
 from scripts.bench_scale import make_project  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def main() -> int:
                 got_o.append(r["opponents"][0])
             mem_mb = (idx.index.sa_code_size() * a.n_train / 2**20) if idx.plan.kind == "ivfpq" else (idx.d * 4 * a.n_train / 2**20)
             rows.append([f"faiss {idx.plan.kind}" + (f" (nlist {idx.plan.nlist}, PQ m={idx.plan.m}, nprobe {idx.plan.nprobe}, "
-                                                    f"exact re-scoring of {10 * 10} candidates)" if idx.plan.kind == "ivfpq" else ""),
+                                                    f"exact re-scoring of {10 * RERANK} candidates)" if idx.plan.kind == "ivfpq" else ""),
                          round(mem_mb, 1), round(idx.build_seconds, 1), statistics.median(lat),
                          recall_at_k(np.array(got_p), truth["proponents"]), recall_at_k(np.array(got_o), truth["opponents"])])
         doc = {"title": f"Top-10 of a new query over {a.n_train:,} training rows (TRAK features)",

@@ -146,7 +146,7 @@ def test_influence_index_matches_trak_scores(project):
     assert recall_at_k(res["proponents"], want["proponents"]) == 1.0
     assert recall_at_k(res["opponents"], want["opponents"]) == 1.0
     ivf = InfluenceIndex(att, backend="faiss", kind="ivfpq")
-    assert ivf.plan.kind == "ivfpq" and 128 % ivf.plan.m == 0
+    assert ivf.plan.kind == "ivfpq" and ivf.plan.dim % ivf.plan.m == 0 and ivf.plan.dim > 128
     approx = ivf.search(u, 10)
     # membership is approximate, scores are exact: re-scored from the on-disk features
     S = att.scores(q)

@@ -9,7 +9,7 @@ Two backends:
 - ``exact``: a blocked matmul over the on-disk features with a running top-k (torch, so on CUDA
   when the device is a GPU); memory is one chunk.
 - ``faiss``: faiss-cpu's inner-product indexes, flat (exact) up to ``FLAT_MAX`` rows, else IVF-PQ
-  (``nlist`` ≈ 4√n, trained on a sample, filled chunk by chunk; a few bytes per row in memory).
+  (``nlist`` ≈ √n, trained on a sample, filled chunk by chunk; a few bytes per row in memory).
   IVF-PQ's candidates (``RERANK`` × k) are re-scored exactly from the on-disk features, so the
   scores returned are exact and only membership is approximate. Its recall@k against exact is
   measured by :func:`recall_at_k` and reported by scripts/bench_index.py.
@@ -28,8 +28,8 @@ from engine.autodiff.features import project_gradients
 from engine.core.errors import ProponentError
 from engine.storage.blocks import RunningTopK
 
-FLAT_MAX = 200_000
-RERANK = 10  # IVF-PQ candidates per wanted neighbour, re-scored exactly
+FLAT_MAX = 200_000  # a flat index is exact and holds n × d float32 in memory
+RERANK = 50  # IVF-PQ candidates per wanted neighbour, re-scored exactly from disk
 
 
 @dataclass
@@ -38,6 +38,7 @@ class IndexPlan:
     nlist: int = 0
     m: int = 0  # PQ sub-quantizers
     nprobe: int = 0
+    dim: int = 0  # the indexed dimension (IVF-PQ: d + 1 for the sphere coordinate, padded to a multiple of m)
 
 
 def plan_index(n: int, d: int, kind: str = "auto") -> IndexPlan:
@@ -45,9 +46,10 @@ def plan_index(n: int, d: int, kind: str = "auto") -> IndexPlan:
         return IndexPlan("flat")
     if kind not in ("auto", "ivfpq"):
         raise ProponentError(f"index kind must be auto, flat or ivfpq, not {kind!r}")
-    nlist = int(min(65536, max(16, 4 * math.sqrt(n))))
-    m = max(m for m in range(1, min(d, 64) + 1) if d % m == 0)  # sub-vectors must divide d
-    return IndexPlan("ivfpq", nlist=nlist, m=m, nprobe=max(16, nlist // 8))
+    nlist = int(min(65536, max(16, math.sqrt(n))))  # √n lists: k-means training stays seconds at 1M
+    m = min(64, d + 1)
+    dim = -(-(d + 1) // m) * m  # zero-padded so the m sub-vectors divide it
+    return IndexPlan("ivfpq", nlist=nlist, m=m, nprobe=max(16, nlist // 4), dim=dim)
 
 
 class InfluenceIndex:
@@ -81,11 +83,19 @@ class InfluenceIndex:
         self.plan = plan_index(self.n, self.d, kind)
         if self.plan.kind == "flat":
             index = faiss.IndexFlatIP(self.d)
+            prep = np.ascontiguousarray
         else:
-            quantizer = faiss.IndexFlatIP(self.d)
-            index = faiss.IndexIVFPQ(quantizer, self.d, self.plan.nlist, self.plan.m, 8, faiss.METRIC_INNER_PRODUCT)
-            # train on a seeded sample of at most 64 vectors per list (faiss's own guidance is 39–256)
-            want = min(self.n, 64 * self.plan.nlist)
+            # maximum inner product → nearest neighbour on a sphere (Bachrach et al., 2014): every
+            # vector gets the coordinate sqrt(R² − |v|²), so all have norm R and the IVF lists, built
+            # by k-means, are not dominated by the largest-norm rows; queries get 0 there, so
+            # inner products are unchanged
+            self._radius = max(float(np.linalg.norm(v, axis=1).max()) for _, _, v in self._train_chunks())
+            prep = self._on_sphere
+            quantizer = faiss.IndexFlatIP(self.plan.dim)
+            index = faiss.IndexIVFPQ(quantizer, self.plan.dim, self.plan.nlist, self.plan.m, 8,
+                                     faiss.METRIC_INNER_PRODUCT)
+            # train on a seeded sample of 40 vectors per list (faiss asks for at least 39)
+            want = min(self.n, max(40 * self.plan.nlist, 256 * 40))
             rng = np.random.default_rng(seed)
             pick = np.sort(rng.choice(self.n, want, replace=False))
             sample = []
@@ -93,12 +103,23 @@ class InfluenceIndex:
                 sel = pick[(pick >= lo) & (pick < hi)] - lo
                 if len(sel):
                     sample.append(v[sel])
-            index.train(np.ascontiguousarray(np.concatenate(sample)))
+            index.train(prep(np.concatenate(sample)))
             index.nprobe = self.plan.nprobe
         for _, _, v in self._train_chunks():
-            index.add(np.ascontiguousarray(v))
+            index.add(prep(v))
         self.index = index
         self.build_seconds = time.perf_counter() - t0
+
+    def _on_sphere(self, v: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(v), self.plan.dim), np.float32)
+        out[:, :self.d] = v
+        out[:, self.d] = np.sqrt(np.maximum(self._radius ** 2 - (v.astype(np.float64) ** 2).sum(1), 0.0))
+        return out
+
+    def _query_pad(self, u: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(u), self.plan.dim), np.float32)
+        out[:, :self.d] = u
+        return out
 
     # ---------------------------------------------------------------- queries
     def query_vectors(self, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
@@ -116,8 +137,8 @@ class InfluenceIndex:
             s_bot, i_bot = self.index.search(np.ascontiguousarray(-u), k)
             return {"proponents": i_top, "proponent_scores": s_top, "opponents": i_bot, "opponent_scores": -s_bot}
         kc = min(self.n, RERANK * k)
-        i_top, s_top = self._rerank(u, self.index.search(np.ascontiguousarray(u), kc)[1], k)
-        i_bot, s_bot = self._rerank(-u, self.index.search(np.ascontiguousarray(-u), kc)[1], k)
+        i_top, s_top = self._rerank(u, self.index.search(self._query_pad(u), kc)[1], k)
+        i_bot, s_bot = self._rerank(-u, self.index.search(self._query_pad(-u), kc)[1], k)
         return {"proponents": i_top, "proponent_scores": s_top, "opponents": i_bot, "opponent_scores": -s_bot}
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:

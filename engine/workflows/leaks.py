@@ -156,9 +156,8 @@ def unit_inputs(project: Project, split: str, index: np.ndarray | None = None):
     lower-cased), so a copy with a word dropped or its case changed stays close. Dense [n, d], or a
     sparse matrix for text."""
     if project.data_format == "text":
-        from sklearn.feature_extraction.text import (
-            HashingVectorizer,  # optional heavy import: text only
-        )
+        # sklearn's text module is a heavy import that only text projects need
+        from sklearn.feature_extraction.text import HashingVectorizer
 
         df = project.train_df if split == "train" else project.test_df
         texts = df[project.text_column].astype(str)

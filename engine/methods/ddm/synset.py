@@ -64,9 +64,8 @@ class Clustering:
 
 def cluster_per_class(features: np.ndarray, labels: np.ndarray, clusters_per_class: int, seed: int = 0) -> Clustering:
     """k-means (fixed seed) within each class; a class with fewer distinct points gets fewer clusters."""
-    from sklearn.cluster import (
-        KMeans,  # sklearn takes ~1 s to import; only DDM clustering needs it
-    )
+    # sklearn.cluster takes ~1 s to import; only DDM clustering needs it
+    from sklearn.cluster import KMeans
 
     if clusters_per_class < 1:
         raise ProponentError(f"ddm: clusters_per_class must be at least 1, not {clusters_per_class}")
