@@ -691,3 +691,12 @@ def test_leak_page_never_hides_the_quick_check(ran_project):
     o = by[(other["test_index"], other["train_index"])]
     assert o["flagged"] and o["calibrated"] and not o["quick"] and "calibrated threshold" in o["why"]
     assert res["quick_flagged"] == quick["quick_flagged"] and res["calibrated_flagged"] == 1
+
+
+def test_triage_does_not_show_suspicion_twice(ran_project, monkeypatch):
+    at = _app(monkeypatch, ran_project, "triage")
+    table = svc.triage_table(ran_project, svc.done_runs(ran_project)[0]["key"], "trak", flags={})
+    same = np.allclose(table["suspicion"], table["self_influence"])
+    assert same  # TRAK's suspicion is its self-influence
+    caption = " ".join(c.value for c in at.caption)  # (AppTest cannot read a data_editor's columns)
+    assert "self-influence S[i, i], so only that column is shown" in caption

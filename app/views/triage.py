@@ -1,4 +1,5 @@
 """Triage: ranked suspects, bulk flags/relabels/notes, what-if, exports."""
+import numpy as np
 import plotly.express as px
 import streamlit as st
 
@@ -49,12 +50,17 @@ elif state != "all":
     view = view[view["flag"] == state]
 view = view.head(top_n).reset_index(drop=True)
 
-why_susp = ("members of clusters whose simulated removal lowers validation loss, per member; cluster-derived"
-            if clusters.is_cluster_run(run) else "high self-influence weighted by the model's doubt")
+same_as_self = bool(len(table)) and np.allclose(table["suspicion"], table["self_influence"], equal_nan=True)
+if clusters.is_cluster_run(run):
+    why_susp = "members of clusters whose simulated removal lowers validation loss, per member; cluster-derived"
+elif same_as_self:
+    why_susp = "the example's self-influence S[i, i], so only that column is shown"
+else:
+    why_susp = "the method's own mislabel score, shown beside its self-influence"
 st.caption(f"Most suspicious first ({run['method']} suspicion: {why_susp}). "
            "Evidence: self-influence, how many test queries it is a top-10 opponent of, and the ensemble's "
            "probability of the given label. Edit flag / relabel / note cells directly; they save at once.")
-shown = view.copy()
+shown = view.drop(columns=["self_influence"]) if same_as_self else view.copy()
 if project.data_format == "images" and len(shown):
     shown.insert(2, "image", ui.thumbs(root, "train", tuple(int(i) for i in shown["index"])))
 elif project.data_format == "text" and len(shown):
