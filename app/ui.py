@@ -10,6 +10,7 @@ import streamlit as st
 from app import jobs
 from app import services as svc
 from app.services import clusters, state
+from engine.core.progress import unit_of
 
 SIGN = svc.SIGN_HELP
 FLAG_ICONS = {None: "", "mislabeled": ":red[:material/flag: mislabeled]", "ok": ":green[:material/check: ok]",
@@ -205,7 +206,7 @@ def job_panel(project, kinds: tuple = ("attribute",), title: str = "Jobs"):
             rate = j.get("rate")
             eta = j.get("eta")
             text = (f"{j['kind']} · {what} · {j.get('stage') or j['status']}: {done}/{total}"
-                    + (f" · {rate:.0f} examples/s" if rate else "") + (f" · ETA {eta:.0f}s" if eta is not None else ""))
+                    + (f" · {rate:.3g} {unit_of(j.get('stage'))}/s" if rate else "") + (f" · ETA {eta:.0f}s" if eta is not None else ""))
             c1, c2 = st.columns([5, 1])
             c1.progress(frac, text=text)
             if j["status"] == "cancelling":

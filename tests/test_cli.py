@@ -121,3 +121,13 @@ def test_app_bad_options_are_one_line(tmp_path):
     assert r.returncode == 2 and "one project folder" in r.stderr and "Traceback" not in r.stderr
     r = cli("app", "--server.port", check=False)
     assert r.returncode == 2 and "needs a value" in r.stderr
+
+
+@pytest.mark.parametrize("stage, unit", [
+    ("solve (cg)", "iterations"), ("calibrate: retrain", "retrains"), ("train model 1/3", "steps"),
+    ("featurize 1/2", "examples"), ("ekfac: training gradients", "examples"), ("score", "queries"),
+    ("gif queries", "queries"), ("layout (umap)", "layouts"), ("train gradients", "examples"), (None, "examples")])
+def test_progress_says_what_it_counts(stage, unit):
+    from engine.core.progress import unit_of
+
+    assert unit_of(stage) == unit

@@ -1,8 +1,22 @@
-"""Progress reporting: a terminal bar with examples/s and ETA, silent when output is piped."""
+"""Progress reporting: a terminal bar with a rate in the stage's own unit and an ETA, silent when piped."""
 from __future__ import annotations
 
 import sys
 import time
+
+# what a stage's done/total count, by a word in the stage's name (first match); examples otherwise
+_UNITS = (("solve", "iterations"), ("retrain", "retrains"), ("train model", "steps"), ("train", "steps"),
+          ("score", "queries"), ("queries", "queries"), ("leaks", "queries"), ("layout", "layouts"),
+          ("fit methods", "methods"), ("peers", "peers"), ("kernel", "solves"), ("hessian", "examples"),
+          ("distill", "steps"), ("cluster", "clusters"))
+
+
+def unit_of(stage: str | None) -> str:
+    """The unit a stage's progress counts ("examples", "iterations", "queries", …)."""
+    s = (stage or "").lower()
+    if "gradients" in s or "featurize" in s or "covariances" in s or "eigenvalues" in s:
+        return "examples"
+    return next((unit for word, unit in _UNITS if word in s), "examples")
 
 
 class TerminalProgress:
@@ -32,7 +46,7 @@ class TerminalProgress:
         filled = int(width * done / max(1, total))
         eta_s = f"{eta:5.0f}s" if eta == eta else "    ?s"
         self.stream.write(f"\r{stage:<24} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-                          f"{rate:8.1f}/s ETA {eta_s}")
+                          f"{rate:8.1f} {unit_of(stage)}/s ETA {eta_s}")
         if done >= total:
             self.stream.write("\n")
             self._stage = None
