@@ -96,3 +96,21 @@ def test_trak_handles_more_dimensions_than_examples(logreg_project):
     psi_dual, lam = solve_kernel(phi, 0.5, 0.0)
     psi_primal = phi @ np.linalg.inv(phi.T @ phi + 0.5 * np.eye(256))
     np.testing.assert_allclose(psi_dual, psi_primal, rtol=1e-6, atol=1e-9)
+
+
+def test_exact_if_hessian_reports_examples_and_stops_on_cancel(logreg_project, tmp_path):
+    from engine.core.errors import Cancelled
+    from engine.methods import get_method
+
+    seen = []
+    cls = get_method("exact-if")
+    att = cls(cls.Settings(batch_size=16), workdir=tmp_path / "w", progress=lambda st, d, t: seen.append((st, d, t)))
+    att.fit(logreg_project)
+    n = len(logreg_project.train_dataset)
+    hess = [(d, t) for st, d, t in seen if st == "hessian"]
+    assert hess[0] == (0, n) and hess[-1] == (n, n) and len(hess) == 1 + -(-n // 16)
+    calls = []
+    stop = cls(cls.Settings(batch_size=16), workdir=tmp_path / "w2",
+               cancel=lambda: calls.append(1) or len(calls) > 2)
+    with pytest.raises(Cancelled, match="Hessian cancelled after 32 of"):
+        stop.fit(logreg_project)

@@ -21,7 +21,7 @@ from engine.autodiff.functional import (
     to_device,
 )
 from engine.autodiff.per_example import GradientComputer
-from engine.core.errors import ProponentError
+from engine.core.errors import Cancelled, ProponentError
 from engine.methods.base import Attributor, register, setting
 
 
@@ -33,8 +33,9 @@ class ExactIFSettings:
 
 
 def objective_hessian(model, x, y, weight_decay: float, batch_size: int, device: str,
-                      tracked: Tracked = None) -> torch.Tensor:
-    """Hessian of mean CE + (wd/2)‖θ‖² over the tracked parameters, in their flat layout (float64)."""
+                      tracked: Tracked = None, progress=None, cancel=None) -> torch.Tensor:
+    """Hessian of mean CE + (wd/2)‖θ‖² over the tracked parameters, in their flat layout (float64).
+    Reports progress in examples and checks ``cancel`` between blocks of ``batch_size`` examples."""
     fm = FunctionalModel(model, tracked, device=device, dtype=torch.float64, copy_module=True)
     flat0 = fm.theta()
     n = len(y)
@@ -44,9 +45,13 @@ def objective_hessian(model, x, y, weight_decay: float, batch_size: int, device:
 
     H = torch.zeros(len(flat0), len(flat0), dtype=torch.float64, device=flat0.device)
     for lo in range(0, n, batch_size):
+        if cancel is not None and cancel():
+            raise Cancelled(f"exact-if: Hessian cancelled after {lo} of {n} examples")
         xb = to_device(batch_rows(x, lo, lo + batch_size), flat0.device, torch.float64)
         yb = y[lo:lo + batch_size].to(flat0.device)
         H += hessian(batch_objective)(flat0, xb, yb)
+        if progress is not None:
+            progress("hessian", min(n, lo + batch_size), n)
     H += weight_decay * torch.eye(len(flat0), dtype=torch.float64, device=flat0.device)
     return H
 
@@ -76,15 +81,15 @@ class ExactInfluence(Attributor):
             raise ProponentError(f"exact-if: the model has {p} parameters, more than max_params={s.max_params}; "
                                  f"use ekfac, trak or source")
         ds = project.train_dataset
-        self.progress("hessian", 0, 1)
-        H = objective_hessian(model, ds.x, ds.y, project.recipe.weight_decay, s.batch_size, self.device, tracked)
+        self.progress("hessian", 0, len(ds))
+        H = objective_hessian(model, ds.x, ds.y, project.recipe.weight_decay, s.batch_size, self.device, tracked,
+                              progress=self.progress, cancel=self.cancel)
         evals = torch.linalg.eigvalsh(H)
         lo_eig, hi_eig = float(evals[0]), float(evals[-1])
         if s.damping >= 0:
             lam = s.damping
         else:
             lam = 0.0 if lo_eig > 1e-8 * hi_eig else (-lo_eig + 1e-3 * hi_eig)
-        self.progress("hessian", 1, 1)
         self.computer = GradientComputer(model, tracked=tracked, device=self.device)
         g_loss = self.computer.full(ds.x, ds.y, "loss").double()
         A = H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
