@@ -700,3 +700,32 @@ def test_triage_does_not_show_suspicion_twice(ran_project, monkeypatch):
     assert same  # TRAK's suspicion is its self-influence
     caption = " ".join(c.value for c in at.caption)  # (AppTest cannot read a data_editor's columns)
     assert "self-influence S[i, i], so only that column is shown" in caption
+
+
+def test_review_one_by_one_decides_advances_and_undoes(ran_project, tmp_path, monkeypatch):
+    p = _copy(ran_project, tmp_path / "digits")
+    shutil.copytree(ran_project.state_dir / "runs", p.state_dir / "runs")
+    for r in svc.db_for(ran_project).list_runs():
+        svc.db_for(p).upsert_run(r["key"], **{k: v for k, v in r.items() if k != "key"})
+    table = svc.triage_table(p, svc.done_runs(p)[0]["key"], "trak", flags={})
+    first, second, third = (int(i) for i in table["index"][:3])
+    at = _app(monkeypatch, p, "triage")
+    assert any(f"Suspect 1 of" in c.value and f"train #{first}" in c.value for c in at.caption)
+    assert any("Typical" in c.value for c in at.caption)
+    at.button(key="rv_mislabeled").click().run()
+    db = svc.db_for(p)
+    assert db.flags("train")[str(first)]["flag"] == "mislabeled"
+    assert any(f"train #{second}" in c.value for c in at.caption if "Suspect" in c.value)  # moved on
+    at.button(key="rv_relabel").click().run()
+    sug = table.set_index("index").at[second, "suggested"]
+    assert db.flags("train")[str(second)]["relabel"] == str(sug)
+    at.button(key="rv_undo_btn").click().run()
+    assert db.flags("train")[str(second)]["relabel"] is None and db.flags("train")[str(second)]["flag"] is None
+    assert any(f"train #{second}" in c.value for c in at.caption if "Suspect" in c.value)  # back to it
+    at.button(key="rv_undo_btn").click().run()
+    assert db.flags("train")[str(first)]["flag"] is None
+    assert not at.exception
+    # typical examples of a class are that class's surest examples
+    typ = svc.typical_examples(table, table.iloc[0]["label"], 4, exclude=first)
+    sub = table[table["label"] == table.iloc[0]["label"]].sort_values("p_label", ascending=False)
+    assert typ == [int(i) for i in sub["index"] if int(i) != first][:4]

@@ -81,7 +81,15 @@ from app.services.runs import (  # noqa: F401
     verify_kwargs,
     verify_retrains,
 )
-from app.services.triage import triage_table, truth_found  # noqa: F401
+from app.services.triage import (  # noqa: F401
+    REVIEW_ACTIONS,
+    hurt_queries,
+    review_decision,
+    triage_table,
+    truth_found,
+    typical_examples,
+    undo_decision,
+)
 from app.services.uploads import MAX_UPLOAD_BYTES, MAX_UPLOAD_FILES, extract_upload  # noqa: F401
 
 # engine names the pages use through the service layer

@@ -7,6 +7,7 @@ import pandas as pd
 from app.services.flags import db_for, flag_state
 from app.services.projects import truth
 from app.services.runs import load_run
+from engine.core.errors import ProponentError
 from engine.core.project import Project
 from engine.storage.statedb import StateDB
 from engine.workflows.triage import ensemble_probabilities, suggest_labels
@@ -60,3 +61,42 @@ def truth_found(project: Project, db: StateDB) -> dict | None:
     return {"mislabeled_planted": len(flipped), "mislabeled_found": len(flipped & flagged_mis),
             "mislabeled_flagged": len(flagged_mis), "mislabeled_false": len(flagged_mis - flipped),
             "leaks_planted": len(leaks), "leaks_found": len(found_leaks)}
+
+
+# ----------------------------------------------------------------------------- one-by-one review
+REVIEW_ACTIONS = ("mislabeled", "relabel", "ok", "ambiguous", "leak")
+
+
+def typical_examples(table: pd.DataFrame, label: str, n: int = 6, exclude: int | None = None) -> list[int]:
+    """The training examples of class ``label`` the model is surest about (highest p(label)): what the
+    class normally looks like, to hold a suspect against."""
+    rows = table[(table["label"] == str(label)) & (table["index"] != exclude)]
+    return [int(i) for i in rows.sort_values("p_label", ascending=False, kind="stable")["index"].head(n)]
+
+
+def hurt_queries(scores: np.ndarray, index: int, n: int = 6) -> list[tuple[int, float]]:
+    """The test queries this training example opposes most (its most negative scores), read as one
+    column of the run's score matrix."""
+    col = np.asarray(scores[:, int(index)], dtype=np.float64)
+    order = np.argsort(col, kind="stable")[:n]
+    return [(int(q), float(col[q])) for q in order if col[q] < 0]
+
+
+def review_decision(db: StateDB, index: int, action: str, suggested: str | None = None) -> dict:
+    """Record one review decision on training example ``index`` and return what it replaced, so
+    :func:`undo_decision` can put it back exactly."""
+    if action not in REVIEW_ACTIONS:
+        raise ProponentError(f"review action must be one of {', '.join(REVIEW_ACTIONS)}, not {action!r}")
+    before = (flag_state(db, "train").get(int(index)) or {})
+    prior = {"index": int(index), "flag": before.get("flag"), "relabel": before.get("relabel")}
+    if action == "relabel":
+        if not suggested:
+            raise ProponentError(f"training example {index}: no suggested label to relabel to")
+        db.set_flag("train", int(index), flag="mislabeled", relabel=str(suggested), source="app-review")
+    else:
+        db.set_flag("train", int(index), flag=action, relabel=None, source="app-review")
+    return prior
+
+
+def undo_decision(db: StateDB, prior: dict) -> None:
+    db.set_flag("train", int(prior["index"]), flag=prior.get("flag"), relabel=prior.get("relabel"), source="app-undo")

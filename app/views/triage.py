@@ -22,6 +22,7 @@ def _base(root: str, key: str, method: str):
 
 
 table = _base(root, run["key"], run["method"]).copy()
+run_scores = ui.run_arrays(root, run["key"])["scores"]
 flags = svc.flag_state(db, "train")
 for col in ("flag", "relabel", "note"):
     table[col] = [(flags.get(int(i)) or {}).get(col) for i in table["index"]]
@@ -88,6 +89,69 @@ if n_changed:
     st.session_state["editor_v"] = ver + 1
     st.toast(f"saved {n_changed} change(s)")
     st.rerun()
+
+# ---------------------------------------------------------------- one-by-one review
+st.subheader("Review one by one", help="The suspects of the table above, in its order and filters, one at a time: "
+             "large, beside typical examples of the given and the suggested class, with the test predictions it "
+             "opposes most. A decision saves at once and moves to the next suspect; Undo puts the last one back.")
+order = [int(i) for i in view["index"]]
+if order:
+    # the suspect shown is remembered by its index, so a decision that filters it out of the view
+    # (e.g. "unflagged") moves to the next suspect rather than skipping one
+    cur = st.session_state.get("rv_id")
+    pos = order.index(cur) if cur in order else min(int(st.session_state.get("rv_pos", 0)), len(order) - 1)
+    i = order[pos]
+    st.session_state["rv_id"], st.session_state["rv_pos"] = i, pos
+    row = table.set_index("index").loc[i]
+    nav1, nav2, nav3 = st.columns([1, 1, 4])
+    if nav1.button("◀ Previous", key="rv_prev", disabled=pos == 0):
+        st.session_state["rv_id"] = order[pos - 1]
+        st.rerun()
+    if nav2.button("Next ▶", key="rv_next", disabled=pos >= len(order) - 1):
+        st.session_state["rv_id"] = order[pos + 1]
+        st.rerun()
+    nav3.caption(f"Suspect {pos + 1} of {len(order)} · train #{i} · given **{row['label']}** · suggested "
+                 f"**{row['suggested']}** · suspicion {row['suspicion']:.4g} · p(given label) {row['p_label']:.3f} · "
+                 f"flag now: {ui.fmt_flag(row['flag'])}" + (f" → relabel {row['relabel']}" if row['relabel'] else ""))
+    big, typ = st.columns([1, 3])
+    with big:
+        ui.show_example(project, "train", i, size=224, caption=f"train #{i} (given {row['label']})")
+    with typ:
+        for cls_name, what in ((row["label"], "given"), (row["suggested"], "suggested")):
+            ids = svc.typical_examples(table, cls_name, 6, exclude=i)
+            st.caption(f"Typical {cls_name} ({what} class): the examples the model is surest about")
+            cols = st.columns(6)
+            for c, j in zip(cols, ids):
+                with c:
+                    ui.show_example(project, "train", j, size=72, caption=f"#{j}")
+        hurt = svc.hurt_queries(run_scores, i, 6)
+        if hurt:
+            st.caption("Test predictions it opposes most (removing it is predicted to raise their margin)")
+            cols = st.columns(6)
+            for c, (q, sc) in zip(cols, hurt):
+                with c:
+                    ui.show_example(project, "test", q, size=72, caption=f"test #{q} · {sc:+.2g}")
+    d = st.columns(6)
+    decision = None
+    for c, (label, act) in zip(d, (("Mislabeled", "mislabeled"), (f"Relabel → {row['suggested']}", "relabel"),
+                                   ("OK", "ok"), ("Ambiguous", "ambiguous"), ("Leak", "leak"))):
+        if c.button(label, key=f"rv_{act}"):
+            decision = act
+    undo_stack = st.session_state.setdefault("rv_undo", [])
+    if d[5].button("Undo", key="rv_undo_btn", disabled=not undo_stack):
+        prior = undo_stack.pop()
+        svc.undo_decision(db, prior)
+        st.session_state["rv_id"] = prior["index"]
+        st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
+        st.rerun()
+    if decision:
+        undo_stack.append(svc.review_decision(db, i, decision, str(row["suggested"])))
+        st.session_state["rv_id"] = order[pos + 1] if pos + 1 < len(order) else i
+        st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
+        st.toast(f"train #{i}: {decision}")
+        st.rerun()
+else:
+    st.caption("No suspect matches the filters.")
 
 # ---------------------------------------------------------------- cluster data-quality assessment (DDM)
 if clusters.is_cluster_run(run):
