@@ -98,7 +98,8 @@ def project_predictions(project, split: str = "test") -> dict:
     return predictions(str(project.root), project.checkpoint_hash(), split)
 
 
-@st.cache_data(show_spinner="Loading scores…", max_entries=8)
+# cache_resource, not cache_data: cache_data would pickle the memory-mapped score matrix into RAM
+@st.cache_resource(show_spinner="Loading scores…", max_entries=8)
 def run_arrays(root: str, key: str) -> dict:
     return svc.load_run(_load_project(root, _stamp(root)), key)
 

@@ -729,3 +729,9 @@ def test_review_one_by_one_decides_advances_and_undoes(ran_project, tmp_path, mo
     typ = svc.typical_examples(table, table.iloc[0]["label"], 4, exclude=first)
     sub = table[table["label"] == table.iloc[0]["label"]].sort_values("p_label", ascending=False)
     assert typ == [int(i) for i in sub["index"] if int(i) != first][:4]
+
+
+def test_run_scores_stay_on_disk(ran_project):
+    run = svc.load_run(ran_project, svc.done_runs(ran_project)[0]["key"])
+    assert isinstance(run["scores"], np.memmap)  # pages read rows and columns, never the whole matrix
+    assert not isinstance(run["self_scores"], np.memmap)

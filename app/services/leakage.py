@@ -11,9 +11,10 @@ from engine.workflows.leaks import candidate_cosines, paired_cosines, unit_input
 def quick_check(project: Project, key: str, xn_tr, xn_te) -> dict[tuple[int, int], dict]:
     """Each test query's input-closest among its top proponents in this run, flagged when the
     input-space cosine is at least ``QUICK_LEAK_COSINE``."""
-    S = np.asarray(load_run(project, key)["scores"])
+    S = load_run(project, key)["scores"]  # memory-mapped; read by query blocks
     m = min(QUICK_LEAK_TOP, S.shape[1])
-    cand = np.argpartition(-S, m - 1, axis=1)[:, :m]  # each query's top-m proponents
+    cand = np.concatenate([np.argpartition(-np.asarray(S[lo:lo + 256]), m - 1, axis=1)[:, :m]
+                           for lo in range(0, S.shape[0], 256)])  # each query's top-m proponents
     cos_c = candidate_cosines(xn_te, xn_tr, cand)
     best = cand[np.arange(len(S)), cos_c.argmax(1)]
     cosines = cos_c.max(1)

@@ -44,14 +44,15 @@ def run_label(run: dict) -> str:
 
 
 def load_run(project: Project, key: str) -> dict:
-    """A finished run's arrays: scores [n_test, n_train], self_scores and suspicion [n_train]."""
+    """A finished run's arrays: scores [n_test, n_train] (memory-mapped), self_scores and suspicion [n_train]."""
     folder = run_dir(project, key)
     if not (folder / "scores.npy").is_file():
         raise ProponentError(f"run {key} has no scores on disk", file=str(folder))
     out = {"key": key}
     for n in ("scores", "self_scores", "suspicion"):
         f = folder / f"{n}.npy"
-        out[n] = np.asarray(load_npy(f, mmap=False)) if f.is_file() else None
+        # the [n_test, n_train] scores stay memory-mapped: pages read the rows and columns they show
+        out[n] = (load_npy(f, mmap=True) if n == "scores" else np.asarray(load_npy(f, mmap=False))) if f.is_file() else None
     return out
 
 

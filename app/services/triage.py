@@ -26,8 +26,9 @@ def triage_table(project: Project, key: str, method: str, settings: dict | None 
     opp_count = np.zeros(len(labels), dtype=np.int64)
     if S is not None and S.size:
         k = min(10, S.shape[1])
-        bot = np.argpartition(S, k - 1, axis=1)[:, :k]
-        np.add.at(opp_count, bot.ravel(), 1)
+        for lo in range(0, S.shape[0], 256):  # by query blocks: the matrix is memory-mapped
+            bot = np.argpartition(np.asarray(S[lo:lo + 256]), k - 1, axis=1)[:, :k]
+            np.add.at(opp_count, bot.ravel(), 1)
     order = np.argsort(-susp, kind="mergesort")
     flags = flags if flags is not None else flag_state(db_for(project), "train")
     rows = []
