@@ -710,7 +710,7 @@ def test_review_one_by_one_decides_advances_and_undoes(ran_project, tmp_path, mo
     table = svc.triage_table(p, svc.done_runs(p)[0]["key"], "trak", flags={})
     first, second, third = (int(i) for i in table["index"][:3])
     at = _app(monkeypatch, p, "triage")
-    assert any(f"Suspect 1 of" in c.value and f"train #{first}" in c.value for c in at.caption)
+    assert any("Suspect 1 of" in c.value and f"train #{first}" in c.value for c in at.caption)
     assert any("Typical" in c.value for c in at.caption)
     at.button(key="rv_mislabeled").click().run()
     db = svc.db_for(p)

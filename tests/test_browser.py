@@ -106,6 +106,26 @@ def test_user_flow(app_server, tmp_path):
             wait_idle(page)
             timings["page_change_triage_s"] = time.perf_counter() - t0
             page.screenshot(path=str(shots / "triage.png"), full_page=True)
+
+            # review one by one with the keyboard: M flags the first suspect mislabeled, in SQLite
+            from engine import Project
+
+            proj = Project.load(app_server["project"])
+            suspects = svc.triage_table(proj, svc.done_runs(proj)[0]["key"], "trak", flags={})
+            first_suspect = int(suspects["index"][0])
+            page.get_by_text("Suspect 1 of").first.wait_for(timeout=30_000)
+            page.get_by_text("Review one by one").first.click()  # focus the page, not an input
+            page.keyboard.press("m")
+            deadline = time.time() + 30
+            def reviewed():
+                return [a for a in svc.db_for(app_server["project"]).audit(50)
+                        if a["item"] == str(first_suspect) and a["source"] == "app-review" and a["new"] == "mislabeled"]
+            while not reviewed() and time.time() < deadline:
+                time.sleep(0.3)
+            assert reviewed(), "the M key did not flag the first suspect"
+            assert svc.db_for(app_server["project"]).flags("train")[str(first_suspect)]["flag"] == "mislabeled"
+            wait_idle(page)
+            page.get_by_text("Suspect 2 of").first.wait_for(timeout=30_000)  # and it moved on
             t0 = time.perf_counter()
             page.locator("[data-testid='stSidebarNav'] a:has-text('Explore')").click()
             page.get_by_text("Top-8 proponents").first.wait_for(timeout=60_000)
@@ -123,9 +143,6 @@ def test_user_flow(app_server, tmp_path):
             time.sleep(1.0)  # let the preview iframe draw
             page.screenshot(path=str(shots / "report.png"), full_page=True)
             # embeddings: a quick PCA layout computed through the service (UMAP for the README shots)
-            from engine import Project
-
-            proj = Project.load(app_server["project"])
             reducer = "umap" if os.environ.get("PROPONENT_SCREENSHOT_DIR") else "pca"
             for kind in ("influence", "penultimate"):
                 svc.compute_embedding(proj, kind, reducer)

@@ -104,10 +104,10 @@ if order:
     st.session_state["rv_id"], st.session_state["rv_pos"] = i, pos
     row = table.set_index("index").loc[i]
     nav1, nav2, nav3 = st.columns([1, 1, 4])
-    if nav1.button("◀ Previous", key="rv_prev", disabled=pos == 0):
+    if nav1.button("◀ Previous", key="rv_prev", disabled=pos == 0, shortcut="Left"):
         st.session_state["rv_id"] = order[pos - 1]
         st.rerun()
-    if nav2.button("Next ▶", key="rv_next", disabled=pos >= len(order) - 1):
+    if nav2.button("Next ▶", key="rv_next", disabled=pos >= len(order) - 1, shortcut="Right"):
         st.session_state["rv_id"] = order[pos + 1]
         st.rerun()
     nav3.caption(f"Suspect {pos + 1} of {len(order)} · train #{i} · given **{row['label']}** · suggested "
@@ -133,12 +133,15 @@ if order:
                     ui.show_example(project, "test", q, size=72, caption=f"test #{q} · {sc:+.2g}")
     d = st.columns(6)
     decision = None
-    for c, (label, act) in zip(d, (("Mislabeled", "mislabeled"), (f"Relabel → {row['suggested']}", "relabel"),
-                                   ("OK", "ok"), ("Ambiguous", "ambiguous"), ("Leak", "leak"))):
-        if c.button(label, key=f"rv_{act}"):
+    # keys: M mislabeled, L relabel to the suggested label, O ok, A ambiguous, K leak, U undo, ←/→ move
+    # (Streamlit reserves C and R)
+    for c, (label, act, key_) in zip(d, (("Mislabeled", "mislabeled", "M"),
+                                         (f"Relabel → {row['suggested']}", "relabel", "L"),
+                                         ("OK", "ok", "O"), ("Ambiguous", "ambiguous", "A"), ("Leak", "leak", "K"))):
+        if c.button(label, key=f"rv_{act}", shortcut=key_):
             decision = act
     undo_stack = st.session_state.setdefault("rv_undo", [])
-    if d[5].button("Undo", key="rv_undo_btn", disabled=not undo_stack):
+    if d[5].button("Undo", key="rv_undo_btn", disabled=not undo_stack, shortcut="U"):
         prior = undo_stack.pop()
         svc.undo_decision(db, prior)
         st.session_state["rv_id"] = prior["index"]
