@@ -102,18 +102,20 @@ def cached_scores(project: Project, method: str, settings=None, *, device: str =
         return {"key": key, "meta": row.get("meta") or {}, **{n: load_npy(f) for n, f in files.items()}}
     att, key = fit_method(project, method, settings, device=device, progress=progress, cancel=cancel, db=db)
     t0 = time.perf_counter()
-    if progress:
-        progress("score", 0, 1)
     n_test, n_train = len(project.test_dataset), len(project.train_dataset)
 
     def finite(blocks, axis: int, total: int):
+        # by query blocks the stage counts queries; by training chunks, training examples
+        stage = "score" if axis == 0 else "score training chunks"
+        if progress:
+            progress(stage, 0, total)
         for lo, hi, block in blocks:
             if not np.isfinite(block).all():
                 bad = np.argwhere(~np.isfinite(block))[0]
                 raise ProponentError(f"{method}: scores contain NaN or inf (test query {bad[0] + (lo if axis == 0 else 0)}, "
                                      f"training row {bad[1] + (lo if axis == 1 else 0)}); the checkpoints may have diverged")
             if progress:
-                progress("score", hi, total)
+                progress(stage, hi, total)
             yield lo, hi, block
 
     with intra_op_threads(att.meta.get("threads") or torch.get_num_threads()):

@@ -126,6 +126,7 @@ def test_app_bad_options_are_one_line(tmp_path):
 @pytest.mark.parametrize("stage, unit", [
     ("solve (cg)", "iterations"), ("calibrate: retrain", "retrains"), ("train model 1/3", "steps"),
     ("featurize 1/2", "examples"), ("ekfac: training gradients", "examples"), ("score", "queries"),
+    ("score training chunks", "examples"),
     ("gif queries", "queries"), ("layout (umap)", "layouts"), ("train gradients", "examples"), (None, "examples")])
 def test_progress_says_what_it_counts(stage, unit):
     from engine.core.progress import unit_of

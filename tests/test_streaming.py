@@ -52,14 +52,14 @@ def test_streamed_trak_equals_the_dense_formula(project, proj_dim):
 def test_chunk_size_does_not_change_the_kernel(tmp_path):
     rng = np.random.default_rng(1)
     phi = rng.normal(size=(500, 40)).astype(np.float32)
-    from engine.methods.trak import kernel_trace_gram, primal_kernel_inverse
+    from engine.methods.trak import accumulate_gram, primal_kernel_inverse
 
     for rows in (7, 128, 500):
         store = ChunkedArray(tmp_path / f"s{rows}", len(phi), rows)
         for c in range(store.n_chunks):
             lo, hi = store.chunk_bounds(c)
             store.write_chunk(c, phi[lo:hi])
-        M, lam = primal_kernel_inverse(*kernel_trace_gram(store), -1.0, 10.0)
+        M, lam = primal_kernel_inverse(*accumulate_gram(store), -1.0, 10.0)
         psi, lam_dense = solve_kernel(phi, -1.0, 10.0)
         assert lam == pytest.approx(lam_dense)
         np.testing.assert_allclose(phi.astype(np.float64) @ M, psi, rtol=1e-7, atol=1e-12)
@@ -68,10 +68,21 @@ def test_chunk_size_does_not_change_the_kernel(tmp_path):
 def test_cached_scores_are_the_blocks_written_to_disk(project, monkeypatch):
     from engine.methods.base import Attributor
 
+    blocks = []
+    orig = Attributor.score_blocks
+
+    def counting(self, queries="test", block=None):
+        for lo, hi, b in orig(self, queries, block):
+            blocks.append((lo, hi))
+            yield lo, hi, b
+
     monkeypatch.setattr(Attributor, "query_block", 37)  # several blocks, the last one partial
-    res = cached_scores(project, "grad-dot")
+    monkeypatch.setattr(Attributor, "score_blocks", counting)
+    res = cached_scores(project, "knn")  # kNN scores by query blocks (no column pass)
+    n_test = len(project.test_dataset)
+    assert blocks == [(lo, min(n_test, lo + 37)) for lo in range(0, n_test, 37)]
     assert isinstance(res["scores"], np.memmap)  # read back from disk, not held
-    att, _ = fit_method(project, "grad-dot")
+    att, _ = fit_method(project, "knn")
     np.testing.assert_allclose(res["scores"], att.scores("test").astype(np.float32), rtol=1e-6)
 
 

@@ -66,8 +66,16 @@ def test_choice_is_measured_once_and_cached(project, monkeypatch):
     assert first["threads"] == 1 and sorted(timed) == [1, 4] and "measured" in first["reason"]
     table = json.loads((project.state_dir / "threads.json").read_text())
     assert list(table.values())[0]["threads"] == 1
+    monkeypatch.setattr(type(project), "build_model", lambda self: (_ for _ in ()).throw(AssertionError("built")))
     second = th.gradient_threads(project)
-    assert second == first and sorted(timed) == [1, 4]  # read from the cache, not timed again
+    assert second == first and sorted(timed) == [1, 4]  # read from the cache: not timed, model not even built
+    monkeypatch.undo()
+    monkeypatch.delenv("PROPONENT_THREADS", raising=False)
+    monkeypatch.setattr(th, "available_cores", lambda: 4)
+    monkeypatch.setattr(th, "_time_gradients", fake_time)
+    (project.root / "model.py").write_text((project.root / "model.py").read_text() + "\n# edited\n")
+    th.gradient_threads(project)
+    assert sorted(timed) == [1, 1, 4, 4]  # another architecture file: measured again
     monkeypatch.setattr(th, "available_cores", lambda: 8)  # another machine size: measured again
     monkeypatch.setattr(th, "_time_gradients", lambda c, x, y, t, repeats=3: {1: 0.05, 8: 0.01}[t])
     assert th.gradient_threads(project)["threads"] == 8

@@ -10,6 +10,7 @@ of per-example gradients at one thread and at all cores and keeps the faster, ca
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import statistics
@@ -18,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+from engine.autodiff.functional import TrackedParameters
 from engine.autodiff.per_example import GradientComputer
 from engine.core.errors import ProponentError
 from engine.storage.arrays import atomic_write_json, stable_hash
@@ -77,16 +79,19 @@ def gradient_threads(project, *, device: str = "cpu", n_examples: int = 32) -> d
     if device != "cpu" or cores == 1:
         return {"threads": 1 if cores == 1 else cores, "reason": "one core" if cores == 1 else f"device {device}",
                 "seconds": {}}
-    model = project.build_model()  # the architecture decides the cost; trained weights are not needed
-    key = stable_hash([[n, list(p.shape)] for n, p in model.named_parameters()], 12) + f"-{cores}"
+    # the architecture decides the cost: key by what defines it, without building the model
+    factory = project.root / project.factory_spec.partition(":")[0]
+    source = hashlib.sha256(factory.read_bytes() if factory.is_file() else b"").hexdigest()
+    key = stable_hash([project.factory_spec, source, project.tracked_parameter_globs, list(project.input_shape),
+                       project.num_classes], 12) + f"-{cores}"
     path = project.state_dir / _FILE
     try:
-        cached = json.loads(path.read_text()).get(key)
+        table = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
-        cached = None
-    if cached:
-        return cached
-    computer = GradientComputer(model.eval())
+        table = {}
+    if isinstance(table.get(key), dict):
+        return table[key]
+    computer = GradientComputer(project.build_model().eval(), tracked=TrackedParameters.of(project))
     rows = torch.arange(min(n_examples, len(project.train_dataset)))
     x, y = project.train_dataset.x[rows], project.train_dataset.y[rows]
     seconds = {1: _time_gradients(computer, x, y, 1), cores: _time_gradients(computer, x, y, cores)}
@@ -94,10 +99,6 @@ def gradient_threads(project, *, device: str = "cpu", n_examples: int = 32) -> d
     out = {"threads": best, "seconds": {str(k): round(v, 5) for k, v in seconds.items()},
            "reason": f"measured: {', '.join(f'{k} thread(s) {v * 1e3:.1f} ms' for k, v in seconds.items())} "
                      f"per {len(rows)} per-example gradients"}
-    try:
-        table = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        table = {}
     table[key] = out
     atomic_write_json(path, table)
     return out

@@ -14,7 +14,7 @@ _UNITS = (("solve", "iterations"), ("retrain", "retrains"), ("train model", "ste
 def unit_of(stage: str | None) -> str:
     """The unit a stage's progress counts ("examples", "iterations", "queries", …)."""
     s = (stage or "").lower()
-    if "gradients" in s or "featurize" in s or "covariances" in s or "eigenvalues" in s:
+    if any(w in s for w in ("gradients", "featurize", "covariances", "eigenvalues", "training chunks")):
         return "examples"
     return next((unit for word, unit in _UNITS if word in s), "examples")
 

@@ -37,16 +37,18 @@ class TrakSettings(ProjectionSettings):
                                          "(10 was best on held-out validation projects).", gt=0)
 
 
+def kernel_damping(gram: np.ndarray, n: int, k: int, damping: float, damping_ratio: float) -> float:
+    """λ: ``damping`` when given (≥ 0), else damping_ratio × the mean non-zero eigenvalue of the Gram
+    matrix (trace / rank, rank ≤ min(n, k); the trace is the same in the k×k and n×n forms)."""
+    return float(damping) if damping >= 0 else damping_ratio * float(np.trace(gram)) / max(1, min(n, k))
+
+
 def solve_kernel(phi: np.ndarray, damping: float, damping_ratio: float) -> tuple[np.ndarray, float]:
     """Ψ = Φ(ΦᵀΦ + λI)⁻¹ in float64 through the smaller Gram matrix; returns (Ψ, λ)."""
     phi64 = phi.astype(np.float64)
     n, k = phi64.shape
     gram = phi64.T @ phi64 if k <= n else phi64 @ phi64.T
-    if damping < 0:
-        # mean non-zero eigenvalue = trace / rank; rank ≤ min(n, k)
-        lam = damping_ratio * float(np.trace(gram)) / max(1, min(n, k))
-    else:
-        lam = float(damping)
+    lam = kernel_damping(gram, n, k, damping, damping_ratio)
     gram[np.diag_indices_from(gram)] += lam
     try:
         if k <= n:
@@ -76,7 +78,7 @@ def ensemble_checkpoints(project, mode: str, max_models: int) -> list:
     return cks
 
 
-def kernel_trace_gram(store) -> tuple[np.ndarray, int]:
+def accumulate_gram(store) -> tuple[np.ndarray, int]:
     """ΦᵀΦ in float64, accumulated over the store's chunks (k×k memory, whatever n)."""
     gram, n = None, 0
     for _, _, chunk in store.iter_chunks():
@@ -87,9 +89,9 @@ def kernel_trace_gram(store) -> tuple[np.ndarray, int]:
 
 
 def primal_kernel_inverse(gram: np.ndarray, n: int, damping: float, damping_ratio: float) -> tuple[np.ndarray, float]:
-    """M = (ΦᵀΦ + λI)⁻¹ (symmetric k×k) and λ, with λ chosen as in :func:`solve_kernel`."""
+    """M = (ΦᵀΦ + λI)⁻¹ (symmetric k×k) and λ (:func:`kernel_damping`)."""
     k = gram.shape[0]
-    lam = damping_ratio * float(np.trace(gram)) / max(1, min(n, k)) if damping < 0 else float(damping)
+    lam = kernel_damping(gram, n, k, damping, damping_ratio)
     g = gram.copy()
     g[np.diag_indices_from(g)] += lam
     try:
@@ -165,7 +167,7 @@ class TRAK(Attributor):
                 lam = float(np.load(solved / "lambda.npy"))
             elif primal:
                 self.progress(f"kernel {m + 1}/{len(self.members)}", 0, 1)
-                kernel, lam = primal_kernel_inverse(*kernel_trace_gram(store), s.damping, s.damping_ratio)
+                kernel, lam = primal_kernel_inverse(*accumulate_gram(store), s.damping, s.damping_ratio)
                 atomic_save_npy(solved / "lambda.npy", np.array(lam))
                 atomic_save_npy(solved / "kernel.npy", kernel)
             else:  # k > n: the n×n form, with n small enough that Φ and Ψ fit in memory

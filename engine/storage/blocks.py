@@ -15,7 +15,6 @@ import numpy as np
 
 from engine.storage.arrays import temp_path_for
 
-
 REMAP_BYTES = 128 << 20
 
 
