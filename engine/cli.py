@@ -22,7 +22,7 @@ from engine.evaluate.bench import cli_main
 from engine.methods import describe_settings, list_methods
 from engine.storage.blocks import iter_row_blocks, write_blocks
 from engine.storage.cache import cache_entries, cache_size, prune_cache
-from engine.workflows.leaks import detect_leaks
+from engine.workflows.leaks import detect_copies, detect_leaks
 from engine.workflows.triage import triage
 
 
@@ -98,6 +98,8 @@ def cmd_triage(a) -> int:
         json.dump(out, sys.stdout)
         sys.stdout.write("\n")
     else:
+        if out["method"] == "recommended":
+            print("recommended ranking; evidence: " + "; ".join(f"{k}: {v}" for k, v in out["evidence_sources"].items()))
         print(f"{'rank':>4} {'index':>6} {'score':>12} {'label':>6} {'suggested':>9}")
         for r, it in enumerate(out["items"][: a.limit or 20]):
             print(f"{r:>4} {it['index']:>6} {it['score']:>12.4g} {str(it['label']):>6} {str(it['suggested_label']):>9}")
@@ -106,16 +108,24 @@ def cmd_triage(a) -> int:
 
 def cmd_leaks(a) -> int:
     p = _project(a.project)
-    kw = {k: v for k, v in (("fpr", a.fpr), ("threshold", a.threshold)) if v is not None}
-    out = detect_leaks(p, a.method, _settings(a.set), device=a.device, progress=_progress(), **kw)
+    if a.method is None:
+        # no --method: the default detector (input evidence calibrated on a training null, TRAK corroborating)
+        if a.threshold is not None:
+            raise ProponentError("--threshold applies to one method's statistic; give --method, or use --fpr")
+        kw = {"fpr": a.fpr} if a.fpr is not None else {}
+        out = detect_copies(p, "trak", _settings(a.set), device=a.device, progress=_progress(), **kw)
+    else:
+        kw = {k: v for k, v in (("fpr", a.fpr), ("threshold", a.threshold)) if v is not None}
+        out = detect_leaks(p, a.method, _settings(a.set), device=a.device, progress=_progress(), **kw)
     if a.json:
         json.dump(out, sys.stdout)
         sys.stdout.write("\n")
     else:
         flagged = [x for x in out["pairs"] if x["flagged"]]
-        print(f"{len(flagged)} suspected leaks among {len(out['pairs'])} test queries ({a.method})")
+        print(f"{len(flagged)} suspected leaks among {len(out['pairs'])} test queries ({a.method or 'detector'})")
         for x in flagged:
-            print(f"  test {x['test_index']:>5} ↔ train {x['train_index']:>5}  score {x['score']:.4g}")
+            why = x["reason"] if a.method is None else f"score {x['score']:.4g}"
+            print(f"  test {x['test_index']:>5} ↔ train {x['train_index']:>5}  {why}")
     return 0
 
 
@@ -296,14 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--limit", type=int, default=None, help="keep only the N most suspicious")
-    p.set_defaults(func=cmd_triage)
+    # no --method: the recommended ranking (attribution + out-of-sample label evidence + neighbours)
+    p.set_defaults(func=cmd_triage, method=None)
 
     p = sub.add_parser("leaks", help="suspected train/test duplicates, with a calibrated flag")
     common(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--fpr", type=float, help="false-positive rate the flag threshold holds on clean queries")
-    p.add_argument("--threshold", type=float, help="explicit flag threshold (overrides --fpr)")
-    p.set_defaults(func=cmd_leaks)
+    p.add_argument("--threshold", type=float, help="explicit flag threshold of --method's statistic (overrides --fpr)")
+    # no --method: the default detector (exact, perceptual-hash and input-cosine evidence; TRAK corroborates)
+    p.set_defaults(func=cmd_leaks, method=None)
 
     p = sub.add_parser("info", help="describe a project, or list methods and their settings")
     p.add_argument("project", nargs="?")
@@ -349,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "app" and not {"-h", "--help"} & set(argv[1:]):
             project, opts = split_app_args(argv[1:])
             return cmd_app(argparse.Namespace(project=project), opts)
+        if argv and argv[0] == "bench" and "--suite" in argv:  # no project: generated validation projects
+            return cli_main(argv[1:])
         a, rest = ap.parse_known_args(argv)
         if rest and not getattr(a, "passthrough", False):
             ap.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -432,12 +432,12 @@ def test_verify_kwargs_bind_to_the_counterfactual_check():
 
 
 def test_one_retrain_budget_for_verify_and_whatif(ran_project, monkeypatch):
-    from app.services import runs
+    import engine.core.train
 
     assert svc.retrain_refusal(ran_project, 1) is None
     n_params = sum(p.numel() for p in ran_project.build_model().parameters())
     one = n_params * len(ran_project.train_dataset)
-    monkeypatch.setattr(runs, "RETRAIN_BUDGET", one * 5)
+    monkeypatch.setattr(engine.core.train, "RETRAIN_BUDGET", one * 5)
     assert svc.retrain_refusal(ran_project, 5) is None
     assert "too costly" in svc.retrain_refusal(ran_project, 6)
     # Verify with 2 seeds, 3 k values and 3 random removals each is 24 retrains

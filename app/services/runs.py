@@ -9,6 +9,7 @@ from app.services.flags import db_for
 from engine.api import run_dir, run_key
 from engine.core.errors import ProponentError
 from engine.core.project import Project
+from engine.core.train import RETRAIN_BUDGET, retrain_refusal  # noqa: F401 - re-exported for the pages
 from engine.methods import (
     coerce_settings,
     describe_settings,
@@ -90,25 +91,6 @@ def compare_rows(a: np.ndarray, b: np.ndarray, k: int) -> dict:
     ta, tb = set(topk(a, k)["proponents"].tolist()), set(topk(b, k)["proponents"].tolist())
     rho = spearmanr(np.asarray(a), np.asarray(b)).statistic
     return {"overlap": len(ta & tb) / max(1, k), "overlap_count": len(ta & tb), "spearman": float(rho)}
-
-
-# One budget for "can this project be retrained here?", in parameter × example × retrain units:
-# a what-if retrain is 1 retrain, Verify is seeds × k values × (1 + random removals).
-RETRAIN_BUDGET = 5e9
-
-
-def retrain_refusal(project: Project, n_retrains: int = 1) -> str | None:
-    """None if the project can be retrained ``n_retrains`` times here, else why not (one line)."""
-    if not project.has_recipe:
-        return "retraining needs a training recipe ([training] in project.toml)"
-    if not project.checkpoints:
-        return "no recorded training run to retrain from"
-    n_params = sum(p.numel() for p in project.build_model().parameters())
-    cost = n_params * len(project.train_dataset) * max(1, int(n_retrains))
-    if cost > RETRAIN_BUDGET:
-        return (f"this model ({n_params:,} parameters × {len(project.train_dataset):,} examples × {n_retrains} "
-                f"retrain(s)) is too costly to retrain here")
-    return None
 
 
 def verify_retrains(k_values, seeds=(0, 1), random_trials: int = 3) -> int:

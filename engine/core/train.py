@@ -298,5 +298,46 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch: int = 4096, device:
     return torch.cat(out) if out else torch.empty(0)
 
 
+# One budget for "can this project be retrained here?", in parameter × example × retrain units:
+# a what-if retrain is 1 retrain, Verify is seeds × k values × (1 + random removals), the mislabel
+# ranking's cross-validation is one retrain per fold.
+RETRAIN_BUDGET = 5e9
+
+
+def retrain_refusal(project: Project, n_retrains: int = 1) -> str | None:
+    """None if the project can be retrained ``n_retrains`` times here, else why not (one line)."""
+    if not project.has_recipe:
+        return "retraining needs a training recipe ([training] in project.toml)"
+    if not project.checkpoints:
+        return "no recorded training run to retrain from"
+    n_params = sum(p.numel() for p in project.build_model().parameters())
+    cost = n_params * len(project.train_dataset) * max(1, int(n_retrains))
+    if cost > RETRAIN_BUDGET:
+        return (f"this model ({n_params:,} parameters × {len(project.train_dataset):,} examples × {n_retrains} "
+                f"retrain(s)) is too costly to retrain here")
+    return None
+
+
+def cross_val_probs(project: Project, labels=None, folds: int = 5, seed: int = 0, device: str = "cpu",
+                    progress: ProgressFn | None = None) -> np.ndarray:
+    """Out-of-sample class probabilities [n_train, C] of every training example by K-fold retraining
+    with the project's recipe (what cleanlab takes as input)."""
+    n = len(project.train_dataset)
+    perm = np.random.default_rng(seed).permutation(n)
+    probs = np.zeros((n, project.num_classes))
+    lab = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    for f in range(folds):
+        if progress:
+            progress("cross-validation folds", f, folds)
+        held = perm[f::folds]
+        rows = np.setdiff1d(np.arange(n), held)
+        model = train_model(project, indices=rows, labels=lab, device=device)
+        probs[held] = torch.softmax(predict_logits(model, project.train_dataset.x[torch.as_tensor(held)], device=device),
+                                    1).numpy()
+    if progress:
+        progress("cross-validation folds", folds, folds)
+    return probs
+
+
 __all__ = ["fit_model", "train_model", "record_training", "accuracy", "predict_logits", "training_objective",
-           "seed_everything", "lr_at", "TrainResult"]
+           "seed_everything", "lr_at", "TrainResult", "RETRAIN_BUDGET", "retrain_refusal", "cross_val_probs"]

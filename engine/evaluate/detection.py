@@ -31,7 +31,7 @@ from PIL import Image
 from engine.api import cached_scores
 from engine.core.errors import ProponentError
 from engine.core.project import STATE_DIRNAME, Project
-from engine.core.train import predict_logits, record_training, train_model
+from engine.core.train import cross_val_probs, record_training
 from engine.evaluate.metrics import auroc, precision_at_k
 from engine.evaluate.peers import project_inputs, run_peer
 from engine.storage.arrays import atomic_write_text
@@ -155,20 +155,6 @@ def plant_leaks(project: Project, m: int, dest: str | Path, *, seed: int = 0, mo
     p = Project.load(dest)
     record_training(p, models=models or max(1, len(project.model_ids())), progress=progress)
     return Project.load(dest), leaks
-
-
-def cross_val_probs(project: Project, labels=None, folds: int = 5, seed: int = 0) -> np.ndarray:
-    """Out-of-sample class probabilities of every training example by K-fold retraining (cleanlab's input)."""
-    n = len(project.train_dataset)
-    perm = np.random.default_rng(seed).permutation(n)
-    probs = np.zeros((n, project.num_classes))
-    lab = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    for f in range(folds):
-        held = perm[f::folds]
-        rows = np.setdiff1d(np.arange(n), held)
-        model = train_model(project, indices=rows, labels=lab)
-        probs[held] = torch.softmax(predict_logits(model, project.train_dataset.x[torch.as_tensor(held)]), 1).numpy()
-    return probs
 
 
 def _truth(project: Project) -> dict | None:

@@ -242,3 +242,107 @@ def explain_detector_pair(pair: dict, statistic: str, threshold: float) -> str:
     side = ">" if pair.get("flagged") else "≤"
     extra = f" (score / self-score {pair['self_ratio']:.3f})" if statistic == "self_match" and "self_ratio" in pair else ""
     return f"{statistic} {v:.4g} {side} threshold {threshold:.4g}{extra}"
+
+
+# ----------------------------------------------------------------------------- the default detector
+DETECTOR_FPR = 0.001
+DETECTOR_NULL = 2000
+ATTRIBUTION_NULL = 300
+
+
+def _calibrate(null: np.ndarray, q: float, higher_is_copy: bool) -> float:
+    """The threshold a clean query passes with probability ≈ ``q``: a quantile of the null."""
+    v = np.asarray(null, np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return np.inf if higher_is_copy else -np.inf
+    return float(np.quantile(v, 1.0 - q, method="higher") if higher_is_copy else np.quantile(v, q, method="lower"))
+
+
+def detect_copies(project: Project, method: str = "trak", settings=None, *, fpr: float = DETECTOR_FPR,
+                  n_null: int = DETECTOR_NULL, device: str = "auto", progress=None, seed: int = 0) -> dict:
+    """The default leak detector: for each test query, its best training match under each kind of
+    input evidence, flagged when any passes its threshold; the attribution run's view of the pair is
+    attached as corroboration.
+
+    Evidence (engine.workflows.copies): an exact copy of the decoded input; the input cosine (images:
+    centred pixels, the best over one-pixel moves and zooms); the perceptual-hash distance (images).
+    Each threshold holds ``fpr / (number of kinds)`` on a null of training examples used as queries
+    against the rest of the training set (own row excluded), so the flag's false-positive rate on
+    clean queries is at most about ``fpr`` (union bound; resolution 1 / null size). No test query and
+    no truth file sets a threshold.
+
+    Attribution (``method``): the rank of the matched example among the query's proponents, its top
+    proponent and that one's self-match (score / self-score, 1 for a copy). Measured on the
+    validation suite's fit projects (scripts/fit_triage_weights.py's projects), letting the
+    self-match flag on its own added 15 false flags and rescued no copy, so it corroborates and
+    does not decide."""
+    if not 0.0 < fpr < 1.0:
+        raise ProponentError(f"fpr must be between 0 and 1 (exclusive), not {fpr!r}")
+    from engine.workflows.copies import best_matches
+
+    n_train = len(project.train_dataset)
+    rng = np.random.default_rng(seed)
+    null_idx = np.sort(rng.choice(n_train, size=int(min(n_null, n_train)), replace=False))
+    if progress:
+        progress("input evidence", 0, 2)
+    q = best_matches(project, "test")
+    null = best_matches(project, "train", null_idx, exclude_self=True)
+    if progress:
+        progress("input evidence", 2, 2)
+    kinds = ["cosine"] + (["hash"] if "hash_distance" in q else [])
+    attr = None
+    if method:
+        settings = leak_settings(method, settings)
+        res = cached_scores(project, method, settings, device=device, progress=progress)
+        self_scores = np.asarray(res["self_scores"], np.float64)
+        if np.isfinite(self_scores).all() and n_train >= 3:
+            S = res["scores"]
+            top = np.empty(len(S), np.int64)
+            sm = np.empty(len(S))
+            for lo in range(0, len(S), 256):
+                st = row_statistics(np.asarray(S[lo:lo + 256]), self_scores)
+                top[lo:lo + len(st["score"])] = st["train_index"]
+                sm[lo:lo + len(st["score"])] = st["self_match"]
+            a_null = null_statistics(project, method, settings, self_scores, n_null=ATTRIBUTION_NULL, seed=seed,
+                                     device=device, progress=progress)["self_match"]
+            attr = {"index": top, "self_match": sm, "null": a_null, "scores": S}
+    per = fpr / len(kinds)
+    thr = {"cosine": _calibrate(null["cosine"], per, True)}
+    if "hash" in kinds:
+        thr["hash"] = _calibrate(null["hash_distance"], per, False)
+    if attr is not None:
+        thr["self_match"] = _calibrate(attr["null"], fpr, True)
+    pairs = []
+    for t in range(len(q["cosine"])):
+        fired = []
+        if q["exact"][t] >= 0:
+            fired.append(("exact", int(q["exact"][t]), "identical input"))
+        if q["cosine"][t] > thr["cosine"]:
+            fired.append(("cosine", int(q["cos_index"][t]), f"input cosine {q['cosine'][t]:.4f} > {thr['cosine']:.4f}"))
+        if "hash" in thr and q["hash_distance"][t] < thr["hash"]:
+            fired.append(("hash", int(q["hash_index"][t]),
+                          f"perceptual-hash distance {int(q['hash_distance'][t])} < {thr['hash']:.0f} bits"))
+        train_index = fired[0][1] if fired else int(q["cos_index"][t])
+        pair = {"test_index": t, "train_index": train_index, "flagged": bool(fired),
+                "evidence": [f[0] for f in fired],
+                "reason": "; ".join(f"{f[2]} (train {f[1]})" for f in fired) or
+                          f"no evidence passes its threshold (nearest input: train {int(q['cos_index'][t])}, "
+                          f"cosine {q['cosine'][t]:.4f})",
+                "input_cosine": float(q["cosine"][t]), "input_match": int(q["cos_index"][t])}
+        if "hash_distance" in q:
+            pair["hash_distance"], pair["hash_match"] = int(q["hash_distance"][t]), int(q["hash_index"][t])
+        if attr is not None:
+            row = np.asarray(attr["scores"][t], np.float64)
+            pair["self_match"], pair["top_proponent"] = float(attr["self_match"][t]), int(attr["index"][t])
+            pair["match_proponent_rank"] = int(1 + (row > row[train_index]).sum())
+            pair["attribution"] = (f"{method} ranks train {train_index} as proponent #{pair['match_proponent_rank']}; "
+                                   f"its top proponent (train {int(attr['index'][t])}) scores "
+                                   f"{np.exp(attr['self_match'][t]):.3f}× its own self-score"
+                                   + (" (copy-like)" if attr["self_match"][t] > thr["self_match"] else ""))
+        pairs.append(pair)
+    return {"method": "detector", "attribution_method": method or None, "fpr": fpr, "thresholds": thr,
+            "calibration": {"kind": "null of training queries", "n_null": int(len(null_idx)),
+                            "n_null_attribution": int(len(attr["null"])) if attr is not None else 0,
+                            "per_evidence_fpr": per},
+            "n_flagged": int(sum(p["flagged"] for p in pairs)), "pairs": pairs}

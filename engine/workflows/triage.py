@@ -31,9 +31,19 @@ def suggest_labels(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return p.argmax(1)
 
 
-def triage(project: Project, method: str = "trak", settings=None, *, device: str = "auto", progress=None,
+RECOMMENDED = "recommended"
+
+
+def triage(project: Project, method: str | None = None, settings=None, *, device: str = "auto", progress=None,
            limit: int | None = None) -> dict:
-    """{"method", "items": [{"index", "score", "label", "suggested_label", "model_agrees"}...]}, most suspicious first."""
+    """{"method", "items": [{"index", "score", "label", "suggested_label", "model_probability_of_label"}...]},
+    most suspicious first. With no method (or "recommended"), the recommended ranking that combines
+    attribution and label evidence (engine.workflows.mislabel), each item carrying its evidence;
+    with a method, that method's own suspicion."""
+    if method in (None, RECOMMENDED):
+        from engine.workflows.mislabel import recommended_ranking
+
+        return recommended_ranking(project, settings=settings, device=device, progress=progress, limit=limit)
     res = cached_scores(project, method, settings, device=device, progress=progress)
     susp = np.asarray(res["suspicion"], dtype=np.float64)
     if np.isnan(susp).all():

@@ -38,6 +38,10 @@ __all__ = ["cli_main", "run_bench", "resolve_config", "build_parser", "make_tabl
 
 
 def cli_main(argv: list[str]) -> int:
+    if "--suite" in argv:  # generated validation projects instead of one project
+        from engine.evaluate.bench.suite import suite_cli
+
+        return suite_cli(argv)
     a = build_parser().parse_args(argv)
     cfg = resolve_config(a)
     project = Project.load(a.project)

@@ -39,7 +39,8 @@ def machine_description() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="proponent bench", description="Accuracy and cost of attribution methods and peers.")
-    ap.add_argument("project", help="the project to benchmark")
+    ap.add_argument("project", help="the project to benchmark (or --suite: generated validation projects, see "
+                                    "proponent bench --suite --help)")
     ap.add_argument("--methods", help="comma-separated method names (default: every method in the registry that supports "
                                       "the project; --quick: trak,grad-dot,knn)")
     ap.add_argument("--peers", help="comma-separated peers: traker,kronfluence,dattri,captum,cleanlab (or peer:method, "

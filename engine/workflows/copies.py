@@ -1,0 +1,163 @@
+"""Input-space evidence that a test example was copied into the training set.
+
+Three views of an example's input, each cheap and each blind to a different edit:
+
+- ``exact_keys``: a hash of the decoded input (pixels or feature values as stored; for text the
+  text lower-cased with punctuation and repeated spaces removed), equal for literal copies;
+- ``perceptual_hashes``: a 64-bit DCT hash of each image (``imagehash.phash``), which survives
+  re-encoding, noise, brightness, a one-pixel shift and a small crop; compared by Hamming distance;
+- ``input_vectors``: unit vectors compared by cosine, as a FiftyOne-style near-duplicate search does:
+  per-image centred pixels (so the cosine is a correlation, blind to brightness and contrast),
+  standardised feature columns for tabular data, a bag of words for text.
+
+``best_matches`` finds, for each query, the nearest training example under each view by blocks of
+queries (memory bounded by the block, never [n_queries, n_train] at once); for images the
+similarity is the best over one-pixel moves and zooms of the query, measured on the nearest candidates.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+import torch
+
+from engine.core.project import Project
+
+BLOCK = 512
+SHIFT_CANDIDATES = 64
+
+
+def exact_keys(project: Project, split: str) -> list[str]:
+    """One hash per example of its decoded input (text: normalised text)."""
+    if project.data_format == "text":
+        df = project.train_df if split == "train" else project.test_df
+        return [hashlib.sha1(_normal_text(t).encode()).hexdigest() for t in df[project.text_column].astype(str)]
+    x = (project.train_dataset if split == "train" else project.test_dataset).x
+    a = x.flatten(1).numpy()
+    return [hashlib.sha1(np.ascontiguousarray(r).tobytes()).hexdigest() for r in a]
+
+
+def _normal_text(t: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", t.lower()).split())
+
+
+def perceptual_hashes(project: Project, split: str) -> np.ndarray | None:
+    """[n] uint64 pHash of each image (None for projects without images)."""
+    if project.data_format != "images":
+        return None
+    import imagehash
+
+    n = len(project.train_dataset if split == "train" else project.test_dataset)
+    out = np.empty(n, np.uint64)
+    for i in range(n):
+        img = project.raw_image(split, i)
+        bits = imagehash.phash(img.convert("L"), hash_size=8).hash.ravel()
+        out[i] = np.packbits(bits).view(">u8")[0]
+    return out
+
+
+def input_vectors(project: Project, split: str):
+    """Unit vectors for the cosine view: dense [n, d] float32, or sparse rows for text."""
+    if project.data_format == "text":
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        df = project.train_df if split == "train" else project.test_df
+        return HashingVectorizer(n_features=2**18, alternate_sign=False, norm="l2").transform(
+            df[project.text_column].astype(str).map(_normal_text).tolist())
+    ds = project.train_dataset if split == "train" else project.test_dataset
+    x = ds.x.flatten(1).double().numpy()
+    if project.data_format == "images":
+        x = x - x.mean(1, keepdims=True)  # a correlation: blind to brightness and contrast
+    else:
+        tr = project.train_dataset.x.flatten(1).double().numpy()
+        x = (x - tr.mean(0)) / np.maximum(tr.std(0), 1e-12)
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _image_variants(x: torch.Tensor) -> list[torch.Tensor]:
+    """Small geometric edits of query images [q, C, H, W]: one-pixel moves in each direction (edges
+    repeated, and wrapped around), and a one-pixel zoom in and out."""
+    out = []
+    h, w = x.shape[-2:]
+    p = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy == dx == 0:
+                continue
+            out.append(p[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w])
+            out.append(torch.roll(x, (dy, dx), dims=(-2, -1)))
+    if h > 4 and w > 4:
+        resize = lambda t: torch.nn.functional.interpolate(t, size=(h, w), mode="bilinear", align_corners=False,
+                                                           antialias=True)
+        out.append(resize(x[..., 1:-1, 1:-1]))  # zoom in: one pixel off every side
+        out.append(resize(p))  # zoom out: one pixel added on every side
+    return out
+
+
+def best_matches(project: Project, query_split: str, query_index: np.ndarray | None = None,
+                 exclude_self: bool = False) -> dict[str, np.ndarray]:
+    """For each query: {"exact": training index with the same exact key or -1, "cos_index",
+    "cosine" (best, shift-tolerant for images), "hash_index", "hash_distance" (bits; images only)}.
+    ``exclude_self``: queries are training rows and may not match themselves (the null)."""
+    n_q_all = len(project.train_dataset if query_split == "train" else project.test_dataset)
+    qi = np.arange(n_q_all) if query_index is None else np.asarray(query_index, np.int64)
+    keys_train = exact_keys(project, "train")
+    by_key: dict[str, list[int]] = {}
+    for i, k in enumerate(keys_train):
+        by_key.setdefault(k, []).append(i)
+    keys_q = keys_train if query_split == "train" else exact_keys(project, query_split)
+    exact = np.full(len(qi), -1, np.int64)
+    for j, q in enumerate(qi):
+        hits = [t for t in by_key.get(keys_q[q], []) if not (exclude_self and t == q)]
+        if hits:
+            exact[j] = hits[0]
+    tr = input_vectors(project, "train")
+    qv_all = tr if query_split == "train" else input_vectors(project, query_split)
+    cos_idx = np.empty(len(qi), np.int64)
+    cos_val = np.empty(len(qi))
+    sparse = hasattr(tr, "multiply")
+    images = project.data_format == "images"
+    if images:
+        xq_all = (project.train_dataset if query_split == "train" else project.test_dataset).x
+    for lo in range(0, len(qi), BLOCK):
+        rows = qi[lo:lo + BLOCK]
+        q = qv_all[rows]
+        sim = np.asarray((q @ tr.T).todense()) if sparse else q @ tr.T
+        sim = np.asarray(sim, np.float64)
+        if exclude_self:
+            sim[np.arange(len(rows)), rows] = -np.inf
+        if images:
+            m = min(SHIFT_CANDIDATES, sim.shape[1])
+            cand = np.argpartition(-sim, m - 1, axis=1)[:, :m]
+            best = np.take_along_axis(sim, cand, 1)
+            xq = xq_all[torch.as_tensor(rows)]
+            for moved in _image_variants(xq.float()):
+                v = moved.flatten(1).double().numpy()
+                v = v - v.mean(1, keepdims=True)
+                v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+                best = np.maximum(best, np.einsum("qd,qmd->qm", v, tr[cand].astype(np.float64)))
+            j = best.argmax(1)
+            cos_idx[lo:lo + len(rows)] = cand[np.arange(len(rows)), j]
+            cos_val[lo:lo + len(rows)] = best[np.arange(len(rows)), j]
+        else:
+            j = sim.argmax(1)
+            cos_idx[lo:lo + len(rows)] = j
+            cos_val[lo:lo + len(rows)] = sim[np.arange(len(rows)), j]
+    out = {"exact": exact, "cos_index": cos_idx, "cosine": cos_val}
+    h_train = perceptual_hashes(project, "train")
+    if h_train is not None:
+        h_q = h_train if query_split == "train" else perceptual_hashes(project, query_split)
+        h_idx = np.empty(len(qi), np.int64)
+        h_dist = np.empty(len(qi), np.int64)
+        for lo in range(0, len(qi), BLOCK):
+            rows = qi[lo:lo + BLOCK]
+            d = np.bitwise_count(h_q[rows][:, None] ^ h_train[None, :]).astype(np.int64)
+            if exclude_self:
+                d[np.arange(len(rows)), rows] = 65
+            # among equally distant hashes, the input-closest one
+            j = d.argmin(1)
+            h_idx[lo:lo + len(rows)] = j
+            h_dist[lo:lo + len(rows)] = d[np.arange(len(rows)), j]
+        out["hash_index"], out["hash_distance"] = h_idx, h_dist
+    return out
