@@ -141,7 +141,7 @@ def recommended_ranking(project: Project, method: str = "trak", settings=None, *
     """{"method": "recommended", "evidence_sources", "weights", "items": [{"index", "score", "label",
     "suggested_label", "model_probability_of_label", "evidence": {name: value}, "contributions": {...}}]},
     most suspicious first."""
-    from engine.workflows.triage import suggest_labels
+    from engine.workflows.triage import _plain, suggest_labels  # triage dispatches here lazily: no cycle
 
     got = mislabel_evidence(project, method, settings, device=device, progress=progress)
     w = weights or default_weights()
@@ -160,6 +160,3 @@ def recommended_ranking(project: Project, method: str = "trak", settings=None, *
     return {"method": "recommended", "attribution_method": method, "run": got["run"], "weights": w,
             "evidence_sources": got["sources"], "items": items}
 
-
-def _plain(v):
-    return v.item() if hasattr(v, "item") else v
