@@ -26,7 +26,7 @@ def available_samples() -> list[str]:
 
 
 def prepare_sample(name: str, directory: str | Path | None = None, *, train: bool = True, models: int = 1,
-                   progress=None, force: bool = False) -> Path:
+                   progress=None, force: bool = False, seed: int | None = None) -> Path:
     src = SAMPLES_ROOT / name
     if not (src / "make_data.py").is_file():
         raise ProponentError(f"unknown sample {name!r} (available: {', '.join(available_samples())})")
@@ -45,7 +45,7 @@ def prepare_sample(name: str, directory: str | Path | None = None, *, train: boo
     if force or not (dest / "data").is_dir():
         if (dest / "data").is_dir():
             shutil.rmtree(dest / "data")
-        mod.materialise(dest)
+        mod.materialise(dest) if seed is None else mod.materialise(dest, seed=seed)
     if train and hasattr(mod, "train"):
         # the sample's own training loop writes its [model] weights (no trajectory, no recipe)
         p = Project.load(dest, check_model=False)

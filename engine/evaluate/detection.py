@@ -33,6 +33,7 @@ from engine.core.errors import ProponentError
 from engine.core.project import STATE_DIRNAME, Project
 from engine.core.train import cross_val_probs, record_training
 from engine.evaluate.metrics import auroc, precision_at_k
+from engine.evaluate.suite import perturb_image
 from engine.evaluate.peers import project_inputs, run_peer
 from engine.storage.arrays import atomic_write_text
 from engine.workflows.leaks import detect_leaks
@@ -92,16 +93,6 @@ def make_flipped_project(project: Project, labels: np.ndarray, dest: str | Path,
     return Project.load(dest)
 
 
-def _perturb_image(x: np.ndarray, kind: str, rng) -> np.ndarray:
-    if kind == "noise":
-        x = x + rng.normal(0, 12 / 255, x.shape)
-    elif kind == "shift":
-        x = np.roll(x, 1, axis=-1)
-    elif kind == "brightness":
-        x = x * 0.85 + 10 / 255
-    return np.clip(x, 0, 1)
-
-
 def plant_leaks(project: Project, m: int, dest: str | Path, *, seed: int = 0, models: int | None = None,
                 progress: ProgressFn | None = None) -> tuple[Project, list[dict]]:
     """Copy ``m`` test examples into the training set of a trained copy of ``project``.
@@ -124,9 +115,8 @@ def plant_leaks(project: Project, m: int, dest: str | Path, *, seed: int = 0, mo
         (csv_dir / "leaks").mkdir(exist_ok=True)
         for j, t in enumerate(tests):
             kind = kinds[j % len(kinds)]
-            x = project.test_dataset.x[t].numpy().astype(np.float64)
-            x = _perturb_image(x, kind, rng)
-            arr = (x * 255).round().astype(np.uint8)
+            x = project.test_dataset.x[t].numpy().astype(np.float64) * 255
+            arr = perturb_image(x, kind, rng).round().astype(np.uint8)
             img = Image.fromarray(arr[0], mode="L") if arr.shape[0] == 1 else Image.fromarray(np.transpose(arr, (1, 2, 0)), mode="RGB")
             name = f"leaks/leak_{j:04d}.png"
             img.save(csv_dir / name)

@@ -146,20 +146,21 @@ def _render_shape(kind: int, rng, size: int = 16) -> np.ndarray:
 
 
 def perturb_image(x: np.ndarray, kind: str, rng) -> np.ndarray:
-    """A near-copy of an image array [H, W] (0..255) of the given kind."""
+    """A near-copy of an image array [..., H, W] (0..255) of the given kind."""
     from PIL import Image
 
     x = np.asarray(x, np.float64)
     if kind == "noise":
         x = x + rng.normal(0, 12, x.shape)
     elif kind == "shift":
-        x = np.roll(x, 1, axis=1)
+        x = np.roll(x, 1, axis=-1)
     elif kind == "brightness":
         x = x * 0.85 + 10
-    elif kind == "crop":  # cut one pixel off every side and scale back up
-        h, w = x.shape
-        x = np.asarray(Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)[1:-1, 1:-1]).resize((w, h), Image.BILINEAR),
-                       np.float64)
+    elif kind == "crop":  # cut one pixel off every side and scale back up, channel by channel
+        h, w = x.shape[-2:]
+        planes = np.clip(x, 0, 255).astype(np.uint8).reshape(-1, h, w)
+        x = np.stack([np.asarray(Image.fromarray(c[1:-1, 1:-1]).resize((w, h), Image.BILINEAR), np.float64)
+                      for c in planes]).reshape(x.shape)
     elif kind != "exact":
         raise ProponentError(f"unknown copy kind {kind!r}")
     return np.clip(x, 0, 255)
@@ -258,20 +259,8 @@ def make_suite_project(spec: SuiteProject, root: str | Path, *, train: bool = Tr
     if spec.kind == "text":
         from engine.core.samples import prepare_sample
 
-        prepare_sample("text", root, train=False)
         # the text generator plants its own flips (uniform, 6%) and light-edit copies at this seed
-        from engine.core.samples import SAMPLES_ROOT
-        import importlib.util
-
-        s = importlib.util.spec_from_file_location("_proponent_suite_text", SAMPLES_ROOT / "text" / "make_data.py")
-        mod = importlib.util.module_from_spec(s)
-        s.loader.exec_module(mod)
-        import shutil
-
-        shutil.rmtree(root / "data", ignore_errors=True)
-        mod.materialise(root, seed=spec.seed)
-        if train:
-            mod.train(root, seed=spec.seed, progress=progress)
+        prepare_sample("text", root, train=train, progress=progress, seed=spec.seed)
         return Project.load(root)
     rng = np.random.default_rng(spec.seed)
     made = (_write_tabular if spec.kind == "tabular" else _write_shapes)(spec, root, rng)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.special import ndtri
+from scipy.stats import rankdata
 
 from engine.api import cached_scores
 from engine.core.errors import ProponentError
@@ -52,8 +53,6 @@ def default_weights() -> dict[str, float]:
 
 def rank_gauss(v: np.ndarray) -> np.ndarray:
     """Ranks mapped to standard-normal quantiles (ties share their mean rank)."""
-    from scipy.stats import rankdata
-
     v = np.asarray(v, np.float64)
     r = rankdata(np.where(np.isfinite(v), v, -np.inf), method="average")
     return ndtri((r - 0.5) / len(v))
@@ -67,8 +66,8 @@ def opposes_own_class(scores, train_labels: np.ndarray, test_labels: np.ndarray,
     sq = np.zeros(n)
     for lo in range(0, n_q, QUERY_BLOCK):
         block = np.asarray(scores[lo:lo + QUERY_BLOCK], np.float64)
-        lab = test_labels[lo:lo + len(block)]
-        np.add.at(sums, lab, block)
+        onehot = np.eye(num_classes)[test_labels[lo:lo + len(block)]]  # [q, C]
+        sums += onehot.T @ block
         sq += (block ** 2).sum(0)
     counts = np.bincount(test_labels, minlength=num_classes).astype(np.float64)
     total = sums.sum(0)
@@ -141,7 +140,7 @@ def recommended_ranking(project: Project, method: str = "trak", settings=None, *
     """{"method": "recommended", "evidence_sources", "weights", "items": [{"index", "score", "label",
     "suggested_label", "model_probability_of_label", "evidence": {name: value}, "contributions": {...}}]},
     most suspicious first."""
-    from engine.workflows.triage import _plain, suggest_labels  # triage dispatches here lazily: no cycle
+    from engine.workflows.triage import suggest_labels, suspect_item  # triage dispatches here lazily: no cycle
 
     got = mislabel_evidence(project, method, settings, device=device, progress=progress)
     w = weights or default_weights()
@@ -152,9 +151,7 @@ def recommended_ranking(project: Project, method: str = "trak", settings=None, *
     order = np.argsort(-score, kind="mergesort")
     if limit:
         order = order[:limit]
-    items = [{"index": int(i), "score": float(score[i]), "label": _plain(project.class_name(y[i])),
-              "suggested_label": _plain(project.class_name(suggested[i])),
-              "model_probability_of_label": float(probs[i, y[i]]),
+    items = [{**suspect_item(project, int(i), float(score[i]), y, suggested, probs),
               "evidence": {k: float(v[i]) for k, v in got["evidence"].items()},
               "contributions": {k: float(v[i]) for k, v in contrib.items()}} for i in order]
     return {"method": "recommended", "attribution_method": method, "run": got["run"], "weights": w,

@@ -55,10 +55,16 @@ def triage(project: Project, method: str | None = None, settings=None, *, device
     order = np.argsort(-susp, kind="mergesort")
     if limit:
         order = order[:limit]
-    items = [{"index": int(i), "score": float(susp[i]), "label": _plain(project.class_name(labels[i])),
-              "suggested_label": _plain(project.class_name(suggested[i])),
-              "model_probability_of_label": float(probs[i, labels[i]])} for i in order]
+    items = [suspect_item(project, int(i), float(susp[i]), labels, suggested, probs) for i in order]
     return {"method": method, "run": res["key"], "items": items}
+
+
+def suspect_item(project: Project, i: int, score: float, labels: np.ndarray, suggested: np.ndarray,
+                 probs: np.ndarray) -> dict:
+    """One ranked suspect: index, score, given and suggested label, the model's probability of the given one."""
+    return {"index": i, "score": score, "label": _plain(project.class_name(labels[i])),
+            "suggested_label": _plain(project.class_name(suggested[i])),
+            "model_probability_of_label": float(probs[i, labels[i]])}
 
 
 def _plain(v):

@@ -30,8 +30,7 @@ from engine.evaluate.bench.config import (
 )
 from engine.evaluate.bench.peer_runs import run_peer_limited, trak_vs_traker
 from engine.evaluate.bench.run import run_bench
-from engine.evaluate.bench.tables import make_tables, print_table
-from engine.storage.arrays import atomic_write_json, jsonable
+from engine.evaluate.bench.tables import emit_document, make_tables
 
 __all__ = ["cli_main", "run_bench", "resolve_config", "build_parser", "make_tables", "run_peer_limited",
            "trak_vs_traker"]
@@ -56,10 +55,5 @@ def cli_main(argv: list[str]) -> int:
            "tables": tables, "notes": f"Wall time of this invocation: {result['seconds'] / 60:.1f} min (method runs and "
                                       f"retrained margins already in the project's cache are reused; cost figures are "
                                       f"always fresh fits).", **result}
-    for t in tables:
-        print_table(t)
-        print()
-    if a.json:
-        atomic_write_json(a.json, jsonable(doc))
-        print(f"wrote {a.json}", file=sys.stderr)
+    emit_document(doc, a.json)
     return 0

@@ -31,10 +31,16 @@ from engine.core.project import Project
 from engine.evaluate.detection import leak_recall, mislabel_metrics
 from engine.evaluate.peers import project_inputs, run_peer
 from engine.evaluate.suite import EVAL_SEEDS, KINDS, default_suite, make_suite_project
-from engine.storage.arrays import atomic_write_json, jsonable
-from engine.workflows.leaks import DETECTOR_FPR, _calibrate, detect_copies
+from engine.workflows.leaks import DETECTOR_FPR, calibrate_threshold, detect_copies
 
 SUITE_METHODS = ("trak", "grad-dot", "tracin", "knn")
+
+
+def _int_list(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, not {s!r}") from None
 
 
 def build_suite_parser() -> argparse.ArgumentParser:
@@ -42,8 +48,8 @@ def build_suite_parser() -> argparse.ArgumentParser:
                                  description="Triage and leak detection on generated validation projects.")
     ap.add_argument("--suite", action="store_true", required=True)
     ap.add_argument("--kinds", default="tabular,shapes,text", help=f"comma-separated, of {','.join(KINDS)}")
-    ap.add_argument("--suite-seeds", default=",".join(map(str, EVAL_SEEDS)), help="project seeds (default: the "
-                                                                                   "evaluation seeds)")
+    ap.add_argument("--suite-seeds", default=",".join(map(str, EVAL_SEEDS)), type=_int_list,
+                    help="comma-separated project seeds (default: the evaluation seeds)")
     ap.add_argument("--methods", default=",".join(SUITE_METHODS), help="methods whose own suspicion and top "
                                                                        "proponents are reported")
     ap.add_argument("--workdir", default=None, help="where the projects are written (default: a temporary folder; "
@@ -72,7 +78,7 @@ def raw_cosine_baseline(project: Project, fpr: float, n_null: int = 2000, seed: 
     n = tr.shape[0]
     idx = np.sort(np.random.default_rng(seed).choice(n, size=min(n_null, n), replace=False))
     null_vals = np.concatenate([nearest(tr[idx[lo:lo + 512]], idx[lo:lo + 512])[1] for lo in range(0, len(idx), 512)])
-    thr = _calibrate(null_vals, fpr, True)
+    thr = calibrate_threshold(null_vals, fpr, True)
     pairs = []
     for lo in range(0, te.shape[0], 512):
         j, v = nearest(te[lo:lo + 512])
@@ -202,7 +208,7 @@ def suite_tables(projects: dict[str, dict]) -> list[dict]:
 
 def suite_cli(argv: list[str]) -> int:
     a = build_suite_parser().parse_args(argv)
-    seeds = tuple(int(s) for s in a.suite_seeds.split(",") if s.strip())
+    seeds = a.suite_seeds
     kinds = tuple(k for k in a.kinds.split(",") if k.strip())
     methods = [m for m in a.methods.split(",") if m.strip()]
     import tempfile
@@ -217,16 +223,11 @@ def suite_cli(argv: list[str]) -> int:
                                **bench_project(p, methods, log)}
     tables = suite_tables(projects)
     from engine.evaluate.bench.config import machine_description
-    from engine.evaluate.bench.tables import print_table
+    from engine.evaluate.bench.tables import emit_document
 
     doc = {"title": a.title, "date": _dt.date.today().isoformat(), "machine": machine_description(),
            "command": "proponent bench " + " ".join(shlex.quote(x) for x in argv), "tables": tables,
            "notes": f"{len(projects)} generated projects (seeds {list(seeds)}), {(time.perf_counter() - t0) / 60:.1f} min.",
            "projects": projects}
-    for t in tables:
-        print_table(t)
-        print()
-    if a.json:
-        atomic_write_json(a.json, jsonable(doc))
-        print(f"wrote {a.json}", file=sys.stderr)
+    emit_document(doc, a.json)
     return 0

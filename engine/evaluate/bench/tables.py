@@ -149,6 +149,20 @@ def make_tables(result: dict) -> list[dict]:
     return [t for t in tables if t is not None]
 
 
+def emit_document(doc: dict, json_path: str | None) -> None:
+    """Print a bench document's tables, and write it as JSON when asked."""
+    import sys
+
+    from engine.storage.arrays import atomic_write_json, jsonable
+
+    for t in doc["tables"]:
+        print_table(t)
+        print()
+    if json_path:
+        atomic_write_json(json_path, jsonable(doc))
+        print(f"wrote {json_path}", file=sys.stderr)
+
+
 def print_table(table: dict, stream=None) -> None:
     stream = stream or sys.stdout  # looked up per call: tests and callers may redirect stdout
     cols = table["columns"]
