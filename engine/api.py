@@ -64,6 +64,7 @@ def fit_method(project: Project, method: str, settings=None, *, device: str = "a
                       status="running", device=device)
     threads = gradient_threads(project, device=device)
     att.meta["threads"] = threads["threads"]
+    att.meta["advisories"] = cls.advisories(project, settings)
     t0 = time.perf_counter()
     try:
         with intra_op_threads(threads["threads"]):

@@ -61,9 +61,27 @@ def cmd_train(a) -> int:
     return 0
 
 
+def print_advisories(meta: dict) -> None:
+    """A default that is a poor fit for the project: one line each on stderr (the run went ahead)."""
+    for line in meta.get("advisories") or []:
+        print(f"note: {line}", file=sys.stderr)
+
+
+def advise_method(p, method: str | None, settings) -> None:
+    if method is None or method == "recommended":
+        return
+    from engine.methods import get_method
+    from engine.methods.base import coerce_settings
+
+    cls = get_method(method)
+    if cls.supports(p) is None:  # a method that cannot run says so itself, in its own one line
+        print_advisories({"advisories": cls.advisories(p, coerce_settings(cls, settings))})
+
+
 def cmd_attribute(a) -> int:
     p = _project(a.project)
     res = cached_scores(p, a.method, _settings(a.set), device=a.device, progress=_progress(), use_cache=not a.no_cache)
+    print_advisories(res.get("meta") or {})
     S = res["scores"]  # memory-mapped from the run's store; read a row at a time
 
     # rows.csv maps every printed index back to its file and label
@@ -93,6 +111,7 @@ def cmd_attribute(a) -> int:
 
 def cmd_triage(a) -> int:
     p = _project(a.project)
+    advise_method(p, a.method, _settings(a.set))
     out = triage(p, a.method, _settings(a.set), device=a.device, progress=_progress(), limit=a.limit)
     if a.json:
         json.dump(out, sys.stdout)
@@ -116,6 +135,7 @@ def cmd_leaks(a) -> int:
         out = detect_copies(p, "trak", _settings(a.set), device=a.device, progress=_progress(), **kw)
     else:
         kw = {k: v for k, v in (("fpr", a.fpr), ("threshold", a.threshold)) if v is not None}
+        advise_method(p, a.method, _settings(a.set))
         out = detect_leaks(p, a.method, _settings(a.set), device=a.device, progress=_progress(), **kw)
     if a.json:
         json.dump(out, sys.stdout)

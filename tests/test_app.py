@@ -2,6 +2,7 @@
 (the selection and table-editing logic AppTest cannot click)."""
 from __future__ import annotations
 
+import csv
 import io
 import json
 import shutil
@@ -735,3 +736,87 @@ def test_run_scores_stay_on_disk(ran_project):
     run = svc.load_run(ran_project, svc.done_runs(ran_project)[0]["key"])
     assert isinstance(run["scores"], np.memmap)  # pages read rows and columns, never the whole matrix
     assert not isinstance(run["self_scores"], np.memmap)
+
+
+def test_leak_page_offers_the_copy_detector_and_keeps_the_quick_check(ran_project, monkeypatch):
+    """The copy detector (the default of `proponent leaks`) runs as a job from the Leakage page; its
+    flags join the quick check's (never a worse decision), each pair says why, and the page says how
+    suited the run's method is to leak search."""
+    key = svc.done_runs(ran_project)[0]["key"]
+    quick = svc.leak_pairs(ran_project, key)
+    jid = jobs.start_job(ran_project, "copies", {"run": key, "method": "trak", "settings": FAST_TRAK}, background=False)
+    job = jobs.get_job(ran_project, jid)
+    assert job["status"] == "done", job
+    res = svc.leak_pairs(ran_project, key, copies=job["result"])
+    by = {(p["test_index"], p["train_index"]): p for p in res["pairs"]}
+    for p in quick["pairs"]:
+        if p["flagged"]:
+            assert by[(p["test_index"], p["train_index"])]["flagged"]
+    planted = {(l["test_index"], l["train_index"]) for l in svc.truth(ran_project)["leaks"]}
+    copy_flags = {k for k, p in by.items() if p.get("copy")}
+    # on the 8×8 digits natural near-twins set a high null threshold: the detector flags only planted
+    # copies, not all of them; the page's union finds at least what either finds alone
+    assert res["copy_flagged"] == len(copy_flags) and copy_flags <= planted and 2 * len(copy_flags) >= len(planted)
+    assert all("copy detector:" in by[k]["why"] for k in copy_flags)
+    shown = {k for k, p in by.items() if p["flagged"]}
+    quick_found = {(p["test_index"], p["train_index"]) for p in quick["pairs"] if p["flagged"]} & planted
+    assert shown & planted >= quick_found | copy_flags
+    at = _app(monkeypatch, ran_project, "leakage")
+    assert not at.exception
+    labels = {m.label: m.value for m in at.metric}
+    assert labels["Copy detector flags"] == str(res["copy_flagged"])
+    assert any("partly suited" in c.value for c in at.caption)
+
+
+def test_triage_offers_the_recommended_ranking_first(ran_project, monkeypatch):
+    """The Triage page's default ranking is the recommended one (a background job); once computed the
+    table follows its order and shows every evidence, and the run's own suspicion stays one click away."""
+    key = svc.done_runs(ran_project)[0]["key"]
+    at = _app(monkeypatch, ran_project, "triage")
+    assert not at.exception
+    radio = next(r for r in at.radio if r.key == "t_ranking")
+    assert radio.value == "recommended"
+    assert any(b.key == "t_rank_start" for b in at.button)  # not computed yet: offered, run's suspicion shown
+    jid = jobs.start_job(ran_project, "triage", {"device": "auto"}, background=False)
+    job = jobs.get_job(ran_project, jid)
+    assert job["status"] == "done", job
+    table = svc.recommended_table(ran_project, key, "trak", job["result"], flags={})
+    assert [int(i) for i in table["index"][:20]] == [it["index"] for it in job["result"]["items"][:20]]
+    assert {f"ev_{k}" for k in svc.EVIDENCE_COLUMNS} <= set(table.columns)
+    assert table["suspicion"].is_monotonic_decreasing
+    at = _app(monkeypatch, ran_project, "triage")
+    assert not at.exception and not any(b.key == "t_rank_start" for b in at.button)
+    assert any("the recommended ranking, each evidence" in c.value for c in at.caption)
+    at = next(r for r in at.radio if r.key == "t_ranking").set_value("run").run()
+    assert not at.exception, at.exception
+    # (the ranking's own TRAK and kNN runs are now the newest, so the page may pick either)
+    assert any(c.value.startswith("Most suspicious first (") and " suspicion: " in c.value
+               and "recommended" not in c.value for c in at.caption), [c.value[:80] for c in at.caption]
+
+
+def test_grid_selection_tags_and_exports(ran_project, tmp_path, monkeypatch):
+    """FiftyOne-style selection → tag → export from the Triage grid: ticked suspects become the bulk
+    targets, the tag lands in SQLite, and the selection exports with its file and labels."""
+    p = _copy(ran_project, tmp_path / "digits")
+    jobs.start_job(p, "attribute", {"method": "trak", "settings": FAST_TRAK, "device": "auto"}, background=False)
+    at = _app(monkeypatch, p, "triage")
+    assert not at.exception and not [c for c in at.checkbox if c.key and c.key.startswith("grid_")]
+    next(t for t in at.toggle if t.key == "t_grid").set_value(True).run()
+    boxes = [c for c in at.checkbox if c.key and c.key.startswith("grid_")]
+    assert len(boxes) >= 6
+    picked = [int(b.key.split("_")[1]) for b in boxes[:3]]
+    for b in boxes[:3]:
+        b.check()
+    at.run()
+    assert not at.exception
+    next(s for s in at.selectbox if s.key == "bulk_action").set_value("flag ambiguous").run()
+    apply = next(b for b in at.button if b.key == "bulk_apply")
+    assert apply.label == "Apply to 3 example(s)"
+    apply.click().run()
+    assert not at.exception
+    flags = StateDB.for_project(p).flags("train")
+    assert {int(k) for k, r in flags.items() if r["flag"] == "ambiguous"} == set(picked)
+    text = svc.selection_csv(p, StateDB.for_project(p), picked, svc.triage_table(p, svc.done_runs(p)[0]["key"], "trak"))
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [int(r["index"]) for r in rows] == sorted(picked) and all(r["flag"] == "ambiguous" for r in rows)
+    assert all(r["file"] and r["label"] and r["suggested"] and r["score"] for r in rows)

@@ -261,10 +261,65 @@ def test_gif_attribution_orientation_matches_loo(logreg):
         pred.append(-S[:, i])  # score > 0: removal lowers the margin
     r = np.corrcoef(np.concatenate(pred), np.concatenate(true))[0, 1]
     assert r > 0.9, r
-    # a 5% selection on an MLP gives finite, differently-ranked scores, and refuses too many queries
+    # an explicit cap on the number of queries is still honoured
     from engine.core.errors import ProponentError
     with pytest.raises(ProponentError, match="max_queries"):
         cls().fit(logreg, {"max_queries": 3}).scores("test")
+
+
+def test_gif_defaults_converge_and_chunk_large_query_sets(mlp):
+    """With the defaults (automatic damping, no query cap) more queries than one solve block are scored
+    block by block, every solve converges, and a query's scores do not depend on its block."""
+    from engine.autodiff.curvature import EigenCurvature
+    from engine.methods.base import get_method
+
+    att = get_method("gif")().fit(mlp, {"queries_per_solve": 4})
+    n_q = 10
+    blocks = list(att.score_blocks(np.arange(n_q)))
+    assert [(lo, hi) for lo, hi, _ in blocks] == [(0, 4), (4, 8), (8, 10)]
+    S = np.concatenate([b for _, _, b in blocks])
+    assert att.meta["unconverged_queries"] == [] and att.meta["worst_residual"] <= 1e-3 * 1.5
+    # λ is the curvature's own scale: damping_ratio × the mean EK-FAC eigenvalue, not an absolute number
+    model = mlp.load_model(mlp.final_checkpoint())
+    curv = EigenCurvature(model, att.op.layout, mlp.train_dataset.x, weight_decay=mlp.recipe.weight_decay)
+    assert att.meta["damping_used"] == pytest.approx(curv.mean_eigenvalue, rel=1e-6) and att.meta["damping_used"] > 0
+    alone = np.concatenate([att.scores([j]) for j in (1, 5, 9)])
+    scale = np.abs(S).max()
+    assert np.abs(alone - S[[1, 5, 9]]).max() <= 5e-3 * scale
+
+
+def test_preconditioned_cg_and_warm_start():
+    A = _spd(40, 1e4, seed=4)
+    b = torch.randn(3, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    inv = torch.linalg.inv(A)
+    plain = solve_psd(lambda V: V @ A, b, tol=1e-8, max_iter=5000)
+    exact_pc = solve_psd(lambda V: V @ A, b, tol=1e-8, max_iter=5000, precondition=lambda R: R @ inv)
+    assert plain.converged and exact_pc.converged and exact_pc.iterations <= 2 < plain.iterations
+    assert torch.allclose(exact_pc.x, plain.x, rtol=1e-5, atol=1e-8)
+    started = solve_psd(lambda V: V @ A, b, tol=1e-8, max_iter=5000, x0=b @ inv)
+    assert started.converged and started.iterations == 0
+    # a masked adjoint solve restricts the preconditioner and the start to each query's selection
+    mask = torch.zeros(3, 40, dtype=torch.bool)
+    mask[:, :25] = True
+    v, res = adjoint_solve(lambda V: V @ A, b, mask, tol=1e-9, max_iter=5000,
+                           precondition=lambda R: R @ inv @ inv, start=lambda R: R @ inv @ inv)
+    v0, res0 = adjoint_solve(lambda V: V @ A, b, mask, tol=1e-9, max_iter=5000)
+    assert res.converged and res0.converged and torch.allclose(v, v0, rtol=1e-5, atol=1e-7)
+    # rowwise: A is applied only to rows still above tolerance; same answer, fewer row products
+    seen = {"full": 0, "rows": 0}
+
+    def apply(V, rows=None):
+        seen["full" if rows is None else "rows"] += len(V)
+        return V @ A
+
+    easy = torch.zeros(2, 40, dtype=torch.float64)
+    easy[0] = b[0]
+    easy[1] = A[:, 0]  # A e₀: CG converges on it in one step
+    r_rows = solve_psd(apply, easy, tol=1e-8, max_iter=5000, rowwise=True)
+    n_rows = seen["full"] + seen["rows"]
+    r_full = solve_psd(lambda V: V @ A, easy, tol=1e-8, max_iter=5000)
+    assert torch.allclose(r_rows.x, r_full.x, rtol=1e-7, atol=1e-9) and seen["rows"] > 0
+    assert n_rows < 2 * (r_full.iterations + 1)
 
 
 def test_gif_attribution_reports_unconverged(mlp):

@@ -155,3 +155,15 @@ def test_a_file_is_not_a_project_folder(tmp_path):
     with pytest.raises(ValidationError, match="not a folder") as e:
         Project.load(f)
     assert str(f) in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["digits", "digits-cnn", "digits-multistage", "digits-noisy", "wine", "text"])
+# every listed sample is covered: a new sample must be added here
+def test_every_shipped_sample_materialises_and_loads(tmp_path, name):
+    """`proponent prepare NAME` must work for every sample it lists (a stale import once broke digits-cnn)."""
+    from engine.core.samples import available_samples, prepare_sample
+
+    assert name in available_samples()
+    # the text sample's project names its trained weights file, so it is loadable only once trained
+    p = Project.load(prepare_sample(name, tmp_path / name, train=name == "text"))
+    assert len(p.train_dataset) > 0 and len(p.test_dataset) > 0

@@ -172,3 +172,27 @@ def test_suite_tables_mean_and_spread():
     assert rows[("all", "recommended")][4] == "0.925 ± 0.035"
     assert rows[("uniform", "cleanlab")][4] == "0.825 ± 0.035"
     assert tables[2]["rows"][0][4:] == ["4/4", "", "4/4"]
+
+
+def test_null_skips_identical_twins_and_pairs_list_them(tabular, tmp_path):
+    """A training set with a duplicated row must not push the similarity null to 1.0 (the twins are
+    exact evidence, not near-duplicates), and a test copy of them lists every identical row."""
+    import shutil
+
+    import pandas as pd
+
+    root = tmp_path / "twins"
+    shutil.copytree(tabular.root, root, ignore=shutil.ignore_patterns(".proponent", "checkpoints"))
+    tr = pd.read_csv(root / "train.csv")
+    te = pd.read_csv(root / "test.csv")
+    n = len(tr)
+    pd.concat([tr, tr.iloc[[5]]], ignore_index=True).to_csv(root / "train.csv", index=False)
+    feat = [c for c in tr.columns if c != "label"]
+    te.loc[0, feat] = tr.loc[5, feat].to_numpy()
+    te.to_csv(root / "test.csv", index=False)
+    p = Project.load(root)
+    null = copies.best_matches(p, "train", np.array([5, n]), exclude_self=True)
+    assert list(null["exact_all"]) == [[n], [5]]
+    assert (null["cosine"] < 1 - 1e-6).all() and set(null["cos_index"]) & {5, n} == set()
+    q = copies.best_matches(p, "test", np.array([0]))
+    assert q["exact"][0] == 5 and q["exact_all"][0] == [5, n]

@@ -26,12 +26,13 @@ from engine.storage.arrays import jsonable
 from engine.storage.statedb import StateDB
 from engine.workflows.counterfactual import counterfactual_check
 from engine.workflows.embeddings import compute_embedding
-from engine.workflows.leaks import detect_leaks
+from engine.workflows.leaks import detect_copies, detect_leaks
+from engine.workflows.mislabel import recommended_ranking
 from engine.workflows.whatif import compare_edits, predict_edit, retrain_edit
 
 REPO = Path(__file__).resolve().parents[2]
 ACTIVE = ("queued", "running", "cancelling")
-KINDS = ("attribute", "embedding", "verify", "whatif", "leaks", "query")
+KINDS = ("attribute", "embedding", "verify", "whatif", "leaks", "copies", "query", "triage")
 
 
 def _db(root: str | Path) -> StateDB:
@@ -240,6 +241,13 @@ def _dispatch(project, kind: str, params: dict, rep: JobReporter) -> dict:
     if kind == "leaks":
         out = detect_leaks(project, params["method"], params.get("settings") or None,
                            device=params.get("device", "auto"), progress=rep)
+        return jsonable(out)
+    if kind == "copies":
+        out = detect_copies(project, params.get("method") or "trak", params.get("settings") or None,
+                            device=params.get("device", "auto"), progress=rep)
+        return jsonable(out)
+    if kind == "triage":
+        out = recommended_ranking(project, device=params.get("device", "auto"), progress=rep)
         return jsonable(out)
     if kind == "whatif":
         kw = dict(action=params.get("action", "remove"), new_labels=params.get("new_labels"))

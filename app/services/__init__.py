@@ -18,6 +18,7 @@ from app.services.exports import (  # noqa: F401
     export_flags_json,
     flags_records,
     label_value,
+    selection_csv,
     zip_folder,
 )
 from app.services.flags import (  # noqa: F401
@@ -39,7 +40,7 @@ from app.services.images import (  # noqa: F401
     example_texts,
     image_png,
 )
-from app.services.leakage import QUICK_LEAK_COSINE, QUICK_LEAK_TOP, leak_pairs  # noqa: F401
+from app.services.leakage import QUICK_LEAK_COSINE, QUICK_LEAK_TOP, leak_pairs, leak_search_note  # noqa: F401
 from app.services.projects import (  # noqa: F401
     REPO,
     SIGN_HELP,
@@ -82,8 +83,10 @@ from app.services.runs import (  # noqa: F401
     verify_retrains,
 )
 from app.services.triage import (  # noqa: F401
+    EVIDENCE_COLUMNS,
     REVIEW_ACTIONS,
     hurt_queries,
+    recommended_table,
     review_decision,
     triage_table,
     truth_found,

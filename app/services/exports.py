@@ -38,30 +38,47 @@ def _sort_key(rec: dict):
     return rec["split"], nums, str(rec["item"])
 
 
+def _record(project: Project, split: str, item: str, r: dict | None, by_index) -> dict:
+    r = r or {}
+    rec = {"split": split, "index": None, "item": item, "file": None, "label": None, "suggested": None,
+           "score": None, "flag": r.get("flag"), "relabel": r.get("relabel"), "note": r.get("note"),
+           "time": _iso(r.get("updated")), "updated": r.get("updated")}
+    if split in ("train", "test") and item.isdigit():
+        i = int(item)
+        ds = project.train_dataset if split == "train" else project.test_dataset
+        if i < len(ds):
+            rec["index"] = i
+            rec["label"] = str(project.class_name(int(ds.y[i])))
+            f = project.example_file(split, i)
+            rec["file"] = None if f is None else _relative(f, project.root)
+            if split == "train" and by_index is not None and i in by_index.index:
+                rec["suggested"] = str(by_index.at[i, "suggested"])
+                rec["score"] = float(by_index.at[i, "suspicion"])
+    return rec
+
+
 def flags_records(project: Project, db: StateDB, suspects: pd.DataFrame | None = None) -> list[dict]:
     """Every flag with what a reviewer needs beside it: the row index, its file, the given label,
     and, when ``suspects`` (a triage table) is given, the suggested label and suspicion score.
     Sorted by split, then numerically by index. ``updated`` stays the epoch time for scripts."""
     by_index = suspects.set_index("index") if suspects is not None and len(suspects) else None
-    recs = []
-    for r in db.flags().values():
-        split, item = r["split"], str(r["item"])
-        rec = {"split": split, "index": None, "item": item, "file": None, "label": None, "suggested": None,
-               "score": None, "flag": r["flag"], "relabel": r["relabel"], "note": r["note"],
-               "time": _iso(r["updated"]), "updated": r["updated"]}
-        if split in ("train", "test") and item.isdigit():
-            i = int(item)
-            ds = project.train_dataset if split == "train" else project.test_dataset
-            if i < len(ds):
-                rec["index"] = i
-                rec["label"] = str(project.class_name(int(ds.y[i])))
-                f = project.example_file(split, i)
-                rec["file"] = None if f is None else _relative(f, project.root)
-                if split == "train" and by_index is not None and i in by_index.index:
-                    rec["suggested"] = str(by_index.at[i, "suggested"])
-                    rec["score"] = float(by_index.at[i, "suspicion"])
-        recs.append(rec)
-    return sorted(recs, key=_sort_key)
+    return sorted((_record(project, r["split"], str(r["item"]), r, by_index) for r in db.flags().values()),
+                  key=_sort_key)
+
+
+def selection_csv(project: Project, db: StateDB, indices, suspects: pd.DataFrame | None = None) -> str:
+    """The selected training examples (flagged or not), in the flags CSV's columns: what a grid or
+    table selection exports."""
+    by_index = suspects.set_index("index") if suspects is not None and len(suspects) else None
+    flags = db.flags("train")
+    recs = sorted((_record(project, "train", str(int(i)), flags.get(str(int(i))), by_index)
+                   for i in indices), key=_sort_key)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=FLAG_CSV_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in recs:
+        w.writerow(r)
+    return buf.getvalue()
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -23,15 +23,34 @@ def quick_check(project: Project, key: str, xn_tr, xn_te) -> dict[tuple[int, int
             for t in range(len(S))}
 
 
-def leak_pairs(project: Project, key: str, detector: dict | None = None, max_pairs: int = 60) -> dict:
-    """Suspected train/test duplicates with both decisions side by side: the quick check (always)
-    and, when ``detector`` (engine.workflows.leaks.detect_leaks, run as a background job) is given,
-    its calibrated decision. A pair is flagged when either flags it, so the page never shows a
-    worse decision than the quick check; each pair says why (``why``)."""
+def leak_pairs(project: Project, key: str, detector: dict | None = None, max_pairs: int = 60,
+               copies: dict | None = None) -> dict:
+    """Suspected train/test duplicates with every decision side by side: the quick check (always),
+    the copy detector (``copies``: engine.workflows.leaks.detect_copies, the default of `proponent
+    leaks`) and the attribution-calibrated detector (``detector``: detect_leaks), each run as a
+    background job. A pair is flagged when any decision flags it, so the page never shows a worse
+    decision than the quick check; each pair says why (``why``)."""
     xn_tr, xn_te = unit_inputs(project, "train"), unit_inputs(project, "test")  # text: bags of words
     pairs = quick_check(project, key, xn_tr, xn_te)
     for p in pairs.values():
         p["calibrated"] = None
+        p["copy"] = None
+    if copies is not None:
+        S = load_run(project, key)["scores"]
+        for p in pairs.values():
+            p["copy"] = False
+        for d in copies.get("pairs", []):
+            t, i = int(d["test_index"]), int(d["train_index"])
+            cur = pairs.get((t, i))
+            if cur is None:
+                if not d.get("flagged"):
+                    continue  # an unflagged best match adds nothing to the quick check's own pair
+                cur = {"test_index": t, "train_index": i, "score": float(S[t, i]),
+                       "cosine": float(paired_cosines(xn_te, [t], xn_tr, [i])[0]), "quick": False, "calibrated": None}
+                pairs[(t, i)] = cur
+            cur["copy"] = bool(d.get("flagged"))
+            cur["copy_reason"] = d.get("reason")
+            cur["attribution"] = d.get("attribution")
     stat = rule_cal = None
     if detector is not None:
         stat, thr = detector.get("statistic", "score"), detector.get("threshold")
@@ -43,7 +62,7 @@ def leak_pairs(project: Project, key: str, detector: dict | None = None, max_pai
             c = d.get("input_cosine")
             cur = pairs.get((t, i)) or {"test_index": t, "train_index": i, "score": float(d["score"]),
                                          "cosine": float(c if c is not None else paired_cosines(xn_te, [t], xn_tr, [i])[0]),
-                                         "quick": False}
+                                         "quick": False, "copy": None if copies is None else False}
             cur["calibrated"] = bool(d.get("flagged"))
             cur["statistic"] = float(d.get(stat, d["score"]))
             pairs[(t, i)] = cur
@@ -51,20 +70,44 @@ def leak_pairs(project: Project, key: str, detector: dict | None = None, max_pai
         why = []
         if p["quick"]:
             why.append(f"input cosine {p['cosine']:.4f} ≥ {QUICK_LEAK_COSINE} among the query's top proponents")
+        if p.get("copy"):
+            why.append(f"copy detector: {p['copy_reason']}")
         if p.get("calibrated"):
             why.append(f"{stat} {p['statistic']:.4g} above the calibrated threshold")
         p["flagged"] = bool(why)
         p["why"] = "; ".join(why) or "not flagged"
     ordered = sorted(pairs.values(), key=lambda p: (not p["flagged"], -p["cosine"]))
     rule_quick = f"quick check: input-space cosine ≥ {QUICK_LEAK_COSINE} with one of the query's top-{QUICK_LEAK_TOP} proponents"
-    return {"source": "quick check" + (" + calibrated detector" if detector is not None else ""),
+    rule_copy = None
+    if copies is not None:
+        thr = copies.get("thresholds") or {}
+        rule_copy = ("copy detector: an identical input, or input evidence past thresholds set on a null of "
+                     f"training queries (false-positive rate {copies.get('fpr', '—')}"
+                     + (f"; cosine > {thr['cosine']:.4f}" if "cosine" in thr else "") + ")")
+    return {"source": "quick check" + (" + copy detector" if copies is not None else "")
+                      + (" + calibrated detector" if detector is not None else ""),
             "threshold": QUICK_LEAK_COSINE, "pairs": ordered[:max_pairs],
-            "rule": rule_quick + (f"; or {rule_cal}" if rule_cal else ""),
+            "rule": rule_quick + (f"; or {rule_copy}" if rule_copy else "") + (f"; or {rule_cal}" if rule_cal else ""),
             "quick_flagged": sum(p["quick"] for p in pairs.values()),
+            "copy_flagged": None if copies is None else sum(bool(p.get("copy")) for p in pairs.values()),
             "calibrated_flagged": None if detector is None else sum(bool(p["calibrated"]) for p in pairs.values())}
 
 
 QUICK_LEAK_TOP = 100
+
+# how well each method's top proponent finds planted copies: recall@1 pooled over the validation
+# suite's shapes and tabular projects (docs/bench/suite-triage-leaks.json, proponent bench --suite)
+LEAK_SEARCH = {
+    "knn": "suited to leak search: its top neighbour was the planted copy for 74 of 80 in the validation suite",
+    "trak": "partly suited: its top proponent was the planted copy for 26 of 80 in the validation suite",
+    "tracin": "poorly suited: its top proponent was the planted copy for 13 of 80 in the validation suite",
+    "grad-dot": "poorly suited: its top proponent was the planted copy for 6 of 80 in the validation suite",
+}
+
+
+def leak_search_note(method: str) -> str:
+    """What the validation suite says about finding copies with this method's top proponents."""
+    return LEAK_SEARCH.get(method, "not measured for leak search; the copy detector does not depend on it")
 
 
 # natural near-twins (8×8 digits) reach 0.98–0.99; copies, noisy and re-brightened copies ≥ 0.995

@@ -62,7 +62,9 @@ def methods_info(project: Project | None = None) -> list[dict]:
     for cls in list_methods():
         out.append({"name": cls.name, "label": cls.label or cls.name, "description": cls.description,
                     "settings": describe_settings(cls), "extension": bool(getattr(cls, "extension", False)),
-                    "unsupported": (cls.supports(project) if project is not None else None)})
+                    "unsupported": (cls.supports(project) if project is not None else None),
+                    "advisories": (cls.advisories(project, coerce_settings(cls, None))
+                                   if project is not None and not cls.supports(project) else [])})
     return out
 
 

@@ -42,6 +42,32 @@ def triage_table(project: Project, key: str, method: str, settings: dict | None 
     return pd.DataFrame(rows)
 
 
+EVIDENCE_COLUMNS = {
+    "self_influence": "self-influence (TRAK): a hard-to-fit example scores high on itself",
+    "opposes_own_class": "how strongly it opposes test queries of its given class, over other classes (spread units)",
+    "label_improbability": "−log p(given label), out of sample (5-fold cross-validation when affordable)",
+    "neighbour_disagreement": "share of its nearest neighbours (penultimate features) with another label",
+}
+
+
+def recommended_table(project: Project, key: str, method: str, ranking: dict, flags: dict | None = None):
+    """The run's triage table re-ranked by the recommended ranking (engine.workflows.mislabel; the
+    result of a "triage" job), with each evidence as its own column (``ev_<name>``) and the combined
+    score as ``suspicion``."""
+    t = triage_table(project, key, method, flags=flags)
+    items = {int(it["index"]): it for it in ranking["items"]}
+    if len(items) != len(t):
+        raise ProponentError(f"the recommended ranking covers {len(items)} of {len(t)} training rows; recompute it")
+    t["suspicion"] = [float(items[int(i)]["score"]) for i in t["index"]]
+    t["suggested"] = [str(items[int(i)]["suggested_label"]) for i in t["index"]]
+    for name in EVIDENCE_COLUMNS:
+        if name in ranking["items"][0]["evidence"]:
+            t[f"ev_{name}"] = [float(items[int(i)]["evidence"][name]) for i in t["index"]]
+    t = t.sort_values("suspicion", ascending=False, kind="mergesort").reset_index(drop=True)
+    t["rank"] = np.arange(1, len(t) + 1)
+    return t
+
+
 def truth_found(project: Project, db: StateDB) -> dict | None:
     """On a sample with truth.json: how many planted problems the user's flags have found."""
     t = truth(project)

@@ -19,6 +19,8 @@ m = by[name]
 st.caption(m["description"])
 if m["unsupported"]:
     st.warning(f"{m['label']} cannot run on this project: {m['unsupported']}")
+for line in m["advisories"]:
+    st.info(line)
 
 values = {}
 with st.expander("Settings", expanded=False):

@@ -15,34 +15,54 @@ if run is None:
 db = ui.db(project)
 
 
+st.caption(f"This run's method ({run['method']}) for leak search: {svc.leak_search_note(run['method'])}. "
+           "The copy detector's decision does not depend on it; the run only corroborates.")
+
+
 @st.cache_data(show_spinner="Finding suspected duplicates…", max_entries=8)
-def _pairs(root: str, key: str, job_id: str | None):
-    det = None
-    if job_id:
-        det = (jobs.get_job(root, job_id) or {}).get("result")
-    return svc.leak_pairs(ui.project_at(root), key, det)
+def _pairs(root: str, key: str, job_id: str | None, copies_id: str | None):
+    det = (jobs.get_job(root, job_id) or {}).get("result") if job_id else None
+    cop = (jobs.get_job(root, copies_id) or {}).get("result") if copies_id else None
+    return svc.leak_pairs(ui.project_at(root), key, det, copies=cop)
 
 
+def _done(job):
+    return job["id"] if job and job["status"] == "done" else None
+
+
+params = {"run": run["key"], "method": run["method"], "settings": run.get("settings") or {}}
+copy_job = ui.last_job(project, "copies", {"run": run["key"]})
 det_job = ui.last_job(project, "leaks", {"run": run["key"]})
-done_job = det_job["id"] if det_job and det_job["status"] == "done" else None
-if not done_job:
-    st.caption("Showing the quick check (attribution + input similarity). The calibrated detector sets its "
-               "threshold from a null of training queries; it runs in the background.")
-    if st.button("Run the calibrated leak detector", key="leak_detect"):
-        ui.start(project, "leaks", {"run": run["key"], "method": run["method"], "settings": run.get("settings") or {}})
+copies_done, done_job = _done(copy_job), _done(det_job)
+if not copies_done:
+    st.caption("Showing the quick check (input similarity among the run's top proponents). The copy detector "
+               "(exact match, perceptual hash, shift-tolerant input cosine; thresholds from a null of training "
+               "queries) is the recommended decision; it runs in the background.")
+    if st.button("Run the copy detector (recommended)", key="copy_detect", type="primary"):
+        ui.start(project, "copies", params)
         st.rerun()
-    ui.job_panel(project, kinds=("leaks",))
+    if copy_job and copy_job["status"] == "failed":
+        st.error(f"The copy detector failed: {copy_job.get('message')}")
+if not done_job:
+    if st.button("Also run the attribution-calibrated detector", key="leak_detect",
+                 help="Flags a query whose top proponent's self-match passes a threshold set on training queries."):
+        ui.start(project, "leaks", params)
+        st.rerun()
     if det_job and det_job["status"] == "failed":
         st.error(f"The detector failed: {det_job.get('message')}")
-res = _pairs(root, run["key"], done_job)
+if not (copies_done and done_job):
+    ui.job_panel(project, kinds=("copies", "leaks"))
+res = _pairs(root, run["key"], done_job, copies_done)
 pairs = res["pairs"]
 st.caption(f"Source: {res['source']}. Decision: {res['rule']}.")
 pf = svc.flag_state(db, "pair")
-m1, m2 = st.columns(2)
+m0, m1, m2 = st.columns(3)
+m0.metric("Copy detector flags", "not run" if res["copy_flagged"] is None else res["copy_flagged"],
+          help="Exact match, perceptual hash or shift-tolerant input cosine past thresholds set on training queries. "
+               "A pair is shown as flagged when any decision flags it.")
 m1.metric("Quick check flags", res["quick_flagged"], help="Input-space cosine ≥ the threshold with a top proponent.")
 m2.metric("Calibrated detector flags", "not run" if res["calibrated_flagged"] is None else res["calibrated_flagged"],
-          help="Threshold from a null of training queries at a stated false-positive rate. A pair is shown as "
-               "flagged when either decision flags it.")
+          help="The run's top-proponent self-match past a threshold from a null of training queries.")
 
 if pairs:
     df = pd.DataFrame(pairs)
@@ -69,11 +89,13 @@ for p in shown:
     with c[1]:
         ui.show_example(project, "train", i, size=84, caption=f"train #{i} (label {project.class_name(int(project.train_dataset.y[i]))})")
     with c[2]:
-        cal = {None: "not run", True: "flagged", False: "not flagged"}[p.get("calibrated")]
-        st.caption(f"score {p['score']:+.4g} · cosine {p['cosine']:.4f} · quick check: "
-                   f"{'flagged' if p['quick'] else 'not flagged'} · calibrated: {cal} · yours: {ui.fmt_flag(cur)}",
-                   help=svc.SIGN_HELP)
+        state = {None: "not run", True: "flagged", False: "not flagged"}
+        st.caption(f"score {p['score']:+.4g} · cosine {p['cosine']:.4f} · copy detector: {state[p.get('copy')]} · "
+                   f"quick check: {state[p['quick']]} · calibrated: {state[p.get('calibrated')]} · "
+                   f"yours: {ui.fmt_flag(cur)}", help=svc.SIGN_HELP)
         st.caption(f"Why: {p['why']}.")
+        if p.get("attribution"):
+            st.caption(f"Attribution: {p['attribution']}.")
         b1, b2 = st.columns(2)
         if b1.button("Leak", key=f"leak_{item}", help="Record this pair as a leak (and flag the training row)"):
             db.set_flag("pair", item, flag="leak", source="app-leakage")

@@ -3,8 +3,8 @@ import numpy as np
 import plotly.express as px
 import streamlit as st
 
+from app import jobs, ui
 from app import services as svc
-from app import ui
 from app.services import clusters
 
 st.title("Triage: mislabeled data")
@@ -17,11 +17,32 @@ db = ui.db(project)
 
 
 @st.cache_data(show_spinner="Ranking suspects…", max_entries=8)
-def _base(root: str, key: str, method: str):
+def _base(root: str, key: str, method: str, ranking_job: str | None = None):
+    if ranking_job:
+        result = (jobs.get_job(root, ranking_job) or {}).get("result")
+        return svc.recommended_table(ui.project_at(root), key, method, result, flags={})
     return svc.triage_table(ui.project_at(root), key, method, flags={})
 
 
-table = _base(root, run["key"], run["method"]).copy()
+RANKINGS = ("recommended", "run")
+rank_by = st.radio("Ranking", RANKINGS, horizontal=True, key="t_ranking",
+                   format_func=lambda r: {"recommended": "Recommended (combined evidence)",
+                                          "run": f"This run's suspicion ({run['method']})"}[r],
+                   help="Recommended: TRAK self-influence, opposition to its own class, the out-of-sample probability "
+                        "of its label and its neighbours' labels, combined with weights fitted on generated validation "
+                        "projects (it beat cleanlab there; docs/benchmarks.md). The run's suspicion uses one method.")
+rank_job = ui.last_job(project, "triage") if rank_by == "recommended" else None
+ranking_done = rank_job["id"] if rank_job and rank_job["status"] == "done" else None
+if rank_by == "recommended" and not ranking_done:
+    st.caption("The recommended ranking is not computed yet (it fits TRAK and kNN and cross-validates the recipe "
+               "5 times when affordable); the table shows this run's suspicion until it is.")
+    if st.button("Compute the recommended ranking", key="t_rank_start", type="primary"):
+        ui.start(project, "triage", {"device": "auto"})
+        st.rerun()
+    if rank_job and rank_job["status"] == "failed":
+        st.error(f"The recommended ranking failed: {rank_job.get('message')}")
+    ui.job_panel(project, kinds=("triage",))
+table = _base(root, run["key"], run["method"], ranking_done).copy()
 run_scores = ui.run_arrays(root, run["key"])["scores"]
 flags = svc.flag_state(db, "train")
 for col in ("flag", "relabel", "note"):
@@ -52,13 +73,16 @@ elif state != "all":
 view = view.head(top_n).reset_index(drop=True)
 
 same_as_self = bool(len(table)) and np.allclose(table["suspicion"], table["self_influence"], equal_nan=True)
-if clusters.is_cluster_run(run):
+if ranking_done:
+    why_susp = ("the recommended ranking, each evidence in its own column (ev_…): "
+                + "; ".join(f"{k}: {v}" for k, v in svc.EVIDENCE_COLUMNS.items()))
+elif clusters.is_cluster_run(run):
     why_susp = "members of clusters whose simulated removal lowers validation loss, per member; cluster-derived"
 elif same_as_self:
     why_susp = "the example's self-influence S[i, i], so only that column is shown"
 else:
     why_susp = "the method's own mislabel score, shown beside its self-influence"
-st.caption(f"Most suspicious first ({run['method']} suspicion: {why_susp}). "
+st.caption(f"Most suspicious first ({'recommended' if ranking_done else run['method'] + ' suspicion'}: {why_susp}). "
            "Evidence: self-influence, how many test queries it is a top-10 opponent of, and the ensemble's "
            "probability of the given label. Edit flag / relabel / note cells directly; they save at once.")
 shown = view.drop(columns=["self_influence"]) if same_as_self else view.copy()
@@ -83,12 +107,37 @@ edited = st.data_editor(
         "flag": st.column_config.SelectboxColumn("flag", options=list(svc.FLAG_VALUES)),
         "relabel": st.column_config.SelectboxColumn("relabel", options=[str(c) for c in project.classes]),
         "note": st.column_config.TextColumn("note"),
+        **{f"ev_{k}": st.column_config.NumberColumn(k.replace("_", " "), format="%.3g", help=v)
+           for k, v in svc.EVIDENCE_COLUMNS.items()},
     })
 n_changed = svc.apply_table_edits(db, shown, edited)
 if n_changed:
     st.session_state["editor_v"] = ver + 1
     st.toast(f"saved {n_changed} change(s)")
     st.rerun()
+
+# ---------------------------------------------------------------- grid
+grid_sel: list[int] = []
+# a toggle, not an expander: an expander's content is built even when closed (48 images per rerun)
+if st.toggle("Grid of the suspects above (tick to select for the bulk actions below)", key="t_grid"):
+    grid_ids = [int(i) for i in view["index"]][:48]
+    by_row = view.set_index("index")
+    cols_per_row = 6
+    for lo in range(0, len(grid_ids), cols_per_row):
+        for c, gi in zip(st.columns(cols_per_row), grid_ids[lo:lo + cols_per_row]):
+            with c:
+                r = by_row.loc[gi]
+                cap = f"#{gi} · {r['label']}→{r['suggested']} · {r['suspicion']:.3g}"
+                if project.data_format == "images":
+                    ui.show_example(project, "train", gi, size=96, caption=cap)
+                else:
+                    st.caption(cap)
+                    if project.data_format == "text":
+                        st.caption(str(svc.example_texts(project, "train", [gi])[0])[:160])
+                st.checkbox(f"select #{gi} ({ui.fmt_flag(r['flag'])})", key=f"grid_{gi}")
+    grid_sel = [gi for gi in grid_ids if st.session_state.get(f"grid_{gi}")]
+    if grid_sel:
+        st.caption(f"{len(grid_sel)} selected in the grid: they are the bulk actions' targets below.")
 
 # ---------------------------------------------------------------- one-by-one review
 st.subheader("Review one by one", help="The suspects of the table above, in its order and filters, one at a time: "
@@ -200,7 +249,7 @@ choices = [int(i) for i in view["index"]]
 sel = b1.multiselect("Training examples", choices, key="bulk_sel",
                      format_func=lambda i: f"#{i} (label {table.set_index('index').at[i, 'label']})")
 top_k_sel = b2.number_input("…or the top N shown", 0, len(choices), 0, key="bulk_topn")
-targets = sel or choices[: int(top_k_sel)]
+targets = sel or grid_sel or choices[: int(top_k_sel)]
 action = st.selectbox("Action", ["flag mislabeled", "flag ok", "flag ambiguous", "flag leak", "clear flag",
                                  "relabel to suggested", "add note"], key="bulk_action")
 note = st.text_input("Note", key="bulk_note") if action == "add note" else None
@@ -220,6 +269,9 @@ if st.button(f"Apply to {len(targets)} example(s)", key="bulk_apply", disabled=n
     st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
     st.toast(f"{action}: {n} example(s) updated")
     st.rerun()
+st.download_button(f"Export the {len(targets)} selected (CSV)", svc.selection_csv(project, db, targets, table),
+                   file_name=f"{project.name}-selection.csv", mime="text/csv", key="dl_selection",
+                   disabled=not targets, help="index, file, given and suggested label, score, flag, note, time")
 
 n_unflagged = int(table["flag"].isna().sum())
 counts = table["flag"].dropna().value_counts().rename_axis("flag").reset_index(name="examples")
@@ -271,7 +323,7 @@ elif j and j["status"] == "failed":
 # ---------------------------------------------------------------- exports
 st.subheader("Export")
 e1, e2, e3 = st.columns(3)
-suspects = _base(root, run["key"], run["method"])
+suspects = _base(root, run["key"], run["method"], ranking_done)
 e1.download_button("Flags (CSV)", svc.export_flags_csv(project, db, suspects), file_name=f"{project.name}-flags.csv",
                    mime="text/csv", key="dl_csv")
 e2.download_button("Flags (JSON)", svc.export_flags_json(project, db, suspects), file_name=f"{project.name}-flags.json",

@@ -428,6 +428,56 @@ def damped_inverse(sigma: torch.Tensor, damping: float) -> torch.Tensor:
     return 1.0 / (sigma.double() + damping)
 
 
+class EigenCurvature:
+    """EK-FAC of one model, as an operator on flat vectors in ``layout``: ``h(σ)`` applied
+    layer by layer in the Kronecker eigenbasis (σ = refit eigenvalues + ``weight_decay``).
+
+    Used where one checkpoint's curvature is enough: GIF's preconditioner and damping scale.
+    (Source fits the same factors per segment, with caching, in engine.methods.source.)
+    Entries of ``layout`` outside the covered layers get ``h`` of the mean eigenvalue.
+    """
+
+    def __init__(self, model: nn.Module, layout: ParamLayout, x: torch.Tensor, *, fisher_samples: int = -1,
+                 weight_decay: float = 0.0, seed: int = 0, device: str = "cpu"):
+        self.layers, self.left_out = curvature_layers(model, [n for n in layout.names])
+        if not self.layers:
+            raise ValueError("no Linear/Conv2d layer to fit EK-FAC on")
+        self.blocks = LayerBlocks(self.layers, layout)
+        labels, weights = fisher_targets(model, x, fisher_samples, seed=seed, device=device)
+        cov = fit_covariances(model, self.layers, x, labels, weights, device=device)
+        basis = eigenbasis(cov, self.layers)
+        lam = fit_eigenvalues(model, self.layers, x, labels, basis, weights, device=device)
+        self.QS = [basis[f"{L.name}.QS"] for L in self.layers]
+        self.QA = [basis[f"{L.name}.QA"] for L in self.layers]
+        self.sigma = [lam[f"{L.name}.lambda"].clamp_min(0) + float(weight_decay) for L in self.layers]
+        covered = torch.zeros(layout.n, dtype=torch.bool)
+        covered[self.blocks.to_flat([torch.ones(L.out_dim, L.in_dim, dtype=torch.float64)
+                                     for L in self.layers]) > 0] = True
+        self.covered = covered
+
+    @property
+    def mean_eigenvalue(self) -> float:
+        """Mean of σ over every covered direction (the spectrum's scale)."""
+        total = sum(float(s.sum()) for s in self.sigma)
+        return total / sum(s.numel() for s in self.sigma)
+
+    @property
+    def max_eigenvalue(self) -> float:
+        return max(float(s.max()) for s in self.sigma)
+
+    def apply(self, flat: torch.Tensor, h: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``h(K) v`` for flat ``v`` ([p] or [k, p]), in ``flat``'s dtype and device."""
+        dev, dt = flat.device, flat.dtype
+        v = flat.detach().double().cpu()
+        mats = [apply_eigen_fn(V, QS, QA, h(s)) for V, QS, QA, s in
+                zip(self.blocks.to_layers(v), self.QS, self.QA, self.sigma)]
+        out = self.blocks.to_flat(mats)
+        rest = ~self.covered
+        if rest.any():
+            out[..., rest] = v[..., rest] * h(torch.tensor(self.mean_eigenvalue, dtype=torch.float64))
+        return out.to(device=dev, dtype=dt)
+
+
 # ----------------------------------------------------------------------------- storage
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Atomic safetensors write (a reader never sees a half-written factor file)."""
@@ -462,5 +512,5 @@ def rows_digest(rows: np.ndarray | None) -> str:
 
 __all__ = ["Layer", "LayerBlocks", "curvature_layers", "covered_param_names", "sample_labels", "fit_covariances",
            "eigenbasis", "fit_eigenvalues", "fisher_targets", "brute_force_pseudo_grads", "rotate", "unrotate", "apply_eigen_fn",
-           "response", "propagation", "damped_inverse", "save_tensors", "load_tensors", "tensor_digest",
+           "response", "propagation", "damped_inverse", "EigenCurvature", "save_tensors", "load_tensors", "tensor_digest",
            "rows_digest"]

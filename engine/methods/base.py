@@ -221,6 +221,12 @@ class Attributor(ABC):
         return cls.requires
 
     @classmethod
+    def advisories(cls, project: Project, settings) -> list[str]:
+        """One-line notes that a default (or a chosen setting) is a poor fit for this project. The run
+        still goes ahead; the CLI prints them, the app shows them and the run's meta keeps them."""
+        return []
+
+    @classmethod
     def supports(cls, project: Project) -> str | None:
         """None if the method can run on this project, else the one-line reason it cannot.
         Subclasses that add model-specific checks call ``super().supports(project)`` first."""

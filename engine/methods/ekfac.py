@@ -32,6 +32,18 @@ class EKFAC(CurvatureInfluence):
     description = ("Influence functions with an EK-FAC Hessian approximation at the final checkpoint (Grosse et al., "
                    "2023). Linear and Conv2d layers; other layers are reported as left out.")
     Settings = EKFACSettings
+    version = "2"  # stored gradients unprojected while they fit (v1 projected to 2048 above 8,192 parameters)
+
+    @classmethod
+    def advisories(cls, project, settings) -> list[str]:
+        # influence functions linearise around an optimum; a run still at its peak learning rate is not at one
+        cks = project.run_checkpoints() if project.checkpoints else []
+        lrs = [c.lr for c in cks if c.lr is not None]
+        if len(lrs) >= 2 and lrs[-1] >= 0.5 * max(lrs) and not all(c.optimizer == "lbfgs" for c in cks):
+            return [f"ekfac: the run ends at {lrs[-1]:g}, its peak learning rate (no decay), so the final checkpoint is "
+                    f"not an optimum; source follows the recorded trajectory instead (higher LDS on such runs: "
+                    f"docs/benchmarks.md, validation suite)"]
+        return []
 
     def engine_config(self) -> EngineConfig:
         # one segment holding the final checkpoint, inverse response, one objective over every row

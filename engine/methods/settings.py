@@ -33,9 +33,31 @@ class ProjectionSettings:
         return kind, k
 
 
+# n_train × k float32 training gradients a curvature method keeps per segment (1 GiB)
+CURVATURE_STORE_ENTRIES = 2**28
+CURVATURE_MAX_K = 16384  # beyond this a projection costs more than its error saves (sparse JL above 2^28 entries)
+
+
 @dataclasses.dataclass
 class CurvatureSettings(ProjectionSettings):
     """EK-FAC curvature (Fisher with labels sampled from the model), shared by EK-FAC and Source."""
+
+    proj_dim: int = setting(-1, "Projection size k of the stored training gradients; -1: none while n_train × "
+                                "parameters fits 2^28 float32 entries, else as large as fits (2048 to 16384); 0: none.",
+                            ge=-1)
+
+    def projection_plan(self, n_params: int, n_train: int) -> tuple[str, int]:
+        """Unlike TRAK, whose kernel lives in the projected space, a curvature method dots the
+        preconditioned query (H⁻¹ amplifies low-curvature directions, where a random projection's
+        error is largest) with each gradient: on the digits CNN k = 2048 of 9,930 gave LDS 0.35 and
+        no projection 0.50. So project only when the store would not fit."""
+        if self.proj_dim >= 0:
+            return super().projection_plan(n_params, n_train)
+        if n_params * max(1, n_train) <= CURVATURE_STORE_ENTRIES:
+            return "none", 0
+        k = min(n_params, CURVATURE_MAX_K, max(2048, CURVATURE_STORE_ENTRIES // max(1, n_train)))
+        kind = "none" if (k >= n_params or self.projection == "none") else self.projection
+        return kind, (0 if kind == "none" else k)
 
     damping: float = setting(-1.0, "λ added to the curvature eigenvalues (Source: only with response='inverse'); "
                                    "-1 = damping_ratio × each layer's mean eigenvalue.", ge=-1)
@@ -72,4 +94,4 @@ class TrajectorySettings:
                                                "segment's mean 1/(√v̂ + ε).")
 
 
-__all__ = ["ProjectionSettings", "CurvatureSettings", "DampingRatioSettings", "TrajectorySettings", "PROJECTIONS"]
+__all__ = ["CURVATURE_STORE_ENTRIES", "ProjectionSettings", "CurvatureSettings", "DampingRatioSettings", "TrajectorySettings", "PROJECTIONS"]

@@ -22,6 +22,15 @@ class TracIn(GradientSimilarity):
     description = "Baseline: learning-rate-weighted gradient dot products summed over the training checkpoints."
     Settings = TracInSettings
 
+    @classmethod
+    def advisories(cls, project, settings) -> list[str]:
+        n = len(project.run_checkpoints()) if project.checkpoints else 0
+        used = min(n, settings.max_checkpoints) if settings.max_checkpoints > 0 else n
+        if 0 < used < 3:
+            return [f"tracin: only {used} checkpoint(s) in the sum, so TracIn is close to Grad-Dot at the final model; "
+                    f"record more (checkpoints_per_epoch in [training]) or use trak"]
+        return []
+
     def checkpoints_and_weights(self, project):
         cks = project.run_checkpoints()
         m = self.settings.max_checkpoints

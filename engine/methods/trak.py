@@ -139,6 +139,12 @@ class TRAK(Attributor):
 
     version = "2"  # streamed primal form (same formula; rounding differs from v1's stored float32 Ψ)
 
+    @property
+    def feature_members(self) -> list[_Member]:
+        """Per ensemble member: its projector, its training-feature store and its kernel (public
+        for readers of the training side, such as the influence index)."""
+        return self._proj
+
     def _fit(self, project) -> None:
         s: TrakSettings = self.settings
         self.members = ensemble_checkpoints(project, s.ensemble, s.max_models)

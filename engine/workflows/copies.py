@@ -10,6 +10,11 @@ Three views of an example's input, each cheap and each blind to a different edit
   per-image centred pixels (so the cosine is a correlation, blind to brightness and contrast),
   standardised feature columns for tabular data, a bag of words for text.
 
+Not used for text: a word-sequence similarity (difflib ratio). On the validation suite it flagged
+the dropped/doubled-word copies, but as often natural one-word neighbours in the corpus
+("StreamReader"/"StreamWriter"), which its null of training pairs under-predicted (flag precision
+0.67 on one project), so a flag would not hold its false-positive rate.
+
 ``best_matches`` finds, for each query, the nearest training example under each view by blocks of
 queries (memory bounded by the block, never [n_queries, n_train] at once); for images the
 similarity is the best over one-pixel moves and zooms of the query, measured on the nearest candidates.
@@ -97,9 +102,11 @@ def _image_variants(x: torch.Tensor) -> list[torch.Tensor]:
 
 def best_matches(project: Project, query_split: str, query_index: np.ndarray | None = None,
                  exclude_self: bool = False) -> dict[str, np.ndarray]:
-    """For each query: {"exact": training index with the same exact key or -1, "cos_index",
+    """For each query: {"exact": training index with the same exact key or -1, "exact_all": every such
+    index, "cos_index",
     "cosine" (best, shift-tolerant for images), "hash_index", "hash_distance" (bits; images only)}.
-    ``exclude_self``: queries are training rows and may not match themselves (the null)."""
+    ``exclude_self``: queries are training rows and may match neither themselves nor their identical
+    twins (the null of the similarity views)."""
     n_q_all = len(project.train_dataset if query_split == "train" else project.test_dataset)
     qi = np.arange(n_q_all) if query_index is None else np.asarray(query_index, np.int64)
     keys_train = exact_keys(project, "train")
@@ -108,8 +115,10 @@ def best_matches(project: Project, query_split: str, query_index: np.ndarray | N
         by_key.setdefault(k, []).append(i)
     keys_q = keys_train if query_split == "train" else exact_keys(project, query_split)
     exact = np.full(len(qi), -1, np.int64)
+    twins: list[list[int]] = []  # every training row with the query's exact key (the null excludes them all)
     for j, q in enumerate(qi):
         hits = [t for t in by_key.get(keys_q[q], []) if not (exclude_self and t == q)]
+        twins.append(hits)
         if hits:
             exact[j] = hits[0]
     tr = input_vectors(project, "train")
@@ -126,7 +135,12 @@ def best_matches(project: Project, query_split: str, query_index: np.ndarray | N
         sim = np.asarray((q @ tr.T).todense()) if sparse else q @ tr.T
         sim = np.asarray(sim, np.float64)
         if exclude_self:
+            # the null asks how close the nearest *different* training input is: a row and its
+            # identical twins are exact evidence, so they must not set the similarity thresholds
             sim[np.arange(len(rows)), rows] = -np.inf
+            for j in range(len(rows)):
+                if twins[lo + j]:
+                    sim[j, twins[lo + j]] = -np.inf
         if images:
             m = min(SHIFT_CANDIDATES, sim.shape[1])
             cand = np.argpartition(-sim, m - 1, axis=1)[:, :m]
@@ -144,7 +158,7 @@ def best_matches(project: Project, query_split: str, query_index: np.ndarray | N
             j = sim.argmax(1)
             cos_idx[lo:lo + len(rows)] = j
             cos_val[lo:lo + len(rows)] = sim[np.arange(len(rows)), j]
-    out = {"exact": exact, "cos_index": cos_idx, "cosine": cos_val}
+    out = {"exact": exact, "exact_all": twins, "cos_index": cos_idx, "cosine": cos_val}
     h_train = perceptual_hashes(project, "train")
     if h_train is not None:
         h_q = h_train if query_split == "train" else perceptual_hashes(project, query_split)
@@ -155,6 +169,9 @@ def best_matches(project: Project, query_split: str, query_index: np.ndarray | N
             d = np.bitwise_count(h_q[rows][:, None] ^ h_train[None, :]).astype(np.int64)
             if exclude_self:
                 d[np.arange(len(rows)), rows] = 65
+                for j in range(len(rows)):
+                    if twins[lo + j]:
+                        d[j, twins[lo + j]] = 65
             # among equally distant hashes, the input-closest one
             j = d.argmin(1)
             h_idx[lo:lo + len(rows)] = j

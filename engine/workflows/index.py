@@ -56,11 +56,11 @@ class InfluenceIndex:
     """Top-k proponents and opponents of new queries for a fitted TRAK attributor."""
 
     def __init__(self, att, backend: str = "faiss", kind: str = "auto", device: str = "cpu", seed: int = 0):
-        if getattr(att, "name", None) != "trak" or any(m.psi is not None for m in att._proj):
+        if getattr(att, "name", None) != "trak" or any(m.psi is not None for m in att.feature_members):
             raise ProponentError("the influence index needs a fitted TRAK run in its streamed (k ≤ n) form")
         self.att, self.backend, self.device = att, backend, device
-        self.members = att._proj
-        self.n = len(att._p.train_dataset)
+        self.members = att.feature_members
+        self.n = len(att.project.train_dataset)
         self.d = sum(m.projector.out_dim for m in self.members)
         self.scale = att.q / len(self.members)  # Q_i / M, folded into the training side
         self.build_seconds = 0.0

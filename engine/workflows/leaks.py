@@ -267,8 +267,9 @@ def detect_copies(project: Project, method: str = "trak", settings=None, *, fpr:
 
     Evidence (engine.workflows.copies): an exact copy of the decoded input; the input cosine (images:
     centred pixels, the best over one-pixel moves and zooms); the perceptual-hash distance (images).
-    Each threshold holds ``fpr / (number of kinds)`` on a null of training examples used as queries
-    against the rest of the training set (own row excluded), so the flag's false-positive rate on
+    Each threshold holds ``fpr / (number of kinds)`` on a null
+    of training examples used as queries against the rest of the training set (own row and its
+    identical twins excluded), so the flag's false-positive rate on
     clean queries is at most about ``fpr`` (union bound; resolution 1 / null size). No test query and
     no truth file sets a threshold.
 
@@ -316,7 +317,9 @@ def detect_copies(project: Project, method: str = "trak", settings=None, *, fpr:
     for t in range(len(q["cosine"])):
         fired = []
         if q["exact"][t] >= 0:
-            fired.append(("exact", int(q["exact"][t]), "identical input"))
+            more = q["exact_all"][t][1:]
+            fired.append(("exact", int(q["exact"][t]), "identical input"
+                          + (f" (also identical: train {', '.join(map(str, more[:5]))})" if more else "")))
         if q["cosine"][t] > thr["cosine"]:
             fired.append(("cosine", int(q["cos_index"][t]), f"input cosine {q['cosine'][t]:.4f} > {thr['cosine']:.4f}"))
         if "hash" in thr and q["hash_distance"][t] < thr["hash"]:
@@ -324,6 +327,7 @@ def detect_copies(project: Project, method: str = "trak", settings=None, *, fpr:
                           f"perceptual-hash distance {int(q['hash_distance'][t])} < {thr['hash']:.0f} bits"))
         train_index = fired[0][1] if fired else int(q["cos_index"][t])
         pair = {"test_index": t, "train_index": train_index, "flagged": bool(fired),
+                "identical_train": [int(i) for i in q["exact_all"][t]],
                 "evidence": [f[0] for f in fired],
                 "reason": "; ".join(f"{f[2]} (train {f[1]})" for f in fired) or
                           f"no evidence passes its threshold (nearest input: train {int(q['cos_index'][t])}, "

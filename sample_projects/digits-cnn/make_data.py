@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def materialise(root: Path, **kw) -> dict:
-    from engine.samples import SAMPLES_ROOT
+    from engine.core.samples import SAMPLES_ROOT
 
     src = SAMPLES_ROOT / "digits" / "make_data.py"
     spec = importlib.util.spec_from_file_location("_proponent_sample_digits_data", src)

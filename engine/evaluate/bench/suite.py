@@ -1,11 +1,11 @@
-"""``proponent bench --suite``: triage and leak detection on generated validation projects.
+"""``proponent bench --suite``: triage, leak detection and each method's LDS on generated validation projects.
 
 Every project of ``engine.evaluate.suite.default_suite`` (at ``EVAL_SEEDS`` unless told otherwise;
 the recommended ranking's weights were fitted on ``FIT_SEEDS``) is generated, trained, and then:
 
 - mislabel: AUROC and precision@k (k = number flipped) of the recommended ranking, of each method's
-  own suspicion, and of cleanlab's label-quality score on the same 5-fold out-of-sample
-  probabilities the recommended ranking uses (cleanlab needs a recipe to cross-validate);
+  own suspicion, and of cleanlab's label-quality score on the same probabilities the recommended
+  ranking uses (5-fold out of sample with a recipe; without one, the final model's);
 - leaks: per kind of planted copy, recall@1 of the detector's pair and of each method's top
   proponent, recall@5 of each method, and the flags' precision and recall; beside them a
   FiftyOne-style near-duplicate baseline: the raw-input cosine nearest neighbour, flagged above a
@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from engine.api import cached_scores
+from engine.core.errors import ProponentError
 from engine.core.project import Project
+from engine.evaluate.bench.suite_lds import LDS_METHODS, LDS_PEERS, lds_project, lds_table
 from engine.evaluate.detection import leak_recall, mislabel_metrics
 from engine.evaluate.peers import project_inputs, run_peer
 from engine.evaluate.suite import EVAL_SEEDS, KINDS, default_suite, make_suite_project
@@ -54,8 +56,15 @@ def build_suite_parser() -> argparse.ArgumentParser:
                                                                        "proponents are reported")
     ap.add_argument("--workdir", default=None, help="where the projects are written (default: a temporary folder; "
                                                     "kept, so a rerun reuses trained projects and cached runs)")
+    ap.add_argument("--parts", default="triage,lds", help="comma-separated: triage (mislabel and leaks), lds (each "
+                                                           "method's defaults against retraining)")
+    ap.add_argument("--lds-methods", default=",".join(LDS_METHODS), help="methods for the LDS part")
+    ap.add_argument("--lds-peers", default=",".join(LDS_PEERS), help="peers for the LDS part (peer:method, or none)")
+    ap.add_argument("--lds-kinds", default="tabular,shapes", help="project kinds for the LDS part")
+    ap.add_argument("--lds-subsets", type=int, default=40, help="retrained half-subsets per project (×2 seeds)")
+    ap.add_argument("--lds-queries", type=int, default=32, help="test queries per project for LDS")
     ap.add_argument("--json", help="write the results as JSON here")
-    ap.add_argument("--title", default="Validation suite: mislabel triage and leak detection (generated projects)")
+    ap.add_argument("--title", default="Validation suite: mislabel triage, leak detection and LDS (generated projects)")
     return ap
 
 
@@ -91,14 +100,19 @@ def _flag_metrics(pairs: list[dict], leaks: list[dict]) -> dict:
     by_test = {p["test_index"]: p for p in pairs}
     twins = {l["test_index"]: l["train_index"] for l in leaks}
     flagged = [p for p in pairs if p["flagged"]]
-    tp = sum(1 for p in flagged if twins.get(p["test_index"]) == p["train_index"])
+
+    def right(p) -> bool:  # the planted row, or a training row identical to it that the pair lists
+        t = twins.get(p["test_index"])
+        return t is not None and (t == p["train_index"] or t in p.get("identical_train", ()))
+
+    tp = sum(1 for p in flagged if right(p))
     per_kind = defaultdict(lambda: {"n": 0, "recall@1": 0, "flag_recall": 0})
     for l in leaks:
         p = by_test[l["test_index"]]
         k = per_kind[l["kind"]]
         k["n"] += 1
-        k["recall@1"] += p["train_index"] == l["train_index"]
-        k["flag_recall"] += p["flagged"] and p["train_index"] == l["train_index"]
+        k["recall@1"] += right(p)
+        k["flag_recall"] += p["flagged"] and right(p)
     return {"precision": tp / len(flagged) if flagged else float("nan"), "recall": tp / max(1, len(leaks)),
             "n_flagged": len(flagged), "per_kind": {k: dict(v) for k, v in per_kind.items()}}
 
@@ -135,15 +149,12 @@ def bench_project(p: Project, methods, log) -> dict:
                                "per_kind": {k: {"n": v[0], "recall@1": v[1], "recall@5": v[2]} for k, v in per.items()}}
         except Exception as e:  # noqa: BLE001 - a method's failure is its row
             out["mislabel"][m] = {"error": " ".join(f"{type(e).__name__}: {e}".split())[:300]}
-    if p.has_recipe:
-        probs, src = label_probabilities(p)
-
-        res = run_peer("cleanlab", "label-quality", project_inputs(p, device="cpu", cross_val_probs=lambda: probs))
-        out["mislabel"]["cleanlab"] = ({"skipped": res.skipped} if res.skipped else
-                                       {**mislabel_metrics(res.scores, flips, n), "probabilities": src})
-    else:
-        out["mislabel"]["cleanlab"] = {"skipped": "no recipe: cleanlab's out-of-sample probabilities need K-fold "
-                                                  "retraining"}
+    # cleanlab on the very probabilities the recommended ranking reads: out of sample (K-fold) with a
+    # recipe; without one (text) the recorded trajectory's or the final model's, and the row says so
+    probs, src = label_probabilities(p)
+    res = run_peer("cleanlab", "label-quality", project_inputs(p, device="cpu", cross_val_probs=lambda: probs))
+    out["mislabel"]["cleanlab"] = ({"skipped": res.skipped} if res.skipped else
+                                   {**mislabel_metrics(res.scores, flips, n), "probabilities": src})
     t0 = time.perf_counter()
     det = detect_copies(p, "trak", device="cpu")
     out["leaks"]["detector"] = {**_flag_metrics(det["pairs"], leaks), "seconds": time.perf_counter() - t0}
@@ -193,7 +204,8 @@ def suite_tables(projects: dict[str, dict]) -> list[dict]:
         {"title": "Mislabel triage: AUROC and precision@k (k = number flipped), mean ± sd over projects",
          "columns": ["kind", "noise", "projects", "ranking", "AUROC", "precision@k"], "rows": mis_rows,
          "notes": "recommended = `proponent triage` with no --method; each method row is that method's own suspicion; "
-                  "cleanlab = label-quality (self-confidence) on the same 5-fold out-of-sample probabilities. Weights "
+                  "cleanlab = label-quality (self-confidence) on the same probabilities as the recommended ranking (5-fold "
+                  "out of sample with a recipe; text has none, so there both read the final model). Weights "
                   "of the recommended ranking were fitted on other seeds (engine/workflows/mislabel_weights.json)."},
         {"title": "Leak flags: precision and recall of the flagged pairs, mean ± sd over projects",
          "columns": ["kind", "detector", "flag precision", "flag recall", "", ""], "rows": leak_rows,
@@ -216,12 +228,25 @@ def suite_cli(argv: list[str]) -> int:
     work = Path(a.workdir or tempfile.mkdtemp(prefix="proponent-suite-"))
     t0 = time.perf_counter()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    parts = {x.strip() for x in a.parts.split(",") if x.strip()}
+    if not parts or parts - {"triage", "lds"}:
+        raise ProponentError(f"--parts takes triage and/or lds, not {a.parts!r}")
+    lds_kinds = {k.strip() for k in a.lds_kinds.split(",") if k.strip()}
+    peers = [x for x in a.lds_peers.split(",") if x.strip() and x.strip() != "none"]
     projects = {}
     for spec in default_suite(seeds, kinds):
         p = make_suite_project(spec, work / spec.name)
-        projects[spec.name] = {"kind": spec.kind, "noise": spec.noise, "rate": spec.rate, "seed": spec.seed,
-                               **bench_project(p, methods, log)}
-    tables = suite_tables(projects)
+        row = {"kind": spec.kind, "noise": spec.noise, "rate": spec.rate, "seed": spec.seed}
+        if "triage" in parts:
+            row.update(bench_project(p, methods, log))
+        # LDS needs retraining; one noise kind per seed keeps the run affordable on a laptop
+        if "lds" in parts and spec.kind in lds_kinds and spec.noise == "uniform" and p.has_recipe:
+            row["lds"] = lds_project(p, [m for m in a.lds_methods.split(",") if m.strip()], peers,
+                                     subsets=a.lds_subsets, n_queries=a.lds_queries, log=log)
+        projects[spec.name] = row
+    tables = suite_tables({k: v for k, v in projects.items() if "mislabel" in v}) if "triage" in parts else []
+    if "lds" in parts:
+        tables.append(lds_table(projects, _mean_sd))
     from engine.evaluate.bench.config import machine_description
     from engine.evaluate.bench.tables import emit_document
 

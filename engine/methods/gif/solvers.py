@@ -232,7 +232,9 @@ def power_iteration(apply: Callable[[torch.Tensor], torch.Tensor], like: torch.T
 
 def solve_psd(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, *, method: str = "cg",
               tol: float = 1e-3, max_iter: int = 500, mask: torch.Tensor | None = None, power_iters: int = 20,
-              max_restarts: int = 8, progress: Callable[[str, int, int], None] | None = None) -> SolveResult:
+              max_restarts: int = 8, progress: Callable[[str, int, int], None] | None = None,
+              precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              x0: torch.Tensor | None = None, rowwise: bool = False) -> SolveResult:
     """Solve ``A x = b`` for a symmetric positive semi-definite operator ``A`` (rows of ``b``
     are independent right-hand sides; ``apply`` maps ``[k, p] → [k, p]`` row-wise).
 
@@ -242,6 +244,11 @@ def solve_psd(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, *,
 
     Both stop when every row's relative residual ``‖b − A x‖/‖b‖ ≤ tol``; the reported
     residual is recomputed from ``x`` at the end, not taken from a recurrence.
+
+    ``precondition`` (cg only): an SPD approximation of ``A⁻¹`` (row-wise), turning CG into
+    preconditioned CG; ``x0``: the starting point (default 0), e.g. the preconditioner's own answer.
+    ``rowwise``: ``apply`` also takes ``rows=`` (indices of the rows given), so CG applies ``A`` only
+    to the right-hand sides still above tolerance (a batch costs what its unconverged rows cost).
     """
     if method not in SOLVERS:
         raise ProponentError(f"solver must be one of {', '.join(SOLVERS)}, not {method!r}")
@@ -265,27 +272,42 @@ def solve_psd(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, *,
     if not live.any():
         pass
     elif method == "cg":
-        R = B.clone()
-        Pd = R.clone()
-        rs = (R * R).sum(1)
+        M = precondition or (lambda r: r)
+        if x0 is not None:
+            X = x0.reshape(B.shape).to(B).clone()
+            R = B - A(X)
+        else:
+            R = B.clone()
+        Z = M(R)
+        Pd = Z.clone()
+        rz = (R * Z).sum(1)
+        rr = (R * R).sum(1)
         active = live.clone()
         for it in range(max_iter):
-            rel = rs.sqrt() / safe_b
+            rel = rr.sqrt() / safe_b
             active = active & (rel > tol)
             history.append(float(rel[live].max()))
             if not active.any():
                 break
             iters = it + 1
-            AP = A(Pd)
+            idx = active.nonzero().squeeze(1)
+            if rowwise and len(idx) < len(active):
+                AP = torch.zeros_like(Pd)
+                calls["n"] += 1
+                AP[idx] = apply(Pd[idx], rows=idx)
+            else:
+                AP = A(Pd)
             pAp = (Pd * AP).sum(1)
-            ok = active & (pAp > 0)
-            alpha = torch.where(ok, rs / pAp.where(pAp > 0, torch.ones_like(pAp)), torch.zeros_like(rs))
+            ok = active & (pAp > 0) & (rz > 0)
+            alpha = torch.where(ok, rz / pAp.where(pAp > 0, torch.ones_like(pAp)), torch.zeros_like(rz))
             X += alpha[:, None] * Pd
             R -= alpha[:, None] * AP
-            rs_new = (R * R).sum(1)
-            beta = torch.where(ok, rs_new / rs.clamp_min(1e-300), torch.zeros_like(rs))
-            Pd = R + beta[:, None] * Pd
-            rs = torch.where(ok, rs_new, rs)
+            rr = torch.where(ok, (R * R).sum(1), rr)
+            Z = M(R)
+            rz_new = (R * Z).sum(1)
+            beta = torch.where(ok, rz_new / rz.clamp_min(1e-300), torch.zeros_like(rz))
+            Pd = torch.where(ok[:, None], Z + beta[:, None] * Pd, Pd)
+            rz = torch.where(ok, rz_new, rz)
             active = ok  # a row with pAp ≤ 0 has broken down; its residual decides convergence below
             if progress:
                 progress("solve (cg)", it + 1, max_iter)
@@ -383,11 +405,17 @@ def generalized_solve(H: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor
 
 def adjoint_solve(H: Callable[[torch.Tensor], torch.Tensor], q: torch.Tensor, mask: torch.Tensor | None, *,
                   method: str = "cg", tol: float = 1e-3, max_iter: int = 500, damping: float = 0.0,
-                  progress=None) -> tuple[torch.Tensor, SolveResult]:
+                  progress=None, precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  start: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, SolveResult]:
     """Per-query adjoint of the GIF update: ``v = H Pᵀ w`` with ``(P H Hᵀ Pᵀ) w = P q``.
 
     Then for any target gradient ``g``, ``qᵀ Pᵀ x(g) = vᵀ g`` where ``x(g)`` is the GIF update;
     with ``mask`` None (P = I) ``v = H⁻¹ q``. Rows of ``q`` (and of ``mask``) are separate queries.
+
+    ``precondition`` and ``start`` approximate ``(H + λ)⁻²`` on full vectors (row-wise); they are
+    restricted to each query's selection here. ``precondition`` turns CG into preconditioned CG;
+    ``start`` gives the starting point (its answer for the right-hand side) instead of zero.
     """
     single = q.ndim == 1
     Q = q[None] if single else q
@@ -396,16 +424,26 @@ def adjoint_solve(H: Callable[[torch.Tensor], torch.Tensor], q: torch.Tensor, ma
         out = H(v)
         return out + damping * v if damping else out
 
-    if mask is None:
-        res = solve_psd(lambda v: Hd(Hd(v)), Q, method=method, tol=tol, max_iter=max_iter, progress=progress)
-        W = res.x if res.x.ndim == 2 else res.x[None]
-        V = Hd(W)
-    else:
-        M = (mask[None] if mask.ndim == 1 else mask).to(device=Q.device, dtype=Q.dtype).expand_as(Q)
-        res = solve_psd(lambda v: M * Hd(Hd(M * v)), M * Q, method=method, tol=tol, max_iter=max_iter, mask=M,
-                        progress=progress)
-        W = res.x if res.x.ndim == 2 else res.x[None]
-        V = Hd(M * W)
+    M = None if mask is None else (mask[None] if mask.ndim == 1 else mask).to(device=Q.device, dtype=Q.dtype).expand_as(Q)
+
+    def restrict(fn):
+        if fn is None:
+            return None
+        return fn if M is None else (lambda r: M * fn(M * r))
+
+    pc, st = restrict(precondition if method == "cg" else None), restrict(start)
+
+    def A(v, rows=None):
+        if M is None:
+            return Hd(Hd(v))
+        Mr = M if rows is None else M[rows]
+        return Mr * Hd(Hd(Mr * v))
+
+    rhs = Q if M is None else M * Q
+    res = solve_psd(A, rhs, method=method, tol=tol, max_iter=max_iter, mask=M, progress=progress,
+                    precondition=pc, x0=None if st is None else st(rhs), rowwise=True)
+    W = res.x if res.x.ndim == 2 else res.x[None]
+    V = Hd(W if M is None else M * W)
     return (V[0] if single else V), res
 
 
