@@ -68,3 +68,14 @@ def test_cli_prints_the_note_and_the_run_keeps_it(constant_run):
     meta = cached_scores(constant_run, "tracin", None, device="cpu")["meta"]
     assert meta["advisories"] == _notes(constant_run, "tracin")
     assert np.isfinite(cached_scores(constant_run, "tracin", None, device="cpu")["scores"]).all()
+
+
+def test_attribute_page_shows_the_note(constant_run, monkeypatch):
+    from tests.test_app import _app
+
+    at = _app(monkeypatch, constant_run, "attribute")
+    at.selectbox(key="method").set_value("tracin").run()
+    assert not at.exception
+    assert any("tracin: only 2 checkpoint" in i.value for i in at.info)
+    at.selectbox(key="method").set_value("trak").run()
+    assert not any("checkpoint" in i.value for i in at.info)

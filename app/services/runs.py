@@ -60,11 +60,12 @@ def load_run(project: Project, key: str) -> dict:
 def methods_info(project: Project | None = None) -> list[dict]:
     out = []
     for cls in list_methods():
+        unsupported = cls.supports(project) if project is not None else None  # may build the model: once
         out.append({"name": cls.name, "label": cls.label or cls.name, "description": cls.description,
                     "settings": describe_settings(cls), "extension": bool(getattr(cls, "extension", False)),
-                    "unsupported": (cls.supports(project) if project is not None else None),
+                    "unsupported": unsupported,
                     "advisories": (cls.advisories(project, coerce_settings(cls, None))
-                                   if project is not None and not cls.supports(project) else [])})
+                                   if project is not None and not unsupported else [])})
     return out
 
 
