@@ -772,12 +772,16 @@ def test_triage_offers_the_recommended_ranking_first(ran_project, monkeypatch):
     """The Triage page's default ranking is the recommended one (a background job); once computed the
     table follows its order and shows every evidence, and the run's own suspicion stays one click away."""
     key = svc.done_runs(ran_project)[0]["key"]
+    # a finished ranking of other weights (before a retrain) is not shown as this project's
+    stale = jobs.create_job(ran_project, "triage", {"device": "auto", "checkpoints": "older", "data": "older"})
+    StateDB.for_project(ran_project).upsert_job(stale, status="done", result={"items": []})
     at = _app(monkeypatch, ran_project, "triage")
     assert not at.exception
     radio = next(r for r in at.radio if r.key == "t_ranking")
     assert radio.value == "recommended"
     assert any(b.key == "t_rank_start" for b in at.button)  # not computed yet: offered, run's suspicion shown
-    jid = jobs.start_job(ran_project, "triage", {"device": "auto"}, background=False)
+    jid = jobs.start_job(ran_project, "triage", {"device": "auto", "checkpoints": ran_project.checkpoint_hash(),
+                                                 "data": ran_project.train_data_hash}, background=False)
     job = jobs.get_job(ran_project, jid)
     assert job["status"] == "done", job
     table = svc.recommended_table(ran_project, key, "trak", job["result"], flags={})

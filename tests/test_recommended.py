@@ -196,3 +196,16 @@ def test_null_skips_identical_twins_and_pairs_list_them(tabular, tmp_path):
     assert (null["cosine"] < 1 - 1e-6).all() and set(null["cos_index"]) & {5, n} == set()
     q = copies.best_matches(p, "test", np.array([0]))
     assert q["exact"][0] == 5 and q["exact_all"][0] == [5, n]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--parts", "foo"], "--parts takes triage and/or lds"),
+    (["--kinds", "tabular,foo"], "--kinds: unknown 'foo'"),
+    (["--lds-methods", "trak,bogus"], "--lds-methods: unknown 'bogus'"),
+    (["--lds-peers", "nope"], "--lds-peers: unknown peer:method 'nope'"),
+])
+def test_suite_flags_are_checked_before_any_work(tmp_path, args, says):
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--suite", "--workdir", str(tmp_path / "w"), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and says in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())

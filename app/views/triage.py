@@ -31,13 +31,15 @@ rank_by = st.radio("Ranking", RANKINGS, horizontal=True, key="t_ranking",
                    help="Recommended: TRAK self-influence, opposition to its own class, the out-of-sample probability "
                         "of its label and its neighbours' labels, combined with weights fitted on generated validation "
                         "projects (it beat cleanlab there; docs/benchmarks.md). The run's suspicion uses one method.")
-rank_job = ui.last_job(project, "triage") if rank_by == "recommended" else None
+# a ranking belongs to the weights and data it was computed on: after a retrain it is offered again
+rank_key = {"checkpoints": project.checkpoint_hash(), "data": project.train_data_hash}
+rank_job = ui.last_job(project, "triage", rank_key) if rank_by == "recommended" else None
 ranking_done = rank_job["id"] if rank_job and rank_job["status"] == "done" else None
 if rank_by == "recommended" and not ranking_done:
     st.caption("The recommended ranking is not computed yet (it fits TRAK and kNN and cross-validates the recipe "
                "5 times when affordable); the table shows this run's suspicion until it is.")
     if st.button("Compute the recommended ranking", key="t_rank_start", type="primary"):
-        ui.start(project, "triage", {"device": "auto"})
+        ui.start(project, "triage", {"device": "auto", **rank_key})
         st.rerun()
     if rank_job and rank_job["status"] == "failed":
         st.error(f"The recommended ranking failed: {rank_job.get('message')}")

@@ -439,7 +439,7 @@ class EigenCurvature:
 
     def __init__(self, model: nn.Module, layout: ParamLayout, x: torch.Tensor, *, fisher_samples: int = -1,
                  weight_decay: float = 0.0, seed: int = 0, device: str = "cpu"):
-        self.layers, self.left_out = curvature_layers(model, [n for n in layout.names])
+        self.layers, self.left_out = curvature_layers(model, layout.names)
         if not self.layers:
             raise ValueError("no Linear/Conv2d layer to fit EK-FAC on")
         self.blocks = LayerBlocks(self.layers, layout)

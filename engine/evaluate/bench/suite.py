@@ -31,7 +31,8 @@ from engine.core.errors import ProponentError
 from engine.core.project import Project
 from engine.evaluate.bench.suite_lds import LDS_METHODS, LDS_PEERS, lds_project, lds_table
 from engine.evaluate.detection import leak_recall, mislabel_metrics
-from engine.evaluate.peers import project_inputs, run_peer
+from engine.evaluate.peers import PEER_METHODS, project_inputs, run_peer
+from engine.methods import list_methods
 from engine.evaluate.suite import EVAL_SEEDS, KINDS, default_suite, make_suite_project
 from engine.workflows.leaks import DETECTOR_FPR, calibrate_threshold, detect_copies
 
@@ -232,7 +233,19 @@ def suite_cli(argv: list[str]) -> int:
     if not parts or parts - {"triage", "lds"}:
         raise ProponentError(f"--parts takes triage and/or lds, not {a.parts!r}")
     lds_kinds = {k.strip() for k in a.lds_kinds.split(",") if k.strip()}
-    peers = [x for x in a.lds_peers.split(",") if x.strip() and x.strip() != "none"]
+    peers = [x.strip() for x in a.lds_peers.split(",") if x.strip() and x.strip() != "none"]
+    lds_methods = [m.strip() for m in a.lds_methods.split(",") if m.strip()]
+    # every name checked before any project is trained: a typo costs one line, not a long run
+    known = {c.name for c in list_methods()}
+    for flag, names, ok in (("--kinds", kinds, KINDS), ("--lds-kinds", lds_kinds, KINDS),
+                            ("--methods", methods, known), ("--lds-methods", lds_methods, known)):
+        bad = [x for x in names if x not in ok]
+        if bad:
+            raise ProponentError(f"{flag}: unknown {bad[0]!r} (known: {', '.join(sorted(ok))})")
+    for item in peers:
+        peer, _, method = item.partition(":")
+        if method not in PEER_METHODS.get(peer, ()):
+            raise ProponentError(f"--lds-peers: unknown peer:method {item!r} (e.g. kronfluence:ekfac)")
     projects = {}
     for spec in default_suite(seeds, kinds):
         p = make_suite_project(spec, work / spec.name)
@@ -241,7 +254,7 @@ def suite_cli(argv: list[str]) -> int:
             row.update(bench_project(p, methods, log))
         # LDS needs retraining; one noise kind per seed keeps the run affordable on a laptop
         if "lds" in parts and spec.kind in lds_kinds and spec.noise == "uniform" and p.has_recipe:
-            row["lds"] = lds_project(p, [m for m in a.lds_methods.split(",") if m.strip()], peers,
+            row["lds"] = lds_project(p, lds_methods, peers,
                                      subsets=a.lds_subsets, n_queries=a.lds_queries, log=log)
         projects[spec.name] = row
     tables = suite_tables({k: v for k, v in projects.items() if "mislabel" in v}) if "triage" in parts else []

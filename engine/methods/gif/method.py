@@ -64,14 +64,15 @@ class GIFSettings:
     damping: float = setting(-1.0, "λ added to H; -1: damping_ratio × the mean EK-FAC eigenvalue of the final model "
                                    "(the spectrum's scale, so it suits any model).", ge=-1)
     damping_ratio: float = setting(1.0, "With damping = -1: λ as a multiple of the mean curvature eigenvalue (ratios "
-                                        "0.1 to 3 gave the same LDS on a generated tabular project; 1 needs 4× fewer "
-                                        "iterations than 0.1).", gt=0)
+                                        "0.1 to 3 gave LDS 0.264-0.269 on a generated tabular project; 1 needs 3× fewer "
+                                        "iterations than 0.1: scripts/lds_variants.py).", gt=0)
     preconditioner: str = setting("none", "CG preconditioner: none, diagonal (Jacobi: Hutchinson estimate of "
                                           "diag((H + λ)²)) or ekfac (EK-FAC's (K + λ)⁻²). On a generated tabular project "
-                                          "(λ = 0.1 × mean) both took more iterations than none (525 and 586 vs 382).",
+                                          "(λ = 0.1 × mean) both took more CG iterations than none (321 and 394 vs "
+                                          "264; scripts/lds_variants.py).",
                                   choices=("none", "diagonal", "ekfac"))
     warm_start: str = setting("zero", "Starting point of each solve: zero, or ekfac (EK-FAC's answer; on a generated "
-                                      "tabular project it saved no iterations: 398 vs 382).", choices=("zero", "ekfac"))
+                                      "tabular project it took 301 iterations vs 264 from zero).", choices=("zero", "ekfac"))
     diagonal_probes: int = setting(64, "Random probes for the diagonal preconditioner (each one Hessian-vector product, "
                                        "once per fit).", ge=1)
     queries_per_solve: int = setting(16, "Queries solved together (one batched solve); larger query sets are "
