@@ -46,8 +46,9 @@ def annealed_run(tmp_path_factory):
 def test_short_trajectory_and_unannealed_run_are_explained(constant_run):
     tracin = _notes(constant_run, "tracin")
     assert len(tracin) == 1 and "only 2 checkpoint" in tracin[0] and "\n" not in tracin[0]
-    ekfac = _notes(constant_run, "ekfac")
+    ekfac = _notes(constant_run, "ekfac", {"trajectory_points": 1})
     assert len(ekfac) == 1 and "peak learning rate" in ekfac[0] and "source" in ekfac[0]
+    assert _notes(constant_run, "ekfac") == []  # the default follows the run
     gif = _notes(constant_run, "gif", {"hvp_examples": 20})
     assert len(gif) == 1 and "20 of 60" in gif[0]
 

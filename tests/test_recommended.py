@@ -143,6 +143,32 @@ def test_detector_finds_every_copy_kind(shapes):
     assert sum(base[l["test_index"]]["flagged"] for l in t["leaks"]) < len(found)
 
 
+def test_text_normalisation_drops_sentence_punctuation_not_symbols():
+    assert copies._normal_text("Hello,  World.") == copies._normal_text("hello world")
+    assert copies._normal_text("(those with *** or ---)") != copies._normal_text("(those with ---, +++, or @@)")
+
+
+def test_text_detector_counts_words_added_or_dropped(tmp_path):
+    from engine.core.samples import prepare_sample
+    from engine.workflows.leaks import TEXT_DETECTOR_FPR
+
+    root = prepare_sample("text", tmp_path / "text", train=False, seed=1)
+    p = Project.load(root, check_model=False)
+    t = json.loads((root / "truth.json").read_text())
+    det = detect_copies(p, method=None)
+    assert det["fpr"] == TEXT_DETECTOR_FPR and set(det["thresholds"]) == {"edits"}
+    pairs = {q["test_index"]: q for q in det["pairs"]}
+    for l in t["leaks"]:
+        pair = pairs[l["test_index"]]
+        assert pair["flagged"] and l["train_index"] in [pair["train_index"], *pair["identical_train"]], l
+        if l["kind"] in ("drop_word", "double_word"):
+            assert pair["word_edits"] == 1 and pair["evidence"] == ["edits"], pair
+            assert "1 word added or dropped" in pair["reason"]
+    # the null never matches a row with itself: its nearest other sentence is at least one word away
+    view = copies.best_matches(p, "train", np.arange(50), exclude_self=True)
+    assert (view["word_edits"] >= 1).all() and (view["edit_index"] != np.arange(50)).all()
+
+
 def test_cli_defaults_are_the_recommended_ranking_and_the_detector(tabular):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True)

@@ -59,12 +59,15 @@ def multistage_project(tmp_path_factory):
 
 def test_one_segment_source_is_ekfac_influence(digits_project, logreg_project):
     for p in (digits_project, logreg_project):
-        ek = EKFAC(EKFACSettings(damping=-1.0)).fit(p)
-        src = Source(SourceSettings(segments=1, segment_by="count", last_checkpoints=1, response="inverse")).fit(p)
         q = ("test", np.arange(min(40, len(p.test_dataset))))
-        np.testing.assert_allclose(src.scores(q), ek.scores(q), rtol=1e-10, atol=1e-14)
-        np.testing.assert_allclose(src.self_scores(), ek.self_scores(), rtol=1e-10, atol=1e-14)
-        assert src.meta["damping"] == ek.meta["damping"]
+        # classic (final checkpoint) and the default (5 points of the run, one segment)
+        for points, last, per_segment in ((1, 1, 0), (5, 0, 5)):
+            ek = EKFAC(EKFACSettings(damping=-1.0, trajectory_points=points)).fit(p)
+            src = Source(SourceSettings(segments=1, segment_by="count", last_checkpoints=last, response="inverse",
+                                        max_checkpoints_per_segment=per_segment)).fit(p)
+            np.testing.assert_allclose(src.scores(q), ek.scores(q), rtol=1e-10, atol=1e-14)
+            np.testing.assert_allclose(src.self_scores(), ek.self_scores(), rtol=1e-10, atol=1e-14)
+            assert src.meta["damping"] == ek.meta["damping"]
 
 
 def test_ekfac_scores_equal_the_explicit_formula(logreg_project):
@@ -72,7 +75,7 @@ def test_ekfac_scores_equal_the_explicit_formula(logreg_project):
     from engine.autodiff import GradientComputer
 
     p = logreg_project
-    ek = EKFAC().fit(p)
+    ek = EKFAC(EKFACSettings(trajectory_points=1)).fit(p)
     st = ek.seg_state[0]
     Q = torch.kron(st["QA"][0], st["QS"][0])
     sig = st["sigma"][0].T.reshape(-1)
@@ -108,9 +111,12 @@ def test_source_tracks_leave_one_out_better_than_ekfac_when_not_converged(gd_pro
     assert len(src.segments) == 3 and sum(s.steps for s in src.segments) == 30
     assert src.segments[0].c == pytest.approx(0.5 * 10)
     r_src = _loo_corr(src.scores("test"), idx, eff)
-    r_ek = _loo_corr(EKFAC().fit(gd_project).scores("test"), idx, eff)
+    r_ek = _loo_corr(EKFAC(EKFACSettings(trajectory_points=1)).fit(gd_project).scores("test"), idx, eff)
     assert r_src > 0.85, r_src
     assert r_src > r_ek + 0.01, (r_src, r_ek)
+    # EK-FAC's default follows the run too, and gains on the final-checkpoint version
+    r_traj = _loo_corr(EKFAC().fit(gd_project).scores("test"), idx, eff)
+    assert r_traj > r_ek + 0.01, (r_traj, r_ek)
     fast = Source(SourceSettings(fast=True)).fit(gd_project)
     assert _loo_corr(fast.scores("test"), idx, eff) > 0.8
     # self-scores are the diagonal of train-query scores
@@ -204,7 +210,7 @@ def test_ekfac_on_conv_model_equals_block_diagonal_formula(tmp_path):
                                  training=GD.replace("epochs = 30", "epochs = 5"))
     p = Project.load(root)
     record_training(p)
-    ek = EKFAC().fit(p)
+    ek = EKFAC(EKFACSettings(trajectory_points=1)).fit(p)
     assert ek.meta["layers"] == ["1", "5"]
     assert set(ek.meta["left_out"]) == {"4.weight", "4.bias"}
     st = ek.seg_state[0]

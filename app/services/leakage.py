@@ -83,7 +83,9 @@ def leak_pairs(project: Project, key: str, detector: dict | None = None, max_pai
         thr = copies.get("thresholds") or {}
         rule_copy = ("copy detector: an identical input, or input evidence past thresholds set on a null of "
                      f"training queries (false-positive rate {copies.get('fpr', '—')}"
-                     + (f"; cosine > {thr['cosine']:.4f}" if "cosine" in thr else "") + ")")
+                     + (f"; cosine > {thr['cosine']:.4f}" if "cosine" in thr else "")
+                     + (f"; perceptual hash < {thr['hash']:.0f} bits" if "hash" in thr else "")
+                     + (f"; fewer than {thr['edits']:.0f} words added or dropped" if "edits" in thr else "") + ")")
     return {"source": "quick check" + (" + copy detector" if copies is not None else "")
                       + (" + calibrated detector" if detector is not None else ""),
             "threshold": QUICK_LEAK_COSINE, "pairs": ordered[:max_pairs],

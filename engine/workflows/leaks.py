@@ -246,6 +246,12 @@ def explain_detector_pair(pair: dict, statistic: str, threshold: float) -> str:
 
 # ----------------------------------------------------------------------------- the default detector
 DETECTOR_FPR = 0.001
+# Text's one non-exact view counts whole words, so its null has no mass between "identical" and "one
+# word added or dropped", and a natural corpus holds such pairs: in 20 generated text projects
+# (seeds 3-22, 2,240 clean test queries) 0.4% of clean queries and 0.7% of training rows had one.
+# At 0.001 the flag could only ever fire on identical text (recall 0.80: 8/40 one-word copies); at
+# 0.01 it flags them (P 0.956, R 0.956 on the same projects; 7 false flags, 0.3% of clean queries).
+TEXT_DETECTOR_FPR = 0.01
 DETECTOR_NULL = 2000
 ATTRIBUTION_NULL = 300
 
@@ -259,14 +265,22 @@ def calibrate_threshold(null: np.ndarray, q: float, higher_is_copy: bool) -> flo
     return float(np.quantile(v, 1.0 - q, method="higher") if higher_is_copy else np.quantile(v, q, method="lower"))
 
 
-def detect_copies(project: Project, method: str = "trak", settings=None, *, fpr: float = DETECTOR_FPR,
+def detector_fpr(project: Project) -> float:
+    """The false-positive rate the detector holds by default for this project's kind of data."""
+    return TEXT_DETECTOR_FPR if project.data_format == "text" else DETECTOR_FPR
+
+
+def detect_copies(project: Project, method: str = "trak", settings=None, *, fpr: float | None = None,
                   n_null: int = DETECTOR_NULL, device: str = "auto", progress=None, seed: int = 0) -> dict:
     """The default leak detector: for each test query, its best training match under each kind of
     input evidence, flagged when any passes its threshold; the attribution run's view of the pair is
     attached as corroboration.
 
     Evidence (engine.workflows.copies): an exact copy of the decoded input; the input cosine (images:
-    centred pixels, the best over one-pixel moves and zooms); the perceptual-hash distance (images).
+    centred pixels, the best over one-pixel moves and zooms; tabular); the perceptual-hash distance
+    (images); the number of words added or dropped (text, in place of the bag-of-words cosine: on
+    the 20 text projects above, the cosine added only false flags, P 0.931 R 0.925 with both views
+    against 0.956 / 0.956 without it, at fpr 0.01). ``fpr`` defaults to ``detector_fpr(project)``.
     Each threshold holds ``fpr / (number of kinds)`` on a null
     of training examples used as queries against the rest of the training set (own row and its
     identical twins excluded), so the flag's false-positive rate on
@@ -277,6 +291,7 @@ def detect_copies(project: Project, method: str = "trak", settings=None, *, fpr:
     proponent and that one's self-match (score / self-score, 1 for a copy). On the validation
     suite's fit projects (seeds 101-103), letting the self-match also flag on its own found 1 more
     of the 120 planted copies and added 15 false flags, so it corroborates and does not decide."""
+    fpr = detector_fpr(project) if fpr is None else fpr
     if not 0.0 < fpr < 1.0:
         raise ProponentError(f"fpr must be between 0 and 1 (exclusive), not {fpr!r}")
     from engine.workflows.copies import best_matches
@@ -290,7 +305,7 @@ def detect_copies(project: Project, method: str = "trak", settings=None, *, fpr:
     null = best_matches(project, "train", null_idx, exclude_self=True)
     if progress:
         progress("input evidence", 2, 2)
-    kinds = ["cosine"] + (["hash"] if "hash_distance" in q else [])
+    kinds = ["edits"] if "word_edits" in q else ["cosine"] + (["hash"] if "hash_distance" in q else [])
     attr = None
     if method:
         settings = leak_settings(method, settings)
@@ -308,9 +323,13 @@ def detect_copies(project: Project, method: str = "trak", settings=None, *, fpr:
                                      device=device, progress=progress)["self_match"]
             attr = {"index": top, "self_match": sm, "null": a_null, "scores": S}
     per = fpr / len(kinds)
-    thr = {"cosine": calibrate_threshold(null["cosine"], per, True)}
+    thr = {}
+    if "cosine" in kinds:
+        thr["cosine"] = calibrate_threshold(null["cosine"], per, True)
     if "hash" in kinds:
         thr["hash"] = calibrate_threshold(null["hash_distance"], per, False)
+    if "edits" in kinds:
+        thr["edits"] = calibrate_threshold(null["word_edits"], per, False)
     if attr is not None:
         thr["self_match"] = calibrate_threshold(attr["null"], fpr, True)
     pairs = []
@@ -320,11 +339,15 @@ def detect_copies(project: Project, method: str = "trak", settings=None, *, fpr:
             more = q["exact_all"][t][1:]
             fired.append(("exact", int(q["exact"][t]), "identical input"
                           + (f" (also identical: train {', '.join(map(str, more[:5]))})" if more else "")))
-        if q["cosine"][t] > thr["cosine"]:
+        if "cosine" in thr and q["cosine"][t] > thr["cosine"]:
             fired.append(("cosine", int(q["cos_index"][t]), f"input cosine {q['cosine'][t]:.4f} > {thr['cosine']:.4f}"))
         if "hash" in thr and q["hash_distance"][t] < thr["hash"]:
             fired.append(("hash", int(q["hash_index"][t]),
                           f"perceptual-hash distance {int(q['hash_distance'][t])} < {thr['hash']:.0f} bits"))
+        if "edits" in thr and q["word_edits"][t] < thr["edits"]:
+            n_ed = int(q["word_edits"][t])
+            fired.append(("edits", int(q["edit_index"][t]),
+                          f"{n_ed} word{'s' if n_ed != 1 else ''} added or dropped < {thr['edits']:.0f}"))
         train_index = fired[0][1] if fired else int(q["cos_index"][t])
         pair = {"test_index": t, "train_index": train_index, "flagged": bool(fired),
                 "identical_train": [int(i) for i in q["exact_all"][t]],
@@ -335,6 +358,8 @@ def detect_copies(project: Project, method: str = "trak", settings=None, *, fpr:
                 "input_cosine": float(q["cosine"][t]), "input_match": int(q["cos_index"][t])}
         if "hash_distance" in q:
             pair["hash_distance"], pair["hash_match"] = int(q["hash_distance"][t]), int(q["hash_index"][t])
+        if "word_edits" in q:
+            pair["word_edits"], pair["edit_match"] = int(q["word_edits"][t]), int(q["edit_index"][t])
         if attr is not None:
             row = np.asarray(attr["scores"][t], np.float64)
             pair["self_match"], pair["top_proponent"] = float(attr["self_match"][t]), int(attr["index"][t])

@@ -34,7 +34,7 @@ from engine.evaluate.detection import leak_recall, mislabel_metrics
 from engine.evaluate.peers import PEER_METHODS, project_inputs, run_peer
 from engine.methods import list_methods
 from engine.evaluate.suite import EVAL_SEEDS, KINDS, default_suite, make_suite_project
-from engine.workflows.leaks import DETECTOR_FPR, calibrate_threshold, detect_copies
+from engine.workflows.leaks import DETECTOR_FPR, TEXT_DETECTOR_FPR, calibrate_threshold, detect_copies
 
 SUITE_METHODS = ("trak", "grad-dot", "tracin", "knn")
 
@@ -159,7 +159,7 @@ def bench_project(p: Project, methods, log) -> dict:
     t0 = time.perf_counter()
     det = detect_copies(p, "trak", device="cpu")
     out["leaks"]["detector"] = {**_flag_metrics(det["pairs"], leaks), "seconds": time.perf_counter() - t0}
-    out["leaks"]["fiftyone-style cosine"] = _flag_metrics(raw_cosine_baseline(p, DETECTOR_FPR), leaks)
+    out["leaks"]["fiftyone-style cosine"] = _flag_metrics(raw_cosine_baseline(p, det["fpr"]), leaks)
     log(f"{p.name}: recommended AUROC {out['mislabel']['recommended']['auroc']:.3f}, cleanlab "
         f"{out['mislabel']['cleanlab'].get('auroc', float('nan')):.3f}; detector P/R "
         f"{out['leaks']['detector']['precision']:.2f}/{out['leaks']['detector']['recall']:.2f}")
@@ -210,7 +210,8 @@ def suite_tables(projects: dict[str, dict]) -> list[dict]:
                   "of the recommended ranking were fitted on other seeds (engine/workflows/mislabel_weights.json)."},
         {"title": "Leak flags: precision and recall of the flagged pairs, mean ± sd over projects",
          "columns": ["kind", "detector", "flag precision", "flag recall", "", ""], "rows": leak_rows,
-         "notes": "detector = `proponent leaks` with no --method (fpr 0.001). FiftyOne-style cosine = nearest "
+         "notes": f"detector = `proponent leaks` with no --method (fpr {DETECTOR_FPR}; text {TEXT_DETECTOR_FPR}). "
+                  "FiftyOne-style cosine = nearest "
                   "training example by raw-input cosine, flagged above a threshold calibrated on the same null at the "
                   "same rate. A flag counts as right only when its pair is the planted copy."},
         {"title": "Leaks by kind of copy: recall@1, recall@5 (methods' top proponents) and flagged (detectors)",
