@@ -240,6 +240,16 @@ def start(project, kind: str, params: dict) -> str:
     return jid
 
 
+def fmt_seconds(s: float) -> str:
+    """12 s, 3.5 min, 1.2 h."""
+    s = float(s)
+    if s < 90:
+        return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
 def fmt_flag(flag) -> str:
     return FLAG_ICONS.get(flag, str(flag)) or "—"
 

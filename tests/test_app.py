@@ -19,6 +19,7 @@ import pytest
 from app import jobs
 from app import services as svc
 from engine import Project
+from engine.api import attribute
 from engine.core.errors import ProponentError
 from engine.storage.statedb import StateDB
 
@@ -297,6 +298,31 @@ def test_background_job_progress_cancel_and_reload(digits_project, tmp_path):
     assert j2["done"] == j2["total"] or j2["stage"] == "done"
 
 
+def test_cancel_ends_a_stage_that_cannot_poll_within_two_seconds(tmp_path):
+    """A worker inside one long library call (here a 60 s sleep) never reaches a cancel check; the
+    runner's watchdog ends it within the grace period and records the job as cancelled."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "proj"
+    (root / ".proponent").mkdir(parents=True)
+    jid = jobs.create_job(root, "attribute", {"method": "trak"})
+    code = ("import sys, time; from app.jobs.runner import watch_cancel; "
+            f"watch_cancel({str(root)!r}, {jid!r}); print('watching', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=str(Path(MAIN).parents[1]), stdout=subprocess.PIPE,
+                            text=True)
+    StateDB(root / ".proponent" / "state.db").upsert_job(jid, status="running", pid=proc.pid, stage="umap layout")
+    assert proc.stdout.readline().strip() == "watching"  # the worker is up and watching
+    t0 = time.monotonic()
+    jobs.cancel_job(root, jid)
+    proc.wait(timeout=10)
+    took = time.monotonic() - t0
+    assert took <= 2.5, took
+    proc.stdout.close()
+    j = jobs.get_job(root, jid)
+    assert j["status"] == "cancelled" and "umap layout" in j["message"], j
+
+
 def test_failed_job_reports_one_line(digits_project, tmp_path):
     p = _copy(digits_project, tmp_path / "digits")
     jid = jobs.start_job(p, "attribute", {"method": "no-such-method", "settings": {}}, background=False)
@@ -454,6 +480,19 @@ def test_cost_estimate_counts_passes(ran_project):
     est = svc.estimate_cost(ran_project, "trak", {"ensemble": "checkpoints", "max_models": 3}, per)
     n = len(ran_project.train_dataset) + len(ran_project.test_dataset)
     assert est["seconds"] == pytest.approx(3 * n * per)
+    # with an earlier TRAK run on this project, the range is that run's measured multiple, scaled by passes
+    runs = svc.list_runs(ran_project)
+    done = next(r for r in runs if r["method"] == "trak" and r["status"] == "done")
+    took = done["fit_s"] + done["score_s"]
+    est = svc.estimate_cost(ran_project, "trak", {"ensemble": "checkpoints", "max_models": 3}, per, history=runs,
+                            startup=[2.0, 4.0, 3.0])
+    scaled = 3.0 + took * 3 / svc.gradient_passes(ran_project, "trak", done["settings"])
+    assert est["low"] <= scaled <= est["high"] and est["high"] / est["low"] < 2 and "earlier trak" in est["basis"]
+    # a method never run here falls back to its measured multiple on the sample, as a wider range
+    est = svc.estimate_cost(ran_project, "ekfac", {}, per, history=runs)
+    ratios = json.loads(svc.cost.RATIOS_FILE.read_text())
+    r = ratios["ratios"]["ekfac"] * est["passes"] * n * per
+    assert est["low"] < ratios["startup_s"] + r < est["high"] and "digits sample" in est["basis"]
 
 
 def test_whatif_job_plumbing(monkeypatch, ran_project, tmp_path):
@@ -824,3 +863,73 @@ def test_grid_selection_tags_and_exports(ran_project, tmp_path, monkeypatch):
     rows = list(csv.DictReader(io.StringIO(text)))
     assert [int(r["index"]) for r in rows] == sorted(picked) and all(r["flag"] == "ambiguous" for r in rows)
     assert all(r["file"] and r["label"] and r["suggested"] and r["score"] for r in rows)
+
+
+def test_review_shows_the_suspects_own_proponents_and_opponents(ran_project, tmp_path, monkeypatch):
+    """The viewer scores the suspect itself as a query (a background job) and shows who holds its given
+    label up and who pulls against it."""
+    p = _copy(ran_project, tmp_path / "digits")
+    shutil.copytree(ran_project.state_dir / "runs", p.state_dir / "runs")
+    for r in svc.db_for(ran_project).list_runs():
+        svc.db_for(p).upsert_run(r["key"], **{k: v for k, v in r.items() if k != "key"})
+    run = svc.done_runs(p)[0]
+    table = svc.triage_table(p, run["key"], "trak", flags={})
+    first = int(table["index"][0])
+    at = _app(monkeypatch, p, "triage")
+    assert not any("Its own top proponents" in c.value for c in at.caption)
+    at.button(key="rv_own").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    own = svc.load_npy(svc.train_query_scores_path(p, first, run["key"]), mmap=False)
+    expect = attribute(p, "trak", ("train", np.array([first])), run.get("settings") or None, device="cpu")[0]
+    np.testing.assert_allclose(own, expect, rtol=1e-5, atol=1e-7)
+    caps = [c.value for c in at.caption]
+    assert any("Its own top proponents" in c for c in caps) and any("Its own top opponents" in c for c in caps)
+    # (AppTest cannot read image captions: the cards' choice is svc.topk, tested elsewhere)
+
+
+def test_map_places_every_row_and_a_lasso_selects_the_whole_set(ran_project, tmp_path):
+    """Beyond the drawn sample, every training row is placed on the same map, and a box or lasso
+    selects all rows inside it, not only the drawn points."""
+    from engine.workflows import embeddings as we
+
+    p = _copy(ran_project, tmp_path / "digits")
+    n = len(p.train_dataset)
+    emb = we.compute_embedding(p, "influence", "pca", max_points=200)
+    assert len(emb["index"]) == 200 and emb["xy_all"].shape == (n, 2)
+    np.testing.assert_allclose(emb["xy_all"][emb["index"]], emb["xy"], rtol=1e-5, atol=1e-6)
+    # a row placed afterwards sits where the sample's PCA puts it (the same centring and components)
+    F = np.concatenate([we._features(p, np.arange(lo, min(n, lo + 256)), p.load_model(),
+                                     *_influence_parts(p), "predicted") for lo in range(0, n, 256)])
+    F = F / np.linalg.norm(F, axis=1, keepdims=True)
+    _, place = we.fit_layout(F[emb["index"]], "pca")
+    np.testing.assert_allclose(emb["xy_all"], place(F), rtol=1e-4, atol=1e-4)
+    # a box over the right half of the map selects every row there, drawn or not
+    xs = emb["xy_all"][:, 0]
+    mid = float(np.median(xs))
+    lo_y, hi_y = float(emb["xy_all"][:, 1].min()) - 1, float(emb["xy_all"][:, 1].max()) + 1
+    event = {"selection": {"points": [], "box": [{"x": [mid, float(xs.max()) + 1], "y": [lo_y, hi_y]}], "lasso": []}}
+    rows = svc.selected_rows(event, emb)
+    assert rows == [int(i) for i in np.flatnonzero(xs >= mid)] or rows == [int(i) for i in np.flatnonzero(xs > mid)]
+    assert len(rows) > len(set(rows) & set(emb["index"].tolist()))  # undrawn rows are selected too
+    # a lasso (triangle) agrees with a direct point-in-triangle test
+    tri = np.array([[xs.min(), lo_y], [xs.max(), lo_y], [mid, hi_y]])
+    event = {"selection": {"points": [], "box": [], "lasso": [{"x": tri[:, 0].tolist(), "y": tri[:, 1].tolist()}]}}
+    got = set(svc.selected_rows(event, emb))
+
+    def in_tri(pt):
+        def side(a, b):
+            return (b[0] - a[0]) * (pt[1] - a[1]) - (b[1] - a[1]) * (pt[0] - a[0])
+        s = [side(tri[i], tri[(i + 1) % 3]) for i in range(3)]
+        return all(v > 0 for v in s) or all(v < 0 for v in s)
+    assert got == {i for i in range(n) if in_tri(emb["xy_all"][i])}
+    # without placed rows (small sets), the drawn points picked are the selection
+    assert svc.selected_rows({"selection": {"points": [{"customdata": [7, "3"]}], "box": [], "lasso": []}},
+                             {"xy": emb["xy"], "index": emb["index"]}) == [7]
+
+
+def _influence_parts(p):
+    from engine.autodiff import GradientComputer
+    from engine.autodiff.projection import make_projector
+
+    comp = GradientComputer(p.load_model())
+    return comp, make_projector("auto", comp.n_params, min(256, comp.n_params), seed=0)

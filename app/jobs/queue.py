@@ -32,7 +32,7 @@ from engine.workflows.whatif import compare_edits, predict_edit, retrain_edit
 
 REPO = Path(__file__).resolve().parents[2]
 ACTIVE = ("queued", "running", "cancelling")
-KINDS = ("attribute", "embedding", "verify", "whatif", "leaks", "copies", "query", "triage")
+KINDS = ("attribute", "embedding", "verify", "whatif", "leaks", "copies", "query", "suspect", "triage")
 
 
 def _db(root: str | Path) -> StateDB:
@@ -238,6 +238,9 @@ def _dispatch(project, kind: str, params: dict, rep: JobReporter) -> dict:
         return svc.score_uploaded_query(project, params["qid"], params["method"], params.get("settings") or {},
                                         params["run"], int(params["label"]), device=params.get("device", "auto"),
                                         progress=rep, cancel=rep.cancel)
+    if kind == "suspect":
+        return svc.score_train_query(project, int(params["index"]), params["method"], params.get("settings") or {},
+                                     params["run"], device=params.get("device", "auto"), progress=rep, cancel=rep.cancel)
     if kind == "leaks":
         out = detect_leaks(project, params["method"], params.get("settings") or None,
                            device=params.get("device", "auto"), progress=rep)

@@ -1,9 +1,52 @@
-"""Worker process of one background job: ``python -m app.jobs.runner PROJECT_ROOT JOB_ID``."""
+"""Worker process of one background job: ``python -m app.jobs.runner PROJECT_ROOT JOB_ID``.
+
+Cancel is cooperative first: the job's stages poll the status between chunks and stop at the next
+one (finished chunks are kept). A stage inside one long library call (a UMAP layout, a kernel
+solve, a retrain's epoch) cannot poll, so a watchdog thread here ends the process
+``CANCEL_GRACE_S`` after the request if it is still running. Every store is written atomically
+(temp file, then rename), so what is on disk stays whole and a rerun resumes from it.
+"""
 from __future__ import annotations
 
+import os
 import sys
+import threading
+import time
+from pathlib import Path
 
 from app.jobs.queue import run_job
+from engine.storage.statedb import StateDB
+
+CANCEL_GRACE_S = 1.5
+POLL_S = 0.25
+
+
+def watch_cancel(root: str, job_id: str, grace: float = CANCEL_GRACE_S, poll: float = POLL_S) -> threading.Thread:
+    """A daemon thread that ends this process when the job has been 'cancelling' for ``grace`` s."""
+    db = StateDB(Path(root) / ".proponent" / "state.db")
+
+    def _watch():
+        since = None
+        while True:
+            time.sleep(poll)
+            try:
+                j = db.get_job(job_id)
+            except Exception:  # a busy database: look again at the next poll
+                continue
+            if j is None or j["status"] not in ("queued", "running", "cancelling"):
+                return
+            if j["status"] != "cancelling":
+                since = None
+                continue
+            since = since or time.monotonic()
+            if time.monotonic() - since >= grace:
+                db.upsert_job(job_id, status="cancelled",
+                              message=f"cancelled (stopped {grace:g} s after the request, inside '{j.get('stage')}')")
+                os._exit(1)
+
+    t = threading.Thread(target=_watch, name="cancel-watchdog", daemon=True)
+    t.start()
+    return t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -11,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 2:
         print("usage: python -m app.jobs.runner PROJECT_ROOT JOB_ID", file=sys.stderr)
         return 2
-
+    watch_cancel(argv[0], argv[1])
     j = run_job(argv[0], argv[1])
     return 0 if j and j["status"] == "done" else 1
 

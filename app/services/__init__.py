@@ -3,14 +3,16 @@
 Pages stay thin and call these; tests call them directly, including the selection and
 table-editing logic that AppTest cannot click. ``from app import services as svc`` gives them all.
 """
-from app.services.cost import calibrate_gradients, estimate_cost, gradient_passes  # noqa: F401
+from app.services.cost import calibrate_gradients, estimate_cost, gradient_passes, job_startup_seconds  # noqa: F401
 from app.services.embeddings import (  # noqa: F401
     EMBED_MAX_POINTS,
     cached_embedding,
     compute_embedding,
     embedding_frame,
     embedding_path,
+    inside_polygon,
     reduce_2d,
+    selected_rows,
 )
 from app.services.exports import (  # noqa: F401
     export_cleaned,
@@ -62,7 +64,9 @@ from app.services.queries import (  # noqa: F401
     query_from_upload,
     query_scores_path,
     save_query,
+    score_train_query,
     score_uploaded_query,
+    train_query_scores_path,
     uploaded_prediction,
 )
 from app.services.runs import (  # noqa: F401

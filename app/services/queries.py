@@ -1,4 +1,5 @@
-"""Uploaded inputs used as queries."""
+"""Uploaded inputs used as queries, and training examples asked about as queries (a suspect's own
+proponents and opponents)."""
 from __future__ import annotations
 
 import base64
@@ -74,6 +75,24 @@ def score_uploaded_query(project: Project, qid: str, method: str, settings: dict
     row = np.asarray(S, dtype=np.float32).reshape(-1)
     atomic_save_npy(query_scores_path(project, qid, key, label), row)
     return {"qid": qid, "key": key, "label": int(label)}
+
+
+def train_query_scores_path(project: Project, index: int, key: str) -> Path:
+    return project.state_dir / "queries" / f"train{int(index)}-{key}.npy"
+
+
+def score_train_query(project: Project, index: int, method: str, settings: dict, key: str, device: str = "auto",
+                      progress=None, cancel=None) -> dict:
+    """Scores [n_train] of training example ``index`` used as the query (the margin of its given label):
+    which training examples hold its label up, and which pull against it."""
+    n = len(project.train_dataset)
+    if not 0 <= int(index) < n:
+        raise ProponentError(f"training index {index} out of range (the project has {n} training examples)")
+    S = attribute(project, method, ("train", np.array([int(index)])), settings or None, device=device,
+                  progress=progress, cancel=cancel)
+    row = np.asarray(S, dtype=np.float32).reshape(-1)
+    atomic_save_npy(train_query_scores_path(project, index, key), row)
+    return {"index": int(index), "key": key}
 
 
 def uploaded_prediction(project: Project, x: np.ndarray) -> dict:

@@ -57,19 +57,22 @@ def _calibration(root: str, ck: str) -> float:
 
 
 per_ex = _calibration(str(project.root), project.checkpoint_hash())
-est = svc.estimate_cost(project, name, settings, per_ex)
-st.caption(f"Cost estimate: per-example gradients alone take ≥ {est['seconds']:.1f}s ({est['passes']} pass(es) over "
-           f"{len(project.train_dataset) + len(project.test_dataset):,} examples at {est['per_example_ms']:.2f} ms each, "
-           "calibrated on 64 examples); the method's own solve, start-up and scoring come on top.")
 runs = {r["key"]: r for r in svc.list_runs(project)}
+est = svc.estimate_cost(project, name, settings, per_ex, history=list(runs.values()),
+                        startup=svc.job_startup_seconds(jobs.list_jobs(project, 50)))
+n_all = len(project.train_dataset) + len(project.test_dataset)
 prior = runs.get(key)
-same = [r for r in runs.values() if r["method"] == name and r["status"] == "done"]
 if prior and prior["status"] == "done":
     st.success(f"Cached: this run ({key}) finished in {(prior['fit_s'] or 0) + (prior['score_s'] or 0):.1f}s; "
                "running it again reuses the cache.")
-elif same:
-    est = sum((r["fit_s"] or 0) + (r["score_s"] or 0) for r in same) / len(same)
-    st.caption(f"Earlier {name} runs on this project took {est:.0f}s on average ({len(same)} run(s)).")
+elif est["low"] is not None:
+    st.caption(f"Estimate: about {ui.fmt_seconds(est['low'])}–{ui.fmt_seconds(est['high'])}, from {est['basis']} "
+               f"({est['passes']} gradient pass(es) over {n_all:,} examples at {est['per_example_ms']:.2f} ms each, "
+               "timed on 64 examples).")
+else:
+    st.caption(f"Estimate: at least {ui.fmt_seconds(est['seconds'])} for the per-example gradients alone "
+               f"({est['passes']} pass(es) over {n_all:,} examples at {est['per_example_ms']:.2f} ms each); no "
+               f"measured run of {name} to scale from.")
 
 if st.button("Run", type="primary", key="run_button", disabled=bool(m["unsupported"])):
     jid = ui.start(project, "attribute", {"method": name, "settings": settings, "device": device})

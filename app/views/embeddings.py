@@ -59,7 +59,9 @@ for col, (kind, title) in zip(cols, KINDS.items()):
             continue
         df = svc.embedding_frame(project, emb, colour, flags=flags, run=run, preds=preds)
         n_total = int(emb["n_total"])
-        sub = f" (subsample: {len(df):,} of {n_total:,})" if len(df) < n_total else f" ({len(df):,} examples)"
+        sub = (f" ({len(df):,} of {n_total:,} drawn; a box or lasso selects all {n_total:,})"
+               if len(df) < n_total and "xy_all" in emb else
+               f" (subsample: {len(df):,} of {n_total:,})" if len(df) < n_total else f" ({len(df):,} examples)")
         order = {c: sorted(df[c].unique(), key=lambda v: (len(str(v)), str(v))) for c in ("label", "prediction", "flag")
                  if c in df}
         if colour == "flag":  # unflagged points first, so flagged ones are drawn on top
@@ -77,7 +79,9 @@ for col, (kind, title) in zip(cols, KINDS.items()):
             fig.update_layout(coloraxis_colorbar_title="self-influence")
         event = st.plotly_chart(fig, width="stretch", on_select="rerun", selection_mode=("lasso", "box"),
                                 key=f"map_{kind}_{gen}")
-        selected += [i for i in svc.selection_indices(event) if i not in selected]
+        picked = svc.selected_rows(event, emb)
+        seen = set(selected)
+        selected += [i for i in picked if i not in seen]
 
 st.subheader("Selection")
 if not selected:
@@ -85,7 +89,7 @@ if not selected:
 else:
     st.write(f"{len(selected)} training example(s) selected. Flagging applies to all of them; clear the "
              "selection to start again.")
-    a1, a2, a3, a4, a5 = st.columns(5)
+    a1, a2, a3, a4, a5, a6 = st.columns(6)
     for col, flag in zip((a1, a2, a3, a4), ("mislabeled", "ok", "ambiguous", "leak")):
         if col.button(f"Flag {flag}", key=f"sel_{flag}"):
             n = svc.bulk_update(db, "train", selected, flag=flag, source="app-embeddings")
@@ -93,6 +97,16 @@ else:
     if a5.button("Clear selection", key="sel_clear"):
         st.session_state["e_sel_gen"] = gen + 1
         st.rerun()
+    # built after any flag above, so the file carries the decision just made
+    a6.download_button("Export (CSV)", svc.selection_csv(project, db, selected), file_name="selection.csv",
+                       mime="text/csv", key="sel_export",
+                       help="The selected examples with their file, given label, flag, note and time (the flags "
+                            "export's columns).")
+    note = st.text_input("Note for the selection", key="sel_note", placeholder="e.g. blurry scans from one source",
+                         help="Saved on every selected example (and kept in the audit trail).")
+    if st.button("Save the note", key="sel_note_save", disabled=not note.strip()):
+        n = svc.bulk_update(db, "train", selected, note=note.strip(), source="app-embeddings")
+        st.toast(f"note saved on {n} example(s)")
     show = selected[:24]
     grid = st.columns(8)
     for j, i in enumerate(show):

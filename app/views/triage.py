@@ -141,6 +141,36 @@ if st.toggle("Grid of the suspects above (tick to select for the bulk actions be
     if grid_sel:
         st.caption(f"{len(grid_sel)} selected in the grid: they are the bulk actions' targets below.")
 
+def _own_influences(i: int, row) -> None:
+    """The suspect as a query: which training examples hold its given label up (proponents) and which
+    pull against it (opponents; for a flipped label, typically examples of its true class)."""
+    path = svc.train_query_scores_path(project, i, run["key"])
+    if not path.is_file():
+        job = ui.last_job(project, "suspect", {"index": i, "run": run["key"]})
+        if job and job["status"] in jobs.ACTIVE:
+            ui.job_panel(project, kinds=("suspect",))
+        elif st.button("Its own proponents and opponents", key="rv_own", shortcut="P",
+                       help="Scores the suspect as a query (the margin of its given label) with this run's method, "
+                            "in the background. Key: P."):
+            ui.start(project, "suspect", {"index": i, "method": run["method"], "run": run["key"],
+                                          "settings": run.get("settings") or {}})
+            st.rerun()
+        if job and job["status"] == "failed":
+            st.error(f"Failed: {job.get('message')}")
+        return
+    own = np.array(svc.load_npy(path, mmap=False), dtype=np.float64)
+    own[i] = np.nan  # sorts last both ways: a training example is always its own top proponent
+    top = svc.topk(own, 6)
+    labels = table.set_index("index")["label"]
+    for what, ids, scores in (("proponents: they hold its given label up", top["proponents"], top["proponent_scores"]),
+                              ("opponents: they pull against its given label", top["opponents"], top["opponent_scores"])):
+        st.caption(f"Its own top {what} (itself left out)")
+        for c, j, sc in zip(st.columns(6), ids, scores):
+            with c:
+                lab = labels.get(int(j), "")
+                ui.show_example(project, "train", int(j), size=72, caption=f"#{int(j)} {lab} · {sc:+.2g}")
+
+
 # ---------------------------------------------------------------- one-by-one review
 st.subheader("Review one by one", help="The suspects of the table above, in its order and filters, one at a time: "
              "large, beside typical examples of the given and the suggested class, with the test predictions it "
@@ -182,6 +212,8 @@ if order:
             for c, (q, sc) in zip(cols, hurt):
                 with c:
                     ui.show_example(project, "test", q, size=72, caption=f"test #{q} · {sc:+.2g}")
+        if not clusters.is_cluster_run(run):
+            _own_influences(i, row)
     d = st.columns(6)
     decision = None
     # keys: M mislabeled, L relabel to the suggested label, O ok, A ambiguous, K leak, U undo, ←/→ move

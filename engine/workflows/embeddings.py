@@ -27,6 +27,7 @@ EMBED_MAX_POINTS = 3000
 EMBED_KINDS = ("influence", "penultimate")
 REDUCERS = ("umap", "pca")
 _CHUNK = 256
+PLACE_CHUNK = 4096  # rows placed on the map per step (features and layout transform), bounded memory
 
 
 LABELS = ("predicted", "given")
@@ -48,8 +49,11 @@ def cached_embedding(project: Project, kind: str, reducer: str, label: str = "pr
 def compute_embedding(project: Project, kind: str = "influence", reducer: str = "umap", *,
                       max_points: int = EMBED_MAX_POINTS, proj_dim: int = 256, label: str = "predicted",
                       progress=None, cancel=None) -> dict:
-    """{"xy": [m, 2], "index": [m] training rows, "n_total"}: a seeded subsample of at most
-    ``max_points`` rows, read by chunks of 256 (memory bounded by the chunk, not by n)."""
+    """{"xy": [m, 2], "index": [m] training rows, "n_total", and "xy_all" [n, 2] when n > m}: the layout
+    is fitted on a seeded subsample of at most ``max_points`` rows (what the page draws); every other
+    row is then placed on it (PCA's projection, UMAP's ``transform``) by chunks of ``PLACE_CHUNK``, so
+    a selection covers the whole set. Features are read by chunks of 256: memory is bounded by the
+    chunk, plus the [n, 2] coordinates."""
     if kind not in EMBED_KINDS:
         raise ProponentError(f"embedding kind must be one of {', '.join(EMBED_KINDS)}, not {kind!r}")
     if reducer not in REDUCERS:
@@ -73,8 +77,49 @@ def compute_embedding(project: Project, kind: str = "influence", reducer: str = 
     for lo in range(0, len(idx), _CHUNK):
         if cancel and cancel():
             raise Cancelled("embedding cancelled")
-        rows = torch.as_tensor(idx[lo:lo + _CHUNK])
-        x, y = project.train_dataset.x[rows], project.train_dataset.y[rows]
+        feats.append(_features(project, idx[lo:lo + _CHUNK], model, computer, projector, label))
+        if progress:
+            progress(stage, min(len(idx), lo + _CHUNK), len(idx))
+    F = _normalise(np.concatenate(feats, 0).astype(np.float32), kind)
+    if progress:
+        progress(f"layout ({reducer})", 0, 1)
+    xy, place = fit_layout(F, reducer)
+    if progress:
+        progress(f"layout ({reducer})", 1, 1)
+    out = {"xy": xy.astype(np.float32), "index": idx.astype(np.int64), "n_total": np.array(n)}
+    if n > len(idx):
+        # every other row placed on the same map, chunk by chunk: the page draws the layout sample
+        # and selects on all rows
+        xy_all = np.empty((n, 2), np.float32)
+        xy_all[idx] = xy
+        rest = np.setdiff1d(np.arange(n), idx)
+        stage = f"placing the other rows ({reducer})"
+        for lo in range(0, len(rest), PLACE_CHUNK):
+            if cancel and cancel():
+                raise Cancelled("embedding cancelled")
+            rows = rest[lo:lo + PLACE_CHUNK]
+            xy_all[rows] = place(_normalise(_features(project, rows, model, computer, projector, label), kind))
+            if progress:
+                progress(stage, min(len(rest), lo + PLACE_CHUNK), len(rest))
+        out["xy_all"] = xy_all
+    buf = io.BytesIO()
+    np.savez(buf, **out)
+    atomic_write_bytes(embedding_path(project, kind, reducer, label), buf.getvalue())
+    return out
+
+
+def _normalise(F: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "influence":
+        F = F / np.maximum(1e-12, np.linalg.norm(F, axis=1, keepdims=True))
+    return F
+
+
+def _features(project: Project, rows: np.ndarray, model, computer, projector, label: str) -> np.ndarray:
+    """Features of training ``rows`` (margin gradients projected, or penultimate activations), by chunks."""
+    feats = []
+    for lo in range(0, len(rows), _CHUNK):
+        r = torch.as_tensor(rows[lo:lo + _CHUNK])
+        x, y = project.train_dataset.x[r], project.train_dataset.y[r]
         if computer is not None:
             if label == "predicted":
                 with torch.no_grad():
@@ -82,30 +127,23 @@ def compute_embedding(project: Project, kind: str = "influence", reducer: str = 
             feats.append(project_gradients(computer, projector, x, y, "margin").numpy())
         else:
             feats.append(penultimate_features(model, x).numpy())
-        if progress:
-            progress(stage, min(len(idx), lo + _CHUNK), len(idx))
-    F = np.concatenate(feats, 0).astype(np.float32)
-    if kind == "influence":
-        F = F / np.maximum(1e-12, np.linalg.norm(F, axis=1, keepdims=True))
-    if progress:
-        progress(f"layout ({reducer})", 0, 1)
-    xy = reduce_2d(F, reducer)
-    if progress:
-        progress(f"layout ({reducer})", 1, 1)
-    out = {"xy": xy.astype(np.float32), "index": idx.astype(np.int64), "n_total": np.array(n)}
-    buf = io.BytesIO()
-    np.savez(buf, **out)
-    atomic_write_bytes(embedding_path(project, kind, reducer, label), buf.getvalue())
-    return out
+    return np.concatenate(feats, 0).astype(np.float32)
 
 
-def reduce_2d(F: np.ndarray, reducer: str = "umap") -> np.ndarray:
+def fit_layout(F: np.ndarray, reducer: str = "umap"):
+    """(xy of F [m, 2], place(F_new) -> xy_new): the 2-D layout and a way to put new rows on it."""
     if reducer == "pca":
-        Fc = F - F.mean(0)
-        _, _, vt = np.linalg.svd(Fc, full_matrices=False)
-        return Fc @ vt[:2].T
+        mean = F.mean(0)
+        _, _, vt = np.linalg.svd(F - mean, full_matrices=False)
+        comps = vt[:2].T
+        return (F - mean) @ comps, lambda G: (G - mean) @ comps
     if reducer == "umap":
         import umap  # umap imports numba and takes seconds; only the UMAP layout needs it
 
-        return umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=0, n_jobs=1).fit_transform(F)
+        fitted = umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=0, n_jobs=1)
+        return fitted.fit_transform(F), fitted.transform
     raise ProponentError(f"layout must be one of {', '.join(REDUCERS)}, not {reducer!r}")
+
+
+def reduce_2d(F: np.ndarray, reducer: str = "umap") -> np.ndarray:
+    return fit_layout(F, reducer)[0]

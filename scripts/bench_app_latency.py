@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""App latency in a real browser, against a minimal two-page Streamlit app measured in the same run.
+
+    python scripts/bench_app_latency.py --workdir /tmp/app-latency --json docs/bench/app-latency.json
+
+Debian's Chromium through Playwright, 1600×1000, the digits sample prepared from nothing in the
+workdir. Steps, each ending when the page's own marker is visible and its script has stopped (no
+settling time added):
+
+- minimal app: a sidebar click between its two pages, ``--switches`` times; the floor a Streamlit
+  page switch costs on this machine;
+- Proponent: Attribute → Run (TRAK, defaults) → the job shows as queued or running ("queued");
+  → the run is done; → Explore shows the top proponents ("first proponents"); then cached page
+  switches round Project, Explore, Triage, Leakage and Report, ``--switches`` rounds; then
+  Embeddings → "Compute maps" (the default layout, UMAP) → both maps drawn.
+
+Medians over the repeats, with the ratio of Proponent's page switch to the minimal app's.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.browser_support import CHROMIUM_ARGS, free_port, serve_app, wait_idle  # noqa: E402
+
+MINIMAL_APP = '''import streamlit as st
+
+def one():
+    st.title("Page one")
+    st.write("The first page of a minimal app.")
+
+def two():
+    st.title("Page two")
+    st.write("The second page of a minimal app.")
+
+st.navigation([st.Page(one, title="One", url_path="one", default=True), st.Page(two, title="Two", url_path="two")]).run()
+'''
+
+# sidebar link -> the page's title (its marker)
+PAGES = {"Project": "Project", "Explore": "Explore: proponents and opponents", "Triage": "Triage: mislabeled data",
+         "Leakage": "Leakage: train/test duplicates", "Report": "Report"}
+
+
+@contextlib.contextmanager
+def serve_minimal(workdir: Path):
+    app = workdir / "minimal_app.py"
+    app.write_text(MINIMAL_APP)
+    port = free_port()
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port), "--server.address",
+           "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none",
+           "--browser.gatherUsageStats", "false"]
+    log = open(workdir / "minimal.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if urllib.request.urlopen(base + "/_stcore/health", timeout=1).read().strip() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.1)
+        yield base
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        log.close()
+
+
+def _script_stopped(page) -> bool:
+    return page.get_attribute("[data-testid='stApp']", "data-test-script-state") not in ("running", "initial",
+                                                                                         "rerunRequested")
+
+
+def switch(page, link: str, marker: str, timeout: float = 60.0) -> float:
+    """Seconds from a sidebar click until ``marker`` is the page's title and its script has stopped."""
+    t0 = time.perf_counter()
+    page.locator(f"[data-testid='stSidebarNav'] a:has-text('{link}')").first.click()
+    page.locator(f"h1:has-text('{marker}')").first.wait_for(timeout=timeout * 1000)
+    while not _script_stopped(page):
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"{link}: still running after {timeout}s")
+        time.sleep(0.005)
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--json", help="write the docs/bench JSON here")
+    ap.add_argument("--switches", type=int, default=10)
+    a = ap.parse_args(argv)
+    from playwright.sync_api import sync_playwright
+
+    from engine.core.samples import prepare_sample
+
+    work = Path(a.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    proj = work / "digits"
+    if proj.exists():
+        shutil.rmtree(proj)  # the workdir is ours: every run starts from an unrun project
+    prepare_sample("digits", proj)
+    t = {}
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        try:
+            with serve_minimal(work) as base:
+                page.goto(base + "/")
+                wait_idle(page)
+                t["minimal_switch"] = [switch(page, name, title) for _ in range(a.switches)
+                                       for name, title in (("Two", "Page two"), ("One", "Page one"))]
+            with serve_app(proj, work / "server.log") as base:
+                page.goto(base + "/attribute")
+                wait_idle(page)
+                t0 = time.perf_counter()
+                page.locator("button:has-text('Run')").first.click()
+                page.locator("[data-testid='stProgress']").first.wait_for(timeout=60_000)
+                t["queued"] = [time.perf_counter() - t0]
+                page.get_by_text("No finished runs yet.").wait_for(state="detached", timeout=600_000)
+                t["run_done"] = [time.perf_counter() - t0]
+                page.locator("[data-testid='stSidebarNav'] a:has-text('Explore')").click()
+                page.get_by_text("proponents").first.wait_for(timeout=120_000)
+                page.locator("[data-testid='stImage'] img, [data-testid='stImageContainer'] img").nth(8).wait_for(
+                    timeout=120_000)
+                t["first_proponents"] = [time.perf_counter() - t0]
+                wait_idle(page)
+                for name, title in PAGES.items():  # first visit of each page fills its caches
+                    switch(page, name, title)
+                for name, title in PAGES.items():
+                    t[f"switch_{name.lower()}"] = [switch(page, name, title) for _ in range(a.switches)]
+                switch(page, "Embeddings", "Embeddings")
+                wait_idle(page)
+                t0 = time.perf_counter()
+                page.locator("button:has-text('Compute maps')").click()
+                page.locator("[data-testid='stPlotlyChart']").nth(1).wait_for(timeout=600_000)
+                t["influence_map"] = [time.perf_counter() - t0]
+        finally:
+            browser.close()
+    med = {k: statistics.median(v) for k, v in t.items()}
+    switches = [x for k, v in t.items() if k.startswith("switch_") for x in v]
+    med["proponent_switch"] = statistics.median(switches)
+    ratio = med["proponent_switch"] / med["minimal_switch"]
+    for k, v in med.items():
+        print(f"{k:22s} {v:7.3f} s  (n={len(t.get(k, switches))})")
+    print(f"page switch ratio (Proponent / minimal app): {ratio:.2f}")
+    if a.json:
+        from engine.storage.arrays import atomic_write_json
+
+        target = {"minimal_switch": "", "proponent_switch": "≤ 0.3 s and ≤ 2× minimal", "queued": "≤ 1 s",
+                  "first_proponents": "≤ 10 s", "influence_map": "≤ 10 s"}
+        rows = [[k, round(v, 3), len(t.get(k, switches)), target.get(k, "")] for k, v in med.items()]
+        rows.append(["page switch ratio (Proponent / minimal)", round(ratio, 2), "", "≤ 2"])
+        atomic_write_json(a.json, {
+            "title": "App latency (digits sample, real browser, against a minimal Streamlit app)",
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.system()} {platform.machine()}, CPU, {os.cpu_count()} cores shared, no GPU",
+            "command": f"python scripts/bench_app_latency.py --workdir /tmp/app-latency --json {a.json}",
+            "tables": [{"title": "Median seconds, measured by Playwright in Chromium (1600×1000)",
+                        "columns": ["step", "median s", "repeats", "target"], "rows": rows,
+                        "notes": "minimal_switch: a two-page st.navigation app with a title and a line of text per "
+                                 "page, served and measured in the same run. switch_*: sidebar click → the page's "
+                                 "title shown and its script stopped, with its results cached (first visits not "
+                                 "counted). queued: click Run → the job's progress bar. first_proponents: click Run "
+                                 "→ the Explore page shows proponent images. influence_map: click Compute maps (the "
+                                 "default UMAP layout, first use in the process) → both maps drawn."}],
+            "notes": "Wall-clock on a shared machine; the two apps were measured minutes apart in one run."})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Measure each method's cost as a multiple of one per-example gradient pass, for the app's estimates.
+
+    python scripts/measure_cost_ratios.py --workdir /tmp/cost-ratios
+
+Prepares the digits sample in the workdir, times one per-example gradient pass (the unit the
+Attribute page calibrates on every project), then runs every method with its defaults as the app's
+job does (fit + score of the test queries, self-scores and suspicion) and writes
+``seconds / (passes × examples × seconds per example)`` per method, plus the median start-up of a
+background job's worker, to app/services/cost_ratios.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app import jobs  # noqa: E402
+from app import services as svc  # noqa: E402
+from engine.core.errors import ProponentError  # noqa: E402
+from engine.core.project import Project  # noqa: E402
+from engine.core.samples import prepare_sample  # noqa: E402
+from engine.methods import list_methods  # noqa: E402
+from engine.storage.arrays import atomic_write_json  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--sample", default="digits")
+    ap.add_argument("--methods", default="", help="comma-separated (default: every method)")
+    ap.add_argument("--out", default=str(ROOT / "app" / "services" / "cost_ratios.json"))
+    a = ap.parse_args(argv)
+    work = Path(a.workdir).resolve()
+    proj = work / a.sample
+    if proj.exists():
+        shutil.rmtree(proj)  # the workdir is ours: every measurement starts from an unrun project
+    prepare_sample(a.sample, proj)
+    p = Project.load(proj)
+    per_ex = min(svc.calibrate_gradients(p) for _ in range(3))
+    unit = (len(p.train_dataset) + len(p.test_dataset)) * per_ex
+    methods = [m for m in (a.methods.split(",") if a.methods else [c.name for c in list_methods()]) if m]
+    ratios, seconds = {}, {}
+    startup = []
+    for m in methods:
+        t0 = time.perf_counter()
+        jid = jobs.start_job(p, "attribute", {"method": m, "settings": {}, "device": "cpu"})
+        j = jobs.wait(p, jid, timeout=3600)
+        wall = time.perf_counter() - t0
+        if j["status"] != "done":
+            print(f"{m:12s} {j['status']}: {j.get('message')}")
+            continue
+        run = next(r for r in svc.list_runs(p) if r["key"] == j["result"]["key"])
+        took = (run["fit_s"] or 0) + (run["score_s"] or 0)
+        try:
+            passes = svc.gradient_passes(p, m, {})
+        except ProponentError:
+            passes = 1
+        ratios[m] = round(took / (passes * unit), 2)
+        seconds[m] = round(took, 2)
+        startup += svc.job_startup_seconds([j])
+        print(f"{m:12s} {took:8.2f} s  (job wall {wall:.1f} s)  ratio {ratios[m]}")
+    startup.sort()
+    atomic_write_json(a.out, {
+        "command": "python scripts/measure_cost_ratios.py --workdir /tmp/cost-ratios",
+        "date": time.strftime("%Y-%m-%d"), "project": a.sample,
+        "seconds_per_example": per_ex, "examples": len(p.train_dataset) + len(p.test_dataset),
+        "startup_s": round(startup[len(startup) // 2], 2) if startup else 0.0,
+        "ratios": ratios, "seconds": seconds,
+        "notes": "ratio = the method's fit + score seconds / (gradient passes × examples × seconds per example), "
+                 "defaults, CPU, one machine shared with other work."})
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
