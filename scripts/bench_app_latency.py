@@ -85,11 +85,14 @@ def _script_stopped(page) -> bool:
                                                                                          "rerunRequested")
 
 
-def switch(page, link: str, marker: str, timeout: float = 60.0) -> float:
-    """Seconds from a sidebar click until ``marker`` is the page's title and its script has stopped."""
+def switch(page, link: str, marker: str, timeout: float = 60.0, first_paint: list | None = None) -> float:
+    """Seconds from a sidebar click until ``marker`` is the page's title and its script has stopped;
+    the seconds until the title alone shows are appended to ``first_paint``."""
     t0 = time.perf_counter()
     page.locator(f"[data-testid='stSidebarNav'] a:has-text('{link}')").first.click()
     page.locator(f"h1:has-text('{marker}')").first.wait_for(timeout=timeout * 1000)
+    if first_paint is not None:
+        first_paint.append(time.perf_counter() - t0)
     while not _script_stopped(page):
         if time.perf_counter() - t0 > timeout:
             raise TimeoutError(f"{link}: still running after {timeout}s")
@@ -121,8 +124,10 @@ def main(argv=None) -> int:
             with serve_minimal(work) as base:
                 page.goto(base + "/")
                 wait_idle(page)
-                t["minimal_switch"] = [switch(page, name, title) for _ in range(a.switches)
+                paint = []
+                t["minimal_switch"] = [switch(page, name, title, first_paint=paint) for _ in range(a.switches)
                                        for name, title in (("Two", "Page two"), ("One", "Page one"))]
+                t["minimal_first_paint"] = paint
             with serve_app(proj, work / "server.log") as base:
                 page.goto(base + "/attribute")
                 wait_idle(page)
@@ -140,8 +145,11 @@ def main(argv=None) -> int:
                 wait_idle(page)
                 for name, title in PAGES.items():  # first visit of each page fills its caches
                     switch(page, name, title)
-                for name, title in PAGES.items():
-                    t[f"switch_{name.lower()}"] = [switch(page, name, title) for _ in range(a.switches)]
+                paint = []
+                for _ in range(a.switches):  # round the pages: every click leaves one page for another
+                    for name, title in PAGES.items():
+                        t.setdefault(f"switch_{name.lower()}", []).append(switch(page, name, title, first_paint=paint))
+                t["proponent_first_paint"] = paint
                 switch(page, "Embeddings", "Embeddings")
                 wait_idle(page)
                 t0 = time.perf_counter()
@@ -160,7 +168,8 @@ def main(argv=None) -> int:
     if a.json:
         from engine.storage.arrays import atomic_write_json
 
-        target = {"minimal_switch": "", "proponent_switch": "≤ 0.3 s and ≤ 2× minimal", "queued": "≤ 1 s",
+        target = {"minimal_switch": "", "proponent_switch": "≤ 0.3 s and ≤ 2× minimal",
+                  "proponent_first_paint": "≤ 0.3 s", "queued": "≤ 1 s",
                   "first_proponents": "≤ 10 s", "influence_map": "≤ 10 s"}
         rows = [[k, round(v, 3), len(t.get(k, switches)), target.get(k, "")] for k, v in med.items()]
         rows.append(["page switch ratio (Proponent / minimal)", round(ratio, 2), "", "≤ 2"])
@@ -174,7 +183,8 @@ def main(argv=None) -> int:
                         "notes": "minimal_switch: a two-page st.navigation app with a title and a line of text per "
                                  "page, served and measured in the same run. switch_*: sidebar click → the page's "
                                  "title shown and its script stopped, with its results cached (first visits not "
-                                 "counted). queued: click Run → the job's progress bar. first_proponents: click Run "
+                                 "counted); *_first_paint: sidebar click → the new page's title shown (the rest of "
+                                 "the page fills in until the script stops). queued: click Run → the job's progress bar. first_proponents: click Run "
                                  "→ the Explore page shows proponent images. influence_map: click Compute maps (the "
                                  "default UMAP layout, first use in the process) → both maps drawn."}],
             "notes": "Wall-clock on a shared machine; the two apps were measured minutes apart in one run."})

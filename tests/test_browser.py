@@ -5,6 +5,8 @@ test's temporary folder; `assets/` for the README). With PROPONENT_APP_BENCH=PAT
 latencies are written there as a docs/bench JSON."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import platform
@@ -58,6 +60,11 @@ def test_user_flow(app_server, tmp_path):
             page.get_by_text("examples/s").first.wait_for(timeout=60_000)  # live progress from the job
             timings["progress_visible_s"] = time.perf_counter() - t_click
             page.screenshot(path=str(shots / "attribute-running.png"), full_page=True)
+            # reload mid-job: the new session finds the running job through SQLite and keeps showing it
+            page.reload()
+            wait_idle(page)
+            if page.get_by_text("No finished runs yet.").count():
+                page.locator("[data-testid='stProgress']").first.wait_for(timeout=30_000)
             page.get_by_text("No finished runs yet.").wait_for(state="detached", timeout=240_000)
             timings["run_done_s"] = time.perf_counter() - t_click
             wait_idle(page)
@@ -90,6 +97,14 @@ def test_user_flow(app_server, tmp_path):
             db_flags = svc.db_for(app_server["project"]).flags("train")
             assert db_flags[str(first_id)]["flag"] == "mislabeled"
 
+            # a deep link to a query, opened in a second tab, shows that query
+            tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+            tab.goto(page.url.split("?")[0] + "?" + "&".join(
+                f"{k}={v}" for k, v in (("project", str(app_server["project"])), ("q", "9"))))
+            wait_idle(tab)
+            tab.get_by_text("Query: test #9").wait_for(timeout=30_000)
+            tab.close()
+
             # 6. reload; 7. the flag is still there (same query from the URL, flag from SQLite)
             page.reload()
             wait_idle(page)
@@ -102,7 +117,7 @@ def test_user_flow(app_server, tmp_path):
             # page change once results are cached
             t0 = time.perf_counter()
             page.locator("[data-testid='stSidebarNav'] a:has-text('Triage')").click()
-            page.get_by_text("Bulk actions").wait_for(timeout=60_000)
+            page.get_by_text("Bulk actions", exact=True).wait_for(timeout=60_000)
             wait_idle(page)
             timings["page_change_triage_s"] = time.perf_counter() - t0
             page.screenshot(path=str(shots / "triage.png"), full_page=True)
@@ -131,6 +146,31 @@ def test_user_flow(app_server, tmp_path):
             page.get_by_text("Top-8 proponents").first.wait_for(timeout=60_000)
             wait_idle(page)
             timings["page_change_explore_s"] = time.perf_counter() - t0
+
+            # select two suspects in the grid and export them: the CSV holds exactly those rows
+            page.locator("[data-testid='stSidebarNav'] a:has-text('Triage')").click()
+            page.get_by_text("Bulk actions", exact=True).wait_for(timeout=60_000)
+            wait_idle(page)
+            page.get_by_text("Grid of the suspects above").click()
+            wait_idle(page)
+            boxes = page.locator("[data-testid='stCheckbox']:has-text('select #')")
+            picked = []
+            for k in (0, 2):
+                label = boxes.nth(k).inner_text()
+                picked.append(int(label.split("#")[1].split()[0]))
+                boxes.nth(k).locator("label").click()
+                wait_idle(page)
+            page.get_by_text("2 selected in the grid").wait_for(timeout=30_000)
+            with page.expect_download() as dl:
+                page.locator("[data-testid='stDownloadButton'] button:has-text('Export the 2 selected')").first.click()
+            rows = list(csv.DictReader(io.StringIO(Path(dl.value.path()).read_text())))
+            assert sorted(int(r["index"]) for r in rows) == sorted(picked), (rows, picked)
+            page.screenshot(path=str(shots / "triage-grid.png"), full_page=True)
+
+            for name in ("Synset", "Attribute", "Project"):  # every page opens without an error
+                page.locator(f"[data-testid='stSidebarNav'] a:has-text('{name}')").click()
+                wait_idle(page)
+                assert page.locator("[data-testid='stException']").count() == 0, name
 
             page.locator("[data-testid='stSidebarNav'] a:has-text('Leakage')").click()
             wait_idle(page)

@@ -119,3 +119,40 @@ def test_run_cache_is_reused(digits_project, copy_project, monkeypatch):
     monkeypatch.setattr(grad_dot.GradDot, "_fit", boom)
     b = attribute(p, "grad-dot")
     np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_float16_feature_store_halves_the_disk_and_keeps_the_scores(digits_project, tmp_path):
+    """float16 chunks take half the bytes, read back as float32 within float16's rounding, and a
+    chunk out of float16's range is kept in float32 rather than overflowing."""
+    p = digits_project
+    comp = GradientComputer(p.load_model())
+    proj = make_projector("rademacher", comp.n_params, 64, seed=0)
+    x, y = p.train_dataset.x[:300], p.train_dataset.y[:300]
+    full = featurize(comp, proj, x, y, tmp_path / "f32", chunk_rows=128)
+    half = featurize(comp, proj, x, y, tmp_path / "f16", chunk_rows=128, dtype="float16")
+    size = lambda d: sum(f.stat().st_size for f in d.glob("chunk_*.npy"))
+    assert size(tmp_path / "f16") < 0.6 * size(tmp_path / "f32")
+    a, b = full.to_array(), half.to_array()
+    assert b.dtype == np.float32 and np.abs(a - b).max() <= 1e-3 * np.abs(a).max()
+    np.testing.assert_allclose(half.read_rows(np.array([5, 200])), b[[5, 200]])
+    # values beyond float16's range: that chunk stays float32
+    from engine.autodiff.features import F16_MAX
+    from engine.storage.arrays import load_npy
+
+    xb = x * 1e6
+    big = featurize(comp, proj, xb, y, tmp_path / "big", chunk_rows=128, dtype="float16")
+    raw = load_npy(big.chunk_path(0), mmap=False)
+    assert np.abs(raw).max() > F16_MAX and raw.dtype == np.float32 and np.isfinite(big.to_array()).all()
+    with pytest.raises(Exception, match="feature dtype"):
+        featurize(comp, proj, x, y, tmp_path / "bad", dtype="int8")
+
+
+def test_trak_float16_features_give_the_same_ranking(digits_project, copy_project):
+    s16 = attribute(copy_project(digits_project), "trak", "test", {"feature_dtype": "float16"}, device="cpu")
+    s32 = attribute(digits_project, "trak", "test", {"feature_dtype": "float32"}, device="cpu")
+    q = np.arange(20)
+    top16 = np.argsort(-s16[q], axis=1)[:, :10]
+    top32 = np.argsort(-s32[q], axis=1)[:, :10]
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top16, top32)])
+    assert overlap >= 0.9, overlap
+    assert np.corrcoef(s16[q].ravel(), s32[q].ravel())[0, 1] > 0.999

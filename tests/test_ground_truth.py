@@ -59,7 +59,7 @@ def test_trak_without_projection_matches_closed_form(logreg_project):
     from engine.autodiff import GradientComputer, correct_class_probability
 
     p = logreg_project
-    S = attribute(p, "trak", settings={"proj_dim": 0, "damping": 1e-6})
+    S = attribute(p, "trak", settings={"proj_dim": 0, "damping": 1e-6, "feature_dtype": "float32"})
     model = p.load_model()
     comp = GradientComputer(model)
     phi = comp.full(p.train_dataset.x, p.train_dataset.y, "margin").double().numpy()

@@ -14,6 +14,8 @@ from engine.core.errors import Cancelled, ProponentError
 from engine.storage.arrays import ChunkedArray
 
 ProgressFn = Callable[[str, int, int], None]
+FEATURE_DTYPES = ("float32", "float16")
+F16_MAX = 6.0e4  # below float16's largest finite value (65504), with room for rounding up
 
 
 def project_gradients(computer: GradientComputer, projector: Projector, x: torch.Tensor, y: torch.Tensor,
@@ -26,13 +28,17 @@ def project_gradients(computer: GradientComputer, projector: Projector, x: torch
 def featurize(computer: GradientComputer, projector: Projector, x: torch.Tensor, y: torch.Tensor, folder: str | Path,
               *, kind: str = "margin", chunk_rows: int = 1024, meta: dict | None = None,
               progress: ProgressFn | None = None, stage: str = "featurize", cancel: Callable[[], bool] | None = None,
-              ) -> ChunkedArray:
+              dtype: str = "float32") -> ChunkedArray:
     """Write [n, k] projected gradients to ``folder`` in chunks, skipping chunks already written.
 
     ``meta`` must identify the request (model, projection, kind); a folder holding another
-    request's chunks is cleared rather than mixed.
+    request's chunks is cleared rather than mixed. ``dtype="float16"`` halves the store; a chunk
+    whose values do not fit float16's range is kept in float32 (readers widen float16 chunks).
     """
-    store = ChunkedArray(folder, len(y), chunk_rows, meta={**(meta or {}), "kind": kind, **projector.describe()})
+    if dtype not in FEATURE_DTYPES:
+        raise ProponentError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, not {dtype!r}")
+    store = ChunkedArray(folder, len(y), chunk_rows, meta={**(meta or {}), "kind": kind, **projector.describe(),
+                                                           **({"dtype": dtype} if dtype != "float32" else {})})
     missing = store.missing_chunks()
     done_rows = len(y) - sum(store.chunk_bounds(c)[1] - store.chunk_bounds(c)[0] for c in missing)
     if progress:
@@ -45,7 +51,10 @@ def featurize(computer: GradientComputer, projector: Projector, x: torch.Tensor,
         if not torch.isfinite(block).all():
             bad = int(torch.nonzero(~torch.isfinite(block).all(1))[0, 0]) + lo
             raise ProponentError(f"non-finite gradient for training row {bad}; the checkpoint may have diverged")
-        store.write_chunk(c, block.numpy())
+        arr = block.numpy()
+        if dtype == "float16" and np.abs(arr).max(initial=0.0) < F16_MAX:
+            arr = arr.astype(np.float16)
+        store.write_chunk(c, arr)
         done_rows += hi - lo
         if progress:
             progress(stage, done_rows, len(y))
@@ -56,7 +65,8 @@ def checkpoint_feature_store(project, checkpoint, folder: str | Path, *, kind: s
                              proj_dim: int | None, seed: int, model_id: int, device: str,
                              x: torch.Tensor | None = None, y: torch.Tensor | None = None,
                              progress: ProgressFn | None = None, cancel=None,
-                             stage: str = "featurize") -> tuple[ChunkedArray, GradientComputer, Projector]:
+                             stage: str = "featurize", dtype: str = "float32",
+                             ) -> tuple[ChunkedArray, GradientComputer, Projector]:
     """Projected per-example gradients of the training set (or ``x, y``) at one checkpoint, as an
     on-disk chunked store read chunk by chunk.
 
@@ -69,7 +79,7 @@ def checkpoint_feature_store(project, checkpoint, folder: str | Path, *, kind: s
     if x is None:
         x, y = project.train_dataset.x, project.train_dataset.y
     store = featurize(computer, projector, x, y, folder, kind=kind, progress=progress, stage=stage, cancel=cancel,
-                      meta={"checkpoint": checkpoint.key, "seed": seed, "model_id": model_id})
+                      meta={"checkpoint": checkpoint.key, "seed": seed, "model_id": model_id}, dtype=dtype)
     return store, computer, projector
 
 

@@ -192,7 +192,9 @@ class ChunkedArray:
         atomic_save_npy(self.chunk_path(c), block)
 
     def read_chunk(self, c: int) -> np.ndarray:
-        return load_npy(self.chunk_path(c), mmap=False)
+        """One chunk, float16 chunks widened to float32 (a store may hold both: see ``write_chunk``)."""
+        block = load_npy(self.chunk_path(c), mmap=False)
+        return block.astype(np.float32) if block.dtype == np.float16 else block
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """Rows at arbitrary positions, reading only the chunks that hold them (memory-mapped)."""
@@ -203,6 +205,8 @@ class ChunkedArray:
             sel = np.nonzero(chunk_of == c)[0]
             block = load_npy(self.chunk_path(int(c)), mmap=True)
             part = np.asarray(block[rows[sel] - int(c) * self.chunk_rows])
+            if part.dtype == np.float16:
+                part = part.astype(np.float32)
             if out is None:
                 out = np.empty((len(rows), part.shape[1]), dtype=part.dtype)
             out[sel] = part
