@@ -67,6 +67,11 @@ def main(argv=None) -> int:
         startup += svc.job_startup_seconds([j])
         print(f"{m:12s} {took:8.2f} s  (job wall {wall:.1f} s)  ratio {ratios[m]}")
     startup.sort()
+    if a.methods and Path(a.out).is_file():  # a partial run updates the methods it measured
+        old = json.loads(Path(a.out).read_text())
+        ratios = {**old.get("ratios", {}), **ratios}
+        seconds = {**old.get("seconds", {}), **seconds}
+        startup = startup or [old.get("startup_s", 0.0)]
     atomic_write_json(a.out, {
         "command": "python scripts/measure_cost_ratios.py --workdir /tmp/cost-ratios",
         "date": time.strftime("%Y-%m-%d"), "project": a.sample,

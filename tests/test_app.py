@@ -933,3 +933,23 @@ def _influence_parts(p):
 
     comp = GradientComputer(p.load_model())
     return comp, make_projector("auto", comp.n_params, min(256, comp.n_params), seed=0)
+
+
+def test_triage_table_pages_instead_of_growing(ran_project, tmp_path, monkeypatch):
+    """Rows per page are capped (500) and the rest is reached by pages, so the editor stays small on a
+    100k-row set; page 2 starts where page 1 ended."""
+    p = _copy(ran_project, tmp_path / "digits")  # (no recommended ranking: the run's own order)
+    shutil.copytree(ran_project.state_dir / "runs", p.state_dir / "runs")
+    for r in svc.db_for(ran_project).list_runs():
+        svc.db_for(p).upsert_run(r["key"], **{k: v for k, v in r.items() if k != "key"})
+    table = svc.triage_table(p, svc.done_runs(p)[0]["key"], "trak", flags={})
+    at = _app(monkeypatch, p, "triage")
+    top = next(n for n in at.number_input if n.key == "t_top")
+    assert top.max == min(500, len(table))
+    at = top.set_value(10).run()
+    page = next(n for n in at.number_input if n.key == "t_page")
+    assert page.max == -(-len(table) // 10)
+    at = page.set_value(2).run()
+    assert not at.exception
+    eleventh = int(table["index"][10])
+    assert any(c.value.startswith("Suspect 1 of 10") and f"train #{eleventh} " in c.value for c in at.caption)

@@ -62,7 +62,9 @@ f1, f2, f3 = st.columns([2, 2, 1])
 cls = f1.multiselect("Class (given label)", [str(c) for c in project.classes], key="t_classes")
 state = f2.selectbox("Flag state", ["all", "unflagged", "flagged", "mislabeled", "ok", "ambiguous", "leak"],
                      key="t_state")
-top_n = int(f3.number_input("Show top", 10, len(table), min(50, len(table)), step=10, key="t_top"))
+PAGE_MAX = 500  # rows per page: a data editor stays responsive at this size whatever n_train is
+top_n = int(f3.number_input("Rows per page", 1, max(1, min(PAGE_MAX, len(table))), max(1, min(50, len(table))),
+                            step=10, key="t_top", help=f"At most {PAGE_MAX}; page through the rest below."))
 view = table
 if cls:
     view = view[view["label"].isin(cls)]
@@ -72,7 +74,12 @@ elif state == "flagged":
     view = view[view["flag"].notna()]
 elif state != "all":
     view = view[view["flag"] == state]
-view = view.head(top_n).reset_index(drop=True)
+n_pages = max(1, -(-len(view) // top_n))
+page_no = 1
+if n_pages > 1:
+    page_no = int(st.number_input(f"Page (of {n_pages:,}; {len(view):,} suspects match)", 1, n_pages, 1,
+                                  key="t_page"))
+view = view.iloc[(page_no - 1) * top_n: page_no * top_n].reset_index(drop=True)
 
 same_as_self = bool(len(table)) and np.allclose(table["suspicion"], table["self_influence"], equal_nan=True)
 if ranking_done:
@@ -95,7 +102,7 @@ elif project.data_format == "text" and len(shown):
 # the editor's key changes after every write and with the filters, so an edit is applied exactly once
 # and a stale edit can never land on another row or undo a later bulk action
 ver = st.session_state.setdefault("editor_v", 0)
-ekey = f"editor_{run['key']}_{ver}_" + svc.stable_hash([cls, state, top_n], 8)
+ekey = f"editor_{run['key']}_{ver}_" + svc.stable_hash([cls, state, top_n, page_no], 8)
 edited = st.data_editor(
     shown, hide_index=True, key=ekey, height=360,
     disabled=[c for c in shown.columns if c not in svc.EDITABLE],
@@ -280,8 +287,8 @@ if clusters.is_cluster_run(run):
 st.subheader("Bulk actions")
 b1, b2 = st.columns([3, 2])
 choices = [int(i) for i in view["index"]]
-sel = b1.multiselect("Training examples", choices, key="bulk_sel",
-                     format_func=lambda i: f"#{i} (label {table.set_index('index').at[i, 'label']})")
+label_of = dict(zip((int(i) for i in table["index"]), table["label"]))
+sel = b1.multiselect("Training examples", choices, key="bulk_sel", format_func=lambda i: f"#{i} (label {label_of[i]})")
 top_k_sel = b2.number_input("…or the top N shown", 0, len(choices), 0, key="bulk_topn")
 targets = sel or grid_sel or choices[: int(top_k_sel)]
 action = st.selectbox("Action", ["flag mislabeled", "flag ok", "flag ambiguous", "flag leak", "clear flag",
