@@ -251,6 +251,8 @@ def fmt_seconds(s: float) -> str:
 
 
 def fmt_flag(flag) -> str:
+    if flag is None or (isinstance(flag, float) and flag != flag):  # a table cell without a flag is NaN
+        return "—"
     return FLAG_ICONS.get(flag, str(flag)) or "—"
 
 
