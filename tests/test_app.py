@@ -870,9 +870,11 @@ def test_review_shows_the_suspects_own_proponents_and_opponents(ran_project, tmp
     label up and who pulls against it."""
     p = _copy(ran_project, tmp_path / "digits")
     shutil.copytree(ran_project.state_dir / "runs", p.state_dir / "runs")
-    for r in svc.db_for(ran_project).list_runs():
-        svc.db_for(p).upsert_run(r["key"], **{k: v for k, v in r.items() if k != "key"})
+    for r in svc.db_for(ran_project).list_runs():  # TRAK runs only (other tests may have added kNN runs)
+        if r["method"] == "trak":
+            svc.db_for(p).upsert_run(r["key"], **{k: v for k, v in r.items() if k != "key"})
     run = svc.done_runs(p)[0]
+    assert run["method"] == "trak"
     table = svc.triage_table(p, run["key"], "trak", flags={})
     first = int(table["index"][0])
     at = _app(monkeypatch, p, "triage")

@@ -61,7 +61,7 @@ def test_text_explore_and_triage(text_app, tmp_path):
             page.screenshot(path=str(shots / "explore-text.png"), full_page=True)
 
             page.locator("[data-testid='stSidebarNav'] a:has-text('Triage')").click()
-            page.get_by_text("Bulk actions").wait_for(timeout=120_000)
+            page.get_by_text("Bulk actions", exact=True).wait_for(timeout=120_000)
             wait_idle(page)
             # the suspects table carries a text column with the most suspicious sentence first
             tri = svc.triage_table(project, key, "trak", flags={})
