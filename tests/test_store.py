@@ -95,3 +95,47 @@ def test_zero_dim_arrays_stay_zero_dim(tmp_path):
     atomic_save_npy(tmp_path / "lam.npy", np.array(0.25))
     back = np.load(tmp_path / "lam.npy")
     assert back.shape == () and float(back) == 0.25
+
+
+def test_full_disk_is_one_line_and_keeps_what_was_written(digits_project, tmp_path, monkeypatch, capsys):
+    """A disk that fills up mid-run ends the command with one line naming the file (exit 2, no
+    traceback); the chunks finished before stay, and the next run resumes from them."""
+    import errno
+    import shutil
+
+    import engine.storage.arrays as store
+    from engine.cli import main
+
+    proj = tmp_path / "digits"
+    shutil.copytree(digits_project.root, proj, ignore=shutil.ignore_patterns(".proponent"))
+    real_save, calls = store.np.save, {"n": 0}
+
+    def filling_save(f, arr, allow_pickle=False):
+        calls["n"] += 1
+        if calls["n"] > 1:  # the first chunk lands, then the disk is full
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(f, arr, allow_pickle=allow_pickle)
+
+    monkeypatch.setattr(store.np, "save", filling_save)
+    code = main(["attribute", str(proj), "--method", "grad-dot", "--set", "proj_dim=64"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no space left on device" in err[0] and "Traceback" not in err[0], err
+    assert ".npy" in err[0] and not list(proj.rglob("*.tmp"))
+    kept = list(proj.rglob("chunk_*.npy"))
+    assert len(kept) == 1
+    monkeypatch.setattr(store.np, "save", real_save)
+    assert main(["attribute", str(proj), "--method", "grad-dot", "--set", "proj_dim=64"]) == 0
+    assert kept[0].is_file()
+
+
+def test_a_reset_store_deletes_only_its_own_chunks(tmp_path):
+    a = ChunkedArray(tmp_path / "c", 10, 4, meta={"k": 1})
+    a.write_chunk(0, np.ones((4, 2)))
+    (tmp_path / "c" / "notes.txt").write_text("the user's")
+    (tmp_path / "c" / "chunk_backup.csv").write_text("the user's too")
+    np.save(tmp_path / "c" / "chunk_mine.npy", np.zeros(3))
+    ChunkedArray(tmp_path / "c", 10, 4, meta={"k": 2})  # another request: its old chunks go
+    assert not (tmp_path / "c" / "chunk_000000.npy").exists()
+    assert (tmp_path / "c" / "notes.txt").read_text() == "the user's"
+    assert (tmp_path / "c" / "chunk_backup.csv").is_file() and (tmp_path / "c" / "chunk_mine.npy").is_file()

@@ -8,6 +8,7 @@ first missing chunk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -30,6 +31,9 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # mkstemp makes 0600 files; results should read like any other file
 
 
+_CANNOT_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def _atomic_write(path: str | Path, write) -> None:
     """Write through ``write(fileobj)`` to a temporary file in the same folder, fsync, rename."""
     path = Path(path)
@@ -43,9 +47,15 @@ def _atomic_write(path: str | Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in _CANNOT_WRITE:
+            # a full disk or a read-only/forbidden folder is the user's to fix: one line, nothing half-written
+            from engine.core.errors import ProponentError
+
+            raise ProponentError(f"cannot write: {os.strerror(e.errno).lower()} (nothing was half-written; finished "
+                                 f"parts are kept and a rerun resumes)", file=str(path)) from None
         raise
 
 
@@ -164,7 +174,8 @@ class ChunkedArray:
             if have != json.loads(json.dumps(want, default=json_default)):
                 # a different request under the same folder: start over rather than mix results
                 for f in self.folder.glob("chunk_*.npy"):
-                    f.unlink()
+                    if re.fullmatch(r"chunk_\d{6}", f.stem):  # only what this store wrote
+                        f.unlink()
                 atomic_write_json(manifest, want)
         else:
             atomic_write_json(manifest, want)
