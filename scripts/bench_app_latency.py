@@ -32,6 +32,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MARKER = ".proponent-bench-workdir"
 sys.path.insert(0, str(ROOT))
 
 from tests.browser_support import CHROMIUM_ARGS, free_port, serve_app, wait_idle  # noqa: E402
@@ -114,8 +115,13 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     proj = work / "digits"
     if proj.exists():
-        shutil.rmtree(proj)  # the workdir is ours: every run starts from an unrun project
+        # every run starts from an unrun project, but only a folder this script made is removed
+        if not (proj / MARKER).is_file():
+            print(f"bench_app_latency: {proj} exists and was not made by this script; give another --workdir" , file=sys.stderr)
+            return 2
+        shutil.rmtree(proj)
     prepare_sample("digits", proj)
+    (proj / MARKER).write_text("made by scripts/bench_app_latency.py; removed and made again on its next run\n")
     t = {}
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)

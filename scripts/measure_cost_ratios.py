@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MARKER = ".proponent-bench-workdir"
 sys.path.insert(0, str(ROOT))
 
 from app import jobs  # noqa: E402
@@ -40,8 +41,13 @@ def main(argv=None) -> int:
     work = Path(a.workdir).resolve()
     proj = work / a.sample
     if proj.exists():
-        shutil.rmtree(proj)  # the workdir is ours: every measurement starts from an unrun project
+        # every run starts from an unrun project, but only a folder this script made is removed
+        if not (proj / MARKER).is_file():
+            print(f"measure_cost_ratios: {proj} exists and was not made by this script; give another --workdir" , file=sys.stderr)
+            return 2
+        shutil.rmtree(proj)
     prepare_sample(a.sample, proj)
+    (proj / MARKER).write_text("made by scripts/measure_cost_ratios.py; removed and made again on its next run\n")
     p = Project.load(proj)
     per_ex = min(svc.calibrate_gradients(p) for _ in range(3))
     unit = (len(p.train_dataset) + len(p.test_dataset)) * per_ex

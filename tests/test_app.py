@@ -955,3 +955,16 @@ def test_triage_table_pages_instead_of_growing(ran_project, tmp_path, monkeypatc
     assert not at.exception
     eleventh = int(table["index"][10])
     assert any(c.value.startswith("Suspect 1 of 10") and f"train #{eleventh} " in c.value for c in at.caption)
+    # on the last page, more rows per page shrink the page count: the page falls back to the new last one
+    at = next(n for n in at.number_input if n.key == "t_page").set_value(page.max).run()
+    at = next(n for n in at.number_input if n.key == "t_top").set_value(500).run()
+    assert not at.exception and not at.warning, [w.value for w in at.warning]
+    last = next(n for n in at.number_input if n.key == "t_page")
+    assert last.value == last.max == -(-len(table) // 500)
+
+
+def test_an_unflagged_cell_reads_as_a_dash():
+    from app import ui
+
+    assert ui.fmt_flag(float("nan")) == ui.fmt_flag(None) == "—"
+    assert "mislabeled" in ui.fmt_flag("mislabeled")

@@ -97,8 +97,9 @@ else:
     if a5.button("Clear selection", key="sel_clear"):
         st.session_state["e_sel_gen"] = gen + 1
         st.rerun()
-    # built after any flag above, so the file carries the decision just made
-    a6.download_button("Export (CSV)", svc.selection_csv(project, db, selected), file_name="selection.csv",
+    # built when clicked (not on every rerun), so the file carries the flags as they are then
+    a6.download_button("Export (CSV)", lambda sel=tuple(selected): svc.selection_csv(project, db, sel),
+                       file_name="selection.csv",
                        mime="text/csv", key="sel_export",
                        help="The selected examples with their file, given label, flag, note and time (the flags "
                             "export's columns).")

@@ -77,8 +77,10 @@ elif state != "all":
 n_pages = max(1, -(-len(view) // top_n))
 page_no = 1
 if n_pages > 1:
-    page_no = int(st.number_input(f"Page (of {n_pages:,}; {len(view):,} suspects match)", 1, n_pages, 1,
-                                  key="t_page"))
+    if int(st.session_state.get("t_page", 1)) > n_pages:  # the filters shrank the list: back to its last page
+        st.session_state["t_page"] = n_pages
+    page_no = int(st.number_input(f"Page (of {n_pages:,}; {len(view):,} suspects match)", min_value=1,
+                                  max_value=n_pages, key="t_page"))
 view = view.iloc[(page_no - 1) * top_n: page_no * top_n].reset_index(drop=True)
 
 same_as_self = bool(len(table)) and np.allclose(table["suspicion"], table["self_influence"], equal_nan=True)
@@ -150,7 +152,7 @@ if st.toggle("Grid of the suspects above (tick to select for the bulk actions be
 
 def _own_influences(i: int, row) -> None:
     """The suspect as a query: which training examples hold its given label up (proponents) and which
-    pull against it (opponents; for a flipped label, typically examples of its true class)."""
+    pull against it (opponents)."""
     path = svc.train_query_scores_path(project, i, run["key"])
     if not path.is_file():
         job = ui.last_job(project, "suspect", {"index": i, "run": run["key"]})
@@ -310,7 +312,8 @@ if st.button(f"Apply to {len(targets)} example(s)", key="bulk_apply", disabled=n
     st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
     st.toast(f"{action}: {n} example(s) updated")
     st.rerun()
-st.download_button(f"Export the {len(targets)} selected (CSV)", svc.selection_csv(project, db, targets, table),
+st.download_button(f"Export the {len(targets)} selected (CSV)",
+                   lambda sel=tuple(targets): svc.selection_csv(project, db, sel, table),
                    file_name=f"{project.name}-selection.csv", mime="text/csv", key="dl_selection",
                    disabled=not targets, help="index, file, given and suggested label, score, flag, note, time")
 

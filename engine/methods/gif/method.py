@@ -44,10 +44,10 @@ from engine.methods.gif.solvers import (
 )
 
 MAX_GRADIENT_ENTRIES = 250_000_000  # n_train × p float32 training gradients held in memory (1 GB)
-# self-influence needs one solve per training example, and a training row (often memorised) takes
-# far more CG iterations than a test query: on the digits sample (1,437 rows) test queries went at
-# 1.1 solves/s and training rows at 0.05 solves/s, over 7 hours for all of them on 2 cores
-# (scripts/measure_cost_ratios.py). Above this size triage uses the recommended ranking or TRAK.
+# self-influence needs one solve per training example: on the digits sample (1,445 rows, 2 cores;
+# scripts/measure_cost_ratios.py) the app's GIF job with self-influence was still running after about
+# 10 minutes, its progress at 0.05 solves/s, while without it all 360 test queries took 156 s.
+# Above this size triage uses the recommended ranking or TRAK.
 SELF_SCORE_MAX_EXAMPLES = 256
 
 
