@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.autodiff import resolve_device
+from engine.autodiff import distributed, resolve_device
 from engine.autodiff.threads import gradient_threads, intra_op_threads
 from engine.core.errors import ProponentError
 from engine.core.project import Project
@@ -59,7 +59,9 @@ def fit_method(project: Project, method: str, settings=None, *, device: str = "a
     device = resolve_device(device)
     att = cls(settings, device=device, workdir=run_dir(project, key) / "work", progress=progress, cancel=cancel)
     prior = db.get_run(key)
-    if prior is None or prior["status"] != "done":
+    # under torchrun rank 0 alone keeps the run record
+    record = distributed.is_main() and (prior is None or prior["status"] != "done")
+    if record:
         db.upsert_run(key, method=method, settings=settings_dict(settings), checkpoint_hash=project.checkpoint_hash(),
                       status="running", device=device)
     threads = gradient_threads(project, device=device)
@@ -71,11 +73,11 @@ def fit_method(project: Project, method: str, settings=None, *, device: str = "a
             att.fit(project)
     except BaseException as e:
         status = "cancelled" if type(e).__name__ == "Cancelled" or isinstance(e, KeyboardInterrupt) else "failed"
-        if prior is None or prior["status"] != "done":
+        if record:
             db.upsert_run(key, status=status, message=str(e)[:500])
         raise
     fit_s = time.perf_counter() - t0
-    if prior is None or prior["status"] != "done":
+    if record:
         db.upsert_run(key, fit_seconds=fit_s, meta=att.meta)
     att.meta["fit_seconds"] = fit_s
     return att, key
@@ -99,9 +101,18 @@ def cached_scores(project: Project, method: str, settings=None, *, device: str =
     db = StateDB.for_project(project)
     files = {n: folder / f"{n}.npy" for n in ("scores", "self_scores", "suspicion")}
     row = db.get_run(key)
-    if use_cache and row and row["status"] == "done" and all(f.is_file() for f in files.values()):
+    done = bool(use_cache and row and row["status"] == "done" and all(f.is_file() for f in files.values()))
+    if distributed.agree(done):  # under torchrun every rank takes rank 0's view of the cache
+        if not distributed.is_main():
+            return {"key": key, "rank": distributed.rank(), "meta": {}}
         return {"key": key, "meta": row.get("meta") or {}, **{n: load_npy(f) for n, f in files.items()}}
+    if distributed.active() and not cls.shards_over_ranks:
+        distributed.stop()  # this method does not split its fit: rank 0 runs it alone
+        if not distributed.is_main_process():
+            return {"key": key, "rank": distributed.process_rank(), "meta": {}}
     att, key = fit_method(project, method, settings, device=device, progress=progress, cancel=cancel, db=db)
+    if not distributed.is_main():  # rank 0 scores; the other ranks' share of the fit is done
+        return {"key": key, "rank": distributed.rank(), "meta": att.meta}
     t0 = time.perf_counter()
     n_test, n_train = len(project.test_dataset), len(project.train_dataset)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.api import cached_scores, run_dir
+from engine.autodiff import distributed, resolve_device
 from engine.autodiff.threads import gradient_threads
 from engine.core.checkpoints import import_trajectory
 from engine.core.errors import ProponentError
@@ -80,7 +81,15 @@ def advise_method(p, method: str | None, settings) -> None:
 
 def cmd_attribute(a) -> int:
     p = _project(a.project)
-    res = cached_scores(p, a.method, _settings(a.set), device=a.device, progress=_progress(), use_cache=not a.no_cache)
+    # under torchrun (`torchrun --nproc_per_node N -m engine.cli attribute …`) the ranks share the fit
+    distributed.start(resolve_device(a.device))
+    try:
+        res = cached_scores(p, a.method, _settings(a.set), device=a.device,
+                            progress=_progress() if distributed.is_main_process() else None, use_cache=not a.no_cache)
+    finally:
+        distributed.stop()
+    if not distributed.is_main_process():
+        return 0  # rank 0 reports and writes the outputs
     print_advisories(res.get("meta") or {})
     S = res["scores"]  # memory-mapped from the run's store; read a row at a time
 
@@ -387,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         a, rest = ap.parse_known_args(argv)
         if rest and not getattr(a, "passthrough", False):
             ap.error(f"unrecognized arguments: {' '.join(rest)}")
+        if distributed.launched_by_torchrun() and a.func is not cmd_attribute:
+            raise ProponentError(f"only 'attribute' splits its work over torchrun's processes; run "
+                                 f"'proponent {argv[0]}' without torchrun")
         return a.func(a, rest) if getattr(a, "passthrough", False) else a.func(a)
     except ProponentError as e:
         print(f"proponent: error: {e}", file=sys.stderr)

@@ -78,14 +78,14 @@ def test_killed_featurization_resumes_to_same_result(digits_project, tmp_path):
     proc.start()
     proc.join(300)
     assert proc.exitcode == 9
-    written = sorted(f.name for f in (tmp_path / "run").glob("chunk_*.npy"))
-    assert 0 < len(written) < 8, written
+    done = (tmp_path / "run" / "done.bin").read_bytes()  # the done-mask: one byte per chunk
+    assert 0 < done.count(1) < 8 and done.count(1) + done.count(0) == len(done), done
     assert not list((tmp_path / "run").glob("*.tmp"))  # nothing half-written
 
     seen = []
     store = featurize(comp, proj, p.train_dataset.x, p.train_dataset.y, tmp_path / "run", chunk_rows=200,
                       progress=lambda s, d, t: seen.append(d))
-    assert seen[0] == 200 * len(written)  # resumed where it stopped
+    assert seen[0] == 200 * done.count(1)  # resumed where it stopped
     np.testing.assert_array_equal(store.to_array(), full)
 
 
@@ -122,27 +122,28 @@ def test_run_cache_is_reused(digits_project, copy_project, monkeypatch):
 
 
 def test_float16_feature_store_halves_the_disk_and_keeps_the_scores(digits_project, tmp_path):
-    """float16 chunks take half the bytes, read back as float32 within float16's rounding, and a
-    chunk out of float16's range is kept in float32 rather than overflowing."""
+    """float16 stores take half the bytes, read back as float32 within float16's rounding, and a
+    chunk out of float16's range is stored scaled rather than overflowing."""
     p = digits_project
     comp = GradientComputer(p.load_model())
     proj = make_projector("rademacher", comp.n_params, 64, seed=0)
     x, y = p.train_dataset.x[:300], p.train_dataset.y[:300]
     full = featurize(comp, proj, x, y, tmp_path / "f32", chunk_rows=128)
     half = featurize(comp, proj, x, y, tmp_path / "f16", chunk_rows=128, dtype="float16")
-    size = lambda d: sum(f.stat().st_size for f in d.glob("chunk_*.npy"))
+    size = lambda d: (d / "data.npy").stat().st_size
     assert size(tmp_path / "f16") < 0.6 * size(tmp_path / "f32")
     a, b = full.to_array(), half.to_array()
     assert b.dtype == np.float32 and np.abs(a - b).max() <= 1e-3 * np.abs(a).max()
     np.testing.assert_allclose(half.read_rows(np.array([5, 200])), b[[5, 200]])
-    # values beyond float16's range: that chunk stays float32
-    from engine.autodiff.features import F16_MAX
-    from engine.storage.arrays import load_npy
+    # values beyond float16's range: that chunk is stored divided by a power of two, not overflowed
+    from engine.storage.arrays import F16_MAX
 
     xb = x * 1e6
+    big32 = featurize(comp, proj, xb, y, tmp_path / "big32", chunk_rows=128).to_array()
     big = featurize(comp, proj, xb, y, tmp_path / "big", chunk_rows=128, dtype="float16")
-    raw = load_npy(big.chunk_path(0), mmap=False)
-    assert np.abs(raw).max() > F16_MAX and raw.dtype == np.float32 and np.isfinite(big.to_array()).all()
+    assert np.abs(big32[:128]).max() > F16_MAX and big.scale(0) > 1
+    assert np.isfinite(big.to_array()).all()
+    assert np.abs(big.to_array() - big32).max() <= 1e-3 * np.abs(big32).max()
     with pytest.raises(Exception, match="feature dtype"):
         featurize(comp, proj, x, y, tmp_path / "bad", dtype="int8")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.core.errors import ProponentError
 from engine.storage.arrays import ChunkedArray, atomic_save_npy
 from engine.storage.statedb import StateDB
 
@@ -99,7 +100,8 @@ def test_zero_dim_arrays_stay_zero_dim(tmp_path):
 
 def test_full_disk_is_one_line_and_keeps_what_was_written(digits_project, tmp_path, monkeypatch, capsys):
     """A disk that fills up mid-run ends the command with one line naming the file (exit 2, no
-    traceback); the chunks finished before stay, and the next run resumes from them."""
+    traceback): the store's space is reserved before its first chunk, so the failure comes before
+    anything is half-made; the store finished before stays, and the next run resumes from it."""
     import errno
     import shutil
 
@@ -108,34 +110,83 @@ def test_full_disk_is_one_line_and_keeps_what_was_written(digits_project, tmp_pa
 
     proj = tmp_path / "digits"
     shutil.copytree(digits_project.root, proj, ignore=shutil.ignore_patterns(".proponent"))
-    real_save, calls = store.np.save, {"n": 0}
+    real, calls = store.os.posix_fallocate, {"n": 0}
 
-    def filling_save(f, arr, allow_pickle=False):
+    def filling(fd, offset, size):
         calls["n"] += 1
-        if calls["n"] > 1:  # the first chunk lands, then the disk is full
-            f.write(b"partial")
+        if calls["n"] > 1:  # Grad-Dot's loss store is reserved and written, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(f, arr, allow_pickle=allow_pickle)
+        return real(fd, offset, size)
 
-    monkeypatch.setattr(store.np, "save", filling_save)
+    monkeypatch.setattr(store.os, "posix_fallocate", filling)
     code = main(["attribute", str(proj), "--method", "grad-dot", "--set", "proj_dim=64"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no space left on device" in err[0] and "Traceback" not in err[0], err
-    assert ".npy" in err[0] and not list(proj.rglob("*.tmp"))
-    kept = list(proj.rglob("chunk_*.npy"))
-    assert len(kept) == 1
-    monkeypatch.setattr(store.np, "save", real_save)
+    assert "data.npy" in err[0] and not list(proj.rglob("*.tmp"))
+    kept = list(proj.rglob("data.npy"))
+    assert len(kept) == 1 and kept[0].parent.name == "loss"
+    finished = kept[0].stat().st_mtime_ns
+    monkeypatch.setattr(store.os, "posix_fallocate", real)
     assert main(["attribute", str(proj), "--method", "grad-dot", "--set", "proj_dim=64"]) == 0
-    assert kept[0].is_file()
+    assert kept[0].stat().st_mtime_ns == finished  # resumed: the finished store was not rewritten
+    assert len(list(proj.rglob("data.npy"))) == 2
 
 
-def test_a_reset_store_deletes_only_its_own_chunks(tmp_path):
-    a = ChunkedArray(tmp_path / "c", 10, 4, meta={"k": 1})
+def test_a_reset_store_deletes_only_its_own_files(tmp_path):
+    folder = tmp_path / "c"
+    folder.mkdir()
+    np.save(folder / "chunk_000003.npy", np.zeros((4, 2)))  # the older layout's chunk: this store's to remove
+    a = ChunkedArray(folder, 10, 4, meta={"k": 1})
     a.write_chunk(0, np.ones((4, 2)))
-    (tmp_path / "c" / "notes.txt").write_text("the user's")
-    (tmp_path / "c" / "chunk_backup.csv").write_text("the user's too")
-    np.save(tmp_path / "c" / "chunk_mine.npy", np.zeros(3))
-    ChunkedArray(tmp_path / "c", 10, 4, meta={"k": 2})  # another request: its old chunks go
-    assert not (tmp_path / "c" / "chunk_000000.npy").exists()
-    assert (tmp_path / "c" / "notes.txt").read_text() == "the user's"
-    assert (tmp_path / "c" / "chunk_backup.csv").is_file() and (tmp_path / "c" / "chunk_mine.npy").is_file()
+    assert not (folder / "chunk_000003.npy").exists()
+    (folder / "notes.txt").write_text("the user's")
+    (folder / "chunk_backup.csv").write_text("the user's too")
+    np.save(folder / "chunk_mine.npy", np.zeros(3))
+    np.save(folder / "data_mine.npy", np.zeros(3))
+    b = ChunkedArray(folder, 10, 4, meta={"k": 2})  # another request: its old files go
+    assert not (folder / "data.npy").exists() and b.missing_chunks() == [0, 1, 2]
+    assert (folder / "notes.txt").read_text() == "the user's"
+    assert (folder / "chunk_backup.csv").is_file() and (folder / "chunk_mine.npy").is_file()
+    assert (folder / "data_mine.npy").is_file()
+
+
+def test_store_is_one_preallocated_array_with_a_done_mask(tmp_path):
+    """The whole array exists (space reserved) before the first chunk; a chunk whose rows were
+    written but whose done byte was not (a process killed in between) counts as missing and is
+    rewritten; reads go through the memory map."""
+    s = ChunkedArray(tmp_path / "s", 10, 4, meta={"k": 1}, width=3, dtype="float32")
+    data = tmp_path / "s" / "data.npy"
+    assert data.stat().st_size >= 10 * 3 * 4 and np.load(data, mmap_mode="r").shape == (10, 3)
+    assert s.missing_chunks() == [0, 1, 2]
+    s.write_chunk(1, np.full((4, 3), 2.0))
+    s.write_chunk(2, np.full((2, 3), 3.0))
+    assert (tmp_path / "s" / "done.bin").read_bytes() == b"\x00\x01\x01"
+    # a killed writer: chunk 0's rows landed in the array, its done byte did not
+    mm = np.load(data, mmap_mode="r+")
+    mm[0:4] = 7.0
+    mm.flush()
+    del mm
+    again = ChunkedArray(tmp_path / "s", 10, 4, meta={"k": 1}, width=3, dtype="float32")
+    assert again.missing_chunks() == [0]
+    with pytest.raises(RuntimeError, match="chunk 0"):
+        again.read_chunk(0)
+    again.write_chunk(0, np.ones((4, 3)))
+    np.testing.assert_array_equal(again.to_array()[:, 0], [1, 1, 1, 1, 2, 2, 2, 2, 3, 3])
+    np.testing.assert_array_equal(again.read_rows(np.array([9, 0, 5]))[:, 1], [3, 1, 2])
+    with pytest.raises(ProponentError, match="more than the"):
+        again.to_array(max_bytes=64)
+    # another width under the same request starts over rather than mixing
+    assert ChunkedArray(tmp_path / "s", 10, 4, meta={"k": 1}, width=5).missing_chunks() == [0, 1, 2]
+
+
+def test_float16_store_scales_a_chunk_beyond_float16s_range(tmp_path):
+    s = ChunkedArray(tmp_path / "h", 6, 3, width=2, dtype="float16")
+    small = np.array([[0.5, -1.25], [3.0, 4.0], [1e-3, 2.0]])
+    big = np.array([[1e6, -3e7], [2.5e5, 1.0], [7.0, 8e8]])
+    s.write_chunk(0, small)
+    s.write_chunk(1, big)
+    assert np.load(tmp_path / "h" / "data.npy", mmap_mode="r").dtype == np.float16
+    assert s.scale(0) == 1.0 and s.scale(1) > 1 and np.log2(s.scale(1)).is_integer()
+    back = s.to_array()
+    assert back.dtype == np.float32 and np.isfinite(back).all()
+    np.testing.assert_allclose(back, np.vstack([small, big]), rtol=1e-3, atol=1e-3 * s.scale(1) / 2**10)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import nn
 
+import engine.autodiff.distributed as distributed
 from engine.autodiff.functional import ParamLayout
 from engine.storage.arrays import atomic_write_bytes
 
@@ -275,12 +276,13 @@ def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor,
                          weights: torch.Tensor, batch_size: int, device: str):
     """Yields, per batch and label column j, (batch start, j, {layer: (a [b,T,in], s [b,T,out])}, w [b])
     with ``s`` the gradient of each example's own cross-entropy (summed loss, so per-example
-    scale) for label ``labels[:, j]`` and ``w`` its Fisher weight."""
+    scale) for label ``labels[:, j]`` and ``w`` its Fisher weight. Under torchrun, only this rank's
+    batches (round-robin): the callers sum their statistics over ranks."""
     model = model.eval().to(device)
     cap = _Capture(layers)
     try:
         with _grads_only_for(model, layers):
-            for lo in range(0, len(x), batch_size):
+            for lo in distributed.my_share(range(0, len(x), batch_size)):
                 xb = x[lo:lo + batch_size].to(device)
                 lb = labels[lo:lo + batch_size].to(device)
                 wb = weights[lo:lo + batch_size].to(device).double()
@@ -320,6 +322,7 @@ def fit_covariances(model: nn.Module, layers: list[Layer], x: torch.Tensor, labe
             if j == 0:
                 out[f"{L.name}.A"] += torch.einsum("bti,btj->ij", a, a).cpu()
             out[f"{L.name}.S"] += torch.einsum("b,bti,btj->ij", w, s, s).cpu()
+    distributed.sum_tensors(out)
     for L in layers:
         out[f"{L.name}.A"] /= n
         out[f"{L.name}.S"] /= n
@@ -363,6 +366,7 @@ def fit_eigenvalues(model: nn.Module, layers: list[Layer], x: torch.Tensor, labe
                 G = torch.einsum("bto,bti->boi", s, a) * scale[L.name].to(a.device).double()
                 r = QS.T @ G @ QA
             out[f"{L.name}.lambda"] += torch.einsum("b,boi->oi", w, r * r).cpu()
+    distributed.sum_tensors(out)
     for L in layers:
         out[f"{L.name}.lambda"] /= n
     return out

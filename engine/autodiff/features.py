@@ -7,6 +7,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+import engine.autodiff.distributed as distributed
 from engine.autodiff.functional import TrackedParameters, batch_rows
 from engine.autodiff.per_example import GradientComputer
 from engine.autodiff.projection import Projector, make_projector
@@ -15,7 +16,6 @@ from engine.storage.arrays import ChunkedArray
 
 ProgressFn = Callable[[str, int, int], None]
 FEATURE_DTYPES = ("float32", "float16")
-F16_MAX = 6.0e4  # below float16's largest finite value (65504), with room for rounding up
 
 
 def project_gradients(computer: GradientComputer, projector: Projector, x: torch.Tensor, y: torch.Tensor,
@@ -33,31 +33,44 @@ def featurize(computer: GradientComputer, projector: Projector, x: torch.Tensor,
 
     ``meta`` must identify the request (model, projection, kind); a folder holding another
     request's chunks is cleared rather than mixed. ``dtype="float16"`` halves the store; a chunk
-    whose values do not fit float16's range is kept in float32 (readers widen float16 chunks).
+    whose values exceed float16's range is stored scaled by a power of two (readers get float32).
     """
     if dtype not in FEATURE_DTYPES:
         raise ProponentError(f"feature dtype must be one of {', '.join(FEATURE_DTYPES)}, not {dtype!r}")
-    store = ChunkedArray(folder, len(y), chunk_rows, meta={**(meta or {}), "kind": kind, **projector.describe(),
-                                                           **({"dtype": dtype} if dtype != "float32" else {})})
-    missing = store.missing_chunks()
-    done_rows = len(y) - sum(store.chunk_bounds(c)[1] - store.chunk_bounds(c)[0] for c in missing)
+    meta = {**(meta or {}), "kind": kind, **projector.describe(), **({"dtype": dtype} if dtype != "float32" else {})}
+
+    def open_store() -> ChunkedArray:
+        return ChunkedArray(folder, len(y), chunk_rows, meta=meta, width=projector.out_dim, dtype=dtype)
+
+    # under torchrun rank 0 checks (if need be resets) and allocates the store before any rank writes
+    store = open_store() if distributed.is_main() else None
+    distributed.barrier()
+    store = store or open_store()
+    missing = distributed.agree(store.missing_chunks())
+    mine = distributed.my_share(missing)  # round-robin over the missing chunks: each rank writes its own
+
+    def rows_of(chunks):
+        return sum(store.chunk_bounds(c)[1] - store.chunk_bounds(c)[0] for c in chunks)
+
+    already = len(y) - rows_of(missing)  # written by an earlier run: progress starts there
+    total = already + rows_of(mine)  # a rank counts what it has to do
+    done_rows = already
     if progress:
-        progress(stage, done_rows, len(y))
-    for c in missing:
+        progress(stage, done_rows, total)
+    for c in mine:
         if cancel is not None and cancel():
-            raise Cancelled(f"{stage} cancelled after {done_rows} of {len(y)} examples; rerun to resume")
+            raise Cancelled(f"{stage} cancelled after {done_rows} of {total} examples; rerun to resume")
         lo, hi = store.chunk_bounds(c)
         block = project_gradients(computer, projector, batch_rows(x, lo, hi), y[lo:hi], kind)
         if not torch.isfinite(block).all():
             bad = int(torch.nonzero(~torch.isfinite(block).all(1))[0, 0]) + lo
             raise ProponentError(f"non-finite gradient for training row {bad}; the checkpoint may have diverged")
-        arr = block.numpy()
-        if dtype == "float16" and np.abs(arr).max(initial=0.0) < F16_MAX:
-            arr = arr.astype(np.float16)
-        store.write_chunk(c, arr)
+        store.write_chunk(c, block.numpy())
         done_rows += hi - lo
         if progress:
-            progress(stage, done_rows, len(y))
+            progress(stage, done_rows, total)
+    store.rows_written = done_rows - already
+    distributed.barrier()  # every rank's chunks are on disk before anyone reads the store
     return store
 
 

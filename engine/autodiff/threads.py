@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+import engine.autodiff.distributed as distributed
 from engine.autodiff.functional import TrackedParameters
 from engine.autodiff.per_example import GradientComputer
 from engine.core.errors import ProponentError
@@ -75,7 +76,8 @@ def gradient_threads(project, *, device: str = "cpu", n_examples: int = 32) -> d
     forced = env_threads()
     if forced is not None:
         return {"threads": forced, "reason": f"{ENV}={forced}", "seconds": {}}
-    cores = available_cores()
+    # torchrun's processes on this host share its cores
+    cores = max(1, available_cores() // distributed.local_world_size())
     if device != "cpu" or cores == 1:
         return {"threads": 1 if cores == 1 else cores, "reason": "one core" if cores == 1 else f"device {device}",
                 "seconds": {}}

@@ -107,6 +107,9 @@ class Attributor(ABC):
     version: ClassVar[str] = "1"
     # what the method needs from the project (REQUIREMENTS): checked by supports() and fit()
     requires: ClassVar[frozenset] = frozenset({"weights"})
+    # fit splits the training set over torchrun ranks (engine.autodiff.distributed); other methods
+    # run on rank 0 alone when started under torchrun
+    shards_over_ranks: ClassVar[bool] = False
 
     def __init__(self, settings: Any = None, *, device: str = "auto", workdir: str | Path | None = None,
                  progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None):

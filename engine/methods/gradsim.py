@@ -39,6 +39,7 @@ class _Side:
 
 class GradientSimilarity(Attributor):
     normalize: bool = False
+    shards_over_ranks = True
     version = "2"  # training side streamed from disk (same formula; v1 kept a float32 copy in memory)
 
     def checkpoints_and_weights(self, project) -> list[tuple]:

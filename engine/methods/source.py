@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.autodiff import curvature as cv
+from engine.autodiff import distributed
 from engine.autodiff.functional import FunctionalModel, TrackedParameters
 from engine.autodiff.per_example import GradientComputer
 from engine.autodiff.projection import make_projector
@@ -58,6 +59,8 @@ from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
 
 ADAM_BETA2 = 0.999
 ADAM_EPS = 1e-8
+# training rows per gradient pass: bounds the input copy, and the unit torchrun ranks share out
+GRADIENT_BLOCK_ROWS = 1024
 
 
 @dataclass
@@ -167,6 +170,7 @@ def _lr_sum(project: Project, ck: Checkpoint, steps: int, stage_rows: dict[str, 
 
 class CurvatureInfluence(Attributor):
     """The shared engine: segments of the trajectory, EK-FAC per segment, backward walk."""
+    shards_over_ranks = True
 
     def engine_config(self) -> EngineConfig:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -200,6 +204,7 @@ class CurvatureInfluence(Attributor):
         self.factor_dir.mkdir(exist_ok=True)
         self.wd = float(project.recipe.weight_decay) if cfg.weight_decay_in_curvature else 0.0
         self.seg_state = []
+        self._gradient_rows = 0  # training gradients this process computed (its share under torchrun)
         for seg in segs:
             self._check_cancel("fit")
             self.seg_state.append(self._fit_segment(project, seg))
@@ -217,6 +222,9 @@ class CurvatureInfluence(Attributor):
             "adam_preconditioned": [st["sqrtP"] is not None for st in self.seg_state],
             "sigma_mean": [st["sigma_mean"] for st in self.seg_state],
         })
+        if distributed.active():  # which rank computed how many training gradients (resumed runs: new ones)
+            self.meta["distributed"] = {**distributed.describe(),
+                                        "gradient_rows": distributed.per_rank(self._gradient_rows)}
 
     def _segment_models(self, project: Project, seg: Segment) -> list[tuple[str, torch.nn.Module, dict | None]]:
         """(digest, model, optimizer state) for each point where the segment's factors are fitted."""
@@ -287,9 +295,10 @@ class CurvatureInfluence(Attributor):
             labels.append((lab, wts))
             path = self.factor_dir / f"cov-{stable_hash({**base_key, 'w': digest})}.safetensors"
             cov = cv.load_tensors(path)
-            if cov is None:
+            if not distributed.agree(cov is not None):  # under torchrun: fitted over every rank's share
                 cov = cv.fit_covariances(model, layers, xf, lab, wts, device=self.device)
-                cv.save_tensors(path, cov, {"checkpoint_digest": digest})
+                if distributed.is_main():
+                    cv.save_tensors(path, cov, {"checkpoint_digest": digest})
             covs.append(cov)
         mean_cov = {k: sum(c[k] for c in covs) / len(covs) for k in covs[0]}
         basis = cv.eigenbasis(mean_cov, self.layers_template)
@@ -311,9 +320,10 @@ class CurvatureInfluence(Attributor):
             pkey = {**base_key, "w": digest, "basis": bdig, "adam": None if scale is None else cv.tensor_digest(scale)}
             path = self.factor_dir / f"lambda-{stable_hash(pkey)}.safetensors"
             lam = cv.load_tensors(path)
-            if lam is None:
+            if not distributed.agree(lam is not None):
                 lam = cv.fit_eigenvalues(model, layers, xf, labels[j][0], basis, labels[j][1], scale=scale, device=self.device)
-                cv.save_tensors(path, lam, {"checkpoint_digest": digest, "basis_digest": bdig})
+                if distributed.is_main():
+                    cv.save_tensors(path, lam, {"checkpoint_digest": digest, "basis_digest": bdig})
             lam_sum = lam if lam_sum is None else {k: lam_sum[k] + lam[k] for k in lam}
         lam_mean = [lam_sum[f"{L.name}.lambda"] / len(points) for L in self.layers_template]
         sigma = [l + self.wd for l in lam_mean]
@@ -333,21 +343,27 @@ class CurvatureInfluence(Attributor):
         gkey = stable_hash({"points": [d for d, _, _ in points], "rows": cv.rows_digest(rows),
                             "proj": self.projector.describe(), "seed": cfg.seed, "params": self.param_names})
         gpath = self.workdir / f"grads_seg{seg.index}_{gkey}.npy"
-        if gpath.is_file():
+        if distributed.agree(gpath.is_file()):
             gbar = load_npy(gpath, mmap=False)
         else:
             gbar = np.zeros((len(rows), self.projector.out_dim), np.float32)  # the stored dtype: half the memory
-            xr, yr = ds.x[torch.as_tensor(rows)], ds.y[torch.as_tensor(rows)]
+            # under torchrun each rank takes every world-th block of rows; the blocks are summed over ranks
+            blocks = distributed.my_share(range(0, len(rows), GRADIENT_BLOCK_ROWS))
             for j, (_, model, _) in enumerate(points):
                 self.progress(f"{tag}: training gradients", j, len(points))
                 self._check_cancel("fit")
                 comp = GradientComputer(model, tracked=self.param_names, device=self.device)
-                for lo, hi, g in comp.iter_batches(xr, yr, "loss"):
-                    gbar[lo:hi] += self.projector.project(g.cpu().float()).numpy() / len(points)
+                for start in blocks:
+                    sel = torch.as_tensor(rows[start:start + GRADIENT_BLOCK_ROWS])
+                    for lo, hi, g in comp.iter_batches(ds.x[sel], ds.y[sel], "loss"):
+                        gbar[start + lo:start + hi] += self.projector.project(g.cpu().float()).numpy() / len(points)
+            self._gradient_rows += sum(len(rows[b:b + GRADIENT_BLOCK_ROWS]) for b in blocks)
+            gbar = distributed.sum_array(gbar)
             if not np.isfinite(gbar).all():
                 raise ProponentError(f"{self.name}: non-finite training gradients in {tag}; the checkpoints may have diverged")
             gbar = gbar.astype(np.float32)
-            atomic_save_npy(gpath, gbar)
+            if distributed.is_main():
+                atomic_save_npy(gpath, gbar)
         self.progress(f"{tag}: done", len(points), len(points))
         pos = np.full(len(ds), -1, np.int64)
         pos[rows] = np.arange(len(rows))

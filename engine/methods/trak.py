@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from engine.autodiff import distributed
 from engine.autodiff.features import checkpoint_feature_store, project_gradients
 from engine.autodiff.functional import FunctionalModel, TrackedParameters
 from engine.autodiff.measurement import correct_class_probability
@@ -38,7 +39,7 @@ class TrakSettings(ProjectionSettings):
     # float16 left LDS unchanged to 3 decimals on 4 projects (scripts/lds_variants.py: generated tabular ×2,
     # shapes, digits CNN: 0.472, 0.368, 0.352, 0.531 either way) and halves the store and its reads
     feature_dtype: str = setting("float16", "How the training features are stored on disk: float16 (half the disk "
-                                            "and reads; chunks out of float16's range stay float32) or float32 (use it "
+                                            "and reads; a chunk beyond float16's range is stored scaled by a power of two) or float32 (use it "
                                             "with a near-zero damping, where the kernel amplifies rounding).",
                                  choices=("float32", "float16"))
 
@@ -85,13 +86,15 @@ def ensemble_checkpoints(project, mode: str, max_models: int) -> list:
 
 
 def accumulate_gram(store) -> tuple[np.ndarray, int]:
-    """ΦᵀΦ in float64, accumulated over the store's chunks (k×k memory, whatever n)."""
-    gram, n = None, 0
-    for _, _, chunk in store.iter_chunks():
+    """ΦᵀΦ in float64, accumulated over the store's chunks (k×k memory, whatever n). Under
+    torchrun each rank sums its share of the chunks and the partial Gram matrices are all-reduced."""
+    gram = np.zeros((store.width,) * 2)
+    n = 0
+    for _, _, chunk in store.iter_chunks(distributed.my_share(range(store.n_chunks))):
         c = np.asarray(chunk, dtype=np.float64)
-        gram = c.T @ c if gram is None else gram + c.T @ c
+        gram += c.T @ c
         n += len(c)
-    return gram, n
+    return distributed.sum_array(gram), int(distributed.sum_array(np.array([n]))[0])
 
 
 def primal_kernel_inverse(gram: np.ndarray, n: int, damping: float, damping_ratio: float) -> tuple[np.ndarray, float]:
@@ -124,11 +127,12 @@ class _Member:
         return out
 
     def self_scores(self) -> np.ndarray:
-        parts = []
-        for lo, hi, chunk in self.store.iter_chunks():
+        """φ_i · Ψ_i for every training row (each rank its share of the chunks, summed over ranks)."""
+        out = np.zeros(self.store.n_rows)
+        for lo, hi, chunk in self.store.iter_chunks(distributed.my_share(range(self.store.n_chunks))):
             c = np.asarray(chunk, dtype=np.float64)
-            parts.append(np.einsum("ik,ik->i", c, c @ self.M if self.psi is None else self.psi[lo:hi].astype(np.float64)))
-        return np.concatenate(parts)
+            out[lo:hi] = np.einsum("ik,ik->i", c, c @ self.M if self.psi is None else self.psi[lo:hi].astype(np.float64))
+        return distributed.sum_array(out)
 
 
 @register
@@ -138,6 +142,7 @@ class TRAK(Attributor):
     description = ("Projected after-kernel regression on margin gradients, ensembled over models or checkpoints "
                    "(Park et al., 2023). Fast and accurate with an ensemble; self-influence ranks mislabels.")
     Settings = TrakSettings
+    shards_over_ranks = True
 
     @classmethod
     def requirements(cls, settings=None):  # the model ensemble needs several trained models
@@ -159,7 +164,7 @@ class TRAK(Attributor):
         self._proj = []
         q_sum = np.zeros(n)
         self_sum = np.zeros(n)
-        lambdas = []
+        lambdas, rows_written = [], []
         n_params = FunctionalModel(project.build_model(), TrackedParameters.of(project)).n_params
         projection, k = s.projection_plan(n_params, n)
         for m, ck in enumerate(self.members):
@@ -175,21 +180,22 @@ class TRAK(Attributor):
             k_out = projector.out_dim
             solved = folder / f"kernel_{stable_hash({'d': s.damping, 'r': s.damping_ratio})}"
             primal = k_out <= n
-            if (solved / "kernel.npy").is_file():
+            if distributed.agree((solved / "kernel.npy").is_file()):
                 kernel = load_npy(solved / "kernel.npy", mmap=False)
                 lam = float(np.load(solved / "lambda.npy"))
             elif primal:
                 self.progress(f"kernel {m + 1}/{len(self.members)}", 0, 1)
                 kernel, lam = primal_kernel_inverse(*accumulate_gram(store), s.damping, s.damping_ratio)
-                atomic_save_npy(solved / "lambda.npy", np.array(lam))
-                atomic_save_npy(solved / "kernel.npy", kernel)
             else:  # k > n: the n×n form, with n small enough that Φ and Ψ fit in memory
                 kernel, lam = solve_kernel(store.to_array(), s.damping, s.damping_ratio)
+            if distributed.is_main() and not (solved / "kernel.npy").is_file():
                 atomic_save_npy(solved / "lambda.npy", np.array(lam))
                 atomic_save_npy(solved / "kernel.npy", kernel)
+            rows_written.append(store.rows_written)
             lambdas.append(lam)
             member = _Member(computer, projector, store, M=kernel if primal else None, psi=None if primal else kernel)
-            for lo in range(0, n, 1024):  # outputs by chunk: activations of the whole set are never held
+            # outputs by chunk (activations of the whole set are never held), each rank its share
+            for lo in distributed.my_share(range(0, n, 1024)):
                 rows = torch.arange(lo, min(n, lo + 1024))
                 with torch.no_grad():
                     logits = computer.outputs(ds.x[rows])
@@ -197,11 +203,14 @@ class TRAK(Attributor):
                                                  ).cpu().double().numpy()
             self_sum += member.self_scores()
             self._proj.append(member)
-        self.q = q_sum / len(self.members)
+        self.q = distributed.sum_array(q_sum) / len(self.members)
         self._self = self_sum / len(self.members) * self.q
         self.meta.update({"members": [c.key for c in self.members], "lambda": lambdas,
                           "projection": self._proj[0].projector.describe(),
                           "kernel_form": "primal (k×k, streamed)" if self._proj[0].psi is None else "dual (n×n)"})
+        if distributed.active():  # which rank featurized how many rows (a resumed run counts only new ones)
+            self.meta["distributed"] = {**distributed.describe(),
+                                        "rows_featurized": distributed.per_rank(int(sum(rows_written)))}
 
     def scores(self, queries="test") -> np.ndarray:
         q = self._queries(queries)

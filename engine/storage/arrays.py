@@ -155,31 +155,125 @@ def stable_hash(obj: Any, n: int = 16) -> str:
 
 
 # ---------------------------------------------------------------------------- chunked arrays
-class ChunkedArray:
-    """A 2-D float array of known row count stored as fixed-size row chunks.
+F16_MAX = 6.0e4  # below float16's largest finite value (65504), with room for rounding up
+DEFAULT_LOAD_BUDGET = 4 * 2**30  # to_array() refuses a store larger than this in memory (bytes)
 
-    Each chunk is its own atomically written ``.npy``, so a run killed half-way keeps every
-    finished chunk and resumes with the first missing one.
+
+class ChunkedArray:
+    """A 2-D float array of known shape, preallocated on disk and written chunk by chunk.
+
+    Files in ``folder`` (the only ones this store creates or deletes):
+
+    - ``data.npy``: the whole [n_rows, width] array, allocated (disk space reserved) before the
+      first chunk is written, so a full disk shows at the start, not half-way; written through a
+      memory map, one chunk at a time;
+    - ``done.bin``: the done-mask, one byte per chunk, set after the chunk's rows are flushed. A
+      process killed while writing a chunk leaves its byte 0 and the next run rewrites it. Ranks
+      of a torchrun job write disjoint chunks and disjoint bytes of the same files;
+    - ``scale.bin``: one float32 per chunk. A float16 store keeps each chunk as rows / scale with
+      scale a power of two (1 unless the chunk exceeds float16's range), read back in float32;
+    - ``manifest.json``: the request (shape, chunking, dtype, meta). A different request in the
+      same folder resets the store rather than mixing results.
     """
 
-    def __init__(self, folder: str | Path, n_rows: int, chunk_rows: int, meta: dict | None = None):
+    LAYOUT = "preallocated-v1"
+    FILES = ("data.npy", "done.bin", "scale.bin")
+
+    def __init__(self, folder: str | Path, n_rows: int, chunk_rows: int, meta: dict | None = None, *,
+                 width: int | None = None, dtype: str = "float32"):
         self.folder = Path(folder)
         self.n_rows = int(n_rows)
         self.chunk_rows = int(chunk_rows)
         self.meta = dict(meta or {})
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be float32 or float16, not {dtype!r}")
+        self.dtype = np.dtype(dtype)
+        self.rows_written = 0  # rows this process wrote (featurize sets it; torchrun reports it per rank)
         manifest = self.folder / "manifest.json"
-        want = {"n_rows": self.n_rows, "chunk_rows": self.chunk_rows, "meta": self.meta}
+        want = {"n_rows": self.n_rows, "chunk_rows": self.chunk_rows, "meta": self.meta, "layout": self.LAYOUT,
+                "dtype": dtype}
+        have = None
         if manifest.is_file():
-            have = json.loads(manifest.read_text())
-            if have != json.loads(json.dumps(want, default=json_default)):
-                # a different request under the same folder: start over rather than mix results
-                for f in self.folder.glob("chunk_*.npy"):
-                    if re.fullmatch(r"chunk_\d{6}", f.stem):  # only what this store wrote
-                        f.unlink()
-                atomic_write_json(manifest, want)
-        else:
+            try:
+                have = json.loads(manifest.read_text())
+            except ValueError:
+                have = None
+        stale = have != json.loads(json.dumps(want, default=json_default))
+        if not stale and width is not None and self.allocated and self.width != int(width):
+            stale = True
+        if stale:
+            self._reset()
             atomic_write_json(manifest, want)
+        if width is not None and not self.allocated:
+            self._allocate(int(width))
 
+    # -- files
+    @property
+    def data_path(self) -> Path:
+        return self.folder / "data.npy"
+
+    @property
+    def allocated(self) -> bool:
+        return self.data_path.is_file()
+
+    def _reset(self) -> None:
+        """Delete what a store (this layout or the older one-file-per-chunk layout) wrote here, and
+        nothing else."""
+        if not self.folder.is_dir():
+            return
+        for name in self.FILES:
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / name).unlink()
+        for f in self.folder.glob("chunk_*.npy"):
+            if re.fullmatch(r"chunk_\d{6}", f.stem):  # the older layout's chunk files
+                f.unlink()
+
+    def _allocate(self, width: int) -> None:
+        """Reserve the whole array on disk and clear the done-mask (every file renamed into place)."""
+        atomic_write_bytes(self.folder / "done.bin", bytes(self.n_chunks))
+        atomic_write_bytes(self.folder / "scale.bin", np.ones(self.n_chunks, np.float32).tobytes())
+        tmp = temp_path_for(self.data_path)
+        try:
+            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype, shape=(self.n_rows, width))
+            offset = mm.offset
+            del mm
+            with open(tmp, "r+b") as f:
+                size = offset + self.n_rows * width * self.dtype.itemsize
+                if hasattr(os, "posix_fallocate") and size > 0:
+                    os.posix_fallocate(f.fileno(), 0, size)  # blocks now: no SIGBUS on a full disk later
+                os.fsync(f.fileno())
+            os.replace(tmp, self.data_path)
+        except BaseException as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            if isinstance(e, OSError) and e.errno in _CANNOT_WRITE:
+                from engine.core.errors import ProponentError
+
+                need = self.n_rows * width * self.dtype.itemsize / 2**20
+                raise ProponentError(f"cannot reserve {need:,.0f} MB for the feature store: "
+                                     f"{os.strerror(e.errno).lower()} (finished stores are kept and a rerun resumes)",
+                                     file=str(self.data_path)) from None
+            raise
+
+    def _mask(self) -> bytes:
+        try:
+            mask = (self.folder / "done.bin").read_bytes() if self.allocated else b""
+        except FileNotFoundError:  # never allocated, or the mask was removed: nothing counts as done
+            mask = b""
+        return mask.ljust(self.n_chunks, b"\x00")
+
+    def _scales(self) -> np.ndarray:
+        return np.fromfile(self.folder / "scale.bin", dtype=np.float32)
+
+    def _pwrite(self, name: str, data: bytes, offset: int) -> None:
+        fd = os.open(self.folder / name, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- shape
     @property
     def n_chunks(self) -> int:
         return (self.n_rows + self.chunk_rows - 1) // self.chunk_rows
@@ -187,44 +281,70 @@ class ChunkedArray:
     def chunk_bounds(self, c: int) -> tuple[int, int]:
         return c * self.chunk_rows, min(self.n_rows, (c + 1) * self.chunk_rows)
 
-    def chunk_path(self, c: int) -> Path:
-        return self.folder / f"chunk_{c:06d}.npy"
+    @property
+    def width(self) -> int:
+        """Columns per row."""
+        return int(load_npy(self.data_path, mmap=True).shape[1])
 
+    def scale(self, c: int) -> float:
+        """The factor chunk ``c`` was divided by to fit float16 (1 for float32 and in-range chunks)."""
+        return float(self._scales()[c])
+
+    # -- writing
     def has_chunk(self, c: int) -> bool:
-        return self.chunk_path(c).is_file()
+        return self._mask()[c] == 1
 
     def missing_chunks(self) -> list[int]:
-        return [c for c in range(self.n_chunks) if not self.has_chunk(c)]
+        mask = self._mask()
+        return [c for c in range(self.n_chunks) if mask[c] != 1]
 
     def write_chunk(self, c: int, block: np.ndarray) -> None:
+        """Write chunk ``c``'s rows, flush them, then mark the chunk done."""
         lo, hi = self.chunk_bounds(c)
-        if block.shape[0] != hi - lo:
-            raise ValueError(f"chunk {c} should have {hi - lo} rows, got {block.shape[0]}")
-        atomic_save_npy(self.chunk_path(c), block)
+        block = np.asarray(block)
+        if block.ndim != 2 or block.shape[0] != hi - lo:
+            raise ValueError(f"chunk {c} should have {hi - lo} rows, got {block.shape[0] if block.ndim else 0}")
+        if not self.allocated:
+            self._allocate(block.shape[1])
+        scale = 1.0
+        if self.dtype == np.float16:
+            peak = float(np.abs(block).max(initial=0.0))
+            if peak >= F16_MAX and np.isfinite(peak):
+                scale = float(2.0 ** math.ceil(math.log2(peak / F16_MAX)))
+        mm = np.load(self.data_path, mmap_mode="r+", allow_pickle=False)
+        if mm.shape[1] != block.shape[1]:
+            raise ValueError(f"chunk {c} has {block.shape[1]} columns, the store {mm.shape[1]}")
+        mm[lo:hi] = (block / scale if scale != 1.0 else block).astype(self.dtype, copy=False)
+        mm.flush()
+        del mm
+        self._pwrite("scale.bin", np.float32(scale).tobytes(), 4 * c)
+        self._pwrite("done.bin", b"\x01", c)  # last: a chunk counts only once its rows are on disk
+
+    # -- reading
+    def _widen(self, rows: np.ndarray, scales: np.ndarray | float) -> np.ndarray:
+        out = rows.astype(np.float32) if rows.dtype == np.float16 else np.array(rows)
+        if np.any(np.asarray(scales) != 1.0):
+            out *= np.asarray(scales, dtype=np.float32).reshape(-1, 1) if np.ndim(scales) else scales
+        return out
 
     def read_chunk(self, c: int) -> np.ndarray:
-        """One chunk, float16 chunks widened to float32 (a store may hold both: see ``write_chunk``)."""
-        block = load_npy(self.chunk_path(c), mmap=False)
-        return block.astype(np.float32) if block.dtype == np.float16 else block
+        """One chunk in float32 (float16 stores are widened and rescaled)."""
+        if not self.has_chunk(c):
+            raise RuntimeError(f"{self.folder}: chunk {c} has not been written")
+        lo, hi = self.chunk_bounds(c)
+        return self._widen(np.asarray(load_npy(self.data_path, mmap=True)[lo:hi]), self.scale(c))
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Rows at arbitrary positions, reading only the chunks that hold them (memory-mapped)."""
+        """Rows at arbitrary positions, read through the memory map (only the pages that hold them)."""
         rows = np.asarray(rows, dtype=np.int64)
-        out = None
-        chunk_of = rows // self.chunk_rows
-        for c in np.unique(chunk_of):
-            sel = np.nonzero(chunk_of == c)[0]
-            block = load_npy(self.chunk_path(int(c)), mmap=True)
-            part = np.asarray(block[rows[sel] - int(c) * self.chunk_rows])
-            if part.dtype == np.float16:
-                part = part.astype(np.float32)
-            if out is None:
-                out = np.empty((len(rows), part.shape[1]), dtype=part.dtype)
-            out[sel] = part
-        return out if out is not None else np.empty((0, 0), np.float32)
+        if not self.allocated:
+            return np.empty((0, 0), np.float32)
+        mm = load_npy(self.data_path, mmap=True)
+        return self._widen(np.asarray(mm[rows]), self._scales()[rows // self.chunk_rows])
 
-    def iter_chunks(self) -> Iterator[tuple[int, int, np.ndarray]]:
-        for c in range(self.n_chunks):
+    def iter_chunks(self, chunks=None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(lo, hi, rows) of every chunk in order, or of the given chunk numbers."""
+        for c in range(self.n_chunks) if chunks is None else chunks:
             lo, hi = self.chunk_bounds(c)
             yield lo, hi, self.read_chunk(c)
 
@@ -232,7 +352,17 @@ class ChunkedArray:
     def complete(self) -> bool:
         return not self.missing_chunks()
 
-    def to_array(self) -> np.ndarray:
+    def to_array(self, max_bytes: int = DEFAULT_LOAD_BUDGET) -> np.ndarray:
+        """The whole store in memory (float32), for callers whose training side is small; refused
+        above ``max_bytes`` (stream with :meth:`iter_chunks` instead)."""
         if not self.complete:
             raise RuntimeError(f"{self.folder}: {len(self.missing_chunks())} chunks missing")
-        return np.concatenate([self.read_chunk(c) for c in range(self.n_chunks)], axis=0)
+        need = self.n_rows * self.width * 4
+        if need > max_bytes:
+            from engine.core.errors import ProponentError
+
+            raise ProponentError(f"the feature store is {need / 2**30:.1f} GiB in float32, more than the "
+                                 f"{max_bytes / 2**30:.1f} GiB this step may hold in memory; use a smaller proj_dim",
+                                 file=str(self.data_path))
+        return self._widen(np.asarray(load_npy(self.data_path, mmap=True)), np.repeat(
+            self._scales(), self.chunk_rows)[: self.n_rows]) if self.n_rows else np.empty((0, self.width), np.float32)
