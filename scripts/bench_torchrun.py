@@ -115,7 +115,10 @@ def main() -> int:
                                    "speed-up vs 1 thread", "max |Δscore| / max |score| vs 1 process"],
                        "rows": rows, "notes": notes}],
            "notes": [f"{a.repeats} repeat(s), interleaved; wall time includes start-up and scoring every test query; "
-                     f"the project is {spec.name} (scripts/bench_torchrun.py generates it)."]}
+                     f"the project is {spec.name} (scripts/bench_torchrun.py generates it).",
+                     "'1 thread' / '2 threads' set torch's intra-op threads (PROPONENT_THREADS); numpy's BLAS, which "
+                     "runs TRAK's k×k kernel algebra, uses every core in a one-process run, while torchrun gives each "
+                     "rank one thread."]}
     Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc, indent=1))
     if not a.workdir:

@@ -58,12 +58,19 @@ def validate(doc: dict, path: Path) -> None:
                                      f"{len(t['columns'])} columns")
 
 
+def _notes(notes) -> list[str]:
+    """A note string as a paragraph, a list of notes as bullets."""
+    if isinstance(notes, (list, tuple)):
+        return [f"- {n}" for n in notes] + [""]
+    return [str(notes), ""]
+
+
 def render_doc(doc: dict, source: str) -> str:
     out = [f"## {doc['title']}", "",
            f"- Date: {doc['date']}", f"- Machine: {doc['machine']}", f"- Command: `{doc['command']}`",
            f"- Source: `{source}`", ""]
     if doc.get("notes"):
-        out += [str(doc["notes"]), ""]
+        out += _notes(doc["notes"])
     for t in doc["tables"]:
         out += [f"### {t['title']}", "", f"_{doc['date']} · {doc['machine']} · `{doc['command']}`_", ""]
         out.append("| " + " | ".join(_cell(c) for c in t["columns"]) + " |")
@@ -72,7 +79,7 @@ def render_doc(doc: dict, source: str) -> str:
             out.append("| " + " | ".join(_cell(c) for c in r) + " |")
         out.append("")
         if t.get("notes"):
-            out += [str(t["notes"]), ""]
+            out += _notes(t["notes"])
     return "\n".join(out)
 
 

@@ -131,7 +131,7 @@ def test_multistage_segments_follow_stages_and_track_loo(multistage_project):
     np.testing.assert_array_equal(src.segments[0].rows, np.arange(36))
     np.testing.assert_array_equal(src.segments[1].rows, np.arange(36, 60))
     assert src.segments[1].steps == 15 and src.segments[1].lr == pytest.approx(0.3)
-    assert src.seg_state[1]["gbar"].shape[0] == 24  # a pre-train row has no fine-tune gradient
+    assert src.seg_state[1]["gbar"].n_rows == 24  # a pre-train row has no fine-tune gradient
     idx = np.arange(0, 60, 2)
     _, eff = loo_effects(p, idx, seeds=[0])
     r_src = _loo_corr(src.scores("test"), idx, eff)

@@ -55,11 +55,11 @@ from engine.methods.settings import (
     DampingRatioSettings,
     TrajectorySettings,
 )
-from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
+from engine.storage.arrays import ChunkedArray, stable_hash
 
 ADAM_BETA2 = 0.999
 ADAM_EPS = 1e-8
-# training rows per gradient pass: bounds the input copy, and the unit torchrun ranks share out
+# training rows per block of stored training gradients: bounds memory, and is the unit torchrun ranks share out
 GRADIENT_BLOCK_ROWS = 1024
 
 
@@ -339,31 +339,39 @@ class CurvatureInfluence(Attributor):
         else:
             Fv = [cv.response(s, seg.c) for s in sigma]
             Sv = [cv.propagation(s, seg.c) for s in sigma]
-        # 4. training-loss gradients of the segment's rows, averaged over its points, projected
+        # 4. training-loss gradients of the segment's rows, averaged over its points, projected, into
+        # an on-disk store written block by block (a stopped fit resumes; under torchrun each rank
+        # writes its own blocks) and read back block by block when scoring
         gkey = stable_hash({"points": [d for d, _, _ in points], "rows": cv.rows_digest(rows),
                             "proj": self.projector.describe(), "seed": cfg.seed, "params": self.param_names})
-        gpath = self.workdir / f"grads_seg{seg.index}_{gkey}.npy"
-        if distributed.agree(gpath.is_file()):
-            gbar = load_npy(gpath, mmap=False)
-        else:
-            gbar = np.zeros((len(rows), self.projector.out_dim), np.float32)  # the stored dtype: half the memory
-            # under torchrun each rank takes every world-th block of rows; the blocks are summed over ranks
-            blocks = distributed.my_share(range(0, len(rows), GRADIENT_BLOCK_ROWS))
-            for j, (_, model, _) in enumerate(points):
-                self.progress(f"{tag}: training gradients", j, len(points))
-                self._check_cancel("fit")
-                comp = GradientComputer(model, tracked=self.param_names, device=self.device)
-                for start in blocks:
-                    sel = torch.as_tensor(rows[start:start + GRADIENT_BLOCK_ROWS])
-                    for lo, hi, g in comp.iter_batches(ds.x[sel], ds.y[sel], "loss"):
-                        gbar[start + lo:start + hi] += self.projector.project(g.cpu().float()).numpy() / len(points)
-            self._gradient_rows += sum(len(rows[b:b + GRADIENT_BLOCK_ROWS]) for b in blocks)
-            gbar = distributed.sum_array(gbar)
-            if not np.isfinite(gbar).all():
+
+        def open_store() -> ChunkedArray:
+            return ChunkedArray(self.workdir / f"grads_seg{seg.index}_{gkey}", len(rows), GRADIENT_BLOCK_ROWS,
+                                meta={"gradients": gkey}, width=self.projector.out_dim)
+
+        gbar = open_store() if distributed.is_main() else None
+        distributed.barrier()
+        gbar = gbar or open_store()
+        mine = distributed.my_share(distributed.agree(gbar.missing_chunks()))
+        computers = [GradientComputer(model, tracked=self.param_names, device=self.device) for _, model, _ in points]
+        total = sum(gbar.chunk_bounds(c)[1] - gbar.chunk_bounds(c)[0] for c in mine)
+        done = 0
+        for c in mine:
+            self.progress(f"{tag}: training gradients", done, total)
+            self._check_cancel("fit")
+            lo, hi = gbar.chunk_bounds(c)
+            sel = torch.as_tensor(rows[lo:hi])
+            xs, ys = ds.x[sel], ds.y[sel]
+            block = np.zeros((hi - lo, self.projector.out_dim))
+            for comp in computers:
+                for blo, bhi, g in comp.iter_batches(xs, ys, "loss"):
+                    block[blo:bhi] += self.projector.project(g.cpu().float()).numpy() / len(points)
+            if not np.isfinite(block).all():
                 raise ProponentError(f"{self.name}: non-finite training gradients in {tag}; the checkpoints may have diverged")
-            gbar = gbar.astype(np.float32)
-            if distributed.is_main():
-                atomic_save_npy(gpath, gbar)
+            gbar.write_chunk(c, block)
+            done += hi - lo
+        self._gradient_rows += done
+        distributed.barrier()  # every rank's blocks are on disk before anyone reads the store
         self.progress(f"{tag}: done", len(points), len(points))
         pos = np.full(len(ds), -1, np.int64)
         pos[rows] = np.arange(len(rows))
@@ -407,7 +415,8 @@ class CurvatureInfluence(Attributor):
         for lo, hi, g in self._query_grads(q.x, q.y):
             self._check_cancel("scoring")
             for st, u in zip(self.seg_state, self._walk(g)):
-                out[lo:hi, st["rows"]] += u.numpy() @ st["gbar"].T.astype(np.float64)
+                for glo, ghi, chunk in st["gbar"].iter_chunks():  # the training side streamed from disk
+                    out[lo:hi, st["rows"][glo:ghi]] += u.numpy() @ chunk.T.astype(np.float64)
         return out
 
     def self_scores(self) -> np.ndarray:
@@ -421,7 +430,7 @@ class CurvatureInfluence(Attributor):
                     pos = st["pos"][idx]
                     ok = pos >= 0
                     if ok.any():
-                        out[idx[ok]] += np.einsum("bk,bk->b", u.numpy()[ok], st["gbar"][pos[ok]].astype(np.float64))
+                        out[idx[ok]] += np.einsum("bk,bk->b", u.numpy()[ok], st["gbar"].read_rows(pos[ok]).astype(np.float64))
             self._self = out
         return self._self.copy()
 
