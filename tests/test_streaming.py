@@ -189,3 +189,28 @@ def test_gradient_similarity_streams_to_the_dense_formula(project, method):
     for lo, hi, block in att.score_columns(q):
         got[:, lo:hi] = block
     np.testing.assert_allclose(got, S, rtol=1e-9, atol=1e-12 * np.abs(S).max())
+
+
+def test_knn_streams_its_training_embeddings_and_equals_the_dense_formula(project, monkeypatch):
+    """kNN keeps the training embeddings on disk in chunks (here 5 of 300 rows) and scores,
+    self-scores and its neighbour-label suspicion equal the in-memory definitions."""
+    from engine.autodiff.embeddings import penultimate_features
+    from engine.methods.knn import EmbeddingKNN
+
+    monkeypatch.setattr(EmbeddingKNN, "EMBED_ROWS", 300)
+    att, _ = fit_method(project, "knn")
+    assert att.store.n_chunks == -(-len(project.train_dataset) // 300) and att.store.complete
+    model = project.load_model(project.final_checkpoint())
+    unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    tr = unit(penultimate_features(model, project.train_dataset.x).double().numpy())
+    te = unit(penultimate_features(model, project.test_dataset.x).double().numpy())
+    np.testing.assert_allclose(att.scores("test"), te @ tr.T, atol=1e-6)
+    np.testing.assert_allclose(att.self_scores(), 1.0, atol=1e-6)
+    sim = tr @ tr.T
+    np.fill_diagonal(sim, -np.inf)
+    k = att.settings.neighbours
+    y = project.train_dataset.y.numpy()
+    nn_idx = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    expect = (y[nn_idx] != y[:, None]).mean(1)
+    got = att.suspicion()
+    assert np.mean(np.isclose(got, expect)) > 0.99  # float32 storage may swap a tie at the k-th neighbour

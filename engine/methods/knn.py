@@ -5,8 +5,10 @@ import dataclasses
 
 import numpy as np
 
-from engine.autodiff.embeddings import penultimate_features
+from engine.autodiff.embeddings import last_linear, penultimate_features
+from engine.autodiff.functional import batch_rows
 from engine.methods.base import Attributor, register, setting
+from engine.storage.arrays import ChunkedArray
 
 
 @dataclasses.dataclass
@@ -27,26 +29,65 @@ class EmbeddingKNN(Attributor):
                    "another label.")
     Settings = KnnSettings
 
+    version = "2"  # training embeddings streamed from an on-disk store (float32; v1 held them in float64)
+    EMBED_ROWS = 4096  # training rows embedded, stored and read back at a time
+
     def _fit(self, project) -> None:
         self.model = project.load_model(project.final_checkpoint())
-        self.train_emb = _unit(penultimate_features(self.model, project.train_dataset.x, device=self.device).double().numpy())
-        self.meta["dim"] = int(self.train_emb.shape[1])
+        ds = project.train_dataset
+        d = last_linear(self.model).in_features
+        # unit-norm penultimate features of the training set, on disk and read chunk by chunk
+        self.store = ChunkedArray(self.workdir / "embeddings", len(ds), self.EMBED_ROWS, width=d,
+                                  meta={"checkpoint": project.final_checkpoint().key})
+        missing = self.store.missing_chunks()
+        for j, c in enumerate(missing):
+            self._check_cancel("fit")
+            self.progress("embed training set", j, len(missing))
+            lo, hi = self.store.chunk_bounds(c)
+            self.store.write_chunk(c, _unit(penultimate_features(self.model, batch_rows(ds.x, lo, hi),
+                                                                 device=self.device).double().numpy()))
+        self.meta["dim"] = d
 
     def scores(self, queries="test") -> np.ndarray:
         q = self._queries(queries)
         emb = _unit(penultimate_features(self.model, q.x, device=self.device).double().numpy())
-        return emb @ self.train_emb.T
+        out = np.empty((len(emb), self.store.n_rows))
+        for lo, hi, chunk in self.store.iter_chunks():
+            out[:, lo:hi] = emb @ chunk.T.astype(np.float64)
+        return out
 
     def self_scores(self) -> np.ndarray:
-        return np.einsum("ik,ik->i", self.train_emb, self.train_emb)
+        out = np.empty(self.store.n_rows)
+        for lo, hi, chunk in self.store.iter_chunks():
+            c = chunk.astype(np.float64)
+            out[lo:hi] = np.einsum("ik,ik->i", c, c)
+        return out
 
     def suspicion(self) -> np.ndarray:
+        """Share of each row's nearest neighbours (cosine, itself excluded) with another label:
+        exact, over row blocks against training chunks with a running top-k, so memory is bounded
+        by block × chunk, not n × n."""
         y = self._p.train_dataset.y.numpy()
-        k = min(self.settings.neighbours, len(y) - 1)
-        out = np.empty(len(y))
-        for lo in range(0, len(y), 512):
-            sim = self.train_emb[lo:lo + 512] @ self.train_emb.T
-            sim[np.arange(sim.shape[0]), np.arange(lo, lo + sim.shape[0])] = -np.inf  # not its own neighbour
-            nn_idx = np.argpartition(-sim, k, axis=1)[:, :k]
-            out[lo:lo + 512] = (y[nn_idx] != y[lo:lo + 512, None]).mean(1)
+        n = len(y)
+        k = min(self.settings.neighbours, n - 1)
+        out = np.empty(n)
+        if k < 1:
+            out[:] = 0.0
+            return out
+        for blo, bhi, block in self.store.iter_chunks():
+            self._check_cancel("suspicion")
+            block = block.astype(np.float64)
+            best_s = np.empty((bhi - blo, 0))
+            best_i = np.empty((bhi - blo, 0), np.int64)
+            for lo, hi, chunk in self.store.iter_chunks():
+                sim = block @ chunk.T.astype(np.float64)
+                own = np.arange(max(lo, blo), min(hi, bhi))
+                sim[own - blo, own - lo] = -np.inf  # not its own neighbour
+                cand_s = np.concatenate([best_s, sim], 1)
+                cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(lo, hi), sim.shape)], 1)
+                keep = np.argpartition(-cand_s, k - 1, axis=1)[:, :k] if cand_s.shape[1] > k else \
+                    np.broadcast_to(np.arange(cand_s.shape[1]), cand_s.shape)
+                best_s = np.take_along_axis(cand_s, keep, 1)
+                best_i = np.take_along_axis(cand_i, keep, 1)
+            out[blo:bhi] = (y[best_i] != y[blo:bhi, None]).mean(1)
         return out
