@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from engine import Project, ValidationError
 from tests.conftest import write_tabular_project
@@ -167,3 +168,40 @@ def test_every_shipped_sample_materialises_and_loads(tmp_path, name):
     # the text sample's project names its trained weights file, so it is loadable only once trained
     p = Project.load(prepare_sample(name, tmp_path / name, train=name == "text"))
     assert len(p.train_dataset) > 0 and len(p.test_dataset) > 0
+
+
+def test_decoded_images_are_cached_until_a_file_changes(digits_copy):
+    """The second load reads the decoded split from .proponent/cache (memory-mapped) instead of
+    decoding every file; an edited image misses the cache, and a corrupted one is still an error.
+    Nothing is cached by a load that writes no state."""
+    from PIL import Image
+
+    first = Project.load(digits_copy)
+    x0 = first.train_dataset.x.clone()
+    assert not (digits_copy / ".proponent" / "cache").exists()  # a load alone writes nothing
+    first.state_dir  # the project keeps state: the decoded splits are kept with it
+    cached = sorted(p.name for p in (digits_copy / ".proponent" / "cache").glob("images-*.npy"))
+    assert [n.split("-")[1] for n in cached] == ["test", "train"]
+    import engine.core.data as data
+
+    def no_decoding(*a, **k):
+        raise AssertionError("an image was decoded although the cache holds it")
+
+    real, data.load_image = data.load_image, no_decoding
+    try:
+        second = Project.load(digits_copy)
+    finally:
+        data.load_image = real
+    assert torch.equal(second.train_dataset.x, x0) and second.data_hash() == first.data_hash()
+    # an edited image: the cache misses and the new pixels are read
+    img = digits_copy / "data" / "images" / "train_0003.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(img)
+    third = Project.load(digits_copy)
+    assert float(third.train_dataset.x[3].abs().sum()) != float(x0[3].abs().sum())
+    assert torch.equal(third.train_dataset.x[4], x0[4])
+    third.state_dir
+    assert len(list((digits_copy / ".proponent" / "cache").glob("images-train-*.npy"))) == 1  # the stale one went
+    # a corrupted image is still reported, cache or not
+    img.write_bytes(b"not a png")
+    with pytest.raises(ValidationError, match="unreadable image"):
+        Project.load(digits_copy)

@@ -12,9 +12,12 @@ path). An empty class folder, or a class folder only in test, is an error naming
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +29,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils import _pytree as pytree
 
-from engine.core.errors import ValidationError
+from engine.core.errors import ProponentError, ValidationError
 from engine.core.paths import check_inside
+from engine.storage.arrays import atomic_save_npy
+from engine.storage.statedb import STATE_DIRNAME
 
 FORMATS = ("images", "image_folder", "tabular", "text")
 # torchvision.datasets.folder.IMG_EXTENSIONS
@@ -242,6 +247,7 @@ class LoadedData:
     train_files: list[Path] | None = None  # image formats: the file behind each row
     test_files: list[Path] | None = None
     warnings: list[str] = field(default_factory=list)
+    image_cache: list = field(default_factory=list)  # PendingImageCache: decoded splits to keep
 
 
 def _native(v):
@@ -333,8 +339,62 @@ def load_image(path: Path, prep: ImagePreprocessing, file: Path, row: int | None
         raise ValidationError(f"image {path.name}: {e}", file=str(file), row=row) from None
 
 
+IMAGE_CACHE_VERSION = 1
+
+
+def _image_cache_key(paths: list[Path], prep: ImagePreprocessing, expect: tuple | None) -> str:
+    """What the decoded array depends on: every file's path, size and modification time, the
+    preprocessing and the expected shape (an edited or replaced image misses the cache)."""
+    h = hashlib.sha256(json.dumps([IMAGE_CACHE_VERSION, prep.fingerprint(), list(expect or ())]).encode())
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _cached_images(cache: tuple[Path, str] | None, key: str | None) -> torch.Tensor | None:
+    if cache is None or key is None:
+        return None
+    path = cache[0] / f"images-{cache[1]}-{key}.npy"
+    try:
+        # copy-on-write memory map: pages are read when used and can be evicted, not held by the process
+        return torch.from_numpy(np.load(path, mmap_mode="c", allow_pickle=False))
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class PendingImageCache:
+    """A decoded split to keep for the next load. Written only once the project writes state
+    (``Project.state_dir``): a command that fails validation leaves the folder as it was."""
+
+    folder: Path
+    split: str
+    key: str
+    array: np.ndarray
+
+    def write(self) -> None:
+        """Best effort (a read-only project decodes again next time); older caches of the same
+        split, which this wrote, are removed."""
+        try:
+            atomic_save_npy(self.folder / f"images-{self.split}-{self.key}.npy", self.array)
+        except (OSError, ProponentError):
+            return
+        for old in self.folder.glob(f"images-{self.split}-*.npy"):
+            if re.fullmatch(rf"images-{self.split}-[0-9a-f]{{20}}", old.stem) and old.stem != f"images-{self.split}-{self.key}":
+                with contextlib.suppress(OSError):
+                    old.unlink()
+
+
 def _stack_images(paths: list[Path], names: list[str], prep: ImagePreprocessing, files: list[Path],
-                  rows: list[int | None], expect: tuple | None) -> torch.Tensor:
+                  rows: list[int | None], expect: tuple | None, cache: tuple[Path, str] | None = None,
+                  pending: list | None = None) -> torch.Tensor:
+    """[n, c, h, w] float32 images, decoded once and then read from ``cache`` = (folder, split)
+    while no file changes; a fresh decode is appended to ``pending`` for writing later."""
+    key = _image_cache_key(paths, prep, expect) if cache is not None else None
+    hit = _cached_images(cache, key)
+    if hit is not None:
+        return hit
     arrays = []
     for p, name, f, r in zip(paths, names, files, rows):
         arr = load_image(p, prep, f, r)
@@ -345,7 +405,14 @@ def _stack_images(paths: list[Path], names: list[str], prep: ImagePreprocessing,
                 f"image {name} has shape {tuple(arr.shape)} (channels, height, width) but the others have "
                 f"{tuple(shape)}{hint}", file=str(f), row=r)
         arrays.append(arr)
-    return torch.from_numpy(np.stack(arrays))
+    out = np.stack(arrays)
+    if cache is not None and pending is not None:
+        pending.append(PendingImageCache(cache[0], cache[1], key, out))
+    return torch.from_numpy(out)
+
+
+def _image_cache(root: Path, split: str) -> tuple[Path, str]:
+    return root / STATE_DIRNAME / "cache", split
 
 
 def resolve_image_path(rel: str, csv: Path, root: Path, image_root: str | None, row: int,
@@ -372,7 +439,7 @@ def _load_image_csv(cfg: DataConfig, root: Path, train_file: Path, test_file: Pa
     lc, col = cfg.label_column, cfg.image_column
     train_df, test_df = read_table(train_file, lc), read_table(test_file, lc)
     classes, y_train, y_test = _class_index(train_df, test_df, lc, test_file, train_file)
-    xs, files = [], []
+    xs, files, pending = [], [], []
     for df, f in ((train_df, train_file), (test_df, test_file)):
         if col not in df.columns:
             raise ValidationError(f"image column {col!r} not found (columns: {', '.join(map(str, df.columns))})", file=str(f))
@@ -382,10 +449,11 @@ def _load_image_csv(cfg: DataConfig, root: Path, train_file: Path, test_file: Pa
                 raise ValidationError(f"empty image path in column {col!r}", file=str(f), row=r)
             paths.append(resolve_image_path(rel, f, root, cfg.image_root, r, cfg.allow_outside_paths))
         expect = tuple(xs[0].shape[1:]) if xs else None
-        xs.append(_stack_images(paths, df[col].tolist(), cfg.preprocessing, [f] * len(paths), list(range(len(paths))), expect))
+        xs.append(_stack_images(paths, df[col].tolist(), cfg.preprocessing, [f] * len(paths), list(range(len(paths))),
+                                expect, cache=_image_cache(root, "train" if not xs else "test"), pending=pending))
         files.append(paths)
     return LoadedData(xs[0], y_train, xs[1], y_test, classes, train_df, test_df,
-                      train_files=files[0], test_files=files[1])
+                      train_files=files[0], test_files=files[1], image_cache=pending)
 
 
 def scan_image_folder(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[Path, str]], list[Path]]:
@@ -423,21 +491,23 @@ def _load_image_folder(cfg: DataConfig, root: Path, train_dir: Path, test_dir: P
                               f"at least two", file=str(train_dir))
     _, test_s, skip_test = scan_image_folder(test_dir, classes)
     index = {c: i for i, c in enumerate(classes)}
-    xs, dfs = [], []
+    xs, dfs, pending = [], [], []
     for samples, folder in ((train_s, train_dir), (test_s, test_dir)):
         paths = [check_inside(p, root, allowed=cfg.allow_outside_paths, what="image (a link?)", file=folder)
                  for p, _ in samples]
         rel = [_relative(p, root) for p in paths]
         expect = tuple(xs[0].shape[1:]) if xs else None
         # the file is named in the error itself; a row number would be a position, not a line
-        xs.append(_stack_images(paths, rel, cfg.preprocessing, paths, [None] * len(paths), expect))
+        xs.append(_stack_images(paths, rel, cfg.preprocessing, paths, [None] * len(paths), expect,
+                                cache=_image_cache(root, "train" if not xs else "test"), pending=pending))
         dfs.append(pd.DataFrame({cfg.image_column: rel, cfg.label_column: [c for _, c in samples]}))
     y_train = torch.tensor([index[c] for _, c in train_s], dtype=torch.long)
     y_test = torch.tensor([index[c] for _, c in test_s], dtype=torch.long)
     skipped = skip_train + skip_test
     warnings = [f"{p}: skipped, not an image file ({len(skipped)} skipped in all)" for p in skipped]
     return LoadedData(xs[0], y_train, xs[1], y_test, list(classes), dfs[0], dfs[1],
-                      train_files=[p for p, _ in train_s], test_files=[p for p, _ in test_s], warnings=warnings)
+                      train_files=[p for p, _ in train_s], test_files=[p for p, _ in test_s], warnings=warnings,
+                      image_cache=pending)
 
 
 def _relative(p: Path, root: Path) -> str:

@@ -241,6 +241,7 @@ class Project:
             self.feature_mean, self.feature_std = d.feature_mean, d.feature_std
         self.categories: dict[str, list] = d.categories
         self.data_warnings: list[str] = d.warnings
+        self._pending_image_cache = list(d.image_cache)
         self.train_dataset = ExampleSet(d.x_train, d.y_train)
         self.test_dataset = ExampleSet(d.x_test, d.y_test)
         self._apply_stage_selections()
@@ -528,6 +529,10 @@ class Project:
     def state_dir(self) -> Path:
         d = self.root / STATE_DIRNAME
         d.mkdir(exist_ok=True)
+        # the project now keeps state: keep its decoded images too (see engine.core.data.PendingImageCache)
+        pending, self._pending_image_cache = getattr(self, "_pending_image_cache", []), []
+        for item in pending:
+            item.write()
         return d
 
     def class_name(self, index: int):
