@@ -23,6 +23,7 @@ from engine.evaluate.bench import cli_main
 from engine.methods import describe_settings, list_methods
 from engine.storage.blocks import iter_row_blocks, write_blocks
 from engine.storage.cache import cache_entries, cache_size, prune_cache
+from engine.storage.statedb import StateDB
 from engine.workflows.leaks import detect_copies, detect_leaks
 from engine.workflows.triage import triage
 
@@ -83,6 +84,10 @@ def cmd_attribute(a) -> int:
     p = _project(a.project)
     # under torchrun (`torchrun --nproc_per_node N -m engine.cli attribute …`) the ranks share the fit
     distributed.start(resolve_device(a.device))
+    if distributed.active():  # rank 0 creates the state folder and database before the others open them
+        if distributed.is_main():
+            StateDB.for_project(p)
+        distributed.barrier()
     try:
         res = cached_scores(p, a.method, _settings(a.set), device=a.device,
                             progress=_progress() if distributed.is_main_process() else None, use_cache=not a.no_cache)

@@ -61,7 +61,8 @@ def _attribute(project, method, *, ranks: int, extra=()):
     head = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--standalone",
              "-m", "engine.cli"] if ranks > 1 else [sys.executable, "-m", "engine.cli"])
     r = _run_cli(head + ["attribute", str(project), "--method", method, "--json", "--top", "5", *extra])
-    assert r.returncode == 0, r.stderr[-3000:]
+    # the start and the end: a failing rank's own error is not always last
+    assert r.returncode == 0, r.stderr[:4000] + "\n…\n" + r.stderr[-3000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     assert len(lines) == 1, r.stdout[-2000:]  # rank 0 alone prints the result
     return json.loads(lines[0])

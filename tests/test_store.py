@@ -190,3 +190,31 @@ def test_float16_store_scales_a_chunk_beyond_float16s_range(tmp_path):
     back = s.to_array()
     assert back.dtype == np.float32 and np.isfinite(back).all()
     np.testing.assert_allclose(back, np.vstack([small, big]), rtol=1e-3, atol=1e-3 * s.scale(1) / 2**10)
+
+
+def _open_state_db(path, barrier, results):
+    barrier.wait()  # both processes open the new database at the same moment
+    try:
+        StateDB(path).list_runs()
+        results.put("ok")
+    except Exception as e:  # noqa: BLE001 - the failure is the finding
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_two_processes_creating_the_state_db_at_once_both_succeed(tmp_path):
+    """Switching a new SQLite file to WAL takes a lock its busy timeout does not wait for: two
+    processes (torchrun's ranks, the app and a worker) opening a new state.db at once failed with
+    'database is locked' in about a quarter of the opens before the retry."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    failures = []
+    for i in range(20):
+        barrier, results = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_open_state_db, args=(tmp_path / f"s{i}.db", barrier, results)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        failures += [r for r in (results.get(timeout=10) for _ in procs) if r != "ok"]
+    assert not failures, failures

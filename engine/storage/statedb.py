@@ -121,7 +121,14 @@ class StateDB:
         con = getattr(self._local, "con", None)
         if con is None:
             con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            con.execute("PRAGMA journal_mode=WAL")
+            for attempt in range(50):
+                try:  # switching a new database to WAL takes a lock the busy timeout does not always wait for
+                    con.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or attempt == 49:
+                        raise
+                    time.sleep(0.1)
             con.execute("PRAGMA synchronous=NORMAL")
             con.row_factory = sqlite3.Row
             self._local.con = con
