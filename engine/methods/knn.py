@@ -5,7 +5,7 @@ import dataclasses
 
 import numpy as np
 
-from engine.autodiff.embeddings import last_linear, penultimate_features
+from engine.autodiff.embeddings import penultimate_features
 from engine.autodiff.functional import batch_rows
 from engine.methods.base import Attributor, register, setting
 from engine.storage.arrays import ChunkedArray
@@ -35,9 +35,10 @@ class EmbeddingKNN(Attributor):
     def _fit(self, project) -> None:
         self.model = project.load_model(project.final_checkpoint())
         ds = project.train_dataset
-        d = last_linear(self.model).in_features
-        # unit-norm penultimate features of the training set, on disk and read chunk by chunk
-        self.store = ChunkedArray(self.workdir / "embeddings", len(ds), self.EMBED_ROWS, width=d,
+        # unit-norm penultimate features of the training set, on disk and read chunk by chunk; the
+        # width comes from the first chunk (the last Linear's input, flattened, may be wider than
+        # its in_features when it acts on a sequence)
+        self.store = ChunkedArray(self.workdir / "embeddings", len(ds), self.EMBED_ROWS,
                                   meta={"checkpoint": project.final_checkpoint().key})
         missing = self.store.missing_chunks()
         for j, c in enumerate(missing):
@@ -46,7 +47,7 @@ class EmbeddingKNN(Attributor):
             lo, hi = self.store.chunk_bounds(c)
             self.store.write_chunk(c, _unit(penultimate_features(self.model, batch_rows(ds.x, lo, hi),
                                                                  device=self.device).double().numpy()))
-        self.meta["dim"] = d
+        self.meta["dim"] = self.store.width
 
     def scores(self, queries="test") -> np.ndarray:
         q = self._queries(queries)
