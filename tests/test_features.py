@@ -27,6 +27,82 @@ def test_per_example_gradients_match_autograd(digits_project):
         torch.testing.assert_close(G[i], ref, rtol=1e-4, atol=1e-6)
 
 
+def _fake_cuda_oom(comp, monkeypatch, fits: int):
+    """Make ``comp`` fail the way CUDA does when a batch holds more than ``fits`` examples."""
+    real = comp.per_example
+    sizes = []
+
+    def per_example(x, y, kind="margin"):
+        sizes.append(len(y))
+        if len(y) > fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(x, y, kind)
+
+    monkeypatch.setattr(comp, "per_example", per_example)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    return sizes
+
+
+def test_out_of_memory_batches_back_off_to_the_same_features(digits_project, monkeypatch):
+    from engine.autodiff.features import project_gradients
+
+    p = digits_project
+    x, y = p.train_dataset.x[:300], p.train_dataset.y[:300]
+    proj = make_projector("rademacher", GradientComputer(p.load_model()).n_params, 64, seed=0)
+    want = project_gradients(GradientComputer(p.load_model()), proj, x, y, batch_size=300)
+    comp = GradientComputer(p.load_model())
+    sizes = _fake_cuda_oom(comp, monkeypatch, fits=70)
+    got = project_gradients(comp, proj, x, y, batch_size=256)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # 256 → 128 → 64 fits; later batches start at the size that fitted
+    assert sizes[:3] == [256, 128, 64] and max(sizes[3:]) == 64 and comp.max_batch == 64 and comp.oom_retries == 2
+    assert comp.batch_size(example_numel=64) <= 64
+    # a non-memory error is not swallowed
+    monkeypatch.setattr(comp, "per_example", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        project_gradients(comp, proj, x, y)
+
+
+def test_out_of_memory_at_one_example_is_one_line(digits_project, monkeypatch):
+    from engine.autodiff.features import project_gradients
+    from engine.core.errors import ProponentError
+
+    p = digits_project
+    comp = GradientComputer(p.load_model())
+    _fake_cuda_oom(comp, monkeypatch, fits=0)
+    proj = make_projector("rademacher", comp.n_params, 64, seed=0)
+    with pytest.raises(ProponentError, match="CUDA out of memory computing the gradient of a single example") as e:
+        project_gradients(comp, proj, p.train_dataset.x[:8], p.train_dataset.y[:8])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("precision,tol", [("bfloat16", 0.05), ("float16", 5e-3)])
+def test_low_precision_gradients_are_close_and_leave_the_model_float32(digits_project, precision, tol):
+    p = digits_project
+    model = p.load_model()
+    x, y = p.train_dataset.x[:32], p.train_dataset.y[:32]
+    ref = GradientComputer(model).per_example(x, y)
+    low = GradientComputer(model, precision=precision)
+    g = low.per_example(x, y)
+    assert g.dtype == torch.float32 and all(q.dtype == torch.float32 for q in model.parameters())
+    rel = float((g - ref).norm() / ref.norm())
+    assert 0 < rel < tol, rel  # not bit-equal (it really ran in low precision), but close
+    assert low.outputs(x).dtype == torch.float32
+
+
+def test_trak_grad_precision_is_a_separate_store(digits_project, copy_project):
+    from engine.api import cached_scores
+
+    p = copy_project(digits_project)
+    a = cached_scores(p, "trak", {"proj_dim": 256, "ensemble": "final"})
+    b = cached_scores(p, "trak", {"proj_dim": 256, "ensemble": "final", "grad_precision": "bfloat16"})
+    assert a["key"] != b["key"]
+    sa, sb = np.asarray(a["scores"], np.float64), np.asarray(b["scores"], np.float64)
+    assert not np.array_equal(sa, sb)
+    top_a, top_b = np.argsort(-sa, 1)[:, :10], np.argsort(-sb, 1)[:, :10]
+    assert np.mean([len(set(u) & set(v)) / 10 for u, v in zip(top_a, top_b)]) > 0.8
+
+
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian", "sjlt"])
 def test_projection_preserves_inner_products(kind):
     g = torch.randn(20, 5000)
@@ -157,3 +233,39 @@ def test_trak_float16_features_give_the_same_ranking(digits_project, copy_projec
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top16, top32)])
     assert overlap >= 0.9, overlap
     assert np.corrcoef(s16[q].ravel(), s32[q].ravel())[0, 1] > 0.999
+
+
+def test_dense_projection_matrices_held_within_budget(monkeypatch):
+    """An ensemble's projection matrices are regenerated bit for bit rather than all held."""
+    from engine.autodiff import projection
+
+    monkeypatch.setattr(projection, "HELD_MATRIX_BYTES", 4 * 3000 * 64 * 2)  # room for two matrices
+    monkeypatch.setattr(projection, "_HELD_MATRIX", {})
+    g = torch.randn(4, 3000)
+    members = [make_projector("rademacher", 3000, 64, seed=0, model_id=m) for m in range(3)]
+    first = [p.project(g) for p in members]
+    assert len(projection._HELD_MATRIX) == 2  # the third evicted the least recently used
+    again = [p.project(g) for p in members]
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(first[0], first[1])
+
+
+def test_hashed_rademacher_matrix_is_a_pure_function_of_its_coordinates(monkeypatch):
+    """Any block of rows is the same slice of the whole matrix, whatever the generation block
+    (so CPU and GPU, full and blocked generation, agree); entries are ±1 and look independent."""
+    from engine.autodiff import projection
+
+    full = projection.rademacher_rows(11, 0, 3000, 200, "cpu")
+    monkeypatch.setattr(projection, "HASH_BLOCK_ENTRIES", 64 * 4 * 3)  # three rows per block
+    torch.testing.assert_close(projection.rademacher_rows(11, 1234, 1300, 200, "cpu"), full[1234:1300], rtol=0, atol=0)
+    assert set(full.unique().tolist()) == {-1.0, 1.0}
+    assert abs(float(full.mean())) < 4 / (3000 * 200) ** 0.5
+    cols = (full.T @ full / 3000).fill_diagonal_(0).abs().max()
+    rows = (full[:300] @ full[:300].T / 200).fill_diagonal_(0).abs().max()
+    assert cols < 6 / 3000 ** 0.5 and rows < 6 / 200 ** 0.5, (cols, rows)
+    other = projection.rademacher_rows(12, 0, 3000, 200, "cpu")
+    assert abs(float((other * full).mean())) < 4 / (3000 * 200) ** 0.5
+    # a width that is not a multiple of 64 uses the leading bits of the same words
+    torch.testing.assert_close(projection.rademacher_rows(11, 0, 10, 70, "cpu"),
+                               projection.rademacher_rows(11, 0, 10, 128, "cpu")[:, :70], rtol=0, atol=0)

@@ -171,6 +171,26 @@ def test_influence_index_matches_trak_scores(project):
     assert plan_index(2_000_000, 2048).kind == "ivfpq" and plan_index(1000, 16).kind == "flat"
 
 
+def test_resident_exact_index_equals_the_streamed_scan(project):
+    """The GPU path (training vectors held on the device, one matmul + top-k per query block),
+    run here on a CPU tensor: same top-k as the chunked scan."""
+    import torch
+
+    from engine.workflows.index import InfluenceIndex
+
+    att, _ = fit_method(project, "trak", {"proj_dim": 64, "ensemble": "checkpoints", "max_models": 2})
+    q = att._queries(("test", np.arange(30)))
+    scan = InfluenceIndex(att, backend="exact")
+    u = scan.query_vectors(q.x, q.y)
+    want = scan.search(u, 10)
+    resident = InfluenceIndex(att, backend="exact")
+    resident._resident = torch.cat([torch.as_tensor(v) for _, _, v in resident._train_chunks()])
+    got = resident.search(u, 10)
+    assert np.array_equal(got["proponents"], want["proponents"]) and np.array_equal(got["opponents"], want["opponents"])
+    np.testing.assert_allclose(got["opponent_scores"], want["opponent_scores"], rtol=1e-4,
+                               atol=1e-6 * np.abs(want["opponent_scores"]).max())
+
+
 @pytest.mark.parametrize("method", ["grad-dot", "grad-cos", "tracin"])
 def test_gradient_similarity_streams_to_the_dense_formula(project, method):
     att, _ = fit_method(project, method, {"proj_dim": 64})

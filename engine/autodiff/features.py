@@ -21,7 +21,7 @@ FEATURE_DTYPES = ("float32", "float16")
 def project_gradients(computer: GradientComputer, projector: Projector, x: torch.Tensor, y: torch.Tensor,
                       kind: str = "margin", *, batch_size: int | None = None) -> torch.Tensor:
     """In-memory [n, k] projected gradients (for queries and small sets)."""
-    out = [projector.project(g).float().cpu() for _, _, g in computer.iter_batches(x, y, kind, batch_size)]
+    out = [p.float().cpu() for _, _, p in computer.iter_batches(x, y, kind, batch_size, then=projector.project)]
     return torch.cat(out, 0) if out else torch.empty(0, projector.out_dim)
 
 
@@ -78,7 +78,7 @@ def checkpoint_feature_store(project, checkpoint, folder: str | Path, *, kind: s
                              proj_dim: int | None, seed: int, model_id: int, device: str,
                              x: torch.Tensor | None = None, y: torch.Tensor | None = None,
                              progress: ProgressFn | None = None, cancel=None,
-                             stage: str = "featurize", dtype: str = "float32",
+                             stage: str = "featurize", dtype: str = "float32", precision: str = "float32",
                              ) -> tuple[ChunkedArray, GradientComputer, Projector]:
     """Projected per-example gradients of the training set (or ``x, y``) at one checkpoint, as an
     on-disk chunked store read chunk by chunk.
@@ -87,12 +87,13 @@ def checkpoint_feature_store(project, checkpoint, folder: str | Path, *, kind: s
     plus the gradient computer and projector, so queries are projected with exactly the same matrix.
     """
     model = project.load_model(checkpoint)
-    computer = GradientComputer(model, tracked=TrackedParameters.of(project), device=device)
+    computer = GradientComputer(model, tracked=TrackedParameters.of(project), device=device, precision=precision)
     projector = make_projector(projection, computer.n_params, proj_dim, seed=seed, model_id=model_id, device=computer.device)
     if x is None:
         x, y = project.train_dataset.x, project.train_dataset.y
     store = featurize(computer, projector, x, y, folder, kind=kind, progress=progress, stage=stage, cancel=cancel,
-                      meta={"checkpoint": checkpoint.key, "seed": seed, "model_id": model_id}, dtype=dtype)
+                      meta={"checkpoint": checkpoint.key, "seed": seed, "model_id": model_id,
+                            **({"precision": precision} if precision != "float32" else {})}, dtype=dtype)
     return store, computer, projector
 
 

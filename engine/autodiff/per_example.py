@@ -8,7 +8,7 @@ model's :class:`~engine.autodiff.functional.ParamLayout`. Inputs may be tensors 
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -25,8 +25,16 @@ from engine.autodiff.functional import (
     to_device,
 )
 from engine.autodiff.measurement import correct_class_margin, example_loss
+from engine.core.errors import ProponentError
 
 KINDS = ("margin", "loss")
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A CUDA allocation failure (the typed error, or the older RuntimeError message)."""
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(e, oom) or (isinstance(e, RuntimeError) and "CUDA out of memory" in str(e))
 
 
 class GradientComputer:
@@ -34,11 +42,19 @@ class GradientComputer:
 
     ``tracked``: the tracked parameters (a :class:`TrackedParameters`, globs or exact names;
     default every parameter that requires grad). The model is moved to ``device`` in place.
+
+    ``precision``: "bfloat16"/"float16" run the gradient pass on a low-precision copy of the
+    model (inputs cast too; the measurement itself in float32); gradients come back float32.
+    On CUDA, a batch that runs out of memory is retried at half the size, and later batches
+    stay at the size that fitted.
     """
 
     def __init__(self, model: nn.Module, *, tracked: Tracked = None, device: str = "cpu",
-                 memory_budget_mb: float = 512.0):
+                 memory_budget_mb: float = 512.0, precision: str = "float32"):
+        if precision not in PRECISIONS:
+            raise ProponentError(f"gradient precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.device = resolve_device(device)
+        self.precision = precision
         self.fm = FunctionalModel(model, tracked, device=self.device)
         self.model = self.fm.module
         self.layout = self.fm.layout
@@ -48,9 +64,16 @@ class GradientComputer:
         self.n_params = self.layout.n
         self.params, self.frozen, self.buffers = self.fm.params, self.fm.frozen, self.fm.buffers
         self.memory_budget_mb = memory_budget_mb
+        self.max_batch: int | None = None  # lowered after a CUDA out-of-memory error
+        self.oom_retries = 0
+        low = PRECISIONS[precision] if precision != "float32" else None
+        # the low-precision pass runs on a private copy, so outputs() and the caller's model stay float32
+        self._grad_fm = FunctionalModel(model, tracked, device=self.device, dtype=low, copy_module=True) if low else self.fm
+        self._grad_params = self._grad_fm.params
+        self._input_dtype = low
 
         def measure(params, x, y, kind):
-            out = self.fm(params, add_batch_dim(x))
+            out = self._grad_fm(params, add_batch_dim(x)).float()
             if kind == "margin":
                 return correct_class_margin(out, y.unsqueeze(0)).sum()
             return example_loss(out, y.unsqueeze(0)).sum()
@@ -65,7 +88,7 @@ class GradientComputer:
             budget = max(budget, free // 2)
         # vmap materialises a few copies of [b, p] (the grads, their flattening, and activations)
         per_example = 4 * (3 * self.n_params + 8 * max(example_numel, 1))
-        return int(max(1, min(8192, budget // per_example)))
+        return int(max(1, min(self.max_batch or 8192, budget // per_example)))
 
     def flatten(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.layout.flatten(grads)
@@ -77,15 +100,40 @@ class GradientComputer:
         """[b, p] gradients of ``kind`` ("margin" or "loss") for one batch."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}")
-        g = self._grad_fns[kind](self.params, to_device(x, self.device), y.to(self.device))
-        return self.flatten(g)
+        g = self._grad_fns[kind](self._grad_params, to_device(x, self.device, self._input_dtype), y.to(self.device))
+        return self.flatten({n: t.float() for n, t in g.items()}) if self._input_dtype else self.flatten(g)
 
-    def iter_batches(self, x: Any, y: torch.Tensor, kind: str = "margin",
-                     batch_size: int | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def iter_batches(self, x: Any, y: torch.Tensor, kind: str = "margin", batch_size: int | None = None,
+                     then: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(lo, hi, gradients) per batch; ``then`` (e.g. a projection) is applied inside the
+        out-of-memory guard, so a batch whose projection does not fit is retried smaller too."""
         bs = batch_size or self.batch_size(example_numel(x))
-        for lo in range(0, len(y), bs):
+        lo = 0
+        while lo < len(y):
             hi = min(len(y), lo + bs)
-            yield lo, hi, self.per_example(batch_rows(x, lo, hi), y[lo:hi], kind)
+            try:
+                g = self.per_example(batch_rows(x, lo, hi), y[lo:hi], kind)
+                out = then(g) if then is not None else g
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                del e
+                bs = self._back_off(hi - lo)
+                continue
+            yield lo, hi, out
+            lo = hi
+
+    def _back_off(self, failed: int) -> int:
+        """Halve the batch after an out-of-memory error (the size sticks for later batches)."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if failed <= 1:
+            raise ProponentError(f"CUDA out of memory computing the gradient of a single example on {self.device} "
+                                 f"({self.n_params:,} tracked parameters); free GPU memory or use --device cpu")
+        self.oom_retries += 1
+        self.max_batch = failed // 2
+        return self.max_batch
 
     def full(self, x: Any, y: torch.Tensor, kind: str = "margin") -> torch.Tensor:
         return torch.cat([g for _, _, g in self.iter_batches(x, y, kind)], 0) if len(y) else torch.empty(0, self.n_params)
@@ -94,4 +142,4 @@ class GradientComputer:
         return self.fm.outputs(x, batch)
 
 
-__all__ = ["GradientComputer", "KINDS", "resolve_device", "batch_len"]
+__all__ = ["GradientComputer", "KINDS", "PRECISIONS", "is_out_of_memory", "resolve_device", "batch_len"]

@@ -49,8 +49,9 @@ class EKFAC(CurvatureInfluence):
                    "averaged over 5 checkpoints of the recorded run (trajectory_points=1: the final one only, classic "
                    "influence). Linear and Conv2d layers; other layers are reported as left out.")
     Settings = EKFACSettings
-    # v3: averaged over trajectory points by default; v2: stored gradients unprojected while they fit
-    version = "3"
+    # v4: stored gradients unprojected up to 2^31 entries (streamed from disk); v3: averaged over trajectory
+    # points by default; v2: stored gradients unprojected while they fit
+    version = "4"
 
     @classmethod
     def advisories(cls, project, settings) -> list[str]:

@@ -40,7 +40,9 @@ class _Side:
 class GradientSimilarity(Attributor):
     normalize: bool = False
     shards_over_ranks = True
-    version = "2"  # training side streamed from disk (same formula; v1 kept a float32 copy in memory)
+    # v3: dense Rademacher projections hashed on the device; v2: training side streamed from disk (same
+    # formula; v1 kept a float32 copy in memory)
+    version = "3"
 
     def checkpoints_and_weights(self, project) -> list[tuple]:
         return [(project.final_checkpoint(), 1.0)]
@@ -56,7 +58,7 @@ class GradientSimilarity(Attributor):
         projection, k = s.projection_plan(n_params, n)
         for j, (ck, w) in enumerate(plan):
             self._check_cancel("fit")
-            tag = stable_hash({"ck": ck.key, "k": k, "proj": projection, "seed": s.seed})
+            tag = stable_hash({"ck": ck.key, "k": k, "proj": projection, "seed": s.seed, "gen": 3})
             folder = self.workdir / f"ck_{j:03d}_{tag}"
             step = lambda st, d, t, j=j: self.progress(f"featurize {j + 1}/{len(plan)}", d, t)
             loss_store, computer, projector = checkpoint_feature_store(

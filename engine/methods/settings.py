@@ -33,8 +33,11 @@ class ProjectionSettings:
         return kind, k
 
 
-# n_train × k float32 training gradients a curvature method keeps per segment (1 GiB)
-CURVATURE_STORE_ENTRIES = 2**28
+# n_train × k float32 training gradients a curvature method keeps per segment: 8 GiB on disk, read
+# block by block (memory: one block). Was 2^28 while the store was held in memory; on a 5,000-image
+# 94,762-parameter CNN the projection that bound forced (SJLT to k = 16384) gave LDS 0.069 against
+# kronfluence's unprojected 0.118 (scripts/bench_gpu.py, docs/bench/gpu-cnn-5000.json).
+CURVATURE_STORE_ENTRIES = 2**31
 CURVATURE_MAX_K = 16384  # beyond this a projection costs more than its error saves (sparse JL above 2^28 entries)
 
 
@@ -43,7 +46,8 @@ class CurvatureSettings(ProjectionSettings):
     """EK-FAC curvature (Fisher with labels sampled from the model), shared by EK-FAC and Source."""
 
     proj_dim: int = setting(-1, "Projection size k of the stored training gradients; -1: none while n_train × "
-                                "parameters fits 2^28 float32 entries, else as large as fits (2048 to 16384); 0: none.",
+                                "parameters fits 2^31 float32 entries (8 GiB on disk, streamed), else as large as fits "
+                                "(2048 to 16384); 0: none.",
                             ge=-1)
 
     def projection_plan(self, n_params: int, n_train: int) -> tuple[str, int]:

@@ -61,6 +61,7 @@ ADAM_BETA2 = 0.999
 ADAM_EPS = 1e-8
 # training rows per block of stored training gradients: bounds memory, and is the unit torchrun ranks share out
 GRADIENT_BLOCK_ROWS = 1024
+WALK_BLOCK_BYTES = 2**26  # one float64 [rows, p] copy of query gradients walked through the curvature (64 MiB)
 
 
 @dataclass
@@ -200,6 +201,10 @@ class CurvatureInfluence(Attributor):
         p = layout.n
         kind, k = cfg.projection_plan(p, n)
         self.projector = make_projector(kind, p, k or None, seed=cfg.seed, model_id=0, device="cpu")
+        # the same matrix on the gradients' device: training gradients are projected where they are
+        # computed, and only [batch, k] crosses to the host (not [batch, p])
+        self.train_projector = (self.projector if str(self.device) == "cpu" else
+                                make_projector(kind, p, k or None, seed=cfg.seed, model_id=0, device=self.device))
         self.factor_dir = project.state_dir / "factors"
         self.factor_dir.mkdir(exist_ok=True)
         self.wd = float(project.recipe.weight_decay) if cfg.weight_decay_in_curvature else 0.0
@@ -364,8 +369,8 @@ class CurvatureInfluence(Attributor):
             xs, ys = ds.x[sel], ds.y[sel]
             block = np.zeros((hi - lo, self.projector.out_dim))
             for comp in computers:
-                for blo, bhi, g in comp.iter_batches(xs, ys, "loss"):
-                    block[blo:bhi] += self.projector.project(g.cpu().float()).numpy() / len(points)
+                for blo, bhi, g in comp.iter_batches(xs, ys, "loss", then=self.train_projector.project):
+                    block[blo:bhi] += g.float().cpu().numpy() / len(points)
             if not np.isfinite(block).all():
                 raise ProponentError(f"{self.name}: non-finite training gradients in {tag}; the checkpoints may have diverged")
             gbar.write_chunk(c, block)
@@ -406,7 +411,10 @@ class CurvatureInfluence(Attributor):
         return us
 
     def _query_grads(self, x: torch.Tensor, y: torch.Tensor):
-        return self.query_computer.iter_batches(x, y, "margin")
+        # _walk holds a few float64 copies of [rows, p] on the host: bound the rows by bytes, not by what
+        # the device could batch (on a GPU that was all 5,000 training rows at once: 21 GB of RSS)
+        rows = max(1, min(1024, WALK_BLOCK_BYTES // (8 * max(1, self.query_computer.n_params))))
+        return self.query_computer.iter_batches(x, y, "margin", batch_size=rows)
 
     def scores(self, queries="test") -> np.ndarray:
         q = self._queries(queries)
@@ -448,7 +456,9 @@ class Source(CurvatureInfluence):
     description = ("Approximate unrolled differentiation over the recorded trajectory (Bae et al., 2024): EK-FAC per "
                    "segment with training-derived response functions. Suited to non-converged and multi-stage training.")
     Settings = SourceSettings
-    version = "2"  # stored gradients unprojected while they fit (v1 projected to 2048 above 8,192 parameters)
+    # v3: unprojected up to 2^31 stored entries (streamed); v2: unprojected while they fit in memory (v1
+    # projected to 2048 above 8,192 parameters)
+    version = "3"
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(**settings_dict(self.settings))

@@ -42,6 +42,10 @@ class TrakSettings(ProjectionSettings):
                                             "and reads; a chunk beyond float16's range is stored scaled by a power of two) or float32 (use it "
                                             "with a near-zero damping, where the kernel amplifies rounding).",
                                  choices=("float32", "float16"))
+    grad_precision: str = setting("float32", "Precision of the per-example gradient pass: float32, or bfloat16/float16 "
+                                             "(a low-precision copy of the model; faster on GPUs with tensor cores; its LDS "
+                                             "cost is in docs/benchmarks.md).",
+                                  choices=("float32", "bfloat16", "float16"))
 
 
 def kernel_damping(gram: np.ndarray, n: int, k: int, damping: float, damping_ratio: float) -> float:
@@ -148,7 +152,9 @@ class TRAK(Attributor):
     def requirements(cls, settings=None):  # the model ensemble needs several trained models
         return cls.requires | ({"models"} if getattr(settings, "ensemble", None) == "models" else set())
 
-    version = "2"  # streamed primal form (same formula; rounding differs from v1's stored float32 Ψ)
+    # v3: dense Rademacher projections hashed on the device (same law, other draws; the same on CPU and GPU);
+    # v2: streamed primal form (same formula; rounding differs from v1's stored float32 Ψ)
+    version = "3"
 
     @property
     def feature_members(self) -> list[_Member]:
@@ -169,14 +175,16 @@ class TRAK(Attributor):
         projection, k = s.projection_plan(n_params, n)
         for m, ck in enumerate(self.members):
             self._check_cancel("fit")
-            tag = stable_hash({"ck": ck.key, "k": k, "proj": projection, "seed": s.seed, "m": m,
-                               **({"dtype": s.feature_dtype} if s.feature_dtype != "float32" else {})})
+            # "gen": dense Rademacher entries are hashed on the device since v3 (the kernel beside the store follows it)
+            tag = stable_hash({"ck": ck.key, "k": k, "proj": projection, "seed": s.seed, "m": m, "gen": 3,
+                               **({"dtype": s.feature_dtype} if s.feature_dtype != "float32" else {}),
+                               **({"precision": s.grad_precision} if s.grad_precision != "float32" else {})})
             folder = self.workdir / f"member_{m:03d}_{tag}"
             store, computer, projector = checkpoint_feature_store(
                 project, ck, folder / "features", kind="margin", projection=projection, proj_dim=k or None,
                 seed=s.seed, model_id=m, device=self.device,
                 progress=lambda st, d, t, m=m: self.progress(f"featurize {m + 1}/{len(self.members)}", d, t),
-                cancel=self.cancel, dtype=s.feature_dtype)
+                cancel=self.cancel, dtype=s.feature_dtype, precision=s.grad_precision)
             k_out = projector.out_dim
             solved = folder / f"kernel_{stable_hash({'d': s.damping, 'r': s.damping_ratio})}"
             primal = k_out <= n

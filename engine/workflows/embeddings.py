@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from engine.autodiff import GradientComputer, make_projector
+from engine.autodiff.compute import resolve_device
 from engine.autodiff.embeddings import penultimate_features
 from engine.autodiff.features import project_gradients
 from engine.core.errors import Cancelled, ProponentError
@@ -48,7 +49,7 @@ def cached_embedding(project: Project, kind: str, reducer: str, label: str = "pr
 
 def compute_embedding(project: Project, kind: str = "influence", reducer: str = "umap", *,
                       max_points: int = EMBED_MAX_POINTS, proj_dim: int = 256, label: str = "predicted",
-                      progress=None, cancel=None) -> dict:
+                      progress=None, cancel=None, device: str = "auto") -> dict:
     """{"xy": [m, 2], "index": [m] training rows, "n_total", and "xy_all" [n, 2] when n > m}: the layout
     is fitted on a seeded subsample of at most ``max_points`` rows (what the page draws); every other
     row is then placed on it (PCA's projection, UMAP's ``transform``) by chunks of ``PLACE_CHUNK``, so
@@ -69,15 +70,17 @@ def compute_embedding(project: Project, kind: str = "influence", reducer: str = 
     stage = f"features ({kind})"
     if progress:
         progress(stage, 0, len(idx))
+    device = resolve_device(device)
     model = project.load_model()
-    computer = GradientComputer(model) if kind == "influence" else None
-    projector = (make_projector("auto", computer.n_params, min(proj_dim, computer.n_params), seed=0)
+    computer = GradientComputer(model, device=device) if kind == "influence" else None
+    # seeded on the CPU and moved: the same map features on either device
+    projector = (make_projector("auto", computer.n_params, min(proj_dim, computer.n_params), seed=0, device=device)
                  if computer is not None else None)
     feats = []
     for lo in range(0, len(idx), _CHUNK):
         if cancel and cancel():
             raise Cancelled("embedding cancelled")
-        feats.append(_features(project, idx[lo:lo + _CHUNK], model, computer, projector, label))
+        feats.append(_features(project, idx[lo:lo + _CHUNK], model, computer, projector, label, device))
         if progress:
             progress(stage, min(len(idx), lo + _CHUNK), len(idx))
     F = _normalise(np.concatenate(feats, 0).astype(np.float32), kind)
@@ -98,7 +101,7 @@ def compute_embedding(project: Project, kind: str = "influence", reducer: str = 
             if cancel and cancel():
                 raise Cancelled("embedding cancelled")
             rows = rest[lo:lo + PLACE_CHUNK]
-            xy_all[rows] = place(_normalise(_features(project, rows, model, computer, projector, label), kind))
+            xy_all[rows] = place(_normalise(_features(project, rows, model, computer, projector, label, device), kind))
             if progress:
                 progress(stage, min(len(rest), lo + PLACE_CHUNK), len(rest))
         out["xy_all"] = xy_all
@@ -114,7 +117,8 @@ def _normalise(F: np.ndarray, kind: str) -> np.ndarray:
     return F
 
 
-def _features(project: Project, rows: np.ndarray, model, computer, projector, label: str) -> np.ndarray:
+def _features(project: Project, rows: np.ndarray, model, computer, projector, label: str,
+              device: str = "cpu") -> np.ndarray:
     """Features of training ``rows`` (margin gradients projected, or penultimate activations), by chunks."""
     feats = []
     for lo in range(0, len(rows), _CHUNK):
@@ -126,7 +130,7 @@ def _features(project: Project, rows: np.ndarray, model, computer, projector, la
                     y = computer.outputs(x).argmax(1).cpu()
             feats.append(project_gradients(computer, projector, x, y, "margin").numpy())
         else:
-            feats.append(penultimate_features(model, x).numpy())
+            feats.append(penultimate_features(model, x, device=device).numpy())
     return np.concatenate(feats, 0).astype(np.float32)
 
 

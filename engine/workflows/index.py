@@ -6,8 +6,9 @@ so a new query's top proponents are a maximum-inner-product search over the v_i,
 opponents the same search with -u_q.
 
 Two backends:
-- ``exact``: a blocked matmul over the on-disk features with a running top-k (torch, so on CUDA
-  when the device is a GPU); memory is one chunk.
+- ``exact``: a blocked matmul over the on-disk features with a running top-k; memory is one
+  chunk. On CUDA the stacked training vectors are copied once onto the GPU when they fit in half
+  its free memory (1M × 2048 float32 is 8 GiB), so a query is one matmul and a top-k there.
 - ``faiss``: faiss-cpu's inner-product indexes, flat (exact) up to ``FLAT_MAX`` rows, else IVF-PQ
   (``nlist`` ≈ √n, trained on a sample, filled chunk by chunk; a few bytes per row in memory).
   IVF-PQ's candidates (``RERANK`` × k) are re-scored exactly from the on-disk features, so the
@@ -20,7 +21,6 @@ import math
 import time
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 
@@ -65,9 +65,13 @@ class InfluenceIndex:
         self.scale = att.q / len(self.members)  # Q_i / M, folded into the training side
         self.build_seconds = 0.0
         self.plan = None
+        self._resident = None
         if backend == "faiss":
             self._build_faiss(kind, seed)
-        elif backend != "exact":
+        elif backend == "exact":
+            if str(device).startswith("cuda"):
+                self._resident = self._load_resident()
+        else:
             raise ProponentError(f"index backend must be faiss or exact, not {backend!r}")
 
     # ---------------------------------------------------------------- training side, by chunk
@@ -79,6 +83,8 @@ class InfluenceIndex:
             yield lo, hi, v * self.scale[lo:hi, None].astype(np.float32)
 
     def _build_faiss(self, kind: str, seed: int) -> None:
+        import faiss  # only this backend needs it
+
         t0 = time.perf_counter()
         self.plan = plan_index(self.n, self.d, kind)
         if self.plan.kind == "flat":
@@ -109,6 +115,18 @@ class InfluenceIndex:
             index.add(prep(v))
         self.index = index
         self.build_seconds = time.perf_counter() - t0
+
+    def _load_resident(self) -> torch.Tensor | None:
+        """The [n, d] training vectors on the GPU, or None where they would take over half its free memory."""
+        t0 = time.perf_counter()
+        free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+        if self.n * self.d * 4 > free // 2:
+            return None
+        v_all = torch.empty((self.n, self.d), dtype=torch.float32, device=self.device)
+        for lo, hi, v in self._train_chunks():
+            v_all[lo:hi] = torch.as_tensor(v).to(self.device, non_blocking=False)
+        self.build_seconds = time.perf_counter() - t0
+        return v_all
 
     def _on_sphere(self, v: np.ndarray) -> np.ndarray:
         out = np.zeros((len(v), self.plan.dim), np.float32)
@@ -159,12 +177,29 @@ class InfluenceIndex:
         return ids_out, s_out
 
     def _exact(self, u: np.ndarray, k: int) -> dict[str, np.ndarray]:
+        if self._resident is not None:
+            return self._exact_resident(u, k)
         acc = RunningTopK(len(u), k)
         ut = torch.as_tensor(u, dtype=torch.float32, device=self.device)
         for lo, _, v in self._train_chunks():
             block = (ut @ torch.as_tensor(v, device=self.device).T).double().cpu().numpy()
             acc.update(lo, block)
         return acc.result()
+
+
+    def _exact_resident(self, u: np.ndarray, k: int) -> dict[str, np.ndarray]:
+        out = {key: [] for key in ("proponents", "proponent_scores", "opponents", "opponent_scores")}
+        rows = max(1, 2**28 // self.n)  # queries per matmul: their [rows, n] scores stay under 1 GiB
+        ut = torch.as_tensor(u, dtype=torch.float32)
+        for lo in range(0, len(u), rows):
+            s = ut[lo:lo + rows].to(self.device) @ self._resident.T
+            top = torch.topk(s, k, dim=1)
+            bot = torch.topk(s, k, dim=1, largest=False)
+            out["proponents"].append(top.indices.cpu().numpy())
+            out["proponent_scores"].append(top.values.double().cpu().numpy())
+            out["opponents"].append(bot.indices.cpu().numpy())
+            out["opponent_scores"].append(bot.values.double().cpu().numpy())
+        return {key: np.concatenate(v) for key, v in out.items()}
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:

@@ -133,7 +133,7 @@ class DDM(Attributor):
         sizes = torch.as_tensor(cl.sizes, dtype=torch.float64)
         weights = sizes / n
         if s.norm_calibration:
-            g_syn = computers[-1].per_example(res.x, y_syn, "loss").detach().double()
+            g_syn = computers[-1].per_example(res.x, y_syn, "loss").detach().double().cpu()
             ratio = targets[-1].double().norm(dim=1) / g_syn.norm(dim=1).clamp_min(1e-12)
             weights = weights * ratio
         self.weights = weights

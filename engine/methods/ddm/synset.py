@@ -172,14 +172,15 @@ def distill(computers: list[GradientComputer], targets: torch.Tensor, x_init: to
         raise ProponentError(f"ddm: distill_steps must be ≥ 0, not {steps}")
     c0 = computers[0]
     metric = LayerwiseCosine(c0.shapes, c0.sizes)
+    targets = targets.to(c0.device)  # the per-example gradients come out on the computers' device
 
     def residuals(x: torch.Tensor) -> np.ndarray:
-        tot = torch.zeros(len(y_syn), dtype=torch.float64)
+        tot = torch.zeros(len(y_syn), dtype=torch.float64, device=c0.device)
         with torch.no_grad():
             for comp, tgt in zip(computers, targets):
                 d, a = metric(comp.per_example(x, y_syn, "loss"), tgt)
                 tot += (d / a.clamp_min(1)).double()
-        return (tot / len(computers)).numpy()
+        return (tot / len(computers)).cpu().numpy()
 
     x = x_init.detach().clone().float().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
