@@ -71,7 +71,7 @@ def test_out_of_memory_at_one_example_is_one_line(digits_project, monkeypatch):
     comp = GradientComputer(p.load_model())
     _fake_cuda_oom(comp, monkeypatch, fits=0)
     proj = make_projector("rademacher", comp.n_params, 64, seed=0)
-    with pytest.raises(ProponentError, match="CUDA out of memory computing the gradient of a single example") as e:
+    with pytest.raises(ProponentError, match="CUDA out of memory at one example per batch") as e:
         project_gradients(comp, proj, p.train_dataset.x[:8], p.train_dataset.y[:8])
     assert "\n" not in str(e.value)
 
@@ -269,3 +269,32 @@ def test_hashed_rademacher_matrix_is_a_pure_function_of_its_coordinates(monkeypa
     # a width that is not a multiple of 64 uses the leading bits of the same words
     torch.testing.assert_close(projection.rademacher_rows(11, 0, 10, 70, "cpu"),
                                projection.rademacher_rows(11, 0, 10, 128, "cpu")[:, :70], rtol=0, atol=0)
+
+
+def test_hashed_rademacher_matches_a_plain_python_splitmix64():
+    """Golden values: the tensor arithmetic (wrapping int64, emulated logical shifts, the byte view)
+    equals splitmix64 written with Python integers, entry (i, j) = bit j mod 64 of word (i, j // 64)."""
+    from engine.autodiff import projection
+
+    M = 2**64
+
+    def word(seed, index):
+        z = (index * 0x9E3779B97F4A7C15 + seed * 0xD1B54A32D192ED03) % M
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % M
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % M
+        return z ^ (z >> 31)
+
+    seed, k = 987654321, 150
+    words = -(-k // 64)
+    got = projection.rademacher_rows(seed, 5, 9, k, "cpu")
+    want = torch.tensor([[1.0 if (word(seed, i * words + j // 64) >> (j % 64)) & 1 else -1.0 for j in range(k)]
+                         for i in range(5, 9)])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hashed_rademacher_is_the_same_on_cuda():
+    from engine.autodiff import projection
+
+    torch.testing.assert_close(projection.rademacher_rows(3, 0, 500, 2048, "cuda").cpu(),
+                               projection.rademacher_rows(3, 0, 500, 2048, "cpu"), rtol=0, atol=0)

@@ -234,22 +234,21 @@ def test_ekfac_on_conv_model_equals_block_diagonal_formula(tmp_path):
 
 def test_self_influence_walks_training_rows_in_byte_bounded_blocks(logreg_project, monkeypatch):
     """Self-influence walks every training gradient through the curvature in float64 on the host;
-    the rows per block are bounded by bytes (on a GPU the batch was all 5,000 rows: 21 GB of RSS)."""
+    the rows per walk are bounded by bytes (on a GPU one batch was all 5,000 rows: 21 GB of RSS)."""
     from engine.methods import source as source_module
 
     ek = EKFAC(EKFACSettings(trajectory_points=1)).fit(logreg_project)
     want = ek.self_scores()
     p = ek.query_computer.n_params
-    monkeypatch.setattr(source_module, "WALK_BLOCK_BYTES", 8 * p * 7)  # seven rows per block
+    monkeypatch.setattr(source_module, "WALK_BLOCK_BYTES", 8 * p * 7)  # seven rows per walk
     sizes = []
-    real = ek.query_computer.iter_batches
+    real = ek._walk
 
-    def recording(x, y, kind="margin", batch_size=None, then=None):
-        for lo, hi, g in real(x, y, kind, batch_size, then):
-            sizes.append(hi - lo)
-            yield lo, hi, g
+    def recording(flat):
+        sizes.append(len(flat))
+        return real(flat)
 
-    monkeypatch.setattr(ek.query_computer, "iter_batches", recording)
+    monkeypatch.setattr(ek, "_walk", recording)
     ek._self = None
     got = ek.self_scores()
     assert max(sizes) == 7 and sum(sizes) == len(logreg_project.train_dataset)

@@ -108,13 +108,14 @@ class GradientComputer:
                      ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(lo, hi, gradients) per batch; ``then`` (e.g. a projection) is applied inside the
         out-of-memory guard, so a batch whose projection does not fit is retried smaller too."""
-        bs = batch_size or self.batch_size(example_numel(x))
+        bs = min(batch_size or self.batch_size(example_numel(x)), self.max_batch or 8192 * 8192)
         lo = 0
         while lo < len(y):
             hi = min(len(y), lo + bs)
             try:
-                g = self.per_example(batch_rows(x, lo, hi), y[lo:hi], kind)
-                out = then(g) if then is not None else g
+                out = self.per_example(batch_rows(x, lo, hi), y[lo:hi], kind)
+                if then is not None:
+                    out = then(out)  # the [b, p] gradients are not kept alive beside their projection
             except Exception as e:
                 if not is_out_of_memory(e):
                     raise
@@ -129,10 +130,11 @@ class GradientComputer:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if failed <= 1:
-            raise ProponentError(f"CUDA out of memory computing the gradient of a single example on {self.device} "
+            raise ProponentError(f"CUDA out of memory at one example per batch (its gradient and projection) on {self.device} "
                                  f"({self.n_params:,} tracked parameters); free GPU memory or use --device cpu")
         self.oom_retries += 1
-        self.max_batch = failed // 2
+        # never raised again by a later, larger request (an explicit batch_size)
+        self.max_batch = max(1, min(failed, self.max_batch or failed) // 2)
         return self.max_batch
 
     def full(self, x: Any, y: torch.Tensor, kind: str = "margin") -> torch.Tensor:

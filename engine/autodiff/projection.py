@@ -9,6 +9,7 @@ other). It is held between batches within a memory budget and regenerated beyond
 from __future__ import annotations
 
 import math
+import threading
 from abc import ABC, abstractmethod
 
 import torch
@@ -109,18 +110,19 @@ class DenseProjector(Projector):
             raise ValueError(f"unknown distribution {distribution!r}")
         self.kind = f"dense-{distribution}"
         self.distribution, self.device = distribution, str(device)
-        self._key = (in_dim, out_dim, projection_seed(seed, model_id), distribution, self.device)
+        self._key = (in_dim, out_dim, projection_seed(seed, model_id), distribution, str(torch.device(device)))
 
     @property
     def matrix(self) -> torch.Tensor:
-        held = _HELD_MATRIX.pop(self._key, None)
-        if held is None:
-            need = 4 * self.in_dim * self.out_dim
-            while _HELD_MATRIX and sum(4 * m.numel() for m in _HELD_MATRIX.values()) + need > HELD_MATRIX_BYTES:
-                _HELD_MATRIX.pop(next(iter(_HELD_MATRIX)))  # least recently used first, before generating
-            held = self._generate()
-        _HELD_MATRIX[self._key] = held  # (re)inserted last: most recently used
-        return held
+        with _HELD_LOCK:  # the app projects from several session threads
+            held = _HELD_MATRIX.pop(self._key, None)
+            if held is None:
+                need = 4 * self.in_dim * self.out_dim
+                while _HELD_MATRIX and sum(4 * m.numel() for m in _HELD_MATRIX.values()) + need > HELD_MATRIX_BYTES:
+                    _HELD_MATRIX.pop(next(iter(_HELD_MATRIX)))  # least recently used first, before generating
+                held = self._generate()
+            _HELD_MATRIX[self._key] = held  # (re)inserted last: most recently used
+            return held
 
     def _generate(self) -> torch.Tensor:
         if self.distribution == "rademacher":
@@ -142,6 +144,7 @@ class DenseProjector(Projector):
 # dense projection matrices held, least recently used first (see DenseProjector)
 HELD_MATRIX_BYTES = 2**30
 _HELD_MATRIX: dict[tuple, torch.Tensor] = {}
+_HELD_LOCK = threading.Lock()
 
 
 class SparseJLProjector(Projector):

@@ -411,10 +411,13 @@ class CurvatureInfluence(Attributor):
         return us
 
     def _query_grads(self, x: torch.Tensor, y: torch.Tensor):
-        # _walk holds a few float64 copies of [rows, p] on the host: bound the rows by bytes, not by what
-        # the device could batch (on a GPU that was all 5,000 training rows at once: 21 GB of RSS)
+        """(lo, hi, gradients) in blocks that _walk can take: it holds a few float64 copies of [rows, p]
+        on the host, so rows are bounded by bytes (on a GPU one batch was all 5,000 training rows: 21 GB
+        of RSS), while the device still computes gradients in its own, larger batches."""
         rows = max(1, min(1024, WALK_BLOCK_BYTES // (8 * max(1, self.query_computer.n_params))))
-        return self.query_computer.iter_batches(x, y, "margin", batch_size=rows)
+        for lo, hi, g in self.query_computer.iter_batches(x, y, "margin"):
+            for a in range(lo, hi, rows):
+                yield a, min(hi, a + rows), g[a - lo:min(hi, a + rows) - lo]
 
     def scores(self, queries="test") -> np.ndarray:
         q = self._queries(queries)

@@ -73,7 +73,7 @@ def compute_embedding(project: Project, kind: str = "influence", reducer: str = 
     device = resolve_device(device)
     model = project.load_model()
     computer = GradientComputer(model, device=device) if kind == "influence" else None
-    # seeded on the CPU and moved: the same map features on either device
+    # the same projection on either device (see engine/autodiff/projection.py): the same map features
     projector = (make_projector("auto", computer.n_params, min(proj_dim, computer.n_params), seed=0, device=device)
                  if computer is not None else None)
     feats = []

@@ -188,6 +188,8 @@ class InfluenceIndex:
 
 
     def _exact_resident(self, u: np.ndarray, k: int) -> dict[str, np.ndarray]:
+        if len(u) == 0:
+            return RunningTopK(0, k).result()
         out = {key: [] for key in ("proponents", "proponent_scores", "opponents", "opponent_scores")}
         rows = max(1, 2**28 // self.n)  # queries per matmul: their [rows, n] scores stay under 1 GiB
         ut = torch.as_tensor(u, dtype=torch.float32)
