@@ -519,11 +519,15 @@ def stage_methods(run: Runner, work: Path, sample: str, only: list[str] | None =
     run.save(name, {"title": f"Every method and job on {DEVICE} ({sample} sample)", "rows": rows, "end": res})
 
 
+def cnn_name(n: int) -> str:
+    return f"{'gpu' if DEVICE.startswith('cuda') else 'cpu'}-cnn-{n}.json"
+
+
 def stage_cnn(run: Runner, work: Path, n: int, lds_subsets: int) -> None:
     root = work / f"rgb32-{n}"
     doc: dict = {"title": f"32×32 RGB CNN, {n:,} training images, on {DEVICE}", "n_train": n, "n_test": N_TEST, "runs": {}}
     doc["train"] = run.child("train", {"root": str(root), "n_train": n, "make": True, "device": DEVICE}, 240 * LIMIT_SCALE)
-    run.save(f"gpu-cnn-{n}.json", doc)
+    run.save(cnn_name(n), doc)
     if "error" in doc["train"]:
         return
     k = 2048
@@ -543,12 +547,12 @@ def stage_cnn(run: Runner, work: Path, n: int, lds_subsets: int) -> None:
         doc["runs"][name] = r
         if "error" not in r:
             saved[name] = str(f)
-        run.save(f"gpu-cnn-{n}.json", doc)
+        run.save(cnn_name(n), doc)
     if lds_subsets and saved:
         secs = max(20.0, min(150.0 * LIMIT_SCALE, run.left() - 40))
         doc["lds"] = run.child("lds", {"root": str(root), "subsets": lds_subsets, "seeds": 1, "scores": saved,
                                        "device": DEVICE, "seconds": secs}, secs + 30)
-        run.save(f"gpu-cnn-{n}.json", doc)
+        run.save(cnn_name(n), doc)
 
 
 def stage_oom(run: Runner, work: Path) -> None:
@@ -574,7 +578,7 @@ def _r(v, nd=1):
 def render(dirs: list[Path]) -> dict[str, dict]:
     raw: dict[str, dict] = {}
     for d in dirs:  # later runs replace earlier ones, file by file (the methods rerun row by row)
-        for f in sorted(d.glob("gpu-*.json")):
+        for f in sorted([*d.glob("gpu-*.json"), *d.glob("cpu-cnn-*.json")]):
             raw[f.name] = json.loads(f.read_text())
     docs = {}
     head = {k: None for k in ("date", "machine", "command")}
@@ -599,7 +603,7 @@ def render(dirs: list[Path]) -> dict[str, dict]:
                                   "engine's own cancel and reported as such (not as a failure of the GPU path)."]
                         + ([f"rows marked by a rerun come from {rerun['command']}"] if rerun else [])}]}
     for name, src in raw.items():
-        if not name.startswith("gpu-cnn-"):
+        if not name.startswith(("gpu-cnn-", "cpu-cnn-")):
             continue
         runs, lds = src.get("runs", {}), (src.get("lds") or {}).get("lds", {})
         peer_of = {"proponent trak": "traker trak", "proponent trak bf16": "traker trak",
@@ -614,18 +618,19 @@ def render(dirs: list[Path]) -> dict[str, dict]:
             table.append([key, _r(r["seconds"]), _r(ratio, 2), _r(r.get("peak_gpu_mb"), 0), _r(r.get("peak_rss_mb"), 0),
                           (r.get("rss_peak_stage") or "") if r.get("tool") == "proponent" else "", _r(lds.get(key), 3), ""])
         tr = src.get("train", {})
+        where = "the GPU" if name.startswith("gpu-") else "the CPU"
         notes = [f"{src['n_train']:,} training and {src['n_test']} test images, 32×32 RGB, 10 classes; CNN with BatchNorm, "
-                 f"{tr.get('n_params', '?'):,} parameters, trained on the GPU in {_r(tr.get('train_s'))} s, test accuracy "
+                 f"{tr.get('n_params', '?'):,} parameters, trained on {where}, test accuracy "
                  f"{_r(tr.get('test_accuracy'), 3)}, {tr.get('checkpoints')} checkpoints.",
                  "Each run is a fresh process: fit and scores of every test query, wall time; peak GPU memory from "
                  "torch.cuda.max_memory_allocated, peak RSS from getrusage (both include CUDA's own context).",
-                 "traker 0.3.2 with its defaults at Proponent's k (2048) and the same 5 checkpoints (its fast_jl CUDA "
-                 "projector is not installed there, so traker uses its BasicProjector, as on any machine without it); "
-                 "kronfluence 1.0.1 EK-FAC with its defaults at the final checkpoint."]
-        if src.get("lds"):
+                 "traker 0.3.2 with its defaults at Proponent's k (2048) and the same 5 checkpoints (BasicProjector: "
+                 "its fast_jl CUDA projector is not installed on the machines used); kronfluence 1.0.1 EK-FAC with its "
+                 "defaults at the final checkpoint. 'peer s / this s' > 1: Proponent is faster."]
+        if (src.get("lds") or {}).get("subsets"):
             L = src["lds"]
             notes.append(f"LDS against {L.get('subsets')} retrained random halves × {L.get('seeds')} seed (retrained on "
-                         f"the GPU in {_r(L.get('retrain_s'))} s); every test query.")
+                         f"{where} in {_r(L.get('retrain_s'))} s); every test query.")
         docs[name] = {**{k: src[k] for k in head}, "title": src["title"],
                       "tables": [{"title": "TRAK against traker, EK-FAC against kronfluence, bfloat16 gradients",
                                   "columns": ["run", "wall s", "peer s / this s", "peak GPU MB", "peak RSS MB",
