@@ -108,7 +108,9 @@ class GradientComputer:
                      ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(lo, hi, gradients) per batch; ``then`` (e.g. a projection) is applied inside the
         out-of-memory guard, so a batch whose projection does not fit is retried smaller too."""
-        bs = min(batch_size or self.batch_size(example_numel(x)), self.max_batch or 8192 * 8192)
+        bs = batch_size or self.batch_size(example_numel(x))
+        if self.max_batch:  # an explicit size too stays under what fitted after an out-of-memory error
+            bs = min(bs, self.max_batch)
         lo = 0
         while lo < len(y):
             hi = min(len(y), lo + bs)

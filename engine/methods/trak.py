@@ -43,8 +43,9 @@ class TrakSettings(ProjectionSettings):
                                             "with a near-zero damping, where the kernel amplifies rounding).",
                                  choices=("float32", "float16"))
     grad_precision: str = setting("float32", "Precision of the per-example gradient pass: float32, or bfloat16/float16 "
-                                             "(a low-precision copy of the model; faster on GPUs with tensor cores; its LDS "
-                                             "cost is in docs/benchmarks.md).",
+                                             "(a low-precision copy of the model, for GPUs: on a 32×32 CNN on an H200 it "
+                                             "left LDS unchanged and the run no faster; on a CPU it is twice as slow; "
+                                             "docs/benchmarks.md).",
                                   choices=("float32", "bfloat16", "float16"))
 
 
