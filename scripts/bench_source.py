@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from engine import Project  # noqa: E402
+from engine.core.data import whole  # noqa: E402
 from engine.evaluate.groundtruth import random_subsets, retrain_margins  # noqa: E402
 from engine.evaluate.lds import lds  # noqa: E402
 from engine.methods.base import get_method  # noqa: E402
@@ -112,8 +113,8 @@ def run_project(name: str, workdir: Path, m: int, r: int, alpha: float, with_pee
 
         final = [c for c in p.checkpoints if c.model_id == p.model_ids()[0]]
         inputs = PeerInputs(build_model=p.build_model, checkpoints=[p.load_state(c) for c in final],
-                            checkpoint_lrs=[c.lr for c in final], x_train=p.train_dataset.x, y_train=p.train_dataset.y,
-                            x_test=p.test_dataset.x, y_test=p.test_dataset.y, num_classes=p.num_classes)
+                            checkpoint_lrs=[c.lr for c in final], x_train=whole(p.train_dataset.x), y_train=p.train_dataset.y,
+                            x_test=whole(p.test_dataset.x), y_test=p.test_dataset.y, num_classes=p.num_classes)
         pr = run_peer("kronfluence", "ekfac", inputs)
         if pr.skipped:
             rows.append(["kronfluence EK-FAC (peer)", "peer", {}, None, None, None, None, f"skipped: {pr.skipped}"])

@@ -389,8 +389,8 @@ def test_leak_pairs_quick_check(ran_project):
     assert cos == sorted(cos, reverse=True)
     assert all(x["flagged"] == (x["cosine"] >= res["threshold"]) for x in res["pairs"])
     S = svc.load_run(ran_project, key)["scores"]
-    x_tr = ran_project.train_dataset.x.flatten(1).numpy()
-    x_te = ran_project.test_dataset.x.flatten(1).numpy()
+    x_tr = ran_project.train_dataset.x[:].flatten(1).numpy()
+    x_te = ran_project.test_dataset.x[:].flatten(1).numpy()
     for x in res["pairs"][:10]:
         t, i = x["test_index"], x["train_index"]
         assert (S[t] > S[t, i]).sum() < svc.QUICK_LEAK_TOP  # among the query's top proponents

@@ -129,7 +129,7 @@ def test_synset_gallery_images(ddm_run, fresh):
     K = len(att.clustering.classes)
     assert [g["cluster"] for g in gal] == list(range(K))
     np.testing.assert_allclose([g["residual"] for g in gal], att.residuals())
-    x = p.train_dataset.x.numpy()
+    x = p.train_dataset.x[:].numpy()
     for g in gal[:4]:
         np.testing.assert_array_equal(g["init"], x[g["medoid"]])
         np.testing.assert_allclose(g["synthetic"], att.synset_x[g["cluster"]].numpy())

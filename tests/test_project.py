@@ -177,22 +177,22 @@ def test_decoded_images_are_cached_until_a_file_changes(digits_copy):
     from PIL import Image
 
     first = Project.load(digits_copy)
-    x0 = first.train_dataset.x.clone()
+    x0 = first.train_dataset.x[:]
     assert not (digits_copy / ".proponent" / "cache").exists()  # a load alone writes nothing
     first.state_dir  # the project keeps state: the decoded splits are kept with it
     cached = sorted(p.name for p in (digits_copy / ".proponent" / "cache").glob("images-*.npy"))
     assert [n.split("-")[1] for n in cached] == ["test", "train"]
-    import engine.core.data as data
+    import engine.core.images as images
 
     def no_decoding(*a, **k):
         raise AssertionError("an image was decoded although the cache holds it")
 
-    real, data.load_image = data.load_image, no_decoding
+    real, images._decode_problem = images._decode_problem, no_decoding
     try:
         second = Project.load(digits_copy)
     finally:
-        data.load_image = real
-    assert torch.equal(second.train_dataset.x, x0) and second.data_hash() == first.data_hash()
+        images._decode_problem = real
+    assert torch.equal(second.train_dataset.x[:], x0) and second.data_hash() == first.data_hash()
     # an edited image: the cache misses and the new pixels are read
     img = digits_copy / "data" / "images" / "train_0003.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(img)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from app.services.flags import bulk_update
 from engine.api import fit_method
+from engine.core.data import row_blocks
 from engine.core.errors import ProponentError
 from engine.core.project import Project
 from engine.methods import SIGN_CONVENTION, get_method
@@ -192,8 +193,8 @@ def synset_gallery(project: Project, cr: ClusterRun, size: int = 96) -> list[dic
     shape = list(s["input_shape"])
     images = project.data_format == "images"
     if images:
-        x = project.train_dataset.x
-        lo, hi = float(x.min()), float(x.max())
+        blocks = [(float(b.min()), float(b.max())) for _, _, b in row_blocks(project.train_dataset.x)]
+        lo, hi = min(b[0] for b in blocks), max(b[1] for b in blocks)
     out = []
     for k in range(len(s["classes"])):
         r = cr.by_id[k]

@@ -52,9 +52,17 @@ def add_batch_dim(x: Any) -> Any:
     return pytree.tree_map(lambda t: t.unsqueeze(0), x)
 
 
+PIN_FROM_BYTES = 1 << 20  # smaller batches: pinning costs more than the faster copy saves
+
+
 def to_device(x: Any, device, dtype: torch.dtype | None = None) -> Any:
     """``x`` on ``device``; floating leaves also cast to ``dtype`` (token ids stay integers)."""
+    target = torch.device(device)
+
     def move(t: torch.Tensor) -> torch.Tensor:
+        if target.type == "cuda" and t.device.type == "cpu" and t.numel() * t.element_size() >= PIN_FROM_BYTES:
+            # page-locked host memory: the copy to the GPU is a DMA that need not wait for the host
+            t = t.pin_memory().to(device, non_blocking=True)
         if dtype is not None and t.is_floating_point():
             return t.to(device, dtype)
         return t.to(device)

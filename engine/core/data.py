@@ -12,13 +12,9 @@ path). An empty class folder, or a class folder only in test, is an error naming
 """
 from __future__ import annotations
 
-import contextlib
 import csv
-import hashlib
-import json
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -26,12 +22,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils import _pytree as pytree
 
-from engine.core.errors import ProponentError, ValidationError
+from engine.core.errors import ValidationError
+from engine.core.images import ImagePreprocessing, ImageRows, load_split, read_raw_image
 from engine.core.paths import check_inside
-from engine.storage.arrays import atomic_save_npy
 from engine.storage.statedb import STATE_DIRNAME
 
 FORMATS = ("images", "image_folder", "tabular", "text")
@@ -109,54 +104,22 @@ pytree.register_pytree_node(
 
 
 def take(x, idx):
-    """Rows ``idx`` of a tensor or TensorDict."""
+    """Rows ``idx`` of a tensor, TensorDict or :class:`ImageRows`, as tensors."""
     return x[torch.as_tensor(np.asarray(idx), dtype=torch.long)]
 
 
-def input_bytes(x) -> bytes:
-    return x.numpy_bytes() if isinstance(x, TensorDict) else x.numpy().tobytes()
+def input_bytes(x) -> Iterator[bytes]:
+    """The inputs' float bytes, row block by row block (hashing never holds a whole image split)."""
+    if isinstance(x, TensorDict):
+        yield x.numpy_bytes()
+    elif isinstance(x, ImageRows):
+        for block in x.chunks():
+            yield block.numpy().tobytes()
+    else:
+        yield x.numpy().tobytes()
 
 
 # ----------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class ImagePreprocessing:
-    """``[data] resize``, ``mode`` and ``normalize``: one definition used for training,
-    attribution and the app's uploads. The app shows the original pixels (:func:`read_raw_image`)."""
-
-    resize: tuple[int, int] | None = None  # (height, width)
-    mode: str | None = None  # "rgb" | "grey"; None: grey for single-channel files, else RGB
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-
-    def pil_mode(self, im) -> str:
-        if self.mode == "rgb":
-            return "RGB"
-        if self.mode == "grey":
-            return "L"
-        return "L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB"
-
-    def apply(self, im) -> np.ndarray:
-        """A PIL image → float32 [channels, height, width] in the project's preprocessing."""
-        im = im.convert(self.pil_mode(im))
-        if self.resize is not None:
-            h, w = self.resize
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.float32) / 255.0
-        arr = arr[None] if arr.ndim == 2 else np.transpose(arr, (2, 0, 1))
-        if self.mean is not None:
-            c = arr.shape[0]
-            mean = np.asarray(self.mean, np.float32).reshape(-1, 1, 1)
-            std = np.asarray(self.std, np.float32).reshape(-1, 1, 1)
-            if mean.shape[0] not in (1, c):
-                raise ValueError(f"normalize has {mean.shape[0]} channel(s) but the images have {c}")
-            arr = (arr - mean) / std
-        return np.ascontiguousarray(arr, dtype=np.float32)
-
-    def fingerprint(self) -> dict:
-        return {"resize": self.resize, "mode": self.mode, "mean": self.mean, "std": self.std}
-
-
 @dataclass
 class DataConfig:
     """The ``[data]`` table as the loaders use it."""
@@ -233,7 +196,7 @@ def _parse_preprocessing(get, toml: Path) -> ImagePreprocessing:
 
 @dataclass
 class LoadedData:
-    x_train: Any  # Tensor [n, ...] or TensorDict
+    x_train: Any  # Tensor [n, ...], ImageRows (images) or TensorDict (text)
     y_train: torch.Tensor
     x_test: Any
     y_test: torch.Tensor
@@ -313,104 +276,6 @@ def _class_index(train_df, test_df, lc, test_file: Path, train_file: Path | None
 
 
 # ----------------------------------------------------------------------------- images
-def read_raw_image(path: Path):
-    """The file's pixels as a PIL image (loaded, file closed). An image over PIL's pixel limit
-    (a possible decompression bomb) is refused, not just warned about."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im.copy()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ValueError(f"too large ({e}); refused as a possible decompression bomb") from None
-
-
-def load_image(path: Path, prep: ImagePreprocessing, file: Path, row: int | None) -> np.ndarray:
-    try:
-        im = read_raw_image(path)
-    except FileNotFoundError:
-        raise ValidationError(f"image file not found: {path}", file=str(file), row=row) from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValidationError(f"unreadable image {path.name}: {e}", file=str(file), row=row) from None
-    try:
-        return prep.apply(im)
-    except ValueError as e:
-        raise ValidationError(f"image {path.name}: {e}", file=str(file), row=row) from None
-
-
-IMAGE_CACHE_VERSION = 1
-
-
-def _image_cache_key(paths: list[Path], prep: ImagePreprocessing, expect: tuple | None) -> str:
-    """What the decoded array depends on: every file's path, size and modification time, the
-    preprocessing and the expected shape (an edited or replaced image misses the cache)."""
-    h = hashlib.sha256(json.dumps([IMAGE_CACHE_VERSION, prep.fingerprint(), list(expect or ())]).encode())
-    for p in paths:
-        st = p.stat()
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:20]
-
-
-def _cached_images(cache: tuple[Path, str] | None, key: str | None) -> torch.Tensor | None:
-    if cache is None or key is None:
-        return None
-    path = cache[0] / f"images-{cache[1]}-{key}.npy"
-    try:
-        # copy-on-write memory map: pages are read when used and can be evicted, not held by the process
-        return torch.from_numpy(np.load(path, mmap_mode="c", allow_pickle=False))
-    except (OSError, ValueError):
-        return None
-
-
-@dataclass
-class PendingImageCache:
-    """A decoded split to keep for the next load. Written only once the project writes state
-    (``Project.state_dir``): a command that fails validation leaves the folder as it was."""
-
-    folder: Path
-    split: str
-    key: str
-    array: np.ndarray
-
-    def write(self) -> None:
-        """Best effort (a read-only project decodes again next time); older caches of the same
-        split, which this wrote, are removed."""
-        try:
-            atomic_save_npy(self.folder / f"images-{self.split}-{self.key}.npy", self.array)
-        except (OSError, ProponentError):
-            return
-        for old in self.folder.glob(f"images-{self.split}-*.npy"):
-            if re.fullmatch(rf"images-{self.split}-[0-9a-f]{{20}}", old.stem) and old.stem != f"images-{self.split}-{self.key}":
-                with contextlib.suppress(OSError):
-                    old.unlink()
-
-
-def _stack_images(paths: list[Path], names: list[str], prep: ImagePreprocessing, files: list[Path],
-                  rows: list[int | None], expect: tuple | None, cache: tuple[Path, str] | None = None,
-                  pending: list | None = None) -> torch.Tensor:
-    """[n, c, h, w] float32 images, decoded once and then read from ``cache`` = (folder, split)
-    while no file changes; a fresh decode is appended to ``pending`` for writing later."""
-    key = _image_cache_key(paths, prep, expect) if cache is not None else None
-    hit = _cached_images(cache, key)
-    if hit is not None:
-        return hit
-    arrays = []
-    for p, name, f, r in zip(paths, names, files, rows):
-        arr = load_image(p, prep, f, r)
-        shape = expect or (arrays[0].shape if arrays else arr.shape)
-        if arr.shape != tuple(shape):
-            hint = "" if prep.resize else "; set [data] resize = [h, w] to resize them"
-            raise ValidationError(
-                f"image {name} has shape {tuple(arr.shape)} (channels, height, width) but the others have "
-                f"{tuple(shape)}{hint}", file=str(f), row=r)
-        arrays.append(arr)
-    out = np.stack(arrays)
-    if cache is not None and pending is not None:
-        pending.append(PendingImageCache(cache[0], cache[1], key, out))
-    return torch.from_numpy(out)
-
-
 def _image_cache(root: Path, split: str) -> tuple[Path, str]:
     return root / STATE_DIRNAME / "cache", split
 
@@ -449,8 +314,8 @@ def _load_image_csv(cfg: DataConfig, root: Path, train_file: Path, test_file: Pa
                 raise ValidationError(f"empty image path in column {col!r}", file=str(f), row=r)
             paths.append(resolve_image_path(rel, f, root, cfg.image_root, r, cfg.allow_outside_paths))
         expect = tuple(xs[0].shape[1:]) if xs else None
-        xs.append(_stack_images(paths, df[col].tolist(), cfg.preprocessing, [f] * len(paths), list(range(len(paths))),
-                                expect, cache=_image_cache(root, "train" if not xs else "test"), pending=pending))
+        xs.append(load_split(paths, df[col].tolist(), cfg.preprocessing, [f] * len(paths), list(range(len(paths))),
+                             expect, cache=_image_cache(root, "train" if not xs else "test"), pending=pending))
         files.append(paths)
     return LoadedData(xs[0], y_train, xs[1], y_test, classes, train_df, test_df,
                       train_files=files[0], test_files=files[1], image_cache=pending)
@@ -498,8 +363,8 @@ def _load_image_folder(cfg: DataConfig, root: Path, train_dir: Path, test_dir: P
         rel = [_relative(p, root) for p in paths]
         expect = tuple(xs[0].shape[1:]) if xs else None
         # the file is named in the error itself; a row number would be a position, not a line
-        xs.append(_stack_images(paths, rel, cfg.preprocessing, paths, [None] * len(paths), expect,
-                                cache=_image_cache(root, "train" if not xs else "test"), pending=pending))
+        xs.append(load_split(paths, rel, cfg.preprocessing, paths, [None] * len(paths), expect,
+                             cache=_image_cache(root, "train" if not xs else "test"), pending=pending))
         dfs.append(pd.DataFrame({cfg.image_column: rel, cfg.label_column: [c for _, c in samples]}))
     y_train = torch.tensor([index[c] for _, c in train_s], dtype=torch.long)
     y_test = torch.tensor([index[c] for _, c in test_s], dtype=torch.long)
@@ -649,5 +514,20 @@ def iter_batches(x, batch: int) -> Iterator:
         yield x[lo:lo + batch]
 
 
+def whole(x):
+    """``x`` as one in-memory tensor (ImageRows are read whole): only for callers that must hand a
+    tensor to code outside Proponent, e.g. a peer library in a benchmark."""
+    return x[:] if isinstance(x, ImageRows) else x
+
+
+def row_blocks(x, rows: int | None = None) -> Iterator[tuple[int, int, Any]]:
+    """(lo, hi, x[lo:hi]) over a split: what whole-split computations iterate instead of
+    assuming ``x`` is one tensor. Image blocks are bounded in bytes, others are 4096 rows."""
+    rows = rows or (x.block_rows() if isinstance(x, ImageRows) else 4096)
+    for lo in range(0, len(x), rows):
+        hi = min(len(x), lo + rows)
+        yield lo, hi, x[lo:hi]
+
+
 __all__ = ["TensorDict", "DataConfig", "ImagePreprocessing", "LoadedData", "load_data", "read_table", "read_raw_image",
-           "resolve_image_path", "scan_image_folder", "rows_table", "take", "input_bytes", "json"]
+           "resolve_image_path", "scan_image_folder", "rows_table", "take", "input_bytes", "ImageRows", "row_blocks", "whole"]

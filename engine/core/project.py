@@ -24,6 +24,7 @@ from engine.core import checkpoints as ckpt
 from engine.core.checkpoints import TRAJECTORY_FILE, Checkpoint
 from engine.core.data import (
     DataConfig,
+    ImageRows,
     TensorDict,
     input_bytes,
     load_data,
@@ -43,9 +44,10 @@ ROWS_FILE = "rows.csv"
 
 
 class ExampleSet(torch.utils.data.Dataset):
-    """An in-memory dataset of (x, y: int); ``x`` is a Tensor, or a :class:`TensorDict` of tensors
-    for dict inputs (text). ``x`` and ``y`` are also exposed whole so the engine can slice batches
-    without a DataLoader."""
+    """A dataset of (x, y: int). ``x`` is row-indexable: a Tensor (tables), a :class:`TensorDict`
+    of tensors (text), or :class:`ImageRows` (images, read from a memory-mapped uint8 file and
+    normalised per read, never one float tensor). The engine slices ``x[lo:hi]`` / ``x[idx]``
+    batches from it; code must not assume ``x`` is a whole tensor in memory."""
 
     def __init__(self, x: "torch.Tensor | TensorDict", y: torch.Tensor):
         if len(x) != len(y):
@@ -60,7 +62,9 @@ class ExampleSet(torch.utils.data.Dataset):
         return self.x[i], int(self.y[i])
 
     def subset(self, indices) -> "ExampleSet":
-        return ExampleSet(take(self.x, indices), take(self.y, indices))
+        # image rows stay a view over the same file; tensors are copied
+        x = self.x.subset(indices) if isinstance(self.x, ImageRows) else take(self.x, indices)
+        return ExampleSet(x, take(self.y, indices))
 
 
 @dataclass
@@ -557,7 +561,8 @@ class Project:
 def _hash_examples(*datasets) -> str:
     h = hashlib.sha256()
     for ds in datasets:
-        h.update(input_bytes(ds.x))
+        for block in input_bytes(ds.x):
+            h.update(block)
         h.update(ds.y.numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -28,6 +28,7 @@ import re
 import numpy as np
 import torch
 
+from engine.core.data import row_blocks
 from engine.core.project import Project
 
 BLOCK = 512
@@ -40,8 +41,8 @@ def exact_keys(project: Project, split: str) -> list[str]:
         df = project.train_df if split == "train" else project.test_df
         return [hashlib.sha1(_normal_text(t).encode()).hexdigest() for t in df[project.text_column].astype(str)]
     x = (project.train_dataset if split == "train" else project.test_dataset).x
-    a = x.flatten(1).numpy()
-    return [hashlib.sha1(np.ascontiguousarray(r).tobytes()).hexdigest() for r in a]
+    return [hashlib.sha1(np.ascontiguousarray(r).tobytes()).hexdigest()
+            for _, _, block in row_blocks(x) for r in block.flatten(1).numpy()]
 
 
 def _normal_text(t: str) -> str:
@@ -75,13 +76,25 @@ def input_vectors(project: Project, split: str):
                                  token_pattern=r"(?u)\b\w+\b").transform(
             df[project.text_column].astype(str).map(_normal_text).tolist())
     ds = project.train_dataset if split == "train" else project.test_dataset
-    x = ds.x.flatten(1).double().numpy()
-    if project.data_format == "images":
-        x = x - x.mean(1, keepdims=True)  # a correlation: blind to brightness and contrast
-    else:
-        tr = project.train_dataset.x.flatten(1).double().numpy()
-        x = (x - tr.mean(0)) / np.maximum(tr.std(0), 1e-12)
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    out = np.empty((len(ds), int(np.prod(ds.x.shape[1:]))), np.float32)
+    if project.data_format != "images":
+        mean, std = _column_moments(project.train_dataset.x)
+    for lo, hi, block in row_blocks(ds.x):  # float64 per block only: the whole split stays float32
+        x = block.flatten(1).double().numpy()
+        if project.data_format == "images":
+            x = x - x.mean(1, keepdims=True)  # a correlation: blind to brightness and contrast
+        else:
+            x = (x - mean) / np.maximum(std, 1e-12)
+        out[lo:hi] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return out
+
+
+def _column_moments(x) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and (population) standard deviation, two passes block by block."""
+    n = max(len(x), 1)
+    mean = sum(block.flatten(1).double().sum(0) for _, _, block in row_blocks(x)) / n
+    var = sum(((block.flatten(1).double() - mean) ** 2).sum(0) for _, _, block in row_blocks(x)) / n
+    return mean.numpy(), var.sqrt().numpy()
 
 
 def text_words(project: Project, split: str) -> list[list[str]]:

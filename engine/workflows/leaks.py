@@ -164,9 +164,13 @@ def unit_inputs(project: Project, split: str, index: np.ndarray | None = None):
         texts = (texts if index is None else texts.iloc[np.asarray(index)]).tolist()
         return HashingVectorizer(n_features=2**18, alternate_sign=False, norm="l2").transform(texts)
     x = (project.train_dataset if split == "train" else project.test_dataset).x
-    if index is not None:
-        x = x[torch.as_tensor(np.asarray(index))]
-    return _unit(x.flatten(1).double().numpy())
+    index = np.arange(len(x)) if index is None else np.asarray(index, np.int64)
+    out = np.empty((len(index), int(np.prod(x.shape[1:]))))
+    block = x.block_rows() if hasattr(x, "block_rows") else 4096
+    for lo in range(0, len(index), block):  # the split is read in row blocks, never whole
+        rows = index[lo:lo + block]
+        out[lo:lo + len(rows)] = _unit(x[torch.as_tensor(rows)].flatten(1).double().numpy())
+    return out
 
 
 def paired_cosines(a, a_index: np.ndarray, b, b_index: np.ndarray) -> np.ndarray:

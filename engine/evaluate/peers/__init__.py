@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine.core.data import whole
 from engine.core.project import Project
 from engine.evaluate.peers.base import PeerInputs, PeerResult, Recorder, one_line
 
@@ -58,7 +59,7 @@ def project_inputs(project: Project, *, device: str = "cpu", proj_dim: int = 512
     ts = project.test_dataset
     q = np.arange(len(ts)) if queries is None else np.asarray(queries, np.int64)
     return PeerInputs(build_model=project.build_model, checkpoints=[project.load_state(c) for c in cks],
-                      checkpoint_lrs=[c.lr for c in cks], x_train=project.train_dataset.x, y_train=project.train_dataset.y,
+                      checkpoint_lrs=[c.lr for c in cks], x_train=whole(project.train_dataset.x), y_train=project.train_dataset.y,
                       x_test=ts.x[torch.as_tensor(q)], y_test=ts.y[torch.as_tensor(q)], num_classes=project.num_classes,
                       proj_dim=proj_dim, device=device, seed=seed, cross_val_probs=cross_val_probs)
 

@@ -236,10 +236,10 @@ def distill(computers: list[GradientComputer], targets: torch.Tensor, x_init: to
 def stacked_margins(fm: FunctionalModel, thetas: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                     batch: int = 2048) -> torch.Tensor:
     """[P, n] correct-class margins under each of P flat parameter vectors (float64)."""
-    x, y = x.double(), y.long()
+    y = y.long()
     f = vmap(lambda th, xb, yb: correct_class_margin(fm.call_flat(th, xb), yb), in_dims=(0, None, None))
-    with torch.no_grad():
-        out = [f(thetas, x[lo:lo + batch], y[lo:lo + batch]) for lo in range(0, len(y), batch)]
+    with torch.no_grad():  # x is read a batch at a time (it may be image rows on disk)
+        out = [f(thetas, x[lo:lo + batch].double(), y[lo:lo + batch]) for lo in range(0, len(y), batch)]
     return torch.cat(out, 1) if out else torch.zeros(len(thetas), 0, dtype=torch.float64)
 
 
