@@ -110,6 +110,9 @@ def test_full_disk_is_one_line_and_keeps_what_was_written(digits_project, tmp_pa
 
     proj = tmp_path / "digits"
     shutil.copytree(digits_project.root, proj, ignore=shutil.ignore_patterns(".proponent"))
+    from engine import Project
+
+    Project.load(proj).state_dir  # decode the images into their cache first: only stores reserve space below
     real, calls = store.os.posix_fallocate, {"n": 0}
 
     def filling(fd, offset, size):
