@@ -180,17 +180,24 @@ def test_an_interrupted_decode_leaves_no_cache_and_the_next_load_decodes(tmp_pat
     assert np.array_equal(p.train_dataset.x[:].numpy(), ref)
 
 
-def test_a_load_without_state_keeps_the_decode_in_a_temporary_file_until_state(tmp_path):
+def test_a_load_without_state_leaves_no_file_and_caches_once_state_is_kept(tmp_path):
+    """Before the project keeps state the decode lives in an unlinked temporary file (only the
+    mapping holds it, so no way of ending the process leaves it behind); state_dir writes the cache."""
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("proponent-images-*"))
     root = _image_project(tmp_path / "p")
     p = Project.load(root, check_model=False)
     assert not (root / ".proponent").exists()
-    temp = Path(p.train_dataset.x.pixels.filename)
-    assert temp.is_file() and root not in temp.parents and str(temp) in images._TEMP_FILES
+    assert set(Path(tempfile.gettempdir()).glob("proponent-images-*")) == before  # nothing left on disk
+    assert not Path(p.train_dataset.x.pixels.filename).exists()
+    ref = _reference([p.example_file("train", i) for i in range(40)], p.preprocessing)
+    assert np.array_equal(p.train_dataset.x[:].numpy(), ref)  # still readable through the map
     p.state_dir
     assert sorted(f.name.split("-")[1] for f in (root / ".proponent" / "cache").glob("images-*.npy")) == ["test", "train"]
-    images._remove_temp_files()  # what happens at exit
-    assert not temp.exists()
-    assert np.array_equal(Project.load(root, check_model=False).train_dataset.x[:].numpy(), p.train_dataset.x[:].numpy())
+    again = Project.load(root, check_model=False)
+    assert Path(again.train_dataset.x.pixels.filename).parent == root / ".proponent" / "cache"  # mapped, not decoded
+    assert np.array_equal(again.train_dataset.x[:].numpy(), ref)
 
 
 def test_training_on_image_rows_equals_training_on_the_tensor(tmp_path):

@@ -16,13 +16,11 @@ and 4× smaller than float32, and ``normalize`` can change without decoding agai
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 import threading
 import warnings
@@ -34,7 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from engine.core.errors import ProponentError, ValidationError
-from engine.storage.arrays import temp_path_for
+from engine.storage.arrays import atomic_save_npy, temp_path_for
 
 IMAGE_CACHE_VERSION = 2  # 2: uint8 pixels before normalisation (1 held float32 after it)
 DECODE_BATCH = 256  # images per DataLoader batch: the decode pass holds about this many at once
@@ -314,39 +312,21 @@ def _loader(paths: list[Path], prep: ImagePreprocessing, workers: int):
                                        num_workers=workers, collate_fn=_as_list, **kw)
 
 
-_TEMP_FILES: set[str] = set()
-_TEMP_LOCK = threading.Lock()
-
-
-@atexit.register
-def _remove_temp_files() -> None:
-    with _TEMP_LOCK:
-        for t in list(_TEMP_FILES):
-            with contextlib.suppress(OSError):
-                os.unlink(t)
-        _TEMP_FILES.clear()
-
-
-def _new_file(final: Path | None) -> Path:
-    """Where a decode pass writes: beside the cache file when the project keeps state (renamed
-    into place when complete), else a private temporary file removed at exit."""
+def _new_file(final: Path | None) -> tuple[Path, bool]:
+    """(where a decode pass writes, whether it is a private temporary file). Beside the cache file
+    when the project keeps state (renamed into place when complete); else a temporary file that is
+    unlinked as soon as it is mapped, so no process, however it ends, leaves it behind."""
     if final is not None and final.parent.is_dir():
-        return temp_path_for(final)
+        return temp_path_for(final), False
     fd, tmp = tempfile.mkstemp(prefix="proponent-images-", suffix=".npy")
     os.close(fd)
-    with _TEMP_LOCK:
-        _TEMP_FILES.add(tmp)
-    return Path(tmp)
-
-
-def _forget(tmp: Path) -> None:
-    with _TEMP_LOCK:
-        _TEMP_FILES.discard(str(tmp))
+    return Path(tmp), True
 
 
 def decode_split(paths: list[Path], names: list[str], prep: ImagePreprocessing, files: list[Path],
-                 rows: list[int | None], expect: tuple | None, final: Path | None) -> tuple[np.ndarray, Path]:
-    """Decode every file into a preallocated uint8 file, batch by batch; (memory map, its path).
+                 rows: list[int | None], expect: tuple | None, final: Path | None) -> tuple[np.ndarray, Path | None]:
+    """Decode every file into a preallocated uint8 file, batch by batch; (memory map, its path, or
+    None for a private temporary file: already unlinked, alive only through the map).
 
     ``final`` is the cache file to become (None: no caching). The first file fixes the shape
     (or ``expect``, the training split's); a file of another shape, or one that cannot be read,
@@ -359,7 +339,7 @@ def decode_split(paths: list[Path], names: list[str], prep: ImagePreprocessing, 
         prep.check_channels(shape[0])
     except ValueError as e:
         raise ValidationError(f"image {names[0]}: {e}", file=str(files[0]), row=rows[0]) from None
-    tmp = _new_file(final)
+    tmp, private = _new_file(final)
     try:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths),) + shape)
         with open(tmp, "r+b") as f:
@@ -383,36 +363,33 @@ def decode_split(paths: list[Path], names: list[str], prep: ImagePreprocessing, 
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        _forget(tmp)
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
             raise ProponentError(f"cannot write the decoded images to {tmp.parent}: {e.strerror or e}") from None
         raise
-    return np.load(tmp, mmap_mode="r", allow_pickle=False), tmp
+    pixels = np.load(tmp, mmap_mode="r", allow_pickle=False)
+    if private:
+        os.unlink(tmp)  # the mapping keeps the data; the name goes now
+        return pixels, None
+    return pixels, tmp
 
 
 @dataclass
 class PendingImageCache:
-    """A split decoded into a temporary file before the project kept state: moved into
-    ``.proponent/cache`` once it does (``Project.state_dir``), so a command that fails validation
-    leaves the project folder as it was."""
+    """A split decoded before the project kept state: written into ``.proponent/cache`` once it
+    does (``Project.state_dir``), so a command that fails validation leaves the project folder as
+    it was. ``pixels`` is the memory map of the (already unlinked) temporary file."""
 
     folder: Path
     split: str
     key: str
-    temp: Path
+    pixels: np.ndarray
 
     def write(self) -> None:
         """Best effort (a read-only project decodes again next time); older caches of the same
         split, which this wrote, are removed."""
-        final = cache_file(self.folder, self.split, self.key)
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            part = temp_path_for(final)
-            shutil.copyfile(self.temp, part)  # the temporary file may be on another file system
-            os.replace(part, final)
-        except OSError:
-            with contextlib.suppress(OSError, UnboundLocalError):
-                os.unlink(part)
+            atomic_save_npy(cache_file(self.folder, self.split, self.key), self.pixels)  # streamed from the map
+        except (OSError, ProponentError):
             return
         remove_stale(self.folder, self.split, self.key)
 
@@ -428,8 +405,8 @@ def load_split(paths: list[Path], names: list[str], prep: ImagePreprocessing, fi
                rows: list[int | None], expect: tuple | None, cache: tuple[Path, str] | None,
                pending: list | None) -> ImageRows:
     """A split as :class:`ImageRows`: mapped from ``cache`` = (folder, split) while no file
-    changes, else decoded (into the cache when its folder exists, else into a temporary file
-    added to ``pending``)."""
+    changes, else decoded (into the cache when its folder exists, else into an unlinked temporary
+    file whose map is added to ``pending``)."""
     key = image_cache_key(paths, prep, expect) if cache is not None else None
     final = cache_file(cache[0], cache[1], key) if cache is not None else None
     if final is not None:
@@ -444,7 +421,7 @@ def load_split(paths: list[Path], names: list[str], prep: ImagePreprocessing, fi
         if path == final:
             remove_stale(cache[0], cache[1], key)
         elif pending is not None:
-            pending.append(PendingImageCache(cache[0], cache[1], key, path))
+            pending.append(PendingImageCache(cache[0], cache[1], key, pixels))
     return ImageRows(pixels, prep)
 
 
