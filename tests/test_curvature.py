@@ -215,3 +215,70 @@ def test_curvature_methods_do_not_project_gradients_that_fit():
         assert S().projection_plan(94762, 5000) == ("none", 0)
     # TRAK's rule is unchanged: its kernel lives in the projected space
     assert ProjectionSettings().projection_plan(9930, 1445) == ("auto", 2048)
+
+
+def _small_cnn(seed=3):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 5)).eval()
+
+
+def test_float32_model_factors_match_float64_arithmetic(monkeypatch):
+    """A float32 model's products are formed in float32 and summed in float64 (ACCUMULATE_ROWS rows
+    at a time for the covariances): they agree with the same fit in float64 to float32 precision."""
+    model = _small_cnn()
+    x = torch.randn(37, 3, 8, 8)
+    layers, _ = cv.curvature_layers(model)
+    labels, w = cv.fisher_targets(model, x, 0)
+    monkeypatch.setattr(cv, "ACCUMULATE_ROWS", 100)  # several partial products per batch
+    cov = cv.fit_covariances(model, layers, x, labels, w, batch_size=16)
+    basis = cv.eigenbasis(cov, layers)
+    lam = cv.fit_eigenvalues(model, layers, x, labels, basis, w, batch_size=16)
+    assert all(t.dtype == torch.float64 for t in (*cov.values(), *lam.values()))
+    m64 = _small_cnn().double()
+    layers64, _ = cv.curvature_layers(m64)
+    cov64 = cv.fit_covariances(m64, layers64, x.double(), labels, w, batch_size=16)
+    lam64 = cv.fit_eigenvalues(m64, layers64, x.double(), labels, basis, w, batch_size=16)
+    for k in cov64:
+        assert torch.allclose(cov[k], cov64[k], rtol=1e-4, atol=1e-6 * float(cov64[k].abs().max())), k
+    for k in lam64:
+        assert torch.allclose(lam[k], lam64[k], rtol=1e-4, atol=1e-6 * float(lam64[k].abs().max())), k
+    # and the float64 path still equals brute force (per-example autograd) exactly
+    G = cv.brute_force_pseudo_grads(m64, layers64, x.double()[:6], labels[:6])
+    lam_bf = cv.fit_eigenvalues(m64, layers64, x.double()[:6], labels[:6], basis, w[:6], batch_size=4)
+    for L in layers64:
+        QS, QA = basis[f"{L.name}.QS"], basis[f"{L.name}.QA"]
+        wf = w[:6].reshape(-1)[:, None, None]  # G is ordered example-major, label-minor, as w.reshape(-1)
+        expect = (wf * (QS.T @ G[L.name] @ QA) ** 2).sum(0) / 6
+        assert torch.allclose(lam_bf[f"{L.name}.lambda"], expect, rtol=1e-9, atol=1e-14), L.name
+
+
+def test_pseudo_gradients_form_no_parameter_gradients():
+    """The label passes differentiate with respect to the layers' outputs only: no .grad is written
+    (a full backward formed every weight gradient too, at about twice the cost), and a covered layer
+    whose output does not reach the loss gets zero output gradients instead of an error."""
+    model = _small_cnn()
+    x = torch.randn(5, 3, 8, 8)
+    layers, _ = cv.curvature_layers(model)
+    labels, w = cv.fisher_targets(model, x, 2, seed=0)
+    seen = 0
+    for lo, j, batch, wb in cv._pseudo_grad_batches(model, layers, x, labels, w, 4, "cpu"):
+        assert all(p.grad is None for p in model.parameters())
+        seen += 1
+    assert seen == 2 * labels.shape[1]
+
+    class Dead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            self.unused(x)
+            return self.used(x)
+
+    dead = Dead()
+    xl = torch.randn(6, 4)
+    layers, _ = cv.curvature_layers(dead)
+    lab, wl = cv.fisher_targets(dead, xl, 1, seed=0)
+    cov = cv.fit_covariances(dead, layers, xl, lab, wl)
+    assert float(cov["unused.S"].abs().max()) == 0.0 and float(cov["used.S"].abs().max()) > 0

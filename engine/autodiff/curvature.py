@@ -20,6 +20,11 @@ Linear / Conv2d (norms, embeddings, grouped convolutions, ...) are not handled:
 :func:`curvature_layers` returns their parameter names as ``left_out`` and the methods report
 them in their metadata. Their gradients are not used.
 
+Precision: the factors are float64. For a float32 model the per-batch products (covariances,
+rotations into the eigenbasis, squared rotated pseudo-gradients) are formed in float32 and summed
+in float64; they agree with float64 arithmetic to about 1e-7 of each factor's largest entry
+(a float64 model is computed in float64 throughout).
+
 Factors are stored per checkpoint as safetensors (:func:`save_tensors` / :func:`load_tensors`),
 keyed by the checkpoint's weights, the rows, the Fisher sampling and (for Λ) the basis, so a
 later run with the same request reuses them.
@@ -197,11 +202,15 @@ def _out_grads(L: Layer, g: torch.Tensor) -> torch.Tensor:
 
 
 class _Capture:
-    """Forward hooks that keep each covered layer's input and its output gradient."""
+    """Forward hooks that keep each covered layer's input and its output gradient (``grads``, filled
+    by a backward pass), or with ``keep_grads=False`` its output itself (``outputs``, to take
+    ``torch.autograd.grad`` with respect to)."""
 
-    def __init__(self, layers: list[Layer]):
+    def __init__(self, layers: list[Layer], keep_grads: bool = True):
         self.layers = layers
+        self.keep_grads = keep_grads
         self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
         self.handles = []
         for L in layers:
@@ -210,7 +219,9 @@ class _Capture:
     def _hook(self, L: Layer):
         def hook(mod, inp, out):
             self.inputs[L.name] = inp[0].detach()
-            if out.requires_grad:
+            if not self.keep_grads:
+                self.outputs[L.name] = out
+            elif out.requires_grad:
                 out.register_hook(lambda g, name=L.name: self.grads.__setitem__(name, g.detach()))
         return hook
 
@@ -276,10 +287,15 @@ def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor,
                          weights: torch.Tensor, batch_size: int, device: str):
     """Yields, per batch and label column j, (batch start, j, {layer: (a [b,T,in], s [b,T,out])}, w [b])
     with ``s`` the gradient of each example's own cross-entropy (summed loss, so per-example
-    scale) for label ``labels[:, j]`` and ``w`` its Fisher weight. Under torchrun, only this rank's
-    batches (round-robin): the callers sum their statistics over ranks."""
+    scale) for label ``labels[:, j]`` and ``w`` its Fisher weight (float64). ``a`` and ``s`` are in
+    the model's dtype; ``a`` is the same tensor for every j of a batch. Under torchrun, only this
+    rank's batches (round-robin): the callers sum their statistics over ranks.
+
+    One forward per batch, then per label ``torch.autograd.grad`` with respect to the covered
+    layers' outputs: no parameter gradient is formed (a full ``backward`` also computed every
+    weight gradient and took about twice as long)."""
     model = model.eval().to(device)
-    cap = _Capture(layers)
+    cap = _Capture(layers, keep_grads=False)
     try:
         with _grads_only_for(model, layers):
             for lo in distributed.my_share(range(0, len(x), batch_size)):
@@ -287,19 +303,43 @@ def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor,
                 lb = labels[lo:lo + batch_size].to(device)
                 wb = weights[lo:lo + batch_size].to(device).double()
                 with torch.enable_grad():
-                    cap.grads.clear()
+                    cap.inputs.clear()
+                    cap.outputs.clear()
                     logits = model(xb)
-                    acts = {L.name: _activations(L, cap.inputs[L.name]).double() for L in layers}
+                    acts = {L.name: _activations(L, cap.inputs[L.name]) for L in layers}
+                    outs = [cap.outputs[L.name] for L in layers]
                     for j in range(lb.shape[1]):
-                        cap.grads.clear()
                         loss = F.cross_entropy(logits, lb[:, j], reduction="sum")
-                        loss.backward(retain_graph=j + 1 < lb.shape[1])
-                        yield (lo, j, {L.name: (acts[L.name], _out_grads(L, cap.grads[L.name]).double()) for L in layers},
-                               wb[:, j])
-                model.zero_grad(set_to_none=True)
+                        gs = torch.autograd.grad(loss, outs, retain_graph=j + 1 < lb.shape[1], allow_unused=True)
+                        yield (lo, j, {L.name: (acts[L.name], _out_grads(L, torch.zeros_like(o) if g is None else g))
+                                       for L, o, g in zip(layers, outs, gs)}, wb[:, j])
+                    del logits, outs
     finally:
         cap.close()
         model.zero_grad(set_to_none=True)
+
+
+# rows (examples × positions) per low-precision product before it is added to a float64 total: a
+# float32 sum stays short, so the statistics agree with float64 arithmetic to about 1e-6
+ACCUMULATE_ROWS = 8192
+
+
+def _gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_rows Xᵀ Y (Y defaults to X) for X [rows, d], Y [rows, e], in float64 on the host: float64
+    inputs are multiplied in float64; others in their own dtype, ACCUMULATE_ROWS rows at a time,
+    each partial product added to the float64 total."""
+    Y = X if Y is None else Y
+    if X.dtype == torch.float64:
+        return (X.T @ Y).cpu()
+    out = torch.zeros(X.shape[1], Y.shape[1], dtype=torch.float64, device=X.device)
+    for lo in range(0, X.shape[0], ACCUMULATE_ROWS):
+        out += (X[lo:lo + ACCUMULATE_ROWS].T @ Y[lo:lo + ACCUMULATE_ROWS]).double()
+    return out.cpu()
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (tests, double models); everything else is multiplied in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _uniform(labels: torch.Tensor) -> torch.Tensor:
@@ -309,7 +349,8 @@ def _uniform(labels: torch.Tensor) -> torch.Tensor:
 def fit_covariances(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels: torch.Tensor,
                     weights: torch.Tensor | None = None, *, batch_size: int = 256, device: str = "cpu"
                     ) -> dict[str, torch.Tensor]:
-    """``{name.A, name.S}``: K-FAC covariances E[Σ_t a aᵀ] and E[Σ_t s sᵀ] (float64)."""
+    """``{name.A, name.S}``: K-FAC covariances E[Σ_t a aᵀ] and E[Σ_t s sᵀ] (float64; the products of a
+    float32 model are formed in float32 and summed in float64, :func:`_gram`)."""
     n = len(x)
     weights = _uniform(labels) if weights is None else weights
     out = {}
@@ -319,9 +360,14 @@ def fit_covariances(model: nn.Module, layers: list[Layer], x: torch.Tensor, labe
     for lo, j, batch, w in _pseudo_grad_batches(model, layers, x, labels, weights, batch_size, device):
         for L in layers:
             a, s = batch[L.name]
+            dt = _compute_dtype(a)
             if j == 0:
-                out[f"{L.name}.A"] += torch.einsum("bti,btj->ij", a, a).cpu()
-            out[f"{L.name}.S"] += torch.einsum("b,bti,btj->ij", w, s, s).cpu()
+                a2 = a.to(dt).reshape(-1, a.shape[-1])
+                out[f"{L.name}.A"] += _gram(a2)
+            # per example Σ_t w s sᵀ from the [b, out, T] layout (a conv's gradient as it comes: no copy),
+            # summed over the batch in the compute dtype, then in float64
+            sc = s.to(dt).transpose(1, 2)
+            out[f"{L.name}.S"] += torch.bmm(sc * w.to(dt)[:, None, None], s.to(dt)).sum(0).double().cpu()
     distributed.sum_tensors(out)
     for L in layers:
         out[f"{L.name}.A"] /= n
@@ -349,23 +395,34 @@ def fit_eigenvalues(model: nn.Module, layers: list[Layer], x: torch.Tensor, labe
     """``{name.lambda}``: EK-FAC eigenvalues E[(Q_Sᵀ G Q_A)²] [out, in] in the given basis.
 
     ``scale`` (optional, per layer [out, in]) multiplies each pseudo-gradient elementwise
-    first: the Adam-preconditioned variant uses √P ⊙ G.
+    first: the Adam-preconditioned variant uses √P ⊙ G. A float32 model's rotations and squares
+    are formed in float32 (per batch, ≤ ``batch_size`` examples) and summed in float64.
     """
     n = len(x)
     weights = _uniform(labels) if weights is None else weights
     out = {f"{L.name}.lambda": torch.zeros(L.out_dim, L.in_dim, dtype=torch.float64) for L in layers}
-    for _, _, batch, w in _pseudo_grad_batches(model, layers, x, labels, weights, batch_size, device):
+    Q: dict = {}  # (layer, dtype, device) → (QA, QS, scale) in the dtype the products are formed in
+    rotated: dict = {}  # layer → (batch start, Q_Aᵀ a): the activations are the same for every label
+    for lo, _, batch, w in _pseudo_grad_batches(model, layers, x, labels, weights, batch_size, device):
         for L in layers:
             a, s = batch[L.name]
-            QA = basis[f"{L.name}.QA"].to(a.device)
-            QS = basis[f"{L.name}.QS"].to(a.device)
-            if scale is None:
-                # (Q_Sᵀ s)(Q_Aᵀ a)ᵀ summed over positions, without materialising G
-                r = torch.einsum("bto,bti->boi", s @ QS, a @ QA)
+            dt = _compute_dtype(a)
+            key = (L.name, dt, a.device)
+            if key not in Q:
+                Q[key] = (basis[f"{L.name}.QA"].to(a.device, dt), basis[f"{L.name}.QS"].to(a.device, dt),
+                          None if scale is None else scale[L.name].to(a.device, dt))
+            QA, QS, sc = Q[key]
+            s = s.to(dt)
+            if sc is None:
+                # (Q_Sᵀ s)(Q_Aᵀ a)ᵀ summed over positions, without materialising G; Q_Aᵀ a once per batch
+                if L.name not in rotated or rotated[L.name][0] != lo:
+                    rotated[L.name] = (lo, a.to(dt) @ QA)
+                r = torch.bmm(QS.T @ s.transpose(1, 2), rotated[L.name][1])  # [b, out, T] @ [b, T, in]
             else:
-                G = torch.einsum("bto,bti->boi", s, a) * scale[L.name].to(a.device).double()
+                G = torch.bmm(s.transpose(1, 2), a.to(dt)) * sc
                 r = QS.T @ G @ QA
-            out[f"{L.name}.lambda"] += torch.einsum("b,boi->oi", w, r * r).cpu()
+            # Σ_b w_b r_b², the squares summed over ≤ batch_size examples in the compute dtype, then in float64
+            out[f"{L.name}.lambda"] += (w.to(dt) @ (r * r).reshape(len(r), -1)).double().reshape(r.shape[1:]).cpu()
     distributed.sum_tensors(out)
     for L in layers:
         out[f"{L.name}.lambda"] /= n

@@ -61,7 +61,17 @@ ADAM_BETA2 = 0.999
 ADAM_EPS = 1e-8
 # training rows per block of stored training gradients: bounds memory, and is the unit torchrun ranks share out
 GRADIENT_BLOCK_ROWS = 1024
-WALK_BLOCK_BYTES = 2**26  # one float64 [rows, p] copy of query gradients walked through the curvature (64 MiB)
+# The walk (rotations into the Kronecker eigenbasis and back) and the products with the stored
+# training gradients run in float32, the dtype of the gradients themselves (the fitted factors stay
+# float64); scores are summed in float64. On the 32×32 RGB CNN of scripts/bench_gpu.py (500 and 800
+# training images) the float64 walk was most of the scoring and self-influence time; float32 changed
+# scores by at most 7e-7 of the largest score (self-scores 1.5e-7), top-10s unchanged
+# (tests/test_source.py checks the two walks agree).
+WALK_DTYPE = torch.float32
+WALK_BLOCK_BYTES = 2**26  # one [rows, p] copy (WALK_DTYPE) of query gradients walked through the curvature (64 MiB)
+# walked query vectors gathered before one pass over the stored training gradients (each pass reads the
+# whole store from disk, so fewer and wider passes; at most this many bytes of [queries, width])
+SCORE_PASS_BYTES = 2**28
 
 
 @dataclass
@@ -367,7 +377,8 @@ class CurvatureInfluence(Attributor):
             lo, hi = gbar.chunk_bounds(c)
             sel = torch.as_tensor(rows[lo:hi])
             xs, ys = ds.x[sel], ds.y[sel]
-            block = np.zeros((hi - lo, self.projector.out_dim))
+            # float32 like the store (a float64 block was the peak of resident memory: 1,024 × p × 8 bytes)
+            block = np.zeros((hi - lo, self.projector.out_dim), np.float32)
             for comp in computers:
                 for blo, bhi, g in comp.iter_batches(xs, ys, "loss", then=self.train_projector.project):
                     block[blo:bhi] += g.float().cpu().numpy() / len(points)
@@ -387,34 +398,55 @@ class CurvatureInfluence(Attributor):
                 "sigma_mean": float(np.mean([float(s.mean()) for s in sigma]))}
 
     # ------------------------------------------------------------------ scoring
+    @staticmethod
+    def _walk_factors(st: dict) -> dict:
+        """The segment's basis and curvature functions in WALK_DTYPE (converted once, not per block)."""
+        w = st.get("walk")
+        if w is None or w["dtype"] != WALK_DTYPE:
+            dt = WALK_DTYPE
+            sqrtP = st["sqrtP"]
+            w = st["walk"] = {
+                "dtype": dt, "QS": [q.to(dt) for q in st["QS"]], "QA": [q.to(dt) for q in st["QA"]],
+                "F": [h.to(dt) for h in st["F"]], "S": [h.to(dt) for h in st["S"]],
+                "sqrtP": None if sqrtP is None else [t.to(dt) for t in sqrtP],
+                # S ≡ 1 (EK-FAC's inverse response): the walk carries v on unchanged
+                "S_one": all(bool((h == 1).all()) for h in st["S"])}
+        return w
+
     def _walk(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """u_ℓ (flat, projected, already scaled by −1/N_ℓ) for each segment, walking back from the query."""
-        V = self.blocks.to_layers(flat.double().cpu())
+        """u_ℓ (flat, projected, already scaled by −1/N_ℓ, float32) for each segment, walking back from the query."""
+        V = self.blocks.to_layers(flat.detach().to("cpu", WALK_DTYPE))
         us: list[torch.Tensor | None] = [None] * len(self.seg_state)
         for li in range(len(self.seg_state) - 1, -1, -1):
             st = self.seg_state[li]
+            w = self._walk_factors(st)
+            carry = li > 0  # the earliest segment's v is not needed afterwards
             U, Vn = [], []
             for l, v in enumerate(V):
-                QS, QA = st["QS"][l], st["QA"][l]
-                sp = st["sqrtP"][l] if st["sqrtP"] is not None else None
+                QS, QA = w["QS"][l], w["QA"][l]
+                sp = w["sqrtP"][l] if w["sqrtP"] is not None else None
                 r = cv.rotate(v if sp is None else v * sp, QS, QA)
-                u = cv.unrotate(st["F"][l] * r, QS, QA)
-                vn = cv.unrotate(st["S"][l] * r, QS, QA)
+                u = cv.unrotate(w["F"][l] * r, QS, QA)
                 if sp is not None:
                     u = u * sp
-                    vn = vn / sp
                 U.append(u)
-                Vn.append(vn)
+                if carry:
+                    if w["S_one"]:
+                        Vn.append(v)  # Q_S (1 ⊙ Q_Sᵀ v' Q_A) Q_Aᵀ = v', and v'/√P = v
+                    else:
+                        vn = cv.unrotate(w["S"][l] * r, QS, QA)
+                        Vn.append(vn if sp is None else vn / sp)
             u_flat = self.blocks.to_flat(U)
-            us[li] = self.projector.project(u_flat.float()).double() * (-1.0 / st["n_rows"])
+            us[li] = self.projector.project(u_flat.float()).float() * (-1.0 / st["n_rows"])
             V = Vn
         return us
 
     def _query_grads(self, x: torch.Tensor, y: torch.Tensor):
-        """(lo, hi, gradients) in blocks that _walk can take: it holds a few float64 copies of [rows, p]
+        """(lo, hi, gradients) in blocks that _walk can take: it holds a few WALK_DTYPE copies of [rows, p]
         on the host, so rows are bounded by bytes (on a GPU one batch was all 5,000 training rows: 21 GB
         of RSS), while the device still computes gradients in its own, larger batches."""
-        rows = max(1, min(1024, WALK_BLOCK_BYTES // (8 * max(1, self.query_computer.n_params))))
+        item = torch.empty((), dtype=WALK_DTYPE).element_size()
+        rows = max(1, min(1024, WALK_BLOCK_BYTES // (item * max(1, self.query_computer.n_params))))
         for lo, hi, g in self.query_computer.iter_batches(x, y, "margin"):
             for a in range(lo, hi, rows):
                 yield a, min(hi, a + rows), g[a - lo:min(hi, a + rows) - lo]
@@ -423,11 +455,28 @@ class CurvatureInfluence(Attributor):
         q = self._queries(queries)
         n = len(self._p.train_dataset)
         out = np.zeros((len(q), n))
+        # walked blocks are gathered (up to SCORE_PASS_BYTES) and scored in one pass over the store
+        width = max(1, self.projector.out_dim) * len(self.seg_state) * 4
+        cap = max(1, SCORE_PASS_BYTES // width)
+        pending: list[tuple[int, int, list[torch.Tensor]]] = []
+
+        def flush():
+            if not pending:
+                return
+            lo, hi = pending[0][0], pending[-1][1]
+            for s_i, st in enumerate(self.seg_state):
+                U = torch.cat([us[s_i] for _, _, us in pending])
+                for glo, ghi, chunk in st["gbar"].iter_chunks():  # the training side streamed from disk
+                    # float32 product (torch's GEMM, on the threads torch was given), float64 sum
+                    out[lo:hi, st["rows"][glo:ghi]] += (U @ torch.from_numpy(chunk).T).numpy()
+            pending.clear()
+
         for lo, hi, g in self._query_grads(q.x, q.y):
             self._check_cancel("scoring")
-            for st, u in zip(self.seg_state, self._walk(g)):
-                for glo, ghi, chunk in st["gbar"].iter_chunks():  # the training side streamed from disk
-                    out[lo:hi, st["rows"][glo:ghi]] += u.numpy() @ chunk.T.astype(np.float64)
+            if pending and hi - pending[0][0] > cap:
+                flush()
+            pending.append((lo, hi, self._walk(g)))
+        flush()
         return out
 
     def self_scores(self) -> np.ndarray:
@@ -441,7 +490,9 @@ class CurvatureInfluence(Attributor):
                     pos = st["pos"][idx]
                     ok = pos >= 0
                     if ok.any():
-                        out[idx[ok]] += np.einsum("bk,bk->b", u.numpy()[ok], st["gbar"].read_rows(pos[ok]).astype(np.float64))
+                        # row-wise dot products in float64 (cheap next to the walk)
+                        out[idx[ok]] += np.einsum("bk,bk->b", u.numpy()[ok].astype(np.float64),
+                                                  st["gbar"].read_rows(pos[ok]).astype(np.float64))
             self._self = out
         return self._self.copy()
 
@@ -459,9 +510,10 @@ class Source(CurvatureInfluence):
     description = ("Approximate unrolled differentiation over the recorded trajectory (Bae et al., 2024): EK-FAC per "
                    "segment with training-derived response functions. Suited to non-converged and multi-stage training.")
     Settings = SourceSettings
-    # v3: unprojected up to 2^31 stored entries (streamed); v2: unprojected while they fit in memory (v1
+    # v4: curvature products and the walk in float32, summed in float64; v3: unprojected up to 2^31 stored
+    # entries (streamed); v2: unprojected while they fit in memory (v1
     # projected to 2048 above 8,192 parameters)
-    version = "3"
+    version = "4"
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(**settings_dict(self.settings))
