@@ -64,7 +64,7 @@ class ImagePreprocessing:
             h, w = self.resize
             if im.size != (w, h):
                 im = im.resize((w, h), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8)
+        arr = np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on PIL's read-only view)
         arr = arr[None] if arr.ndim == 2 else np.transpose(arr, (2, 0, 1))
         return np.ascontiguousarray(arr)
 
