@@ -211,3 +211,19 @@ def test_training_on_image_rows_equals_training_on_the_tensor(tmp_path):
     sub = ds.subset([3, 1, 4, 1, 5])
     assert isinstance(sub.x, ImageRows) and torch.equal(sub.x[:], ds.x[[3, 1, 4, 1, 5]])
     assert sub[2][1] == int(ds.y[4])
+
+
+def test_an_unwritable_cache_folder_decodes_privately(tmp_path, monkeypatch):
+    """A project whose .proponent/cache cannot be written (read-only) still loads: the decode goes
+    to a private temporary file instead of failing."""
+    root = _image_project(tmp_path / "p")
+    (root / ".proponent" / "cache").mkdir(parents=True)
+
+    def read_only(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(images, "temp_path_for", read_only)
+    p = Project.load(root, check_model=False)
+    assert list((root / ".proponent" / "cache").iterdir()) == []
+    ref = _reference([p.example_file("train", i) for i in range(40)], p.preprocessing)
+    assert np.array_equal(p.train_dataset.x[:].numpy(), ref)

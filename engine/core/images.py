@@ -317,7 +317,10 @@ def _new_file(final: Path | None) -> tuple[Path, bool]:
     when the project keeps state (renamed into place when complete); else a temporary file that is
     unlinked as soon as it is mapped, so no process, however it ends, leaves it behind."""
     if final is not None and final.parent.is_dir():
-        return temp_path_for(final), False
+        try:
+            return temp_path_for(final), False
+        except OSError:
+            pass  # a cache folder this process cannot write (a read-only project): decode privately
     fd, tmp = tempfile.mkstemp(prefix="proponent-images-", suffix=".npy")
     os.close(fd)
     return Path(tmp), True
