@@ -65,6 +65,7 @@ def _child(mode: str, folder: str, n: int, workers: int, cache: str) -> None:
     import numpy as np
 
     from engine.core import images
+    from engine.core.data import row_blocks
 
     paths = sorted(Path(folder).glob("*.png"))[:n]
     prep = images.ImagePreprocessing(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -78,11 +79,11 @@ def _child(mode: str, folder: str, n: int, workers: int, cache: str) -> None:
         checksum = float(x[:, 0, 0, 0].sum())
     elif mode == "streamed":
         x = images.load_split(paths, names, prep, paths, rows, None, cache=None, pending=None)
-        checksum = float(sum(b[:, 0, 0, 0].sum() for b in x.chunks()))
+        checksum = float(sum(b[:, 0, 0, 0].sum() for _, _, b in row_blocks(x)))
     elif mode == "cached":
         c = Path(cache)
         x = images.load_split(paths, names, prep, paths, rows, None, cache=(c, "train"), pending=None)
-        checksum = float(sum(b[:, 0, 0, 0].sum() for b in x.chunks()))
+        checksum = float(sum(b[:, 0, 0, 0].sum() for _, _, b in row_blocks(x)))
     secs = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

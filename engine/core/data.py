@@ -112,7 +112,7 @@ def input_bytes(x) -> Iterator[bytes]:
     if isinstance(x, TensorDict):
         yield x.numpy_bytes()
     elif isinstance(x, ImageRows):
-        for block in x.chunks():
+        for _, _, block in row_blocks(x):
             yield block.numpy().tobytes()
     else:
         yield x.numpy().tobytes()

@@ -236,16 +236,6 @@ class ImageRows:
         row = 4 * int(np.prod(self.pixels.shape[1:]))
         return max(1, max_bytes // max(row, 1))
 
-    def chunks(self, rows: int | None = None):
-        """Consecutive float32 blocks (default: :data:`BLOCK_BYTES` each)."""
-        rows = rows or self.block_rows()
-        for lo in range(0, len(self), rows):
-            yield self[lo:lo + rows]
-
-    def materialize(self) -> torch.Tensor:
-        """The whole split as one float32 tensor: only for callers that need it and bound it."""
-        return self[:]
-
 
 # ----------------------------------------------------------------------------- decode pass
 def image_cache_key(paths: list[Path], prep: ImagePreprocessing, expect: tuple | None) -> str:
