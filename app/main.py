@@ -10,7 +10,7 @@ if str(ROOT) not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from app import ui  # noqa: E402
+from app import jobs, ui  # noqa: E402
 
 st.set_page_config(page_title="Proponent", page_icon="🔎", layout="wide")
 
@@ -28,6 +28,8 @@ pages = [
     st.Page(str(PAGES / "embeddings.py"), title="Embeddings", icon=":material/scatter_plot:", url_path="embeddings"),
     st.Page(str(PAGES / "report.py"), title="Report", icon=":material/description:", url_path="report"),
 ]
+if not ui.sync_jobs():
+    jobs.warm_launcher()  # imports for the first job start now, while the user looks at a page
 nav = st.navigation(pages)
 with st.sidebar:
     root = ui.project_root()

@@ -6,9 +6,10 @@ penultimate features. On each 2-D layout, an example's score is the share of its
 neighbours (in 2-D) whose given label differs from its own; the AUROC of that score against the
 planted flips says how visible mislabels are on the map (0.5: invisible).
 
-    python scripts/bench_embeddings.py [--seeds 1 2] [--flips 0.08 0.15] [--reducer umap]
+    python scripts/bench_embeddings.py [--seeds 1 2] [--flips 0.08 0.15] [--reducers tsne umap pca]
 
-Writes docs/bench/embeddings-digits.json.
+One table per layout, with the seconds each map took (features and layout, in this process: UMAP's
+first map includes its numba compilation). Writes docs/bench/embeddings-digits.json.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,11 +63,12 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--flips", type=float, nargs="+", default=[0.08, 0.15])
-    ap.add_argument("--reducer", default="umap", choices=["umap", "pca"])
+    ap.add_argument("--reducers", nargs="+", default=["tsne", "umap", "pca"], choices=["tsne", "umap", "pca"])
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "embeddings-digits.json"))
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="proponent-emb-"))
-    rows = []
+    rows = {r: [] for r in a.reducers}
+    kinds = (("influence", "given"), ("influence", "predicted"), ("penultimate", "predicted"))
     try:
         for seed in a.seeds:
             for flip in a.flips:
@@ -74,23 +77,31 @@ def main() -> int:
                 labels = p.train_dataset.y.numpy()
                 flipped = np.zeros(len(labels), bool)
                 flipped[[f["train_index"] for f in truth["flipped"]]] = True
-                row = [seed, flip, int(flipped.sum())]
-                for kind, label in (("influence", "given"), ("influence", "predicted"), ("penultimate", "predicted")):
-                    e = compute_embedding(p, kind, a.reducer, label=label)
-                    idx = e["index"]
-                    row.append(round(visibility(e["xy"], labels[idx], flipped[idx]), 3))
-                rows.append(row)
-                print(row, flush=True)
-        mean = ["mean", "", ""] + [round(float(np.mean([r[j] for r in rows])), 3) for j in range(3, 6)]
+                for reducer in a.reducers:
+                    row, seconds = [seed, flip, int(flipped.sum())], []
+                    for kind, label in kinds:
+                        t0 = time.perf_counter()
+                        e = compute_embedding(p, kind, reducer, label=label)
+                        seconds.append(time.perf_counter() - t0)
+                        idx = e["index"]
+                        row.append(round(visibility(e["xy"], labels[idx], flipped[idx]), 3))
+                    rows[reducer].append(row + [round(float(np.median(seconds)), 2)])
+                    print(reducer, rows[reducer][-1], flush=True)
+        tables = []
+        for reducer in a.reducers:
+            rs = rows[reducer]
+            mean = ["mean", "", ""] + [round(float(np.mean([r[j] for r in rs])), 3) for j in range(3, 7)]
+            tables.append({"title": f"AUROC of 2-D neighbour label disagreement against the planted flips ({reducer})",
+                           "columns": ["seed", "flip rate", "flipped", "influence, given label (old)",
+                                       "influence, predicted class (default)", "penultimate", "median s per map"],
+                           "rows": rs + [mean],
+                           "notes": ["Validation projects: the digits generator with seeds and flip rates other than the "
+                                     "shipped sample's; the MLP trained by the recipe. Seconds: one process on a shared "
+                                     "2-core machine; UMAP's first map in the process includes numba's compilation."]})
         doc = {"title": "Influence map: are mislabeled examples visible?",
                "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                "command": "python scripts/bench_embeddings.py " + " ".join(sys.argv[1:]),
-               "tables": [{"title": f"AUROC of 2-D neighbour label disagreement against the planted flips ({a.reducer})",
-                           "columns": ["seed", "flip rate", "flipped", "influence, given label (old)",
-                                       "influence, predicted class (default)", "penultimate"],
-                           "rows": rows + [mean],
-                           "notes": ["Validation projects: the digits generator with seeds and flip rates other than the "
-                                     "shipped sample's; the MLP trained by the recipe."]}]}
+               "tables": tables}
         Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import stat
+import sys
 import threading
 import time
 import zipfile
@@ -296,6 +297,48 @@ def test_background_job_progress_cancel_and_reload(digits_project, tmp_path):
     assert j2["status"] == "done", j2
     assert j2["result"]["key"] in [r["key"] for r in svc.done_runs(p)]
     assert j2["done"] == j2["total"] or j2["stage"] == "done"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the warm launcher forks; Linux only")
+def test_warm_launcher_forks_the_worker_and_a_dead_launcher_is_replaced(digits_project, tmp_path, monkeypatch):
+    """Jobs are forked from a launcher that has imported the engine: the pid it answers is the process
+    that ran the job. A launcher that died is started again, and with PROPONENT_WARM_LAUNCHER=0 a
+    fresh worker process runs the job instead."""
+    from app.jobs import queue
+
+    p = _copy(digits_project, tmp_path / "digits")
+    launcher = queue.Launcher()
+    monkeypatch.setattr(queue, "LAUNCHER", launcher)
+    launcher.start()
+    params = {"method": "knn", "settings": {}, "device": "cpu"}
+    jid = jobs.create_job(p, "attribute", params)
+    log = (p.root / ".proponent" / "jobs").resolve()
+    log.mkdir(parents=True, exist_ok=True)
+    pid = launcher.launch(Path(p.root).resolve(), jid, log / f"{jid}.log")
+    assert pid is not None and pid != launcher._proc.pid
+    j = jobs.wait(p, jid, timeout=120)
+    assert j["status"] == "done" and j["pid"] == pid, j  # run_job records os.getpid(): the forked worker
+    first = launcher._proc.pid
+    launcher._proc.kill()
+    launcher._proc.wait(10)
+    jid2 = jobs.start_job(p, "attribute", {**params, "settings": {"neighbours": 7}})
+    assert jobs.wait(p, jid2, timeout=120)["status"] == "done"
+    assert launcher._proc.pid != first and launcher._proc.poll() is None
+    launcher._proc.kill()
+    monkeypatch.setenv("PROPONENT_WARM_LAUNCHER", "0")
+    assert launcher.launch(Path(p.root).resolve(), "x", log / "x.log") is None
+    jid3 = jobs.start_job(p, "attribute", {**params, "settings": {"neighbours": 5}})
+    assert jobs.wait(p, jid3, timeout=120)["status"] == "done"
+
+
+def test_a_queued_job_whose_worker_never_started_is_failed(tmp_path):
+    root = tmp_path / "proj"
+    (root / ".proponent").mkdir(parents=True)
+    jid = jobs.create_job(root, "attribute", {"method": "trak"})
+    assert jobs.refresh(root, jid)["status"] == "queued"  # just queued: its worker may still be starting
+    StateDB(root / ".proponent" / "state.db").upsert_job(jid, created=time.time() - 3600)
+    j = jobs.refresh(root, jid)
+    assert j["status"] == "failed" and "never started" in j["message"]
 
 
 def test_cancel_ends_a_stage_that_cannot_poll_within_two_seconds(tmp_path):
@@ -887,6 +930,32 @@ def test_review_shows_the_suspects_own_proponents_and_opponents(ran_project, tmp
     caps = [c.value for c in at.caption]
     assert any("Its own top proponents" in c for c in caps) and any("Its own top opponents" in c for c in caps)
     # (AppTest cannot read image captions: the cards' choice is svc.topk, tested elsewhere)
+
+
+def test_tsne_layout_separates_clusters_and_places_new_rows_among_their_neighbours():
+    """The default map layout: t-SNE keeps well-separated groups apart, a layout row placed again lands
+    on itself, and a new row lands at the distance-weighted mean of its nearest layout rows."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from engine.workflows import embeddings as we
+
+    assert we.DEFAULT_REDUCER == "tsne"
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16)) * 6
+    groups = np.repeat(np.arange(3), 60)
+    F = (centres[groups] + rng.normal(size=(180, 16))).astype(np.float32)
+    xy, place = we.fit_layout(F)
+    assert xy.shape == (180, 2) and np.isfinite(xy).all()
+    nn = NearestNeighbors(n_neighbors=6).fit(xy)
+    neigh = nn.kneighbors(xy, return_distance=False)[:, 1:]
+    assert (groups[neigh] == groups[:, None]).mean() > 0.95
+    np.testing.assert_allclose(place(F[:5]), xy[:5], atol=1e-3 * np.abs(xy).max())
+    new = (centres[1] + rng.normal(size=(1, 16))).astype(np.float32)
+    d = np.linalg.norm(F - new, axis=1)
+    near = np.argsort(d)[:we.PLACE_NEIGHBOURS]
+    w = 1 / d[near]
+    np.testing.assert_allclose(place(new)[0], (xy[near] * w[:, None]).sum(0) / w.sum(), rtol=1e-5)
+    assert (groups[near] == 1).all()
 
 
 def test_map_places_every_row_and_a_lasso_selects_the_whole_set(ran_project, tmp_path):

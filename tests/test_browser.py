@@ -182,8 +182,8 @@ def test_user_flow(app_server, tmp_path):
             wait_idle(page)
             time.sleep(1.0)  # let the preview iframe draw
             page.screenshot(path=str(shots / "report.png"), full_page=True)
-            # embeddings: a quick PCA layout computed through the service (UMAP for the README shots)
-            reducer = "umap" if os.environ.get("PROPONENT_SCREENSHOT_DIR") else "pca"
+            # embeddings: a quick PCA layout computed through the service (the default layout for the README shots)
+            reducer = svc.DEFAULT_REDUCER if os.environ.get("PROPONENT_SCREENSHOT_DIR") else "pca"
             for kind in ("influence", "penultimate"):
                 svc.compute_embedding(proj, kind, reducer)
             page.locator("[data-testid='stSidebarNav'] a:has-text('Embeddings')").click()

@@ -38,7 +38,7 @@ def test_streamed_trak_equals_the_dense_formula(project, proj_dim):
     # float32 features: the comparison is exact (float16 storage is tested in test_features.py)
     att, _ = fit_method(project, "trak", {"proj_dim": proj_dim, "ensemble": "final", "feature_dtype": "float32"})
     n = len(project.train_dataset)
-    primal = att._proj[0].psi is None
+    primal = not att._proj[0].dual
     assert primal == (att._proj[0].projector.out_dim <= n)
     assert att.meta["kernel_form"].startswith("primal" if primal else "dual")
     q = att._queries(("test", np.arange(40)))

@@ -1,5 +1,5 @@
-"""Background jobs: rows of the project's SQLite ``jobs`` table run by worker processes
-(``python -m app.jobs.runner PROJECT JOB_ID``)."""
+"""Background jobs: rows of the project's SQLite ``jobs`` table run by worker processes, forked by
+a warm launcher (app/jobs/launcher.py) or started as ``python -m app.jobs.runner PROJECT JOB_ID``."""
 from app.jobs.queue import (  # noqa: F401
                             ACTIVE,
                             KINDS,
@@ -14,4 +14,5 @@ from app.jobs.queue import (  # noqa: F401
                             run_job,
                             start_job,
                             wait,
+                            warm_launcher,
 )

@@ -5,7 +5,9 @@ table-editing logic that AppTest cannot click. ``from app import services as svc
 """
 from app.services.cost import calibrate_gradients, estimate_cost, gradient_passes, job_startup_seconds  # noqa: F401
 from app.services.embeddings import (  # noqa: F401
+    DEFAULT_REDUCER,
     EMBED_MAX_POINTS,
+    REDUCERS,
     cached_embedding,
     compute_embedding,
     embedding_frame,

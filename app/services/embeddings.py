@@ -10,7 +10,9 @@ import pandas as pd
 from app.services.flags import selection_indices
 from engine.core.project import Project
 from engine.workflows.embeddings import (  # noqa: F401
+    DEFAULT_REDUCER,
     EMBED_MAX_POINTS,
+    REDUCERS,
     cached_embedding,
     compute_embedding,
     embedding_path,

@@ -12,10 +12,14 @@ db = ui.db(project)
 
 c1, c2 = st.columns(2)
 if "e_reducer" not in st.session_state:
-    ready = [r for r in ("umap", "pca") if all(svc.cached_embedding(project, k, r) is not None
-                                               for k in ("influence", "penultimate"))]
-    st.session_state["e_reducer"] = ready[0] if ready else "umap"
-reducer = c1.selectbox("Layout", ["umap", "pca"], key="e_reducer", help="UMAP (cached on disk) or a quick PCA.")
+    ready = [r for r in svc.REDUCERS if all(svc.cached_embedding(project, k, r) is not None
+                                            for k in ("influence", "penultimate"))]
+    st.session_state["e_reducer"] = ready[0] if ready else svc.DEFAULT_REDUCER
+LAYOUTS = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA"}
+reducer = c1.selectbox("Layout", list(svc.REDUCERS), key="e_reducer", format_func=LAYOUTS.get,
+                       help="t-SNE (the default: mislabels as visible as with UMAP on validation digits projects, "
+                            "and no 15-20 s compilation on first use; scripts/bench_embeddings.py), UMAP, or a quick "
+                            "PCA. Maps are cached on disk.")
 colour = c2.selectbox("Colour by", ["label", "prediction", "flag", "self_influence"], key="e_colour")
 KINDS = {"influence": "Influence embedding",
          "penultimate": "Penultimate features"}
@@ -72,7 +76,7 @@ for col, (kind, title) in zip(cols, KINDS.items()):
                          render_mode="webgl" if len(df) > 5000 else "auto")
         fig.update_traces(marker=dict(size=5),
                           hovertemplate="train #%{customdata[0]}<br>label %{customdata[1]}<extra></extra>")
-        fig.update_layout(xaxis_title=f"{reducer.upper()} 1 (arbitrary units)", yaxis_title=f"{reducer.upper()} 2 (arbitrary units)",
+        fig.update_layout(xaxis_title=f"{LAYOUTS[reducer]} 1 (arbitrary units)", yaxis_title=f"{LAYOUTS[reducer]} 2 (arbitrary units)",
                           height=460, margin=dict(t=40, b=10), dragmode="lasso",
                           legend_title=colour if colour != "self_influence" else None)
         if colour == "self_influence":

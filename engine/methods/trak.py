@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import scipy.linalg
 import torch
 
 from engine.autodiff import distributed
@@ -56,7 +57,8 @@ def kernel_damping(gram: np.ndarray, n: int, k: int, damping: float, damping_rat
 
 
 def solve_kernel(phi: np.ndarray, damping: float, damping_ratio: float) -> tuple[np.ndarray, float]:
-    """Ψ = Φ(ΦᵀΦ + λI)⁻¹ in float64 through the smaller Gram matrix; returns (Ψ, λ)."""
+    """Ψ = Φ(ΦᵀΦ + λI)⁻¹ in float64 through the smaller Gram matrix; returns (Ψ, λ). The definition
+    with every array in memory, for checks: the fit never forms Ψ."""
     phi64 = phi.astype(np.float64)
     n, k = phi64.shape
     gram = phi64.T @ phi64 if k <= n else phi64 @ phi64.T
@@ -115,28 +117,54 @@ def primal_kernel_inverse(gram: np.ndarray, n: int, damping: float, damping_rati
     return (M + M.T) / 2, lam
 
 
-class _Member:
-    """One ensemble member: its gradient computer and projector, and either the primal inverse M
-    with the on-disk feature store (k ≤ n) or Ψ in memory (k > n, small n)."""
+def dual_kernel_inverse(gram: np.ndarray, k: int, damping: float, damping_ratio: float) -> tuple[np.ndarray, float]:
+    """A = (ΦΦᵀ + λI)⁻¹ (symmetric n×n) from the n×n Gram matrix, and λ. Through a Cholesky
+    factor (the matrix is positive definite once damped): on 1,445 rows 0.15 s against 1.0 s for
+    solving for Ψ = AΦ with k = 4,810 columns."""
+    n = gram.shape[0]
+    lam = kernel_damping(gram, n, k, damping, damping_ratio)
+    g = gram.copy()
+    g[np.diag_indices_from(g)] += lam
+    try:
+        factor, _ = scipy.linalg.cho_factor(g, lower=False, check_finite=False)
+        inv, info = scipy.linalg.lapack.dpotri(factor, lower=0)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"dpotri info {info}")
+        upper = np.triu(inv)
+        A = upper + np.triu(upper, 1).T
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+        A = np.linalg.pinv(g)
+        A = (A + A.T) / 2
+    return A, lam
 
-    def __init__(self, computer, projector, store, M=None, psi=None):
-        self.computer, self.projector, self.store, self.M, self.psi = computer, projector, store, M, psi
+
+class _Member:
+    """One ensemble member: its gradient computer and projector, its on-disk feature store, and
+    either the primal inverse M = (ΦᵀΦ + λI)⁻¹ (k ≤ n) or the dual A = (ΦΦᵀ + λI)⁻¹ (k > n, small n)."""
+
+    def __init__(self, computer, projector, store, M=None, A=None, lam: float = 0.0):
+        self.computer, self.projector, self.store, self.M, self.A, self.lam = computer, projector, store, M, A, lam
+
+    @property
+    def dual(self) -> bool:
+        return self.A is not None
 
     def scores(self, phi_q: np.ndarray, n: int) -> np.ndarray:
-        if self.psi is not None:
-            return phi_q @ self.psi.T.astype(np.float64)
-        u = phi_q @ self.M
+        u = phi_q if self.dual else phi_q @ self.M
         out = np.empty((len(phi_q), n))
         for lo, hi, chunk in self.store.iter_chunks():
             out[:, lo:hi] = u @ np.asarray(chunk, dtype=np.float64).T
-        return out
+        return out @ self.A if self.dual else out  # dual: S_q = (φ_q Φᵀ) A
 
     def self_scores(self) -> np.ndarray:
-        """φ_i · Ψ_i for every training row (each rank its share of the chunks, summed over ranks)."""
+        """φ_i · Ψ_i for every training row (each rank its share of the chunks, summed over ranks).
+        Dual form: diag(ΦΦᵀA) = diag((G + λI − λI)A) = 1 − λ·diag(A), no pass over the store."""
+        if self.dual:
+            return 1.0 - self.lam * np.diag(self.A)
         out = np.zeros(self.store.n_rows)
         for lo, hi, chunk in self.store.iter_chunks(distributed.my_share(range(self.store.n_chunks))):
             c = np.asarray(chunk, dtype=np.float64)
-            out[lo:hi] = np.einsum("ik,ik->i", c, c @ self.M if self.psi is None else self.psi[lo:hi].astype(np.float64))
+            out[lo:hi] = np.einsum("ik,ik->i", c, c @ self.M)
         return distributed.sum_array(out)
 
 
@@ -153,9 +181,10 @@ class TRAK(Attributor):
     def requirements(cls, settings=None):  # the model ensemble needs several trained models
         return cls.requires | ({"models"} if getattr(settings, "ensemble", None) == "models" else set())
 
+    # v4: the dual (k > n) form keeps A = (ΦΦᵀ+λI)⁻¹ instead of Ψ (same formula, other rounding; 3× faster on digits);
     # v3: dense Rademacher projections hashed on the device (same law, other draws; the same on CPU and GPU);
     # v2: streamed primal form (same formula; rounding differs from v1's stored float32 Ψ)
-    version = "3"
+    version = "4"
 
     @property
     def feature_members(self) -> list[_Member]:
@@ -187,22 +216,26 @@ class TRAK(Attributor):
                 progress=lambda st, d, t, m=m: self.progress(f"featurize {m + 1}/{len(self.members)}", d, t),
                 cancel=self.cancel, dtype=s.feature_dtype, precision=s.grad_precision)
             k_out = projector.out_dim
-            solved = folder / f"kernel_{stable_hash({'d': s.damping, 'r': s.damping_ratio})}"
             primal = k_out <= n
+            form = {} if primal else {"form": "dual-inverse"}  # the n×n A, not the n×k Ψ of TRAK v3
+            solved = folder / f"kernel_{stable_hash({'d': s.damping, 'r': s.damping_ratio, **form})}"
             if distributed.agree((solved / "kernel.npy").is_file()):
                 kernel = load_npy(solved / "kernel.npy", mmap=False)
                 lam = float(np.load(solved / "lambda.npy"))
             elif primal:
                 self.progress(f"kernel {m + 1}/{len(self.members)}", 0, 1)
                 kernel, lam = primal_kernel_inverse(*accumulate_gram(store), s.damping, s.damping_ratio)
-            else:  # k > n: the n×n form, with n small enough that Φ and Ψ fit in memory
-                kernel, lam = solve_kernel(store.to_array(), s.damping, s.damping_ratio)
+            else:  # k > n: the n×n form; n < k, so Φ (read once for ΦΦᵀ) and A are small
+                self.progress(f"kernel {m + 1}/{len(self.members)}", 0, 1)
+                phi = store.to_array().astype(np.float64)
+                kernel, lam = dual_kernel_inverse(phi @ phi.T, k_out, s.damping, s.damping_ratio)
+                del phi
             if distributed.is_main() and not (solved / "kernel.npy").is_file():
                 atomic_save_npy(solved / "lambda.npy", np.array(lam))
                 atomic_save_npy(solved / "kernel.npy", kernel)
             rows_written.append(store.rows_written)
             lambdas.append(lam)
-            member = _Member(computer, projector, store, M=kernel if primal else None, psi=None if primal else kernel)
+            member = _Member(computer, projector, store, M=kernel if primal else None, A=None if primal else kernel, lam=lam)
             # outputs by chunk (activations of the whole set are never held), each rank its share
             for lo in distributed.my_share(range(0, n, 1024)):
                 rows = torch.arange(lo, min(n, lo + 1024))
@@ -216,7 +249,7 @@ class TRAK(Attributor):
         self._self = self_sum / len(self.members) * self.q
         self.meta.update({"members": [c.key for c in self.members], "lambda": lambdas,
                           "projection": self._proj[0].projector.describe(),
-                          "kernel_form": "primal (k×k, streamed)" if self._proj[0].psi is None else "dual (n×n)"})
+                          "kernel_form": "dual (n×n)" if self._proj[0].dual else "primal (k×k, streamed)"})
         if distributed.active():  # which rank featurized how many rows (a resumed run counts only new ones)
             self.meta["distributed"] = {**distributed.describe(),
                                         "rows_featurized": distributed.per_rank(int(sum(rows_written)))}
@@ -235,8 +268,8 @@ class TRAK(Attributor):
     def score_columns(self, queries="test"):
         """One pass over each member's on-disk features for all queries at once: U_m = φ_q M_m
         (n_q × k), then S[:, chunk] = mean_m U_m Φ_m[chunk]ᵀ ⊙ Q[chunk]."""
-        if any(m.psi is not None for m in self._proj):
-            return None  # the dual form holds Ψ in memory; query blocks are as cheap
+        if any(m.dual for m in self._proj):
+            return None  # the dual form needs a query's whole row before A; query blocks are as cheap
         q = self._queries(queries)
         us = [project_gradients(m.computer, m.projector, q.x, q.y, "margin").numpy().astype(np.float64) @ m.M
               for m in self._proj]

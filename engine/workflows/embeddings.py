@@ -26,7 +26,10 @@ from engine.storage.arrays import atomic_write_bytes
 
 EMBED_MAX_POINTS = 3000
 EMBED_KINDS = ("influence", "penultimate")
-REDUCERS = ("umap", "pca")
+REDUCERS = ("tsne", "umap", "pca")
+DEFAULT_REDUCER = "tsne"
+PLACE_NEIGHBOURS = 10
+TSNE_ITERATIONS = 500
 _CHUNK = 256
 PLACE_CHUNK = 4096  # rows placed on the map per step (features and layout transform), bounded memory
 
@@ -47,12 +50,12 @@ def cached_embedding(project: Project, kind: str, reducer: str, label: str = "pr
         return {k: z[k] for k in z.files}
 
 
-def compute_embedding(project: Project, kind: str = "influence", reducer: str = "umap", *,
+def compute_embedding(project: Project, kind: str = "influence", reducer: str = DEFAULT_REDUCER, *,
                       max_points: int = EMBED_MAX_POINTS, proj_dim: int = 256, label: str = "predicted",
                       progress=None, cancel=None, device: str = "auto") -> dict:
     """{"xy": [m, 2], "index": [m] training rows, "n_total", and "xy_all" [n, 2] when n > m}: the layout
     is fitted on a seeded subsample of at most ``max_points`` rows (what the page draws); every other
-    row is then placed on it (PCA's projection, UMAP's ``transform``) by chunks of ``PLACE_CHUNK``, so
+    row is then placed on it (PCA's projection, UMAP's ``transform``, t-SNE's nearest layout rows) by chunks of ``PLACE_CHUNK``, so
     a selection covers the whole set. Features are read by chunks of 256: memory is bounded by the
     chunk, plus the [n, 2] coordinates."""
     if kind not in EMBED_KINDS:
@@ -134,13 +137,15 @@ def _features(project: Project, rows: np.ndarray, model, computer, projector, la
     return np.concatenate(feats, 0).astype(np.float32)
 
 
-def fit_layout(F: np.ndarray, reducer: str = "umap"):
+def fit_layout(F: np.ndarray, reducer: str = DEFAULT_REDUCER):
     """(xy of F [m, 2], place(F_new) -> xy_new): the 2-D layout and a way to put new rows on it."""
     if reducer == "pca":
         mean = F.mean(0)
         _, _, vt = np.linalg.svd(F - mean, full_matrices=False)
         comps = vt[:2].T
         return (F - mean) @ comps, lambda G: (G - mean) @ comps
+    if reducer == "tsne":
+        return _tsne_layout(F)
     if reducer == "umap":
         import umap  # umap imports numba and takes seconds; only the UMAP layout needs it
 
@@ -149,5 +154,28 @@ def fit_layout(F: np.ndarray, reducer: str = "umap"):
     raise ProponentError(f"layout must be one of {', '.join(REDUCERS)}, not {reducer!r}")
 
 
-def reduce_2d(F: np.ndarray, reducer: str = "umap") -> np.ndarray:
+def _tsne_layout(F: np.ndarray):
+    """sklearn's Barnes-Hut t-SNE (no JIT: UMAP's first use in a process compiles numba code for
+    about 17 s on this 2-core machine, t-SNE starts at once). t-SNE has no transform, so a new row is
+    placed at the distance-weighted mean of its ``PLACE_NEIGHBOURS`` nearest layout rows."""
+    from sklearn.manifold import TSNE
+    from sklearn.neighbors import NearestNeighbors
+
+    m = len(F)
+    if m < 4:  # t-SNE needs perplexity < m; a handful of points is laid out by PCA
+        return fit_layout(F, "pca")
+    tsne = TSNE(n_components=2, perplexity=min(30.0, (m - 1) / 3), init="pca", learning_rate="auto",
+                max_iter=TSNE_ITERATIONS, random_state=0, n_jobs=1)
+    xy = tsne.fit_transform(F)
+    nn = NearestNeighbors(n_neighbors=min(PLACE_NEIGHBOURS, m)).fit(F)
+
+    def place(G: np.ndarray) -> np.ndarray:
+        dist, idx = nn.kneighbors(G)
+        w = 1.0 / np.maximum(dist, 1e-6)
+        return (xy[idx] * w[:, :, None]).sum(1) / w.sum(1, keepdims=True)
+
+    return xy, place
+
+
+def reduce_2d(F: np.ndarray, reducer: str = DEFAULT_REDUCER) -> np.ndarray:
     return fit_layout(F, reducer)[0]

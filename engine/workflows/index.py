@@ -56,7 +56,7 @@ class InfluenceIndex:
     """Top-k proponents and opponents of new queries for a fitted TRAK attributor."""
 
     def __init__(self, att, backend: str = "faiss", kind: str = "auto", device: str = "cpu", seed: int = 0):
-        if getattr(att, "name", None) != "trak" or any(m.psi is not None for m in att.feature_members):
+        if getattr(att, "name", None) != "trak" or any(m.dual for m in att.feature_members):
             raise ProponentError("the influence index needs a fitted TRAK run in its streamed (k ≤ n) form")
         self.att, self.backend, self.device = att, backend, device
         self.members = att.feature_members
