@@ -234,3 +234,24 @@ def test_knn_streams_its_training_embeddings_and_equals_the_dense_formula(projec
     expect = (y[nn_idx] != y[:, None]).mean(1)
     got = att.suspicion()
     assert np.mean(np.isclose(got, expect)) > 0.99  # float32 storage may swap a tie at the k-th neighbour
+
+
+def test_dual_kernel_inverse_in_float32_only_when_well_conditioned():
+    """A = (ΦΦᵀ+λI)⁻¹: the Cholesky route equals a direct inverse; the float32 route (used over
+    float16 stores) is within 1e-4 when the damped matrix is well conditioned, and a tiny damping
+    (ill conditioned) falls back to float64."""
+    from engine.methods.trak import dual_kernel_inverse
+
+    rng = np.random.default_rng(3)
+    phi = rng.normal(size=(120, 300)) * rng.uniform(0.1, 3, size=300)
+    gram = phi @ phi.T
+    A64, lam = dual_kernel_inverse(gram, 300, -1.0, 10.0)
+    direct = np.linalg.inv(gram + lam * np.eye(120))
+    np.testing.assert_allclose(A64, direct, rtol=1e-10, atol=1e-14 * np.abs(direct).max())
+    assert np.array_equal(A64, A64.T)
+    A32, _ = dual_kernel_inverse(gram, 300, -1.0, 10.0, single=True)
+    err = np.abs(A32 - direct).max() / np.abs(direct).max()
+    assert 0 < err < 1e-4, err  # float32: not bit-equal, but close
+    tiny, lam_t = dual_kernel_inverse(gram, 300, 1e-9, 10.0, single=True)
+    np.testing.assert_allclose(tiny, np.linalg.inv(gram + lam_t * np.eye(120)), rtol=1e-6)
+    assert np.array_equal(tiny, dual_kernel_inverse(gram, 300, 1e-9, 10.0)[0])
