@@ -1,9 +1,13 @@
 """Streamlit helpers shared by the pages: the open project, caches keyed by run key, image cards."""
 from __future__ import annotations
 
+import hashlib
 import html
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import streamlit as st
 
@@ -113,6 +117,40 @@ def png(root: str, split: str, index: int, size: int = 112) -> bytes | None:
 def thumbs(root: str, split: str, indices: tuple, size: int = 32) -> list:
     p = _load_project(root, _stamp(root))
     return [svc.data_uri(svc.image_png(p, split, i, size)) for i in indices]
+
+
+@st.cache_resource(show_spinner=False)
+def _figure_store() -> tuple:
+    return OrderedDict(), threading.Lock()
+
+
+FIGURES_KEPT = 128
+
+
+def chart(name: str, data, build: Callable[[], object], **kwargs) -> None:
+    """``st.plotly_chart`` of ``build()``, built once per (name, data) and kept for the server's life.
+    plotly express spends 0.15-0.35 s building and validating a figure; a cached page switch
+    should not pay it again. ``data``: what the figure shows (a DataFrame or anything hashable)."""
+    import pandas as pd
+
+    if isinstance(data, pd.DataFrame):
+        digest = hashlib.sha1(pd.util.hash_pandas_object(data, index=True).values.tobytes()
+                              + repr(list(data.columns)).encode()).hexdigest()
+    else:
+        digest = hashlib.sha1(repr(data).encode()).hexdigest()
+    store, lock = _figure_store()
+    key = (name, digest)
+    with lock:
+        fig = store.get(key)
+        if fig is not None:
+            store.move_to_end(key)
+    if fig is None:
+        fig = build()
+        with lock:
+            store[key] = fig
+            while len(store) > FIGURES_KEPT:
+                store.popitem(last=False)
+    st.plotly_chart(fig, width="stretch", **kwargs)
 
 
 def db(project):

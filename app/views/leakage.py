@@ -65,14 +65,19 @@ m2.metric("Calibrated detector flags", "not run" if res["calibrated_flagged"] is
           help="The run's top-proponent self-match past a threshold from a null of training queries.")
 
 if pairs:
-    df = pd.DataFrame(pairs)
-    fig = px.scatter(df, x="cosine", y="score", color=df["flagged"].map({True: "flagged", False: "not flagged"}),
-                     hover_data=["test_index", "train_index"], title="Attribution score vs input similarity")
-    fig.update_layout(xaxis_title="input-space cosine similarity", yaxis_title="attribution score (positive = proponent)",
-                      legend_title="detector", height=280, margin=dict(t=40, b=10))
-    fig.update_traces(hovertemplate="test %{customdata[0]} ↔ train %{customdata[1]}<br>cosine %{x:.3f}<br>score %{y:.4g}"
-                      "<br>" + svc.SIGN_HELP.replace(". ", ".<br>") + "<extra></extra>")
-    st.plotly_chart(fig, width="stretch")
+    df = pd.DataFrame(pairs)[["cosine", "score", "flagged", "test_index", "train_index"]]
+
+    def pairs_figure():
+        fig = px.scatter(df, x="cosine", y="score", color=df["flagged"].map({True: "flagged", False: "not flagged"}),
+                         hover_data=["test_index", "train_index"], title="Attribution score vs input similarity")
+        fig.update_layout(xaxis_title="input-space cosine similarity",
+                          yaxis_title="attribution score (positive = proponent)",
+                          legend_title="detector", height=280, margin=dict(t=40, b=10))
+        fig.update_traces(hovertemplate="test %{customdata[0]} ↔ train %{customdata[1]}<br>cosine %{x:.3f}<br>score "
+                          "%{y:.4g}<br>" + svc.SIGN_HELP.replace(". ", ".<br>") + "<extra></extra>")
+        return fig
+
+    ui.chart("leak pairs", df, pairs_figure)
 
 show_all = st.checkbox("Show pairs the detector did not flag too", value=False, key="leak_all")
 n_show = st.number_input("Pairs shown", 1, max(1, len(pairs)), min(12, max(1, len(pairs))), key="leak_n")

@@ -124,20 +124,25 @@ with left:
 with right:
     counts = pd.DataFrame({"class": list(s["train_counts"]), "train": list(s["train_counts"].values()),
                            "test": [s["test_counts"].get(k, 0) for k in s["train_counts"]]})
-    fig = px.bar(counts.melt(id_vars="class", var_name="split", value_name="examples"), x="class", y="examples",
-                 color="split", barmode="group", title="Examples per class")
-    fig.update_layout(xaxis_title="class", yaxis_title="examples (count)", height=300, margin=dict(t=40, b=10))
-    st.plotly_chart(fig, width="stretch")
+    def counts_figure():
+        fig = px.bar(counts.melt(id_vars="class", var_name="split", value_name="examples"), x="class", y="examples",
+                     color="split", barmode="group", title="Examples per class")
+        fig.update_layout(xaxis_title="class", yaxis_title="examples (count)", height=300, margin=dict(t=40, b=10))
+        return fig
+
+    ui.chart("class counts", counts, counts_figure)
 
 st.markdown("**Recorded trajectory**")
 traj = pd.DataFrame(s["trajectory"])
 if len(traj):
-    fig = px.line(traj, x="step", y="lr", color=traj["model"].astype(str), markers=True,
-                  hover_data=["epoch", "checkpoint", "stage"], title="Checkpoints along training")
-    fig.update_layout(xaxis_title="optimizer step", yaxis_title="learning rate", legend_title="model", height=260,
-                      yaxis_rangemode="tozero",
-                      margin=dict(t=40, b=10))
-    st.plotly_chart(fig, width="stretch")
+    def trajectory_figure():
+        fig = px.line(traj, x="step", y="lr", color=traj["model"].astype(str), markers=True,
+                      hover_data=["epoch", "checkpoint", "stage"], title="Checkpoints along training")
+        fig.update_layout(xaxis_title="optimizer step", yaxis_title="learning rate", legend_title="model", height=260,
+                          yaxis_rangemode="tozero", margin=dict(t=40, b=10))
+        return fig
+
+    ui.chart("trajectory", traj.astype(str), trajectory_figure)
     with st.expander(f"{len(traj)} checkpoints"):
         st.dataframe(traj, hide_index=True)
 elif project.checkpoints:

@@ -319,10 +319,17 @@ st.download_button(f"Export the {len(targets)} selected (CSV)",
 
 n_unflagged = int(table["flag"].isna().sum())
 counts = table["flag"].dropna().value_counts().rename_axis("flag").reset_index(name="examples")
-fig = px.bar(counts, x="flag", y="examples", color="flag",
-             title=f"Flags set so far ({len(table) - n_unflagged} flagged, {n_unflagged:,} not reviewed)")
-fig.update_layout(xaxis_title="flag state", yaxis_title="training examples (count)", height=260, margin=dict(t=40, b=10))
-st.plotly_chart(fig, width="stretch")
+flag_title = f"Flags set so far ({len(table) - n_unflagged} flagged, {n_unflagged:,} not reviewed)"
+
+
+def flags_figure():
+    fig = px.bar(counts, x="flag", y="examples", color="flag", title=flag_title)
+    fig.update_layout(xaxis_title="flag state", yaxis_title="training examples (count)", height=260,
+                      margin=dict(t=40, b=10))
+    return fig
+
+
+ui.chart("flag counts", (flag_title, counts.to_json()), flags_figure)
 
 # ---------------------------------------------------------------- what-if
 st.subheader("What-if")

@@ -1,0 +1,41 @@
+"""Proponent's Streamlit app. Run with ``proponent app [PROJECT]`` (binds to 127.0.0.1)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from app import jobs, ui  # noqa: E402
+
+st.set_page_config(page_title="Proponent", page_icon="🔎", layout="wide")
+
+# Page files live in app/views/, not app/pages/: Streamlit (1.67) treats a pages/ folder beside the
+# entry script as legacy multipage mode, which skips this st.navigation whenever a page URL is
+# opened directly (no wide layout, no icons, a stray "main" page).
+PAGES = Path(__file__).parent / "views"
+pages = [
+    st.Page(str(PAGES / "project.py"), title="Project", icon=":material/folder_open:", url_path="project", default=True),
+    st.Page(str(PAGES / "attribute.py"), title="Attribute", icon=":material/play_circle:", url_path="attribute"),
+    st.Page(str(PAGES / "explore.py"), title="Explore", icon=":material/search:", url_path="explore"),
+    st.Page(str(PAGES / "triage.py"), title="Triage", icon=":material/flag:", url_path="triage"),
+    st.Page(str(PAGES / "synset.py"), title="Synset", icon=":material/auto_awesome:", url_path="synset"),
+    st.Page(str(PAGES / "leakage.py"), title="Leakage", icon=":material/water_drop:", url_path="leakage"),
+    st.Page(str(PAGES / "embeddings.py"), title="Embeddings", icon=":material/scatter_plot:", url_path="embeddings"),
+    st.Page(str(PAGES / "report.py"), title="Report", icon=":material/description:", url_path="report"),
+]
+if not ui.sync_jobs():
+    jobs.warm_launcher()  # imports for the first job start now, while the user looks at a page
+nav = st.navigation(pages)
+with st.sidebar:
+    root = ui.project_root()
+    st.caption(f"Project: `{Path(root).name}`" if root else "No project open")
+    st.caption("Scores: positive = proponent (removing it lowers the query's correct-class margin).")
+import cProfile, os as _os
+_pr = cProfile.Profile(); _pr.enable()
+nav.run()
+_pr.disable(); _pr.dump_stats(_os.environ.get("PROF_OUT", "/tmp/lat/page.prof"))
