@@ -1032,6 +1032,26 @@ def test_triage_table_pages_instead_of_growing(ran_project, tmp_path, monkeypatc
     assert last.value == last.max == -(-len(table) // 500)
 
 
+def test_explore_query_table_pages_and_sends_thumbnails_for_the_page_only(ran_project, tmp_path, monkeypatch):
+    """The query table shows 50 rows a page (thumbnails for those only); page 2 starts at the 51st match."""
+    p = _copy(ran_project, tmp_path / "digits")
+    shutil.copytree(ran_project.state_dir / "runs", p.state_dir / "runs")
+    for r in svc.db_for(ran_project).list_runs():
+        svc.db_for(p).upsert_run(r["key"], **{k: v for k, v in r.items() if k != "key"})
+    full = svc.query_table(p, svc.predictions(p, "test"))
+    assert len(full) > 50
+    at = _app(monkeypatch, p, "explore")
+    tables = [d for d in at.dataframe if "test_index" in getattr(d.value, "columns", [])]
+    assert len(tables) == 1 and len(tables[0].value) == 50, [len(d.value) for d in tables]
+    assert list(tables[0].value["test_index"]) == list(full["test_index"][:50])
+    page = next(n for n in at.number_input if n.key == "q_page")
+    assert page.max == -(-len(full) // 50)
+    at = page.set_value(2).run()
+    assert not at.exception
+    tables = [d for d in at.dataframe if "test_index" in getattr(d.value, "columns", [])]
+    assert list(tables[0].value["test_index"]) == list(full["test_index"][50:100])
+
+
 def test_an_unflagged_cell_reads_as_a_dash():
     from app import ui
 

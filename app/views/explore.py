@@ -21,6 +21,7 @@ self_inf = arr["self_scores"] if arr["self_scores"] is not None else np.zeros(S.
 train_preds = ui.project_predictions(project, "train")
 
 # ---------------------------------------------------------------- query choice and the query
+QUERY_PAGE = 50  # rows of the query table per page
 left, mid, right = st.columns([5, 2, 3])
 with left:
     st.markdown("**Choose a query**")
@@ -30,6 +31,16 @@ with left:
     conf = st.slider("Confidence", 0.0, 1.0, (0.0, 1.0), 0.01, key="f_conf",
                      help="The model's top class probability for the query.")
     table = svc.query_table(project, preds, classes=classes, correctness=correctness, conf_range=conf)
+    n_match = len(table)
+    # a page of the table at a time: thumbnails are made and sent for the rows shown only (360 thumbnails
+    # re-sent on every rerun made each switch to this page slower; at 100k test rows it would not load)
+    n_pages = max(1, -(-n_match // QUERY_PAGE))
+    if n_pages > 1:
+        if int(st.session_state.get("q_page", 1)) > n_pages:  # the filters shrank the list
+            st.session_state["q_page"] = n_pages
+        q_page = int(st.number_input(f"Table page (of {n_pages:,}, {QUERY_PAGE} rows each)", min_value=1,
+                                     max_value=n_pages, key="q_page"))
+        table = table.iloc[(q_page - 1) * QUERY_PAGE: q_page * QUERY_PAGE].reset_index(drop=True)
     if project.data_format == "images" and len(table):
         table.insert(1, "image", ui.thumbs(root, "test", tuple(int(i) for i in table["test_index"])))
     elif project.data_format == "text" and len(table):
@@ -41,7 +52,7 @@ with left:
                                         "confidence": st.column_config.NumberColumn(format="%.3f"),
                                         "margin": st.column_config.NumberColumn(
                                             format="%.2f", help="Correct-class margin z_y − logsumexp of the others")})
-    st.caption(f"{len(table)} of {S.shape[0]} test queries match. Click a row, or type an index.")
+    st.caption(f"{n_match:,} of {S.shape[0]:,} test queries match. Click a row, or type an index.")
     rows = event.selection.rows if event is not None and hasattr(event, "selection") else []
     if rows:
         picked = int(table.iloc[rows[0]]["test_index"])
