@@ -23,11 +23,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_app(project_dir: Path, log_path: Path, extra_env: dict | None = None, wait_s: float = 90.0):
+def serve_app(project_dir: Path, log_path: Path, extra_env: dict | None = None, wait_s: float = 90.0,
+              threads: str | None = "1"):
     """`proponent app PROJECT` on a free loopback port; yields its base URL. The server runs in its
-    own session so the whole process group ends with the test."""
+    own session so the whole process group ends with the test. ``threads``: PROPONENT_THREADS for
+    its jobs (tests pin 1 to share the machine; None leaves the default, as a user runs it)."""
     port = free_port()
-    env = dict(os.environ, PROPONENT_THREADS="1", **(extra_env or {}))
+    env = dict(os.environ, **(extra_env or {}))
+    if threads is not None:
+        env["PROPONENT_THREADS"] = threads
     env.pop("PROPONENT_SYNC_JOBS", None)
     cmd = [sys.executable, "-m", "engine.cli", "app", str(project_dir), "--server.port", str(port),
            "--server.headless", "true", "--server.fileWatcherType", "none"]

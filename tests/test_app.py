@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import stat
 import sys
@@ -596,6 +597,10 @@ def test_embeddings_and_leak_pages_write_flags(monkeypatch, ran_project, tmp_pat
     assert not at.exception, [e.value for e in at.exception]
     assert svc.cached_embedding(p, "influence", "pca") is not None
     assert svc.cached_embedding(p, "penultimate", "pca") is not None
+    # the two maps share the cores: each job's layout gets its share of the threads
+    share = max(1, (os.cpu_count() or 1) // 2)
+    assert sorted((j["params"]["kind"], j["params"]["threads"]) for j in jobs.list_jobs(p)
+                  if j["kind"] == "embedding") == [("influence", share), ("penultimate", share)]
     charts = [str(c.proto) for c in at.get("plotly_chart")]
     assert len(charts) == 2 and "customdata" in charts[0]
 
@@ -956,6 +961,26 @@ def test_tsne_layout_separates_clusters_and_places_new_rows_among_their_neighbou
     w = 1 / d[near]
     np.testing.assert_allclose(place(new)[0], (xy[near] * w[:, None]).sum(0) / w.sum(), rtol=1e-5)
     assert (groups[near] == 1).all()
+
+
+def test_map_layout_runs_with_the_threads_it_is_given(ran_project, tmp_path, monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    from engine.workflows import embeddings as we
+
+    p = _copy(ran_project, tmp_path / "digits")
+    seen = []
+    real = we.fit_layout
+
+    def spying(F, reducer="tsne"):
+        seen.append(max(i["num_threads"] for i in threadpool_info()))
+        return real(F, reducer)
+
+    monkeypatch.setattr(we, "fit_layout", spying)
+    before = max(i["num_threads"] for i in threadpool_info())
+    we.compute_embedding(p, "penultimate", "pca", max_points=200, threads=1)
+    assert seen == [1]
+    assert max(i["num_threads"] for i in threadpool_info()) == before  # the limit ends with the layout
 
 
 def test_map_places_every_row_and_a_lasso_selects_the_whole_set(ran_project, tmp_path):

@@ -367,7 +367,8 @@ def _dispatch(project, kind: str, params: dict, rep: JobReporter) -> dict:
         return {"key": res["key"], "method": params["method"], "seconds": time.perf_counter() - t0}
     if kind == "embedding":
         out = compute_embedding(project, params.get("kind", "influence"), params.get("reducer", DEFAULT_REDUCER),
-                                progress=rep, cancel=rep.cancel, device=params.get("device", "auto"))
+                                progress=rep, cancel=rep.cancel, device=params.get("device", "auto"),
+                                threads=params.get("threads"))
         return {"points": int(len(out["index"]))}
     if kind == "verify":
         out = counterfactual_check(project, **dict(params.get("kwargs", {})), progress=rep)

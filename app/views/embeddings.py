@@ -1,4 +1,6 @@
 """Embeddings: influence-feature map next to a penultimate-feature map; lasso/box selection → flags."""
+import os
+
 import plotly.express as px
 import streamlit as st
 
@@ -32,8 +34,10 @@ missing = [k for k, v in embs.items() if v is None]
 if missing:
     st.info(f"Maps not computed yet for {reducer}: {', '.join(missing)}. They run as a background job and are cached.")
     if st.button("Compute maps", key="e_compute"):
+        # the maps run at once, the cores shared between them (OpenMP threads beyond the cores spin)
+        share = max(1, (os.cpu_count() or 1) // len(missing))
         for k in missing:
-            ui.start(project, "embedding", {"kind": k, "reducer": reducer})
+            ui.start(project, "embedding", {"kind": k, "reducer": reducer, "threads": share})
         st.rerun()
     ui.job_panel(project, kinds=("embedding",))
 

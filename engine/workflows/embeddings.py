@@ -10,11 +10,13 @@ kind "penultimate": inputs of the model's last Linear layer.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from engine.autodiff import GradientComputer, make_projector
 from engine.autodiff.compute import resolve_device
@@ -52,12 +54,14 @@ def cached_embedding(project: Project, kind: str, reducer: str, label: str = "pr
 
 def compute_embedding(project: Project, kind: str = "influence", reducer: str = DEFAULT_REDUCER, *,
                       max_points: int = EMBED_MAX_POINTS, proj_dim: int = 256, label: str = "predicted",
-                      progress=None, cancel=None, device: str = "auto") -> dict:
+                      progress=None, cancel=None, device: str = "auto", threads: int | None = None) -> dict:
     """{"xy": [m, 2], "index": [m] training rows, "n_total", and "xy_all" [n, 2] when n > m}: the layout
     is fitted on a seeded subsample of at most ``max_points`` rows (what the page draws); every other
     row is then placed on it (PCA's projection, UMAP's ``transform``, t-SNE's nearest layout rows) by chunks of ``PLACE_CHUNK``, so
     a selection covers the whole set. Features are read by chunks of 256: memory is bounded by the
-    chunk, plus the [n, 2] coordinates."""
+    chunk, plus the [n, 2] coordinates. ``threads``: OpenMP/BLAS threads of the layout (the app runs
+    both maps at once, one thread each: two t-SNE layouts of digits then take 25 s with two OpenMP
+    threads each fighting over 2 cores, and about 7 s with one)."""
     if kind not in EMBED_KINDS:
         raise ProponentError(f"embedding kind must be one of {', '.join(EMBED_KINDS)}, not {kind!r}")
     if reducer not in REDUCERS:
@@ -89,7 +93,8 @@ def compute_embedding(project: Project, kind: str = "influence", reducer: str = 
     F = _normalise(np.concatenate(feats, 0).astype(np.float32), kind)
     if progress:
         progress(f"layout ({reducer})", 0, 1)
-    xy, place = fit_layout(F, reducer)
+    with threadpool_limits(threads) if threads else contextlib.nullcontext():
+        xy, place = fit_layout(F, reducer)
     if progress:
         progress(f"layout ({reducer})", 1, 1)
     out = {"xy": xy.astype(np.float32), "index": idx.astype(np.int64), "n_total": np.array(n)}
