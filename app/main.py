@@ -1,6 +1,7 @@
 """Proponent's Streamlit app. Run with ``proponent app [PROJECT]`` (binds to 127.0.0.1)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -8,9 +9,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from app.jobs.launcher import warm_launcher  # noqa: E402  (standard library only)
+
+if os.environ.get("PROPONENT_SYNC_JOBS") != "1":
+    # first thing: the job launcher's imports (4-6 s) run while this process does its own
+    warm_launcher()
+
 import streamlit as st  # noqa: E402
 
-from app import jobs, ui  # noqa: E402
+from app import ui  # noqa: E402
 
 st.set_page_config(page_title="Proponent", page_icon="🔎", layout="wide")
 
@@ -28,8 +35,6 @@ pages = [
     st.Page(str(PAGES / "embeddings.py"), title="Embeddings", icon=":material/scatter_plot:", url_path="embeddings"),
     st.Page(str(PAGES / "report.py"), title="Report", icon=":material/description:", url_path="report"),
 ]
-if not ui.sync_jobs():
-    jobs.warm_launcher()  # imports for the first job start now, while the user looks at a page
 nav = st.navigation(pages)
 with st.sidebar:
     root = ui.project_root()

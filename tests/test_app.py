@@ -305,10 +305,11 @@ def test_warm_launcher_forks_the_worker_and_a_dead_launcher_is_replaced(digits_p
     """Jobs are forked from a launcher that has imported the engine: the pid it answers is the process
     that ran the job. A launcher that died is started again, and with PROPONENT_WARM_LAUNCHER=0 a
     fresh worker process runs the job instead."""
+    from app.jobs import launcher as launcher_module
     from app.jobs import queue
 
     p = _copy(digits_project, tmp_path / "digits")
-    launcher = queue.Launcher()
+    launcher = launcher_module.Launcher()
     monkeypatch.setattr(queue, "LAUNCHER", launcher)
     launcher.start()
     params = {"method": "knn", "settings": {}, "device": "cpu"}

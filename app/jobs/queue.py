@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import uuid
 from pathlib import Path
 
 from app import services as svc
+from app.jobs.launcher import LAUNCHER, REPO, worker_env, warm_launcher  # noqa: F401
 from engine.api import cached_scores
 from engine.core.errors import Cancelled, ProponentError
 from engine.core.progress import RateTracker
@@ -32,7 +32,6 @@ from engine.workflows.leaks import detect_copies, detect_leaks
 from engine.workflows.mislabel import recommended_ranking
 from engine.workflows.whatif import compare_edits, predict_edit, retrain_edit
 
-REPO = Path(__file__).resolve().parents[2]
 ACTIVE = ("queued", "running", "cancelling")
 KINDS = ("attribute", "embedding", "verify", "whatif", "leaks", "copies", "query", "suspect", "triage")
 
@@ -63,123 +62,6 @@ def _alive(pid: int | None) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
-
-
-def _worker_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-class Launcher:
-    """Client of the warm launcher process (app/jobs/launcher.py), which forks job workers with the
-    engine already imported. ``launch`` returns the worker's pid, or None when the launcher cannot
-    be used (not Linux, disabled by ``PROPONENT_WARM_LAUNCHER=0``, failed to start, or died); the
-    caller then starts a fresh worker process as before, so a job never depends on it."""
-
-    READY_TIMEOUT_S = 60.0
-    REPLY_TIMEOUT_S = 10.0
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._proc: subprocess.Popen | None = None
-        self._ready = False
-        self._buf = b""
-
-    @staticmethod
-    def enabled() -> bool:
-        # fork after importing torch is safe on Linux; macOS' system frameworks are not fork-safe
-        return sys.platform.startswith("linux") and os.environ.get("PROPONENT_WARM_LAUNCHER", "1") != "0"
-
-    def start(self) -> None:
-        """Start the launcher in the background (its imports run while the user looks at a page)."""
-        if not self.enabled():
-            return
-        with self._lock:
-            self._start_locked()
-
-    def _start_locked(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            return
-        self._proc, self._ready, self._buf = None, False, b""
-        try:
-            self._proc = subprocess.Popen([sys.executable, "-m", "app.jobs.launcher"], cwd=str(REPO), env=_worker_env(),
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, bufsize=0)
-        except OSError:
-            self._proc = None
-
-    def _read_line(self, timeout: float) -> dict | None:
-        fd = self._proc.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return None
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        try:
-            return json.loads(line)
-        except ValueError:
-            return None
-
-    def _stop_locked(self) -> None:
-        if self._proc is not None:
-            try:
-                self._proc.kill()
-                self._proc.wait(5)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-        self._proc, self._ready, self._buf = None, False, b""
-
-    def would_wait(self) -> bool:
-        """True while the launcher is still importing: a launch now would wait for it."""
-        if not self.enabled():
-            return False
-        with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                return True  # launch() starts it first
-            if self._ready:
-                return False
-            msg = self._read_line(0.0)
-            if msg and msg.get("ready"):
-                self._ready = True
-            return not self._ready
-
-    def launch(self, root: Path, job_id: str, log: Path) -> int | None:
-        if not self.enabled():
-            return None
-        with self._lock:
-            self._start_locked()
-            if self._proc is None:
-                return None
-            if not self._ready:
-                msg = self._read_line(self.READY_TIMEOUT_S)
-                if not (msg and msg.get("ready")):
-                    self._stop_locked()
-                    return None
-                self._ready = True
-            try:
-                self._proc.stdin.write((json.dumps({"root": str(root), "job": job_id, "log": str(log)}) + "\n").encode())
-                self._proc.stdin.flush()
-            except OSError:
-                self._stop_locked()
-                return None
-            reply = self._read_line(self.REPLY_TIMEOUT_S)
-            if not reply or "pid" not in reply:
-                self._stop_locked()
-                return None
-            return int(reply["pid"])
-
-
-LAUNCHER = Launcher()
-
-
-def warm_launcher() -> None:
-    """Start the warm launcher now, so the first job does not wait for its imports."""
-    LAUNCHER.start()
 
 
 def job_signature(kind: str, params: dict) -> str:
@@ -234,7 +116,7 @@ def _start_worker(root: Path, job_id: str, log_path: Path) -> None:
     if pid is None:  # no warm launcher: a fresh worker process
         with open(log_path, "wb") as log:
             pid = subprocess.Popen([sys.executable, "-m", "app.jobs.runner", str(root), job_id], cwd=str(REPO),
-                                   env=_worker_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=worker_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True).pid
     _db(root).upsert_job(job_id, pid=pid)
 
