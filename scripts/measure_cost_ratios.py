@@ -7,7 +7,8 @@ Prepares the digits sample in the workdir, times one per-example gradient pass (
 Attribute page calibrates on every project), then runs every method with its defaults as the app's
 job does (fit + score of the test queries, self-scores and suspicion) and writes
 ``seconds / (passes × examples × seconds per example)`` per method, plus the median start-up of a
-background job's worker, to app/services/cost_ratios.json.
+background job's worker (forked by the warm launcher, as in the app), to app/services/cost_ratios.json.
+``--methods a,b`` updates those methods' entries and keeps the others.
 """
 from __future__ import annotations
 
@@ -50,8 +51,18 @@ def main(argv=None) -> int:
     (proj / MARKER).write_text("made by scripts/measure_cost_ratios.py; removed and made again on its next run\n")
     p = Project.load(proj)
     per_ex = min(svc.calibrate_gradients(p) for _ in range(3))
+    if a.methods and Path(a.out).is_file():
+        # a partial run keeps the file's unit, so every ratio in it is a multiple of the same gradient pass
+        per_ex = json.loads(Path(a.out).read_text()).get("seconds_per_example", per_ex)
     unit = (len(p.train_dataset) + len(p.test_dataset)) * per_ex
     methods = [m for m in (a.methods.split(",") if a.methods else [c.name for c in list_methods()]) if m]
+    # the app starts its job launcher first thing, so its jobs start warm: measure them that way
+    from app.jobs.launcher import LAUNCHER
+    LAUNCHER.start()
+    LAUNCHER.would_wait()
+    t_ready = time.monotonic()
+    while LAUNCHER.would_wait() and time.monotonic() - t_ready < 120:
+        time.sleep(0.2)
     ratios, seconds = {}, {}
     startup = []
     for m in methods:
@@ -79,7 +90,7 @@ def main(argv=None) -> int:
         seconds = {**old.get("seconds", {}), **seconds}
         startup = startup or [old.get("startup_s", 0.0)]
     atomic_write_json(a.out, {
-        "command": "python scripts/measure_cost_ratios.py --workdir /tmp/cost-ratios",
+        "command": "python scripts/measure_cost_ratios.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d"), "project": a.sample,
         "seconds_per_example": per_ex, "examples": len(p.train_dataset) + len(p.test_dataset),
         "startup_s": round(startup[len(startup) // 2], 2) if startup else 0.0,

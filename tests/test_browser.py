@@ -10,6 +10,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import time
 from pathlib import Path
@@ -57,7 +58,9 @@ def test_user_flow(app_server, tmp_path):
             assert page.get_by_text("No finished runs yet.").count() == 1
             t_click = time.perf_counter()
             page.locator("button:has-text('Run')").first.click()
-            page.get_by_text("examples/s").first.wait_for(timeout=60_000)  # live progress from the job
+            # live progress from the job: its stage and count (a rate shows once a stage has reported twice;
+            # TRAK's stages on digits are now too short for a poll to be sure to catch one)
+            page.get_by_text(re.compile(r"attribute · trak · (featurize|kernel|score)")).first.wait_for(timeout=60_000)
             timings["progress_visible_s"] = time.perf_counter() - t_click
             page.screenshot(path=str(shots / "attribute-running.png"), full_page=True)
             # reload mid-job: the new session finds the running job through SQLite and keeps showing it
