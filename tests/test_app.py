@@ -1083,3 +1083,27 @@ def test_an_unflagged_cell_reads_as_a_dash():
 
     assert ui.fmt_flag(float("nan")) == ui.fmt_flag(None) == "—"
     assert "mislabeled" in ui.fmt_flag("mislabeled")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the warm launcher forks; Linux only")
+def test_launcher_replies_survive_a_module_that_prints_while_imported(digits_project, tmp_path, monkeypatch):
+    """A module printing to stdout while the launcher imports it (here even a JSON line that looks like a
+    reply) must not reach the client: the protocol has its own pipe, stray output goes to stderr."""
+    from app.jobs import launcher as launcher_module
+
+    (tmp_path / "noisy_module.py").write_text("print('hello from an import')\nprint('{\"pid\": 1}')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("PROPONENT_LAUNCHER_PRELOAD", "noisy_module")
+    p = _copy(digits_project, tmp_path / "digits")
+    launcher = launcher_module.Launcher()
+    try:
+        jid = jobs.create_job(p, "attribute", {"method": "knn", "settings": {}, "device": "cpu"})
+        log = (p.root / ".proponent" / "jobs").resolve()
+        log.mkdir(parents=True, exist_ok=True)
+        pid = launcher.launch(Path(p.root).resolve(), jid, log / f"{jid}.log")
+        assert pid is not None and pid != 1
+        j = jobs.wait(p, jid, timeout=120)
+        assert j["status"] == "done" and j["pid"] == pid, j
+    finally:
+        if launcher._proc is not None:
+            launcher._proc.kill()

@@ -39,9 +39,12 @@ WARM_MODULES = ("app.jobs.runner", "torch._dynamo", "sklearn.manifold", "sklearn
 
 
 def warm() -> None:
+    """Import what a job needs, plus ``PROPONENT_LAUNCHER_PRELOAD`` (comma-separated modules, for
+    example the heavy libraries a project's model.py imports)."""
     import importlib
 
-    for name in WARM_MODULES:
+    extra = tuple(m.strip() for m in os.environ.get("PROPONENT_LAUNCHER_PRELOAD", "").split(",") if m.strip())
+    for name in WARM_MODULES + extra:
         try:
             importlib.import_module(name)
         except Exception:  # an optional module missing only costs its import in the worker
@@ -106,6 +109,8 @@ def _serve(stdin, stdout) -> int:
                 reply = {"error": f"fork failed: {e}"}
             else:
                 if pid == 0:
+                    if stdout.fileno() > 2:  # the protocol pipe is the launcher's, not the worker's
+                        os.close(stdout.fileno())
                     _worker(root, job_id, log)
                 reply = {"pid": pid}
         stdout.write(json.dumps(reply) + "\n")
@@ -158,21 +163,25 @@ class Launcher:
             self._proc = None
 
     def _read_line(self, timeout: float) -> dict | None:
+        """The launcher's next JSON reply within ``timeout`` s (any other line is skipped), else None."""
         fd = self._proc.stdout.fileno()
         deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return None
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        try:
-            return json.loads(line)
-        except ValueError:
-            return None
+        while True:
+            while b"\n" not in self._buf:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    return None
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return None
+                self._buf += chunk
+            line, self._buf = self._buf.split(b"\n", 1)
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict):
+                return msg
 
     def _stop_locked(self) -> None:
         if self._proc is not None:
@@ -231,12 +240,14 @@ def warm_launcher() -> None:
     LAUNCHER.start()
 
 
-
-
 if __name__ == "__main__":
-    code = serve()
+    # the protocol gets its own copy of the pipe, and fd 1 becomes stderr: a library that prints while
+    # it is imported cannot corrupt the replies
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    code = serve(stdout=protocol)
     try:
-        sys.stdout.close()
+        protocol.close()
     except BrokenPipeError:
         pass
     sys.exit(code)
