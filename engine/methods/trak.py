@@ -194,7 +194,8 @@ class TRAK(Attributor):
     def requirements(cls, settings=None):  # the model ensemble needs several trained models
         return cls.requires | ({"models"} if getattr(settings, "ensemble", None) == "models" else set())
 
-    # v4: the dual (k > n) form keeps A (products in float32 over float16 stores) = (ΦΦᵀ+λI)⁻¹ instead of Ψ (same formula, other rounding; 3× faster on digits);
+    # v4: the dual (k > n) form keeps A = (ΦΦᵀ+λI)⁻¹ instead of Ψ, with products in float32 over float16 stores
+    # (same formula, other rounding; the digits default run about 2× faster);
     # v3: dense Rademacher projections hashed on the device (same law, other draws; the same on CPU and GPU);
     # v2: streamed primal form (same formula; rounding differs from v1's stored float32 Ψ)
     version = "4"

@@ -61,11 +61,11 @@ def compute_embedding(project: Project, kind: str = "influence", reducer: str = 
                       progress=None, cancel=None, device: str = "auto", threads: int | None = None) -> dict:
     """{"xy": [m, 2], "index": [m] training rows, "n_total", and "xy_all" [n, 2] when n > m}: the layout
     is fitted on a seeded subsample of at most ``max_points`` rows (what the page draws); every other
-    row is then placed on it (PCA's projection, UMAP's ``transform``, t-SNE's nearest layout rows) by chunks of ``PLACE_CHUNK``, so
-    a selection covers the whole set. Features are read by chunks of 256: memory is bounded by the
-    chunk, plus the [n, 2] coordinates. ``threads``: OpenMP/BLAS threads of the layout (the app runs
-    both maps at once, one thread each: two t-SNE layouts of digits then take 25 s with two OpenMP
-    threads each fighting over 2 cores, and about 7 s with one)."""
+    row is then placed on it (PCA's projection, UMAP's ``transform``, t-SNE's nearest layout rows) by
+    chunks of ``PLACE_CHUNK``, so a selection covers the whole set. Features are read by chunks of 256:
+    memory is bounded by the chunk, plus the [n, 2] coordinates. ``threads``: OpenMP/BLAS threads of
+    the layout (the app runs both maps at once on a share of the cores: on 2 cores the two digits maps
+    took 25.7 s with two spinning OpenMP threads each, 8.4 s with one)."""
     if kind not in EMBED_KINDS:
         raise ProponentError(f"embedding kind must be one of {', '.join(EMBED_KINDS)}, not {kind!r}")
     if reducer not in REDUCERS:
