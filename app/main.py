@@ -40,4 +40,15 @@ with st.sidebar:
     root = ui.project_root()
     st.caption(f"Project: `{Path(root).name}`" if root else "No project open")
     st.caption("Scores: positive = proponent (removing it lowers the query's correct-class margin).")
-nav.run()
+_timing = os.environ.get("PROPONENT_PAGE_TIMING")  # a file: the latency benchmark splits server from browser time
+if _timing:
+    import time
+
+    _t0 = time.perf_counter()
+    try:
+        nav.run()
+    finally:
+        with open(_timing, "a") as _f:
+            _f.write(f"{nav.title}\t{time.perf_counter() - _t0:.4f}\n")
+else:
+    nav.run()

@@ -153,6 +153,12 @@ def chart(name: str, data, build: Callable[[], object], **kwargs) -> None:
     st.plotly_chart(fig, width="stretch", **kwargs)
 
 
+def svg_chart(svg: str) -> None:
+    """An inline SVG chart (app.services.svg_charts). st.html drops SVG (its sanitiser); markdown with
+    HTML keeps it, and the SVG is built with every user label escaped."""
+    st.markdown(svg, unsafe_allow_html=True)
+
+
 def db(project):
     return svc.db_for(project)
 
@@ -216,14 +222,55 @@ def show_example(project, split: str, index: int, size: int = 112, caption: str 
             st.caption(caption)
 
 
-def flag_button(project, split: str, index: int, key: str, flags: dict):
-    cur = (flags.get(int(index)) or {}).get("flag")
-    label = "Unflag" if cur == "mislabeled" else "Flag"
-    if st.button(label, key=key, help="One click: flag this training example as mislabeled (click again to clear). "
-                                      "Saved at once to the project's SQLite state with an audit entry."):
-        new = svc.toggle_flag(db(project), split, index, "mislabeled")
-        st.toast(f"{split} #{index}: {'flagged ' + new if new else 'flag cleared'}")
-        st.rerun()
+def example_cards(project, split: str, items, size: int = 84, per_row: int = 8, note: list | None = None) -> None:
+    """Examples as one HTML grid of cards (see app.services.cards for why not one element each).
+    ``items``: (index, caption lines[, flag[, split]]) tuples, in display order; ``note``: lines after them."""
+    root = str(project.root)
+    cards = []
+    for item in items:
+        index, lines, flag, item_split = (tuple(item) + (None, None))[:4]
+        item_split = item_split or split
+        card = svc.Card(index=int(index), lines=[str(x) for x in lines], flag=flag)
+        if project.data_format == "images":
+            card.image = svc.data_uri(png(root, item_split, int(index), size))
+        elif project.data_format == "text":
+            card.text = svc.example_text(project, item_split, int(index)) or ""
+        else:
+            card.row = svc.example_row(project, item_split, int(index))
+        cards.append(card)
+    if cards:
+        st.html(svc.cards_html(cards, per_row=per_row, size=size, note=note))
+
+
+def state_key(key: str, stored) -> str:
+    """A widget key for a control that shows stored state (SQLite flags): a new key, so a new widget
+    with the stored value as its default, whenever that state changes. Setting the value through
+    st.session_state instead did not reach the browser on a session's first run (Streamlit 1.67)."""
+    return f"{key}@{hashlib.sha1(repr(stored).encode()).hexdigest()[:10]}"
+
+
+def flag_pills(project, split: str, indices, key: str, flags: dict, label: str = "Flag as mislabeled") -> None:
+    """One control for a grid of cards: a pill per example, selected = flagged mislabeled. A click
+    sets or clears that example's flag at once (SQLite, with an audit entry); the pills always show
+    the stored flags, so a flag set elsewhere (another page or tab) shows here too."""
+    indices = [int(i) for i in indices]
+    flagged = [i for i in indices if (flags.get(i) or {}).get("flag") == "mislabeled"]
+    wkey = state_key(key, (indices, flagged))
+
+    def _apply():
+        now = set(st.session_state.get(wkey) or [])
+        added = [i for i in indices if i in now and i not in flagged]
+        removed = [i for i in flagged if i not in now]
+        if added:
+            svc.bulk_update(db(project), split, added, flag="mislabeled", source="app")
+        if removed:
+            svc.bulk_update(db(project), split, removed, flag=None, source="app")
+        for i in added + removed:
+            st.toast(f"{split} #{i}: {'flagged mislabeled' if i in added else 'flag cleared'}")
+
+    st.pills(label, indices, selection_mode="multi", default=flagged, format_func=lambda i: f"#{i}", key=wkey,
+             on_change=_apply, help="Click an example's number to flag it as mislabeled (click again to clear). Saved "
+                                    "at once to the project's SQLite state with an audit entry.")
 
 
 def job_panel(project, kinds: tuple = ("attribute",), title: str = "Jobs"):

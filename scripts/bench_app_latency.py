@@ -126,11 +126,21 @@ def main(argv=None) -> int:
     prepare_sample("digits", proj)
     (proj / MARKER).write_text("made by scripts/bench_app_latency.py; removed and made again on its next run\n")
     t = {}
+    timing = work / "page_timing.tsv"  # the server's own script seconds per page run (app/main.py)
+    timing.unlink(missing_ok=True)
+
+    def page_times() -> list[tuple[str, float]]:
+        if not timing.is_file():
+            return []
+        return [(a, float(b)) for a, b in (ln.split("\t") for ln in timing.read_text().splitlines() if "\t" in ln)]
+
+    server = {}
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         try:
-            with serve_minimal(work) as mbase, serve_app(proj, work / "server.log", threads=None) as base:
+            with serve_minimal(work) as mbase, serve_app(proj, work / "server.log", threads=None,
+                                                                  extra_env={"PROPONENT_PAGE_TIMING": str(timing)}) as base:
                 # both apps are served for the whole run and their page switches are measured in
                 # alternating rounds, so a shared machine's drifting load hits both alike
                 mpage = browser.new_page(viewport={"width": 1600, "height": 1000})
@@ -138,7 +148,7 @@ def main(argv=None) -> int:
                 wait_idle(mpage)
                 page.goto(base + "/attribute")
                 wait_idle(page)
-                t0 = time.perf_counter()
+                t0, wall0 = time.perf_counter(), time.time()
                 page.locator("button:has-text('Run')").first.click()
                 page.locator("[data-testid='stProgress']").first.wait_for(timeout=60_000)
                 t["queued"] = [time.perf_counter() - t0]
@@ -146,13 +156,20 @@ def main(argv=None) -> int:
                 t["run_done"] = [time.perf_counter() - t0]
                 page.locator("[data-testid='stSidebarNav'] a:has-text('Explore')").click()
                 page.get_by_text("proponents").first.wait_for(timeout=120_000)
-                page.locator("[data-testid='stImage'] img, [data-testid='stImageContainer'] img").nth(8).wait_for(
+                page.locator(".pp-card img").nth(8).wait_for(
                     timeout=120_000)
                 t["first_proponents"] = [time.perf_counter() - t0]
                 wait_idle(page)
+                from app import jobs as app_jobs
+
+                job = next(j for j in app_jobs.list_jobs(proj, 50) if j["kind"] == "attribute")
+                server["click → job queued"] = job["created"] - wall0
+                server["job queued → done (worker)"] = job["updated"] - job["created"]
+                server["first Explore script"] = max([x for n, x in page_times() if n == "Explore"] or [float("nan")])
                 for name, title in PAGES.items():  # first visit of each page fills its caches
                     switch(page, name, title)
                 paint, mpaint = [], []
+                mark = len(page_times())
                 for _ in range(a.switches):  # round the pages: every click leaves one page for another
                     for name, title in (("Two", "Page two"), ("One", "Page one")):
                         t.setdefault("minimal_switch", []).append(switch(mpage, name, title, first_paint=mpaint))
@@ -160,6 +177,8 @@ def main(argv=None) -> int:
                         t.setdefault(f"switch_{name.lower()}", []).append(switch(page, name, title, first_paint=paint))
                 t["minimal_first_paint"] = mpaint
                 t["proponent_first_paint"] = paint
+                for name, x in page_times()[mark:]:
+                    server.setdefault(f"script {name} (cached)", []).append(x)
                 switch(page, "Embeddings", "Embeddings")
                 wait_idle(page)
                 t0 = time.perf_counter()
@@ -175,6 +194,9 @@ def main(argv=None) -> int:
     for k, v in med.items():
         print(f"{k:22s} {v:7.3f} s  (n={len(t.get(k, switches))})")
     print(f"page switch ratio (Proponent / minimal app): {ratio:.2f}")
+    server = {k: (statistics.median(v) if isinstance(v, list) else v) for k, v in server.items()}
+    for k, v in server.items():
+        print(f"server: {k:34s} {v:7.3f} s")
     if a.json:
         from engine.storage.arrays import atomic_write_json
 
@@ -198,7 +220,12 @@ def main(argv=None) -> int:
                                  "→ the Explore page shows proponent images (the Run click comes as soon as the app's "
                                  "first page is idle, so the job may wait for the warm launcher's imports). "
                                  "influence_map: click Compute maps (the default t-SNE layout, both maps as two jobs) → "
-                                 "both maps drawn. Jobs use the default threads."}],
+                                 "both maps drawn. Jobs use the default threads."},
+                       {"title": "Where the time goes: the server's side (seconds; medians for the cached scripts)",
+                        "columns": ["part", "s"], "rows": [[k, round(v, 3)] for k, v in server.items()],
+                        "notes": "click → job queued and queued → done: the jobs table's created and last-update "
+                                 "times. script *: a page script's own run time in the server (PROPONENT_PAGE_TIMING); "
+                                 "a switch's remainder is the websocket and Chromium drawing the page."}],
             "notes": "Wall-clock on a shared machine; both apps served for the whole run, their page switches "
                      "measured in alternating rounds."})
     return 0

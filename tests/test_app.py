@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -57,6 +58,11 @@ def _app(monkeypatch, project, page=None):
     return at
 
 
+def _keyed(widgets, key: str):
+    """The widget whose key is ``key`` or ``key@<stored state>`` (see app.ui.state_key)."""
+    return next(w for w in widgets if w.key and w.key.split("@")[0] == key)
+
+
 def _labels(elems):
     return [e.label for e in elems]
 
@@ -72,7 +78,12 @@ def test_every_page_opens(monkeypatch, ran_project):
     assert any("Cached" in s.value for s in at.success) is False  # default settings: not the fast run
     at = _app(monkeypatch, ran_project, "explore")
     assert "Margin" in _labels(at.metric)
-    assert sum(1 for b in at.button if b.label == "Flag") == 16  # 8 proponent + 8 opponent cards
+    # 8 proponent + 8 opponent cards, each grid one HTML element with one flag control
+    flag_pills = {w.key.split("@")[0]: w for w in at.pills if w.key.split("@")[0] in ("proponent_flags", "opponent_flags")}
+    assert set(flag_pills) == {"proponent_flags", "opponent_flags"}
+    assert [len(w.options) for w in flag_pills.values()] == [8, 8]
+    cards = [h.value for h in at.get("html") if "pp-card" in h.value]
+    assert len(cards) >= 2 and all(h.count('class="pp-card"') == 8 for h in cards[:2])
     verify = [b for b in at.button if b.key == "verify"][0]
     assert verify.disabled == (svc.verify_available(ran_project) is not None)
     at = _app(monkeypatch, ran_project, "triage")
@@ -103,15 +114,30 @@ def test_main_flow(monkeypatch, digits_project, tmp_path):
     S = svc.load_run(p, runs[0]["key"])["scores"]
     top = svc.topk(S[7], 8)["proponents"]
     first = int(top[0])
-    at.button(key=f"pro_flag_{first}").click().run()
+    # the top-k scores as ranked bars: one bar per example, proponents then opponents, in rank order
+    tk = svc.topk(S[7], 8)
+    svg = next(m.value for m in at.markdown if "<svg" in m.value and "Scores of the top-8" in m.value)
+    assert [int(x) for x in re.findall(r">#(\d+)</text>", svg)] == list(tk["proponents"]) + list(tk["opponents"])[::-1]
+    assert _keyed(at.pills, "proponent_flags").value == []
+    _keyed(at.pills, "proponent_flags").select(first).run()
     assert not at.exception
     # written at once; a new StateDB (another tab, a restarted server) sees it, with an audit entry
     fresh = StateDB(p.root / ".proponent" / "state.db")
     assert fresh.flags("train")[str(first)]["flag"] == "mislabeled"
     assert any(a["item"] == str(first) and a["new"] == "mislabeled" for a in fresh.audit())
-    assert at.button(key=f"pro_flag_{first}").label == "Unflag"
-    card = [c.value for c in at.caption if c.value.startswith(f"#{first} ·")][0]
-    assert "mislabeled" in card
+    assert _keyed(at.pills, "proponent_flags").value == [first]  # the control shows the stored flag
+    grid = next(h.value for h in at.get("html") if f'data-index="{first}"' in h.value)
+    card = grid.split(f'data-index="{first}"')[1].split("</figure>")[0]
+    assert "mislabeled" in card and f"#{first} · score +" in card
+    # a flag set elsewhere (another page, another tab) shows in the control at the next rerun
+    other = int(top[1])
+    fresh.set_flag("train", other, flag="mislabeled")
+    at.run()
+    assert sorted(_keyed(at.pills, "proponent_flags").value) == sorted([first, other])
+    # a second click clears it
+    _keyed(at.pills, "proponent_flags").unselect(other).run()
+    assert not at.exception and fresh.flags("train")[str(other)]["flag"] is None
+    assert _keyed(at.pills, "proponent_flags").value == [first]
 
     # Verify: retrain without the top-10 proponents (2 seeds) against one random removal
     assert svc.verify_available(p) is None
@@ -608,11 +634,19 @@ def test_embeddings_and_leak_pages_write_flags(monkeypatch, ran_project, tmp_pat
     at = _app(monkeypatch, p, "leakage")
     pair = svc.leak_pairs(p, svc.done_runs(p)[0]["key"])["pairs"][0]
     item = f"{pair['test_index']}:{pair['train_index']}"
-    at.button(key=f"leak_{item}").click().run()
+    assert _keyed(at.segmented_control, f"pair_{item}").value is None
+    _keyed(at.segmented_control, f"pair_{item}").set_value("leak").run()
     assert not at.exception
     db = svc.db_for(p)
     assert db.flags("pair")[item]["flag"] == "leak"
     assert db.flags("train")[str(pair["train_index"])]["flag"] == "leak"
+    assert _keyed(at.segmented_control, f"pair_{item}").value == "leak"  # the control shows the stored decision
+    grid = next(h.value for h in at.get("html") if f'data-index="{pair["train_index"]}"' in h.value)
+    assert "Why:" in grid and "leak" in grid.split(f'data-index="{pair["train_index"]}"')[1].split("</figure>")[0]
+    # cleared again: the pair and the row's leak flag (no other pair marks that row)
+    _keyed(at.segmented_control, f"pair_{item}").set_value(None).run()
+    assert not at.exception and db.flags("pair")[item]["flag"] is None
+    assert db.flags("train")[str(pair["train_index"])]["flag"] is None
 
 
 def test_no_project_opens_the_project_page(monkeypatch):
@@ -892,14 +926,14 @@ def test_grid_selection_tags_and_exports(ran_project, tmp_path, monkeypatch):
     p = _copy(ran_project, tmp_path / "digits")
     jobs.start_job(p, "attribute", {"method": "trak", "settings": FAST_TRAK, "device": "auto"}, background=False)
     at = _app(monkeypatch, p, "triage")
-    assert not at.exception and not [c for c in at.checkbox if c.key and c.key.startswith("grid_")]
+    assert not at.exception and not [w for w in at.pills if w.key == "grid_sel"]
     next(t for t in at.toggle if t.key == "t_grid").set_value(True).run()
-    boxes = [c for c in at.checkbox if c.key and c.key.startswith("grid_")]
-    assert len(boxes) >= 6
-    picked = [int(b.key.split("_")[1]) for b in boxes[:3]]
-    for b in boxes[:3]:
-        b.check()
-    at.run()
+    sel = at.pills(key="grid_sel")
+    assert len(sel.options) >= 6
+    grid = next(h.value for h in at.get("html") if "pp-card" in h.value)
+    assert grid.count('class="pp-card"') == len(sel.options)
+    picked = [int(o.lstrip("#")) for o in sel.options[:3]]  # options are shown as #index
+    sel.set_value(picked).run()
     assert not at.exception
     next(s for s in at.selectbox if s.key == "bulk_action").set_value("flag ambiguous").run()
     apply = next(b for b in at.button if b.key == "bulk_apply")

@@ -83,20 +83,20 @@ def test_user_flow(app_server, tmp_path):
             q.press("Enter")
             wait_idle(page)
             page.get_by_text("Query: test #5").wait_for()
-            imgs = page.locator("[data-testid='stImage'] img, [data-testid='stImageContainer'] img")
-            assert imgs.count() >= 1 + 16, imgs.count()
-            assert page.locator("img").first.evaluate("i => i.naturalWidth") > 0
-            cap = page.locator("[data-testid='stCaptionContainer']:has-text('score +')").first
-            first_id = int(cap.inner_text().split("·")[0].strip().lstrip("#"))
+            # the query's image, then the 8 + 8 cards (one HTML grid per side)
+            assert page.locator("[data-testid='stImage'] img, [data-testid='stImageContainer'] img").count() >= 1
+            cards = page.locator(".pp-card")
+            assert cards.count() >= 16 and page.locator(".pp-card img").count() >= 16, cards.count()
+            assert page.locator(".pp-card img").first.evaluate("i => i.naturalWidth") > 0
+            first_id = int(page.locator(".pp-card:has-text('score +')").first.get_attribute("data-index"))
             page.screenshot(path=str(shots / "explore.png"), full_page=True)
 
             # 5. flag one (the first proponent card)
-            card = page.locator(f"[data-testid='stCaptionContainer']:has-text('#{first_id} · score')").first
+            card = page.locator(f".pp-card[data-index='{first_id}']").first
             assert "mislabeled" not in card.inner_text()
-            page.locator("button:has-text('Flag')").first.click()
+            page.get_by_role("button", name=f"#{first_id}", exact=True).first.click()  # its pill in the flag control
             wait_idle(page)
-            page.locator(f"[data-testid='stCaptionContainer']:has-text('#{first_id} · score'):has-text('mislabeled')"
-                         ).first.wait_for(timeout=30_000)
+            page.locator(f".pp-card[data-index='{first_id}']:has-text('mislabeled')").first.wait_for(timeout=30_000)
             db_flags = svc.db_for(app_server["project"]).flags("train")
             assert db_flags[str(first_id)]["flag"] == "mislabeled"
 
@@ -112,9 +112,9 @@ def test_user_flow(app_server, tmp_path):
             page.reload()
             wait_idle(page)
             page.get_by_text("Query: test #5").wait_for(timeout=30_000)
-            page.locator(f"[data-testid='stCaptionContainer']:has-text('#{first_id} · score'):has-text('mislabeled')"
-                         ).first.wait_for(timeout=30_000)
-            page.locator("button:has-text('Unflag')").first.wait_for(timeout=30_000)
+            page.locator(f".pp-card[data-index='{first_id}']:has-text('mislabeled')").first.wait_for(timeout=30_000)
+            # its pill is shown selected (the control reads the stored flag)
+            page.get_by_role("button", name=f"#{first_id}", exact=True, pressed=True).first.wait_for(timeout=30_000)
             wait_idle(page)
 
             # page change once results are cached
@@ -156,12 +156,12 @@ def test_user_flow(app_server, tmp_path):
             wait_idle(page)
             page.get_by_text("Grid of the suspects above").click()
             wait_idle(page)
-            boxes = page.locator("[data-testid='stCheckbox']:has-text('select #')")
-            picked = []
-            for k in (0, 2):
-                label = boxes.nth(k).inner_text()
-                picked.append(int(label.split("#")[1].split()[0]))
-                boxes.nth(k).locator("label").click()
+            # the grid's cards, and one pill per card that selects it
+            grid_ids = [int(x) for x in page.locator(".pp-card").evaluate_all("cs => cs.map(c => c.dataset.index)")]
+            assert len(grid_ids) >= 6, grid_ids
+            picked = [grid_ids[0], grid_ids[2]]
+            for i in picked:
+                page.get_by_role("button", name=f"#{i}", exact=True).first.click()
                 wait_idle(page)
             page.get_by_text("2 selected in the grid").wait_for(timeout=30_000)
             with page.expect_download() as dl:

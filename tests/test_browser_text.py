@@ -55,8 +55,9 @@ def test_text_explore_and_triage(text_app, tmp_path):
             # the query and its strongest proponent and opponent, as sentences on the page
             for text in (project.text("test", q), project.text("train", int(top["proponents"][0])),
                          project.text("train", int(top["opponents"][0]))):
-                # a card (markdown), not the query table's hidden accessible copy of its cells
-                page.locator("[data-testid='stMarkdownContainer'] div", has_text=text).first.wait_for(timeout=30_000)
+                # a card (markdown, or the HTML grid of cards), not the query table's hidden accessible copy of its cells
+                page.locator("[data-testid='stMarkdownContainer'] div, .pp-card .pp-text", has_text=text).first.wait_for(
+                    timeout=30_000)
             assert page.locator("[data-testid='stImage'] img").count() == 0
             page.screenshot(path=str(shots / "explore-text.png"), full_page=True)
 

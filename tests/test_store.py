@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine.core.errors import ProponentError
-from engine.storage.arrays import ChunkedArray, atomic_save_npy
+from engine.storage.arrays import ChunkedArray, atomic_save_npy, cast_float
 from engine.storage.statedb import StateDB
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,3 +221,20 @@ def test_two_processes_creating_the_state_db_at_once_both_succeed(tmp_path):
             p.join(60)
         failures += [r for r in (results.get(timeout=10) for _ in procs) if r != "ok"]
     assert not failures, failures
+
+
+@pytest.mark.parametrize("src,dst", [(np.float32, np.float16), (np.float64, np.float16), (np.float16, np.float32),
+                                     (np.float16, np.float64)])
+def test_half_casts_are_bit_identical_to_numpy(src, dst):
+    """The store's float16 casts go through torch for speed; they must equal numpy's astype bit for
+    bit: rounding to nearest even, overflow to inf, subnormals, signed zeros and NaN."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(48_989) * 10.0 ** rng.integers(-9, 6, 48_989)
+    x = np.concatenate([x, [np.inf, -np.inf, np.nan, 0.0, -0.0, 65504, 65520, 65519.9, 6e-8, 3e-8, 2.98e-8]])
+    a = x.astype(src).reshape(-1, 7)  # 49,000 values
+    with np.errstate(over="ignore"):
+        want = a.astype(dst)
+    got = cast_float(a, dst)
+    assert got.dtype == np.dtype(dst) and got.shape == a.shape
+    bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[np.dtype(dst).itemsize]
+    assert np.array_equal(got.view(bits), want.view(bits))

@@ -117,10 +117,7 @@ else:
         n = svc.bulk_update(db, "train", selected, note=note.strip(), source="app-embeddings")
         st.toast(f"note saved on {n} example(s)")
     show = selected[:24]
-    grid = st.columns(8)
-    for j, i in enumerate(show):
-        with grid[j % 8]:
-            ui.show_example(project, "train", i, size=64,
-                            caption=f"#{i} label {project.class_name(int(project.train_dataset.y[i]))}")
+    ui.example_cards(project, "train", [(int(i), [f"#{i} label {project.class_name(int(project.train_dataset.y[i]))}"])
+                                        for i in show], size=64, per_row=4 if project.data_format == "text" else 8)
     if len(selected) > len(show):
         st.caption(f"…and {len(selected) - len(show)} more.")

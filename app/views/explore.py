@@ -79,12 +79,12 @@ with mid:
               "what the scores explain. " + svc.SIGN_HELP)
 with right:
     probs = preds["probs"][q]
-    fig = go.Figure(go.Bar(x=[str(c) for c in project.classes], y=probs,
-                           marker_color=["#d62728" if i == pr else "#1f77b4" for i in range(len(probs))],
-                           hovertemplate="class %{x}<br>probability %{y:.3f}<extra></extra>"))
-    fig.update_layout(title="Class probabilities", xaxis_title="class", yaxis_title="probability", height=300,
-                      margin=dict(t=40, b=10), yaxis_range=[0, 1], xaxis_type="category")
-    st.plotly_chart(fig, width="stretch")
+    names = [str(c) for c in project.classes]
+    ui.svg_chart(svc.bar_chart(names, [svc.Series("probability", [float(v) for v in probs],
+                                             colours=["#d62728" if i == pr else "#1f77b4" for i in range(len(probs))],
+                                             tooltips=[f"class {c}: probability {v:.3f}" for c, v in zip(names, probs)])],
+                          title="Class probabilities", x_title="class", y_title="probability", y_range=(0.0, 1.0),
+                          width=420, height=300))
 
 k = st.slider("k (proponents and opponents shown)", 3, 16, 8, key="k")
 top = svc.topk(S[q], k)
@@ -92,18 +92,18 @@ top = svc.topk(S[q], k)
 
 # ---------------------------------------------------------------- cards
 def cards(indices, scores, role: str, prefix: str = ""):
+    """The examples as one grid of cards, and one flag control for them."""
     per_row = 4 if project.data_format == "text" else 8  # text cards need the width to be readable
-    for lo in range(0, len(indices), per_row):
-        cols = st.columns(per_row)
-        for c, i, s in zip(cols, indices[lo:lo + per_row], scores[lo:lo + per_row]):
-            i = int(i)
-            with c:
-                ui.show_example(project, "train", i, size=84)
-                f = (flags.get(i) or {}).get("flag")
-                st.caption(f"#{i} · score {s:+.3g}  \nlabel {project.class_name(int(project.train_dataset.y[i]))} · "
-                           f"pred {project.class_name(int(train_preds['pred'][i]))}  \nself-inf {self_inf[i]:.3g}  \n"
-                           f"{ui.fmt_flag(f)}", help=svc.SIGN_HELP)
-                ui.flag_button(project, "train", i, key=f"{prefix}{role}_flag_{i}", flags=flags)
+    items = []
+    for i, s in zip(indices, scores):
+        i = int(i)
+        items.append((i, [f"#{i} · score {s:+.3g}",
+                          f"label {project.class_name(int(project.train_dataset.y[i]))} · "
+                          f"pred {project.class_name(int(train_preds['pred'][i]))}",
+                          f"self-inf {self_inf[i]:.3g}"], (flags.get(i) or {}).get("flag")))
+    ui.example_cards(project, "train", items, size=84, per_row=per_row)
+    ui.flag_pills(project, "train", [i for i, _, _ in items], key=f"{prefix}{role}_flags", flags=flags,
+                  label=f"Flag {role}s as mislabeled")
 
 
 # ---------------------------------------------------------------- cluster-level results (DDM)
@@ -141,25 +141,23 @@ if clusters.is_cluster_run(run):
 
 st.subheader(f"Top-{k} proponents", help=svc.SIGN_HELP)
 st.caption("Training examples whose removal is predicted to lower this query's margin the most (positive scores).")
-cards(top["proponents"], top["proponent_scores"], "pro")
+cards(top["proponents"], top["proponent_scores"], "proponent")
 st.subheader(f"Top-{k} opponents", help=svc.SIGN_HELP)
 st.caption("Training examples whose removal is predicted to raise the margin (negative scores).")
-cards(top["opponents"], top["opponent_scores"], "opp")
+cards(top["opponents"], top["opponent_scores"], "opponent")
 
 ids = list(top["proponents"]) + list(top["opponents"])[::-1]
-vals = list(top["proponent_scores"]) + list(top["opponent_scores"])[::-1]
-fig = go.Figure(go.Bar(x=[f"#{i}" for i in ids], y=vals, marker_color=["#2ca02c" if v > 0 else "#d62728" for v in vals],
-                       hovertemplate="train #%{x}<br>score %{y:.4g}<br>" + svc.SIGN_HELP.replace(". ", ".<br>")
-                       + "<extra></extra>"))
-fig.update_layout(title=f"Scores of the top-{k} proponents and opponents ({run['method']})",
-                  xaxis_title="training example", yaxis_title="attribution score (positive = proponent)", height=300,
-                  margin=dict(t=40, b=10))
+vals = [float(v) for v in list(top["proponent_scores"]) + list(top["opponent_scores"])[::-1]]
 # ranked bars: one category per example in rank order, never a numeric axis of training indexes
-fig.update_xaxes(type="category", categoryorder="array", categoryarray=[f"#{i}" for i in ids])
-st.plotly_chart(fig, width="stretch")
+ui.svg_chart(svc.bar_chart([f"#{i}" for i in ids],
+                      [svc.Series("score", vals, colours=["#2ca02c" if v > 0 else "#d62728" for v in vals],
+                                  tooltips=[f"train #{i}: score {v:+.4g} ({'proponent' if v > 0 else 'opponent'})"
+                                            for i, v in zip(ids, vals)])],
+                      title=f"Scores of the top-{k} proponents and opponents ({run['method']})",
+                      x_title="training example (ranked)", y_title="score (+ = proponent)", width=960, height=300))
 
 # ---------------------------------------------------------------- an uploaded input
-with st.expander("Or upload a new input as the query"):
+if st.toggle("Upload a new input as the query", key="t_upload"):  # a toggle: nothing built until wanted
     kind = "an image" if project.data_format == "images" else "a one-row CSV with the feature columns"
     up = st.file_uploader(f"Upload {kind}", type=["png", "jpg", "jpeg", "bmp"] if project.data_format == "images"
                           else ["csv"], key="q_upload")
@@ -198,9 +196,9 @@ with st.expander("Or upload a new input as the query"):
                 tu = svc.topk(row, k)
                 st.markdown(f"**Top-{k} proponents of the uploaded input** (margin of class {names[lab]}: "
                             f"{pq['margins'][lab]:.2f})", help=svc.SIGN_HELP)
-                cards(tu["proponents"], tu["proponent_scores"], "upro", prefix="up_")
+                cards(tu["proponents"], tu["proponent_scores"], "proponent", prefix="up_")
                 st.markdown(f"**Top-{k} opponents of the uploaded input**", help=svc.SIGN_HELP)
-                cards(tu["opponents"], tu["opponent_scores"], "uopp", prefix="up_")
+                cards(tu["opponents"], tu["opponent_scores"], "opponent", prefix="up_")
 
 # ---------------------------------------------------------------- compare
 st.subheader("Compare two methods")
@@ -215,7 +213,7 @@ else:
     m2.metric("Spearman rank correlation", f"{cmp['spearman']:.3f}", help="Over all training examples, this query.")
     top2 = svc.topk(S2[q], k)
     st.caption(f"{other['method']}: top-{k} proponents")
-    cards(top2["proponents"], top2["proponent_scores"], "pro2", prefix="cmp_")
+    cards(top2["proponents"], top2["proponent_scores"], "proponent", prefix="cmp_")
 
 # ---------------------------------------------------------------- verify
 st.subheader("Verify by retraining")

@@ -1,6 +1,5 @@
 """Leakage: suspected train/test duplicates side by side; flag or dismiss each pair."""
 import pandas as pd
-import plotly.express as px
 import streamlit as st
 
 from app import jobs, ui
@@ -67,45 +66,63 @@ m2.metric("Calibrated detector flags", "not run" if res["calibrated_flagged"] is
 if pairs:
     df = pd.DataFrame(pairs)[["cosine", "score", "flagged", "test_index", "train_index"]]
 
-    def pairs_figure():
-        fig = px.scatter(df, x="cosine", y="score", color=df["flagged"].map({True: "flagged", False: "not flagged"}),
-                         hover_data=["test_index", "train_index"], title="Attribution score vs input similarity")
-        fig.update_layout(xaxis_title="input-space cosine similarity",
-                          yaxis_title="attribution score (positive = proponent)",
-                          legend_title="detector", height=280, margin=dict(t=40, b=10))
-        fig.update_traces(hovertemplate="test %{customdata[0]} ↔ train %{customdata[1]}<br>cosine %{x:.3f}<br>score "
-                          "%{y:.4g}<br>" + svc.SIGN_HELP.replace(". ", ".<br>") + "<extra></extra>")
-        return fig
-
-    ui.chart("leak pairs", df, pairs_figure)
+    series = []
+    for flagged, name, colour in ((False, "not flagged", "#9ecae1"), (True, "flagged", "#d62728")):
+        g = df[df["flagged"] == flagged]
+        if len(g):
+            series.append(svc.Series(name, [float(v) for v in g["score"]], x=[float(v) for v in g["cosine"]],
+                                     colour=colour,
+                                     tooltips=[f"test #{t} ↔ train #{i} · cosine {c:.3f} · score {sc:+.4g} "
+                                               "(positive = proponent)" for t, i, c, sc in
+                                               zip(g["test_index"], g["train_index"], g["cosine"], g["score"])]))
+    ui.svg_chart(svc.xy_chart(series, title="Attribution score vs input similarity",
+                         x_title="input-space cosine similarity", y_title="score (+ = proponent)", width=960,
+                         height=280))
 
 show_all = st.checkbox("Show pairs the detector did not flag too", value=False, key="leak_all")
 n_show = st.number_input("Pairs shown", 1, max(1, len(pairs)), min(12, max(1, len(pairs))), key="leak_n")
 shown = [p for p in pairs if show_all or p["flagged"]][: int(n_show)]
 if not shown:
     st.info("No pair crosses the detector's threshold. Tick the box above to inspect the closest pairs anyway.")
+STATE = {None: "not run", True: "flagged", False: "not flagged"}
+
+
+def _decide(item: str, train_index: int, key: str) -> None:
+    """A pair's decision, saved at once: a leak also flags the training row; clearing a leak clears
+    the row's leak flag unless another pair still marks it."""
+    want = st.session_state.get(key)
+    if want == "leak":
+        db.set_flag("pair", item, flag="leak", source="app-leakage")
+        db.set_flag("train", train_index, flag="leak", source="app-leakage")
+    elif want == "dismissed":
+        db.set_flag("pair", item, flag="dismissed", source="app-leakage")
+    else:
+        was = (pf.get(item) or {}).get("flag")
+        db.set_flag("pair", item, flag=None, source="app-leakage")
+        others = [k for k, r in pf.items() if k != item and r.get("flag") == "leak"
+                  and k.split(":")[1] == str(train_index)]
+        if was == "leak" and not others and (db.flags("train").get(str(train_index)) or {}).get("flag") == "leak":
+            db.set_flag("train", train_index, flag=None, source="app-leakage")
+
+
 for p in shown:
     t, i = p["test_index"], p["train_index"]
     item = f"{t}:{i}"
     cur = (pf.get(item) or {}).get("flag")
-    c = st.columns([1, 1, 3])
-    with c[0]:
-        ui.show_example(project, "test", t, size=84, caption=f"test #{t} (label {project.class_name(int(project.test_dataset.y[t]))})")
-    with c[1]:
-        ui.show_example(project, "train", i, size=84, caption=f"train #{i} (label {project.class_name(int(project.train_dataset.y[i]))})")
-    with c[2]:
-        state = {None: "not run", True: "flagged", False: "not flagged"}
-        st.caption(f"score {p['score']:+.4g} · cosine {p['cosine']:.4f} · copy detector: {state[p.get('copy')]} · "
-                   f"quick check: {state[p['quick']]} · calibrated: {state[p.get('calibrated')]} · "
-                   f"yours: {ui.fmt_flag(cur)}", help=svc.SIGN_HELP)
-        st.caption(f"Why: {p['why']}.")
-        if p.get("attribution"):
-            st.caption(f"Attribution: {p['attribution']}.")
-        b1, b2 = st.columns(2)
-        if b1.button("Leak", key=f"leak_{item}", help="Record this pair as a leak (and flag the training row)"):
-            db.set_flag("pair", item, flag="leak", source="app-leakage")
-            db.set_flag("train", i, flag="leak", source="app-leakage")
-            st.rerun()
-        if b2.button("Dismiss", key=f"dismiss_{item}", help="Not a leak"):
-            db.set_flag("pair", item, flag="dismissed", source="app-leakage")
-            st.rerun()
+    # one HTML block per pair (both images and why) and one decision control: each pair used to be
+    # about ten Streamlit elements, which a page switch paid for
+    note = [f"score {p['score']:+.4g} · cosine {p['cosine']:.4f}",
+            f"copy detector: {STATE[p.get('copy')]} · quick check: {STATE[p['quick']]} · "
+            f"calibrated: {STATE[p.get('calibrated')]}",
+            f"Why: {p['why']}."] + ([f"Attribution: {p['attribution']}."] if p.get("attribution") else [])
+    ui.example_cards(project, "test",
+                     [(t, [f"test #{t} (label {project.class_name(int(project.test_dataset.y[t]))})"]),
+                      (i, [f"train #{i} (label {project.class_name(int(project.train_dataset.y[i]))})"], cur, "train")],
+                     size=84, per_row=5 if project.data_format == "images" else 3, note=note)
+    stored = cur if cur in ("leak", "dismissed") else None
+    key = ui.state_key(f"pair_{item}", stored)
+    st.segmented_control(f"Pair test #{t} ↔ train #{i}", ["leak", "dismissed"], key=key, default=stored,
+                         format_func={"leak": "Leak", "dismissed": "Dismiss"}.get, on_change=_decide,
+                         args=(item, int(i), key), label_visibility="collapsed",
+                         help="Leak: record the pair as a leak and flag the training row. Dismiss: not a leak. "
+                              "Click the chosen one again to clear it. Saved at once.")

@@ -1,7 +1,6 @@
 """Project: open a sample, a server folder or an uploaded zip; summary of data, model and runs."""
 
 import pandas as pd
-import plotly.express as px
 import streamlit as st
 
 from app import services as svc
@@ -9,7 +8,9 @@ from app import ui
 
 st.title("Project")
 
-with st.expander("Open a project", expanded=ui.project_root() is None):
+# toggles, not expanders, around forms: an expander's content is built and sent on every rerun
+# even when closed, and each of these forms cost a page switch its widgets
+if st.toggle("Open a project", value=ui.project_root() is None, key="t_open"):
     st.warning("Opening a project runs its model.py (the model factory) in this server process, with your "
                "permissions. Open only projects whose model.py you trust.", icon="⚠️")
     src = st.radio("Source", ["Sample project", "Folder on the server", "Upload a zip"], horizontal=True, key="src")
@@ -43,7 +44,7 @@ with st.expander("Open a project", expanded=ui.project_root() is None):
             except svc.ProponentError as e:
                 st.error(f"Upload rejected — {e}")
 
-with st.expander("New project from a folder"):
+if st.toggle("New project from a folder", key="t_new"):
     st.caption("A data folder on the server: an ImageFolder tree (train/ and test/, one sub-folder per class), or "
                "train and test tables (CSV, Parquet, JSONL) of image paths, text or features. Proponent writes "
                "project.toml and a model.py template there, as `proponent init` does; edit model.py to build your "
@@ -112,38 +113,40 @@ with left:
     st.markdown("**Examples from each class** (training set)")
     if project.data_format == "images":
         y = project.train_dataset.y.numpy()
-        cols = st.columns(min(10, project.num_classes))
-        for ci in range(project.num_classes):
-            idx = [int(i) for i in (y == ci).nonzero()[0][:3]]
-            with cols[ci % len(cols)]:
-                st.caption(f"**{project.class_name(ci)}**")
-                for i in idx:
-                    ui.show_example(project, "train", i, size=56)
+        per_class = [[int(i) for i in (y == ci).nonzero()[0][:3]] for ci in range(project.num_classes)]
+        per_row = min(10, project.num_classes)
+        items = []  # a column per class (for up to 10 classes), three examples down
+        for lo in range(0, project.num_classes, per_row):
+            block = range(lo, min(lo + per_row, project.num_classes))
+            for r in range(3):
+                items += [(per_class[ci][r], [f"{project.class_name(ci)} · #{per_class[ci][r]}"])
+                          for ci in block if r < len(per_class[ci])]
+        ui.example_cards(project, "train", items, size=56, per_row=per_row)
     else:
         st.dataframe(project.train_df.head(10), hide_index=False)
 with right:
     counts = pd.DataFrame({"class": list(s["train_counts"]), "train": list(s["train_counts"].values()),
                            "test": [s["test_counts"].get(k, 0) for k in s["train_counts"]]})
-    def counts_figure():
-        fig = px.bar(counts.melt(id_vars="class", var_name="split", value_name="examples"), x="class", y="examples",
-                     color="split", barmode="group", title="Examples per class")
-        fig.update_layout(xaxis_title="class", yaxis_title="examples (count)", height=300, margin=dict(t=40, b=10))
-        return fig
-
-    ui.chart("class counts", counts, counts_figure)
+    cls = [str(k) for k in counts["class"]]
+    ui.svg_chart(svc.bar_chart(cls, [svc.Series(split, [int(v) for v in counts[split]],
+                                           tooltips=[f"class {c}, {split}: {int(v)} examples" for c, v in
+                                                     zip(cls, counts[split])]) for split in ("train", "test")],
+                          title="Examples per class", x_title="class", y_title="examples (count)", width=520, height=300))
 
 st.markdown("**Recorded trajectory**")
 traj = pd.DataFrame(s["trajectory"])
 if len(traj):
-    def trajectory_figure():
-        fig = px.line(traj, x="step", y="lr", color=traj["model"].astype(str), markers=True,
-                      hover_data=["epoch", "checkpoint", "stage"], title="Checkpoints along training")
-        fig.update_layout(xaxis_title="optimizer step", yaxis_title="learning rate", legend_title="model", height=260,
-                          yaxis_rangemode="tozero", margin=dict(t=40, b=10))
-        return fig
-
-    ui.chart("trajectory", traj.astype(str), trajectory_figure)
-    with st.expander(f"{len(traj)} checkpoints"):
+    series = []
+    for m, g in traj.groupby("model", sort=True):
+        g = g[g["lr"].notna() & g["step"].notna()].sort_values("step")
+        series.append(svc.Series(f"model {m}", [float(v) for v in g["lr"]], x=[float(v) for v in g["step"]],
+                                 lines=True, tooltips=[f"model {m} · checkpoint {r.checkpoint} · epoch {r.epoch} · "
+                                                       f"step {r.step} · lr {float(r.lr):.3g}"
+                                                       + (f" · stage {r.stage}" if isinstance(r.stage, str) else "")
+                                                       for r in g.itertuples()]))
+    ui.svg_chart(svc.xy_chart(series, title="Checkpoints along training", x_title="optimizer step",
+                         y_title="learning rate", width=960, height=260, y_from_zero=True))
+    if st.toggle(f"Table of the {len(traj)} checkpoints", key="t_ckpts"):
         st.dataframe(traj, hide_index=True)
 elif project.checkpoints:
     st.caption(f"No recorded trajectory: the weights are your own ([model] weights, {s['models']} model(s)). Every "
@@ -151,7 +154,7 @@ elif project.checkpoints:
 else:
     st.warning("No checkpoints recorded. Run `proponent train PROJECT` first.")
 
-with st.expander("Upload weights"):
+if st.toggle("Upload weights", key="t_weights"):
     st.caption("A .safetensors file (or a .pt state dict of tensors only; nothing is unpickled) of the model "
                "model.py builds. It is checked against model.py, saved under weights/ and added to [model] weights.")
     wup = st.file_uploader("Weights file", type=["safetensors", "pt", "pth", "bin"], key="weights_upload")

@@ -1,6 +1,5 @@
 """Triage: ranked suspects, bulk flags/relabels/notes, what-if, exports."""
 import numpy as np
-import plotly.express as px
 import streamlit as st
 
 from app import jobs, ui
@@ -130,23 +129,17 @@ if n_changed:
 # ---------------------------------------------------------------- grid
 grid_sel: list[int] = []
 # a toggle, not an expander: an expander's content is built even when closed (48 images per rerun)
-if st.toggle("Grid of the suspects above (tick to select for the bulk actions below)", key="t_grid"):
+if st.toggle("Grid of the suspects above (pick numbers to select them for the bulk actions below)", key="t_grid"):
     grid_ids = [int(i) for i in view["index"]][:48]
     by_row = view.set_index("index")
-    cols_per_row = 6
-    for lo in range(0, len(grid_ids), cols_per_row):
-        for c, gi in zip(st.columns(cols_per_row), grid_ids[lo:lo + cols_per_row]):
-            with c:
-                r = by_row.loc[gi]
-                cap = f"#{gi} · {r['label']}→{r['suggested']} · {r['suspicion']:.3g}"
-                if project.data_format == "images":
-                    ui.show_example(project, "train", gi, size=96, caption=cap)
-                else:
-                    st.caption(cap)
-                    if project.data_format == "text":
-                        st.caption(str(svc.example_texts(project, "train", [gi])[0])[:160])
-                st.checkbox(f"select #{gi} ({ui.fmt_flag(r['flag'])})", key=f"grid_{gi}")
-    grid_sel = [gi for gi in grid_ids if st.session_state.get(f"grid_{gi}")]
+    ui.example_cards(project, "train", [(gi, [f"#{gi} · {by_row.loc[gi, 'label']}→{by_row.loc[gi, 'suggested']}",
+                                              f"suspicion {by_row.loc[gi, 'suspicion']:.3g}"],
+                                         by_row.loc[gi, "flag"] if isinstance(by_row.loc[gi, "flag"], str) else None)
+                                        for gi in grid_ids],
+                     size=96, per_row=4 if project.data_format == "text" else 6)
+    st.pills("Select for the bulk actions below", grid_ids, selection_mode="multi", format_func=lambda i: f"#{i}",
+             key="grid_sel")
+    grid_sel = [gi for gi in grid_ids if gi in (st.session_state.get("grid_sel") or [])]
     if grid_sel:
         st.caption(f"{len(grid_sel)} selected in the grid: they are the bulk actions' targets below.")
 
@@ -174,10 +167,8 @@ def _own_influences(i: int, row) -> None:
     for what, ids, scores in (("proponents: they hold its given label up", top["proponents"], top["proponent_scores"]),
                               ("opponents: they pull against its given label", top["opponents"], top["opponent_scores"])):
         st.caption(f"Its own top {what} (itself left out)")
-        for c, j, sc in zip(st.columns(6), ids, scores):
-            with c:
-                lab = labels.get(int(j), "")
-                ui.show_example(project, "train", int(j), size=72, caption=f"#{int(j)} {lab} · {sc:+.2g}")
+        ui.example_cards(project, "train", [(int(j), [f"#{int(j)} {labels.get(int(j), '')} · {sc:+.2g}"])
+                                            for j, sc in zip(ids, scores)], size=72, per_row=6)
 
 
 # ---------------------------------------------------------------- one-by-one review
@@ -210,17 +201,12 @@ if order:
         for cls_name, what in ((row["label"], "given"), (row["suggested"], "suggested")):
             ids = svc.typical_examples(table, cls_name, 6, exclude=i)
             st.caption(f"Typical {cls_name} ({what} class): the examples the model is surest about")
-            cols = st.columns(6)
-            for c, j in zip(cols, ids):
-                with c:
-                    ui.show_example(project, "train", j, size=72, caption=f"#{j}")
+            ui.example_cards(project, "train", [(int(j), [f"#{j}"]) for j in ids], size=72, per_row=6)
         hurt = svc.hurt_queries(run_scores, i, 6)
         if hurt:
             st.caption("Test predictions it opposes most (removing it is predicted to raise their margin)")
-            cols = st.columns(6)
-            for c, (q, sc) in zip(cols, hurt):
-                with c:
-                    ui.show_example(project, "test", q, size=72, caption=f"test #{q} · {sc:+.2g}")
+            ui.example_cards(project, "test", [(int(q), [f"test #{q} · {sc:+.2g}"]) for q, sc in hurt], size=72,
+                             per_row=6)
         if not clusters.is_cluster_run(run):
             _own_influences(i, row)
     d = st.columns(6)
@@ -322,14 +308,11 @@ counts = table["flag"].dropna().value_counts().rename_axis("flag").reset_index(n
 flag_title = f"Flags set so far ({len(table) - n_unflagged} flagged, {n_unflagged:,} not reviewed)"
 
 
-def flags_figure():
-    fig = px.bar(counts, x="flag", y="examples", color="flag", title=flag_title)
-    fig.update_layout(xaxis_title="flag state", yaxis_title="training examples (count)", height=260,
-                      margin=dict(t=40, b=10))
-    return fig
-
-
-ui.chart("flag counts", (flag_title, counts.to_json()), flags_figure)
+fl = [str(f) for f in counts["flag"]]
+ui.svg_chart(svc.bar_chart(fl, [svc.Series("examples", [int(v) for v in counts["examples"]],
+                                      colours=[svc.FLAG_COLOURS.get(f, "#7f7f7f") for f in fl],
+                                      tooltips=[f"{f}: {int(v)} training examples" for f, v in zip(fl, counts["examples"])])],
+                      title=flag_title, x_title="flag state", y_title="training examples (count)", height=260))
 
 # ---------------------------------------------------------------- what-if
 st.subheader("What-if")
