@@ -273,12 +273,15 @@ def flag_pills(project, split: str, indices, key: str, flags: dict, label: str =
                                     "at once to the project's SQLite state with an audit entry.")
 
 
+JOB_POLL_S = 0.5  # the panel's poll: a finished job shows within this (the fragment reads one SQLite row per job)
+
+
 def job_panel(project, kinds: tuple = ("attribute",), title: str = "Jobs"):
-    """Live progress of this project's background jobs (polled once a second)."""
+    """Live progress of this project's background jobs (polled every JOB_POLL_S)."""
 
     polling = any(j["kind"] in kinds for j in jobs.active_jobs(project))
 
-    @st.fragment(run_every=1.0 if polling else None)
+    @st.fragment(run_every=JOB_POLL_S if polling else None)
     def _panel():
         act = [j for j in jobs.active_jobs(project) if j["kind"] in kinds]
         seen = st.session_state.setdefault("_seen_jobs", set())
