@@ -652,7 +652,13 @@ def test_embeddings_and_leak_pages_write_flags(monkeypatch, ran_project, tmp_pat
     assert _keyed(at.segmented_control, f"pair_{item}").value == "leak"  # the control shows the stored decision
     grid = next(h.value for h in at.get("html") if f'data-index="{pair["train_index"]}"' in h.value)
     assert "Why:" in grid and "leak" in grid.split(f'data-index="{pair["train_index"]}"')[1].split("</figure>")[0]
-    # cleared again: the pair and the row's leak flag (no other pair marks that row)
+    # dismissed instead: the pair says so and the row's leak flag goes (no other pair marks that row)
+    _keyed(at.segmented_control, f"pair_{item}").set_value("dismissed").run()
+    assert not at.exception and db.flags("pair")[item]["flag"] == "dismissed"
+    assert db.flags("train")[str(pair["train_index"])]["flag"] is None
+    # a leak again, then cleared: both flags go
+    _keyed(at.segmented_control, f"pair_{item}").set_value("leak").run()
+    assert db.flags("train")[str(pair["train_index"])]["flag"] == "leak"
     _keyed(at.segmented_control, f"pair_{item}").set_value(None).run()
     assert not at.exception and db.flags("pair")[item]["flag"] is None
     assert db.flags("train")[str(pair["train_index"])]["flag"] is None

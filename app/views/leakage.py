@@ -88,20 +88,17 @@ STATE = {None: "not run", True: "flagged", False: "not flagged"}
 
 
 def _decide(item: str, train_index: int, key: str) -> None:
-    """A pair's decision, saved at once: a leak also flags the training row; clearing a leak clears
-    the row's leak flag unless another pair still marks it."""
+    """A pair's decision, saved at once: a leak also flags the training row; taking a leak back (clear
+    or dismiss) clears the row's leak flag unless another pair still marks it."""
     want = st.session_state.get(key)
+    was = (pf.get(item) or {}).get("flag")
+    db.set_flag("pair", item, flag=want if want in ("leak", "dismissed") else None, source="app-leakage")
     if want == "leak":
-        db.set_flag("pair", item, flag="leak", source="app-leakage")
         db.set_flag("train", train_index, flag="leak", source="app-leakage")
-    elif want == "dismissed":
-        db.set_flag("pair", item, flag="dismissed", source="app-leakage")
-    else:
-        was = (pf.get(item) or {}).get("flag")
-        db.set_flag("pair", item, flag=None, source="app-leakage")
+    elif was == "leak":
         others = [k for k, r in pf.items() if k != item and r.get("flag") == "leak"
                   and k.split(":")[1] == str(train_index)]
-        if was == "leak" and not others and (db.flags("train").get(str(train_index)) or {}).get("flag") == "leak":
+        if not others and (db.flags("train").get(str(train_index)) or {}).get("flag") == "leak":
             db.set_flag("train", train_index, flag=None, source="app-leakage")
 
 

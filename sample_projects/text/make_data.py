@@ -5,8 +5,9 @@ model by a plain PyTorch loop, as a user would have done elsewhere.
 The data is deterministic for a given Python minor version (3.11): every sentence comes from
 ``inspect.getdoc`` of a module, or of its public classes, functions and methods, split into
 sentences and filtered to plain prose of 30–220 characters. A sentence that appears under two
-topics, or twice after lower-casing and dropping punctuation, is left out, so the only
-duplicates between train and test are the planted ones.
+topics, or twice after lower-casing and dropping punctuation, is left out, and so is one within a
+single word inserted or deleted of a sentence already kept (under any topic), so the only
+duplicates and one-word near-duplicates between train and test are the planted ones.
 
 Planted (recorded in truth.json, which no method reads):
 - about 6% of training labels flipped to another topic;
@@ -84,8 +85,38 @@ def _key(s: str) -> str:
     return re.sub(r"[^a-z0-9 ]", "", s.lower()).strip()
 
 
+def _words(s: str) -> list[str]:
+    # the copy detector's text normalisation (engine.workflows.copies._normal_text: lower-cased,
+    # sentence punctuation dropped), restated here so that the sample's data, and so its truth, do
+    # not change when the detector does, and make_data.py runs without Proponent's engine
+    return re.sub(r"[.,;:!?\"'`()\[\]{}]", " ", s.lower()).split()
+
+
+def _drop_one_word_neighbours(per: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Leave out each sentence within one word inserted or deleted of a sentence kept before it,
+    under any topic. The corpus has natural pairs such as "Returns b'' if the file is at EOF." /
+    "Returns b'' if the file is already at EOF."; split between train and test they look exactly
+    like a planted drop-word copy, which truth.json would not list."""
+    from rapidfuzz.distance import Indel  # a dependency of Proponent
+
+    by_len: dict[int, list[list[str]]] = {}  # kept sentences' words, by word count
+    out = {}
+    for t, ss in per.items():
+        kept = []
+        for s in ss:
+            w = _words(s)
+            near = (v for n in (len(w) - 1, len(w), len(w) + 1) for v in by_len.get(n, ()))
+            if any(Indel.distance(w, v, score_cutoff=1) <= 1 for v in near):
+                continue
+            by_len.setdefault(len(w), []).append(w)
+            kept.append(s)
+        out[t] = kept
+    return out
+
+
 def topic_sentences() -> dict[str, list[str]]:
-    """Each topic's sentences, in a fixed order, with cross-topic and near-exact repeats removed."""
+    """Each topic's sentences, in a fixed order, with cross-topic and near-exact repeats removed, and
+    then any sentence one word inserted or deleted away from one kept before it (any topic)."""
     per = {t: list(dict.fromkeys(s for m in mods for d in _docstrings(m) for s in _sentences(d)))
            for t, mods in TOPICS.items()}
     owners: dict[str, set] = {}
@@ -101,7 +132,7 @@ def topic_sentences() -> dict[str, list[str]]:
                 keys.add(k)
                 kept.append(s)
         out[t] = kept
-    return out
+    return _drop_one_word_neighbours(out)
 
 
 def _edit(s: str, kind: str, rng: np.random.Generator) -> str:
