@@ -127,10 +127,11 @@ def _figure_store() -> tuple:
 FIGURES_KEPT = 128
 
 
-def chart(name: str, data, build: Callable[[], object], **kwargs) -> None:
-    """``st.plotly_chart`` of ``build()``, built once per (name, data) and kept for the server's life.
-    plotly express spends 0.15-0.35 s building and validating a figure; a cached page switch
-    should not pay it again. ``data``: what the figure shows (a DataFrame or anything hashable)."""
+def chart(name: str, data, build: Callable[[], object], **kwargs):
+    """``st.plotly_chart`` of ``build()``, built once per (name, data) and kept for the server's life;
+    returns the chart's selection event. plotly express spends 0.15-0.35 s building and validating a
+    figure; a rerun should not pay it again. ``name``: the chart and everything else its figure shows
+    (title, colouring, layout); ``data``: its data (a DataFrame or anything hashable)."""
     import pandas as pd
 
     if isinstance(data, pd.DataFrame):
@@ -150,7 +151,7 @@ def chart(name: str, data, build: Callable[[], object], **kwargs) -> None:
             store[key] = fig
             while len(store) > FIGURES_KEPT:
                 store.popitem(last=False)
-    st.plotly_chart(fig, width="stretch", **kwargs)
+    return st.plotly_chart(fig, width="stretch", **kwargs)
 
 
 def svg_chart(svg: str) -> None:

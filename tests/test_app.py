@@ -664,6 +664,31 @@ def test_embeddings_and_leak_pages_write_flags(monkeypatch, ran_project, tmp_pat
     assert db.flags("train")[str(pair["train_index"])]["flag"] is None
 
 
+def test_embedding_maps_are_built_once_per_data(monkeypatch, ran_project, tmp_path):
+    """A rerun of the Embeddings page (a selection, a flag elsewhere) reuses the built plotly maps;
+    another colouring builds new ones."""
+    import plotly.express as px
+
+    p = _copy(ran_project, tmp_path / "digits")
+    shutil.copytree(ran_project.root / ".proponent" / "runs", p.root / ".proponent" / "runs")
+    for r in StateDB(ran_project.root / ".proponent" / "state.db").list_runs():
+        svc.db_for(p).upsert_run(r["key"], **{k: v for k, v in r.items() if k != "key"})
+    for kind in ("influence", "penultimate"):
+        svc.compute_embedding(p, kind, "pca")
+    built = []
+    real = px.scatter
+    monkeypatch.setattr(px, "scatter", lambda *a, **k: built.append(k.get("color")) or real(*a, **k))
+    at = _app(monkeypatch, p, "embeddings")
+    at.selectbox(key="e_reducer").set_value("pca").run()
+    assert not at.exception and len(at.get("plotly_chart")) == 2
+    n = len(built)
+    assert n >= 2
+    at.run()  # a plain rerun
+    assert len(built) == n and len(at.get("plotly_chart")) == 2
+    at.selectbox(key="e_colour").set_value("prediction").run()
+    assert built[n:] == ["prediction", "prediction"]
+
+
 def test_no_project_opens_the_project_page(monkeypatch):
     from streamlit.testing.v1 import AppTest
 

@@ -74,19 +74,25 @@ for col, (kind, title) in zip(cols, KINDS.items()):
                  if c in df}
         if colour == "flag":  # unflagged points first, so flagged ones are drawn on top
             df = df.assign(_o=(df["flag"] != "none").astype(int)).sort_values("_o", kind="stable")
-        fig = px.scatter(df, x="x", y="y", color=colour, custom_data=["index", "label"], category_orders=order,
-                         color_continuous_scale="Viridis", title=title + sub,
-                         color_discrete_map=FLAG_COLOURS if colour == "flag" else None,
-                         render_mode="webgl" if len(df) > 5000 else "auto")
-        fig.update_traces(marker=dict(size=5),
-                          hovertemplate="train #%{customdata[0]}<br>label %{customdata[1]}<extra></extra>")
-        fig.update_layout(xaxis_title=f"{LAYOUTS[reducer]} 1 (arbitrary units)", yaxis_title=f"{LAYOUTS[reducer]} 2 (arbitrary units)",
-                          height=460, margin=dict(t=40, b=10), dragmode="lasso",
-                          legend_title=colour if colour != "self_influence" else None)
-        if colour == "self_influence":
-            fig.update_layout(coloraxis_colorbar_title="self-influence")
-        event = st.plotly_chart(fig, width="stretch", on_select="rerun", selection_mode=("lasso", "box"),
-                                key=f"map_{kind}_{gen}")
+
+        def map_figure(df=df, title=title + sub, order=order):
+            fig = px.scatter(df, x="x", y="y", color=colour, custom_data=["index", "label"], category_orders=order,
+                             color_continuous_scale="Viridis", title=title,
+                             color_discrete_map=FLAG_COLOURS if colour == "flag" else None,
+                             render_mode="webgl" if len(df) > 5000 else "auto")
+            fig.update_traces(marker=dict(size=5),
+                              hovertemplate="train #%{customdata[0]}<br>label %{customdata[1]}<extra></extra>")
+            fig.update_layout(xaxis_title=f"{LAYOUTS[reducer]} 1 (arbitrary units)",
+                              yaxis_title=f"{LAYOUTS[reducer]} 2 (arbitrary units)",
+                              height=460, margin=dict(t=40, b=10), dragmode="lasso",
+                              legend_title=colour if colour != "self_influence" else None)
+            if colour == "self_influence":
+                fig.update_layout(coloraxis_colorbar_title="self-influence")
+            return fig
+
+        # built once per (map, colouring, layout, data): a rerun (a selection, a flag) does not rebuild it
+        event = ui.chart(f"map {kind} {colour} {reducer} {title + sub}", df, map_figure, on_select="rerun",
+                         selection_mode=("lasso", "box"), key=f"map_{kind}_{gen}")
         picked = svc.selected_rows(event, emb)
         seen = set(selected)
         selected += [i for i in picked if i not in seen]
