@@ -675,6 +675,9 @@ def test_embedding_maps_are_built_once_per_data(monkeypatch, ran_project, tmp_pa
         svc.db_for(p).upsert_run(r["key"], **{k: v for k, v in r.items() if k != "key"})
     for kind in ("influence", "penultimate"):
         svc.compute_embedding(p, kind, "pca")
+    from app import ui
+
+    ui._figure_store.clear()  # the cache lives for the process: an earlier test may have built these maps
     built = []
     real = px.scatter
     monkeypatch.setattr(px, "scatter", lambda *a, **k: built.append(k.get("color")) or real(*a, **k))
