@@ -84,10 +84,16 @@ def test_every_page_opens(monkeypatch, ran_project):
     assert [len(w.options) for w in flag_pills.values()] == [8, 8]
     cards = [h.value for h in at.get("html") if "pp-card" in h.value]
     assert len(cards) >= 2 and all(h.count('class="pp-card"') == 8 for h in cards[:2])
+    assert not [b for b in at.button if b.key == "verify"]  # Verify is behind its toggle
+    at.toggle(key="t_verify").set_value(True).run()
     verify = [b for b in at.button if b.key == "verify"][0]
     assert verify.disabled == (svc.verify_available(ran_project) is not None)
     at = _app(monkeypatch, ran_project, "triage")
     assert "Bulk actions" in [h.value for h in at.subheader]
+    assert not [b for b in at.button if b.key in ("whatif", "clean")]  # What-if and Export behind toggles
+    at.toggle(key="t_whatif").set_value(True).run()
+    at.toggle(key="t_export").set_value(True).run()
+    assert {"whatif", "clean"} <= {b.key for b in at.button} and not at.exception
     at = _app(monkeypatch, ran_project, "leakage")
     assert {"Quick check flags", "Calibrated detector flags"} <= set(_labels(at.metric))
     at = _app(monkeypatch, ran_project, "embeddings")
@@ -141,6 +147,8 @@ def test_main_flow(monkeypatch, digits_project, tmp_path):
 
     # Verify: retrain without the top-10 proponents (2 seeds) against one random removal
     assert svc.verify_available(p) is None
+    assert "verify" not in [b.key for b in at.button]  # behind its toggle until this query has a Verify job
+    at.toggle(key="t_verify").set_value(True).run()
     at.multiselect(key="verify_ks").set_value([10])
     at.number_input(key="verify_trials").set_value(1)
     at.run()
@@ -167,6 +175,8 @@ def test_main_flow(monkeypatch, digits_project, tmp_path):
     csv_text = svc.export_flags_csv(p, fresh)
     df = pd.read_csv(io.StringIO(csv_text))
     assert set(df["item"].astype(int)) >= set(pick) | {first}
+    assert "clean" not in [b.key for b in at.button]  # the export section is behind its toggle
+    at.toggle(key="t_export").set_value(True).run()
     at.button(key="clean").click().run()
     assert not at.exception
     out = at.session_state["cleaned"]

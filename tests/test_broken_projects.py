@@ -183,6 +183,15 @@ def dotdot_image(root: Path):
     csv_edit("data/train.csv", cell(1, 0, "../../elsewhere/y.png"))(root)
 
 
+def linked_image(root: Path):
+    """A row's image is a link (in the project's own image folder, beside the others) to a file elsewhere."""
+    other = root.parent / "elsewhere"
+    other.mkdir(exist_ok=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(other / "z.png")
+    (root / "data" / "img" / "train_2.png").unlink()
+    (root / "data" / "img" / "train_2.png").symlink_to(other / "z.png")
+
+
 def ragged_image(root: Path):
     Image.fromarray(np.zeros((9, 8), np.uint8)).save(root / "data" / "img" / "train_3.png")
 
@@ -314,6 +323,7 @@ CASES = [
     ("set-without-equals", T, lambda r: None, ["attribute", "{p}", "--method", "trak", "--set", "proj_dim"], "NAME=VALUE"),
     ("image-absolute-outside", I, outside_image, INFO, "outside the project"),
     ("image-dotdot-outside", I, dotdot_image, INFO, "outside the project"),
+    ("image-link-outside", I, linked_image, INFO, "outside the project"),
     ("image-corrupt", I, write_file("data/img/train_4.png", b"\x89PNG\r\n\x1a\nnot really"), INFO, "row 4"),
     ("image-bad-crc", I, png_with_bad_crc, INFO, "row 5"),
     ("image-missing", I, remove("data/img/train_6.png"), INFO, "row 6"),

@@ -252,6 +252,8 @@ def test_dual_kernel_inverse_in_float32_only_when_well_conditioned():
     A32, _ = dual_kernel_inverse(gram, 300, -1.0, 10.0, single=True)
     err = np.abs(A32 - direct).max() / np.abs(direct).max()
     assert 0 < err < 1e-4, err  # float32: not bit-equal, but close
+    assert A32.dtype == np.float32 and A64.dtype == np.float64  # kept in the precision it was computed in
+    assert np.array_equal(A32, A32.T)
     tiny, lam_t = dual_kernel_inverse(gram, 300, 1e-9, 10.0, single=True)
     np.testing.assert_allclose(tiny, np.linalg.inv(gram + lam_t * np.eye(120)), rtol=1e-6)
-    assert np.array_equal(tiny, dual_kernel_inverse(gram, 300, 1e-9, 10.0)[0])
+    assert np.array_equal(tiny, dual_kernel_inverse(gram, 300, 1e-9, 10.0)[0]) and tiny.dtype == np.float64

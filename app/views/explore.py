@@ -201,52 +201,55 @@ if st.toggle("Upload a new input as the query", key="t_upload"):  # a toggle: no
                 cards(tu["opponents"], tu["opponent_scores"], "opponent", prefix="up_")
 
 # ---------------------------------------------------------------- compare
-st.subheader("Compare two methods")
-other = ui.pick_run(project, key="run2", label="Compare with", exclude=run["key"])
-if other is None:
-    st.caption("Run a second method (or the same with other settings) on the Attribute page to compare.")
-else:
-    S2 = ui.run_arrays(root, other["key"])["scores"]
-    cmp = svc.compare_rows(S[q], S2[q], k)
-    m1, m2 = st.columns(2)
-    m1.metric(f"Top-{k} proponent overlap", f"{cmp['overlap_count']}/{k}")
-    m2.metric("Spearman rank correlation", f"{cmp['spearman']:.3f}", help="Over all training examples, this query.")
-    top2 = svc.topk(S2[q], k)
-    st.caption(f"{other['method']}: top-{k} proponents")
-    cards(top2["proponents"], top2["proponent_scores"], "proponent", prefix="cmp_")
+# toggles, not always built: each widget costs every page switch (see project.py)
+if st.toggle("Compare with another run", key="t_compare"):
+    other = ui.pick_run(project, key="run2", label="Compare with", exclude=run["key"])
+    if other is None:
+        st.caption("Run a second method (or the same with other settings) on the Attribute page to compare.")
+    else:
+        S2 = ui.run_arrays(root, other["key"])["scores"]
+        cmp = svc.compare_rows(S[q], S2[q], k)
+        m1, m2 = st.columns(2)
+        m1.metric(f"Top-{k} proponent overlap", f"{cmp['overlap_count']}/{k}")
+        m2.metric("Spearman rank correlation", f"{cmp['spearman']:.3f}", help="Over all training examples, this query.")
+        top2 = svc.topk(S2[q], k)
+        st.caption(f"{other['method']}: top-{k} proponents")
+        cards(top2["proponents"], top2["proponent_scores"], "proponent", prefix="cmp_")
 
 # ---------------------------------------------------------------- verify
-st.subheader("Verify by retraining")
-v1, v2 = st.columns([3, 1])
-ks = v1.multiselect("Remove the top-k proponents for k in", [5, 10, 20, 40, 80], default=[5, 10, 20], key="verify_ks")
-trials = v2.number_input("Random removals per k", 0, 10, 3, key="verify_trials")
-why = svc.verify_available(project, sorted(ks), random_trials=int(trials))
-if st.button("Verify", key="verify", disabled=why is not None or not ks,
-             help=why or "Retrain (2 seeds) without the top-k proponents and compare the query's margin with k random "
-                         "removals. Runs in the background."):
-    kw = svc.verify_kwargs(query=q, method=run["method"], settings=run.get("settings"),
-                           scores_row=S[q], k_values=sorted(ks), random_trials=int(trials))
-    ui.start(project, "verify", {"kwargs": kw, "run": run["key"], "query": q})
-if why:
-    st.caption(f"Verify is off: {why}.")
-else:
-    ui.job_panel(project, kinds=("verify",))
-    j = ui.last_job(project, "verify", {"run": run["key"], "query": q})
-    if j and j["status"] == "done":
-        res = j["result"]
-        vf = svc.verify_frame(res)
-        fig = go.Figure()
-        fig.add_trace(go.Scatter(x=vf["k"], y=vf["change (top-k removed)"], mode="lines+markers",
-                                 name="top-k proponents removed"))
-        fig.add_trace(go.Scatter(x=vf["k"], y=vf["change (k random, mean)"], mode="lines+markers", name="k random removed",
-                                 error_y=dict(type="data", array=vf["random std"].fillna(0))))
-        fig.add_hline(y=0, line_dash="dot")
-        fig.update_layout(title=f"Margin change of test #{q} after retraining (base margin {res['base_margin']:.2f})",
-                          xaxis_title="k (training examples removed)", yaxis_title="margin change (after − before)",
-                          height=320, margin=dict(t=40, b=10))
-        st.plotly_chart(fig, width="stretch")
-        st.caption("Proponents are confirmed when removing them lowers the margin more than random removals. "
-                   + (f"Removing the top-{res['flip_k']} flips the prediction." if res.get("flip_k") else ""))
-        st.dataframe(vf, hide_index=True)
-    elif j and j["status"] == "failed":
-        st.error(f"Verify failed: {j.get('message')}")
+# on by itself while this query has a Verify job, running or finished, so its result shows
+v_job = ui.last_job(project, "verify", {"run": run["key"], "query": q})
+if st.toggle("Verify by retraining without the top proponents", key="t_verify", value=v_job is not None):
+    v1, v2 = st.columns([3, 1])
+    ks = v1.multiselect("Remove the top-k proponents for k in", [5, 10, 20, 40, 80], default=[5, 10, 20], key="verify_ks")
+    trials = v2.number_input("Random removals per k", 0, 10, 3, key="verify_trials")
+    why = svc.verify_available(project, sorted(ks), random_trials=int(trials))
+    if st.button("Verify", key="verify", disabled=why is not None or not ks,
+                 help=why or "Retrain (2 seeds) without the top-k proponents and compare the query's margin with k random "
+                             "removals. Runs in the background."):
+        kw = svc.verify_kwargs(query=q, method=run["method"], settings=run.get("settings"),
+                               scores_row=S[q], k_values=sorted(ks), random_trials=int(trials))
+        ui.start(project, "verify", {"kwargs": kw, "run": run["key"], "query": q})
+    if why:
+        st.caption(f"Verify is off: {why}.")
+    else:
+        ui.job_panel(project, kinds=("verify",))
+        j = ui.last_job(project, "verify", {"run": run["key"], "query": q})
+        if j and j["status"] == "done":
+            res = j["result"]
+            vf = svc.verify_frame(res)
+            fig = go.Figure()
+            fig.add_trace(go.Scatter(x=vf["k"], y=vf["change (top-k removed)"], mode="lines+markers",
+                                     name="top-k proponents removed"))
+            fig.add_trace(go.Scatter(x=vf["k"], y=vf["change (k random, mean)"], mode="lines+markers", name="k random removed",
+                                     error_y=dict(type="data", array=vf["random std"].fillna(0))))
+            fig.add_hline(y=0, line_dash="dot")
+            fig.update_layout(title=f"Margin change of test #{q} after retraining (base margin {res['base_margin']:.2f})",
+                              xaxis_title="k (training examples removed)", yaxis_title="margin change (after − before)",
+                              height=320, margin=dict(t=40, b=10))
+            st.plotly_chart(fig, width="stretch")
+            st.caption("Proponents are confirmed when removing them lowers the margin more than random removals. "
+                       + (f"Removing the top-{res['flip_k']} flips the prediction." if res.get("flip_k") else ""))
+            st.dataframe(vf, hide_index=True)
+        elif j and j["status"] == "failed":
+            st.error(f"Verify failed: {j.get('message')}")

@@ -315,60 +315,64 @@ ui.svg_chart(svc.bar_chart(fl, [svc.Series("examples", [int(v) for v in counts["
                       title=flag_title, x_title="flag state", y_title="training examples (count)", height=260))
 
 # ---------------------------------------------------------------- what-if
-st.subheader("What-if")
-flags = svc.flag_state(db, "train")
-to_remove = sorted(i for i, r in flags.items() if r.get("flag") in ("mislabeled", "leak") and not r.get("relabel"))
-to_relabel = {i: r["relabel"] for i, r in flags.items() if r.get("relabel")}
-w1, w2 = st.columns(2)
-w_action = w1.radio("Edit", ["remove", "relabel"], horizontal=True, key="w_action",
-                    help="remove: the examples flagged mislabeled or leak; relabel: the examples with a new label")
-no_retrain = svc.retrain_refusal(project, 1)
-w_retrain = w2.checkbox("Check with a real retrain", value=False, key="w_retrain", disabled=no_retrain is not None,
-                        help=f"Off: {no_retrain}." if no_retrain else "Retrain with the recipe on the edited data")
-idx = to_remove if w_action == "remove" else sorted(to_relabel)
-st.caption(f"{len(idx)} example(s) in the edit set.")
-if st.button("Predict the effect", key="whatif", disabled=not idx):
-    params = {"indices": idx, "action": w_action, "retrain": bool(w_retrain)}
-    if w_action == "relabel":
-        params["new_labels"] = [svc.label_value(to_relabel[i], project.train_df[project.label_column].dtype)
-                                for i in idx]
-    ui.start(project, "whatif", params)
-ui.job_panel(project, kinds=("whatif",))
-j = ui.last_job(project, "whatif")
-if j and j["status"] == "done":
-    r = j["result"]
-    pred = r["predicted"]
-    c = st.columns(3)
-    c[0].metric("Test accuracy now", f"{pred['before']['accuracy']:.1%}")
-    c[1].metric("Predicted after the edit (GIF)", f"{pred['after']['accuracy']:.1%}",
-                delta=f"{pred['accuracy_change']:+.1%}")
-    if "retrained" in r:
-        c[2].metric("Real retrain", f"{r['retrained']['after']['accuracy']:.1%}",
-                    delta=f"{r['retrained']['accuracy_change']:+.1%}")
-    if pred.get("warning"):
-        st.warning(pred["warning"])
-    st.caption(f"{len(pred['flips'])} test predictions change (predicted); edit of {pred['n_edited']} rows, "
-               f"{pred['action']}; GIF took {pred.get('seconds', float('nan')):.1f}s"
-               + (f", the real retrain {r['retrained']['seconds']:.1f}s ({len(r['retrained']['flips'])} predictions "
-                  f"changed; {r['comparison']['flips_found']} of them predicted)." if "comparison" in r else "."))
-elif j and j["status"] == "failed":
-    st.error(f"What-if failed: {j.get('message')}")
+# a toggle, not always built: each widget costs a page switch (see project.py); on while a what-if runs
+w_active = any(j["kind"] == "whatif" for j in jobs.active_jobs(project))
+if st.toggle("What-if: predict the effect of the flags on the test set", key="t_whatif", value=w_active):
+    flags = svc.flag_state(db, "train")
+    to_remove = sorted(i for i, r in flags.items() if r.get("flag") in ("mislabeled", "leak") and not r.get("relabel"))
+    to_relabel = {i: r["relabel"] for i, r in flags.items() if r.get("relabel")}
+    w1, w2 = st.columns(2)
+    w_action = w1.radio("Edit", ["remove", "relabel"], horizontal=True, key="w_action",
+                        help="remove: the examples flagged mislabeled or leak; relabel: the examples with a new label")
+    no_retrain = svc.retrain_refusal(project, 1)
+    w_retrain = w2.checkbox("Check with a real retrain", value=False, key="w_retrain", disabled=no_retrain is not None,
+                            help=f"Off: {no_retrain}." if no_retrain else "Retrain with the recipe on the edited data")
+    idx = to_remove if w_action == "remove" else sorted(to_relabel)
+    st.caption(f"{len(idx)} example(s) in the edit set.")
+    if st.button("Predict the effect", key="whatif", disabled=not idx):
+        params = {"indices": idx, "action": w_action, "retrain": bool(w_retrain)}
+        if w_action == "relabel":
+            params["new_labels"] = [svc.label_value(to_relabel[i], project.train_df[project.label_column].dtype)
+                                    for i in idx]
+        ui.start(project, "whatif", params)
+    ui.job_panel(project, kinds=("whatif",))
+    j = ui.last_job(project, "whatif")
+    if j and j["status"] == "done":
+        r = j["result"]
+        pred = r["predicted"]
+        c = st.columns(3)
+        c[0].metric("Test accuracy now", f"{pred['before']['accuracy']:.1%}")
+        c[1].metric("Predicted after the edit (GIF)", f"{pred['after']['accuracy']:.1%}",
+                    delta=f"{pred['accuracy_change']:+.1%}")
+        if "retrained" in r:
+            c[2].metric("Real retrain", f"{r['retrained']['after']['accuracy']:.1%}",
+                        delta=f"{r['retrained']['accuracy_change']:+.1%}")
+        if pred.get("warning"):
+            st.warning(pred["warning"])
+        st.caption(f"{len(pred['flips'])} test predictions change (predicted); edit of {pred['n_edited']} rows, "
+                   f"{pred['action']}; GIF took {pred.get('seconds', float('nan')):.1f}s"
+                   + (f", the real retrain {r['retrained']['seconds']:.1f}s ({len(r['retrained']['flips'])} predictions "
+                      f"changed; {r['comparison']['flips_found']} of them predicted)." if "comparison" in r else "."))
+    elif j and j["status"] == "failed":
+        st.error(f"What-if failed: {j.get('message')}")
 
 # ---------------------------------------------------------------- exports
-st.subheader("Export")
-e1, e2, e3 = st.columns(3)
-suspects = _base(root, run["key"], run["method"], ranking_done)
-e1.download_button("Flags (CSV)", svc.export_flags_csv(project, db, suspects), file_name=f"{project.name}-flags.csv",
-                   mime="text/csv", key="dl_csv")
-e2.download_button("Flags (JSON)", svc.export_flags_json(project, db, suspects), file_name=f"{project.name}-flags.json",
-                   mime="application/json", key="dl_json")
-if e3.button("Make a cleaned copy of the dataset", key="clean",
-             help="Drops rows flagged mislabeled or leak, applies relabels; written under .proponent/exports"):
-    out = svc.export_cleaned(project, db)
-    st.session_state["cleaned"] = out
-if st.session_state.get("cleaned"):
-    out = st.session_state["cleaned"]
-    st.success(f"Cleaned copy: {out['n_train']} training rows ({out['removed']} removed, {out['relabelled']} relabelled) "
-               f"at `{out['folder']}`")
-    st.download_button("Download the cleaned copy (zip)", svc.zip_folder(out["folder"]),
-                       file_name=f"{project.name}-cleaned.zip", mime="application/zip", key="dl_clean")
+if st.toggle("Export: the flags (CSV, JSON) and a cleaned copy of the dataset", key="t_export",
+             value=bool(st.session_state.get("cleaned"))):
+    e1, e2, e3 = st.columns(3)
+    suspects = _base(root, run["key"], run["method"], ranking_done)
+    # callables: the files are built when a button is clicked, not on every rerun
+    e1.download_button("Flags (CSV)", lambda: svc.export_flags_csv(project, db, suspects), file_name=f"{project.name}-flags.csv",
+                       mime="text/csv", key="dl_csv")
+    e2.download_button("Flags (JSON)", lambda: svc.export_flags_json(project, db, suspects), file_name=f"{project.name}-flags.json",
+                       mime="application/json", key="dl_json")
+    if e3.button("Make a cleaned copy of the dataset", key="clean",
+                 help="Drops rows flagged mislabeled or leak, applies relabels; written under .proponent/exports"):
+        out = svc.export_cleaned(project, db)
+        st.session_state["cleaned"] = out
+    if st.session_state.get("cleaned"):
+        out = st.session_state["cleaned"]
+        st.success(f"Cleaned copy: {out['n_train']} training rows ({out['removed']} removed, {out['relabelled']} relabelled) "
+                   f"at `{out['folder']}`")
+        st.download_button("Download the cleaned copy (zip)", lambda: svc.zip_folder(out["folder"]),
+                           file_name=f"{project.name}-cleaned.zip", mime="application/zip", key="dl_clean")

@@ -119,11 +119,13 @@ def primal_kernel_inverse(gram: np.ndarray, n: int, damping: float, damping_rati
 
 def dual_kernel_inverse(gram: np.ndarray, k: int, damping: float, damping_ratio: float, *,
                         single: bool = False) -> tuple[np.ndarray, float]:
-    """A = (ΦΦᵀ + λI)⁻¹ (symmetric n×n, float64) from the n×n Gram matrix, and λ. Through a Cholesky
+    """A = (ΦΦᵀ + λI)⁻¹ (symmetric n×n) from the n×n Gram matrix, and λ. Through a Cholesky
     factor (the matrix is positive definite once damped): on 1,445 rows 0.15 s against 1.0 s for
     solving for Ψ = AΦ with k = 4,810 columns. ``single``: factor in float32 (half the time) when
     the damped matrix is well conditioned (condition number ≤ 1 + trace/λ ≤ 1e3, so A's relative
-    error stays ~1e-4 or below); used over float16 stores, whose own rounding is 5e-4."""
+    error stays ~1e-4 or below); used over float16 stores, whose own rounding is 5e-4. A comes back
+    in the precision it was computed in (float32 when single: widening it would add nothing but
+    twice the bytes to save, read and multiply)."""
     n = gram.shape[0]
     lam = kernel_damping(gram, n, k, damping, damping_ratio)
     g = gram.copy()
@@ -134,8 +136,8 @@ def dual_kernel_inverse(gram: np.ndarray, k: int, damping: float, damping_ratio:
         inv, info = (scipy.linalg.lapack.spotri if single else scipy.linalg.lapack.dpotri)(factor, lower=0)
         if info != 0:
             raise np.linalg.LinAlgError(f"potri info {info}")
-        upper = np.triu(inv).astype(np.float64, copy=False)
-        A = upper + np.triu(upper, 1).T
+        A = np.triu(inv)
+        A += np.triu(A, 1).T
     except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
         A = np.linalg.pinv(g)
         A = (A + A.T) / 2
@@ -157,12 +159,12 @@ class _Member:
         return self.A is not None
 
     def scores(self, phi_q: np.ndarray, n: int) -> np.ndarray:
-        if self.dual:  # S_q = (φ_q Φᵀ) A
+        if self.dual:  # S_q = (φ_q Φᵀ) A, both products in product_dtype
             u = phi_q.astype(self.product_dtype)
-            out = np.empty((len(phi_q), n))
+            out = np.empty((len(phi_q), n), dtype=self.product_dtype)
             for lo, hi, chunk in self.store.iter_chunks():
                 out[:, lo:hi] = u @ np.asarray(chunk, dtype=self.product_dtype).T
-            return out @ self.A
+            return out @ self.A.astype(self.product_dtype, copy=False)
         u = phi_q @ self.M
         out = np.empty((len(phi_q), n))
         for lo, hi, chunk in self.store.iter_chunks():
@@ -173,7 +175,7 @@ class _Member:
         """φ_i · Ψ_i for every training row (each rank its share of the chunks, summed over ranks).
         Dual form: diag(ΦΦᵀA) = diag((G + λI − λI)A) = 1 − λ·diag(A), no pass over the store."""
         if self.dual:
-            return 1.0 - self.lam * np.diag(self.A)
+            return 1.0 - self.lam * np.diag(self.A).astype(np.float64)
         out = np.zeros(self.store.n_rows)
         for lo, hi, chunk in self.store.iter_chunks(distributed.my_share(range(self.store.n_chunks))):
             c = np.asarray(chunk, dtype=np.float64)
