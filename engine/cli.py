@@ -279,7 +279,15 @@ def split_app_args(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def app_command(project: str | None, opts: list[str]) -> tuple[list[str], dict]:
     """The Streamlit command line and environment of ``proponent app``: loopback unless
-    --server.address says otherwise, no usage statistics, and the minimal toolbar (no Deploy)."""
+    --server.address says otherwise, no usage statistics, the minimal toolbar (no Deploy), no
+    forced garbage collection after each script run and no source-file watcher.
+
+    Streamlit runs ``gc.collect(2)`` after every script run by default. With torch, pandas and
+    plotly loaded that is 0.2-0.3 s holding the GIL (300-430k objects), after every page switch,
+    widget click and 0.5 s job-panel poll: profiled with py-spy while a TRAK job ran, it took 10 of
+    the server's 10.9 CPU seconds, on a 2-core machine where the job needed both. Python's own
+    generational collector still runs. The watcher would poll the app's source files for edits a
+    user never makes."""
     main = Path(__file__).resolve().parents[1] / "app" / "main.py"
     env = dict(os.environ)
     if project:
@@ -288,7 +296,8 @@ def app_command(project: str | None, opts: list[str]) -> tuple[list[str], dict]:
         env["PROPONENT_PROJECT"] = str(Path(project).resolve())
     given = set(opts[0::2])
     defaults = {"--server.address": "127.0.0.1", "--browser.gatherUsageStats": "false",
-                "--client.toolbarMode": "minimal"}
+                "--client.toolbarMode": "minimal", "--runner.postScriptGC": "false",
+                "--server.fileWatcherType": "none"}
     args = [sys.executable, "-m", "streamlit", "run", str(main)]
     for name, value in defaults.items():
         if name not in given:

@@ -110,7 +110,8 @@ def test_app_command_defaults_and_overrides(digits_project):
     args, env = app_command(*split_app_args([str(digits_project.root), "--server.port=8599"]))
     pairs = dict(zip(args[5::2], args[6::2]))
     assert pairs == {"--server.address": "127.0.0.1", "--browser.gatherUsageStats": "false",
-                     "--client.toolbarMode": "minimal", "--server.port": "8599"}
+                     "--client.toolbarMode": "minimal", "--runner.postScriptGC": "false",
+                     "--server.fileWatcherType": "none", "--server.port": "8599"}
     assert env["PROPONENT_PROJECT"] == str(Path(digits_project.root).resolve())
     args, _ = app_command(None, ["--server.address", "0.0.0.0"])
     assert args.count("--server.address") == 1 and args[args.index("--server.address") + 1] == "0.0.0.0"
