@@ -144,6 +144,34 @@ def test_user_flow(app_server, tmp_path):
             assert svc.db_for(app_server["project"]).flags("train")[str(first_suspect)]["flag"] == "mislabeled"
             wait_idle(page)
             page.get_by_text("Suspect 2 of").first.wait_for(timeout=30_000)  # and it moved on
+
+            # a note typed in the table's first row and committed with Enter lands on that row alone,
+            # in SQLite, beside the flag the M key set (the grid moves its cursor down, as a
+            # spreadsheet does; the edit does not move with it)
+            wait_idle(page)
+            table = page.locator("[data-testid='stDataFrame']").first
+            table.scroll_into_view_if_needed()
+            cell_editor = page.locator("textarea.gdg-input")  # the grid's overlay editor
+            for _ in range(3):  # the grid may still be mounting after the review's rerun
+                box = table.bounding_box()
+                page.mouse.dblclick(box["x"] + box["width"] - 30, box["y"] + 35 + 17)  # the note cell, first row
+                try:
+                    cell_editor.wait_for(timeout=5_000)
+                    break
+                except Exception:
+                    wait_idle(page)
+            cell_editor.press_sequentially("blurry scan")  # into the cell, never to the review's key handler
+            cell_editor.press("Enter")
+            second_suspect = int(suspects["index"][1])
+            deadline = time.time() + 30
+            while (svc.db_for(app_server["project"]).flags("train").get(str(first_suspect), {}).get("note") != "blurry scan"
+                   and time.time() < deadline):
+                time.sleep(0.3)
+            state = svc.db_for(app_server["project"]).flags("train")
+            assert state[str(first_suspect)]["note"] == "blurry scan", state.get(str(first_suspect))
+            assert state[str(first_suspect)]["flag"] == "mislabeled"
+            assert not (state.get(str(second_suspect)) or {}).get("note"), state.get(str(second_suspect))
+            wait_idle(page)
             t0 = time.perf_counter()
             page.locator("[data-testid='stSidebarNav'] a:has-text('Explore')").click()
             page.get_by_text("Top-8 proponents").first.wait_for(timeout=60_000)
