@@ -49,6 +49,6 @@ if _timing:
         nav.run()
     finally:
         with open(_timing, "a") as _f:
-            _f.write(f"{nav.title}\t{time.perf_counter() - _t0:.4f}\n")
+            _f.write(f"{nav.title}\t{time.perf_counter() - _t0:.4f}\t{time.time():.3f}\n")
 else:
     nav.run()

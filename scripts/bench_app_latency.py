@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     def page_times() -> list[tuple[str, float]]:
         if not timing.is_file():
             return []
-        return [(a, float(b)) for a, b in (ln.split("\t") for ln in timing.read_text().splitlines() if "\t" in ln)]
+        return [(f[0], float(f[1])) for f in (ln.split("\t") for ln in timing.read_text().splitlines() if "\t" in ln)]
 
     server = {}
     with sync_playwright() as pw:
@@ -183,7 +183,12 @@ def main(argv=None) -> int:
                 wait_idle(page)
                 t0 = time.perf_counter()
                 page.locator("button:has-text('Compute maps')").click()
-                page.locator("[data-testid='stPlotlyChart']").nth(1).wait_for(timeout=600_000)
+                # two drawn charts, neither the empty placeholder that holds a map's place meanwhile
+                page.wait_for_function(
+                    """() => { const c = document.querySelectorAll("[data-testid='stPlotlyChart']");
+                        return c.length >= 2 && [...c].every(e => e.querySelector('.main-svg')
+                            && !/computing|not computed yet/.test(e.textContent)); }""",
+                    timeout=600_000, polling=50)
                 t["influence_map"] = [time.perf_counter() - t0]
         finally:
             browser.close()

@@ -639,6 +639,17 @@ def test_embeddings_and_leak_pages_write_flags(monkeypatch, ran_project, tmp_pat
         svc.db_for(p).upsert_run(r["key"], **{k: v for k, v in r.items() if k != "key"})
     at = _app(monkeypatch, p, "embeddings")
     at.selectbox(key="e_reducer").set_value("pca").run()
+    # before the maps exist: an empty chart holds each map's place (plotly's script loads meanwhile)
+    waiting = [str(c.proto) for c in at.get("plotly_chart")]
+    assert len(waiting) == 2 and all("not computed yet" in c and "customdata" not in c for c in waiting)
+    # a map job under way for this layout: the placeholders say so
+    jobs.create_job(p, "embedding", {"kind": "influence", "reducer": "pca", "threads": 1})
+    at.run()
+    waiting = [str(c.proto) for c in at.get("plotly_chart")]
+    assert len(waiting) == 2 and all("computing" in c and "not computed yet" not in c for c in waiting)
+    svc.db_for(p).upsert_job(jobs.list_jobs(p)[0]["id"], status="cancelled")
+    at.run()
+    assert all("not computed yet" in str(c.proto) for c in at.get("plotly_chart"))
     at.button(key="e_compute").click().run()  # both maps, as (here synchronous) jobs
     assert not at.exception, [e.value for e in at.exception]
     assert svc.cached_embedding(p, "influence", "pca") is not None
@@ -646,7 +657,8 @@ def test_embeddings_and_leak_pages_write_flags(monkeypatch, ran_project, tmp_pat
     # the two maps share the cores: each job's layout gets its share of the threads
     share = max(1, (os.cpu_count() or 1) // 2)
     assert sorted((j["params"]["kind"], j["params"]["threads"]) for j in jobs.list_jobs(p)
-                  if j["kind"] == "embedding") == [("influence", share), ("penultimate", share)]
+                  if j["kind"] == "embedding" and j["status"] != "cancelled") == [("influence", share),
+                                                                                  ("penultimate", share)]
     charts = [str(c.proto) for c in at.get("plotly_chart")]
     assert len(charts) == 2 and "customdata" in charts[0]
 
