@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--json", help="write the docs/bench JSON here")
-    ap.add_argument("--switches", type=int, default=10)
+    ap.add_argument("--switches", type=int, default=30,
+                    help="rounds of cached page switches (both apps, alternating); more rounds average out the load of a shared machine")
     a = ap.parse_args(argv)
     from playwright.sync_api import sync_playwright
 

@@ -132,6 +132,10 @@ def test_user_flow(app_server, tmp_path):
             suspects = svc.triage_table(proj, svc.done_runs(proj)[0]["key"], "trak", flags={})
             first_suspect = int(suspects["index"][0])
             page.get_by_text("Suspect 1 of").first.wait_for(timeout=30_000)
+            # the table's widget key before the decision: a decision re-keys it (so a stale edit can never land)
+            editor_sel = "[class*='st-key-editor_']"
+            old_key = next(c for c in page.locator(editor_sel).first.get_attribute("class").split()
+                           if c.startswith("st-key-editor_"))
             page.get_by_text("Review one by one").first.click()  # focus the page, not an input
             page.keyboard.press("m")
             deadline = time.time() + 30
@@ -149,7 +153,13 @@ def test_user_flow(app_server, tmp_path):
             # in SQLite, beside the flag the M key set (the grid moves its cursor down, as a
             # spreadsheet does; the edit does not move with it)
             wait_idle(page)
-            table = page.locator("[data-testid='stDataFrame']").first
+            # the re-keyed table mounted: an edit made in the old one, still on screen for a moment under
+            # load, would go to a widget that no longer exists
+            page.wait_for_function("""old => { const e = document.querySelector("[class*='st-key-editor_']");
+                                              return e && !e.classList.contains(old) && e.querySelector('canvas'); }""",
+                                   arg=old_key, timeout=30_000)
+            wait_idle(page)
+            table = page.locator(editor_sel).first.locator("[data-testid='stDataFrame']").first
             table.scroll_into_view_if_needed()
             cell_editor = page.locator("textarea.gdg-input")  # the grid's overlay editor
             for _ in range(3):  # the grid may still be mounting after the review's rerun
@@ -168,7 +178,10 @@ def test_user_flow(app_server, tmp_path):
                    and time.time() < deadline):
                 time.sleep(0.3)
             state = svc.db_for(app_server["project"]).flags("train")
-            assert state[str(first_suspect)]["note"] == "blurry scan", state.get(str(first_suspect))
+            if state[str(first_suspect)].get("note") != "blurry scan":  # where did it go? (a screenshot and every note)
+                page.screenshot(path=str(shots / "triage-note-lost.png"), full_page=True)
+            assert state[str(first_suspect)]["note"] == "blurry scan", (
+                state.get(str(first_suspect)), {k: r["note"] for k, r in state.items() if r.get("note")})
             assert state[str(first_suspect)]["flag"] == "mislabeled"
             assert not (state.get(str(second_suspect)) or {}).get("note"), state.get(str(second_suspect))
             wait_idle(page)

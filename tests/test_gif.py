@@ -163,8 +163,11 @@ def test_full_ratio_equals_plain_if(mlp):
     r_frozen = require_converged(generalized_solve(op, g, part, variant="frozen", tol=1e-8, max_iter=2000))
     fit = lambda x: float((op(x) - g).norm())  # noqa: E731
     assert fit(r_part.x) <= fit(r_frozen.x) + 1e-12
-    r_proj = require_converged(generalized_solve(op, g, part, variant="projected", tol=1e-8, max_iter=2000))
-    assert torch.allclose(r_proj.x, r_if.x * part)
+    r_proj = require_converged(generalized_solve(op, g, part, variant="projected", tol=1e-10, max_iter=4000))
+    # both are iterative solves: they agree to the solvers' tolerance times the conditioning, measured
+    # against the solution's size (an element-wise rtol fails on small entries of one BLAS, not another)
+    assert float(r_proj.x[~part].abs().max()) == 0.0
+    assert torch.allclose(r_proj.x, r_if.x * part, rtol=0, atol=1e-5 * float(r_if.x.norm()))
     # the adjoint form used by per-query scores: qᵀ Pᵀ x(g) = vᵀ g with v = H Pᵀ w, (P H Hᵀ Pᵀ) w = P q
     q = torch.randn(op.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     v, res_adj = adjoint_solve(op, q, part, tol=1e-10, max_iter=3000)

@@ -118,16 +118,21 @@ def test_running_topk_equals_a_full_sort():
 
 
 def test_trak_column_pass_equals_query_blocks(project):
+    from engine.autodiff.threads import intra_op_threads
+
     att, _ = fit_method(project, "trak", {"proj_dim": 64, "ensemble": "checkpoints", "max_models": 2})
     assert len(att._proj) == 2
-    S = att.scores("test")
-    cols = att.score_columns("test")
-    assert cols is not None
-    got = np.zeros_like(S)
-    widths = []
-    for lo, hi, block in cols:
-        got[:, lo:hi] = block
-        widths.append(hi - lo)
+    # with the thread count the run scores with (measured per machine): float32 query gradients
+    # round differently under another count, which a per-element rtol would see on small scores
+    with intra_op_threads(att.meta["threads"]):
+        S = att.scores("test")
+        cols = att.score_columns("test")
+        assert cols is not None
+        got = np.zeros_like(S)
+        widths = []
+        for lo, hi, block in cols:
+            got[:, lo:hi] = block
+            widths.append(hi - lo)
     assert len(widths) > 1 or len(project.train_dataset) <= 1024
     np.testing.assert_allclose(got, S, rtol=1e-9, atol=1e-12 * np.abs(S).max())
     res = cached_scores(project, "trak", {"proj_dim": 64, "ensemble": "checkpoints", "max_models": 2})
@@ -257,3 +262,27 @@ def test_dual_kernel_inverse_in_float32_only_when_well_conditioned():
     tiny, lam_t = dual_kernel_inverse(gram, 300, 1e-9, 10.0, single=True)
     np.testing.assert_allclose(tiny, np.linalg.inv(gram + lam_t * np.eye(120)), rtol=1e-6)
     assert np.array_equal(tiny, dual_kernel_inverse(gram, 300, 1e-9, 10.0)[0]) and tiny.dtype == np.float64
+
+
+def test_a_dual_kernel_cached_in_float64_is_cast_once_and_scores_the_same(tmp_path):
+    """A kernel cached in float64 by an earlier run, over a float16 store: the member keeps A in
+    the store's product precision (no n×n copy per scores call) and scores as float32 products do."""
+    from engine.methods.trak import _Member, dual_kernel_inverse
+
+    rng = np.random.default_rng(5)
+    phi = rng.normal(size=(60, 200)).astype(np.float32)
+    store = ChunkedArray(tmp_path / "s", len(phi), 16, dtype="float16")
+    for c in range(store.n_chunks):
+        lo, hi = store.chunk_bounds(c)
+        store.write_chunk(c, phi[lo:hi])
+    stored = store.to_array().astype(np.float64)
+    A64, lam = dual_kernel_inverse(stored @ stored.T, 200, -1.0, 10.0)
+    member = _Member(None, None, store, A=A64, lam=lam)
+    assert member.A.dtype == np.float32 and member.dual
+    q = rng.normal(size=(3, 200))
+    expect = (q.astype(np.float32) @ stored.astype(np.float32).T) @ A64.astype(np.float32)
+    got = member.scores(q, len(phi))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6 * np.abs(expect).max())
+    np.testing.assert_allclose(got, q @ stored.T @ A64, rtol=1e-3, atol=1e-4 * np.abs(expect).max())
+    np.testing.assert_allclose(member.self_scores(), 1.0 - lam * np.diag(A64.astype(np.float32)), rtol=1e-6)

@@ -14,15 +14,6 @@ from engine.core.errors import ValidationError
 OPT_OUT = "set [project] allow_outside_paths = true to allow it"
 
 
-def is_inside(path: Path, root: Path) -> bool:
-    """Whether ``path`` (resolved, links followed) lies in ``root``."""
-    try:
-        Path(path).resolve().relative_to(Path(root).resolve())
-        return True
-    except ValueError:
-        return False
-
-
 class FolderResolver:
     """``Path.resolve`` for many files in few folders, as one data load checks them: each folder is
     resolved once, and a file that is not itself a link resolves to its resolved folder / its name
@@ -58,10 +49,16 @@ def check_inside(path: Path, root: Path, *, allowed: bool, what: str, file: str 
     ``resolver``: one :class:`FolderResolver` shared by the checks of one load."""
     if allowed:
         return path
-    if not (resolver.inside(path, root) if resolver is not None else is_inside(path, root)):
+    if not (resolver or FolderResolver()).inside(path, root):
         raise ValidationError(f"{what} {path} is outside the project folder {root}; {OPT_OUT}",
                               file=str(file), row=row)
     return path
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` (resolved, links followed) lies in ``root``: one check, through the same
+    resolver a project load uses, so the two can never disagree."""
+    return FolderResolver().inside(path, root)
 
 
 __all__ = ["is_inside", "check_inside", "FolderResolver", "OPT_OUT"]

@@ -153,6 +153,8 @@ class _Member:
         # the dual form's products φ_q·φ_i run in float32 over a float16 store: float32's rounding
         # (~1e-6 relative over k terms) is far below float16's (5e-4), and the products take half the time
         self.product_dtype = np.float32 if store.dtype == np.float16 else np.float64
+        if A is not None:  # once here, not an n×n copy per scores call (a kernel cached in float64 by v4's first runs)
+            self.A = A.astype(self.product_dtype, copy=False)
 
     @property
     def dual(self) -> bool:
@@ -164,7 +166,7 @@ class _Member:
             out = np.empty((len(phi_q), n), dtype=self.product_dtype)
             for lo, hi, chunk in self.store.iter_chunks():
                 out[:, lo:hi] = u @ np.asarray(chunk, dtype=self.product_dtype).T
-            return out @ self.A.astype(self.product_dtype, copy=False)
+            return out @ self.A
         u = phi_q @ self.M
         out = np.empty((len(phi_q), n))
         for lo, hi, chunk in self.store.iter_chunks():
