@@ -214,6 +214,8 @@ def main(argv=None) -> int:
         atomic_write_json(a.json, {
             "title": "App latency (digits sample, real browser, against a minimal Streamlit app)",
             "date": time.strftime("%Y-%m-%d"),
+            # every measurement in the order taken, so a trend over the rounds can be seen
+            "raw": {k: [round(x, 4) for x in v] for k, v in t.items()},
             "machine": f"{platform.system()} {platform.machine()}, CPU, {os.cpu_count()} cores shared, no GPU",
             "command": f"python scripts/bench_app_latency.py --workdir /tmp/app-latency --json {a.json}",
             "tables": [{"title": "Median seconds, measured by Playwright in Chromium (1600×1000)",
