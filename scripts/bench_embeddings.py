@@ -65,7 +65,13 @@ def main() -> int:
     ap.add_argument("--flips", type=float, nargs="+", default=[0.08, 0.15])
     ap.add_argument("--reducers", nargs="+", default=["tsne", "umap", "pca"], choices=["tsne", "umap", "pca"])
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "embeddings-digits.json"))
+    ap.add_argument("--tsne-iterations", type=int, default=None,
+                    help="t-SNE iterations instead of the default (to compare a candidate default in one session)")
     a = ap.parse_args()
+    if a.tsne_iterations is not None:
+        import engine.workflows.embeddings as workflow
+
+        workflow.TSNE_ITERATIONS = a.tsne_iterations
     work = Path(tempfile.mkdtemp(prefix="proponent-emb-"))
     rows = {r: [] for r in a.reducers}
     kinds = (("influence", "given"), ("influence", "predicted"), ("penultimate", "predicted"))

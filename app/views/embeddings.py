@@ -32,8 +32,9 @@ st.caption("Left: projected margin gradients of the model's predicted class at t
            "index and label; draw a lasso or box to select.")
 embs = {k: svc.cached_embedding(project, k, reducer) for k in KINDS}
 missing = [k for k, v in embs.items() if v is None]
-computing = any(j["kind"] == "embedding" and (j.get("params") or {}).get("reducer") == reducer
-                for j in jobs.active_jobs(project)) if missing else False
+# the maps whose job for this layout is under way (each map is its own job)
+computing = {(j.get("params") or {}).get("kind") for j in jobs.active_jobs(project)
+             if j["kind"] == "embedding" and (j.get("params") or {}).get("reducer") == reducer} if missing else set()
 if missing:
     st.info(f"Maps not computed yet for {reducer}: {', '.join(missing)}. They run as a background job and are cached.")
     if st.button("Compute maps", key="e_compute"):
@@ -69,17 +70,19 @@ for col, (kind, title) in zip(cols, KINDS.items()):
             # an empty chart where the map will be: the browser loads and compiles plotly's script
             # while the map computes, not after (about a second of the wait on this 2-core machine),
             # and the page does not jump when the map arrives
-            def placeholder(title=title):
+            busy = kind in computing
+
+            def placeholder(title=title, busy=busy):
                 import plotly.graph_objects as go
 
                 fig = go.Figure()
-                fig.add_annotation(text="not computed yet" if not computing else "computing…", showarrow=False,
+                fig.add_annotation(text="computing…" if busy else "not computed yet", showarrow=False,
                                    x=0.5, y=0.5, xref="paper", yref="paper", font=dict(size=16, color="#888"))
                 fig.update_layout(title=f"{title} ({LAYOUTS[reducer]})", height=460, margin=dict(t=40, b=10),
                                   xaxis=dict(visible=False), yaxis=dict(visible=False))
                 return fig
 
-            ui.chart(f"map placeholder {kind} {reducer} {computing}", None, placeholder, key=f"map_wait_{kind}")
+            ui.chart(f"map placeholder {kind} {reducer} {busy}", None, placeholder, key=f"map_wait_{kind}")
             continue
         df = svc.embedding_frame(project, emb, colour, flags=flags, run=run, preds=preds)
         n_total = int(emb["n_total"])
