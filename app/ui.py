@@ -202,6 +202,31 @@ def pick_run(project, key: str = "run", label: str = "Attribution run", exclude:
     return by[choice]
 
 
+def view_choice(label: str, options: dict, key: str, default: str, help: str | None = None) -> str:
+    """A horizontal radio of ``options`` (value -> label) whose choice survives page switches (a plain
+    session key, as in pick_run), reloads and deep links (``?{key}=`` in the URL)."""
+    keep = f"_keep_{key}"
+    set_directly = st.session_state.get(key) if st.session_state.get(key) != st.session_state.get(keep) else None
+    for cand in (set_directly, st.session_state.get(keep), st.query_params.get(key), default):
+        if cand in options:
+            st.session_state[key] = st.session_state[keep] = cand
+            break
+    choice = st.radio(label, list(options), key=key, format_func=options.get, horizontal=True, help=help,
+                      on_change=lambda: st.session_state.__setitem__(keep, st.session_state[key]))
+    st.query_params[key] = choice
+    return choice
+
+
+def kept_toggle(label: str, key: str, help: str | None = None) -> bool:
+    """A toggle that stays as the user left it across page switches (Streamlit drops a widget's state
+    when a run does not draw it, so the value lives in a plain session key too)."""
+    keep = f"_keep_{key}"
+    if key not in st.session_state:
+        st.session_state[key] = bool(st.session_state.get(keep, False))
+    return st.toggle(label, key=key, help=help,
+                     on_change=lambda: st.session_state.__setitem__(keep, st.session_state[key]))
+
+
 def text_card(text: str, caption: str | None = None):
     """A text example as a readable card."""
     st.markdown(f"<div style='border:1px solid #ddd;border-radius:6px;padding:6px 8px;font-size:0.9em;"

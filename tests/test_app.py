@@ -89,7 +89,11 @@ def test_every_page_opens(monkeypatch, ran_project):
     verify = [b for b in at.button if b.key == "verify"][0]
     assert verify.disabled == (svc.verify_available(ran_project) is not None)
     at = _app(monkeypatch, ran_project, "triage")
-    assert "Bulk actions" in [h.value for h in at.subheader]
+    # one view at a time (one by one first), the bulk actions behind their toggle
+    assert at.radio(key="view").value == "review" and "Review one by one" in [h.value for h in at.subheader]
+    assert not [b for b in at.button if b.key == "bulk_apply"] and not at.dataframe
+    at.toggle(key="t_bulk").set_value(True).run()
+    assert "bulk_apply" in {b.key for b in at.button}
     assert not [b for b in at.button if b.key in ("whatif", "clean")]  # What-if and Export behind toggles
     at.toggle(key="t_whatif").set_value(True).run()
     at.toggle(key="t_export").set_value(True).run()
@@ -165,6 +169,7 @@ def test_main_flow(monkeypatch, digits_project, tmp_path):
     assert not at.exception
     ranked = svc.triage_table(p, runs[0]["key"], "trak")
     pick = [int(i) for i in ranked["index"][:3]]
+    at.toggle(key="t_bulk").set_value(True).run()
     at.multiselect(key="bulk_sel").set_value(pick)
     at.selectbox(key="bulk_action").set_value("flag ambiguous")
     at.run()
@@ -993,7 +998,7 @@ def test_grid_selection_tags_and_exports(ran_project, tmp_path, monkeypatch):
     jobs.start_job(p, "attribute", {"method": "trak", "settings": FAST_TRAK, "device": "auto"}, background=False)
     at = _app(monkeypatch, p, "triage")
     assert not at.exception and not [w for w in at.pills if w.key == "grid_sel"]
-    next(t for t in at.toggle if t.key == "t_grid").set_value(True).run()
+    at.radio(key="view").set_value("grid").run()
     sel = at.pills(key="grid_sel")
     assert len(sel.options) >= 6
     grid = next(h.value for h in at.get("html") if "pp-card" in h.value)
@@ -1158,6 +1163,52 @@ def test_triage_table_pages_instead_of_growing(ran_project, tmp_path, monkeypatc
     assert last.value == last.max == -(-len(table) // 500)
 
 
+def test_explore_steps_through_the_matching_queries(ran_project, monkeypatch):
+    """◀ / ▶ move the query to the previous / next test query that matches the filters, in index order."""
+    at = _app(monkeypatch, ran_project, "explore")
+    wrong = [int(i) for i in svc.query_table(ran_project, svc.predictions(ran_project, "test"),
+                                             correctness="wrong")["test_index"]]
+    assert len(wrong) >= 3 and wrong[0] > 0
+    at.selectbox(key="f_correct").set_value("wrong").run()
+    assert at.number_input(key="q").value == 0 and at.button(key="q_prev").disabled
+    at.button(key="q_next").click().run()
+    assert at.number_input(key="q").value == wrong[0] and at.query_params["q"] == str(wrong[0])
+    at.button(key="q_next").click().run()
+    assert at.number_input(key="q").value == wrong[1]
+    at.button(key="q_prev").click().run()
+    assert at.number_input(key="q").value == wrong[0] and not at.exception
+    at.number_input(key="q").set_value(wrong[-1]).run()
+    assert at.button(key="q_next").disabled and not at.button(key="q_prev").disabled
+
+
+def test_triage_view_and_bulk_toggle_stay_across_pages(ran_project, monkeypatch):
+    """One view of the suspects at a time; the chosen view and the bulk toggle stay as left when the
+    user comes back from another page, and the view is in the URL for a reload or a deep link."""
+    at = _app(monkeypatch, ran_project, "triage")
+    at.radio(key="view").set_value("table").run()
+    assert "Review one by one" not in [h.value for h in at.subheader] and not at.exception
+    assert any("Edit flag / relabel / note cells" in c.value for c in at.caption) and at.dataframe
+    at.toggle(key="t_bulk").set_value(True).run()
+    at.switch_page("views/explore.py").run()
+    at.switch_page("views/triage.py").run()
+    assert at.radio(key="view").value == "table" and at.toggle(key="t_bulk").value
+    assert at.query_params["view"] == "table" and "bulk_apply" in {b.key for b in at.button}
+    monkeypatch.setenv("PROPONENT_PROJECT", str(ran_project.root))
+    from streamlit.testing.v1 import AppTest
+
+    fresh = AppTest.from_file(MAIN, default_timeout=180)  # a new session opened on a link with ?view=grid
+    fresh.query_params["view"] = "grid"
+    fresh.switch_page("views/triage.py").run()
+    assert fresh.radio(key="view").value == "grid" and fresh.pills(key="grid_sel") is not None
+    assert "Bulk actions" in [h.value for h in fresh.subheader]  # the grid's picks are the bulk targets
+
+
+def test_project_runs_table_is_escaped_html():
+    html_text = svc.table_html(["method", "settings"], [["trak", "<script>x</script>"], ["knn", None]])
+    assert "<script>" not in html_text and "&lt;script&gt;" in html_text
+    assert html_text.count("<tr>") == 3 and "<td" in html_text
+
+
 def test_explore_query_table_pages_and_sends_thumbnails_for_the_page_only(ran_project, tmp_path, monkeypatch):
     """The query table shows 50 rows a page (thumbnails for those only); page 2 starts at the 51st match."""
     p = _copy(ran_project, tmp_path / "digits")
@@ -1167,6 +1218,8 @@ def test_explore_query_table_pages_and_sends_thumbnails_for_the_page_only(ran_pr
     full = svc.query_table(p, svc.predictions(p, "test"))
     assert len(full) > 50
     at = _app(monkeypatch, p, "explore")
+    assert not [d for d in at.dataframe if "test_index" in getattr(d.value, "columns", [])]  # drawn on request
+    at.toggle(key="t_qtable").set_value(True).run()
     tables = [d for d in at.dataframe if "test_index" in getattr(d.value, "columns", [])]
     assert len(tables) == 1 and len(tables[0].value) == 50, [len(d.value) for d in tables]
     assert list(tables[0].value["test_index"]) == list(full["test_index"][:50])

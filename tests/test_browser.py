@@ -83,6 +83,14 @@ def test_user_flow(app_server, tmp_path):
             q.press("Enter")
             wait_idle(page)
             page.get_by_text("Query: test #5").wait_for()
+            # → and ← step through the queries that match the filters (all of them here)
+            page.get_by_text("Query: test #5").click()  # focus the page, not the number input
+            page.keyboard.press("ArrowRight")
+            page.get_by_text("Query: test #6").wait_for(timeout=30_000)
+            wait_idle(page)
+            page.keyboard.press("ArrowLeft")
+            page.get_by_text("Query: test #5").wait_for(timeout=30_000)
+            wait_idle(page)
             # the query's image, then the 8 + 8 cards (one HTML grid per side)
             assert page.locator("[data-testid='stImage'] img, [data-testid='stImageContainer'] img").count() >= 1
             cards = page.locator(".pp-card")
@@ -131,11 +139,7 @@ def test_user_flow(app_server, tmp_path):
             proj = Project.load(app_server["project"])
             suspects = svc.triage_table(proj, svc.done_runs(proj)[0]["key"], "trak", flags={})
             first_suspect = int(suspects["index"][0])
-            page.get_by_text("Suspect 1 of").first.wait_for(timeout=30_000)
-            # the table's widget key before the decision: a decision re-keys it (so a stale edit can never land)
-            editor_sel = "[class*='st-key-editor_']"
-            old_key = next(c for c in page.locator(editor_sel).first.get_attribute("class").split()
-                           if c.startswith("st-key-editor_"))
+            page.get_by_text("Suspect 1 of").first.wait_for(timeout=30_000)  # one by one is the first view
             page.get_by_text("Review one by one").first.click()  # focus the page, not an input
             page.keyboard.press("m")
             deadline = time.time() + 30
@@ -153,11 +157,10 @@ def test_user_flow(app_server, tmp_path):
             # in SQLite, beside the flag the M key set (the grid moves its cursor down, as a
             # spreadsheet does; the edit does not move with it)
             wait_idle(page)
-            # the re-keyed table mounted: an edit made in the old one, still on screen for a moment under
-            # load, would go to a widget that no longer exists
-            page.wait_for_function("""old => { const e = document.querySelector("[class*='st-key-editor_']");
-                                              return e && !e.classList.contains(old) && e.querySelector('canvas'); }""",
-                                   arg=old_key, timeout=30_000)
+            page.locator("[class*='st-key-view'] label:has-text('Table')").first.click()
+            editor_sel = "[class*='st-key-editor_']"
+            page.wait_for_function("""() => { const e = document.querySelector("[class*='st-key-editor_']");
+                                              return e && e.querySelector('canvas'); }""", timeout=30_000)
             wait_idle(page)
             table = page.locator(editor_sel).first.locator("[data-testid='stDataFrame']").first
             table.scroll_into_view_if_needed()
@@ -203,7 +206,7 @@ def test_user_flow(app_server, tmp_path):
             page.locator("[data-testid='stSidebarNav'] a:has-text('Triage')").click()
             page.get_by_text("Bulk actions", exact=True).wait_for(timeout=60_000)
             wait_idle(page)
-            page.get_by_text("Grid of the suspects above").click()
+            page.locator("[class*='st-key-view'] label:has-text('Grid')").first.click()  # the view stayed Table
             wait_idle(page)
             # the grid's cards, and one pill per card that selects it
             grid_ids = [int(x) for x in page.locator(".pp-card").evaluate_all("cs => cs.map(c => c.dataset.index)")]

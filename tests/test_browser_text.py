@@ -64,6 +64,8 @@ def test_text_explore_and_triage(text_app, tmp_path):
             page.locator("[data-testid='stSidebarNav'] a:has-text('Triage')").click()
             page.get_by_text("Bulk actions", exact=True).wait_for(timeout=120_000)
             wait_idle(page)
+            page.locator("[class*='st-key-view'] label:has-text('Table')").first.click()
+            wait_idle(page)
             # the suspects table carries a text column with the most suspicious sentence first
             tri = svc.triage_table(project, key, "trak", flags={})
             first = project.text("train", int(tri.iloc[0]["index"]))

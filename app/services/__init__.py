@@ -3,7 +3,7 @@
 Pages stay thin and call these; tests call them directly, including the selection and
 table-editing logic that AppTest cannot click. ``from app import services as svc`` gives them all.
 """
-from app.services.cards import FLAG_COLOURS, Card, cards_html  # noqa: F401
+from app.services.cards import FLAG_COLOURS, Card, cards_html, table_html  # noqa: F401
 from app.services.svg_charts import Series, bar_chart, xy_chart  # noqa: F401
 from app.services.cost import calibrate_gradients, estimate_cost, gradient_passes, job_startup_seconds  # noqa: F401
 from app.services.embeddings import (  # noqa: F401

@@ -81,3 +81,20 @@ def cards_html(cards: list[Card], per_row: int = 8, size: int = 84, note: list[s
     note_span = per_row - len(view) % per_row if len(view) % per_row else per_row
     return _TEMPLATE.render(cards=view, per_row=per_row, size=int(size), colours=FLAG_COLOURS,
                             note=[str(x) for x in note or []], note_span=note_span)
+
+
+_TABLE = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string("""\
+<table class="pp-table" style="border-collapse:collapse;font-size:0.85rem;width:100%">
+<thead><tr>{% for c in columns %}<th style="text-align:left;border-bottom:1px solid #ddd;padding:3px 8px;\
+color:rgba(49,51,63,0.75);font-weight:600">{{ c }}</th>{% endfor %}</tr></thead>
+<tbody>
+{% for r in rows %}<tr>{% for v in r %}<td style="border-bottom:1px solid #f0f0f0;padding:3px 8px;\
+overflow-wrap:anywhere">{{ v }}</td>{% endfor %}</tr>
+{% endfor %}
+</tbody></table>""")
+
+
+def table_html(columns: list[str], rows: list[list]) -> str:
+    """A small read-only table as one HTML block (escaped): a data grid element costs a page switch
+    far more to draw, and a table of a few rows needs neither its sorting nor its scrolling."""
+    return _TABLE.render(columns=[str(c) for c in columns], rows=[["" if v is None else _fmt(v) for v in r] for r in rows])

@@ -1,4 +1,6 @@
 """Explore: a query, its prediction, and its top-k proponents and opponents."""
+import bisect
+
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
@@ -32,42 +34,63 @@ with left:
                      help="The model's top class probability for the query.")
     table = svc.query_table(project, preds, classes=classes, correctness=correctness, conf_range=conf)
     n_match = len(table)
-    # a page of the table at a time: thumbnails are made and sent for the rows shown only (360 thumbnails
-    # re-sent on every rerun made each switch to this page slower; at 100k test rows it would not load)
-    n_pages = max(1, -(-n_match // QUERY_PAGE))
-    if n_pages > 1:
-        if int(st.session_state.get("q_page", 1)) > n_pages:  # the filters shrank the list
-            st.session_state["q_page"] = n_pages
-        q_page = int(st.number_input(f"Table page (of {n_pages:,}, {QUERY_PAGE} rows each)", min_value=1,
-                                     max_value=n_pages, key="q_page"))
-        table = table.iloc[(q_page - 1) * QUERY_PAGE: q_page * QUERY_PAGE].reset_index(drop=True)
-    if project.data_format == "images" and len(table):
-        table.insert(1, "image", ui.thumbs(root, "test", tuple(int(i) for i in table["test_index"])))
-    elif project.data_format == "text" and len(table):
-        table.insert(1, "text", svc.example_texts(project, "test", table["test_index"]))
-    event = st.dataframe(table, hide_index=True, height=230, on_select="rerun", selection_mode="single-row",
-                         key="qtable",
-                         column_config={"test_index": st.column_config.NumberColumn("test #"),
-                                        "image": st.column_config.ImageColumn("image", width="small"),
-                                        "confidence": st.column_config.NumberColumn(format="%.3f"),
-                                        "margin": st.column_config.NumberColumn(
-                                            format="%.2f", help="Correct-class margin z_y − logsumexp of the others")})
-    st.caption(f"{n_match:,} of {S.shape[0]:,} test queries match. Click a row, or type an index.")
-    rows = event.selection.rows if event is not None and hasattr(event, "selection") else []
-    if rows:
-        picked = int(table.iloc[rows[0]]["test_index"])
-        if st.session_state.get("_last_pick") != picked:
-            st.session_state["_last_pick"] = picked
-            st.session_state["q"] = st.session_state["_keep_q"] = picked
+    matches = [int(i) for i in table["test_index"]]  # in test-index order
+    # the table is drawn on request only: its data grid costs every switch to this page about 0.08 s of
+    # drawing in the browser (scratch paired A/B runs in Chromium, stop 29); stepping needs no table
+    if ui.kept_toggle("Browse the matches in a table", key="t_qtable",
+                      help="A table of the matching queries with thumbnails, 50 rows a page; click a row to "
+                           "choose it. Stays on across pages until turned off."):
+        # a page of the table at a time: thumbnails are made and sent for the rows shown only (360
+        # thumbnails re-sent on every rerun made each switch slower; at 100k test rows it would not load)
+        n_pages = max(1, -(-n_match // QUERY_PAGE))
+        if n_pages > 1:
+            if int(st.session_state.get("q_page", 1)) > n_pages:  # the filters shrank the list
+                st.session_state["q_page"] = n_pages
+            q_page = int(st.number_input(f"Table page (of {n_pages:,}, {QUERY_PAGE} rows each)", min_value=1,
+                                         max_value=n_pages, key="q_page"))
+            table = table.iloc[(q_page - 1) * QUERY_PAGE: q_page * QUERY_PAGE].reset_index(drop=True)
+        if project.data_format == "images" and len(table):
+            table.insert(1, "image", ui.thumbs(root, "test", tuple(int(i) for i in table["test_index"])))
+        elif project.data_format == "text" and len(table):
+            table.insert(1, "text", svc.example_texts(project, "test", table["test_index"]))
+        event = st.dataframe(table, hide_index=True, height=230, on_select="rerun", selection_mode="single-row",
+                             key="qtable",
+                             column_config={"test_index": st.column_config.NumberColumn("test #"),
+                                            "image": st.column_config.ImageColumn("image", width="small"),
+                                            "confidence": st.column_config.NumberColumn(format="%.3f"),
+                                            "margin": st.column_config.NumberColumn(
+                                                format="%.2f", help="Correct-class margin z_y − logsumexp of the others")})
+        rows = event.selection.rows if event is not None and hasattr(event, "selection") else []
+        if rows:
+            picked = int(table.iloc[rows[0]]["test_index"])
+            if st.session_state.get("_last_pick") != picked:
+                st.session_state["_last_pick"] = picked
+                st.session_state["q"] = st.session_state["_keep_q"] = picked
     # the query lives in a plain session key (widget state does not survive a page switch), then the URL
     set_directly = st.session_state.get("q") if st.session_state.get("q") != st.session_state.get("_keep_q") else None
     for cand in (set_directly, st.session_state.get("_keep_q"), st.query_params.get("q"), 0):
         if cand is not None and str(cand).isdigit() and int(cand) < S.shape[0]:
             st.session_state["q"] = st.session_state["_keep_q"] = int(cand)
             break
-    q = int(st.number_input("Test query index", 0, S.shape[0] - 1, step=1, key="q",
+
+    def _go(target: int) -> None:  # a callback: it runs before the number input is drawn again
+        st.session_state["q"] = st.session_state["_keep_q"] = target
+
+    qi, qp, qn = st.columns([3, 1, 1], vertical_alignment="bottom")
+    q = int(qi.number_input("Test query index", 0, S.shape[0] - 1, step=1, key="q",
                             on_change=lambda: st.session_state.__setitem__("_keep_q", st.session_state["q"])))
     st.query_params["q"] = str(q)
+    cut = bisect.bisect_left(matches, q)
+    prev_q = matches[cut - 1] if cut > 0 else None
+    nxt = cut + (cut < len(matches) and matches[cut] == q)
+    next_q = matches[nxt] if nxt < len(matches) else None
+    qp.button("◀", key="q_prev", disabled=prev_q is None, on_click=_go, args=(prev_q,),
+              shortcut="Left", help="The previous query that matches the filters. Key: ←.")
+    qn.button("▶", key="q_next", disabled=next_q is None, on_click=_go, args=(next_q,),
+              shortcut="Right", help="The next query that matches the filters. Key: →.")
+    st.caption(f"{n_match:,} of {S.shape[0]:,} test queries match"
+               + ("" if not matches else f"; test #{q} is {'one of them' if nxt > cut else 'not one of them'}")
+               + ". Step through them with ◀ ▶, type an index, or browse them in the table.")
 
 with mid:
     st.markdown(f"**Query: test #{q}**")

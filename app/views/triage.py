@@ -81,6 +81,14 @@ if n_pages > 1:
     page_no = int(st.number_input(f"Page (of {n_pages:,}; {len(view):,} suspects match)", min_value=1,
                                   max_value=n_pages, key="t_page"))
 view = view.iloc[(page_no - 1) * top_n: page_no * top_n].reset_index(drop=True)
+# one way of looking at a time: every interactive element costs each page switch its drawing in the
+# browser (the table's data grid alone about 0.08-0.15 s in scratch paired A/B runs in Chromium, stop 29),
+# so the page draws the chosen view only; the choice stays across pages and reloads, and is in the URL
+VIEWS = {"review": "One by one", "table": "Table", "grid": "Grid"}
+shown_as = ui.view_choice("View", VIEWS, key="view", default="review",
+                          help="One by one: the suspect large, beside typical examples, with keys to decide. "
+                               "Table: every evidence column, with flag, relabel and note cells to edit. Grid: "
+                               "the suspects as cards, to pick some for the bulk actions.")
 
 same_as_self = bool(len(table)) and np.allclose(table["suspicion"], table["self_influence"], equal_nan=True)
 if ranking_done:
@@ -94,42 +102,45 @@ else:
     why_susp = "the method's own mislabel score, shown beside its self-influence"
 st.caption(f"Most suspicious first ({'recommended' if ranking_done else run['method'] + ' suspicion'}: {why_susp}). "
            "Evidence: self-influence, how many test queries it is a top-10 opponent of, and the ensemble's "
-           "probability of the given label. Edit flag / relabel / note cells directly; they save at once.")
-shown = view.drop(columns=["self_influence"]) if same_as_self else view.copy()
-if project.data_format == "images" and len(shown):
-    shown.insert(2, "image", ui.thumbs(root, "train", tuple(int(i) for i in shown["index"])))
-elif project.data_format == "text" and len(shown):
-    shown.insert(2, "text", svc.example_texts(project, "train", shown["index"]))
-# the editor's key changes after every write and with the filters, so an edit is applied exactly once
-# and a stale edit can never land on another row or undo a later bulk action
-ver = st.session_state.setdefault("editor_v", 0)
-ekey = f"editor_{run['key']}_{ver}_" + svc.stable_hash([cls, state, top_n, page_no], 8)
-edited = st.data_editor(
-    shown, hide_index=True, key=ekey, height=360,
-    disabled=[c for c in shown.columns if c not in svc.EDITABLE],
-    column_config={
-        "image": st.column_config.ImageColumn("image", width="small"),
-        "text": st.column_config.TextColumn("text", width="large"),
-        "suspicion": st.column_config.NumberColumn(format="%.4g", help="Higher: more likely mislabeled. " + svc.SIGN_HELP),
-        "self_influence": st.column_config.NumberColumn(format="%.4g", help="S[i, i]: the example's score on itself."),
-        "p_label": st.column_config.NumberColumn("p(label)", format="%.3f", help="Ensemble probability of the given label."),
-        "opponent_of": st.column_config.NumberColumn("opponent of", help="Test queries for which it is a top-10 opponent."),
-        "flag": st.column_config.SelectboxColumn("flag", options=list(svc.FLAG_VALUES)),
-        "relabel": st.column_config.SelectboxColumn("relabel", options=[str(c) for c in project.classes]),
-        "note": st.column_config.TextColumn("note"),
-        **{f"ev_{k}": st.column_config.NumberColumn(k.replace("_", " "), format="%.3g", help=v)
-           for k, v in svc.EVIDENCE_COLUMNS.items()},
-    })
-n_changed = svc.apply_table_edits(db, shown, edited)
-if n_changed:
-    st.session_state["editor_v"] = ver + 1
-    st.toast(f"saved {n_changed} change(s)")
-    st.rerun()
+           "probability of the given label." + (" Edit flag / relabel / note cells directly; they save at once."
+                                                if shown_as == "table" else ""))
+if shown_as == "table":
+    shown = view.drop(columns=["self_influence"]) if same_as_self else view.copy()
+    if project.data_format == "images" and len(shown):
+        shown.insert(2, "image", ui.thumbs(root, "train", tuple(int(i) for i in shown["index"])))
+    elif project.data_format == "text" and len(shown):
+        shown.insert(2, "text", svc.example_texts(project, "train", shown["index"]))
+    # the editor's key changes after every write and with the filters, so an edit is applied exactly once
+    # and a stale edit can never land on another row or undo a later bulk action
+    ver = st.session_state.setdefault("editor_v", 0)
+    ekey = f"editor_{run['key']}_{ver}_" + svc.stable_hash([cls, state, top_n, page_no], 8)
+    edited = st.data_editor(
+        shown, hide_index=True, key=ekey, height=360,
+        disabled=[c for c in shown.columns if c not in svc.EDITABLE],
+        column_config={
+            "image": st.column_config.ImageColumn("image", width="small"),
+            "text": st.column_config.TextColumn("text", width="large"),
+            "suspicion": st.column_config.NumberColumn(format="%.4g", help="Higher: more likely mislabeled. " + svc.SIGN_HELP),
+            "self_influence": st.column_config.NumberColumn(format="%.4g", help="S[i, i]: the example's score on itself."),
+            "p_label": st.column_config.NumberColumn("p(label)", format="%.3f", help="Ensemble probability of the given label."),
+            "opponent_of": st.column_config.NumberColumn("opponent of", help="Test queries for which it is a top-10 opponent."),
+            "flag": st.column_config.SelectboxColumn("flag", options=list(svc.FLAG_VALUES)),
+            "relabel": st.column_config.SelectboxColumn("relabel", options=[str(c) for c in project.classes]),
+            "note": st.column_config.TextColumn("note"),
+            **{f"ev_{k}": st.column_config.NumberColumn(k.replace("_", " "), format="%.3g", help=v)
+               for k, v in svc.EVIDENCE_COLUMNS.items()},
+        })
+    n_changed = svc.apply_table_edits(db, shown, edited)
+    if n_changed:
+        st.session_state["editor_v"] = ver + 1
+        st.toast(f"saved {n_changed} change(s)")
+        st.rerun()
 
 # ---------------------------------------------------------------- grid
 grid_sel: list[int] = []
-# a toggle, not an expander: an expander's content is built even when closed (48 images per rerun)
-if st.toggle("Grid of the suspects above (pick numbers to select them for the bulk actions below)", key="t_grid"):
+if shown_as == "grid":
+    st.caption("The first 48 suspects of the list (its filters and page): pick their numbers to select them for the "
+               "bulk actions below.")
     grid_ids = [int(i) for i in view["index"]][:48]
     by_row = view.set_index("index")
     ui.example_cards(project, "train", [(gi, [f"#{gi} · {by_row.loc[gi, 'label']}→{by_row.loc[gi, 'suggested']}",
@@ -172,67 +183,68 @@ def _own_influences(i: int, row) -> None:
 
 
 # ---------------------------------------------------------------- one-by-one review
-st.subheader("Review one by one", help="The suspects of the table above, in its order and filters, one at a time: "
-             "large, beside typical examples of the given and the suggested class, with the test predictions it "
-             "opposes most. A decision saves at once and moves to the next suspect; Undo puts the last one back.")
-order = [int(i) for i in view["index"]]
-if order:
-    # the suspect shown is remembered by its index, so a decision that filters it out of the view
-    # (e.g. "unflagged") moves to the next suspect rather than skipping one
-    cur = st.session_state.get("rv_id")
-    pos = order.index(cur) if cur in order else min(int(st.session_state.get("rv_pos", 0)), len(order) - 1)
-    i = order[pos]
-    st.session_state["rv_id"], st.session_state["rv_pos"] = i, pos
-    row = table.set_index("index").loc[i]
-    nav1, nav2, nav3 = st.columns([1, 1, 4])
-    if nav1.button("◀ Previous", key="rv_prev", disabled=pos == 0, shortcut="Left"):
-        st.session_state["rv_id"] = order[pos - 1]
-        st.rerun()
-    if nav2.button("Next ▶", key="rv_next", disabled=pos >= len(order) - 1, shortcut="Right"):
-        st.session_state["rv_id"] = order[pos + 1]
-        st.rerun()
-    nav3.caption(f"Suspect {pos + 1} of {len(order)} · train #{i} · given **{row['label']}** · suggested "
-                 f"**{row['suggested']}** · suspicion {row['suspicion']:.4g} · p(given label) {row['p_label']:.3f} · "
-                 f"flag now: {ui.fmt_flag(row['flag'])}" + (f" → relabel {row['relabel']}" if row['relabel'] else ""))
-    big, typ = st.columns([1, 3])
-    with big:
-        ui.show_example(project, "train", i, size=224, caption=f"train #{i} (given {row['label']})")
-    with typ:
-        for cls_name, what in ((row["label"], "given"), (row["suggested"], "suggested")):
-            ids = svc.typical_examples(table, cls_name, 6, exclude=i)
-            st.caption(f"Typical {cls_name} ({what} class): the examples the model is surest about")
-            ui.example_cards(project, "train", [(int(j), [f"#{j}"]) for j in ids], size=72, per_row=6)
-        hurt = svc.hurt_queries(run_scores, i, 6)
-        if hurt:
-            st.caption("Test predictions it opposes most (removing it is predicted to raise their margin)")
-            ui.example_cards(project, "test", [(int(q), [f"test #{q} · {sc:+.2g}"]) for q, sc in hurt], size=72,
-                             per_row=6)
-        if not clusters.is_cluster_run(run):
-            _own_influences(i, row)
-    d = st.columns(6)
-    decision = None
-    # keys: M mislabeled, L relabel to the suggested label, O ok, A ambiguous, K leak, U undo, ←/→ move
-    # (Streamlit reserves C and R)
-    for c, (label, act, key_) in zip(d, (("Mislabeled", "mislabeled", "M"),
-                                         (f"Relabel → {row['suggested']}", "relabel", "L"),
-                                         ("OK", "ok", "O"), ("Ambiguous", "ambiguous", "A"), ("Leak", "leak", "K"))):
-        if c.button(label, key=f"rv_{act}", shortcut=key_):
-            decision = act
-    undo_stack = st.session_state.setdefault("rv_undo", [])
-    if d[5].button("Undo", key="rv_undo_btn", disabled=not undo_stack, shortcut="U"):
-        prior = undo_stack.pop()
-        svc.undo_decision(db, prior)
-        st.session_state["rv_id"] = prior["index"]
-        st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
-        st.rerun()
-    if decision:
-        undo_stack.append(svc.review_decision(db, i, decision, str(row["suggested"])))
-        st.session_state["rv_id"] = order[pos + 1] if pos + 1 < len(order) else i
-        st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
-        st.toast(f"train #{i}: {decision}")
-        st.rerun()
-else:
-    st.caption("No suspect matches the filters.")
+if shown_as == "review":
+    st.subheader("Review one by one", help="The suspects of the list, in its order and filters, one at a time: "
+                 "large, beside typical examples of the given and the suggested class, with the test predictions it "
+                 "opposes most. A decision saves at once and moves to the next suspect; Undo puts the last one back.")
+    order = [int(i) for i in view["index"]]
+    if order:
+        # the suspect shown is remembered by its index, so a decision that filters it out of the view
+        # (e.g. "unflagged") moves to the next suspect rather than skipping one
+        cur = st.session_state.get("rv_id")
+        pos = order.index(cur) if cur in order else min(int(st.session_state.get("rv_pos", 0)), len(order) - 1)
+        i = order[pos]
+        st.session_state["rv_id"], st.session_state["rv_pos"] = i, pos
+        row = table.set_index("index").loc[i]
+        nav1, nav2, nav3 = st.columns([1, 1, 4])
+        if nav1.button("◀ Previous", key="rv_prev", disabled=pos == 0, shortcut="Left"):
+            st.session_state["rv_id"] = order[pos - 1]
+            st.rerun()
+        if nav2.button("Next ▶", key="rv_next", disabled=pos >= len(order) - 1, shortcut="Right"):
+            st.session_state["rv_id"] = order[pos + 1]
+            st.rerun()
+        nav3.caption(f"Suspect {pos + 1} of {len(order)} · train #{i} · given **{row['label']}** · suggested "
+                     f"**{row['suggested']}** · suspicion {row['suspicion']:.4g} · p(given label) {row['p_label']:.3f} · "
+                     f"flag now: {ui.fmt_flag(row['flag'])}" + (f" → relabel {row['relabel']}" if row['relabel'] else ""))
+        big, typ = st.columns([1, 3])
+        with big:
+            ui.show_example(project, "train", i, size=224, caption=f"train #{i} (given {row['label']})")
+        with typ:
+            for cls_name, what in ((row["label"], "given"), (row["suggested"], "suggested")):
+                ids = svc.typical_examples(table, cls_name, 6, exclude=i)
+                st.caption(f"Typical {cls_name} ({what} class): the examples the model is surest about")
+                ui.example_cards(project, "train", [(int(j), [f"#{j}"]) for j in ids], size=72, per_row=6)
+            hurt = svc.hurt_queries(run_scores, i, 6)
+            if hurt:
+                st.caption("Test predictions it opposes most (removing it is predicted to raise their margin)")
+                ui.example_cards(project, "test", [(int(q), [f"test #{q} · {sc:+.2g}"]) for q, sc in hurt], size=72,
+                                 per_row=6)
+            if not clusters.is_cluster_run(run):
+                _own_influences(i, row)
+        d = st.columns(6)
+        decision = None
+        # keys: M mislabeled, L relabel to the suggested label, O ok, A ambiguous, K leak, U undo, ←/→ move
+        # (Streamlit reserves C and R)
+        for c, (label, act, key_) in zip(d, (("Mislabeled", "mislabeled", "M"),
+                                             (f"Relabel → {row['suggested']}", "relabel", "L"),
+                                             ("OK", "ok", "O"), ("Ambiguous", "ambiguous", "A"), ("Leak", "leak", "K"))):
+            if c.button(label, key=f"rv_{act}", shortcut=key_):
+                decision = act
+        undo_stack = st.session_state.setdefault("rv_undo", [])
+        if d[5].button("Undo", key="rv_undo_btn", disabled=not undo_stack, shortcut="U"):
+            prior = undo_stack.pop()
+            svc.undo_decision(db, prior)
+            st.session_state["rv_id"] = prior["index"]
+            st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
+            st.rerun()
+        if decision:
+            undo_stack.append(svc.review_decision(db, i, decision, str(row["suggested"])))
+            st.session_state["rv_id"] = order[pos + 1] if pos + 1 < len(order) else i
+            st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
+            st.toast(f"train #{i}: {decision}")
+            st.rerun()
+    else:
+        st.caption("No suspect matches the filters.")
 
 # ---------------------------------------------------------------- cluster data-quality assessment (DDM)
 if clusters.is_cluster_run(run):
@@ -272,36 +284,43 @@ if clusters.is_cluster_run(run):
             st.success("No cluster's simulated removal lowers the validation loss.")
 
 # ---------------------------------------------------------------- bulk actions
-st.subheader("Bulk actions")
-b1, b2 = st.columns([3, 2])
-choices = [int(i) for i in view["index"]]
-label_of = dict(zip((int(i) for i in table["index"]), table["label"]))
-sel = b1.multiselect("Training examples", choices, key="bulk_sel", format_func=lambda i: f"#{i} (label {label_of[i]})")
-top_k_sel = b2.number_input("…or the top N shown", 0, len(choices), 0, key="bulk_topn")
-targets = sel or grid_sel or choices[: int(top_k_sel)]
-action = st.selectbox("Action", ["flag mislabeled", "flag ok", "flag ambiguous", "flag leak", "clear flag",
-                                 "relabel to suggested", "add note"], key="bulk_action")
-note = st.text_input("Note", key="bulk_note") if action == "add note" else None
-if st.button(f"Apply to {len(targets)} example(s)", key="bulk_apply", disabled=not targets):
-    if action.startswith("flag "):
-        n = svc.bulk_update(db, "train", targets, flag=action.split(" ", 1)[1])
-    elif action == "clear flag":
-        n = svc.bulk_update(db, "train", targets, flag=None)
-    elif action == "relabel to suggested":
-        sug = table.set_index("index")["suggested"]
-        n = 0
-        for i in targets:
-            db.set_flag("train", i, relabel=sug[i], source="app-bulk")
-            n += 1
-    else:
-        n = svc.bulk_update(db, "train", targets, note=note or None)
-    st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
-    st.toast(f"{action}: {n} example(s) updated")
-    st.rerun()
-st.download_button(f"Export the {len(targets)} selected (CSV)",
-                   lambda sel=tuple(targets): svc.selection_csv(project, db, sel, table),
-                   file_name=f"{project.name}-selection.csv", mime="text/csv", key="dl_selection",
-                   disabled=not targets, help="index, file, given and suggested label, score, flag, note, time")
+# in the grid view, whose picks are their targets, always; elsewhere behind a toggle that stays as left
+if shown_as == "grid":
+    st.subheader("Bulk actions")
+    bulk_on = True
+else:
+    bulk_on = ui.kept_toggle("Bulk actions", key="t_bulk",
+                             help="Flag, relabel or note many suspects at once, and export a selection as CSV.")
+if bulk_on:
+    b1, b2 = st.columns([3, 2])
+    choices = [int(i) for i in view["index"]]
+    label_of = dict(zip((int(i) for i in table["index"]), table["label"]))
+    sel = b1.multiselect("Training examples", choices, key="bulk_sel", format_func=lambda i: f"#{i} (label {label_of[i]})")
+    top_k_sel = b2.number_input("…or the top N shown", 0, len(choices), 0, key="bulk_topn")
+    targets = sel or grid_sel or choices[: int(top_k_sel)]
+    action = st.selectbox("Action", ["flag mislabeled", "flag ok", "flag ambiguous", "flag leak", "clear flag",
+                                     "relabel to suggested", "add note"], key="bulk_action")
+    note = st.text_input("Note", key="bulk_note") if action == "add note" else None
+    if st.button(f"Apply to {len(targets)} example(s)", key="bulk_apply", disabled=not targets):
+        if action.startswith("flag "):
+            n = svc.bulk_update(db, "train", targets, flag=action.split(" ", 1)[1])
+        elif action == "clear flag":
+            n = svc.bulk_update(db, "train", targets, flag=None)
+        elif action == "relabel to suggested":
+            sug = table.set_index("index")["suggested"]
+            n = 0
+            for i in targets:
+                db.set_flag("train", i, relabel=sug[i], source="app-bulk")
+                n += 1
+        else:
+            n = svc.bulk_update(db, "train", targets, note=note or None)
+        st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
+        st.toast(f"{action}: {n} example(s) updated")
+        st.rerun()
+    st.download_button(f"Export the {len(targets)} selected (CSV)",
+                       lambda sel=tuple(targets): svc.selection_csv(project, db, sel, table),
+                       file_name=f"{project.name}-selection.csv", mime="text/csv", key="dl_selection",
+                       disabled=not targets, help="index, file, given and suggested label, score, flag, note, time")
 
 n_unflagged = int(table["flag"].isna().sum())
 counts = table["flag"].dropna().value_counts().rename_axis("flag").reset_index(name="examples")
