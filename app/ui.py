@@ -164,6 +164,21 @@ def db(project):
     return svc.db_for(project)
 
 
+def _kept_choice(key: str, valid, fallback) -> str:
+    """Hand the choice widget ``key`` its value for this run; returns the plain session key that keeps it.
+
+    A widget's state does not carry over to the same key on another page, so the choice lives in a
+    plain session key too. A value set under the widget's own key by code (not by the widget) wins,
+    then the kept one, then the URL's, then ``fallback``."""
+    keep = f"_keep_{key}"
+    set_directly = st.session_state.get(key) if st.session_state.get(key) != st.session_state.get(keep) else None
+    for cand in (set_directly, st.session_state.get(keep), st.query_params.get(key), fallback):
+        if cand in valid:
+            st.session_state[key] = st.session_state[keep] = cand
+            break
+    return keep
+
+
 def pick_run(project, key: str = "run", label: str = "Attribution run", exclude: str | None = None):
     """A selectbox of finished runs; None with a hint when there are none.
 
@@ -179,15 +194,7 @@ def pick_run(project, key: str = "run", label: str = "Attribution run", exclude:
     by = {r["key"]: r for r in runs}
     per_example = [k for k in keys if not clusters.is_cluster_run(by[k])]
     newest = (per_example or keys)[0]
-    keep = f"_keep_{key}"
-    # a widget's state does not carry over to the same key on another page, so the choice lives
-    # in a plain session key and is handed to the widget on every run
-    # (a value set in the session under the widget's own key by code, not by the widget, wins)
-    set_directly = st.session_state.get(key) if st.session_state.get(key) != st.session_state.get(keep) else None
-    for cand in (set_directly, st.session_state.get(keep), st.query_params.get(key), newest):
-        if cand in keys:
-            st.session_state[key] = st.session_state[keep] = cand
-            break
+    keep = _kept_choice(key, keys, newest)
     choice = st.selectbox(label, keys, key=key, format_func=lambda k: svc.run_label(by[k]),
                           on_change=lambda: st.session_state.__setitem__(keep, st.session_state[key]),
                           help="Finished, cached runs of this project. " + SIGN)
@@ -205,12 +212,7 @@ def pick_run(project, key: str = "run", label: str = "Attribution run", exclude:
 def view_choice(label: str, options: dict, key: str, default: str, help: str | None = None) -> str:
     """A horizontal radio of ``options`` (value -> label) whose choice survives page switches (a plain
     session key, as in pick_run), reloads and deep links (``?{key}=`` in the URL)."""
-    keep = f"_keep_{key}"
-    set_directly = st.session_state.get(key) if st.session_state.get(key) != st.session_state.get(keep) else None
-    for cand in (set_directly, st.session_state.get(keep), st.query_params.get(key), default):
-        if cand in options:
-            st.session_state[key] = st.session_state[keep] = cand
-            break
+    keep = _kept_choice(key, options, default)
     choice = st.radio(label, list(options), key=key, format_func=options.get, horizontal=True, help=help,
                       on_change=lambda: st.session_state.__setitem__(keep, st.session_state[key]))
     st.query_params[key] = choice
