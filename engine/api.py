@@ -1,7 +1,6 @@
 """The public entry points: ``attribute`` and cached, resumable method runs."""
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 
@@ -84,7 +83,9 @@ def fit_method(project: Project, method: str, settings=None, *, device: str = "a
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    from engine.evaluate.memory import peak_rss_mb  # a job's worker starts from the app's process
+
+    return peak_rss_mb()
 
 
 def cached_scores(project: Project, method: str, settings=None, *, device: str = "auto", progress=None,

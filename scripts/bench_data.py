@@ -2,7 +2,7 @@
 """Image splits decoded on demand: wall time and peak memory of loading a split, against the
 in-RAM float32 stack the loader used before (docs/bench/data-streaming.json).
 
-Each run is its own process (peak RSS is the process's ``ru_maxrss``), on generated PNG files:
+Each run is its own process (peak RSS is the process's ``VmHWM``), on generated PNG files:
   * ``in RAM``: decode every file to float32 and stack (the old loader);
   * ``streamed``: decode through the DataLoader into a uint8 file (0 and N worker processes);
   * ``cached``: map the uint8 cache of a later load, then read every row once in blocks.
@@ -66,6 +66,7 @@ def _child(mode: str, folder: str, n: int, workers: int, cache: str) -> None:
 
     from engine.core import images
     from engine.core.data import row_blocks
+    from engine.evaluate.memory import peak_rss_mb
 
     paths = sorted(Path(folder).glob("*.png"))[:n]
     prep = images.ImagePreprocessing(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -85,7 +86,7 @@ def _child(mode: str, folder: str, n: int, workers: int, cache: str) -> None:
         x = images.load_split(paths, names, prep, paths, rows, None, cache=(c, "train"), pending=None)
         checksum = float(sum(b[:, 0, 0, 0].sum() for _, _, b in row_blocks(x)))
     secs = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mb()  # VmHWM: ru_maxrss would carry the parent's peak over exec
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"seconds": secs, "rss_mb": rss, "worker_rss_mb": kids, "checksum": checksum}))
 

@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -63,7 +62,9 @@ def peak_gpu_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    from engine.evaluate.memory import peak_rss_mb as vm_hwm  # ru_maxrss carries the parent's over exec
+
+    return vm_hwm()
 
 
 def machine() -> str:

@@ -494,11 +494,21 @@ def test_embedding_cached_and_subsampled(ran_project, tmp_path):
     calls = []
     e = svc.compute_embedding(p, "influence", "pca", max_points=300, progress=lambda *a: calls.append(a))
     assert e["xy"].shape == (300, 2) and int(e["n_total"]) == len(p.train_dataset) and calls
-    assert svc.embedding_path(p, "influence", "pca").is_file()
+    assert svc.embedding_path(p, "influence", "pca", max_points=300).is_file()
+    # a map made with other settings is not the default map (the page would show a 300-point sample)
+    assert svc.cached_embedding(p, "influence", "pca") is None
+    assert svc.cached_embedding(p, "influence", "pca", max_points=300) is not None
     again = svc.compute_embedding(p, "influence", "pca", max_points=300, progress=lambda *a: calls.append("again"))
     assert "again" not in calls and np.array_equal(again["xy"], e["xy"])
     pen = svc.compute_embedding(p, "penultimate", "pca")
     assert pen["xy"].shape == (len(p.train_dataset), 2)
+    from engine.workflows import embeddings as we
+
+    tsne, pca = svc.embedding_path(p, "penultimate", "tsne"), svc.embedding_path(p, "penultimate", "pca")
+    with pytest.MonkeyPatch.context() as mp:  # another t-SNE length is another t-SNE map, the same PCA map
+        mp.setattr(we, "TSNE_ITERATIONS", we.TSNE_ITERATIONS + 150)
+        assert svc.embedding_path(p, "penultimate", "tsne") != tsne
+        assert svc.embedding_path(p, "penultimate", "pca") == pca and svc.cached_embedding(p, "penultimate", "pca")
     df = svc.embedding_frame(p, e, "label", flags={int(e["index"][0]): {"flag": "ok"}})
     assert list(df["index"]) == list(e["index"]) and df["flag"].iloc[0] == "ok"
 

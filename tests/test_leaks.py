@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,3 +96,42 @@ def test_cli_leaks_json_schema(digits_copy, capsys):
         assert isinstance(pair["flagged"], bool) and isinstance(pair["train_index"], int)
     rc = main(["leaks", str(digits_copy.root), "--method", "forward-inf", "--set", "normalize=bogus", "--json"])
     assert rc == 2 and "normalize" in capsys.readouterr().err
+
+
+def test_input_matrices_live_in_unlinked_scratch_files(digits_copy, monkeypatch):
+    """The detector's [n, d] input matrices are memory-mapped scratch files, not heap arrays, with
+    the values of the direct computation, and they leave no file behind; the similarity blocks
+    shrink with the training set so a block stays within its byte budget, with the same matches."""
+    import torch
+
+    from engine.workflows import copies
+    from engine.workflows.leaks import unit_inputs
+
+    x = digits_copy.train_dataset.x
+    flat = x[torch.arange(len(x))].flatten(1).double().numpy()
+    direct = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+    import tempfile
+
+    def left():  # scratch files of this detector in the project's cache or the system's temp folder
+        folders = [f for f in (digits_copy.scratch_folder, Path(tempfile.gettempdir())) if f.is_dir()]
+        return sorted(q.name for f in folders for q in f.iterdir()
+                      if q.name.startswith(("proponent-unit inputs-", "proponent-input vectors-")))
+
+    before = left()
+    u = unit_inputs(digits_copy, "train")
+    assert isinstance(u, np.memmap) and u.dtype == np.float64
+    np.testing.assert_allclose(np.asarray(u), direct, rtol=0, atol=1e-12)
+    v = copies.input_vectors(digits_copy, "train")
+    assert isinstance(v, np.memmap) and v.shape == direct.shape
+    assert left() == before  # unlinked at once: only the maps hold them
+
+    assert copies.similarity_rows(16_384) == 512 and copies.similarity_rows(1_000_000) == 8
+    assert copies.similarity_rows(10**9) == 1
+    # blocks of 3 queries give the same matches as one block of 20
+    monkeypatch.setattr(copies, "SIM_BLOCK_BYTES", 8 * len(x) * 3)
+    assert copies.similarity_rows(len(x)) == 3
+    small = copies.best_matches(digits_copy, "test", np.arange(20))
+    monkeypatch.setattr(copies, "SIM_BLOCK_BYTES", 64 << 20)
+    whole = copies.best_matches(digits_copy, "test", np.arange(20))
+    assert np.array_equal(small["cos_index"], whole["cos_index"]) and np.array_equal(small["exact"], whole["exact"])
+    np.testing.assert_allclose(small["cosine"], whole["cosine"], rtol=0, atol=1e-6)

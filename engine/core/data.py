@@ -12,7 +12,6 @@ path). An empty class folder, or a class folder only in test, is an error naming
 """
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +25,13 @@ from torch.utils import _pytree as pytree
 from engine.core.errors import ValidationError
 from engine.core.images import ImagePreprocessing, ImageRows, load_split, read_raw_image
 from engine.core.paths import FolderResolver, check_inside
+from engine.core.tables import (TABLE_SUFFIXES, check_labels, check_unique_header, class_order, load_tabular_splits,
+                                 native, parse_error, table_kind)
 from engine.storage.statedb import STATE_DIRNAME
 
 FORMATS = ("images", "image_folder", "tabular", "text")
 # torchvision.datasets.folder.IMG_EXTENSIONS
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
 
 
 # ----------------------------------------------------------------------------- dict inputs
@@ -111,11 +111,9 @@ def input_bytes(x) -> Iterator[bytes]:
     """The inputs' float bytes, row block by row block (hashing never holds a whole image split)."""
     if isinstance(x, TensorDict):
         yield x.numpy_bytes()
-    elif isinstance(x, ImageRows):
+    else:  # row blocks: the same bytes as the whole split's, without a copy of it
         for _, _, block in row_blocks(x):
             yield block.numpy().tobytes()
-    else:
-        yield x.numpy().tobytes()
 
 
 # ----------------------------------------------------------------------------- settings
@@ -200,8 +198,8 @@ class LoadedData:
     x_test: Any
     y_test: torch.Tensor
     classes: list
-    train_df: pd.DataFrame  # one row per training example, in index order
-    test_df: pd.DataFrame
+    train_df: pd.DataFrame | None  # one row per training example, in index order; None: read on first use
+    test_df: pd.DataFrame | None
     feature_columns: list[str] = field(default_factory=list)  # tabular: the model's input columns
     feature_mean: np.ndarray | None = None
     feature_std: np.ndarray | None = None
@@ -210,11 +208,18 @@ class LoadedData:
     test_files: list[Path] | None = None
     warnings: list[str] = field(default_factory=list)
     image_cache: list = field(default_factory=list)  # PendingImageCache: decoded splits to keep
+    table_files: tuple[Path, Path] | None = None  # tabular: (train, test) files behind train_df/test_df
+    label_column: str = "label"
 
-
-def _native(v):
-    """numpy scalars → Python values, so labels print and compare plainly."""
-    return v.item() if hasattr(v, "item") else v
+    def frame(self, split: str) -> pd.DataFrame:
+        """The split's raw table. A tabular split is read whole only here, on first use: attribution
+        reads its inputs chunk by chunk (:mod:`engine.core.tables`) and never needs it."""
+        attr = "train_df" if split == "train" else "test_df"
+        df = getattr(self, attr)
+        if df is None:
+            df = read_table(self.table_files[0 if split == "train" else 1], self.label_column)
+            setattr(self, attr, df)
+        return df
 
 
 # ----------------------------------------------------------------------------- tables
@@ -222,7 +227,7 @@ def read_table(path: Path, label_column: str) -> pd.DataFrame:
     """A CSV, Parquet or JSONL file with a label column and at least one row."""
     if not path.is_file():
         raise ValidationError("file not found", file=str(path))
-    kind = TABLE_SUFFIXES.get(path.suffix.lower(), "csv")
+    kind = table_kind(path)
     try:
         if kind == "parquet":
             df = pd.read_parquet(path)
@@ -231,46 +236,29 @@ def read_table(path: Path, label_column: str) -> pd.DataFrame:
         else:
             df = pd.read_csv(path)
     except Exception as e:  # pandas/pyarrow raise many types; the user needs one line
-        raise ValidationError(f"cannot parse {kind.upper() if kind != 'jsonl' else 'JSONL'}: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", file=str(path)) from None
+        raise parse_error(path, kind, e) from None
     if kind == "csv":
-        _check_unique_header(path)
+        check_unique_header(path)
     df.columns = [str(c) for c in df.columns]
-    if label_column not in df.columns:
-        raise ValidationError(
-            f"label column {label_column!r} not found (columns: {', '.join(map(str, df.columns))})", file=str(path))
+    check_labels(df, label_column, path)
     if len(df) == 0:
         raise ValidationError("no data rows", file=str(path))
-    missing = df[label_column].isna().to_numpy()
-    if missing.any():
-        raise ValidationError(f"empty label in column {label_column!r}", file=str(path), row=int(np.argmax(missing)))
     return df
 
 
-def _check_unique_header(path: Path) -> None:
-    # pandas renames a repeated column to "name.1"; a repeated label or feature column is a mistake
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        header = next(csv.reader(f), [])
-    seen = set()
-    for name in header:
-        if name in seen:
-            raise ValidationError(f"column {name!r} appears twice in the header", file=str(path))
-        seen.add(name)
-
-
 def _class_index(train_df, test_df, lc, test_file: Path, train_file: Path | None = None):
-    raw = sorted((_native(v) for v in pd.unique(train_df[lc])), key=lambda v: (str(type(v)), v))
+    raw = class_order([native(v) for v in pd.unique(train_df[lc])])
     if len(raw) < 2:
         raise ValidationError(f"the training data has a single class ({raw[0]!r} in column {lc!r}); "
                               f"classification needs at least two", file=str(train_file or test_file))
     index = {c: i for i, c in enumerate(raw)}
-    unknown = np.array([_native(v) not in index for v in test_df[lc]])
+    unknown = np.array([native(v) not in index for v in test_df[lc]])
     if unknown.any():
         r = int(np.argmax(unknown))
-        raise ValidationError(f"class {_native(test_df[lc].iloc[r])!r} is in test but not in train",
+        raise ValidationError(f"class {native(test_df[lc].iloc[r])!r} is in test but not in train",
                               file=str(test_file), row=r)
-    y_train = torch.tensor([index[_native(v)] for v in train_df[lc]], dtype=torch.long)
-    y_test = torch.tensor([index[_native(v)] for v in test_df[lc]], dtype=torch.long)
+    y_train = torch.tensor([index[native(v)] for v in train_df[lc]], dtype=torch.long)
+    y_test = torch.tensor([index[native(v)] for v in test_df[lc]], dtype=torch.long)
     return raw, y_train, y_test
 
 
@@ -384,65 +372,16 @@ def _relative(p: Path, root: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- tabular
-def _load_tabular(cfg: DataConfig, train_file: Path, test_file: Path, exclude: set[str]) -> LoadedData:
-    lc = cfg.label_column
-    train_df, test_df = read_table(train_file, lc), read_table(test_file, lc)
-    classes, y_train, y_test = _class_index(train_df, test_df, lc, test_file, train_file)
-    cats = list(cfg.categorical_columns)
-    if cfg.feature_columns is not None:
-        cols = list(cfg.feature_columns)
-        cols += [c for c in cats if c not in cols]
-    else:
-        cols = [c for c in train_df.columns if c != lc and c not in exclude]
-    for df, f in ((train_df, train_file), (test_df, test_file)):
-        for c in cols:
-            if c not in df.columns:
-                raise ValidationError(f"feature column {c!r} not found (columns: {', '.join(map(str, df.columns))})", file=str(f))
-    if lc in cols:
-        raise ValidationError(f"[data] label column {lc!r} cannot also be a feature column", file=str(train_file))
-    numeric = [c for c in cols if c not in cats]
-    if not cols:
-        raise ValidationError("no feature columns", file=str(train_file))
-    categories = {c: sorted({str(v) for v in train_df[c].tolist()}) for c in cats}
-    for c in cats:
-        missing = train_df[c].isna().to_numpy()
-        if missing.any():
-            raise ValidationError(f"empty value in categorical column {c!r}", file=str(train_file), row=int(np.argmax(missing)))
-    mats = []
-    for df, f in ((train_df, train_file), (test_df, test_file)):
-        block = df[numeric]
-        num = block.apply(pd.to_numeric, errors="coerce")
-        bad = num.isna().to_numpy() | ~np.isfinite(num.to_numpy(dtype=np.float64, na_value=np.nan))
-        if bad.any():
-            r, c = map(int, np.argwhere(bad)[0])
-            raise ValidationError(f"column {numeric[c]!r}: value {str(block.iat[r, c])!r} is not a finite number",
-                                  file=str(f), row=r)
-        mats.append(num.to_numpy(dtype=np.float32))
-    # standardise with training statistics only, so test data never leaks into preprocessing
-    mean = mats[0].mean(0) if numeric else np.zeros(0, np.float32)
-    std = mats[0].std(0) if numeric else np.ones(0, np.float32)
-    std[std == 0] = 1.0
-    out = []
-    for m, df, f in zip(mats, (train_df, test_df), (train_file, test_file)):
-        parts = [(m - mean) / std] + [_one_hot(df[c], categories[c], c, f) for c in cats]
-        out.append(torch.from_numpy(np.concatenate(parts, axis=1).astype(np.float32)))
-    names = [str(c) for c in numeric] + [f"{c}={v}" for c in cats for v in categories[c]]
-    n_hot = len(names) - len(numeric)
-    return LoadedData(out[0], y_train, out[1], y_test, classes, train_df, test_df, feature_columns=names,
-                      feature_mean=np.concatenate([mean, np.zeros(n_hot, np.float32)]),
-                      feature_std=np.concatenate([std, np.ones(n_hot, np.float32)]), categories=categories)
-
-
-def _one_hot(values: pd.Series, categories: list[str], column: str, file: Path) -> np.ndarray:
-    index = {v: i for i, v in enumerate(categories)}
-    out = np.zeros((len(values), len(categories)), np.float32)
-    for r, v in enumerate(values.tolist()):
-        key = None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
-        if key not in index:
-            raise ValidationError(f"categorical column {column!r}: value {v!r} is not among the training categories "
-                                  f"({', '.join(categories)})", file=str(file), row=r)
-        out[r, index[key]] = 1.0
-    return out
+def _load_tabular(cfg: DataConfig, root: Path, train_file: Path, test_file: Path, exclude: set[str]) -> LoadedData:
+    t = load_tabular_splits(train_file, test_file, cfg.label_column, cfg.feature_columns, cfg.categorical_columns,
+                            exclude, scratch_dir=root / STATE_DIRNAME / "cache")
+    n_hot = len(t.feature_names) - len(t.mean)
+    # standardised with training statistics only, so test data never leaks into preprocessing
+    return LoadedData(torch.from_numpy(t.x_train), torch.from_numpy(t.y_train), torch.from_numpy(t.x_test),
+                      torch.from_numpy(t.y_test), t.classes, None, None, feature_columns=t.feature_names,
+                      feature_mean=np.concatenate([t.mean, np.zeros(n_hot, np.float32)]),
+                      feature_std=np.concatenate([t.std, np.ones(n_hot, np.float32)]), categories=t.categories,
+                      table_files=(train_file, test_file), label_column=cfg.label_column)
 
 
 # ----------------------------------------------------------------------------- text
@@ -494,18 +433,17 @@ def load_data(cfg: DataConfig, root: Path, *, exclude_columns: set[str] = frozen
     if cfg.format == "image_folder":
         return _load_image_folder(cfg, root, train_file, test_file)
     if cfg.format == "tabular":
-        return _load_tabular(cfg, train_file, test_file, set(exclude_columns))
+        return _load_tabular(cfg, root, train_file, test_file, set(exclude_columns))
     return _load_text(cfg, train_file, test_file, tokenize, factory_file or root / "model.py")
 
 
 def rows_table(data: LoadedData, split: str, root: Path) -> pd.DataFrame:
     """index, file (image formats; else empty), label: how printed indexes map back to examples."""
-    df = data.train_df if split == "train" else data.test_df
     files = data.train_files if split == "train" else data.test_files
     y = data.y_train if split == "train" else data.y_test
     return pd.DataFrame({
-        "index": np.arange(len(df)),
-        "file": [_relative(p, root) for p in files] if files is not None else [""] * len(df),
+        "index": np.arange(len(y)),
+        "file": [_relative(p, root) for p in files] if files is not None else [""] * len(y),
         "label": [data.classes[int(i)] for i in y],
     })
 

@@ -115,11 +115,6 @@ class Recipe:
         return d
 
 
-def _native(v):
-    """numpy scalars → Python values, so labels print and compare plainly."""
-    return v.item() if hasattr(v, "item") else v
-
-
 def _read_toml(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
@@ -238,7 +233,6 @@ class Project:
         d = load_data(self.data_config, self.root, exclude_columns=self._stage_columns(), tokenize=tokenize,
                       factory_file=self._factory_file)
         self._data = d
-        self.train_df, self.test_df = d.train_df, d.test_df
         self.classes: list = d.classes
         self.feature_columns: list[str] = d.feature_columns
         if d.feature_mean is not None:
@@ -251,6 +245,15 @@ class Project:
         self._apply_stage_selections()
 
     # ------------------------------------------------------------------ rows and raw inputs
+    @property
+    def train_df(self) -> pd.DataFrame:
+        """The training table as read (a tabular split is read whole on first use only)."""
+        return self._data.frame("train")
+
+    @property
+    def test_df(self) -> pd.DataFrame:
+        return self._data.frame("test")
+
     def rows(self, split: str = "train") -> pd.DataFrame:
         """index, file, label per example of ``split``: how printed indexes map back to the data."""
         return rows_table(self._data, split, self.root)
@@ -529,6 +532,13 @@ class Project:
                                   "(`proponent train`) or re-import (`proponent import`)", file=str(self.trajectory_path))
 
     # ------------------------------------------------------------------ state
+    @property
+    def scratch_folder(self) -> Path:
+        """Where unlinked scratch arrays of whole splits go (engine.storage.arrays.scratch_array): the
+        project's cache when it keeps state (the same disk as its stores), else the system's temporary
+        folder. Nothing is created here."""
+        return self.root / STATE_DIRNAME / "cache"
+
     @property
     def state_dir(self) -> Path:
         d = self.root / STATE_DIRNAME

@@ -177,6 +177,48 @@ def jsonable(o):
     return o
 
 
+# ---------------------------------------------------------------------------- scratch arrays
+def scratch_file(folder: str | Path | None, what: str):
+    """(an unlinked temporary file opened "w+b", its folder): only this process's handle and maps
+    keep it, so no run, however it ends, leaves it behind. In ``folder`` (e.g. the project's
+    cache) when it exists and can be written, else in the system's temporary folder."""
+    folder = Path(folder) if folder is not None else None
+    for where in ([folder] if folder is not None and folder.is_dir() else []) + [None]:
+        try:
+            fd, name = tempfile.mkstemp(prefix=f"proponent-{what}-", suffix=".bin", dir=where)
+        except OSError:
+            continue
+        os.unlink(name)
+        return os.fdopen(fd, "w+b"), Path(name).parent
+    from engine.core.errors import ProponentError
+
+    raise ProponentError(f"cannot create a temporary file for the {what}")
+
+
+def scratch_array(shape: tuple[int, ...], dtype, folder: str | Path | None, what: str) -> np.ndarray:
+    """A writable array of ``shape`` in an unlinked temporary file (:func:`scratch_file`), for
+    whole-split intermediates whose size grows with the number of examples: the OS may page them
+    out, the heap never holds them. The blocks are claimed first, so a full disk is one line here,
+    not a crash while rows are written."""
+    from engine.core.errors import ProponentError
+
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    f, where = scratch_file(folder, what)
+    try:
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            else:
+                f.truncate(nbytes)
+        except OSError as e:
+            raise ProponentError(f"cannot write the {what} in {where}: {e.strerror or e}") from None
+        return np.memmap(f, dtype=dtype, mode="r+", shape=tuple(int(v) for v in shape))
+    finally:
+        f.close()  # the map keeps its own handle
+
+
 def stable_hash(obj: Any, n: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=json_default).encode()).hexdigest()[:n]
 

@@ -30,8 +30,10 @@ import torch
 
 from engine.core.data import row_blocks
 from engine.core.project import Project
+from engine.storage.arrays import scratch_array
 
 BLOCK = 512
+SIM_BLOCK_BYTES = 64 << 20
 SHIFT_CANDIDATES = 64
 
 
@@ -76,7 +78,8 @@ def input_vectors(project: Project, split: str):
                                  token_pattern=r"(?u)\b\w+\b").transform(
             df[project.text_column].astype(str).map(_normal_text).tolist())
     ds = project.train_dataset if split == "train" else project.test_dataset
-    out = np.empty((len(ds), int(np.prod(ds.x.shape[1:]))), np.float32)
+    # on disk, not the heap: [n, d] grows with the split
+    out = scratch_array((len(ds), int(np.prod(ds.x.shape[1:]))), np.float32, project.scratch_folder, "input vectors")
     if project.data_format != "images":
         mean, std = _column_moments(project.train_dataset.x)
     for lo, hi, block in row_blocks(ds.x):  # float64 per block only: the whole split stays float32
@@ -123,6 +126,12 @@ def _image_variants(x: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def similarity_rows(n_train: int) -> int:
+    """Queries per block of :func:`best_matches`: a block's [queries, n_train] float64 similarities
+    stay within ``SIM_BLOCK_BYTES`` (512 queries up to 16,384 training rows; 8 at a million)."""
+    return max(1, min(BLOCK, SIM_BLOCK_BYTES // (8 * max(1, n_train))))
+
+
 def best_matches(project: Project, query_split: str, query_index: np.ndarray | None = None,
                  exclude_self: bool = False) -> dict[str, np.ndarray]:
     """For each query: {"exact": training index with the same exact key or -1, "exact_all": every such
@@ -161,8 +170,9 @@ def best_matches(project: Project, query_split: str, query_index: np.ndarray | N
         ed_val = np.empty(len(qi), np.int64)
     if images:
         xq_all = (project.train_dataset if query_split == "train" else project.test_dataset).x
-    for lo in range(0, len(qi), BLOCK):
-        rows = qi[lo:lo + BLOCK]
+    step = similarity_rows(tr.shape[0])
+    for lo in range(0, len(qi), step):
+        rows = qi[lo:lo + step]
         q = qv_all[rows]
         sim = np.asarray((q @ tr.T).todense()) if sparse else q @ tr.T
         sim = np.asarray(sim, np.float64)

@@ -24,7 +24,7 @@ from engine.autodiff.embeddings import penultimate_features
 from engine.autodiff.features import project_gradients
 from engine.core.errors import Cancelled, ProponentError
 from engine.core.project import Project
-from engine.storage.arrays import atomic_write_bytes
+from engine.storage.arrays import atomic_write_bytes, stable_hash
 
 EMBED_MAX_POINTS = 3000
 EMBED_KINDS = ("influence", "penultimate")
@@ -39,6 +39,9 @@ TSNE_ITERATIONS = 350
 # digits from 6.7 to 4.6 s with the same mislabel visibility on validation digits projects
 # (scripts/bench_embeddings.py)
 TSNE_ANGLE = 0.7
+UMAP_NEIGHBOURS = 15
+UMAP_MIN_DIST = 0.1
+EMBED_PROJ_DIM = 256
 _CHUNK = 256
 PLACE_CHUNK = 4096  # rows placed on the map per step (features and layout transform), bounded memory
 
@@ -46,13 +49,29 @@ PLACE_CHUNK = 4096  # rows placed on the map per step (features and layout trans
 LABELS = ("predicted", "given")
 
 
-def embedding_path(project: Project, kind: str, reducer: str, label: str = "predicted") -> Path:
+def layout_key(reducer: str, max_points: int = EMBED_MAX_POINTS, proj_dim: int = EMBED_PROJ_DIM) -> str:
+    """What a map depends on besides the checkpoints and the data: the layout's settings, so a
+    cached map made with other settings (another t-SNE length, sample size or feature width) is
+    not shown as the current one."""
+    settings = {"reducer": reducer, "max_points": int(max_points), "proj_dim": int(proj_dim),
+                "place_neighbours": PLACE_NEIGHBOURS}
+    if reducer == "tsne":
+        settings |= {"iterations": TSNE_ITERATIONS, "angle": TSNE_ANGLE}
+    elif reducer == "umap":
+        settings |= {"n_neighbors": UMAP_NEIGHBOURS, "min_dist": UMAP_MIN_DIST}
+    return stable_hash(settings, 8)
+
+
+def embedding_path(project: Project, kind: str, reducer: str, label: str = "predicted", *,
+                   max_points: int = EMBED_MAX_POINTS, proj_dim: int = EMBED_PROJ_DIM) -> Path:
     tag = f"{kind}-{label}" if kind == "influence" else kind
-    return project.state_dir / "embeddings" / f"{tag}-{reducer}-{project.checkpoint_hash()}-{project.data_hash()}.npz"
+    return project.state_dir / "embeddings" / (f"{tag}-{reducer}-{layout_key(reducer, max_points, proj_dim)}-"
+                                                f"{project.checkpoint_hash()}-{project.data_hash()}.npz")
 
 
-def cached_embedding(project: Project, kind: str, reducer: str, label: str = "predicted") -> dict | None:
-    p = embedding_path(project, kind, reducer, label)
+def cached_embedding(project: Project, kind: str, reducer: str, label: str = "predicted", *,
+                     max_points: int = EMBED_MAX_POINTS, proj_dim: int = EMBED_PROJ_DIM) -> dict | None:
+    p = embedding_path(project, kind, reducer, label, max_points=max_points, proj_dim=proj_dim)
     if not p.is_file():
         return None
     with np.load(p, allow_pickle=False) as z:
@@ -60,7 +79,7 @@ def cached_embedding(project: Project, kind: str, reducer: str, label: str = "pr
 
 
 def compute_embedding(project: Project, kind: str = "influence", reducer: str = DEFAULT_REDUCER, *,
-                      max_points: int = EMBED_MAX_POINTS, proj_dim: int = 256, label: str = "predicted",
+                      max_points: int = EMBED_MAX_POINTS, proj_dim: int = EMBED_PROJ_DIM, label: str = "predicted",
                       progress=None, cancel=None, device: str = "auto", threads: int | None = None) -> dict:
     """{"xy": [m, 2], "index": [m] training rows, "n_total", and "xy_all" [n, 2] when n > m}: the layout
     is fitted on a seeded subsample of at most ``max_points`` rows (what the page draws); every other
@@ -75,7 +94,7 @@ def compute_embedding(project: Project, kind: str = "influence", reducer: str = 
         raise ProponentError(f"layout must be one of {', '.join(REDUCERS)}, not {reducer!r}")
     if label not in LABELS:
         raise ProponentError(f"embedding label must be one of {', '.join(LABELS)}, not {label!r}")
-    cached = cached_embedding(project, kind, reducer, label)
+    cached = cached_embedding(project, kind, reducer, label, max_points=max_points, proj_dim=proj_dim)
     if cached is not None:
         return cached
     n = len(project.train_dataset)
@@ -122,7 +141,8 @@ def compute_embedding(project: Project, kind: str = "influence", reducer: str = 
         out["xy_all"] = xy_all
     buf = io.BytesIO()
     np.savez(buf, **out)
-    atomic_write_bytes(embedding_path(project, kind, reducer, label), buf.getvalue())
+    atomic_write_bytes(embedding_path(project, kind, reducer, label, max_points=max_points, proj_dim=proj_dim),
+                       buf.getvalue())
     return out
 
 
@@ -161,7 +181,8 @@ def fit_layout(F: np.ndarray, reducer: str = DEFAULT_REDUCER):
     if reducer == "umap":
         import umap  # umap imports numba and takes seconds; only the UMAP layout needs it
 
-        fitted = umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=0, n_jobs=1)
+        fitted = umap.UMAP(n_components=2, n_neighbors=UMAP_NEIGHBOURS, min_dist=UMAP_MIN_DIST, random_state=0,
+                           n_jobs=1)
         return fitted.fit_transform(F), fitted.transform
     raise ProponentError(f"layout must be one of {', '.join(REDUCERS)}, not {reducer!r}")
 

@@ -32,7 +32,7 @@ from engine.autodiff.embeddings import penultimate_features
 from engine.core.errors import ProponentError
 from engine.core.project import Project
 from engine.methods.base import coerce_settings, get_method, settings_dict
-from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
+from engine.storage.arrays import atomic_save_npy, load_npy, scratch_array, stable_hash
 
 STATISTICS = ("self_match", "separation", "z", "gap")
 # leak-search defaults a method gets unless the user sets them: Forward-INF's raw loss change is
@@ -165,7 +165,8 @@ def unit_inputs(project: Project, split: str, index: np.ndarray | None = None):
         return HashingVectorizer(n_features=2**18, alternate_sign=False, norm="l2").transform(texts)
     x = (project.train_dataset if split == "train" else project.test_dataset).x
     index = np.arange(len(x)) if index is None else np.asarray(index, np.int64)
-    out = np.empty((len(index), int(np.prod(x.shape[1:]))))
+    # on disk, not the heap: [n, d] float64 grows with the split (50,000 32×32 RGB images: 1.2 GB)
+    out = scratch_array((len(index), int(np.prod(x.shape[1:]))), np.float64, project.scratch_folder, "unit inputs")
     block = x.block_rows() if hasattr(x, "block_rows") else 4096
     for lo in range(0, len(index), block):  # the split is read in row blocks, never whole
         rows = index[lo:lo + block]
