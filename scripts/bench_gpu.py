@@ -533,12 +533,16 @@ def stage_cnn(run: Runner, work: Path, n: int, lds_subsets: int) -> None:
         return
     k = 2048
     plan = [("proponent trak", {"tool": "proponent", "method": "trak"}, 150),
+            # the default projects per layer (factorized) since TRAK v5; the dense one it replaced, same k
+            ("proponent trak dense", {"tool": "proponent", "method": "trak", "settings": {"projection": "rademacher"}}, 150),
             ("traker trak", {"tool": "traker", "method": "trak", "proj_dim": k}, 150),
             ("proponent trak bf16", {"tool": "proponent", "method": "trak", "settings": {"grad_precision": "bfloat16"}}, 120),
             ("kronfluence ekfac", {"tool": "kronfluence", "method": "ekfac", "proj_dim": k}, 150),
             # kronfluence fits at the final checkpoint only; this is that computation (our default averages 5 points)
             ("proponent ekfac 1 point", {"tool": "proponent", "method": "ekfac", "settings": {"trajectory_points": 1}}, 120),
             ("proponent ekfac", {"tool": "proponent", "method": "ekfac"}, 150)]
+    if DEVICE == "cpu":  # a CPU has no fast bfloat16: measured twice as slow (docs/bench/cpu-cnn-2000.json, 2026-12-04)
+        plan = [row for row in plan if row[0] != "proponent trak bf16"]
     saved = {}
     for name, args, limit in plan:
         if lds_subsets and run.left() < 75:
@@ -607,7 +611,7 @@ def render(dirs: list[Path]) -> dict[str, dict]:
         if not name.startswith(("gpu-cnn-", "cpu-cnn-")):
             continue
         runs, lds = src.get("runs", {}), (src.get("lds") or {}).get("lds", {})
-        peer_of = {"proponent trak": "traker trak", "proponent trak bf16": "traker trak",
+        peer_of = {"proponent trak": "traker trak", "proponent trak bf16": "traker trak", "proponent trak dense": "traker trak",
                    "proponent ekfac": "kronfluence ekfac", "proponent ekfac 1 point": "kronfluence ekfac"}
         table = []
         for key, r in runs.items():
@@ -624,7 +628,8 @@ def render(dirs: list[Path]) -> dict[str, dict]:
                  f"{tr.get('n_params', '?'):,} parameters, trained on {where}, test accuracy "
                  f"{_r(tr.get('test_accuracy'), 3)}, {tr.get('checkpoints')} checkpoints.",
                  "Each run is a fresh process: fit and scores of every test query, wall time; peak GPU memory from "
-                 "torch.cuda.max_memory_allocated, peak RSS from getrusage (both include CUDA's own context).",
+                 "torch.cuda.max_memory_allocated, peak RSS from /proc VmHWM where the run recorded it "
+                 "(from 2026-12-05; getrusage's ru_maxrss before, which carries the parent's peak over exec).",
                  "traker 0.3.2 with its defaults at Proponent's k (2048) and the same 5 checkpoints (BasicProjector: "
                  "its fast_jl CUDA projector is not installed on the machines used); kronfluence 1.0.1 EK-FAC with its "
                  "defaults at the final checkpoint. 'peer s / this s' > 1: Proponent is faster."]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("variants", help='JSON list of [method, settings], e.g. [["ekfac", {"damping_ratio": 1}]]')
     ap.add_argument("--subsets", type=int, default=40)
     ap.add_argument("--queries", type=int, default=32)
+    ap.add_argument("--json", help="also write the rows as a docs/bench table (rendered into docs/benchmarks.md)")
+    ap.add_argument("--title", default="", help="with --json: the table's title")
     a = ap.parse_args(argv)
     try:
         variants = json.loads(a.variants)
@@ -53,16 +56,35 @@ def main(argv=None) -> int:
     except (ProponentError, json.JSONDecodeError) as e:
         print(f"lds_variants: error: {e}", file=sys.stderr)
         return 2
+    rows = []
     for method, settings in variants:
         t0 = time.perf_counter()
         try:
             att, _ = fit_method(p, method, settings, device="cpu")
             r = lds(att.scores(q), subsets, margins, queries=q)
+            secs = time.perf_counter() - t0
             kept = {k: att.meta[k] for k in KEPT if k in att.meta}
             print(f"{method:10s} {json.dumps(settings):50s} LDS {r['lds']:.3f} ceiling {r['noise_ceiling']:.3f} "
-                  f"{time.perf_counter() - t0:.1f}s {json.dumps(kept)[:300]}", flush=True)
+                  f"{secs:.1f}s {json.dumps(kept)[:300]}", flush=True)
+            proj = kept.get("projection") or {}
+            rows.append([method, json.dumps(settings), round(r["lds"], 3), round(r["noise_ceiling"], 3), round(secs, 1),
+                         proj.get("kind", ""), proj.get("out_dim", "")])
         except ProponentError as e:
             print(f"{method:10s} {json.dumps(settings):50s} error: {e}", flush=True)
+            rows.append([method, json.dumps(settings), None, None, None, "", str(e)])
+    if a.json:
+        import datetime
+        import os
+        import platform
+
+        doc = {"title": a.title or f"LDS of setting variants: {p.name}", "date": datetime.date.today().isoformat(),
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+               "command": "python scripts/lds_variants.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+               "tables": [{"title": f"{p.name}: {n_train} training rows, {len(q)} test queries, LDS against "
+                                    f"{a.subsets} retrained random halves × 2 seeds",
+                           "columns": ["method", "settings", "LDS", "noise ceiling", "fit + score s",
+                                       "projection", "k"], "rows": rows}]}
+        Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 
 

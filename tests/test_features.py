@@ -94,8 +94,10 @@ def test_trak_grad_precision_is_a_separate_store(digits_project, copy_project):
     from engine.api import cached_scores
 
     p = copy_project(digits_project)
-    a = cached_scores(p, "trak", {"proj_dim": 256, "ensemble": "final"})
-    b = cached_scores(p, "trak", {"proj_dim": 256, "ensemble": "final", "grad_precision": "bfloat16"})
+    # the same projection on both sides (auto would be per layer in float32, dense for bfloat16)
+    a = cached_scores(p, "trak", {"proj_dim": 256, "ensemble": "final", "projection": "rademacher"})
+    b = cached_scores(p, "trak", {"proj_dim": 256, "ensemble": "final", "grad_precision": "bfloat16",
+                                  "projection": "rademacher"})
     assert a["key"] != b["key"]
     sa, sb = np.asarray(a["scores"], np.float64), np.asarray(b["scores"], np.float64)
     assert not np.array_equal(sa, sb)

@@ -148,7 +148,8 @@ def test_column_blocks_write(tmp_path):
 def test_influence_index_matches_trak_scores(project):
     from engine.workflows.index import InfluenceIndex, plan_index, recall_at_k
 
-    att, _ = fit_method(project, "trak", {"proj_dim": 64, "ensemble": "checkpoints", "max_models": 2})
+    att, _ = fit_method(project, "trak", {"proj_dim": 64, "ensemble": "checkpoints", "max_models": 2,
+                                          "projection": "rademacher"})
     q = att._queries(("test", np.arange(30)))
     want = att.topk(q, k=10)
     exact = InfluenceIndex(att, backend="exact")

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 import engine.autodiff.distributed as distributed
+from engine.autodiff.factorized import FactorizedGradients
 from engine.autodiff.functional import TrackedParameters, batch_rows
 from engine.autodiff.per_example import GradientComputer
 from engine.autodiff.projection import Projector, make_projector
@@ -79,7 +80,7 @@ def checkpoint_feature_store(project, checkpoint, folder: str | Path, *, kind: s
                              x: torch.Tensor | None = None, y: torch.Tensor | None = None,
                              progress: ProgressFn | None = None, cancel=None,
                              stage: str = "featurize", dtype: str = "float32", precision: str = "float32",
-                             ) -> tuple[ChunkedArray, GradientComputer, Projector]:
+                             ) -> tuple[ChunkedArray, GradientComputer | FactorizedGradients, Projector]:
     """Projected per-example gradients of the training set (or ``x, y``) at one checkpoint, as an
     on-disk chunked store read chunk by chunk.
 
@@ -87,8 +88,16 @@ def checkpoint_feature_store(project, checkpoint, folder: str | Path, *, kind: s
     plus the gradient computer and projector, so queries are projected with exactly the same matrix.
     """
     model = project.load_model(checkpoint)
-    computer = GradientComputer(model, tracked=TrackedParameters.of(project), device=device, precision=precision)
-    projector = make_projector(projection, computer.n_params, proj_dim, seed=seed, model_id=model_id, device=computer.device)
+    if projection == "factorized" and proj_dim:
+        if precision != "float32":
+            raise ProponentError(f"projection 'factorized' runs in float32; grad_precision {precision!r} needs another projection")
+        computer = FactorizedGradients(model, proj_dim, tracked=TrackedParameters.of(project), device=device, seed=seed,
+                                       model_id=model_id)
+        projector = computer.projector
+    else:
+        computer = GradientComputer(model, tracked=TrackedParameters.of(project), device=device, precision=precision)
+        projector = make_projector("auto" if projection == "factorized" else projection, computer.n_params, proj_dim,
+                                   seed=seed, model_id=model_id, device=computer.device)
     if x is None:
         x, y = project.train_dataset.x, project.train_dataset.y
     store = featurize(computer, projector, x, y, folder, kind=kind, progress=progress, stage=stage, cancel=cancel,

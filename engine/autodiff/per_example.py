@@ -37,6 +37,25 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, oom) or (isinstance(e, RuntimeError) and "CUDA out of memory" in str(e))
 
 
+def batches_with_back_off(n: int, batch: int, compute: Callable[[int, int], torch.Tensor],
+                          back_off: Callable[[int], int]) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(lo, hi, compute(lo, hi)) over ``n`` rows in batches of ``batch``; a batch that runs out of
+    CUDA memory is retried at the size ``back_off(failed size)`` returns (which raises at one row)."""
+    lo = 0
+    while lo < n:
+        hi = min(n, lo + batch)
+        try:
+            out = compute(lo, hi)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            del e
+            batch = back_off(hi - lo)
+            continue
+        yield lo, hi, out
+        lo = hi
+
+
 class GradientComputer:
     """Per-example gradients of one model (in eval mode: normalisation uses running statistics).
 
@@ -111,21 +130,12 @@ class GradientComputer:
         bs = batch_size or self.batch_size(example_numel(x))
         if self.max_batch:  # an explicit size too stays under what fitted after an out-of-memory error
             bs = min(bs, self.max_batch)
-        lo = 0
-        while lo < len(y):
-            hi = min(len(y), lo + bs)
-            try:
-                out = self.per_example(batch_rows(x, lo, hi), y[lo:hi], kind)
-                if then is not None:
-                    out = then(out)  # the [b, p] gradients are not kept alive beside their projection
-            except Exception as e:
-                if not is_out_of_memory(e):
-                    raise
-                del e
-                bs = self._back_off(hi - lo)
-                continue
-            yield lo, hi, out
-            lo = hi
+
+        def compute(lo: int, hi: int) -> torch.Tensor:
+            out = self.per_example(batch_rows(x, lo, hi), y[lo:hi], kind)
+            return out if then is None else then(out)  # the [b, p] gradients are not kept beside their projection
+
+        return batches_with_back_off(len(y), bs, compute, self._back_off)
 
     def _back_off(self, failed: int) -> int:
         """Halve the batch after an out-of-memory error (the size sticks for later batches)."""
@@ -146,4 +156,4 @@ class GradientComputer:
         return self.fm.outputs(x, batch)
 
 
-__all__ = ["GradientComputer", "KINDS", "PRECISIONS", "is_out_of_memory", "resolve_device", "batch_len"]
+__all__ = ["GradientComputer", "batches_with_back_off", "KINDS", "PRECISIONS", "is_out_of_memory", "resolve_device", "batch_len"]

@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 
 from engine.autodiff.projection import default_projection_dim
+from engine.core.errors import ProponentError
 from engine.methods.base import setting
 
-PROJECTIONS = ("auto", "rademacher", "gaussian", "sjlt", "none")
+PROJECTIONS = ("auto", "rademacher", "gaussian", "sjlt", "factorized", "none")
 
 
 @dataclasses.dataclass
@@ -19,7 +20,9 @@ class ProjectionSettings:
 
     proj_dim: int = setting(-1, "Projection size k; -1 chooses from the number of tracked parameters (no projection "
                                 "for ≤ 8192), 0 disables projection.", ge=-1)
-    projection: str = setting("auto", "Random projection: auto, rademacher, gaussian, sjlt (sparse JL) or none.",
+    projection: str = setting("auto", "Random projection: auto, rademacher, gaussian, sjlt (sparse JL), factorized "
+                                      "(per Linear/Conv2d layer, P_out ⊗ P_in applied before the outer product, as LoGra "
+                                      "does: no [batch, p] gradient or p × k matrix; other parameters left out) or none.",
                               choices=PROJECTIONS)
     seed: int = setting(0, "Seed of the projection matrices (and of any sampling the method does).", ge=0)
 
@@ -55,6 +58,9 @@ class CurvatureSettings(ProjectionSettings):
         preconditioned query (H⁻¹ amplifies low-curvature directions, where a random projection's
         error is largest) with each gradient: on the digits CNN k = 2048 of 9,930 gave LDS 0.35 and
         no projection 0.50. So project only when the store would not fit."""
+        if self.projection == "factorized":  # the curvature walk needs the gradients themselves
+            raise ProponentError("projection 'factorized' is for TRAK, Grad-Dot/Cos and TracIn; curvature methods store "
+                                 "whole gradients (use auto, rademacher, gaussian or sjlt)")
         if self.proj_dim >= 0:
             return super().projection_plan(n_params, n_train)
         if n_params * max(1, n_train) <= CURVATURE_STORE_ENTRIES:

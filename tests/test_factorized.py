@@ -1,0 +1,123 @@
+"""The per-layer (Kronecker-factored) projection: features equal P_outᵀ G P_in of the exact
+per-example gradients, without forming them; wired into TRAK as projection = "factorized"."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from engine.autodiff.curvature import LayerBlocks, covered_param_names
+from engine.autodiff.factorized import FactorizedGradients, factor_dims
+from engine.autodiff.per_example import GradientComputer
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)  # left out of the factorisation
+        self.conv2 = nn.Conv2d(6, 8, 3, stride=2, bias=False)
+        self.fc = nn.Linear(8 * 3 * 3, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv1(x)))
+        h = torch.relu(self.conv2(h))
+        return self.fc(h.flatten(1))
+
+
+class TinyText(nn.Module):
+    """Token inputs as a dict; a Linear over every position (T = tokens), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)  # left out of the factorisation
+        self.proj = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, batch):
+        h = torch.tanh(self.proj(self.emb(batch["input_ids"])))  # [b, tokens, 5]
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        return self.head((h * m).sum(1) / m.sum(1))
+
+
+def _models():
+    from engine.core.data import TensorDict
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(7, 12), nn.Tanh(), nn.Linear(12, 4))
+    cnn = SmallCNN()
+    cnn.bn.running_mean.uniform_(-0.5, 0.5)
+    ids = torch.randint(0, 20, (9, 4))
+    mask = torch.ones(9, 4, dtype=torch.long)
+    mask[::2, 3] = 0
+    text = TensorDict({"input_ids": ids, "attention_mask": mask})
+    return [(mlp, torch.randn(9, 7), 4), (cnn, torch.randn(9, 3, 8, 8), 5), (TinyText(), text, 3)]
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["margin", "loss"])
+def test_features_equal_the_kronecker_projection_of_exact_gradients(which, kind):
+    model, x, classes = _models()[which]
+    y = torch.arange(len(x)) % classes
+    fg = FactorizedGradients(model, 64, seed=3, model_id=1)
+    covered = covered_param_names(fg.layers)
+    exact = GradientComputer(model, tracked=covered).per_example(x, y, kind)
+    mats = LayerBlocks(fg.layers, GradientComputer(model, tracked=covered).layout).to_layers(exact)
+    want = torch.cat([torch.einsum("ok,noi,ij->nkj", po.matrix, G, pi.matrix).reshape(len(x), -1)
+                      for G, po, pi in zip(mats, fg.p_out, fg.p_in)], 1)
+    got = torch.cat([f for _, _, f in fg.iter_batches(x, y, kind, batch_size=4)])
+    assert got.shape == (len(x), fg.out_dim)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    if which == 1:
+        assert "bn.weight" in fg.left_out and "bn.bias" in fg.left_out  # named, not silently dropped
+    if which == 2:
+        assert "emb.weight" in fg.left_out and fg._positions(x) == 4
+
+
+def test_factor_dims_split_k_over_layers_within_each_layer():
+    model = _models()[1][0]
+    fg = FactorizedGradients(model, 96)
+    dims = factor_dims(fg.layers, 96)  # layers (out × in): conv1 6 × 28, conv2 8 × 54, fc 5 × 73
+    assert len(dims) == 3 and all(a <= L.out_dim and b <= L.in_dim for (a, b), L in zip(dims, fg.layers))
+    assert fg.out_dim == sum(a * b for a, b in dims) and 80 <= fg.out_dim <= 96
+    # a 5-class head gets k_out ≤ 5 and gives the rest of its share to the input side
+    assert dims[-1][0] <= 5 and dims[-1][0] * dims[-1][1] >= 25
+    # a layer that fits its share keeps every entry, and the rest goes to the others
+    tiny = factor_dims(fg.layers, 3 * 6 * 28 + 200)
+    assert tiny[0] == (6, 28) and sum(a * b for a, b in tiny) > 3 * 6 * 28
+
+
+def test_trak_runs_with_the_factorized_projection(tmp_path):
+    from tests.conftest import write_tabular_project
+
+    from engine import Project
+    from engine.api import cached_scores
+    from engine.core.train import record_training
+
+    root = write_tabular_project(tmp_path / "tab", n_train=120, n_test=10, d=6)
+    record_training(Project.load(root))
+    p = Project.load(root)
+    r = cached_scores(p, "trak", {"ensemble": "final", "projection": "factorized", "proj_dim": 8})
+    assert r["meta"]["projection"]["kind"] == "factorized" and r["scores"].shape == (10, 120)
+    assert np.isfinite(np.asarray(r["scores"])).all()
+    dense = cached_scores(p, "trak", {"ensemble": "final", "projection": "rademacher", "proj_dim": 8})
+    assert not np.allclose(np.asarray(dense["scores"]), np.asarray(r["scores"]))  # another projection, another run
+    # the app's top-k index projects new queries with the same per-layer factors
+    from engine.api import fit_method
+    from engine.workflows.index import InfluenceIndex
+
+    att, _ = fit_method(p, "trak", {"ensemble": "final", "projection": "factorized", "proj_dim": 8})
+    q = att._queries(("test", np.arange(10)))
+    index = InfluenceIndex(att, backend="exact")
+    got = index.search(index.query_vectors(q.x, q.y), 5)
+    assert np.array_equal(got["proponents"], att.topk(q, k=5)["proponents"])
+    np.testing.assert_allclose(np.asarray(r["scores"]), att.scores(q), rtol=1e-5, atol=1e-6 * np.abs(att.scores(q)).max())
+
+
+def test_curvature_methods_refuse_the_factorized_projection(tmp_path):
+    from engine.core.errors import ProponentError
+    from engine.methods.settings import CurvatureSettings
+
+    with pytest.raises(ProponentError, match="factorized"):
+        CurvatureSettings(projection="factorized").projection_plan(10**6, 100)
