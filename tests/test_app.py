@@ -1270,3 +1270,21 @@ def test_launcher_replies_survive_a_module_that_prints_while_imported(digits_pro
     finally:
         if launcher._proc is not None:
             launcher._proc.kill()
+
+
+def test_project_page_previews_a_table_without_reading_it_whole(monkeypatch, tmp_path):
+    """A tabular project's Project page shows the first rows of the training table; the table itself
+    (which may be millions of rows) is not read into memory for it."""
+    from engine import Project
+    from engine.core.train import record_training
+    from tests.conftest import write_tabular_project
+
+    root = write_tabular_project(tmp_path / "tab", n_train=60, n_test=10)
+    record_training(Project.load(root))
+    read = []
+    real = Project.train_df.fget
+    monkeypatch.setattr(Project, "train_df", property(lambda self: read.append(1) or real(self)))
+    at = _app(monkeypatch, Project.load(root))
+    frames = [d.value for d in at.dataframe]
+    assert any(list(f.columns)[:2] == ["f0", "f1"] and len(f) == 10 for f in frames), frames
+    assert not read  # the preview came from the file's first rows

@@ -149,7 +149,10 @@ def test_train_df_is_read_only_when_asked_and_nothing_is_left_on_disk(tmp_path):
     p = Project.load(root, check_model=False)
     assert p._data.train_df is None and p._data.test_df is None  # attribution never needs the raw table
     assert len(p.train_dataset) == 40 and p.input_shape == (7,)
+    head = p.table_head("train", 3)  # a preview reads the first rows only
+    assert p._data.train_df is None and head.equals(pd.read_csv(root / "train.csv", nrows=3))
     assert p.train_df.equals(pd.read_csv(root / "train.csv")) and len(p.test_df) == 10
+    assert p.table_head("train", 3).equals(head)  # the same rows from the table once it is read
     assert sorted(q.name for q in root.rglob("*")) == before  # the scratch files were unlinked at once
     assert not [f for f in os.listdir(root / ".proponent" / "cache") if f.startswith("proponent-")]
 

@@ -123,7 +123,7 @@ with left:
                           for ci in block if r < len(per_class[ci])]
         ui.example_cards(project, "train", items, size=56, per_row=per_row)
     else:
-        st.dataframe(project.train_df.head(10), hide_index=False)
+        st.dataframe(project.table_head("train", 10), hide_index=False)
 with right:
     counts = pd.DataFrame({"class": list(s["train_counts"]), "train": list(s["train_counts"].values()),
                            "test": [s["test_counts"].get(k, 0) for k in s["train_counts"]]})

@@ -25,8 +25,8 @@ from torch.utils import _pytree as pytree
 from engine.core.errors import ValidationError
 from engine.core.images import ImagePreprocessing, ImageRows, load_split, read_raw_image
 from engine.core.paths import FolderResolver, check_inside
-from engine.core.tables import (TABLE_SUFFIXES, check_labels, check_unique_header, class_order, load_tabular_splits,
-                                 native, parse_error, table_kind)
+from engine.core.tables import (TABLE_SUFFIXES, check_labels, check_unique_header, class_order, iter_table,
+                                 load_tabular_splits, native, parse_error, table_kind)
 from engine.storage.statedb import STATE_DIRNAME
 
 FORMATS = ("images", "image_folder", "tabular", "text")
@@ -210,6 +210,14 @@ class LoadedData:
     image_cache: list = field(default_factory=list)  # PendingImageCache: decoded splits to keep
     table_files: tuple[Path, Path] | None = None  # tabular: (train, test) files behind train_df/test_df
     label_column: str = "label"
+
+    def head(self, split: str, n: int = 10) -> pd.DataFrame:
+        """The split's first ``n`` raw rows, without reading a tabular table whole when it was not."""
+        attr = "train_df" if split == "train" else "test_df"
+        if getattr(self, attr) is None and self.table_files is not None:
+            path = self.table_files[0 if split == "train" else 1]
+            return next(iter_table(path, self.label_column, rows=max(1, int(n))))[1].head(n)
+        return self.frame(split).head(n)
 
     def frame(self, split: str) -> pd.DataFrame:
         """The split's raw table. A tabular split is read whole only here, on first use: attribution

@@ -254,6 +254,10 @@ class Project:
     def test_df(self) -> pd.DataFrame:
         return self._data.frame("test")
 
+    def table_head(self, split: str = "train", n: int = 10) -> pd.DataFrame:
+        """The first ``n`` raw rows of ``split`` (a preview: a large table is not read whole for it)."""
+        return self._data.head(split, n)
+
     def rows(self, split: str = "train") -> pd.DataFrame:
         """index, file, label per example of ``split``: how printed indexes map back to the data."""
         return rows_table(self._data, split, self.root)
