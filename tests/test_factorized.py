@@ -71,6 +71,7 @@ def test_features_equal_the_kronecker_projection_of_exact_gradients(which, kind)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     if which == 1:
         assert "bn.weight" in fg.left_out and "bn.bias" in fg.left_out  # named, not silently dropped
+        assert fg.projector.describe()["left_out"] == ["bn.bias", "bn.weight"]  # and in the run's metadata
     if which == 2:
         assert "emb.weight" in fg.left_out and fg._positions(x) == 4
 
@@ -121,3 +122,24 @@ def test_curvature_methods_refuse_the_factorized_projection(tmp_path):
 
     with pytest.raises(ProponentError, match="factorized"):
         CurvatureSettings(projection="factorized").projection_plan(10**6, 100)
+
+
+def test_out_of_memory_batches_back_off_to_the_same_features(monkeypatch):
+    """The factorized path shares the gradient computer's back-off: a batch that runs out of CUDA
+    memory is retried at half the size, the size sticks, and the features are unchanged."""
+    model, x, classes = _models()[1]
+    y = torch.arange(len(x)) % classes
+    fg = FactorizedGradients(model, 64)
+    want = torch.cat([f for _, _, f in fg.iter_batches(x, y, batch_size=9)])
+    real, sizes = fg.features, []
+
+    def capped(xb, yb, kind="margin"):
+        sizes.append(len(yb))
+        if len(yb) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(xb, yb, kind)
+
+    monkeypatch.setattr(fg, "features", capped)
+    got = torch.cat([f for _, _, f in fg.iter_batches(x, y, batch_size=8)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) == 2 and fg.max_batch == 2 and fg.oom_retries == 2

@@ -29,7 +29,7 @@ from engine.autodiff.compute import resolve_device
 from engine.autodiff.curvature import Layer, _activations, _Capture, _grads_only_for, _out_grads, curvature_layers
 from engine.autodiff.functional import FunctionalModel, Tracked, batch_rows, to_device
 from engine.autodiff.measurement import correct_class_margin, example_loss
-from engine.autodiff.per_example import KINDS, batches_with_back_off
+from engine.autodiff.per_example import KINDS, BatchBackOff
 from engine.autodiff.projection import DenseProjector, Projector
 from engine.core.errors import ProponentError
 
@@ -85,18 +85,20 @@ class FactorizedProjector(Projector):
 
     kind = "factorized"
 
-    def __init__(self, in_dim: int, out_dim: int, layers: list[dict], seed: int, model_id: int):
+    def __init__(self, in_dim: int, out_dim: int, layers: list[dict], seed: int, model_id: int,
+                 left_out: list[str] | None = None):
         super().__init__(in_dim, out_dim)
-        self.layers, self.seed, self.model_id = layers, seed, model_id
+        self.layers, self.seed, self.model_id, self.left_out = layers, seed, model_id, list(left_out or [])
 
     def project(self, g: torch.Tensor) -> torch.Tensor:
         return g
 
     def describe(self) -> dict:
-        return {**super().describe(), "generator": "hash64", "layers": self.layers}
+        # the run's metadata names the tracked parameters the projection leaves out
+        return {**super().describe(), "generator": "hash64", "layers": self.layers, "left_out": self.left_out}
 
 
-class FactorizedGradients:
+class FactorizedGradients(BatchBackOff):
     """Projected per-example gradients (margin or loss) of one model, layer by layer; the same
     interface as :class:`engine.autodiff.per_example.GradientComputer` where the feature code uses
     it (``iter_batches``, ``outputs``, ``n_params``), with gradients that arrive projected."""
@@ -122,9 +124,8 @@ class FactorizedGradients:
         self.covered = sum(L.out_dim * L.in_dim for L in self.layers)
         self.projector = FactorizedProjector(
             self.covered, self.out_dim, [{"layer": L.name, "k_out": a, "k_in": b} for L, (a, b) in zip(self.layers, self.dims)],
-            seed, model_id)
+            seed, model_id, sorted(self.left_out))
         self.memory_budget_mb = memory_budget_mb
-        self.max_batch: int | None = None
 
     def batch_size(self, per_example_positions: int) -> int:
         """Examples per batch within the memory budget: the layer inputs (unfolded for convolutions)
@@ -175,24 +176,11 @@ class FactorizedGradients:
         """(lo, hi, projected gradients) per batch; ``then`` is applied to them (the factorized
         projector's own ``project`` passes them through). A CUDA out-of-memory batch is retried at
         half the size, as the gradient computer does."""
-        bs = batch_size or self.batch_size(self._positions(x))
-        if self.max_batch:
-            bs = min(bs, self.max_batch)
-
         def compute(lo: int, hi: int) -> torch.Tensor:
             out = self.features(batch_rows(x, lo, hi), y[lo:hi], kind)
             return out if then is None else then(out)
 
-        return batches_with_back_off(len(y), bs, compute, self._back_off)
-
-    def _back_off(self, failed: int) -> int:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if failed <= 1:
-            raise ProponentError(f"CUDA out of memory at one example per batch on {self.device}; free GPU memory or "
-                                 f"use --device cpu")
-        self.max_batch = max(1, min(failed, self.max_batch or failed) // 2)
-        return self.max_batch
+        return self._batches(len(y), batch_size or self.batch_size(self._positions(x)), compute)
 
     def outputs(self, x: Any, batch: int = 4096) -> torch.Tensor:
         return self.fm.outputs(x, batch)

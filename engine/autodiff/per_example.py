@@ -37,26 +37,47 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, oom) or (isinstance(e, RuntimeError) and "CUDA out of memory" in str(e))
 
 
-def batches_with_back_off(n: int, batch: int, compute: Callable[[int, int], torch.Tensor],
-                          back_off: Callable[[int], int]) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """(lo, hi, compute(lo, hi)) over ``n`` rows in batches of ``batch``; a batch that runs out of
-    CUDA memory is retried at the size ``back_off(failed size)`` returns (which raises at one row)."""
-    lo = 0
-    while lo < n:
-        hi = min(n, lo + batch)
-        try:
-            out = compute(lo, hi)
-        except Exception as e:
-            if not is_out_of_memory(e):
-                raise
-            del e
-            batch = back_off(hi - lo)
-            continue
-        yield lo, hi, out
-        lo = hi
+class BatchBackOff:
+    """Batches of a CUDA computation whose size halves after an out-of-memory error and stays
+    there for later batches (shared by the gradient computer and the factorized projection)."""
+
+    device: str
+    max_batch: int | None = None  # lowered after a CUDA out-of-memory error
+    oom_retries: int = 0
+    oom_detail = ""  # what one example holds, for the error at one example per batch
+
+    def _batches(self, n: int, batch: int, compute: Callable[[int, int], torch.Tensor],
+                 ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(lo, hi, compute(lo, hi)) over ``n`` rows; an explicit size too stays under what fitted
+        after an out-of-memory error."""
+        batch = min(batch, self.max_batch) if self.max_batch else batch
+        lo = 0
+        while lo < n:
+            hi = min(n, lo + batch)
+            try:
+                out = compute(lo, hi)
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                del e
+                batch = self._back_off(hi - lo)
+                continue
+            yield lo, hi, out
+            lo = hi
+
+    def _back_off(self, failed: int) -> int:
+        """Halve the batch (never raised again by a later, larger request)."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if failed <= 1:
+            raise ProponentError(f"CUDA out of memory at one example per batch{self.oom_detail} on {self.device}; "
+                                 f"free GPU memory or use --device cpu")
+        self.oom_retries += 1
+        self.max_batch = max(1, min(failed, self.max_batch or failed) // 2)
+        return self.max_batch
 
 
-class GradientComputer:
+class GradientComputer(BatchBackOff):
     """Per-example gradients of one model (in eval mode: normalisation uses running statistics).
 
     ``tracked``: the tracked parameters (a :class:`TrackedParameters`, globs or exact names;
@@ -83,8 +104,7 @@ class GradientComputer:
         self.n_params = self.layout.n
         self.params, self.frozen, self.buffers = self.fm.params, self.fm.frozen, self.fm.buffers
         self.memory_budget_mb = memory_budget_mb
-        self.max_batch: int | None = None  # lowered after a CUDA out-of-memory error
-        self.oom_retries = 0
+        self.oom_detail = f" (its gradient and projection, {self.n_params:,} tracked parameters)"
         low = PRECISIONS[precision] if precision != "float32" else None
         # the low-precision pass runs on a private copy, so outputs() and the caller's model stay float32
         self._grad_fm = FunctionalModel(model, tracked, device=self.device, dtype=low, copy_module=True) if low else self.fm
@@ -127,27 +147,11 @@ class GradientComputer:
                      ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(lo, hi, gradients) per batch; ``then`` (e.g. a projection) is applied inside the
         out-of-memory guard, so a batch whose projection does not fit is retried smaller too."""
-        bs = batch_size or self.batch_size(example_numel(x))
-        if self.max_batch:  # an explicit size too stays under what fitted after an out-of-memory error
-            bs = min(bs, self.max_batch)
-
         def compute(lo: int, hi: int) -> torch.Tensor:
             out = self.per_example(batch_rows(x, lo, hi), y[lo:hi], kind)
             return out if then is None else then(out)  # the [b, p] gradients are not kept beside their projection
 
-        return batches_with_back_off(len(y), bs, compute, self._back_off)
-
-    def _back_off(self, failed: int) -> int:
-        """Halve the batch after an out-of-memory error (the size sticks for later batches)."""
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if failed <= 1:
-            raise ProponentError(f"CUDA out of memory at one example per batch (its gradient and projection) on {self.device} "
-                                 f"({self.n_params:,} tracked parameters); free GPU memory or use --device cpu")
-        self.oom_retries += 1
-        # never raised again by a later, larger request (an explicit batch_size)
-        self.max_batch = max(1, min(failed, self.max_batch or failed) // 2)
-        return self.max_batch
+        return self._batches(len(y), batch_size or self.batch_size(example_numel(x)), compute)
 
     def full(self, x: Any, y: torch.Tensor, kind: str = "margin") -> torch.Tensor:
         return torch.cat([g for _, _, g in self.iter_batches(x, y, kind)], 0) if len(y) else torch.empty(0, self.n_params)
@@ -156,4 +160,4 @@ class GradientComputer:
         return self.fm.outputs(x, batch)
 
 
-__all__ = ["GradientComputer", "batches_with_back_off", "KINDS", "PRECISIONS", "is_out_of_memory", "resolve_device", "batch_len"]
+__all__ = ["GradientComputer", "BatchBackOff", "KINDS", "PRECISIONS", "is_out_of_memory", "resolve_device", "batch_len"]

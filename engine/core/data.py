@@ -25,8 +25,8 @@ from torch.utils import _pytree as pytree
 from engine.core.errors import ValidationError
 from engine.core.images import ImagePreprocessing, ImageRows, load_split, read_raw_image
 from engine.core.paths import FolderResolver, check_inside
-from engine.core.tables import (TABLE_SUFFIXES, check_labels, check_unique_header, class_order, iter_table,
-                                 load_tabular_splits, native, parse_error, table_kind)
+from engine.core.tables import (TABLE_SUFFIXES, FirstSeen, check_labels, check_unique_header, class_list, iter_table,
+                                 load_tabular_splits, parse_error, table_kind, test_class_codes)
 from engine.storage.statedb import STATE_DIRNAME
 
 FORMATS = ("images", "image_folder", "tabular", "text")
@@ -255,24 +255,21 @@ def read_table(path: Path, label_column: str) -> pd.DataFrame:
 
 
 def _class_index(train_df, test_df, lc, test_file: Path, train_file: Path | None = None):
-    raw = class_order([native(v) for v in pd.unique(train_df[lc])])
-    if len(raw) < 2:
-        raise ValidationError(f"the training data has a single class ({raw[0]!r} in column {lc!r}); "
-                              f"classification needs at least two", file=str(train_file or test_file))
-    index = {c: i for i, c in enumerate(raw)}
-    unknown = np.array([native(v) not in index for v in test_df[lc]])
-    if unknown.any():
-        r = int(np.argmax(unknown))
-        raise ValidationError(f"class {native(test_df[lc].iloc[r])!r} is in test but not in train",
-                              file=str(test_file), row=r)
-    y_train = torch.tensor([index[native(v)] for v in train_df[lc]], dtype=torch.long)
-    y_test = torch.tensor([index[native(v)] for v in test_df[lc]], dtype=torch.long)
-    return raw, y_train, y_test
+    labels = FirstSeen()
+    labels.add(train_df[lc])
+    raw = class_list(labels, lc, train_file or test_file)
+    y_test = test_class_codes(test_df[lc], {c: i for i, c in enumerate(raw)}, test_file)
+    return raw, torch.from_numpy(labels.remapped(raw)), torch.from_numpy(y_test)
 
 
 # ----------------------------------------------------------------------------- images
+def cache_folder(root: Path) -> Path:
+    """A project's cache (decoded images, scratch maps of whole splits); not created here."""
+    return root / STATE_DIRNAME / "cache"
+
+
 def _image_cache(root: Path, split: str) -> tuple[Path, str]:
-    return root / STATE_DIRNAME / "cache", split
+    return cache_folder(root), split
 
 
 def resolve_image_path(rel: str, csv: Path, root: Path, image_root: str | None, row: int,
@@ -382,7 +379,7 @@ def _relative(p: Path, root: Path) -> str:
 # ----------------------------------------------------------------------------- tabular
 def _load_tabular(cfg: DataConfig, root: Path, train_file: Path, test_file: Path, exclude: set[str]) -> LoadedData:
     t = load_tabular_splits(train_file, test_file, cfg.label_column, cfg.feature_columns, cfg.categorical_columns,
-                            exclude, scratch_dir=root / STATE_DIRNAME / "cache")
+                            exclude, scratch_dir=cache_folder(root))
     n_hot = len(t.feature_names) - len(t.mean)
     # standardised with training statistics only, so test data never leaks into preprocessing
     return LoadedData(torch.from_numpy(t.x_train), torch.from_numpy(t.y_train), torch.from_numpy(t.x_test),

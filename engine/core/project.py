@@ -24,6 +24,7 @@ from engine.core import checkpoints as ckpt
 from engine.core.checkpoints import TRAJECTORY_FILE, Checkpoint
 from engine.core.data import (
     DataConfig,
+    cache_folder,
     ImageRows,
     TensorDict,
     input_bytes,
@@ -541,7 +542,7 @@ class Project:
         """Where unlinked scratch arrays of whole splits go (engine.storage.arrays.scratch_array): the
         project's cache when it keeps state (the same disk as its stores), else the system's temporary
         folder. Nothing is created here."""
-        return self.root / STATE_DIRNAME / "cache"
+        return cache_folder(self.root)
 
     @property
     def state_dir(self) -> Path:

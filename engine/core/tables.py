@@ -6,11 +6,12 @@ categories), and an error names the file and the row in the whole file. The nume
 to a scratch file; standardisation (training statistics) and one-hot encoding then run over it
 block by block into the split's float32 input array, which is memory-mapped from an unlinked
 temporary file. So memory is one chunk plus what the OS keeps of the mapped file, not the table
-(a 1M-row CSV read whole peaked at about 550 MB above import; see ``scripts/bench_scale.py``).
+(loading a 1M-row, 20-column CSV whole peaked 579 MB above the import, chunk by chunk 206 MB, in a
+scratch measurement; scripts/bench_scale.py measures the whole TRAK run).
 
-The statistics are numpy's own float32 ``mean(0)`` and ``std(0)``, the standard deviation summed
-block by block in the same row order numpy uses, so the inputs (and the data hashes that
-recorded trajectories are checked against) are bit-identical to reading the table whole.
+The statistics are numpy's own float32 reductions over each column held contiguous, as the
+column-major array pandas hands out was (:func:`column_mean_std`), so the inputs (and the data
+hashes that recorded trajectories are checked against) are bit-identical to reading the table whole.
 
 The raw table (``Project.train_df``) is read only when something asks for it (the app's preview,
 leak search on text, exports), not to attribute.
@@ -25,8 +26,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from engine.core.errors import ProponentError, ValidationError
-from engine.storage.arrays import scratch_array, scratch_file
+from engine.core.errors import ValidationError
+from engine.storage.arrays import disk_error, scratch_array, scratch_file
 
 TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
 CHUNK_BYTES = 64 << 20  # a parsed chunk (pandas holds numbers as 8-byte values) stays about this size
@@ -61,7 +62,7 @@ def check_unique_header(path: Path) -> list[str]:
     return header
 
 
-def _raw_chunks(path: Path, kind: str, rows: int | None) -> Iterator[pd.DataFrame]:
+def _raw_chunks(path: Path, kind: str, rows: int | None, n_columns: int) -> Iterator[pd.DataFrame]:
     if kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -73,7 +74,7 @@ def _raw_chunks(path: Path, kind: str, rows: int | None) -> Iterator[pd.DataFram
         with pd.read_json(path, lines=True, chunksize=rows or 16384) as reader:
             yield from reader
     else:
-        rows = rows or chunk_rows(len(check_unique_header(path)))
+        rows = rows or chunk_rows(n_columns)
         with pd.read_csv(path, chunksize=rows) as reader:
             yield from reader
 
@@ -96,9 +97,8 @@ def iter_table(path: Path, label_column: str, *, rows: int | None = None) -> Ite
     if not path.is_file():
         raise ValidationError("file not found", file=str(path))
     kind = table_kind(path)
-    if kind == "csv":
-        check_unique_header(path)
-    chunks = _raw_chunks(path, kind, rows)
+    n_columns = len(check_unique_header(path)) if kind == "csv" else 0
+    chunks = _raw_chunks(path, kind, rows, n_columns)
     lo = 0
     while True:
         try:
@@ -119,11 +119,6 @@ def iter_table(path: Path, label_column: str, *, rows: int | None = None) -> Ite
         raise ValidationError("no data rows", file=str(path))
 
 
-# ----------------------------------------------------------------------------- scratch files
-def _disk_error(e: OSError, where: Path, what: str) -> ProponentError:
-    return ProponentError(f"cannot write the {what} in {where}: {e.strerror or e}")
-
-
 def _block_rows(width: int) -> int:
     return max(1, BLOCK_BYTES // (4 * max(width, 1)))
 
@@ -138,7 +133,7 @@ def class_order(values) -> list:
     return sorted(values, key=lambda v: (str(type(v)), v))
 
 
-class _FirstSeen:
+class FirstSeen:
     """Codes of a column's values in order of first appearance, chunk by chunk (int32 per row);
     remapped to a sorted order once every value has been seen."""
 
@@ -168,6 +163,24 @@ def _codes_in(values: pd.Series, index: dict, key, on_unknown) -> np.ndarray:
             on_unknown(int(np.argmax(codes == j)))
         lut[j] = index[k]
     return lut[codes]
+
+
+def class_list(labels: FirstSeen, label_column: str, train_file: Path) -> list:
+    """The training classes in their printed order; a single class is an error."""
+    classes = class_order(labels.ids)
+    if len(classes) < 2:
+        raise ValidationError(f"the training data has a single class ({classes[0]!r} in column {label_column!r}); "
+                              f"classification needs at least two", file=str(train_file))
+    return classes
+
+
+def test_class_codes(values: pd.Series, class_index: dict, file: Path, first_row: int = 0) -> np.ndarray:
+    """Class indexes of test labels; a class the training data lacks is an error naming its row."""
+    def unknown(r: int):
+        raise ValidationError(f"class {native(values.iloc[r])!r} is in test but not in train", file=str(file),
+                              row=first_row + r)
+
+    return _codes_in(values, class_index, native, unknown)
 
 
 def _category_key(v):
@@ -258,8 +271,8 @@ def load_tabular_splits(train_file: Path, test_file: Path, label_column: str, fe
 
     def parse(file: Path, train: bool) -> tuple[_ParsedSplit, object]:
         f, where = scratch_file(scratch_dir, "table")
-        labels = _FirstSeen() if train else []
-        cat_codes: dict[str, object] = {c: (_FirstSeen(_category_key) if train else []) for c in cats}
+        labels = FirstSeen() if train else []
+        cat_codes: dict[str, object] = {c: (FirstSeen(_category_key) if train else []) for c in cats}
         n, numeric = 0, None
         try:
             for lo, df in iter_table(file, lc, rows=rows):
@@ -268,13 +281,7 @@ def load_tabular_splits(train_file: Path, test_file: Path, label_column: str, fe
                 if train:
                     labels.add(df[lc])
                 else:
-                    index = state["class_index"]
-
-                    def unknown_class(r, lo=lo, df=df):
-                        raise ValidationError(f"class {native(df[lc].iloc[r])!r} is in test but not in train",
-                                              file=str(file), row=lo + r)
-
-                    labels.append(_codes_in(df[lc], index, native, unknown_class))
+                    labels.append(test_class_codes(df[lc], state["class_index"], file, lo))
                 for c in cats:
                     if train:
                         missing = df[c].isna().to_numpy()
@@ -295,7 +302,7 @@ def load_tabular_splits(train_file: Path, test_file: Path, label_column: str, fe
                 try:
                     f.write(_numeric_block(df, numeric, file, lo).tobytes())
                 except OSError as e:
-                    raise _disk_error(e, where, "parsed table") from None
+                    raise disk_error(e, where, "parsed table") from None
                 n += len(df)
             f.flush()
             width = len(numeric or [])
@@ -304,10 +311,7 @@ def load_tabular_splits(train_file: Path, test_file: Path, label_column: str, fe
         finally:
             f.close()  # the map keeps its own handle
         if train:
-            classes = class_order(labels.ids)
-            if len(classes) < 2:
-                raise ValidationError(f"the training data has a single class ({classes[0]!r} in column {lc!r}); "
-                                      f"classification needs at least two", file=str(train_file))
+            classes = class_list(labels, lc, train_file)
             state["classes"] = classes
             state["class_index"] = {c: i for i, c in enumerate(classes)}
             y = labels.remapped(classes)
@@ -350,4 +354,5 @@ def _inputs(split: _ParsedSplit, mean: np.ndarray, std: np.ndarray, sizes: list[
 
 
 __all__ = ["iter_table", "check_labels", "parse_error", "load_tabular_splits", "column_mean_std", "check_unique_header", "table_kind",
-           "chunk_rows", "TabularSplits", "TABLE_SUFFIXES", "native", "class_order"]
+           "chunk_rows", "TabularSplits", "TABLE_SUFFIXES", "native", "class_order", "FirstSeen", "class_list",
+           "test_class_codes"]

@@ -195,13 +195,18 @@ def scratch_file(folder: str | Path | None, what: str):
     raise ProponentError(f"cannot create a temporary file for the {what}")
 
 
+def disk_error(e: OSError, where: str | Path, what: str):
+    """One line for a write that failed (a full disk, a read-only folder)."""
+    from engine.core.errors import ProponentError
+
+    return ProponentError(f"cannot write the {what} in {where}: {e.strerror or e}")
+
+
 def scratch_array(shape: tuple[int, ...], dtype, folder: str | Path | None, what: str) -> np.ndarray:
     """A writable array of ``shape`` in an unlinked temporary file (:func:`scratch_file`), for
     whole-split intermediates whose size grows with the number of examples: the OS may page them
     out, the heap never holds them. The blocks are claimed first, so a full disk is one line here,
     not a crash while rows are written."""
-    from engine.core.errors import ProponentError
-
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if nbytes == 0:
         return np.zeros(shape, dtype)
@@ -213,7 +218,7 @@ def scratch_array(shape: tuple[int, ...], dtype, folder: str | Path | None, what
             else:
                 f.truncate(nbytes)
         except OSError as e:
-            raise ProponentError(f"cannot write the {what} in {where}: {e.strerror or e}") from None
+            raise disk_error(e, where, what) from None
         return np.memmap(f, dtype=dtype, mode="r+", shape=tuple(int(v) for v in shape))
     finally:
         f.close()  # the map keeps its own handle
