@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=32)
     ap.add_argument("--json", help="also write the rows as a docs/bench table (rendered into docs/benchmarks.md)")
     ap.add_argument("--title", default="", help="with --json: the table's title")
+    ap.add_argument("--cold", action="store_true",
+                    help="time every variant from scratch: remove its run folder and the fitted curvature factors "
+                         "(Proponent's own caches in .proponent) before fitting it")
     a = ap.parse_args(argv)
     try:
         variants = json.loads(a.variants)
@@ -58,6 +61,8 @@ def main(argv=None) -> int:
         return 2
     rows = []
     for method, settings in variants:
+        if a.cold:
+            _clear_caches(p, method, settings)
         t0 = time.perf_counter()
         try:
             att, _ = fit_method(p, method, settings, device="cpu")
@@ -86,6 +91,18 @@ def main(argv=None) -> int:
                                        "projection", "k"], "rows": rows}]}
         Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
     return 0
+
+
+def _clear_caches(p: Project, method: str, settings: dict) -> None:
+    """The variant's run folder and the per-checkpoint curvature factors, both written by Proponent."""
+    import shutil
+
+    from engine.api import run_dir, run_key
+    from engine.methods import get_method
+    from engine.methods.base import coerce_settings
+
+    shutil.rmtree(run_dir(p, run_key(p, method, coerce_settings(get_method(method), settings))), ignore_errors=True)
+    shutil.rmtree(p.state_dir / "factors", ignore_errors=True)
 
 
 if __name__ == "__main__":

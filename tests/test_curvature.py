@@ -282,3 +282,38 @@ def test_pseudo_gradients_form_no_parameter_gradients():
     lab, wl = cv.fisher_targets(dead, xl, 1, seed=0)
     cov = cv.fit_covariances(dead, layers, xl, lab, wl)
     assert float(cov["unused.S"].abs().max()) == 0.0 and float(cov["used.S"].abs().max()) > 0
+
+
+def test_curvature_batches_are_bounded_by_bytes_and_give_the_same_factors(monkeypatch):
+    """A conv layer's unfolded patches grow with the image: curvature batches are sized from one
+    example's layer inputs and output gradients (CURVATURE_BATCH_BYTES), not a fixed 256 rows, and the
+    factors do not depend on the batching."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 12 * 12, 5)).double()
+    x = torch.randn(30, 3, 12, 12, dtype=torch.float64)
+    layers, _ = cv.curvature_layers(model)
+    # per example: 144 positions × 2 × (in + out) × 8 bytes per conv layer, and the Linear's one position
+    per = 144 * 2 * ((27 + 1 + 8) + (72 + 1 + 8)) * 8 + 2 * (8 * 144 + 1 + 5) * 8
+    assert cv.curvature_batch_size(model, layers, x) == min(256, cv.CURVATURE_BATCH_BYTES // per)
+    monkeypatch.setattr(cv, "CURVATURE_BATCH_BYTES", per * 7)
+    assert cv.curvature_batch_size(model, layers, x) == 7
+    seen = []
+    real = cv._pseudo_grad_batches
+
+    def spy(model, layers, x, labels, weights, batch_size, device):
+        seen.append(batch_size)
+        return real(model, layers, x, labels, weights, batch_size, device)
+
+    monkeypatch.setattr(cv, "_pseudo_grad_batches", spy)
+    labels, w = cv.fisher_targets(model, x, 0)
+    cov = cv.fit_covariances(model, layers, x, labels, w)
+    basis = cv.eigenbasis(cov, layers)
+    lam = cv.fit_eigenvalues(model, layers, x, labels, basis, w)
+    assert seen == [7, 7]
+    cov_all = cv.fit_covariances(model, layers, x, labels, w, batch_size=256)
+    lam_all = cv.fit_eigenvalues(model, layers, x, labels, basis, w, batch_size=256)
+    for k in cov:
+        assert torch.allclose(cov[k], cov_all[k], rtol=1e-10, atol=1e-14)
+    for k in lam:
+        assert torch.allclose(lam[k], lam_all[k], rtol=1e-10, atol=1e-14)

@@ -288,7 +288,7 @@ def test_float32_walk_agrees_with_float64_and_scores_in_few_store_passes(gd_proj
         reads = []
         for st in att.seg_state:
             real = st["gbar"].iter_chunks
-            monkeypatch.setattr(st["gbar"], "iter_chunks", lambda real=real: reads.append(1) or real())
+            monkeypatch.setattr(st["gbar"], "iter_chunks", lambda *a, real=real, **k: reads.append(1) or real(*a, **k))
         monkeypatch.setattr(source_module, "WALK_BLOCK_BYTES", 4 * att.query_computer.n_params * 3)  # 3 rows a walk
         np.testing.assert_allclose(att.scores(q), S32, rtol=1e-6, atol=1e-7 * np.abs(S32).max())
         assert len(reads) == len(att.seg_state)  # every block gathered into one pass
@@ -303,3 +303,55 @@ def test_float32_walk_agrees_with_float64_and_scores_in_few_store_passes(gd_proj
                 assert att._walk_factors(st)["S_one"]
                 st["walk"]["S_one"] = False  # the full walk: Q_S (1 ⊙ Q_Sᵀ v Q_A) Q_Aᵀ
             np.testing.assert_allclose(att.scores(q), S32, rtol=1e-5, atol=1e-6 * np.abs(S32).max())
+
+
+def test_training_gradients_are_written_in_parts_and_a_stopped_chunk_is_rewritten(gd_project, tmp_path, monkeypatch):
+    """The training-gradient pass holds a part of a store chunk (GRADIENT_PART_BYTES), not the chunk;
+    a chunk counts as done only once every part is on disk, so a fit stopped inside a chunk rewrites
+    all of it on the next run, and the scores equal an uninterrupted fit's."""
+    from engine.methods import source as source_module
+    from engine.storage.arrays import ChunkedArray
+
+    ref = EKFAC(EKFACSettings(trajectory_points=1)).fit(gd_project)
+    want, width = ref.scores("test"), ref.projector.out_dim
+    monkeypatch.setattr(source_module, "GRADIENT_BLOCK_ROWS", 32)  # two chunks of the 60 rows
+    monkeypatch.setattr(source_module, "GRADIENT_PART_MIN_ROWS", 1)
+    monkeypatch.setattr(source_module, "GRADIENT_PART_BYTES", 4 * width * 10)  # ten rows a part
+    parts, real = [], ChunkedArray.write_rows
+
+    def failing(self, c, start, block):
+        parts.append((c, start, len(block)))
+        if len(parts) == 5:  # chunk 1's second part: chunk 0 is done, chunk 1 half-written
+            raise KeyboardInterrupt
+        return real(self, c, start, block)
+
+    monkeypatch.setattr(ChunkedArray, "write_rows", failing)
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        EKFAC(EKFACSettings(trajectory_points=1), workdir=work).fit(gd_project)
+    assert parts == [(0, 0, 10), (0, 10, 10), (0, 20, 10), (0, 30, 2), (1, 0, 10)]
+    assert (next(work.glob("grads_seg0_*")) / "done.bin").read_bytes() == b"\x01\x00"  # chunk 1 not done
+    parts.clear()
+    ek = EKFAC(EKFACSettings(trajectory_points=1), workdir=work).fit(gd_project)
+    assert parts == [(1, 0, 10), (1, 10, 10), (1, 20, 8)]  # chunk 0 kept, chunk 1 written again whole
+    # float32 gradients in other batch shapes: summation order only
+    np.testing.assert_allclose(ek.scores("test"), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_fisher_is_exact_on_small_sets_and_sampled_above(gd_project, monkeypatch):
+    """fisher_samples=-1 (the default): the exact expectation over classes up to FISHER_EXACT_MAX_ROWS
+    training rows, one sampled label per example above (as kronfluence); the run says which, and a
+    given value is used as is. The factor cache keys on the resolved count, so a cached exact fit is
+    not reused for a sampled one."""
+    from engine.autodiff import curvature as cv
+
+    assert cv.fisher_samples_for(-1, 1024, 10) == 0 and cv.fisher_samples_for(-1, 1025, 10) == 1
+    assert cv.fisher_samples_for(-1, 100, 17) == 1 and cv.fisher_samples_for(3, 10**6, 100) == 3
+    exact = EKFAC(EKFACSettings(trajectory_points=1)).fit(gd_project)
+    assert exact.meta["fisher_samples_used"] == [0]
+    monkeypatch.setattr(cv, "FISHER_EXACT_MAX_ROWS", 10)  # the 60-row project is now "large"
+    sampled = EKFAC(EKFACSettings(trajectory_points=1)).fit(gd_project)
+    assert sampled.meta["fisher_samples_used"] == [1]
+    one = EKFAC(EKFACSettings(trajectory_points=1, fisher_samples=1)).fit(gd_project)
+    np.testing.assert_array_equal(sampled.scores("test"), one.scores("test"))
+    assert not np.allclose(sampled.scores("test"), exact.scores("test"), rtol=1e-6, atol=0)

@@ -238,3 +238,30 @@ def test_half_casts_are_bit_identical_to_numpy(src, dst):
     assert got.dtype == np.dtype(dst) and got.shape == a.shape
     bits = {2: np.uint16, 4: np.uint32, 8: np.uint64}[np.dtype(dst).itemsize]
     assert np.array_equal(got.view(bits), want.view(bits))
+
+
+def test_a_chunk_written_in_parts_counts_once_marked_and_reads_come_in_blocks(tmp_path):
+    """write_rows puts part of a float32 chunk on disk without marking it done; iter_chunks(max_bytes)
+    reads a chunk in blocks; reads land in the process's own memory (no memory map of data.npy stays
+    open behind a returned block: its pages counted in resident memory on top of the copy)."""
+    s = ChunkedArray(tmp_path / "p", 10, 4, width=3)
+    rows = np.arange(30, dtype=np.float32).reshape(10, 3)
+    s.write_rows(1, 0, rows[4:6])
+    assert s.missing_chunks() == [0, 1, 2]  # half a chunk is not a chunk
+    s.write_rows(1, 2, rows[6:8])
+    s.mark_done(1)
+    s.write_chunk(0, rows[:4])
+    s.write_chunk(2, rows[8:])
+    assert s.complete
+    with pytest.raises(ValueError, match="outside chunk 2"):
+        s.write_rows(2, 1, rows[:2])
+    with pytest.raises(ValueError, match="float32"):
+        ChunkedArray(tmp_path / "h", 4, 2, width=3, dtype="float16").write_rows(0, 0, rows[:2])
+    blocks = list(s.iter_chunks(max_bytes=2 * 3 * 4))  # two rows a block, never across a chunk
+    assert [(lo, hi) for lo, hi, _ in blocks] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    np.testing.assert_array_equal(np.vstack([b for *_, b in blocks]), rows)
+    assert [(lo, hi) for lo, hi, _ in s.iter_chunks()] == [(0, 4), (4, 8), (8, 10)]
+    held = [s.read_chunk(1), s.to_array(), blocks[0][2]]
+    assert all(h.flags.owndata and h.flags.writeable for h in held)
+    assert str(s.data_path) not in Path("/proc/self/maps").read_text()
+    np.testing.assert_array_equal(s.read_rows(np.array([9, 0, 5])), rows[[9, 0, 5]])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from engine import Project
 from engine.cli import main as cli_main
@@ -193,3 +194,64 @@ def test_toy_text_trains_and_attributes_the_head(tmp_path, capsys):
     (root / "project.toml").write_text((root / "project.toml").read_text().replace('"head.*"', '"encoder.*"'))
     code, out, err = run_cli(capsys, "attribute", root, "--method", "grad-dot")
     assert code == 2 and "[model] attribute: 'encoder.*' matches no parameter of the model (parameters: embed.weight" in err
+
+
+PAD_TO_LONGEST = '''
+def tokenize(texts):
+    # pads to the longest text of the call, as Hugging Face tokenizers do with padding=True
+    words = [t.split() for t in texts]
+    width = max(len(w) for w in words)
+    ids = torch.zeros(len(texts), width, dtype=torch.long)
+    for i, ws in enumerate(words):
+        for j, w in enumerate(ws):
+            ids[i, j] = 1 + sum(map(ord, w)) % (VOCAB - 1)
+    return {"input_ids": ids, "attention_mask": (ids > 0).long()}
+'''
+
+
+@pytest.mark.parametrize("padding", ["fixed", "to the longest"])
+def test_text_split_is_tokenized_chunk_by_chunk_into_scratch_maps(tmp_path, monkeypatch, padding):
+    """A text split is read and tokenized chunk by chunk into unlinked scratch maps; the tensors equal
+    one tokenize() call over the whole split, also for a tokenizer that pads to its call's longest
+    text (chunks of other lengths: the split is tokenized again in one call). Errors keep the row in
+    the whole file."""
+    import importlib.util
+
+    import engine.core.data as data
+
+    rng = np.random.default_rng(0)
+    vocab = ["red", "green", "apple", "pear", "open", "port", "tcp", "host", "ripe", "fast"]
+    rows = [(" ".join(rng.choice(vocab, size=int(rng.integers(1, 7)))), ["fruit", "net", "misc"][i % 3])
+            for i in range(40)]
+    root = _toy(tmp_path, rows)
+    if padding != "fixed":
+        (root / "model.py").write_text(TOY_MODEL.replace(TOY_MODEL[TOY_MODEL.index("def tokenize"):
+                                                                   TOY_MODEL.index("class Bag")], PAD_TO_LONGEST))
+    spec = importlib.util.spec_from_file_location("toy_model", root / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    whole = mod.tokenize([t for t, _ in rows])
+    calls = []
+    monkeypatch.setattr(data, "TEXT_CHUNK_ROWS", 7)
+    real = data.tokenize_texts
+    monkeypatch.setattr(data, "tokenize_texts", lambda tok, texts, f: calls.append(len(texts)) or real(tok, texts, f))
+    p = Project.load(root)
+    x = p.train_dataset.x
+    for k, v in whole.items():
+        assert torch.equal(x[k], v), k
+    assert p.train_dataset.y.tolist() == [["fruit", "misc", "net"].index(lab) for _, lab in rows]
+    train_calls = calls[:6] if padding == "fixed" else calls[:7]
+    assert train_calls[:6] == [7, 7, 7, 7, 7, 5]  # chunk by chunk
+    maps = Path("/proc/self/maps").read_text()
+    if padding == "fixed":
+        assert maps.count("proponent-tokens") >= 2 and "(deleted)" in maps  # the token tensors are unlinked maps
+        assert not list(root.rglob("proponent-tokens*"))
+    else:
+        assert train_calls[6] == 40  # the chunks' widths differed: one call over the split, as before
+        assert x["input_ids"].shape == (40, max(len(t.split()) for t, _ in rows))
+    rows[30] = ("  ", "net")
+    import pandas as pd
+
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(root / "train.csv", index=False)
+    with pytest.raises(data.ValidationError, match=r"row 30 .*empty text"):
+        Project.load(root).train_dataset

@@ -237,6 +237,22 @@ def sample_labels(model: nn.Module, x: torch.Tensor, samples: int = 1, seed: int
 
 
 EXACT_FISHER_MAX_CLASSES = 16
+# Above this many rows EK-FAC and Source sample one label per example (fisher_samples_for). Measured
+# (scripts/lds_variants.py, docs/bench/lds-fisher-samples-*.json): on five projects of 1,200-2,000 rows
+# (three CNNs, two MLPs) one label gave LDS within 0.008 of the exact expectation (two sampling seeds)
+# with covariance and eigenvalue passes C times cheaper (EK-FAC 2.4-3.4x faster on the 10-class CNNs);
+# on a 700-row tabular MLP it lost 0.02 at the final checkpoint, where the exact passes are cheap.
+FISHER_EXACT_MAX_ROWS = 1024
+
+
+def fisher_samples_for(setting: int, n_rows: int, n_classes: int) -> int:
+    """Label samples a Fisher fit over ``n_rows`` uses for the ``fisher_samples`` setting: as given
+    when ≥ 0; -1 (auto): 0 (every class, exact) for ≤ FISHER_EXACT_MAX_ROWS rows and
+    ≤ EXACT_FISHER_MAX_CLASSES classes (sampling noise matters most on few rows, and there the exact
+    passes are cheap), else 1."""
+    if setting >= 0:
+        return int(setting)
+    return 0 if n_rows <= FISHER_EXACT_MAX_ROWS and n_classes <= EXACT_FISHER_MAX_CLASSES else 1
 
 
 def fisher_targets(model: nn.Module, x: torch.Tensor, samples: int = 1, seed: int = 0, batch_size: int = 512,
@@ -319,6 +335,35 @@ def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor,
         model.zero_grad(set_to_none=True)
 
 
+# bytes of layer inputs and output gradients one curvature batch holds (each counted twice: the
+# eigenvalue pass keeps a rotated copy). A conv layer's unfolded patches are large (about 1.2 MB per
+# 32×32 image for a 3×3 conv over 32 channels), so the fixed 256-example batch held about 0.6 GB.
+CURVATURE_BATCH_BYTES = 2**27
+
+
+def curvature_batch_size(model: nn.Module, layers: list[Layer], x: torch.Tensor, batch_size: int = 256,
+                         device: str = "cpu") -> int:
+    """Examples per curvature batch: at most ``batch_size``, and within CURVATURE_BATCH_BYTES of
+    the covered layers' inputs and output gradients (sized from one example's forward pass)."""
+    if len(x) == 0:
+        return batch_size
+    model = model.eval().to(device)
+    cap = _Capture(layers, keep_grads=False)
+    try:
+        with torch.no_grad():
+            model(x[:1].to(device))
+        per = 0
+        for L in layers:
+            a = _activations(L, cap.inputs[L.name])
+            per += a.shape[1] * 2 * (L.in_dim + L.out_dim) * max(4, a.element_size())
+    finally:
+        cap.close()
+    budget = CURVATURE_BATCH_BYTES
+    if str(device).startswith("cuda"):  # device memory, not the host's, bounds a GPU batch
+        budget = max(budget, torch.cuda.mem_get_info()[0] // 4)
+    return int(max(1, min(batch_size, budget // max(1, per))))
+
+
 # rows (examples × positions) per low-precision product before it is added to a float64 total: a
 # float32 sum stays short, so the statistics agree with float64 arithmetic to about 1e-6
 ACCUMULATE_ROWS = 8192
@@ -347,11 +392,13 @@ def _uniform(labels: torch.Tensor) -> torch.Tensor:
 
 
 def fit_covariances(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels: torch.Tensor,
-                    weights: torch.Tensor | None = None, *, batch_size: int = 256, device: str = "cpu"
+                    weights: torch.Tensor | None = None, *, batch_size: int | None = None, device: str = "cpu"
                     ) -> dict[str, torch.Tensor]:
     """``{name.A, name.S}``: K-FAC covariances E[Σ_t a aᵀ] and E[Σ_t s sᵀ] (float64; the products of a
-    float32 model are formed in float32 and summed in float64, :func:`_gram`)."""
+    float32 model are formed in float32 and summed in float64, :func:`_gram`). ``batch_size``: default
+    :func:`curvature_batch_size`."""
     n = len(x)
+    batch_size = batch_size or curvature_batch_size(model, layers, x, device=device)
     weights = _uniform(labels) if weights is None else weights
     out = {}
     for L in layers:
@@ -390,15 +437,17 @@ def eigenbasis(cov: dict[str, torch.Tensor], layers: list[Layer]) -> dict[str, t
 
 def fit_eigenvalues(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels: torch.Tensor,
                     basis: dict[str, torch.Tensor], weights: torch.Tensor | None = None, *,
-                    scale: dict[str, torch.Tensor] | None = None, batch_size: int = 256, device: str = "cpu"
+                    scale: dict[str, torch.Tensor] | None = None, batch_size: int | None = None, device: str = "cpu"
                     ) -> dict[str, torch.Tensor]:
     """``{name.lambda}``: EK-FAC eigenvalues E[(Q_Sᵀ G Q_A)²] [out, in] in the given basis.
 
     ``scale`` (optional, per layer [out, in]) multiplies each pseudo-gradient elementwise
     first: the Adam-preconditioned variant uses √P ⊙ G. A float32 model's rotations and squares
-    are formed in float32 (per batch, ≤ ``batch_size`` examples) and summed in float64.
+    are formed in float32 (per batch, ≤ ``batch_size`` examples, default :func:`curvature_batch_size`)
+    and summed in float64.
     """
     n = len(x)
+    batch_size = batch_size or curvature_batch_size(model, layers, x, device=device)
     weights = _uniform(labels) if weights is None else weights
     out = {f"{L.name}.lambda": torch.zeros(L.out_dim, L.in_dim, dtype=torch.float64) for L in layers}
     Q: dict = {}  # (layer, dtype, device) → (QA, QS, scale) in the dtype the products are formed in
@@ -572,6 +621,6 @@ def rows_digest(rows: np.ndarray | None) -> str:
 
 
 __all__ = ["Layer", "LayerBlocks", "curvature_layers", "covered_param_names", "sample_labels", "fit_covariances",
-           "eigenbasis", "fit_eigenvalues", "fisher_targets", "brute_force_pseudo_grads", "rotate", "unrotate", "apply_eigen_fn",
+           "eigenbasis", "fit_eigenvalues", "fisher_targets", "fisher_samples_for", "curvature_batch_size", "brute_force_pseudo_grads", "rotate", "unrotate", "apply_eigen_fn",
            "response", "propagation", "damped_inverse", "EigenCurvature", "save_tensors", "load_tensors", "tensor_digest",
            "rows_digest"]

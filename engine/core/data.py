@@ -390,23 +390,82 @@ def _load_tabular(cfg: DataConfig, root: Path, train_file: Path, test_file: Path
 
 
 # ----------------------------------------------------------------------------- text
-def _load_text(cfg: DataConfig, train_file: Path, test_file: Path, tokenize: Callable | None,
+# texts per tokenize() call when a split is read chunk by chunk (a batch size tokenizers handle well;
+# the outputs of one call, not of the whole split, are what memory holds)
+TEXT_CHUNK_ROWS = 16384
+
+
+def _load_text(cfg: DataConfig, root: Path, train_file: Path, test_file: Path, tokenize: Callable | None,
                factory_file: Path) -> LoadedData:
-    lc, tc = cfg.label_column, cfg.text_column
-    train_df, test_df = read_table(train_file, lc), read_table(test_file, lc)
-    classes, y_train, y_test = _class_index(train_df, test_df, lc, test_file, train_file)
+    """Each split read and tokenized chunk by chunk into unlinked scratch maps (the token tensors of a
+    large split are not held on the heap, and the raw table is read whole only when asked for).
+
+    The same tensors as one ``tokenize(all texts)`` call: each call's outputs must share their
+    trailing shapes; if a tokenizer pads to its batch's longest text and the chunks differ, the split
+    is tokenized again in one call (the only way to get what the model was trained on)."""
     if tokenize is None:
         raise ValidationError("format 'text' needs a function tokenize(texts) -> dict of tensors", file=str(factory_file))
-    xs = []
-    for df, f in ((train_df, train_file), (test_df, test_file)):
-        if tc not in df.columns:
-            raise ValidationError(f"text column {tc!r} not found (columns: {', '.join(map(str, df.columns))})", file=str(f))
-        texts = df[tc].tolist()
-        for r, t in enumerate(texts):
-            if not isinstance(t, str) or not t.strip():
-                raise ValidationError(f"empty text in column {tc!r}", file=str(f), row=r)
-        xs.append(tokenize_texts(tokenize, texts, factory_file))
-    return LoadedData(xs[0], y_train, xs[1], y_test, classes, train_df, test_df)
+    lc, tc = cfg.label_column, cfg.text_column
+    scratch = cache_folder(root)
+    labels = FirstSeen()
+    x_train = _tokenized_split(train_file, lc, tc, tokenize, factory_file, scratch, lambda lo, v: labels.add(v))
+    classes = class_list(labels, lc, train_file)
+    index = {c: i for i, c in enumerate(classes)}
+    test_codes: list[np.ndarray] = []
+    x_test = _tokenized_split(test_file, lc, tc, tokenize, factory_file, scratch,
+                              lambda lo, v: test_codes.append(test_class_codes(v, index, test_file, first_row=lo)))
+    return LoadedData(x_train, torch.from_numpy(labels.remapped(classes)), x_test,
+                      torch.from_numpy(np.concatenate(test_codes)), classes, None, None,
+                      table_files=(train_file, test_file), label_column=lc)
+
+
+def _text_chunk(df: pd.DataFrame, tc: str, path: Path, lo: int) -> list[str]:
+    if tc not in df.columns:
+        raise ValidationError(f"text column {tc!r} not found (columns: {', '.join(map(str, df.columns))})", file=str(path))
+    texts = df[tc].tolist()
+    for r, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise ValidationError(f"empty text in column {tc!r}", file=str(path), row=lo + r)
+    return texts
+
+
+def _tokenized_split(path: Path, lc: str, tc: str, tokenize: Callable, factory_file: Path, scratch: Path,
+                     on_labels: Callable[[int, pd.Series], None]) -> TensorDict:
+    from engine.storage.arrays import disk_error, scratch_file
+
+    files: dict = {}  # key → (scratch file, trailing shape, dtype)
+    n, uneven = 0, False
+    try:
+        for lo, df in iter_table(path, lc, rows=TEXT_CHUNK_ROWS):
+            texts = _text_chunk(df, tc, path, lo)
+            on_labels(lo, df[lc])
+            if uneven:
+                continue  # the labels are still checked and coded chunk by chunk
+            out = tokenize_texts(tokenize, texts, factory_file).data
+            if files and (set(out) != set(files) or any(
+                    (tuple(v.shape[1:]), v.dtype) != files[k][1:] for k, v in out.items())):
+                uneven = True
+                continue
+            for k, v in out.items():
+                if k not in files:
+                    files[k] = (scratch_file(scratch, "tokens")[0], tuple(v.shape[1:]), v.dtype)
+                try:
+                    files[k][0].write(memoryview(np.ascontiguousarray(v.numpy())).cast("B"))
+                except OSError as e:
+                    raise disk_error(e, scratch, "tokenized texts") from None
+            n += len(texts)
+        if uneven:  # batch-dependent padding: one call over the whole split, as before
+            df = read_table(path, lc)
+            return tokenize_texts(tokenize, _text_chunk(df, tc, path, 0), factory_file)
+        data = {}
+        for k, (f, trail, dtype) in files.items():
+            f.flush()
+            mm = np.memmap(f, dtype=torch.empty((), dtype=dtype).numpy().dtype, mode="r+", shape=(n, *trail))
+            data[k] = torch.from_numpy(mm)
+        return TensorDict(data)
+    finally:
+        for f, _, _ in files.values():
+            f.close()  # a map keeps its own handle; the files were unlinked when made
 
 
 def tokenize_texts(tokenize: Callable, texts: list[str], factory_file: Path) -> TensorDict:
@@ -439,7 +498,7 @@ def load_data(cfg: DataConfig, root: Path, *, exclude_columns: set[str] = frozen
         return _load_image_folder(cfg, root, train_file, test_file)
     if cfg.format == "tabular":
         return _load_tabular(cfg, root, train_file, test_file, set(exclude_columns))
-    return _load_text(cfg, train_file, test_file, tokenize, factory_file or root / "model.py")
+    return _load_text(cfg, root, train_file, test_file, tokenize, factory_file or root / "model.py")
 
 
 def rows_table(data: LoadedData, split: str, root: Path) -> pd.DataFrame:

@@ -49,10 +49,11 @@ class EKFAC(CurvatureInfluence):
                    "averaged over 5 checkpoints of the recorded run (trajectory_points=1: the final one only, classic "
                    "influence). Linear and Conv2d layers; other layers are reported as left out.")
     Settings = EKFACSettings
+    # v6: one sampled Fisher label above 1,024 training rows (fisher_samples=-1, as kronfluence; exact below);
     # v5: curvature products and the walk in float32, summed in float64 (2.2-2.9x faster on the CPU, scores
     # within 1e-6 of the largest); v4: stored gradients unprojected up to 2^31 entries (streamed from disk); v3: averaged over trajectory
     # points by default; v2: stored gradients unprojected while they fit
-    version = "5"
+    version = "6"
 
     @classmethod
     def advisories(cls, project, settings) -> list[str]:

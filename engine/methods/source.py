@@ -61,6 +61,12 @@ ADAM_BETA2 = 0.999
 ADAM_EPS = 1e-8
 # training rows per block of stored training gradients: bounds memory, and is the unit torchrun ranks share out
 GRADIENT_BLOCK_ROWS = 1024
+# training gradients are computed and written in parts of a chunk of at most this many float32 bytes
+GRADIENT_PART_BYTES = 2**26
+GRADIENT_PART_MIN_ROWS = 16  # very wide rows: still a batch worth computing on a GPU
+# host memory of one per-example gradient batch (GradientComputer's budget; on CUDA half the free device
+# memory): the walk and the scoring buffers sit beside it, so smaller than the 512 MB default
+GRADIENT_BATCH_MB = 128.0
 # The walk (rotations into the Kronecker eigenbasis and back) and the products with the stored
 # training gradients run in float32, the dtype of the gradients themselves (the fitted factors stay
 # float64); scores are summed in float64. On the 32×32 RGB CNN of scripts/bench_gpu.py (500 and 800
@@ -71,7 +77,9 @@ WALK_DTYPE = torch.float32
 WALK_BLOCK_BYTES = 2**26  # one [rows, p] copy (WALK_DTYPE) of query gradients walked through the curvature (64 MiB)
 # walked query vectors gathered before one pass over the stored training gradients (each pass reads the
 # whole store from disk, so fewer and wider passes; at most this many bytes of [queries, width])
-SCORE_PASS_BYTES = 2**28
+SCORE_PASS_BYTES = 2**27
+# training gradients read from the store per product when scoring (a part of a chunk)
+SCORE_READ_BYTES = 2**26
 
 
 @dataclass
@@ -226,13 +234,15 @@ class CurvatureInfluence(Attributor):
         final = project.final_checkpoint(segs[-1].checkpoints[-1].model_id)
         self.final_checkpoint = final
         self.query_model = project.load_model(final)
-        self.query_computer = GradientComputer(self.query_model, tracked=self.param_names, device=self.device)
+        self.query_computer = GradientComputer(self.query_model, tracked=self.param_names, device=self.device,
+                                               memory_budget_mb=GRADIENT_BATCH_MB)
         self._self = None
         self.meta.update({
             "segments": [s.describe() for s in segs], "response": cfg.response, "fast": cfg.fast,
             "layers": [L.name for L in self.layers_template], "left_out": self.left_out,
             "covered_parameters": p, "projection": self.projector.describe(), "weight_decay": self.wd,
             "fisher_samples": cfg.fisher_samples, "query_checkpoint": final.key,
+            "fisher_samples_used": [st["fisher_samples"] for st in self.seg_state],  # 0: exact over classes
             "damping": [st["damping"] for st in self.seg_state],
             "adam_preconditioned": [st["sqrtP"] is not None for st in self.seg_state],
             "sigma_mean": [st["sigma_mean"] for st in self.seg_state],
@@ -296,7 +306,8 @@ class CurvatureInfluence(Attributor):
         xf = ds.x[torch.as_tensor(fit_rows)]
         points = self._segment_models(project, seg)
         tag = f"segment {seg.index + 1}/{len(self.segments)}"
-        base_key = {"rows": cv.rows_digest(fit_rows), "samples": cfg.fisher_samples, "seed": cfg.seed,
+        samples = cv.fisher_samples_for(cfg.fisher_samples, len(fit_rows), project.num_classes)
+        base_key = {"rows": cv.rows_digest(fit_rows), "samples": samples, "seed": cfg.seed,
                     "layers": [L.name for L in self.layers_template]}
         # 1. covariances per point (cached per checkpoint), averaged over the segment
         covs, labels = [], []
@@ -306,7 +317,7 @@ class CurvatureInfluence(Attributor):
             layers, _ = cv.curvature_layers(model, self.tracked)
             # the label seed follows the weights, so the same checkpoint gets the same factors in every run
             lab_seed = int(stable_hash({"seed": cfg.seed, "w": digest}, 12), 16)
-            lab, wts = cv.fisher_targets(model, xf, cfg.fisher_samples, seed=lab_seed, device=self.device)
+            lab, wts = cv.fisher_targets(model, xf, samples, seed=lab_seed, device=self.device)
             labels.append((lab, wts))
             path = self.factor_dir / f"cov-{stable_hash({**base_key, 'w': digest})}.safetensors"
             cov = cv.load_tensors(path)
@@ -368,30 +379,36 @@ class CurvatureInfluence(Attributor):
         distributed.barrier()
         gbar = gbar or open_store()
         mine = distributed.my_share(distributed.agree(gbar.missing_chunks()))
-        computers = [GradientComputer(model, tracked=self.param_names, device=self.device) for _, model, _ in points]
+        computers = [GradientComputer(model, tracked=self.param_names, device=self.device,
+                                      memory_budget_mb=GRADIENT_BATCH_MB) for _, model, _ in points]
         total = sum(gbar.chunk_bounds(c)[1] - gbar.chunk_bounds(c)[0] for c in mine)
         done = 0
+        # rows per part of a chunk held in memory (a whole [1,024, p] float32 chunk was the fit's peak)
+        part = max(GRADIENT_PART_MIN_ROWS, GRADIENT_PART_BYTES // (4 * max(1, self.projector.out_dim)))
         for c in mine:
-            self.progress(f"{tag}: training gradients", done, total)
             self._check_cancel("fit")
             lo, hi = gbar.chunk_bounds(c)
-            sel = torch.as_tensor(rows[lo:hi])
-            xs, ys = ds.x[sel], ds.y[sel]
-            # float32 like the store (a float64 block was the peak of resident memory: 1,024 × p × 8 bytes)
-            block = np.zeros((hi - lo, self.projector.out_dim), np.float32)
-            for comp in computers:
-                for blo, bhi, g in comp.iter_batches(xs, ys, "loss", then=self.train_projector.project):
-                    block[blo:bhi] += g.float().cpu().numpy() / len(points)
-            if not np.isfinite(block).all():
-                raise ProponentError(f"{self.name}: non-finite training gradients in {tag}; the checkpoints may have diverged")
-            gbar.write_chunk(c, block)
-            done += hi - lo
+            for a in range(lo, hi, part):
+                self.progress(f"{tag}: training gradients", done, total)
+                b = min(hi, a + part)
+                sel = torch.as_tensor(rows[a:b])
+                xs, ys = ds.x[sel], ds.y[sel]
+                block = torch.zeros(b - a, self.projector.out_dim)  # float32, like the store
+                for comp in computers:
+                    for blo, bhi, g in comp.iter_batches(xs, ys, "loss", then=self.train_projector.project):
+                        block[blo:bhi].add_(g.float().cpu(), alpha=1.0 / len(points))
+                if not torch.isfinite(block).all():
+                    raise ProponentError(f"{self.name}: non-finite training gradients in {tag}; the checkpoints may "
+                                         f"have diverged")
+                gbar.write_rows(c, a - lo, block.numpy())
+                done += b - a
+            gbar.mark_done(c)  # only now: a run stopped inside the chunk rewrites all of it
         self._gradient_rows += done
         distributed.barrier()  # every rank's blocks are on disk before anyone reads the store
         self.progress(f"{tag}: done", len(points), len(points))
         pos = np.full(len(ds), -1, np.int64)
         pos[rows] = np.arange(len(rows))
-        return {"QA": [basis[f"{L.name}.QA"] for L in self.layers_template],
+        return {"fisher_samples": samples, "QA": [basis[f"{L.name}.QA"] for L in self.layers_template],
                 "QS": [basis[f"{L.name}.QS"] for L in self.layers_template],
                 "F": Fv, "S": Sv, "sigma": sigma, "damping": damping, "sqrtP": sqrtP,
                 "gbar": gbar, "rows": rows, "pos": pos, "n_rows": len(rows),
@@ -441,12 +458,15 @@ class CurvatureInfluence(Attributor):
             V = Vn
         return us
 
+    def _walk_rows(self) -> int:
+        item = torch.empty((), dtype=WALK_DTYPE).element_size()
+        return max(1, min(1024, WALK_BLOCK_BYTES // (item * max(1, self.query_computer.n_params))))
+
     def _query_grads(self, x: torch.Tensor, y: torch.Tensor):
         """(lo, hi, gradients) in blocks that _walk can take: it holds a few WALK_DTYPE copies of [rows, p]
         on the host, so rows are bounded by bytes (on a GPU one batch was all 5,000 training rows: 21 GB
         of RSS), while the device still computes gradients in its own, larger batches."""
-        item = torch.empty((), dtype=WALK_DTYPE).element_size()
-        rows = max(1, min(1024, WALK_BLOCK_BYTES // (item * max(1, self.query_computer.n_params))))
+        rows = self._walk_rows()
         for lo, hi, g in self.query_computer.iter_batches(x, y, "margin"):
             for a in range(lo, hi, rows):
                 yield a, min(hi, a + rows), g[a - lo:min(hi, a + rows) - lo]
@@ -455,27 +475,32 @@ class CurvatureInfluence(Attributor):
         q = self._queries(queries)
         n = len(self._p.train_dataset)
         out = np.zeros((len(q), n))
-        # walked blocks are gathered (up to SCORE_PASS_BYTES) and scored in one pass over the store
-        width = max(1, self.projector.out_dim) * len(self.seg_state) * 4
-        cap = max(1, SCORE_PASS_BYTES // width)
-        pending: list[tuple[int, int, list[torch.Tensor]]] = []
+        # walked blocks are written into one buffer per segment (up to SCORE_PASS_BYTES in all) and
+        # scored in one pass over the store
+        width = max(1, self.projector.out_dim)
+        walk_rows = self._walk_rows()
+        cap = max(walk_rows, SCORE_PASS_BYTES // (4 * width * len(self.seg_state)))
+        cap = max(1, min(cap, len(q)))
+        U = [torch.empty(cap, width) for _ in self.seg_state]
+        start, filled = 0, 0
 
         def flush():
-            if not pending:
+            if not filled:
                 return
-            lo, hi = pending[0][0], pending[-1][1]
             for s_i, st in enumerate(self.seg_state):
-                U = torch.cat([us[s_i] for _, _, us in pending])
-                for glo, ghi, chunk in st["gbar"].iter_chunks():  # the training side streamed from disk
+                # the training side streamed from disk, a part of a chunk at a time
+                for glo, ghi, chunk in st["gbar"].iter_chunks(max_bytes=SCORE_READ_BYTES):
                     # float32 product (torch's GEMM, on the threads torch was given), float64 sum
-                    out[lo:hi, st["rows"][glo:ghi]] += (U @ torch.from_numpy(chunk).T).numpy()
-            pending.clear()
+                    out[start:start + filled, st["rows"][glo:ghi]] += (U[s_i][:filled] @ torch.from_numpy(chunk).T).numpy()
 
         for lo, hi, g in self._query_grads(q.x, q.y):
             self._check_cancel("scoring")
-            if pending and hi - pending[0][0] > cap:
+            if filled and filled + (hi - lo) > cap:
                 flush()
-            pending.append((lo, hi, self._walk(g)))
+                start, filled = lo, 0
+            for s_i, u in enumerate(self._walk(g)):
+                U[s_i][filled:filled + hi - lo] = u
+            filled += hi - lo
         flush()
         return out
 
@@ -510,10 +535,11 @@ class Source(CurvatureInfluence):
     description = ("Approximate unrolled differentiation over the recorded trajectory (Bae et al., 2024): EK-FAC per "
                    "segment with training-derived response functions. Suited to non-converged and multi-stage training.")
     Settings = SourceSettings
-    # v4: curvature products and the walk in float32, summed in float64; v3: unprojected up to 2^31 stored
+    # v5: one sampled Fisher label above 1,024 training rows (fisher_samples=-1); v4: curvature products and
+    # the walk in float32, summed in float64; v3: unprojected up to 2^31 stored
     # entries (streamed); v2: unprojected while they fit in memory (v1
     # projected to 2048 above 8,192 parameters)
-    version = "4"
+    version = "5"
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(**settings_dict(self.settings))

@@ -262,6 +262,7 @@ class ChunkedArray:
         if dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be float32 or float16, not {dtype!r}")
         self.dtype = np.dtype(dtype)
+        self._geom = None  # (offset, width) of data.npy, read on first use
         self.rows_written = 0  # rows this process wrote (featurize sets it; torchrun reports it per rank)
         manifest = self.folder / "manifest.json"
         want = {"n_rows": self.n_rows, "chunk_rows": self.chunk_rows, "meta": self.meta, "layout": self.LAYOUT,
@@ -293,6 +294,7 @@ class ChunkedArray:
     def _reset(self) -> None:
         """Delete what a store (this layout or the older one-file-per-chunk layout) wrote here, and
         nothing else."""
+        self._geom = None
         if not self.folder.is_dir():
             return
         for name in self.FILES:
@@ -304,6 +306,7 @@ class ChunkedArray:
 
     def _allocate(self, width: int) -> None:
         """Reserve the whole array on disk and clear the done-mask (every file renamed into place)."""
+        self._geom = None
         atomic_write_bytes(self.folder / "done.bin", bytes(self.n_chunks))
         atomic_write_bytes(self.folder / "scale.bin", np.ones(self.n_chunks, np.float32).tobytes())
         tmp = temp_path_for(self.data_path)
@@ -358,7 +361,7 @@ class ChunkedArray:
     @property
     def width(self) -> int:
         """Columns per row."""
-        return int(load_npy(self.data_path, mmap=True).shape[1])
+        return self._geometry()[1]
 
     def scale(self, c: int) -> float:
         """The factor chunk ``c`` was divided by to fit float16 (1 for float32 and in-range chunks)."""
@@ -378,35 +381,92 @@ class ChunkedArray:
         block = np.asarray(block)
         if block.ndim != 2 or block.shape[0] != hi - lo:
             raise ValueError(f"chunk {c} should have {hi - lo} rows, got {block.shape[0] if block.ndim else 0}")
-        if not self.allocated:
-            self._allocate(block.shape[1])
         scale = 1.0
         if self.dtype == np.float16:
             peak = float(np.abs(block).max(initial=0.0))
             if peak >= F16_MAX and np.isfinite(peak):
                 scale = float(2.0 ** math.ceil(math.log2(peak / F16_MAX)))
-        mm = np.load(self.data_path, mmap_mode="r+", allow_pickle=False)
-        if mm.shape[1] != block.shape[1]:
-            raise ValueError(f"chunk {c} has {block.shape[1]} columns, the store {mm.shape[1]}")
-        mm[lo:hi] = cast_float(block / scale if scale != 1.0 else block, self.dtype)
-        mm.flush()
-        del mm
+        self._write_rows(c, 0, block / scale if scale != 1.0 else block)
         self._pwrite("scale.bin", np.float32(scale).tobytes(), 4 * c)
+        self.mark_done(c)
+
+    def write_rows(self, c: int, start: int, block: np.ndarray) -> None:
+        """Write rows ``start…start + len(block)`` of chunk ``c`` (a float32 store: a float16 chunk's scale
+        depends on the whole chunk), flushed; the chunk counts as done only after :meth:`mark_done`.
+        Lets a writer hold a part of a chunk rather than all of it."""
+        if self.dtype != np.float32:
+            raise ValueError("write_rows is for float32 stores; write a float16 chunk whole with write_chunk")
+        lo, hi = self.chunk_bounds(c)
+        block = np.asarray(block)
+        if block.ndim != 2 or start < 0 or lo + start + block.shape[0] > hi:
+            raise ValueError(f"rows {start}…{start + (block.shape[0] if block.ndim else 0)} are outside chunk {c} "
+                             f"({hi - lo} rows)")
+        self._write_rows(c, start, block)
+
+    def mark_done(self, c: int) -> None:
         self._pwrite("done.bin", b"\x01", c)  # last: a chunk counts only once its rows are on disk
+
+    def _write_rows(self, c: int, start: int, block: np.ndarray) -> None:
+        """pwrite (not a writable memory map: its dirty pages counted in the process's resident memory,
+        a whole chunk of them) then fsync."""
+        if not self.allocated:
+            self._allocate(block.shape[1])
+        offset, width = self._geometry()
+        if width != block.shape[1]:
+            raise ValueError(f"chunk {c} has {block.shape[1]} columns, the store {width}")
+        data = np.ascontiguousarray(cast_float(block, self.dtype))
+        pos = offset + (self.chunk_bounds(c)[0] + start) * width * self.dtype.itemsize
+        view = memoryview(data).cast("B")
+        fd = os.open(self.data_path, os.O_WRONLY)
+        try:
+            while len(view):  # one pwrite moves at most 2 GiB on Linux
+                n = os.pwrite(fd, view, pos)
+                view, pos = view[n:], pos + n
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _geometry(self) -> tuple[int, int]:
+        """(byte offset of row 0 in data.npy, columns): read once from the .npy header."""
+        if self._geom is None:
+            mm = load_npy(self.data_path, mmap=True)
+            self._geom = (int(mm.offset), int(mm.shape[1]))
+            del mm
+        return self._geom
 
     # -- reading
     def _widen(self, rows: np.ndarray, scales: np.ndarray | float) -> np.ndarray:
-        out = cast_float(rows, np.float32) if rows.dtype == np.float16 else np.array(rows)
+        """float32 rows, rescaled; ``rows`` must be this process's own array (it may be scaled in place)."""
+        out = cast_float(rows, np.float32)
         if np.any(np.asarray(scales) != 1.0):
             out *= np.asarray(scales, dtype=np.float32).reshape(-1, 1) if np.ndim(scales) else scales
         return out
 
-    def read_chunk(self, c: int) -> np.ndarray:
-        """One chunk in float32 (float16 stores are widened and rescaled)."""
+    def _read_rows(self, lo: int, hi: int) -> np.ndarray:
+        """Rows lo…hi as stored, read into a new array (plain reads: a memory map's pages would count
+        in resident memory on top of the copy)."""
+        offset, width = self._geometry()
+        out = np.empty((hi - lo, width), self.dtype)
+        view = memoryview(out).cast("B")
+        pos = offset + lo * width * self.dtype.itemsize
+        fd = os.open(self.data_path, os.O_RDONLY)
+        try:
+            while len(view):
+                n = os.preadv(fd, [view], pos)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"{self.data_path}: short read at byte {pos}")
+                view, pos = view[n:], pos + n
+        finally:
+            os.close(fd)
+        return out
+
+    def read_chunk(self, c: int, lo: int | None = None, hi: int | None = None) -> np.ndarray:
+        """One chunk (or its rows lo…hi, absolute) in float32 (float16 stores are widened and rescaled)."""
         if not self.has_chunk(c):
             raise RuntimeError(f"{self.folder}: chunk {c} has not been written")
-        lo, hi = self.chunk_bounds(c)
-        return self._widen(np.asarray(load_npy(self.data_path, mmap=True)[lo:hi]), self.scale(c))
+        clo, chi = self.chunk_bounds(c)
+        lo, hi = (clo if lo is None else lo), (chi if hi is None else hi)
+        return self._widen(self._read_rows(lo, hi), self.scale(c))
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """Rows at arbitrary positions, read through the memory map (only the pages that hold them)."""
@@ -416,11 +476,17 @@ class ChunkedArray:
         mm = load_npy(self.data_path, mmap=True)
         return self._widen(np.asarray(mm[rows]), self._scales()[rows // self.chunk_rows])
 
-    def iter_chunks(self, chunks=None) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(lo, hi, rows) of every chunk in order, or of the given chunk numbers."""
+    def iter_chunks(self, chunks=None, max_bytes: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(lo, hi, rows) of every chunk in order, or of the given chunk numbers; with ``max_bytes``,
+        each chunk in blocks of at most that many float32 bytes (memory: one block, not one chunk)."""
+        step = None
+        if max_bytes is not None and self.allocated:
+            step = max(1, int(max_bytes) // (4 * max(1, self.width)))
         for c in range(self.n_chunks) if chunks is None else chunks:
             lo, hi = self.chunk_bounds(c)
-            yield lo, hi, self.read_chunk(c)
+            for a in range(lo, hi, step or max(1, hi - lo)):
+                b = min(hi, a + (step or hi - lo))
+                yield a, b, self.read_chunk(c, a, b)
 
     @property
     def complete(self) -> bool:
@@ -438,5 +504,5 @@ class ChunkedArray:
             raise ProponentError(f"the feature store is {need / 2**30:.1f} GiB in float32, more than the "
                                  f"{max_bytes / 2**30:.1f} GiB this step may hold in memory; use a smaller proj_dim",
                                  file=str(self.data_path))
-        return self._widen(np.asarray(load_npy(self.data_path, mmap=True)), np.repeat(
+        return self._widen(self._read_rows(0, self.n_rows), np.repeat(
             self._scales(), self.chunk_rows)[: self.n_rows]) if self.n_rows else np.empty((0, self.width), np.float32)
