@@ -156,7 +156,7 @@ def test_a_reset_store_deletes_only_its_own_files(tmp_path):
 def test_store_is_one_preallocated_array_with_a_done_mask(tmp_path):
     """The whole array exists (space reserved) before the first chunk; a chunk whose rows were
     written but whose done byte was not (a process killed in between) counts as missing and is
-    rewritten; reads go through the memory map."""
+    rewritten."""
     s = ChunkedArray(tmp_path / "s", 10, 4, meta={"k": 1}, width=3, dtype="float32")
     data = tmp_path / "s" / "data.npy"
     assert data.stat().st_size >= 10 * 3 * 4 and np.load(data, mmap_mode="r").shape == (10, 3)

@@ -442,15 +442,16 @@ def _tokenized_split(path: Path, lc: str, tc: str, tokenize: Callable, factory_f
             if uneven:
                 continue  # the labels are still checked and coded chunk by chunk
             out = tokenize_texts(tokenize, texts, factory_file).data
-            if files and (set(out) != set(files) or any(
-                    (tuple(v.shape[1:]), v.dtype) != files[k][1:] for k, v in out.items())):
+            arrays = {k: np.ascontiguousarray(v.numpy()) for k, v in out.items()}
+            if files and (set(arrays) != set(files) or any(
+                    (a.shape[1:], a.dtype) != files[k][1:] for k, a in arrays.items())):
                 uneven = True
                 continue
-            for k, v in out.items():
+            for k, a in arrays.items():
                 if k not in files:
-                    files[k] = (scratch_file(scratch, "tokens")[0], tuple(v.shape[1:]), v.dtype)
+                    files[k] = (scratch_file(scratch, "tokens")[0], a.shape[1:], a.dtype)
                 try:
-                    files[k][0].write(memoryview(np.ascontiguousarray(v.numpy())).cast("B"))
+                    files[k][0].write(memoryview(a).cast("B"))
                 except OSError as e:
                     raise disk_error(e, scratch, "tokenized texts") from None
             n += len(texts)
@@ -460,7 +461,7 @@ def _tokenized_split(path: Path, lc: str, tc: str, tokenize: Callable, factory_f
         data = {}
         for k, (f, trail, dtype) in files.items():
             f.flush()
-            mm = np.memmap(f, dtype=torch.empty((), dtype=dtype).numpy().dtype, mode="r+", shape=(n, *trail))
+            mm = np.memmap(f, dtype=dtype, mode="r+", shape=(n, *trail))
             data[k] = torch.from_numpy(mm)
         return TensorDict(data)
     finally:

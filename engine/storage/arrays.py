@@ -239,8 +239,9 @@ class ChunkedArray:
     Files in ``folder`` (the only ones this store creates or deletes):
 
     - ``data.npy``: the whole [n_rows, width] array, allocated (disk space reserved) before the
-      first chunk is written, so a full disk shows at the start, not half-way; written through a
-      memory map, one chunk at a time;
+      first chunk is written, so a full disk shows at the start, not half-way; written and read
+      with plain pwrite/preadv (a memory map's pages would count in resident memory), a chunk or
+      part of one at a time;
     - ``done.bin``: the done-mask, one byte per chunk, set after the chunk's rows are flushed. A
       process killed while writing a chunk leaves its byte 0 and the next run rewrites it. Ranks
       of a torchrun job write disjoint chunks and disjoint bytes of the same files;
@@ -342,10 +343,14 @@ class ChunkedArray:
     def _scales(self) -> np.ndarray:
         return np.fromfile(self.folder / "scale.bin", dtype=np.float32)
 
-    def _pwrite(self, name: str, data: bytes, offset: int) -> None:
+    def _pwrite(self, name: str, data, offset: int) -> None:
+        """Write ``data`` (bytes or any contiguous buffer) at ``offset`` of one of the store's files, then fsync."""
+        view = memoryview(data).cast("B")
         fd = os.open(self.folder / name, os.O_WRONLY)
         try:
-            os.pwrite(fd, data, offset)
+            while len(view):  # one pwrite moves at most 2 GiB on Linux
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -407,24 +412,15 @@ class ChunkedArray:
         self._pwrite("done.bin", b"\x01", c)  # last: a chunk counts only once its rows are on disk
 
     def _write_rows(self, c: int, start: int, block: np.ndarray) -> None:
-        """pwrite (not a writable memory map: its dirty pages counted in the process's resident memory,
-        a whole chunk of them) then fsync."""
+        """Through :meth:`_pwrite` (not a writable memory map: its dirty pages counted in the process's
+        resident memory, a whole chunk of them)."""
         if not self.allocated:
             self._allocate(block.shape[1])
         offset, width = self._geometry()
         if width != block.shape[1]:
             raise ValueError(f"chunk {c} has {block.shape[1]} columns, the store {width}")
-        data = np.ascontiguousarray(cast_float(block, self.dtype))
         pos = offset + (self.chunk_bounds(c)[0] + start) * width * self.dtype.itemsize
-        view = memoryview(data).cast("B")
-        fd = os.open(self.data_path, os.O_WRONLY)
-        try:
-            while len(view):  # one pwrite moves at most 2 GiB on Linux
-                n = os.pwrite(fd, view, pos)
-                view, pos = view[n:], pos + n
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self._pwrite(self.data_path.name, np.ascontiguousarray(cast_float(block, self.dtype)), pos)
 
     def _geometry(self) -> tuple[int, int]:
         """(byte offset of row 0 in data.npy, columns): read once from the .npy header."""
