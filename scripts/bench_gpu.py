@@ -29,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -503,7 +504,7 @@ class Runner:
 
     def save(self, name: str, doc: dict) -> None:
         doc = {"date": datetime.date.today().isoformat(), "machine": machine(),
-               "command": "python scripts/bench_gpu.py " + " ".join(sys.argv[1:]), **doc}
+               "command": "python scripts/bench_gpu.py " + shlex.join(sys.argv[1:]), **doc}
         tmp = self.out / f".{name}.tmp"
         tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
         os.replace(tmp, self.out / name)
@@ -524,7 +525,7 @@ def cnn_name(n: int) -> str:
     return f"{'gpu' if DEVICE.startswith('cuda') else 'cpu'}-cnn-{n}.json"
 
 
-def stage_cnn(run: Runner, work: Path, n: int, lds_subsets: int) -> None:
+def stage_cnn(run: Runner, work: Path, n: int, lds_subsets: int, skip: tuple[str, ...] = ()) -> None:
     root = work / f"rgb32-{n}"
     doc: dict = {"title": f"32×32 RGB CNN, {n:,} training images, on {DEVICE}", "n_train": n, "n_test": N_TEST, "runs": {}}
     doc["train"] = run.child("train", {"root": str(root), "n_train": n, "make": True, "device": DEVICE}, 240 * LIMIT_SCALE)
@@ -541,6 +542,7 @@ def stage_cnn(run: Runner, work: Path, n: int, lds_subsets: int) -> None:
             # kronfluence fits at the final checkpoint only; this is that computation (our default averages 5 points)
             ("proponent ekfac 1 point", {"tool": "proponent", "method": "ekfac", "settings": {"trajectory_points": 1}}, 120),
             ("proponent ekfac", {"tool": "proponent", "method": "ekfac"}, 150)]
+    plan = [row for row in plan if row[0] not in skip]
     if DEVICE == "cpu":  # a CPU has no fast bfloat16: measured twice as slow (docs/bench/cpu-cnn-2000.json, 2026-12-04)
         plan = [row for row in plan if row[0] != "proponent trak bf16"]
     saved = {}
@@ -677,6 +679,8 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=480)
     ap.add_argument("--stages", default=DEFAULT_STAGES)
     ap.add_argument("--lds-subsets", type=int, default=32)
+    ap.add_argument("--skip", default="", help="cnn stages: runs to leave out, comma-separated names "
+                                               "(e.g. 'proponent trak dense')")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script where there is no GPU")
     ap.add_argument("--sample", default="digits-cnn", help="the sample the methods stage runs every method on")
     ap.add_argument("--topk-sizes", default="100000,1000000")
@@ -713,7 +717,8 @@ def main() -> int:
                 stage_methods(run, work, a.sample, a.methods.split(",") if a.methods else None, a.per_method_s)
             elif stage.startswith("cnn-"):
                 n = int(stage.split("-")[1])
-                stage_cnn(run, work, n, a.lds_subsets if n <= 5000 else 0)
+                stage_cnn(run, work, n, a.lds_subsets if n <= 5000 else 0,
+                          tuple(v.strip() for v in a.skip.split(",") if v.strip()))
             elif stage == "oom" and DEVICE != "cuda":
                 log("oom: needs CUDA")
             elif stage == "oom":

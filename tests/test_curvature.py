@@ -317,3 +317,32 @@ def test_curvature_batches_are_bounded_by_bytes_and_give_the_same_factors(monkey
         assert torch.allclose(cov[k], cov_all[k], rtol=1e-10, atol=1e-14)
     for k in lam:
         assert torch.allclose(lam[k], lam_all[k], rtol=1e-10, atol=1e-14)
+
+
+def test_normalized_layers_are_found_by_rescaling_and_leave_the_model_untouched():
+    """A layer is 'normalised' when rescaling its parameters leaves the outputs unchanged with
+    BatchNorm on batch statistics: a convolution feeding BatchNorm (directly or through a ReLU), a
+    Linear feeding LayerNorm; not a layer whose output reaches the logits unnormalised."""
+    cnn = _small_cnn()  # conv → BN → ReLU → pool → conv → ReLU → flatten → linear
+    layers, _ = cv.curvature_layers(cnn)
+    x = torch.randn(16, 3, 8, 8)
+    before = {k: v.clone() for k, v in cnn.state_dict().items()}
+    assert cv.normalized_layers(cnn, layers, x) == ["0"]
+    # nothing changed: weights, BatchNorm's running statistics, every module's mode
+    assert all(torch.equal(before[k], v) for k, v in cnn.state_dict().items())
+    assert not any(m.training for m in cnn.modules())
+    cnn.train()
+    assert cv.normalized_layers(cnn, layers, x) == ["0"] and all(m.training for m in cnn.modules())
+    assert all(torch.equal(before[k], v) for k, v in cnn.state_dict().items())
+    # the layers may be listed on another instance of the architecture: the probed model's weights count
+    assert cv.normalized_layers(cnn, cv.curvature_layers(_small_cnn(seed=9))[0], x) == ["0"]
+
+    torch.manual_seed(0)  # through a ReLU (positively homogeneous) and with a bias; LayerNorm
+    relu_then_bn = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 3)).eval()
+    ln = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    plain = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, _ = _tiny_data(n=32)
+    for model, want in ((relu_then_bn, ["0"]), (ln, ["0"]), (plain, [])):
+        assert cv.normalized_layers(model, cv.curvature_layers(model)[0], x) == want
+    # batch statistics need two rows: one row finds nothing rather than a false positive
+    assert cv.normalized_layers(relu_then_bn, cv.curvature_layers(relu_then_bn)[0], x[:1]) == []

@@ -355,3 +355,29 @@ def test_fisher_is_exact_on_small_sets_and_sampled_above(gd_project, monkeypatch
     one = EKFAC(EKFACSettings(trajectory_points=1, fisher_samples=1)).fit(gd_project)
     np.testing.assert_array_equal(sampled.scores("test"), one.scores("test"))
     assert not np.allclose(sampled.scores("test"), exact.scores("test"), rtol=1e-6, atol=0)
+
+
+BN_MLP = '''from torch import nn
+def build(input_shape, num_classes):
+    return nn.Sequential(nn.Linear(input_shape[0], 12, bias=False), nn.BatchNorm1d(12), nn.ReLU(),
+                         nn.Linear(12, num_classes))
+'''
+
+
+def test_weight_decay_is_left_out_of_normalized_layers_curvature(tmp_path):
+    """σ = Λ + weight decay on every layer except those the model normalises (here the Linear before
+    BatchNorm): there σ = Λ, unless weight_decay_on_normalized asks for the old rule."""
+    root = write_tabular_project(tmp_path / "bn", n_train=60, n_test=12, model=BN_MLP,
+                                 training='optimizer = "sgd"\nlr = 0.05\nmomentum = 0.9\nweight_decay = 0.01\n'
+                                          'epochs = 4\nbatch_size = 16\nseed = 0\n')
+    p = Project.load(root)
+    record_training(p)
+    p = Project.load(root)
+    new = EKFAC(EKFACSettings(trajectory_points=1)).fit(p)
+    old = EKFAC(EKFACSettings(trajectory_points=1, weight_decay_on_normalized=True)).fit(p)
+    assert new.meta["layers"] == ["0", "3"] and new.meta["weight_decay_skipped"] == ["0"]
+    assert old.meta["weight_decay_skipped"] == []
+    s_new, s_old = new.seg_state[0]["sigma"], old.seg_state[0]["sigma"]
+    torch.testing.assert_close(s_old[0] - s_new[0], torch.full_like(s_new[0], 0.01), rtol=0, atol=1e-12)
+    torch.testing.assert_close(s_old[1], s_new[1], rtol=0, atol=0)
+    assert not np.allclose(new.scores("test"), old.scores("test"))

@@ -133,6 +133,60 @@ def curvature_layers(model: nn.Module, tracked: list[str] | None = None) -> tupl
     return layers, left_out
 
 
+def normalized_layers(model: nn.Module, layers: list[Layer], x: torch.Tensor, *, factor: float = 2.0,
+                      rtol: float = 1e-3) -> list[str]:
+    """Names of the ``layers`` whose scale the model normalises away: multiplying the layer's
+    parameters by ``factor`` leaves the outputs on ``x`` unchanged (within ``rtol`` of their norm)
+    when BatchNorm uses batch statistics, as in training (LayerNorm and GroupNorm always do).
+
+    Such a layer (a convolution feeding BatchNorm, possibly through a ReLU or pooling) is
+    scale-invariant: the training loss depends on the direction of its weights only, so weight
+    decay there does not regularise the function, it shrinks ‖w‖ and so raises the effective
+    learning rate (van Laarhoven 2017; Zhang et al. 2019). Tested on the model itself, so any
+    architecture gets the right answer without parsing its graph. The model is not changed: scaled
+    parameters and copies of the buffers (BatchNorm's running statistics) go in through
+    ``functional_call``, and every module's train/eval mode is restored.
+    """
+    if len(x) < 2 or not layers:  # batch statistics need two rows
+        return []
+    from torch.func import functional_call
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = [(m, m.training) for m in model.modules()]
+    params = dict(model.named_parameters())
+    try:
+        model.eval()
+        for m in norms:
+            m.train()
+        with torch.no_grad():
+            def run(extra: dict) -> torch.Tensor:
+                buffers = {k: b.clone() for k, b in model.named_buffers()}  # BatchNorm updates its copies
+                return functional_call(model, {**params, **buffers, **extra}, (x,)).double()
+
+            try:
+                base = run({})
+            except (RuntimeError, TypeError, ValueError):
+                # a model functional_call cannot run: no layer is called normalised (weight
+                # decay on every layer, the rule before this probe)
+                return []
+            scale = float(base.norm())
+            if not np.isfinite(scale) or scale == 0.0:
+                return []
+            out = []
+            for L in layers:
+                # all of the module's own parameters (a bias left untracked still scales with it), looked
+                # up in this model: ``layers`` may come from another instance of the architecture
+                prefix = f"{L.name}." if L.name else ""
+                own = [prefix + n for n, _ in model.get_submodule(L.name).named_parameters(recurse=False)]
+                y = run({n: params[n] * factor for n in own})
+                if float((y - base).norm()) <= rtol * scale:
+                    out.append(L.name)
+            return out
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def covered_param_names(layers: list[Layer]) -> list[str]:
     out = []
     for L in layers:

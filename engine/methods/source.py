@@ -7,7 +7,8 @@ for multi-stage recipes, else L contiguous groups of checkpoints). Per segment:
 - EK-FAC factors (engine.autodiff.curvature): covariances A, S averaged over the segment's
   checkpoints, eigendecomposed once; eigenvalues Λ refit at each checkpoint in that shared
   basis and averaged. The curvature eigenvalues are σ = Λ + weight_decay (the training
-  objective is mean cross-entropy + (wd/2)‖θ‖²);
+  objective is mean cross-entropy + (wd/2)‖θ‖²), except on layers the model normalises
+  (curvature.normalized_layers: scale-invariant, so weight decay there is no restoring force);
 - η̄_ℓ: the step-weighted mean learning rate, divided by (1 − β) for SGD with momentum β;
   K_ℓ: the optimizer steps the segment covers; c_ℓ = η̄_ℓ K_ℓ;
 - response F_ℓ(σ) = (1 − exp(−c_ℓ σ))/σ (expm1; limit c_ℓ for tiny or non-positive σ) and
@@ -73,6 +74,7 @@ GRADIENT_BATCH_MB = 128.0
 # training images) the float64 walk was most of the scoring and self-influence time; float32 changed
 # scores by at most 7e-7 of the largest score (self-scores 1.5e-7), top-10s unchanged
 # (tests/test_source.py checks the two walks agree).
+NORMALIZED_PROBE_ROWS = 16  # training rows the scale-invariance probe runs the model on (one forward per layer)
 WALK_DTYPE = torch.float32
 WALK_BLOCK_BYTES = 2**26  # one [rows, p] copy (WALK_DTYPE) of query gradients walked through the curvature (64 MiB)
 # walked query vectors gathered before one pass over the stored training gradients (each pass reads the
@@ -226,12 +228,19 @@ class CurvatureInfluence(Attributor):
         self.factor_dir = project.state_dir / "factors"
         self.factor_dir.mkdir(exist_ok=True)
         self.wd = float(project.recipe.weight_decay) if cfg.weight_decay_in_curvature else 0.0
+        final = project.final_checkpoint(segs[-1].checkpoints[-1].model_id)
+        self.normalized = []
+        if self.wd > 0 and not cfg.weight_decay_on_normalized:
+            # found on the final weights and a few training rows (a structural property of the model)
+            rows = torch.arange(min(NORMALIZED_PROBE_ROWS, n))
+            self.normalized = cv.normalized_layers(project.load_model(final).to(self.device), self.layers_template,
+                                                   project.train_dataset.x[rows].to(self.device))
+        self.wd_per_layer = [0.0 if L.name in self.normalized else self.wd for L in self.layers_template]
         self.seg_state = []
         self._gradient_rows = 0  # training gradients this process computed (its share under torchrun)
         for seg in segs:
             self._check_cancel("fit")
             self.seg_state.append(self._fit_segment(project, seg))
-        final = project.final_checkpoint(segs[-1].checkpoints[-1].model_id)
         self.final_checkpoint = final
         self.query_model = project.load_model(final)
         self.query_computer = GradientComputer(self.query_model, tracked=self.param_names, device=self.device,
@@ -241,6 +250,7 @@ class CurvatureInfluence(Attributor):
             "segments": [s.describe() for s in segs], "response": cfg.response, "fast": cfg.fast,
             "layers": [L.name for L in self.layers_template], "left_out": self.left_out,
             "covered_parameters": p, "projection": self.projector.describe(), "weight_decay": self.wd,
+            "weight_decay_skipped": self.normalized,  # normalised layers: no weight decay in their σ
             "fisher_samples": cfg.fisher_samples, "query_checkpoint": final.key,
             "fisher_samples_used": [st["fisher_samples"] for st in self.seg_state],  # 0: exact over classes
             "damping": [st["damping"] for st in self.seg_state],
@@ -352,7 +362,7 @@ class CurvatureInfluence(Attributor):
                     cv.save_tensors(path, lam, {"checkpoint_digest": digest, "basis_digest": bdig})
             lam_sum = lam if lam_sum is None else {k: lam_sum[k] + lam[k] for k in lam}
         lam_mean = [lam_sum[f"{L.name}.lambda"] / len(points) for L in self.layers_template]
-        sigma = [l + self.wd for l in lam_mean]
+        sigma = [l + wd for l, wd in zip(lam_mean, self.wd_per_layer)]
         # 3. curvature functions
         damping = None
         if cfg.response == "inverse":
@@ -535,11 +545,12 @@ class Source(CurvatureInfluence):
     description = ("Approximate unrolled differentiation over the recorded trajectory (Bae et al., 2024): EK-FAC per "
                    "segment with training-derived response functions. Suited to non-converged and multi-stage training.")
     Settings = SourceSettings
+    # v6: no weight decay in the σ of normalised layers (weight_decay_on_normalized=False);
     # v5: one sampled Fisher label above 1,024 training rows (fisher_samples=-1); v4: curvature products and
     # the walk in float32, summed in float64; v3: unprojected up to 2^31 stored
     # entries (streamed); v2: unprojected while they fit in memory (v1
     # projected to 2048 above 8,192 parameters)
-    version = "5"
+    version = "6"
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(**settings_dict(self.settings))
