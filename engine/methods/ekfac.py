@@ -26,8 +26,8 @@ Weight decay: σ = Λ + the recipe's weight decay (the Hessian of the objective)
 whose output the model normalises (a convolution before BatchNorm, a Linear before LayerNorm:
 found by rescaling each layer, curvature.normalized_layers). The loss cannot see such a layer's
 scale, so weight decay there is no restoring force against removing a training row; counted as one
-it cost 0.02 to 0.05 LDS on four BatchNorm CNNs (two generator seeds, SGD/Adam, cosine/constant
-learning rate) and dropping it everywhere cost up to 0.09 on MLPs, where it is a real regulariser
+it cost 0.02 to 0.055 LDS on four BatchNorm CNNs (four generator seeds; SGD or Adam; cosine or
+constant learning rate) and dropping it everywhere cost up to 0.09 on MLPs, where it is a real regulariser
 (docs/bench/lds-weight-decay.json; ``weight_decay_on_normalized=True`` restores the old rule).
 Only nn.Linear and nn.Conv2d are covered; other parameters are listed in ``meta['left_out']``.
 """
@@ -58,7 +58,7 @@ class EKFAC(CurvatureInfluence):
                    "influence). Linear and Conv2d layers; other layers are reported as left out.")
     Settings = EKFACSettings
     # v7: no weight decay in the σ of normalised layers (scale-invariant, e.g. a convolution before BatchNorm):
-    # +0.02 to +0.05 LDS on four BatchNorm CNNs, nothing else changed (docs/bench/lds-weight-decay.json);
+    # +0.02 to +0.055 LDS on four BatchNorm CNNs, nothing else changed (docs/bench/lds-weight-decay.json);
     # v6: one sampled Fisher label above 1,024 training rows (fisher_samples=-1, as kronfluence; exact below);
     # v5: curvature products and the walk in float32, summed in float64 (2.2-2.9x faster on the CPU, scores
     # within 1e-6 of the largest); v4: stored gradients unprojected up to 2^31 entries (streamed from disk); v3: averaged over trajectory

@@ -81,7 +81,7 @@ class CurvatureSettings(ProjectionSettings):
                                                     "(the training objective's Hessian includes it; kronfluence does "
                                                     "not), except on normalised layers (see weight_decay_on_normalized).")
     # measured on 10 validation projects (docs/bench/lds-weight-decay.json): on four BatchNorm CNNs
-    # adding it to the normalised convolutions cost 0.02-0.05 LDS; elsewhere it changes nothing
+    # adding it to the normalised convolutions cost 0.02-0.055 LDS; elsewhere it changes nothing
     weight_decay_on_normalized: bool = setting(False, "Also add it on layers whose output scale the model normalises "
                                                       "away (e.g. a convolution before BatchNorm: found by rescaling "
                                                       "each layer's weights), where weight decay does not regularise "
