@@ -138,6 +138,8 @@ def cached_scores(project: Project, method: str, settings=None, *, device: str =
             write_blocks(files["scores"], (n_test, n_train), finite(columns, 1, n_train), axis=1)
         else:
             write_blocks(files["scores"], (n_test, n_train), finite(att.score_blocks("test"), 0, n_test))
+        if progress:  # its own stage: on a curvature method it is another gradient pass over the training set
+            progress("self-influence", 0, n_train)
         try:
             self_s = np.asarray(att.self_scores(), dtype=np.float64)
             susp = np.asarray(att.suspicion(), dtype=np.float64)

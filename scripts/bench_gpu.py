@@ -169,6 +169,12 @@ def child_attribute(a: dict) -> dict:
     from engine import Project
 
     p = Project.load(a["root"])
+    if a["tool"] == "proponent":
+        # every run starts cold: no curvature factors or training-gradient stores from an earlier run of this
+        # benchmark (they are keyed by checkpoint and rows, so a rerun, or a 5-point run after the 1-point one,
+        # would reuse them); the decoded-image cache stays, decoding is not the method's cost
+        for name in ("factors", "runs"):
+            shutil.rmtree(p.state_dir / name, ignore_errors=True)
     len(p.train_dataset), len(p.test_dataset)  # decoding is not the method's cost
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -191,13 +197,24 @@ def child_attribute(a: dict) -> dict:
     if tool == "proponent":
         from engine.api import cached_scores
 
+        starts: dict[str, float] = {}  # when each stage was first seen
+
         def progress(st, done, total):
             stage["now"] = st
+            starts.setdefault(st, time.perf_counter())
 
         r = cached_scores(p, a["method"], a.get("settings") or {}, device=a["device"], use_cache=False,
                           progress=progress)
         scores = np.asarray(r["scores"], np.float32)
         out["meta"] = {k: v for k, v in (r.get("meta") or {}).items() if isinstance(v, (int, float, str))}
+        # the split peers do not have: test scores end where self-influence (for triage) starts
+        end = time.perf_counter()
+        scored = min((starts[k] for k in ("score", "score training chunks") if k in starts), default=None)
+        if scored is not None:
+            out["fit_s"] = scored - t0
+            out["test_scores_s"] = starts.get("self-influence", end) - scored
+        if "self-influence" in starts:
+            out["self_influence_s"] = end - starts["self-influence"]
     else:
         from engine.evaluate.peers import project_inputs, run_peer
         from engine.methods.trak import ensemble_checkpoints
@@ -245,6 +262,8 @@ def child_lds(a: dict) -> dict:
     done = len(margins)
     margins = np.asarray(margins)
     out = {"retrain_s": time.perf_counter() - t0, "subsets": done, "seeds": a["seeds"], "lds": {}}
+    if a.get("save_margins"):  # [subsets, seeds, n_test]: a later scoring of new scores needs no retraining
+        np.save(a["save_margins"], margins)
     for name, f in a["scores"].items():
         if Path(f).is_file() and done >= 4:
             r = lds(np.load(f), subsets[:done], margins)
@@ -618,12 +637,13 @@ def render(dirs: list[Path]) -> dict[str, dict]:
         table = []
         for key, r in runs.items():
             if "error" in r:
-                table.append([key, None, None, None, None, None, None, r["error"]])
+                table.append([key, None, None, None, None, None, None, None, r["error"]])
                 continue
             peer = runs.get(peer_of.get(key, ""), {})
             ratio = peer["seconds"] / r["seconds"] if peer.get("seconds") else None
-            table.append([key, _r(r["seconds"]), _r(ratio, 2), _r(r.get("peak_gpu_mb"), 0), _r(r.get("peak_rss_mb"), 0),
-                          (r.get("rss_peak_stage") or "") if r.get("tool") == "proponent" else "", _r(lds.get(key), 3), ""])
+            table.append([key, _r(r["seconds"]), _r(ratio, 2), _r(r.get("self_influence_s")), _r(r.get("peak_gpu_mb"), 0),
+                          _r(r.get("peak_rss_mb"), 0), (r.get("rss_peak_stage") or "") if r.get("tool") == "proponent" else "",
+                          _r(lds.get(key), 3), ""])
         tr = src.get("train", {})
         where = "the GPU" if name.startswith("gpu-") else "the CPU"
         notes = [f"{src['n_train']:,} training and {src['n_test']} test images, 32×32 RGB, 10 classes; CNN with BatchNorm, "
@@ -634,14 +654,18 @@ def render(dirs: list[Path]) -> dict[str, dict]:
                  "(from 2026-12-05; getrusage's ru_maxrss before, which carries the parent's peak over exec).",
                  "traker 0.3.2 with its defaults at Proponent's k (2048) and the same 5 checkpoints (BasicProjector: "
                  "its fast_jl CUDA projector is not installed on the machines used); kronfluence 1.0.1 EK-FAC with its "
-                 "defaults at the final checkpoint. 'peer s / this s' > 1: Proponent is faster."]
+                 "defaults at the final checkpoint. 'peer s / this s' > 1: Proponent is faster.",
+                 "'of which self-influence s': the part of Proponent's wall time spent on every training row's "
+                 "self-influence and suspicion (what triage ranks; the peers compute neither), from runs that "
+                 "recorded it (from 2026-12-06)."]
         if (src.get("lds") or {}).get("subsets"):
             L = src["lds"]
             notes.append(f"LDS against {L.get('subsets')} retrained random halves × {L.get('seeds')} seed (retrained on "
                          f"{where} in {_r(L.get('retrain_s'))} s); every test query.")
         docs[name] = {**{k: src[k] for k in head}, "title": src["title"],
                       "tables": [{"title": "TRAK against traker, EK-FAC against kronfluence, bfloat16 gradients",
-                                  "columns": ["run", "wall s", "peer s / this s", "peak GPU MB", "peak RSS MB",
+                                  "columns": ["run", "wall s", "peer s / this s", "of which self-influence s",
+                                              "peak GPU MB", "peak RSS MB",
                                               "RSS peaks in", "LDS", "error"], "rows": table, "notes": notes}]}
     if "gpu-topk.json" in raw:
         src = raw["gpu-topk.json"]

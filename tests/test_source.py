@@ -381,3 +381,74 @@ def test_weight_decay_is_left_out_of_normalized_layers_curvature(tmp_path):
     torch.testing.assert_close(s_old[0] - s_new[0], torch.full_like(s_new[0], 0.01), rtol=0, atol=1e-12)
     torch.testing.assert_close(s_old[1], s_new[1], rtol=0, atol=0)
     assert not np.allclose(new.scores("test"), old.scores("test"))
+
+
+def test_point_shares_split_the_rows_over_trajectory_points(monkeypatch):
+    from engine.methods import source
+    from engine.methods.source import point_shares
+
+    rows = np.arange(1000)
+    assert all(s is rows for s in point_shares(rows, 5, -1, seed=3))  # below the floor: every row
+    big = np.arange(6000)
+    floor = point_shares(big, 8, -1, seed=3)  # an even share (750) would be under the floor
+    assert [len(s) for s in floor] == [1024] * 8
+    np.testing.assert_array_equal(np.unique(np.concatenate(floor)), big)
+    assert [len(s) for s in point_shares(big, 5, -1, seed=3)] == [1200] * 5
+    monkeypatch.setattr(source, "POINT_ROWS_FLOOR", 1)
+    rows = np.arange(100, 203)  # 103 rows, not a multiple of the points
+    even = point_shares(rows, 5, -1, seed=3)
+    assert [len(s) for s in even] == [21, 21, 21, 20, 20]
+    np.testing.assert_array_equal(np.sort(np.concatenate(even)), rows)  # each row exactly once
+    assert all((np.diff(s) > 0).all() for s in even)  # sorted, as the factor cache keys them
+    assert not np.array_equal(even[0], rows[:21])  # a seeded permutation, not the first rows
+    for a, b in zip(even, point_shares(rows, 5, -1, seed=3)):
+        np.testing.assert_array_equal(a, b)
+    fixed = point_shares(rows, 5, 40, seed=3)
+    assert [len(s) for s in fixed] == [40] * 5 and all(len(np.unique(s)) == 40 for s in fixed)
+    np.testing.assert_array_equal(np.unique(np.concatenate(fixed)), rows)  # windows cover every row
+    assert [len(s) for s in point_shares(rows, 5, 7, seed=3)] == [21, 21, 21, 20, 20]  # at least an even share
+    for every in (point_shares(rows, 5, 0, seed=3), point_shares(rows, 5, 500, seed=3), point_shares(rows, 1, -1, 3)):
+        assert all(s is rows for s in every)
+
+
+def test_trajectory_points_fit_their_factors_on_their_own_rows(gd_project, monkeypatch):
+    """EK-FAC's default (5 trajectory points): each point's covariances and eigenvalues come from its
+    share of the rows (the shares add up to the training set once), not from every row at every
+    point; point_rows=0 is the old rule. Both follow leave-one-out retraining equally."""
+    from engine.autodiff import curvature as cv
+    from engine.methods import source
+
+    monkeypatch.setattr(source, "POINT_ROWS_FLOOR", 1)  # the 60-row project is split as a large one would be
+    seen = {"cov": [], "lambda": []}
+    real_cov, real_lam = cv.fit_covariances, cv.fit_eigenvalues
+    monkeypatch.setattr(cv, "fit_covariances", lambda m, L, x, *a, **k: seen["cov"].append(len(x)) or real_cov(m, L, x, *a, **k))
+    monkeypatch.setattr(cv, "fit_eigenvalues", lambda m, L, x, *a, **k: seen["lambda"].append(len(x)) or real_lam(m, L, x, *a, **k))
+    split = EKFAC().fit(gd_project)
+    assert seen == {"cov": [12] * 5, "lambda": [12] * 5}
+    assert split.meta["factor_rows_per_point"] == [[12] * 5]
+    assert split.seg_state[0]["fisher_samples"] == 0  # exact: chosen on the 60 rows, not a share's 12
+    seen["cov"].clear(), seen["lambda"].clear()
+    every = EKFAC(EKFACSettings(point_rows=0)).fit(gd_project)
+    # (factors an earlier test fitted on every row come from the cache: no call, but never a share)
+    assert set(seen["cov"]) <= {60} and set(seen["lambda"]) <= {60}
+    assert every.meta["factor_rows_per_point"] == [[60] * 5]
+    idx = np.arange(0, 60, 3)
+    _, eff = loo_effects(gd_project, idx, seeds=[0])
+    r_split = _loo_corr(split.scores("test"), idx, eff)
+    r_every = _loo_corr(every.scores("test"), idx, eff)
+    assert r_split > 0.85 and abs(r_split - r_every) < 0.03, (r_split, r_every)
+    assert not np.allclose(split.scores("test"), every.scores("test"), rtol=1e-4, atol=0)
+
+
+def test_low_precision_gradient_passes_are_an_option_with_their_own_store(gd_project):
+    """grad_precision='bfloat16': the training and query gradients come from a bfloat16 copy of the
+    model (the curvature and the walk stay float32/64), into a store of their own (a float32 run's
+    store is not reused); the scores stay close to float32's."""
+    f32 = EKFAC(EKFACSettings(trajectory_points=1)).fit(gd_project)
+    bf16 = EKFAC(EKFACSettings(trajectory_points=1, grad_precision="bfloat16")).fit(gd_project)
+    assert bf16.meta["grad_precision"] == "bfloat16" and f32.meta["grad_precision"] == "float32"
+    assert bf16.query_computer.precision == "bfloat16"
+    assert bf16.seg_state[0]["gbar"].folder.name != f32.seg_state[0]["gbar"].folder.name
+    a, b = f32.scores("test"), bf16.scores("test")
+    assert not np.array_equal(a, b)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99

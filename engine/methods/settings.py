@@ -36,6 +36,22 @@ class ProjectionSettings:
         return kind, k
 
 
+GRAD_PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass
+class GradientPrecisionSettings:
+    """The dtype the per-example gradient passes run in (TRAK, EK-FAC, Source)."""
+
+    grad_precision: str = setting("float32", "Precision of the per-example gradient passes: float32, or bfloat16/float16 "
+                                             "(a low-precision copy of the model; gradients come back float32, curvature "
+                                             "and kernels stay float32/64). LDS unchanged for TRAK and EK-FAC; on an H200 "
+                                             "TRAK no faster; on a CPU with AMX EK-FAC about 6% faster and TRAK slower (it "
+                                             "needs the dense projection instead of the factorized one: 4x on a "
+                                             "2,000-image CNN). docs/bench/lds-grad-precision.json, docs/benchmarks.md.",
+                                  choices=GRAD_PRECISIONS)
+
+
 # n_train × k float32 training gradients a curvature method keeps per segment: 8 GiB on disk, read
 # block by block (memory: one block). Was 2^28 while the store was held in memory; on a 5,000-image
 # 94,762-parameter CNN the projection that bound forced (SJLT to k = 16384) gave LDS 0.069 against
@@ -45,7 +61,7 @@ CURVATURE_MAX_K = 16384  # beyond this a projection costs more than its error sa
 
 
 @dataclasses.dataclass
-class CurvatureSettings(ProjectionSettings):
+class CurvatureSettings(ProjectionSettings, GradientPrecisionSettings):
     """EK-FAC curvature (Fisher with labels sampled from the model), shared by EK-FAC and Source."""
 
     proj_dim: int = setting(-1, "Projection size k of the stored training gradients; -1: none while n_train × "
@@ -77,6 +93,11 @@ class CurvatureSettings(ProjectionSettings):
                                       "exact expectation over all classes (one backward pass per class); -1: exact for "
                                       "≤ 1,024 training rows and ≤ 16 classes, else 1 sample (as kronfluence).", ge=-1)
     fit_rows: int = setting(0, "Fit the curvature on at most this many training rows (per segment; 0: all).", ge=0)
+    point_rows: int = setting(-1, "Training rows each trajectory point's covariances and eigenvalues are fitted on, "
+                                  "when a segment has several points: -1 splits the rows evenly over the points, at least "
+                                  "1,024 per point (above 1,024 × points each row is used once: one pass's cost "
+                                  "whatever the number of points); N: N rows per point, at least an even share; 0: "
+                                  "every row at every point.", ge=-1)
     weight_decay_in_curvature: bool = setting(True, "Add the recipe's weight decay to the curvature eigenvalues "
                                                     "(the training objective's Hessian includes it; kronfluence does "
                                                     "not), except on normalised layers (see weight_decay_on_normalized).")
@@ -114,4 +135,4 @@ class TrajectorySettings:
                                                "segment's mean 1/(√v̂ + ε).")
 
 
-__all__ = ["CURVATURE_STORE_ENTRIES", "ProjectionSettings", "CurvatureSettings", "DampingRatioSettings", "TrajectorySettings", "PROJECTIONS"]
+__all__ = ["CURVATURE_STORE_ENTRIES", "GRAD_PRECISIONS", "GradientPrecisionSettings", "ProjectionSettings", "CurvatureSettings", "DampingRatioSettings", "TrajectorySettings", "PROJECTIONS"]

@@ -6,7 +6,8 @@ for multi-stage recipes, else L contiguous groups of checkpoints). Per segment:
 
 - EK-FAC factors (engine.autodiff.curvature): covariances A, S averaged over the segment's
   checkpoints, eigendecomposed once; eigenvalues Λ refit at each checkpoint in that shared
-  basis and averaged. The curvature eigenvalues are σ = Λ + weight_decay (the training
+  basis and averaged. Each checkpoint fits them on its own share of the rows (point_shares:
+  at least 1,024 rows, an even split beyond), so the factor passes cost about one pass. The curvature eigenvalues are σ = Λ + weight_decay (the training
   objective is mean cross-entropy + (wd/2)‖θ‖²), except on layers the model normalises
   (curvature.normalized_layers: scale-invariant, so weight decay there is no restoring force);
 - η̄_ℓ: the step-weighted mean learning rate, divided by (1 − β) for SGD with momentum β;
@@ -74,6 +75,11 @@ GRADIENT_BATCH_MB = 128.0
 # training images) the float64 walk was most of the scoring and self-influence time; float32 changed
 # scores by at most 7e-7 of the largest score (self-scores 1.5e-7), top-10s unchanged
 # (tests/test_source.py checks the two walks agree).
+# least rows a trajectory point's factors are fitted on when the rows are split over the points
+# (point_rows=-1). Measured on 10 validation projects (docs/bench/lds-point-rows.json): an even split
+# with no floor moved EK-FAC's LDS by -0.022 to +0.014 where a point got 140-290 rows; with this
+# floor by -0.002 to +0.005 (every row at every point below 1,024 rows: the old rule)
+POINT_ROWS_FLOOR = 1024
 NORMALIZED_PROBE_ROWS = 16  # training rows the scale-invariance probe runs the model on (one forward per layer)
 WALK_DTYPE = torch.float32
 WALK_BLOCK_BYTES = 2**26  # one [rows, p] copy (WALK_DTYPE) of query gradients walked through the curvature (64 MiB)
@@ -189,6 +195,28 @@ def _lr_sum(project: Project, ck: Checkpoint, steps: int, stage_rows: dict[str, 
     return float(sum(rates)) + ck.lr * max(0, steps - len(rates))
 
 
+def point_shares(rows: np.ndarray, n_points: int, point_rows: int, seed: int) -> list[np.ndarray]:
+    """The rows each of ``n_points`` trajectory points fits its covariances and eigenvalues on.
+
+    The factors are means over (point, row) pairs averaged over the points, so a point need not see
+    every row. ``point_rows`` = -1: an even share of a seeded permutation, but at least
+    POINT_ROWS_FLOOR rows (beyond n_points × the floor every row is used once: one pass's cost
+    whatever the number of points); N > 0: N rows, at least an even share; 0: every row at every
+    point. Shares are consecutive windows of the permutation (overlapping only when they must, and
+    covering every row); a share of every row is ``rows`` itself."""
+    n = len(rows)
+    if n_points <= 1 or point_rows == 0 or n == 0:
+        return [rows] * max(1, n_points)
+    even = math.ceil(n / n_points)
+    size = max(even, POINT_ROWS_FLOOR if point_rows < 0 else point_rows)
+    if size >= n:
+        return [rows] * n_points
+    perm = np.random.default_rng(seed).permutation(n)
+    if size == even:  # disjoint, sizes within one
+        return [np.sort(rows[part]) for part in np.array_split(perm, n_points)]
+    return [np.sort(rows[perm[(j * size + np.arange(size)) % n]]) for j in range(n_points)]
+
+
 class CurvatureInfluence(Attributor):
     """The shared engine: segments of the trajectory, EK-FAC per segment, backward walk."""
     shards_over_ranks = True
@@ -244,7 +272,7 @@ class CurvatureInfluence(Attributor):
         self.final_checkpoint = final
         self.query_model = project.load_model(final)
         self.query_computer = GradientComputer(self.query_model, tracked=self.param_names, device=self.device,
-                                               memory_budget_mb=GRADIENT_BATCH_MB)
+                                               memory_budget_mb=GRADIENT_BATCH_MB, precision=cfg.grad_precision)
         self._self = None
         self.meta.update({
             "segments": [s.describe() for s in segs], "response": cfg.response, "fast": cfg.fast,
@@ -253,6 +281,8 @@ class CurvatureInfluence(Attributor):
             "weight_decay_skipped": self.normalized,  # normalised layers: no weight decay in their σ
             "fisher_samples": cfg.fisher_samples, "query_checkpoint": final.key,
             "fisher_samples_used": [st["fisher_samples"] for st in self.seg_state],  # 0: exact over classes
+            "factor_rows_per_point": [st["point_rows"] for st in self.seg_state],
+            "grad_precision": cfg.grad_precision,
             "damping": [st["damping"] for st in self.seg_state],
             "adam_preconditioned": [st["sqrtP"] is not None for st in self.seg_state],
             "sigma_mean": [st["sigma_mean"] for st in self.seg_state],
@@ -313,13 +343,13 @@ class CurvatureInfluence(Attributor):
         if cfg.fit_rows > 0 and len(rows) > cfg.fit_rows:
             rng = np.random.default_rng(cfg.seed + 7919 * seg.index)
             fit_rows = np.sort(rng.choice(rows, cfg.fit_rows, replace=False))
-        xf = ds.x[torch.as_tensor(fit_rows)]
         points = self._segment_models(project, seg)
+        shares = point_shares(fit_rows, len(points), cfg.point_rows, cfg.seed + 7919 * seg.index)
         tag = f"segment {seg.index + 1}/{len(self.segments)}"
+        # chosen on the segment's rows, not a point's share: splitting must not switch on the exact (per-class) fit
         samples = cv.fisher_samples_for(cfg.fisher_samples, len(fit_rows), project.num_classes)
-        base_key = {"rows": cv.rows_digest(fit_rows), "samples": samples, "seed": cfg.seed,
-                    "layers": [L.name for L in self.layers_template]}
-        # 1. covariances per point (cached per checkpoint), averaged over the segment
+        base_key = {"samples": samples, "seed": cfg.seed, "layers": [L.name for L in self.layers_template]}
+        # 1. covariances per point (cached per checkpoint and rows), averaged over the segment
         covs, labels = [], []
         for j, (digest, model, _) in enumerate(points):
             self.progress(f"{tag}: covariances", j, len(points))
@@ -327,9 +357,10 @@ class CurvatureInfluence(Attributor):
             layers, _ = cv.curvature_layers(model, self.tracked)
             # the label seed follows the weights, so the same checkpoint gets the same factors in every run
             lab_seed = int(stable_hash({"seed": cfg.seed, "w": digest}, 12), 16)
+            xf = ds.x[torch.as_tensor(shares[j])]  # one point's rows at a time (shares may each be every row)
             lab, wts = cv.fisher_targets(model, xf, samples, seed=lab_seed, device=self.device)
             labels.append((lab, wts))
-            path = self.factor_dir / f"cov-{stable_hash({**base_key, 'w': digest})}.safetensors"
+            path = self.factor_dir / f"cov-{stable_hash({**base_key, 'rows': cv.rows_digest(shares[j]), 'w': digest})}.safetensors"
             cov = cv.load_tensors(path)
             if not distributed.agree(cov is not None):  # under torchrun: fitted over every rank's share
                 cov = cv.fit_covariances(model, layers, xf, lab, wts, device=self.device)
@@ -353,11 +384,13 @@ class CurvatureInfluence(Attributor):
             self._check_cancel("fit")
             layers, _ = cv.curvature_layers(model, self.tracked)
             scale = None if sqrtP is None else {L.name: s for L, s in zip(layers, sqrtP)}
-            pkey = {**base_key, "w": digest, "basis": bdig, "adam": None if scale is None else cv.tensor_digest(scale)}
+            pkey = {**base_key, "rows": cv.rows_digest(shares[j]), "w": digest, "basis": bdig,
+                    "adam": None if scale is None else cv.tensor_digest(scale)}
             path = self.factor_dir / f"lambda-{stable_hash(pkey)}.safetensors"
             lam = cv.load_tensors(path)
             if not distributed.agree(lam is not None):
-                lam = cv.fit_eigenvalues(model, layers, xf, labels[j][0], basis, labels[j][1], scale=scale, device=self.device)
+                lam = cv.fit_eigenvalues(model, layers, ds.x[torch.as_tensor(shares[j])], labels[j][0], basis, labels[j][1], scale=scale,
+                                         device=self.device)
                 if distributed.is_main():
                     cv.save_tensors(path, lam, {"checkpoint_digest": digest, "basis_digest": bdig})
             lam_sum = lam if lam_sum is None else {k: lam_sum[k] + lam[k] for k in lam}
@@ -379,7 +412,8 @@ class CurvatureInfluence(Attributor):
         # an on-disk store written block by block (a stopped fit resumes; under torchrun each rank
         # writes its own blocks) and read back block by block when scoring
         gkey = stable_hash({"points": [d for d, _, _ in points], "rows": cv.rows_digest(rows),
-                            "proj": self.projector.describe(), "seed": cfg.seed, "params": self.param_names})
+                            "proj": self.projector.describe(), "seed": cfg.seed, "params": self.param_names,
+                            **({"precision": cfg.grad_precision} if cfg.grad_precision != "float32" else {})})
 
         def open_store() -> ChunkedArray:
             return ChunkedArray(self.workdir / f"grads_seg{seg.index}_{gkey}", len(rows), GRADIENT_BLOCK_ROWS,
@@ -390,7 +424,8 @@ class CurvatureInfluence(Attributor):
         gbar = gbar or open_store()
         mine = distributed.my_share(distributed.agree(gbar.missing_chunks()))
         computers = [GradientComputer(model, tracked=self.param_names, device=self.device,
-                                      memory_budget_mb=GRADIENT_BATCH_MB) for _, model, _ in points]
+                                      memory_budget_mb=GRADIENT_BATCH_MB, precision=cfg.grad_precision)
+                     for _, model, _ in points]
         total = sum(gbar.chunk_bounds(c)[1] - gbar.chunk_bounds(c)[0] for c in mine)
         done = 0
         # rows per part of a chunk held in memory (a whole [1,024, p] float32 chunk was the fit's peak)
@@ -418,7 +453,7 @@ class CurvatureInfluence(Attributor):
         self.progress(f"{tag}: done", len(points), len(points))
         pos = np.full(len(ds), -1, np.int64)
         pos[rows] = np.arange(len(rows))
-        return {"fisher_samples": samples, "QA": [basis[f"{L.name}.QA"] for L in self.layers_template],
+        return {"fisher_samples": samples, "point_rows": [len(r) for r in shares], "QA": [basis[f"{L.name}.QA"] for L in self.layers_template],
                 "QS": [basis[f"{L.name}.QS"] for L in self.layers_template],
                 "F": Fv, "S": Sv, "sigma": sigma, "damping": damping, "sqrtP": sqrtP,
                 "gbar": gbar, "rows": rows, "pos": pos, "n_rows": len(rows),
@@ -545,12 +580,13 @@ class Source(CurvatureInfluence):
     description = ("Approximate unrolled differentiation over the recorded trajectory (Bae et al., 2024): EK-FAC per "
                    "segment with training-derived response functions. Suited to non-converged and multi-stage training.")
     Settings = SourceSettings
+    # v7: a segment's checkpoints fit its factors on shares of the rows (point_rows=-1, at least 1,024 per point);
     # v6: no weight decay in the σ of normalised layers (weight_decay_on_normalized=False);
     # v5: one sampled Fisher label above 1,024 training rows (fisher_samples=-1); v4: curvature products and
     # the walk in float32, summed in float64; v3: unprojected up to 2^31 stored
     # entries (streamed); v2: unprojected while they fit in memory (v1
     # projected to 2048 above 8,192 parameters)
-    version = "6"
+    version = "7"
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(**settings_dict(self.settings))

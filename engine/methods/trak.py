@@ -23,12 +23,12 @@ from engine.autodiff.features import checkpoint_feature_store, project_gradients
 from engine.autodiff.functional import FunctionalModel, TrackedParameters
 from engine.autodiff.measurement import correct_class_probability
 from engine.methods.base import Attributor, register, setting
-from engine.methods.settings import PROJECTIONS, ProjectionSettings
+from engine.methods.settings import PROJECTIONS, GradientPrecisionSettings, ProjectionSettings
 from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
 
 
 @dataclasses.dataclass
-class TrakSettings(ProjectionSettings):
+class TrakSettings(ProjectionSettings, GradientPrecisionSettings):
     ensemble: str = setting("auto", "Which checkpoints form the ensemble: 'auto' (final checkpoint of every independently "
                                      "trained model, or the last checkpoints of a single run), 'models', 'checkpoints', 'final'.",
                             choices=("auto", "models", "checkpoints", "final"))
@@ -49,11 +49,6 @@ class TrakSettings(ProjectionSettings):
                                             "and reads; a chunk beyond float16's range is stored scaled by a power of two) or float32 (use it "
                                             "with a near-zero damping, where the kernel amplifies rounding).",
                                  choices=("float32", "float16"))
-    grad_precision: str = setting("float32", "Precision of the per-example gradient pass: float32, or bfloat16/float16 "
-                                             "(a low-precision copy of the model, for GPUs: on a 32×32 CNN on an H200 it "
-                                             "left LDS unchanged and the run no faster; on a CPU it is twice as slow; "
-                                             "docs/benchmarks.md).",
-                                  choices=("float32", "bfloat16", "float16"))
 
 
 def kernel_damping(gram: np.ndarray, n: int, k: int, damping: float, damping_ratio: float) -> float:

@@ -26,7 +26,6 @@ from engine.autodiff.measurement import correct_class_margin
 from engine.core.errors import ProponentError
 from engine.core.project import Project
 from engine.core.train import train_model
-from engine.evaluate.lds import lds
 from engine.methods.forward_inf.mirror import MirrorEngine, resolve_dtype
 from engine.storage.arrays import atomic_write_json, stable_hash
 
@@ -67,6 +66,10 @@ def calibrate_forward_inf(project: Project, *, optimizer: str = "adam", directio
     subsets = np.zeros((n_subsets, len(rest)), dtype=bool)
     for m in range(n_subsets):
         subsets[m, rng.choice(len(rest), size=k, replace=False)] = True
+    # here, not at the top: every method registers by importing this module, and scipy.stats/sklearn
+    # (which the LDS metric brings) cost about a second of start-up in every CLI run and job
+    from engine.evaluate.lds import lds
+
     t0 = time.perf_counter()
     margins = np.empty((n_subsets, n_val))
     for m in range(n_subsets):
