@@ -60,7 +60,7 @@ class EKFAC(CurvatureInfluence):
     Settings = EKFACSettings
     # v8: above 1,024 training rows each trajectory point fits its factors on its share of the rows (point_rows=-1;
     # at least 1,024 rows per point): the factor passes cost about one pass instead of one per point, LDS within
-    # -0.003..+0.005 on ten projects (docs/bench/lds-point-rows.json);
+    # -0.002..+0.005 on ten projects (docs/bench/lds-point-rows.json);
     # v7: no weight decay in the σ of normalised layers (scale-invariant, e.g. a convolution before BatchNorm):
     # +0.02 to +0.055 LDS on four BatchNorm CNNs, nothing else changed (docs/bench/lds-weight-decay.json);
     # v6: one sampled Fisher label above 1,024 training rows (fisher_samples=-1, as kronfluence; exact below);

@@ -7,9 +7,10 @@ for multi-stage recipes, else L contiguous groups of checkpoints). Per segment:
 - EK-FAC factors (engine.autodiff.curvature): covariances A, S averaged over the segment's
   checkpoints, eigendecomposed once; eigenvalues Λ refit at each checkpoint in that shared
   basis and averaged. Each checkpoint fits them on its own share of the rows (point_shares:
-  at least 1,024 rows, an even split beyond), so the factor passes cost about one pass. The curvature eigenvalues are σ = Λ + weight_decay (the training
-  objective is mean cross-entropy + (wd/2)‖θ‖²), except on layers the model normalises
-  (curvature.normalized_layers: scale-invariant, so weight decay there is no restoring force);
+  at least 1,024 rows, an even split beyond), so the factor passes cost about one pass. The
+  curvature eigenvalues are σ = Λ + weight_decay (the training objective is mean cross-entropy
+  + (wd/2)‖θ‖²), except on layers the model normalises (curvature.normalized_layers:
+  scale-invariant, so weight decay there is no restoring force);
 - η̄_ℓ: the step-weighted mean learning rate, divided by (1 − β) for SGD with momentum β;
   K_ℓ: the optimizer steps the segment covers; c_ℓ = η̄_ℓ K_ℓ;
 - response F_ℓ(σ) = (1 − exp(−c_ℓ σ))/σ (expm1; limit c_ℓ for tiny or non-positive σ) and
@@ -389,8 +390,8 @@ class CurvatureInfluence(Attributor):
             path = self.factor_dir / f"lambda-{stable_hash(pkey)}.safetensors"
             lam = cv.load_tensors(path)
             if not distributed.agree(lam is not None):
-                lam = cv.fit_eigenvalues(model, layers, ds.x[torch.as_tensor(shares[j])], labels[j][0], basis, labels[j][1], scale=scale,
-                                         device=self.device)
+                lam = cv.fit_eigenvalues(model, layers, ds.x[torch.as_tensor(shares[j])], labels[j][0], basis,
+                                         labels[j][1], scale=scale, device=self.device)
                 if distributed.is_main():
                     cv.save_tensors(path, lam, {"checkpoint_digest": digest, "basis_digest": bdig})
             lam_sum = lam if lam_sum is None else {k: lam_sum[k] + lam[k] for k in lam}
