@@ -41,6 +41,12 @@ def run_dir(project: Project, key: str) -> Path:
     return project.state_dir / "runs" / key
 
 
+def store_dir(project: Project) -> Path:
+    """``.proponent/features``: training-side gradient stores shared by every run that would compute
+    the same ones; each store's name hashes what its rows depend on (weights, data, projection, seed)."""
+    return project.state_dir / "features"
+
+
 def fit_method(project: Project, method: str, settings=None, *, device: str = "auto", progress=None,
                cancel=None, db: StateDB | None = None) -> tuple[Attributor, str]:
     """Fit ``method`` on ``project``, resuming whatever a previous run of the same key wrote."""
@@ -56,7 +62,8 @@ def fit_method(project: Project, method: str, settings=None, *, device: str = "a
     key = run_key(project, method, settings)
     db = db or StateDB.for_project(project)
     device = resolve_device(device)
-    att = cls(settings, device=device, workdir=run_dir(project, key) / "work", progress=progress, cancel=cancel)
+    att = cls(settings, device=device, workdir=run_dir(project, key) / "work", progress=progress, cancel=cancel,
+              store_dir=store_dir(project))
     prior = db.get_run(key)
     # under torchrun rank 0 alone keeps the run record
     record = distributed.is_main() and (prior is None or prior["status"] != "done")

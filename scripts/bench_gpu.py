@@ -173,7 +173,7 @@ def child_attribute(a: dict) -> dict:
         # every run starts cold: no curvature factors or training-gradient stores from an earlier run of this
         # benchmark (they are keyed by checkpoint and rows, so a rerun, or a 5-point run after the 1-point one,
         # would reuse them); the decoded-image cache stays, decoding is not the method's cost
-        for name in ("factors", "runs"):
+        for name in ("factors", "features", "runs"):
             shutil.rmtree(p.state_dir / name, ignore_errors=True)
     len(p.train_dataset), len(p.test_dataset)  # decoding is not the method's cost
     if torch.cuda.is_available():

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
 
 
 def _clear_caches(p: Project, method: str, settings: dict) -> None:
-    """The variant's run folder and the per-checkpoint curvature factors, both written by Proponent."""
+    """The variant's run folder, the curvature factors and the shared gradient stores, all written by Proponent."""
     import shutil
 
     from engine.api import run_dir, run_key
@@ -103,6 +103,7 @@ def _clear_caches(p: Project, method: str, settings: dict) -> None:
 
     shutil.rmtree(run_dir(p, run_key(p, method, coerce_settings(get_method(method), settings))), ignore_errors=True)
     shutil.rmtree(p.state_dir / "factors", ignore_errors=True)
+    shutil.rmtree(p.state_dir / "features", ignore_errors=True)
 
 
 if __name__ == "__main__":

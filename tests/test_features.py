@@ -199,6 +199,41 @@ def test_run_cache_is_reused(digits_project, copy_project, monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+def test_runs_differing_only_in_damping_share_the_training_stores(digits_project, logreg_project, copy_project):
+    """TRAK's features and EK-FAC's training gradients sit in .proponent/features, keyed by what their rows
+    depend on: another damping is a new run (new scores) that featurizes nothing, and its scores equal a
+    fresh project's. Another projection seed is a new store. The stores are cache entries ``cache`` prunes."""
+    from engine.api import cached_scores
+    from engine.storage.cache import cache_entries
+
+    p = copy_project(digits_project)
+    trak = {"proj_dim": 256, "ensemble": "final"}
+    a = cached_scores(p, "trak", trak)
+    stores = sorted((p.state_dir / "features").glob("trak_*"))
+    written = (stores[0] / "features" / "data.npy").stat().st_mtime_ns
+    b = cached_scores(p, "trak", {**trak, "damping_ratio": 0.5})
+    assert b["key"] != a["key"] and not np.allclose(np.asarray(a["scores"]), np.asarray(b["scores"]))
+    assert sorted((p.state_dir / "features").glob("trak_*")) == stores
+    assert (stores[0] / "features" / "data.npy").stat().st_mtime_ns == written  # read, not featurized again
+    assert len(list(stores[0].glob("kernel_*"))) == 2  # one kernel per damping beside the shared features
+    want = cached_scores(copy_project(digits_project, "fresh"), "trak", {**trak, "damping_ratio": 0.5})
+    np.testing.assert_allclose(np.asarray(b["scores"]), np.asarray(want["scores"]), rtol=1e-5, atol=1e-9)
+    cached_scores(p, "trak", {**trak, "seed": 1})
+    assert len(list((p.state_dir / "features").glob("trak_*"))) == 2
+
+    q = copy_project(logreg_project, "logreg")
+    ek = cached_scores(q, "ekfac", {"trajectory_points": 1})
+    grads = sorted((q.state_dir / "features").glob("grads_*"))
+    assert len(grads) == 1
+    before = (grads[0] / "data.npy").stat().st_mtime_ns
+    ek2 = cached_scores(q, "ekfac", {"trajectory_points": 1, "damping_ratio": 0.01})
+    assert sorted((q.state_dir / "features").glob("grads_*")) == grads
+    assert (grads[0] / "data.npy").stat().st_mtime_ns == before  # read, not rewritten
+    assert not np.allclose(np.asarray(ek["scores"]), np.asarray(ek2["scores"]))
+    kinds = {e.kind for e in cache_entries(q.root)}
+    assert {"features", "factors", "runs"} <= kinds
+
+
 def test_float16_feature_store_halves_the_disk_and_keeps_the_scores(digits_project, tmp_path):
     """float16 stores take half the bytes, read back as float32 within float16's rounding, and a
     chunk out of float16's range is stored scaled rather than overflowing."""

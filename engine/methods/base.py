@@ -112,7 +112,8 @@ class Attributor(ABC):
     shards_over_ranks: ClassVar[bool] = False
 
     def __init__(self, settings: Any = None, *, device: str = "auto", workdir: str | Path | None = None,
-                 progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None):
+                 progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
+                 store_dir: str | Path | None = None):
         self.settings = settings if settings is not None else self.Settings()
         self.device = resolve_device(device)
         self._tmp = None
@@ -121,6 +122,10 @@ class Attributor(ABC):
             workdir = self._tmp.name
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        # training-side stores that runs differing only in how they use them (say, the damping) can
+        # share: the project's .proponent/features when run through engine.api, else this run's workdir
+        self.store_dir = Path(store_dir) if store_dir is not None else self.workdir
+        self.store_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress or (lambda stage, done, total: None)
         self.cancel = cancel
         self.project: Project | None = None

@@ -412,12 +412,13 @@ class CurvatureInfluence(Attributor):
         # 4. training-loss gradients of the segment's rows, averaged over its points, projected, into
         # an on-disk store written block by block (a stopped fit resumes; under torchrun each rank
         # writes its own blocks) and read back block by block when scoring
-        gkey = stable_hash({"points": [d for d, _, _ in points], "rows": cv.rows_digest(rows),
+        # in the shared store folder: runs that differ only in the damping or the response reuse it
+        gkey = stable_hash({"points": [d for d, _, _ in points], "rows": cv.rows_digest(rows), "data": project.data_hash(),
                             "proj": self.projector.describe(), "seed": cfg.seed, "params": self.param_names,
                             **({"precision": cfg.grad_precision} if cfg.grad_precision != "float32" else {})})
 
         def open_store() -> ChunkedArray:
-            return ChunkedArray(self.workdir / f"grads_seg{seg.index}_{gkey}", len(rows), GRADIENT_BLOCK_ROWS,
+            return ChunkedArray(self.store_dir / f"grads_{gkey}", len(rows), GRADIENT_BLOCK_ROWS,
                                 meta={"gradients": gkey}, width=self.projector.out_dim)
 
         gbar = open_store() if distributed.is_main() else None

@@ -223,6 +223,7 @@ class TRAK(Attributor):
         self_sum = np.zeros(n)
         lambdas, rows_written = [], []
         fm = FunctionalModel(project.build_model(), TrackedParameters.of(project))
+        weights, data = project.checkpoint_hash(), project.data_hash()
         projection, k = s.projection_plan(fm.n_params, n)
         if projection == "auto" and k and s.grad_precision == "float32":  # low-precision passes are vmap's
             projection = auto_projection(fm, dict_inputs=hasattr(ds.x, "keys"))
@@ -232,7 +233,9 @@ class TRAK(Attributor):
             tag = stable_hash({"ck": ck.key, "k": k, "proj": projection, "seed": s.seed, "m": m, "gen": 3,
                                **({"dtype": s.feature_dtype} if s.feature_dtype != "float32" else {}),
                                **({"precision": s.grad_precision} if s.grad_precision != "float32" else {})})
-            folder = self.workdir / f"member_{m:03d}_{tag}"
+            # shared by every run whose features are the same (the damping only changes the kernel beside
+            # them), so trying another damping costs a kernel solve, not a featurization
+            folder = self.store_dir / f"trak_{stable_hash({'tag': tag, 'weights': weights, 'data': data})}"
             store, computer, projector = checkpoint_feature_store(
                 project, ck, folder / "features", kind="margin", projection=projection, proj_dim=k or None,
                 seed=s.seed, model_id=m, device=self.device,

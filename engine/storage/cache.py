@@ -1,6 +1,7 @@
 """What a project's ``.proponent/`` cache holds, and pruning it by age or size.
 
-Everything here can be recomputed: method runs (``runs/<key>``), retrained ground truth
+Everything here can be recomputed: method runs (``runs/<key>``), the training-side gradient stores
+and curvature factors runs share (``features``, ``factors``), retrained ground truth
 (``groundtruth``), calibrations, embedding layouts and job logs. ``state.db`` (flags, notes, the
 audit trail) is never touched. Pruning removes whole entries, least recently used first.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 from engine.storage.statedb import STATE_DIRNAME, StateDB
 
 # folders of recomputable results, each entry one child (runs: one per run key)
-CACHE_KINDS = ("runs", "groundtruth", "calibration", "embeddings", "jobs")
+CACHE_KINDS = ("runs", "features", "factors", "groundtruth", "calibration", "embeddings", "jobs")
 
 
 @dataclass
