@@ -413,7 +413,9 @@ class CurvatureInfluence(Attributor):
         # an on-disk store written block by block (a stopped fit resumes; under torchrun each rank
         # writes its own blocks) and read back block by block when scoring
         # in the shared store folder: runs that differ only in the damping or the response reuse it
+        # (keyed by the method and its version too, so a later version never reads an older store)
         gkey = stable_hash({"points": [d for d, _, _ in points], "rows": cv.rows_digest(rows), "data": project.data_hash(),
+                            "method": self.name, "v": self.version,
                             "proj": self.projector.describe(), "seed": cfg.seed, "params": self.param_names,
                             **({"precision": cfg.grad_precision} if cfg.grad_precision != "float32" else {})})
 

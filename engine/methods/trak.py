@@ -235,7 +235,9 @@ class TRAK(Attributor):
                                **({"precision": s.grad_precision} if s.grad_precision != "float32" else {})})
             # shared by every run whose features are the same (the damping only changes the kernel beside
             # them), so trying another damping costs a kernel solve, not a featurization
-            folder = self.store_dir / f"trak_{stable_hash({'tag': tag, 'weights': weights, 'data': data})}"
+            # (the method's version too: a later version that computes features otherwise never reads these)
+            shared = stable_hash({"tag": tag, "weights": weights, "data": data, "v": self.version})
+            folder = self.store_dir / f"trak_{shared}"
             store, computer, projector = checkpoint_feature_store(
                 project, ck, folder / "features", kind="margin", projection=projection, proj_dim=k or None,
                 seed=s.seed, model_id=m, device=self.device,
