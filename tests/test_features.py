@@ -211,12 +211,13 @@ def test_runs_differing_only_in_damping_share_the_training_stores(digits_project
     a = cached_scores(p, "trak", trak)
     stores = sorted((p.state_dir / "features").glob("trak_*"))
     written = (stores[0] / "features" / "data.npy").stat().st_mtime_ns
-    b = cached_scores(p, "trak", {**trak, "damping_ratio": 0.5})
+    b = cached_scores(p, "trak", {**trak, "damping_scale": 1.0})
     assert b["key"] != a["key"] and not np.allclose(np.asarray(a["scores"]), np.asarray(b["scores"]))
     assert sorted((p.state_dir / "features").glob("trak_*")) == stores
     assert (stores[0] / "features" / "data.npy").stat().st_mtime_ns == written  # read, not featurized again
-    assert len(list(stores[0].glob("kernel_*"))) == 2  # one kernel per damping beside the shared features
-    want = cached_scores(copy_project(digits_project, "fresh"), "trak", {**trak, "damping_ratio": 0.5})
+    # one kernel per damping beside the shared features (and the ratio rule's, which self-influence keeps)
+    assert len(list(stores[0].glob("kernel_*"))) == 3
+    want = cached_scores(copy_project(digits_project, "fresh"), "trak", {**trak, "damping_scale": 1.0})
     np.testing.assert_allclose(np.asarray(b["scores"]), np.asarray(want["scores"]), rtol=1e-5, atol=1e-9)
     cached_scores(p, "trak", {**trak, "seed": 1})
     assert len(list((p.state_dir / "features").glob("trak_*"))) == 2

@@ -452,3 +452,44 @@ def test_low_precision_gradient_passes_are_an_option_with_their_own_store(gd_pro
     a, b = f32.scores("test"), bf16.scores("test")
     assert not np.array_equal(a, b)
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+
+
+def test_trak_damping_follows_the_training_time(gd_project, logreg_project, tmp_path):
+    """TRAK's default λ is the ridge that SGD's training time implies: damping_scale × n / (w̄ τ), with
+    τ = Σ learning rates / (1 − momentum) up to the member's checkpoint and w̄ the mean p(1 − p) of the
+    correct class; where τ is unknown (L-BFGS) or damping_rule is 'ratio', the ratio rule."""
+    from engine.autodiff.measurement import correct_class_probability
+    from engine.methods.schedule import training_time
+    from engine.methods.trak import TRAK, TrakSettings, kernel_damping
+
+    final = gd_project.final_checkpoints()[0]
+    assert training_time(gd_project, final) == pytest.approx(30 * 0.5)  # 30 full-batch steps at lr 0.5, β = 0
+    early = gd_project.run_checkpoints()[0]
+    assert training_time(gd_project, early) == pytest.approx(early.step * 0.5)
+    assert training_time(logreg_project, logreg_project.final_checkpoints()[0]) is None  # L-BFGS
+    ms = _multistage(tmp_path / "ms")  # both stages count: 20 steps at 0.5, then 15 at 0.3
+    assert training_time(ms, ms.final_checkpoints()[0]) == pytest.approx(20 * 0.5 + 15 * 0.3)
+
+    att = TRAK(TrakSettings(ensemble="final", proj_dim=0), workdir=tmp_path / "a").fit(gd_project)
+    rule = att.meta["damping_rule"][0]
+    ds = gd_project.train_dataset
+    with torch.no_grad():
+        p = correct_class_probability(gd_project.load_model(final)(ds.x), ds.y).double().numpy()
+    w_bar = float(np.mean(p * (1 - p)))
+    assert rule["rule"] == "training time" and rule["tau"] == pytest.approx(15.0)
+    assert rule["w_bar"] == pytest.approx(w_bar, rel=1e-5)
+    assert att.meta["lambda"][0] == pytest.approx(3.0 * len(ds) / (w_bar * 15.0), rel=1e-5)
+    doubled = TRAK(TrakSettings(ensemble="final", proj_dim=0, damping_scale=6.0), workdir=tmp_path / "b").fit(gd_project)
+    assert doubled.meta["lambda"][0] == pytest.approx(2 * att.meta["lambda"][0], rel=1e-9)
+
+    ratio = TRAK(TrakSettings(ensemble="final", proj_dim=0, damping_rule="ratio"), workdir=tmp_path / "c").fit(gd_project)
+    assert ratio.meta["damping_rule"][0] == {"rule": "ratio"}
+    phi = ratio.feature_members[0].store.to_array().astype(np.float64)
+    gram = phi.T @ phi if phi.shape[1] <= phi.shape[0] else phi @ phi.T
+    assert ratio.meta["lambda"][0] == pytest.approx(kernel_damping(gram, *phi.shape, -1.0, 10.0), rel=1e-4)
+    # triage's self-influence keeps the ratio rule's kernel: equal to the 'ratio' run's, test scores not
+    assert rule["self_influence_lambda"] == pytest.approx(ratio.meta["lambda"][0], rel=1e-9)
+    np.testing.assert_allclose(att.self_scores(), ratio.self_scores(), rtol=1e-6)
+    assert not np.allclose(att.scores("test"), ratio.scores("test"), rtol=1e-3)
+    lb = TRAK(TrakSettings(ensemble="final", proj_dim=0), workdir=tmp_path / "d").fit(logreg_project)
+    assert lb.meta["damping_rule"][0] == {"rule": "ratio"}  # no training time: the ratio rule

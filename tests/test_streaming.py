@@ -25,9 +25,9 @@ def project(digits_project, tmp_path):
 def _dense_trak(att, project, queries):
     """TRAK from its definition with every array in memory: Ψ = Φ(ΦᵀΦ+λI)⁻¹, S = mean_m φ_q Ψᵀ ⊙ Q."""
     total = 0
-    for m in att._proj:
+    for m, lam in zip(att._proj, att.meta["lambda"]):
         phi = m.store.to_array().astype(np.float64)
-        psi, _ = solve_kernel(phi, att.settings.damping, att.settings.damping_ratio)
+        psi, _ = solve_kernel(phi, lam, att.settings.damping_ratio)  # the λ the fit chose (training-time rule)
         phi_q = project_gradients(m.computer, m.projector, queries.x, queries.y, "margin").numpy().astype(np.float64)
         total = total + phi_q @ psi.T
     return total / len(att._proj) * att.q[None, :]
@@ -44,10 +44,14 @@ def test_streamed_trak_equals_the_dense_formula(project, proj_dim):
     q = att._queries(("test", np.arange(40)))
     S = att.scores(q)
     np.testing.assert_allclose(S, _dense_trak(att, project, q), rtol=1e-6, atol=1e-9 * np.abs(S).max())
-    # self-scores: the diagonal of the train × train scores
-    tr = att._queries(("train", np.arange(30)))
-    np.testing.assert_allclose(att.self_scores()[:30], np.diag(att.scores(tr)[:, :30]), rtol=1e-6,
+    # self-scores: the diagonal of the train × train scores of the ratio rule's kernel (which the default
+    # keeps for self-influence; test scores use the training-time ridge)
+    ratio, _ = fit_method(project, "trak", {"proj_dim": proj_dim, "ensemble": "final", "feature_dtype": "float32",
+                                            "damping_rule": "ratio"})
+    tr = ratio._queries(("train", np.arange(30)))
+    np.testing.assert_allclose(ratio.self_scores()[:30], np.diag(ratio.scores(tr)[:, :30]), rtol=1e-6,
                                atol=1e-9 * np.abs(S).max())
+    np.testing.assert_allclose(att.self_scores(), ratio.self_scores(), rtol=1e-9)
 
 
 def test_chunk_size_does_not_change_the_kernel(tmp_path):

@@ -36,7 +36,6 @@ basis, and the query is walked through √P F(√P H √P) √P.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 
@@ -51,8 +50,8 @@ from engine.autodiff.per_example import GradientComputer
 from engine.autodiff.projection import make_projector
 from engine.core.errors import ProponentError
 from engine.core.project import Checkpoint, Project
-from engine.core.train import lr_at
 from engine.methods.base import Attributor, register, settings_dict
+from engine.methods.schedule import lr_sum, stage_rows
 from engine.methods.settings import (
     CurvatureSettings,
     DampingRatioSettings,
@@ -127,20 +126,6 @@ class EngineConfig(CurvatureSettings, DampingRatioSettings, TrajectorySettings):
     all_rows: bool = False
 
 
-def _stage_rows(project: Project) -> dict[str, np.ndarray]:
-    """The rows each stage trained on, from the trajectory log (engine/train.py record_training)."""
-    traj = project.trajectory()
-    out = {}
-    for name, info in (traj.get("stages") or {}).items():
-        f = project.checkpoint_dir / str(info.get("rows_file", ""))
-        if f.is_file():
-            try:
-                out[name] = np.asarray(json.loads(f.read_text()), dtype=np.int64)
-            except (json.JSONDecodeError, ValueError) as e:
-                raise ProponentError(f"corrupt stage rows file: {e}", file=str(f)) from None
-    return out
-
-
 def plan_segments(project: Project, cfg: EngineConfig) -> list[Segment]:
     """Cut the run of model 0 (the first recorded model) into segments."""
     finals = project.final_checkpoints()
@@ -151,7 +136,7 @@ def plan_segments(project: Project, cfg: EngineConfig) -> list[Segment]:
     if cfg.last_checkpoints > 0:
         cks = cks[-cfg.last_checkpoints:]
     n = len(project.train_dataset)
-    stage_rows = _stage_rows(project)
+    rows_of_stage = stage_rows(project)
     stages_in_order = list(dict.fromkeys(c.stage for c in cks))
     if cfg.segment_by == "auto" and len(stages_in_order) > 1:
         groups = [[c for c in cks if c.stage == s] for s in stages_in_order]
@@ -161,39 +146,16 @@ def plan_segments(project: Project, cfg: EngineConfig) -> list[Segment]:
     segs = []
     for j, g in enumerate(groups):
         names = list(dict.fromkeys(c.stage for c in g))
-        parts = [stage_rows[s] for s in names if s in stage_rows]
+        parts = [rows_of_stage[s] for s in names if s in rows_of_stage]
         if cfg.all_rows or not parts or len(parts) < len(names):
             rows = np.arange(n)
         else:
             rows = np.unique(np.concatenate(parts))
         deltas = np.array([max(1, c.step - prev[c.key]) for c in g], dtype=np.float64)
-        lr_sum = sum(_lr_sum(project, c, int(d), stage_rows) for c, d in zip(g, deltas))
-        segs.append(Segment(j, g, names, rows, int(deltas.sum()), float(lr_sum / deltas.sum()),
+        rate_sum = sum(lr_sum(project, c, int(d), rows_of_stage) for c, d in zip(g, deltas))
+        segs.append(Segment(j, g, names, rows, int(deltas.sum()), float(rate_sum / deltas.sum()),
                             float(g[-1].momentum), g[-1].optimizer))
     return segs
-
-
-def _lr_sum(project: Project, ck: Checkpoint, steps: int, stage_rows: dict[str, np.ndarray]) -> float:
-    """Σ of the learning rates of the ``steps`` optimizer steps that end at ``ck``.
-
-    Recomputed from the recipe's schedule (engine.core.train.lr_at, as fit_model applies it) when the
-    checkpoint's stage is in the recipe; otherwise the checkpoint's recorded rate × steps.
-    """
-    stage = next((s for s in project.recipe.resolved_stages() if s.name == ck.stage), None)
-    n_rows = len(stage_rows[ck.stage]) if ck.stage in stage_rows else None
-    if stage is None or n_rows is None or ck.optimizer not in ("sgd", "adam") or stage.lr_schedule == "constant":
-        return ck.lr * steps
-    total = math.ceil(n_rows / project.recipe.batch_size) * stage.epochs
-    end = ck.stage_steps
-    start = max(0, end - steps)
-    try:
-        rates = [lr_at(stage, k / total) for k in range(start, end)]
-    except Exception:  # an unknown schedule: fall back to the recorded rate
-        return ck.lr * steps
-    # the recorded rate of the checkpoint's last step must agree, else the recipe changed since training
-    if rates and abs(rates[-1] - ck.lr) > 1e-9 * max(1.0, abs(ck.lr)):
-        return ck.lr * steps
-    return float(sum(rates)) + ck.lr * max(0, steps - len(rates))
 
 
 def point_shares(rows: np.ndarray, n_points: int, point_rows: int, seed: int) -> list[np.ndarray]:

@@ -6,8 +6,19 @@ S_m[q, i] = φ_q · Ψ_m[i]; then S = mean_m S_m ⊙ mean_m Q with Q_i = 1 − p
 Memory is bounded by the chunk size, not by n: when k ≤ n, ΦᵀΦ (k×k) is accumulated chunk by
 chunk from the on-disk feature store and M = (ΦᵀΦ + λI)⁻¹ is solved once; Ψ is never formed,
 since S[q, i] = (φ_q M) · φ_i streams over training chunks. When k > n (small n), the n×n form
-(push-through identity Φ(ΦᵀΦ + λI)⁻¹ = (ΦΦᵀ + λI)⁻¹Φ) is used with Ψ in memory. λ is chosen
-from the spectrum rather than left at 0, where ΦᵀΦ is singular whenever k > n.
+(push-through identity Φ(ΦᵀΦ + λI)⁻¹ = (ΦΦᵀ + λI)⁻¹Φ) is used with Ψ in memory.
+
+λ is never left at 0 (ΦᵀΦ is singular whenever k > n). By default (damping_rule "auto") it is the
+ridge that the training run itself implies: gradient descent on the mean loss for a time
+τ = Σ_t η_t/(1 − β) fits the directions of the linearised model whose curvature (1/n)·w̄·σ(ΦᵀΦ)
+exceeds about 1/τ, as a ridge of n/(w̄ τ) would (w̄ = mean p(1 − p), the margin's loss curvature).
+λ = damping_scale × n/(w̄ τ), per ensemble member from its own checkpoint's τ. Where τ is unknown
+(weights only, or Adam), λ = damping_ratio × the mean non-zero eigenvalue. Measured on ten
+validation projects (docs/bench/lds-damping.json): the old fixed ratio's best value ran from 0.1
+(BatchNorm CNNs) to ≥ 100 (digits trained 3 epochs at lr 0.01, noisy labels); the training-time rule
+with one scale (3) came within 0.03 of each project's best ratio and above the old default on all
+nine SGD projects (+0.022 to +0.170), and on the held-out 20,000-image benchmark. Self-influence
+(triage) keeps the ratio rule's kernel, which ranked flipped labels better.
 """
 from __future__ import annotations
 
@@ -23,6 +34,7 @@ from engine.autodiff.features import checkpoint_feature_store, project_gradients
 from engine.autodiff.functional import FunctionalModel, TrackedParameters
 from engine.autodiff.measurement import correct_class_probability
 from engine.methods.base import Attributor, register, setting
+from engine.methods.schedule import training_time
 from engine.methods.settings import PROJECTIONS, GradientPrecisionSettings, ProjectionSettings
 from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
 
@@ -38,11 +50,19 @@ class TrakSettings(ProjectionSettings, GradientPrecisionSettings):
                                       "beyond 2^28 entries), rademacher, gaussian, sjlt, factorized (per layer, "
                                       "P_out ⊗ P_in before the outer product, as LoGra does; other parameters left out) "
                                       "or none.", choices=PROJECTIONS)
-    damping: float = setting(-1.0, "Ridge λ added to ΦᵀΦ; -1 chooses λ = damping_ratio × mean non-zero eigenvalue.", ge=-1)
-    # measured on validation projects (scripts/tune_trak_damping.py, docs/bench/trak-damping.json): LDS rises
-    # from 0.08–0.21 at 1e-3 to 0.65–0.67 at 10 on small MLPs, where the undamped kernel regression overfits
-    damping_ratio: float = setting(10.0, "With damping = -1: λ as a multiple of the mean non-zero eigenvalue of ΦᵀΦ "
-                                         "(10 was best on held-out validation projects).", gt=0)
+    damping: float = setting(-1.0, "Ridge λ added to ΦᵀΦ; -1 chooses it by damping_rule.", ge=-1)
+    damping_rule: str = setting("auto", "With damping = -1: 'auto' sets λ = damping_scale × n / (w̄ τ), the ridge that "
+                                        "SGD's training time implies (τ = Σ learning rates / (1 − momentum) up to the "
+                                        "member's checkpoint, w̄ = mean p(1 − p) of the correct class), where τ is known "
+                                        "(SGD with a recorded trajectory), else damping_ratio × mean eigenvalue; 'ratio' "
+                                        "always uses the ratio.", choices=("auto", "ratio"))
+    # 3: best mean LDS over the nine SGD validation projects of docs/bench/lds-damping.json, and every
+    # leave-one-project-out choice among 0.3–30 (the 20,000-image benchmark was held out)
+    damping_scale: float = setting(3.0, "With damping_rule 'auto': the multiple of n / (w̄ τ).", gt=0)
+    # the fallback rule (scripts/tune_trak_damping.py, docs/bench/trak-damping.json): LDS rises from 0.08–0.21
+    # at 1e-3 to 0.65–0.67 at 10 on small MLPs, where the undamped kernel regression overfits
+    damping_ratio: float = setting(10.0, "With damping = -1 and no training time (or damping_rule 'ratio'): λ as a "
+                                         "multiple of the mean non-zero eigenvalue of ΦᵀΦ.", gt=0)
     # float16 left LDS unchanged to 3 decimals on 4 projects (scripts/lds_variants.py: generated tabular ×2,
     # shapes, digits CNN: 0.472, 0.368, 0.352, 0.531 either way) and halves the store and its reads
     feature_dtype: str = setting("float16", "How the training features are stored on disk: float16 (half the disk "
@@ -199,13 +219,14 @@ class TRAK(Attributor):
     def requirements(cls, settings=None):  # the model ensemble needs several trained models
         return cls.requires | ({"models"} if getattr(settings, "ensemble", None) == "models" else set())
 
+    # v6: damping_rule "auto": λ from SGD's training time (damping_scale × n / (w̄ τ)) where it is known;
     # v5: projection "auto" is factorized per layer (LoGra-style) for Linear/Conv2d models with image or
     # table inputs (other features, same formula);
     # v4: the dual (k > n) form keeps A = (ΦΦᵀ+λI)⁻¹ instead of Ψ, with products in float32 over float16 stores
     # (same formula, other rounding; the digits default run about 2× faster);
     # v3: dense Rademacher projections hashed on the device (same law, other draws; the same on CPU and GPU);
     # v2: streamed primal form (same formula; rounding differs from v1's stored float32 Ψ)
-    version = "5"
+    version = "6"
 
     @property
     def feature_members(self) -> list[_Member]:
@@ -221,7 +242,7 @@ class TRAK(Attributor):
         self._proj = []
         q_sum = np.zeros(n)
         self_sum = np.zeros(n)
-        lambdas, rows_written = [], []
+        lambdas, rows_written, rules = [], [], []
         fm = FunctionalModel(project.build_model(), TrackedParameters.of(project))
         weights, data = project.checkpoint_hash(), project.data_hash()
         projection, k = s.projection_plan(fm.n_params, n)
@@ -245,44 +266,67 @@ class TRAK(Attributor):
                 cancel=self.cancel, dtype=s.feature_dtype, precision=s.grad_precision)
             k_out = projector.out_dim
             primal = k_out <= n
-            form = {} if primal else {"form": "dual-inverse"}  # the n×n A, not the n×k Ψ of TRAK v3
-            solved = folder / f"kernel_{stable_hash({'d': s.damping, 'r': s.damping_ratio, **form})}"
-            if distributed.agree((solved / "kernel.npy").is_file()):
-                kernel = load_npy(solved / "kernel.npy", mmap=False)
-                lam = float(np.load(solved / "lambda.npy"))
-            elif primal:
-                self.progress(f"kernel {m + 1}/{len(self.members)}", 0, 1)
-                kernel, lam = primal_kernel_inverse(*accumulate_gram(store), s.damping, s.damping_ratio)
-            else:  # k > n: the n×n form; n < k, so Φ (read once for ΦΦᵀ) and A are small
-                self.progress(f"kernel {m + 1}/{len(self.members)}", 0, 1)
-                # ΦΦᵀ in float32 over a float16 store (see _Member.product_dtype), else float64
-                phi = store.to_array().astype(np.float32 if store.dtype == np.float16 else np.float64, copy=False)
-                kernel, lam = dual_kernel_inverse((phi @ phi.T).astype(np.float64), k_out, s.damping, s.damping_ratio,
-                                                  single=store.dtype == np.float16)
-                del phi
-            if distributed.is_main() and not (solved / "kernel.npy").is_file():
-                atomic_save_npy(solved / "lambda.npy", np.array(lam))
-                atomic_save_npy(solved / "kernel.npy", kernel)
-            rows_written.append(store.rows_written)
-            lambdas.append(lam)
-            member = _Member(computer, projector, store, M=kernel if primal else None, A=None if primal else kernel, lam=lam)
-            # outputs by chunk (activations of the whole set are never held), each rank its share
+            # 1 − p(y|x) of this member's model, by chunk (activations of the whole set are never held),
+            # each rank its share: the scores' weights, and w̄ for the damping rule
+            q_local = np.zeros(n)
             for lo in distributed.my_share(range(0, n, 1024)):
                 rows = torch.arange(lo, min(n, lo + 1024))
                 with torch.no_grad():
                     logits = computer.outputs(ds.x[rows])
-                    q_sum[lo:lo + len(rows)] += (1 - correct_class_probability(logits, ds.y[rows].to(logits.device))
-                                                 ).cpu().double().numpy()
-            self_sum += member.self_scores()
+                    q_local[lo:lo + len(rows)] = (1 - correct_class_probability(logits, ds.y[rows].to(logits.device))
+                                                  ).cpu().double().numpy()
+            q_m = distributed.sum_array(q_local)
+            q_sum += q_m
+            damping, rule = s.damping, "given" if s.damping >= 0 else "ratio"
+            tau = training_time(project, ck) if s.damping < 0 and s.damping_rule == "auto" else None
+            if tau:
+                w_bar = max(float(np.mean(q_m * (1 - q_m))), 1e-12)
+                damping, rule = s.damping_scale * n / (w_bar * tau), "training time"
+            rules.append({"rule": rule, **({"tau": tau, "w_bar": w_bar} if tau else {})})
+            kernel, lam = self._kernel(folder, store, damping, primal, k_out, f"kernel {m + 1}/{len(self.members)}")
+            rows_written.append(store.rows_written)
+            lambdas.append(lam)
+            member = _Member(computer, projector, store, M=kernel if primal else None, A=None if primal else kernel, lam=lam)
+            if rule == "training time":
+                # self-influence (triage) keeps the ratio rule's kernel: with the heavy ridge a short run
+                # implies, self-influence tends to the gradient norm, and mislabel AUROC fell from 0.825 to
+                # 0.565 on noisy-label digits (docs/bench/lds-damping.json) while the test scores gained
+                k_r, lam_r = self._kernel(folder, store, -1.0, primal, k_out, f"kernel {m + 1}/{len(self.members)}")
+                self_sum += _Member(computer, projector, store, M=k_r if primal else None, A=None if primal else k_r,
+                                    lam=lam_r).self_scores()
+                rules[-1]["self_influence_lambda"] = lam_r
+            else:
+                self_sum += member.self_scores()
             self._proj.append(member)
-        self.q = distributed.sum_array(q_sum) / len(self.members)
+        self.q = q_sum / len(self.members)
         self._self = self_sum / len(self.members) * self.q
-        self.meta.update({"members": [c.key for c in self.members], "lambda": lambdas,
+        self.meta.update({"members": [c.key for c in self.members], "lambda": lambdas, "damping_rule": rules,
                           "projection": self._proj[0].projector.describe(),
                           "kernel_form": "dual (n×n)" if self._proj[0].dual else "primal (k×k, streamed)"})
         if distributed.active():  # which rank featurized how many rows (a resumed run counts only new ones)
             self.meta["distributed"] = {**distributed.describe(),
                                         "rows_featurized": distributed.per_rank(int(sum(rows_written)))}
+
+    def _kernel(self, folder, store, damping: float, primal: bool, k_out: int, stage: str) -> tuple[np.ndarray, float]:
+        """The member's kernel for ``damping`` (≥ 0: λ itself; -1: the ratio rule), cached beside its store."""
+        s: TrakSettings = self.settings
+        form = {} if primal else {"form": "dual-inverse"}  # the n×n A, not the n×k Ψ of TRAK v3
+        solved = folder / f"kernel_{stable_hash({'d': damping, 'r': s.damping_ratio, **form})}"
+        if distributed.agree((solved / "kernel.npy").is_file()):
+            return load_npy(solved / "kernel.npy", mmap=False), float(np.load(solved / "lambda.npy"))
+        self.progress(stage, 0, 1)
+        if primal:
+            kernel, lam = primal_kernel_inverse(*accumulate_gram(store), damping, s.damping_ratio)
+        else:  # k > n: the n×n form; n < k, so Φ (read once for ΦΦᵀ) and A are small
+            # ΦΦᵀ in float32 over a float16 store (see _Member.product_dtype), else float64
+            phi = store.to_array().astype(np.float32 if store.dtype == np.float16 else np.float64, copy=False)
+            kernel, lam = dual_kernel_inverse((phi @ phi.T).astype(np.float64), k_out, damping, s.damping_ratio,
+                                              single=store.dtype == np.float16)
+            del phi
+        if distributed.is_main():
+            atomic_save_npy(solved / "lambda.npy", np.array(lam))
+            atomic_save_npy(solved / "kernel.npy", kernel)
+        return kernel, lam
 
     def scores(self, queries="test") -> np.ndarray:
         q = self._queries(queries)
