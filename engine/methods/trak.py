@@ -283,7 +283,8 @@ class TRAK(Attributor):
                 w_bar = max(float(np.mean(q_m * (1 - q_m))), 1e-12)
                 damping, rule = s.damping_scale * n / (w_bar * tau), "training time"
             rules.append({"rule": rule, **({"tau": tau, "w_bar": w_bar} if tau else {})})
-            kernel, lam = self._kernel(folder, store, damping, primal, k_out, f"kernel {m + 1}/{len(self.members)}")
+            grams: dict = {}  # this member's Gram matrix, computed at most once (dropped after the member)
+            kernel, lam = self._kernel(folder, store, damping, primal, k_out, f"kernel {m + 1}/{len(self.members)}", grams)
             rows_written.append(store.rows_written)
             lambdas.append(lam)
             member = _Member(computer, projector, store, M=kernel if primal else None, A=None if primal else kernel, lam=lam)
@@ -291,7 +292,8 @@ class TRAK(Attributor):
                 # self-influence (triage) keeps the ratio rule's kernel: with the heavy ridge a short run
                 # implies, self-influence tends to the gradient norm, and mislabel AUROC fell from 0.825 to
                 # 0.565 on noisy-label digits (docs/bench/lds-damping.json) while the test scores gained
-                k_r, lam_r = self._kernel(folder, store, -1.0, primal, k_out, f"kernel {m + 1}/{len(self.members)}")
+                k_r, lam_r = self._kernel(folder, store, -1.0, primal, k_out, f"kernel {m + 1}/{len(self.members)}",
+                                          grams)
                 self_sum += _Member(computer, projector, store, M=k_r if primal else None, A=None if primal else k_r,
                                     lam=lam_r).self_scores()
                 rules[-1]["self_influence_lambda"] = lam_r
@@ -307,22 +309,30 @@ class TRAK(Attributor):
             self.meta["distributed"] = {**distributed.describe(),
                                         "rows_featurized": distributed.per_rank(int(sum(rows_written)))}
 
-    def _kernel(self, folder, store, damping: float, primal: bool, k_out: int, stage: str) -> tuple[np.ndarray, float]:
-        """The member's kernel for ``damping`` (≥ 0: λ itself; -1: the ratio rule), cached beside its store."""
+    def _kernel(self, folder, store, damping: float, primal: bool, k_out: int, stage: str,
+                grams: dict) -> tuple[np.ndarray, float]:
+        """The member's kernel for ``damping`` (≥ 0: λ itself; -1: the ratio rule), cached beside its store.
+        ``grams`` keeps the member's Gram matrix once computed: the test-score and self-influence kernels
+        differ only in λ, so the store is read for it once."""
         s: TrakSettings = self.settings
         form = {} if primal else {"form": "dual-inverse"}  # the n×n A, not the n×k Ψ of TRAK v3
         solved = folder / f"kernel_{stable_hash({'d': damping, 'r': s.damping_ratio, **form})}"
         if distributed.agree((solved / "kernel.npy").is_file()):
             return load_npy(solved / "kernel.npy", mmap=False), float(np.load(solved / "lambda.npy"))
         self.progress(stage, 0, 1)
+        if "gram" not in grams:
+            if primal:
+                grams["gram"] = accumulate_gram(store)  # (ΦᵀΦ, n), streamed over the chunks
+            else:  # k > n: the n×n form; n < k, so Φ (read once for ΦΦᵀ) and A are small
+                # ΦΦᵀ in float32 over a float16 store (see _Member.product_dtype), else float64
+                phi = store.to_array().astype(np.float32 if store.dtype == np.float16 else np.float64, copy=False)
+                grams["gram"] = (phi @ phi.T).astype(np.float64)
+                del phi
         if primal:
-            kernel, lam = primal_kernel_inverse(*accumulate_gram(store), damping, s.damping_ratio)
-        else:  # k > n: the n×n form; n < k, so Φ (read once for ΦΦᵀ) and A are small
-            # ΦΦᵀ in float32 over a float16 store (see _Member.product_dtype), else float64
-            phi = store.to_array().astype(np.float32 if store.dtype == np.float16 else np.float64, copy=False)
-            kernel, lam = dual_kernel_inverse((phi @ phi.T).astype(np.float64), k_out, damping, s.damping_ratio,
+            kernel, lam = primal_kernel_inverse(*grams["gram"], damping, s.damping_ratio)
+        else:
+            kernel, lam = dual_kernel_inverse(grams["gram"], k_out, damping, s.damping_ratio,
                                               single=store.dtype == np.float16)
-            del phi
         if distributed.is_main():
             atomic_save_npy(solved / "lambda.npy", np.array(lam))
             atomic_save_npy(solved / "kernel.npy", kernel)
