@@ -231,6 +231,15 @@ def test_runs_differing_only_in_damping_share_the_training_stores(digits_project
     assert sorted((q.state_dir / "features").glob("grads_*")) == grads
     assert (grads[0] / "data.npy").stat().st_mtime_ns == before  # read, not rewritten
     assert not np.allclose(np.asarray(ek["scores"]), np.asarray(ek2["scores"]))
+    # self-influence: from the first run's gradient pass; the second run had no pass, so it walked its rows,
+    # and got what a fresh project's fit-pass gives for that damping
+    assert ek["meta"]["self_influence_rows_in_fit"] == len(q.train_dataset)
+    assert ek2["meta"]["self_influence_rows_in_fit"] == 0
+    fresh = cached_scores(copy_project(logreg_project, "logreg-fresh"), "ekfac",
+                          {"trajectory_points": 1, "damping_ratio": 0.01})
+    assert fresh["meta"]["self_influence_rows_in_fit"] == len(q.train_dataset)
+    np.testing.assert_allclose(np.asarray(ek2["self_scores"]), np.asarray(fresh["self_scores"]), rtol=1e-5,
+                               atol=1e-7 * float(np.abs(np.asarray(fresh["self_scores"])).max()))
     kinds = {e.kind for e in cache_entries(q.root)}
     assert {"features", "factors", "runs"} <= kinds
 

@@ -2,6 +2,8 @@
 retraining, segments of multi-stage and non-converged training, Fast-Source and Adam."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -254,11 +256,78 @@ def test_self_influence_walks_training_rows_in_byte_bounded_blocks(logreg_projec
         return real(flat)
 
     monkeypatch.setattr(ek, "_walk", recording)
-    ek._self = None
+    assert ek.meta["self_influence_rows_in_fit"] == len(logreg_project.train_dataset)  # the fit's pass had them
+    ek._self, ek._fused_self = None, None  # as after a fit that reused another run's store: walked here
     got = ek.self_scores()
     assert max(sizes) == 7 and sum(sizes) == len(logreg_project.train_dataset)
-    # the same arithmetic up to the float32 GEMMs' summation order, which follows the block's shape
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
+    assert ek.meta["self_influence_rows_in_fit"] == 0
+    # the walk against the fit's one-rotation form (float32 either way)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
+
+
+def test_self_influence_from_the_fit_pass_is_the_diagonal_of_the_scores(gd_project, multistage_project, tmp_path):
+    """Where the query's walk is one step (one segment) and a trajectory point is the query checkpoint,
+    the fit's training-gradient pass yields the self-scores too (its loss gradients come as −(1 − p)∇f):
+    one rotation per row with one point and no projection, the walk otherwise, Adam's √P included.
+    Each equals the diagonal of the scores with the training rows as queries; Source with two
+    segments has them walked afterwards."""
+    adam = write_tabular_project(tmp_path / "adam", n_train=60,
+                                 training=GD.replace('"sgd"', '"adam"').replace("lr = 0.5", "lr = 0.05"))
+    adam = Project.load(adam)
+    record_training(adam)
+    cases = [(gd_project, EKFAC(EKFACSettings(trajectory_points=1)), True),
+             (gd_project, EKFAC(EKFACSettings(trajectory_points=3)), True),
+             (gd_project, EKFAC(EKFACSettings(trajectory_points=1, proj_dim=8)), True),
+             (gd_project, Source(SourceSettings(segments=1)), True),
+             (adam, Source(SourceSettings(segments=1)), True),
+             (multistage_project, Source(), False)]
+    for p, att, in_fit in cases:
+        att.fit(p)
+        n = len(p.train_dataset)
+        got = att.self_scores()
+        assert att.meta["self_influence_rows_in_fit"] == (n if in_fit else 0), type(att).__name__
+        diag = np.diag(att.scores(("train", np.arange(n))))
+        assert np.abs(diag).max() > 0
+        np.testing.assert_allclose(got, diag, rtol=1e-5, atol=1e-6 * float(np.abs(diag).max()))
+    assert cases[4][1].meta["adam_preconditioned"] == [True]  # √P on both sides of the one-segment walk
+    assert cases[2][1].projector.out_dim == 8
+
+
+def test_loss_gradient_from_the_margin_keeps_its_precision_when_confident():
+    """GradientComputer.margin_and_loss_scale: the loss gradient is exactly −(1 − p_y)·∇f, with 1 − p_y
+    from the margin. Where p_y rounds to 1 in float32 the direct loss gradient loses its y entry (and can
+    point elsewhere); this form matches a float64 reference."""
+    from engine.autodiff import GradientComputer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    x = 3 * torch.randn(8, 4)
+    with torch.no_grad():
+        model[2].weight.mul_(60.0)  # confident rows: 1 − p_y far below float32's resolution near 1
+        y = model(x).argmax(1)
+    comp = GradientComputer(model)
+    m, s = comp.margin_and_loss_scale(x, y)
+    np.testing.assert_allclose(m.numpy(), comp.per_example(x, y, "margin").numpy(), rtol=1e-6, atol=1e-7)
+    # reference: float64 backward of the exact logit gradient, whose y entry is −Σ_{j≠y} p_j (p − e_y formed
+    # directly cancels even in float64)
+    m64 = copy.deepcopy(model).double()
+    ref = []
+    for i in range(len(x)):
+        logits = m64(x[i:i + 1].double())
+        p = torch.softmax(logits.detach(), -1)
+        others = p.scatter(1, y[i:i + 1, None], 0.0)
+        cot = others.scatter(1, y[i:i + 1, None], -others.sum(1, keepdim=True))
+        ref.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(logits, list(m64.parameters()), cot)]))
+    ref = torch.stack(ref)
+    q = torch.softmax(m64(x.double()).detach(), -1).scatter(1, y[:, None], 0.0).sum(1)
+    np.testing.assert_allclose(s.double().numpy(), q.numpy(), rtol=1e-5)
+    assert int((q < 1e-8).sum()) >= 3  # the case float32 cannot see
+
+    def rel(g):
+        return float(((g.double() - ref).norm(dim=1) / ref.norm(dim=1)).max())
+
+    assert rel(-(s[:, None] * m)) < 1e-5
+    assert rel(comp.per_example(x, y, "loss")) > 1e-2  # what it replaces
 
 
 def test_float32_walk_agrees_with_float64_and_scores_in_few_store_passes(gd_project, monkeypatch):
@@ -336,6 +405,10 @@ def test_training_gradients_are_written_in_parts_and_a_stopped_chunk_is_rewritte
     assert parts == [(1, 0, 10), (1, 10, 10), (1, 20, 8)]  # chunk 0 kept, chunk 1 written again whole
     # float32 gradients in other batch shapes: summation order only
     np.testing.assert_allclose(ek.scores("test"), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    # self-influence: chunk 1's rows from the resumed pass, chunk 0's (written before the stop) walked
+    want_self = ref.self_scores()
+    np.testing.assert_allclose(ek.self_scores(), want_self, rtol=1e-5, atol=1e-6 * np.abs(want_self).max())
+    assert ek.meta["self_influence_rows_in_fit"] == 28 and ref.meta["self_influence_rows_in_fit"] == 60
 
 
 def test_fisher_is_exact_on_small_sets_and_sampled_above(gd_project, monkeypatch):
@@ -498,3 +571,55 @@ def test_trak_damping_follows_the_training_time(gd_project, logreg_project, tmp_
     assert not np.allclose(att.scores("test"), ratio.scores("test"), rtol=1e-3)
     lb = TRAK(TrakSettings(ensemble="final", proj_dim=0), workdir=tmp_path / "d").fit(logreg_project)
     assert lb.meta["damping_rule"][0] == {"rule": "ratio"}  # no training time: the ratio rule
+
+
+def test_trak_damping_follows_adams_preconditioned_training_time(tmp_path):
+    """Adam: τ = Σ_t η_t / s̄_t, s̄ the mean of √v̂ + ε in the saved state of the checkpoint ending each
+    stretch of steps (a checkpoint without a state takes the next one's); λ = damping_scale_adam × n /
+    (w̄ τ). Without any saved state, the ratio rule."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from engine.methods.schedule import ADAM_BETA2, ADAM_EPS, training_time
+    from engine.methods.trak import TRAK, TrakSettings
+
+    root = write_tabular_project(tmp_path / "adam", n_train=60,
+                                 training=GD.replace('"sgd"', '"adam"').replace("lr = 0.5", "lr = 0.05").replace(
+                                     "epochs = 30", "epochs = 6"))
+    p = Project.load(root)
+    record_training(p)
+    run = p.run_checkpoints()
+
+    def s_bar(ck):  # by hand, over every entry of the saved second moments
+        st = load_file(str(ck.optimizer_state))
+        vals = [(st[k].double() / (1 - ADAM_BETA2 ** float(st[k[:-len("exp_avg_sq")] + "step"].reshape(-1)[0]))).sqrt()
+                + ADAM_EPS for k in st if k.endswith(".exp_avg_sq")]
+        return float(torch.cat([v.reshape(-1) for v in vals]).mean())
+
+    scales = [s_bar(c) for c in run]
+    assert len(set(round(x, 12) for x in scales)) > 1  # it changes along the run
+    steps = np.diff([0] + [c.step for c in run])
+    want = float(sum(k * 0.05 / sc for k, sc in zip(steps, scales)))
+    final = p.final_checkpoints()[0]
+    assert training_time(p, final) == pytest.approx(want, rel=1e-9)
+    att = TRAK(TrakSettings(ensemble="final", proj_dim=0), workdir=tmp_path / "a").fit(p)
+    rule = att.meta["damping_rule"][0]
+    assert rule["rule"] == "training time" and rule["optimizer"] == "adam" and rule["tau"] == pytest.approx(want)
+    assert att.meta["lambda"][0] == pytest.approx(10.0 * len(p.train_dataset) / (rule["w_bar"] * want), rel=1e-6)
+    other = TRAK(TrakSettings(ensemble="final", proj_dim=0, damping_scale_adam=5.0, damping_scale=99.0),
+                 workdir=tmp_path / "b").fit(p)
+    assert other.meta["lambda"][0] == pytest.approx(att.meta["lambda"][0] / 2, rel=1e-9)  # SGD's scale unused
+
+    # a checkpoint without its state takes the next one's s̄
+    first = run[0].optimizer_state
+    shutil.move(str(first), str(first) + ".away")
+    p = Project.load(root)
+    assert training_time(p, p.final_checkpoints()[0]) == pytest.approx(
+        want - steps[0] * 0.05 / scales[0] + steps[0] * 0.05 / scales[1], rel=1e-9)
+    for c in p.run_checkpoints()[1:]:  # no saved state at all: τ unknown, the ratio rule
+        c.optimizer_state.unlink()
+    p = Project.load(root)
+    assert training_time(p, p.final_checkpoints()[0]) is None
+    bare = TRAK(TrakSettings(ensemble="final", proj_dim=0), workdir=tmp_path / "c").fit(p)
+    assert bare.meta["damping_rule"][0] == {"rule": "ratio"}

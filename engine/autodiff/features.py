@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 import engine.autodiff.distributed as distributed
+from engine.autodiff.compute import all_finite
 from engine.autodiff.factorized import FactorizedGradients
 from engine.autodiff.functional import TrackedParameters, batch_rows
 from engine.autodiff.per_example import GradientComputer
@@ -63,7 +64,7 @@ def featurize(computer: GradientComputer, projector: Projector, x: torch.Tensor,
             raise Cancelled(f"{stage} cancelled after {done_rows} of {total} examples; rerun to resume")
         lo, hi = store.chunk_bounds(c)
         block = project_gradients(computer, projector, batch_rows(x, lo, hi), y[lo:hi], kind)
-        if not torch.isfinite(block).all():
+        if not all_finite(block):
             bad = int(torch.nonzero(~torch.isfinite(block).all(1))[0, 0]) + lo
             raise ProponentError(f"non-finite gradient for training row {bad}; the checkpoint may have diverged")
         store.write_chunk(c, block.numpy())

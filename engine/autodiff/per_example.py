@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.func import grad, vmap
+from torch.func import grad, grad_and_value, vmap
 
 from engine.autodiff.compute import resolve_device
 from engine.autodiff.functional import (
@@ -118,6 +118,7 @@ class GradientComputer(BatchBackOff):
             return example_loss(out, y.unsqueeze(0)).sum()
 
         self._grad_fns = {k: vmap(grad(lambda p, x, y, k=k: measure(p, x, y, k)), in_dims=(None, 0, 0)) for k in KINDS}
+        self._margin_value_fn = vmap(grad_and_value(lambda p, x, y: measure(p, x, y, "margin")), in_dims=(None, 0, 0))
 
     def batch_size(self, example_numel: int = 0) -> int:
         """Examples per vmap batch within the memory budget (on CUDA: at most half the free memory)."""
@@ -141,6 +142,24 @@ class GradientComputer(BatchBackOff):
             raise ValueError(f"kind must be one of {KINDS}")
         g = self._grad_fns[kind](self._grad_params, to_device(x, self.device, self._input_dtype), y.to(self.device))
         return self.flatten({n: t.float() for n, t in g.items()}) if self._input_dtype else self.flatten(g)
+
+    def margin_and_loss_scale(self, x: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([b, p] margin gradients ∇f, [b] s = 1 − p_y) for one batch.
+
+        Cross-entropy's gradient is exactly −s·∇f: its logit gradient p − e_y equals
+        −(1 − p_y)(e_y − q), q the softmax over the other classes, and e_y − q is the margin's. s comes
+        from the margin itself (s = σ(−f), f = log(p_y / (1 − p_y))), so −s·∇f keeps its relative
+        precision where p_y rounds to 1 in float32 (there p − e_y loses its y entry), and a caller
+        gets the loss gradient and the margin gradient from one pass."""
+        g, f = self._margin_value_fn(self._grad_params, to_device(x, self.device, self._input_dtype), y.to(self.device))
+        flat = self.flatten({n: t.float() for n, t in g.items()}) if self._input_dtype else self.flatten(g)
+        return flat, torch.sigmoid(-f.float())
+
+    def iter_margin_and_loss_scale(self, x: Any, y: torch.Tensor, batch_size: int | None = None,
+                                   ) -> Iterator[tuple[int, int, tuple[torch.Tensor, torch.Tensor]]]:
+        """(lo, hi, (∇f, s)) per batch (see :meth:`margin_and_loss_scale`), out-of-memory guarded."""
+        return self._batches(len(y), batch_size or self.batch_size(example_numel(x)),
+                             lambda lo, hi: self.margin_and_loss_scale(batch_rows(x, lo, hi), y[lo:hi]))
 
     def iter_batches(self, x: Any, y: torch.Tensor, kind: str = "margin", batch_size: int | None = None,
                      then: Callable[[torch.Tensor], torch.Tensor] | None = None,

@@ -13,6 +13,10 @@ from engine.core.errors import ProponentError
 from engine.core.project import Checkpoint, Project
 from engine.core.train import lr_at
 
+# torch.optim.Adam's defaults, which engine.core.train trains with
+ADAM_BETA2 = 0.999
+ADAM_EPS = 1e-8
+
 
 def stage_rows(project: Project) -> dict[str, np.ndarray]:
     """The rows each stage trained on, from the trajectory log (engine/train.py record_training)."""
@@ -51,19 +55,65 @@ def lr_sum(project: Project, ck: Checkpoint, steps: int, stage_rows: dict[str, n
     return float(sum(rates)) + ck.lr * max(0, steps - len(rates))
 
 
+def adam_step_scale(ck: Checkpoint) -> float | None:
+    """s̄ = the mean over every parameter entry of √v̂ + ε in ``ck``'s saved Adam state (v̂ the
+    bias-corrected second moment): Adam divides each coordinate's step by it, so η/s̄ is the
+    learning rate of the gradient descent it resembles. None without a saved state. Read one tensor
+    at a time (the state is twice the model)."""
+    from safetensors import safe_open
+
+    f = ck.optimizer_state
+    if f is None or not f.is_file():
+        return None
+    total, count = 0.0, 0
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            keys = set(st.keys())
+            for key in keys:
+                if not key.endswith(".exp_avg_sq"):
+                    continue
+                v = st.get_tensor(key).double()
+                step_key = key[: -len(".exp_avg_sq")] + ".step"
+                t = float(st.get_tensor(step_key).reshape(-1)[0]) if step_key in keys else float(max(ck.step, 1))
+                vhat = v / max(1e-12, 1.0 - ADAM_BETA2 ** max(t, 1.0))
+                total += float((vhat.sqrt() + ADAM_EPS).sum())
+                count += v.numel()
+    except Exception as e:  # a corrupt or foreign file: say which
+        raise ProponentError(f"cannot read the saved optimizer state: {e}", file=str(f)) from None
+    return total / count if count else None
+
+
 def training_time(project: Project, ck: Checkpoint) -> float | None:
     """τ = Σ_t η_t / (1 − β) over every optimizer step of ``ck``'s run up to ``ck``: how far SGD with
     momentum β moved the linearised model (gradient descent for time τ on a quadratic fits the
-    directions of curvature above about 1/τ, as a ridge would). None where it is not known: a
-    weights-only checkpoint, or an optimizer other than SGD (Adam scales each coordinate's step)."""
-    if ck.kind == "weights" or ck.optimizer != "sgd" or ck.step <= 0:
+    directions of curvature above about 1/τ, as a ridge would).
+
+    Adam: τ = Σ_t η_t / s̄_t, s̄ (:func:`adam_step_scale`) from the saved state of the checkpoint that
+    ends each stretch of steps: Adam with a slowly varying second moment is gradient descent
+    preconditioned by 1/(√v̂ + ε), here taken as its mean (a random projection of the features sees the
+    mean of the preconditioner); its momentum is an average of gradients, not a longer step, so no
+    1/(1 − β₁). Without a saved state at a checkpoint, the nearest later one's s̄ stands in.
+
+    None where it is not known: a weights-only checkpoint, L-BFGS, or Adam without saved states."""
+    if ck.kind == "weights" or ck.optimizer not in ("sgd", "adam") or ck.step <= 0:
         return None
     rows = stage_rows(project)
     run = sorted((c for c in project.checkpoints if c.model_id == ck.model_id and c.step <= ck.step),
                  key=lambda c: c.step)
+    if any(c.optimizer != ck.optimizer for c in run):
+        return None  # a run that switched optimizers: no one rule
+    scales: list[float | None] = [None] * len(run)
+    if ck.optimizer == "adam":
+        scales = [adam_step_scale(c) for c in run]
+        later = None
+        for i in range(len(run) - 1, -1, -1):  # a checkpoint without a state takes the next one's
+            later = scales[i] = scales[i] if scales[i] else later
+        if scales[-1] is None:
+            return None
     total, prev = 0.0, 0
-    for c in run:
+    for c, sbar in zip(run, scales):
         if c.step > prev:
-            total += lr_sum(project, c, c.step - prev, rows) / (1.0 - c.momentum)
+            steps = lr_sum(project, c, c.step - prev, rows)
+            total += steps / sbar if c.optimizer == "adam" else steps / (1.0 - c.momentum)
             prev = c.step
     return total if total > 0 else None

@@ -27,6 +27,14 @@ sign is the sign convention: removing z_i lowers every step's gradient by (1/N_�
 moves θ by +(1/N_ℓ)F(H)∇ℓ_i and q's margin by +(1/N_ℓ)∇f_qᵀF(H)∇ℓ_i; a proponent has that
 change negative, so its score is positive. Checked against leave-one-out retraining in tests.
 
+Self-influence S[i, i] (triage) needs z_i's margin gradient at the final checkpoint walked through the
+curvature. With one segment whose points include the final checkpoint (EK-FAC, one-segment Source),
+the fit's training-gradient pass yields it: at that point the loss gradient is computed as
+−(1 − p_y)·∇f (exact for cross-entropy), so S[i, i] = ((1 − p_y)/N) Σ F ⊙ (Q_Sᵀ ∇f Q_A)² with one point
+and no projection, else −(1/N) walk(∇f)ᵀ ḡ(z_i); rows the fit did not compute (a store another run
+wrote) are walked afterwards. On the 2,000-image CNN this cut a one-point EK-FAC fit-and-score from
+13.7 to 10.6 s.
+
 With L = 1 and F(σ) = 1/(σ + λ) (``response="inverse"``) this is EK-FAC influence exactly.
 Fast-Source averages the weights within each segment and computes everything once there.
 Adam: when optimizer states were saved, gradients are preconditioned with the segment's mean
@@ -46,12 +54,13 @@ from safetensors.torch import load_file
 from engine.autodiff import curvature as cv
 from engine.autodiff import distributed
 from engine.autodiff.functional import FunctionalModel, TrackedParameters
+from engine.autodiff.compute import all_finite
 from engine.autodiff.per_example import GradientComputer
 from engine.autodiff.projection import make_projector
 from engine.core.errors import ProponentError
 from engine.core.project import Checkpoint, Project
 from engine.methods.base import Attributor, register, settings_dict
-from engine.methods.schedule import lr_sum, stage_rows
+from engine.methods.schedule import ADAM_BETA2, ADAM_EPS, lr_sum, stage_rows
 from engine.methods.settings import (
     CurvatureSettings,
     DampingRatioSettings,
@@ -59,8 +68,6 @@ from engine.methods.settings import (
 )
 from engine.storage.arrays import ChunkedArray, stable_hash
 
-ADAM_BETA2 = 0.999
-ADAM_EPS = 1e-8
 # training rows per block of stored training gradients: bounds memory, and is the unit torchrun ranks share out
 GRADIENT_BLOCK_ROWS = 1024
 # training gradients are computed and written in parts of a chunk of at most this many float32 bytes
@@ -88,6 +95,8 @@ WALK_BLOCK_BYTES = 2**26  # one [rows, p] copy (WALK_DTYPE) of query gradients w
 SCORE_PASS_BYTES = 2**27
 # training gradients read from the store per product when scoring (a part of a chunk)
 SCORE_READ_BYTES = 2**26
+# training rows whose inputs are gathered at a time when self-influence walks a subset of them
+SELF_ROWS_PER_READ = 4096
 
 
 @dataclass
@@ -227,6 +236,9 @@ class CurvatureInfluence(Attributor):
             self.normalized = cv.normalized_layers(project.load_model(final).to(self.device), self.layers_template,
                                                    project.train_dataset.x[rows].to(self.device))
         self.wd_per_layer = [0.0 if L.name in self.normalized else self.wd for L in self.layers_template]
+        # the query checkpoint's weights: a segment point with these weights computes self-influence in its pass
+        self._final_digest = cv.tensor_digest(project.load_state(final))
+        self._fused_self: tuple[np.ndarray, np.ndarray] | None = None  # (values, known) by training row
         self.seg_state = []
         self._gradient_rows = 0  # training gradients this process computed (its share under torchrun)
         for seg in segs:
@@ -392,6 +404,21 @@ class CurvatureInfluence(Attributor):
         computers = [GradientComputer(model, tracked=self.param_names, device=self.device,
                                       memory_budget_mb=GRADIENT_BATCH_MB, precision=cfg.grad_precision)
                      for _, model, _ in points]
+        walk = self._walk_factors({"QS": [basis[f"{L.name}.QS"] for L in self.layers_template],
+                                   "QA": [basis[f"{L.name}.QA"] for L in self.layers_template],
+                                   "F": Fv, "S": Sv, "sqrtP": sqrtP})
+        # Self-influence in this pass: with one segment the query's walk is one step, and when a point is the
+        # query checkpoint its loss gradients come as −(1 − p_y)·∇f (GradientComputer.margin_and_loss_scale),
+        # so the margin gradients the self-scores need cost no second gradient pass over the training set
+        # (a separate pass was a third of a one-point EK-FAC fit-and-score). Rows this fit does not compute
+        # (a store another run wrote) are left to self_scores().
+        digests = [d for d, _, _ in points]
+        fused = len(self.segments) == 1 and self._final_digest in digests
+        final_j = digests.index(self._final_digest) if fused else -1
+        self_vals, self_known = np.zeros(len(ds)), np.zeros(len(ds), bool)
+        if fused:
+            self_known[np.setdiff1d(np.arange(len(ds)), rows)] = True  # rows outside the segment: no term
+        one_point = len(points) == 1 and self.projector.out_dim == self.blocks.layout.n  # unprojected
         total = sum(gbar.chunk_bounds(c)[1] - gbar.chunk_bounds(c)[0] for c in mine)
         done = 0
         # rows per part of a chunk held in memory (a whole [1,024, p] float32 chunk was the fit's peak)
@@ -405,21 +432,46 @@ class CurvatureInfluence(Attributor):
                 sel = torch.as_tensor(rows[a:b])
                 xs, ys = ds.x[sel], ds.y[sel]
                 block = torch.zeros(b - a, self.projector.out_dim)  # float32, like the store
-                for comp in computers:
-                    for blo, bhi, g in comp.iter_batches(xs, ys, "loss", then=self.train_projector.project):
+                walked = torch.zeros(b - a, self.projector.out_dim) if fused and not one_point else None
+                part_self = torch.zeros(b - a, dtype=torch.float64) if fused else None
+                for j, comp in enumerate(computers):
+                    if j != final_j:
+                        for blo, bhi, g in comp.iter_batches(xs, ys, "loss", then=self.train_projector.project):
+                            block[blo:bhi].add_(g.float().cpu(), alpha=1.0 / len(points))
+                        continue
+                    for blo, bhi, (m, one_minus_p) in comp.iter_margin_and_loss_scale(xs, ys):
+                        g = self.train_projector.project(m * (-one_minus_p[:, None]))
                         block[blo:bhi].add_(g.float().cpu(), alpha=1.0 / len(points))
-                if not torch.isfinite(block).all():
+                        V = self.blocks.to_layers(m.detach().to("cpu", WALK_DTYPE))
+                        if one_point:
+                            # ḡ = −(1 − p)∇f: −(1/N) walk(∇f)ᵀ ḡ = ((1 − p)/N) Σ F ⊙ r², r the rotated ∇f
+                            quad = sum((w_F * r * r).sum((1, 2)).double() for w_F, r in
+                                       zip(walk["F"], (self._rotated(walk, l, v) for l, v in enumerate(V))))
+                            part_self[blo:bhi] = quad * one_minus_p.detach().cpu().double() / len(rows)
+                        else:
+                            walked[blo:bhi] = self._respond_one(walk, V) * (-1.0 / len(rows))
+                if walked is not None:
+                    part_self += (walked * block).sum(1).double()
+                if not all_finite(block):
                     raise ProponentError(f"{self.name}: non-finite training gradients in {tag}; the checkpoints may "
                                          f"have diverged")
                 gbar.write_rows(c, a - lo, block.numpy())
+                if fused:
+                    self_vals[rows[a:b]] = part_self.numpy()
+                    self_known[rows[a:b]] = True
                 done += b - a
             gbar.mark_done(c)  # only now: a run stopped inside the chunk rewrites all of it
         self._gradient_rows += done
+        if fused:  # each rank computed its own chunks' self-scores
+            if distributed.active():
+                self_vals = distributed.sum_array(self_vals)
+                self_known = distributed.sum_array(self_known.astype(np.float64)) > 0
+            self._fused_self = (self_vals, self_known)
         distributed.barrier()  # every rank's blocks are on disk before anyone reads the store
         self.progress(f"{tag}: done", len(points), len(points))
         pos = np.full(len(ds), -1, np.int64)
         pos[rows] = np.arange(len(rows))
-        return {"fisher_samples": samples, "point_rows": [len(r) for r in shares], "QA": [basis[f"{L.name}.QA"] for L in self.layers_template],
+        return {"walk": walk, "fisher_samples": samples, "point_rows": [len(r) for r in shares], "QA": [basis[f"{L.name}.QA"] for L in self.layers_template],
                 "QS": [basis[f"{L.name}.QS"] for L in self.layers_template],
                 "F": Fv, "S": Sv, "sigma": sigma, "damping": damping, "sqrtP": sqrtP,
                 "gbar": gbar, "rows": rows, "pos": pos, "n_rows": len(rows),
@@ -441,6 +493,23 @@ class CurvatureInfluence(Attributor):
                 "S_one": all(bool((h == 1).all()) for h in st["S"])}
         return w
 
+    @staticmethod
+    def _rotated(w: dict, l: int, v: torch.Tensor) -> torch.Tensor:
+        """Layer l of a gradient in the segment's eigenbasis: Q_Sᵀ (√P ⊙ v) Q_A."""
+        sp = w["sqrtP"][l] if w["sqrtP"] is not None else None
+        return cv.rotate(v if sp is None else v * sp, w["QS"][l], w["QA"][l])
+
+    @staticmethod
+    def _unrotated(w: dict, l: int, r: torch.Tensor) -> torch.Tensor:
+        """Back from the eigenbasis: √P ⊙ Q_S r Q_Aᵀ."""
+        u = cv.unrotate(r, w["QS"][l], w["QA"][l])
+        return u if w["sqrtP"] is None else u * w["sqrtP"][l]
+
+    def _respond_one(self, w: dict, V: list[torch.Tensor]) -> torch.Tensor:
+        """One segment's response to per-layer gradients V, flat and projected (√P F(√P H √P) √P v)."""
+        U = [self._unrotated(w, l, w["F"][l] * self._rotated(w, l, v)) for l, v in enumerate(V)]
+        return self.projector.project(self.blocks.to_flat(U).float()).float()
+
     def _walk(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """u_ℓ (flat, projected, already scaled by −1/N_ℓ, float32) for each segment, walking back from the query."""
         V = self.blocks.to_layers(flat.detach().to("cpu", WALK_DTYPE))
@@ -448,24 +517,19 @@ class CurvatureInfluence(Attributor):
         for li in range(len(self.seg_state) - 1, -1, -1):
             st = self.seg_state[li]
             w = self._walk_factors(st)
-            carry = li > 0  # the earliest segment's v is not needed afterwards
+            if li == 0:  # the earliest segment's v is not needed afterwards
+                us[li] = self._respond_one(w, V) * (-1.0 / st["n_rows"])
+                break
             U, Vn = [], []
             for l, v in enumerate(V):
-                QS, QA = w["QS"][l], w["QA"][l]
-                sp = w["sqrtP"][l] if w["sqrtP"] is not None else None
-                r = cv.rotate(v if sp is None else v * sp, QS, QA)
-                u = cv.unrotate(w["F"][l] * r, QS, QA)
-                if sp is not None:
-                    u = u * sp
-                U.append(u)
-                if carry:
-                    if w["S_one"]:
-                        Vn.append(v)  # Q_S (1 ⊙ Q_Sᵀ v' Q_A) Q_Aᵀ = v', and v'/√P = v
-                    else:
-                        vn = cv.unrotate(w["S"][l] * r, QS, QA)
-                        Vn.append(vn if sp is None else vn / sp)
-            u_flat = self.blocks.to_flat(U)
-            us[li] = self.projector.project(u_flat.float()).float() * (-1.0 / st["n_rows"])
+                r = self._rotated(w, l, v)
+                U.append(self._unrotated(w, l, w["F"][l] * r))
+                if w["S_one"]:
+                    Vn.append(v)  # Q_S (1 ⊙ Q_Sᵀ v' Q_A) Q_Aᵀ = v', and v'/√P = v
+                else:
+                    vn = cv.unrotate(w["S"][l] * r, w["QS"][l], w["QA"][l])
+                    Vn.append(vn if w["sqrtP"] is None else vn / w["sqrtP"][l])
+            us[li] = self.projector.project(self.blocks.to_flat(U).float()).float() * (-1.0 / st["n_rows"])
             V = Vn
         return us
 
@@ -517,20 +581,38 @@ class CurvatureInfluence(Attributor):
 
     def self_scores(self) -> np.ndarray:
         if self._self is None:
-            ds = self._p.train_dataset
-            out = np.zeros(len(ds))
-            for lo, hi, g in self._query_grads(ds.x, ds.y):
+            n = len(self._p.train_dataset)
+            out = np.zeros(n)
+            todo = np.arange(n)
+            if self._fused_self is not None:  # computed in the fit's training-gradient pass
+                vals, known = self._fused_self
+                out[known] = vals[known]
+                todo = np.flatnonzero(~known)
+            if len(todo):
+                self._self_scores_by_walk(todo, out)
+            self.meta["self_influence_rows_in_fit"] = int(n - len(todo))
+            self._self = out
+        return self._self.copy()
+
+    def _self_scores_by_walk(self, idx_all: np.ndarray, out: np.ndarray) -> None:
+        """Self-scores of training rows ``idx_all`` from a pass of their margin gradients at the query
+        checkpoint, walked and dotted with the stored training gradients (into ``out``)."""
+        ds = self._p.train_dataset
+        every = len(idx_all) == len(ds)  # then the dataset itself, read batch by batch as it streams
+        for c0 in range(0, len(idx_all), len(ds) if every else SELF_ROWS_PER_READ):
+            part = idx_all[c0:c0 + SELF_ROWS_PER_READ] if not every else idx_all
+            sel = torch.as_tensor(part)
+            xs, ys = (ds.x, ds.y) if every else (ds.x[sel], ds.y[sel])  # a subset: a bounded number of rows at a time
+            for lo, hi, g in self._query_grads(xs, ys):
                 self._check_cancel("self-influence")
-                idx = np.arange(lo, hi)
+                idx = part[lo:hi]
                 for st, u in zip(self.seg_state, self._walk(g)):
                     pos = st["pos"][idx]
                     ok = pos >= 0
                     if ok.any():
-                        # row-wise dot products in float64 (cheap next to the walk)
-                        out[idx[ok]] += np.einsum("bk,bk->b", u.numpy()[ok].astype(np.float64),
-                                                  st["gbar"].read_rows(pos[ok]).astype(np.float64))
-            self._self = out
-        return self._self.copy()
+                        # row-wise products in float32 (torch's pairwise sum), added in float64
+                        rows = torch.from_numpy(st["gbar"].read_rows(pos[ok]))
+                        out[idx[ok]] += (u[torch.from_numpy(ok)] * rows).sum(1).double().numpy()
 
 
 @dataclasses.dataclass

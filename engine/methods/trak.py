@@ -12,13 +12,16 @@ since S[q, i] = (φ_q M) · φ_i streams over training chunks. When k > n (small
 ridge that the training run itself implies: gradient descent on the mean loss for a time
 τ = Σ_t η_t/(1 − β) fits the directions of the linearised model whose curvature (1/n)·w̄·σ(ΦᵀΦ)
 exceeds about 1/τ, as a ridge of n/(w̄ τ) would (w̄ = mean p(1 − p), the margin's loss curvature).
-λ = damping_scale × n/(w̄ τ), per ensemble member from its own checkpoint's τ. Where τ is unknown
-(weights only, or Adam), λ = damping_ratio × the mean non-zero eigenvalue. Measured on ten
+λ = damping_scale × n/(w̄ τ), per ensemble member from its own checkpoint's τ. Measured on ten
 validation projects (docs/bench/lds-damping.json): the old fixed ratio's best value ran from 0.1
 (BatchNorm CNNs) to ≥ 100 (digits trained 3 epochs at lr 0.01, noisy labels); the training-time rule
 with one scale (3) came within 0.03 of each project's best ratio and above the old default on all
-nine SGD projects (+0.022 to +0.170), and on the held-out 20,000-image benchmark. Self-influence
-(triage) keeps the ratio rule's kernel, which ranked flipped labels better.
+nine SGD projects (+0.022 to +0.170), and on the held-out 20,000-image benchmark.
+Adam (v7): preconditioned gradient descent, so τ = Σ_t η_t / s̄_t with s̄ the mean of √v̂ + ε in the
+saved optimizer state (engine.methods.schedule.training_time), and its own scale
+(damping_scale_adam = 10, docs/bench/lds-damping-adam.json). Where τ is unknown (weights only,
+L-BFGS, Adam without saved states), λ = damping_ratio × the mean non-zero eigenvalue.
+Self-influence (triage) keeps the ratio rule's kernel, which ranked flipped labels better.
 """
 from __future__ import annotations
 
@@ -52,13 +55,17 @@ class TrakSettings(ProjectionSettings, GradientPrecisionSettings):
                                       "or none.", choices=PROJECTIONS)
     damping: float = setting(-1.0, "Ridge λ added to ΦᵀΦ; -1 chooses it by damping_rule.", ge=-1)
     damping_rule: str = setting("auto", "With damping = -1: 'auto' sets λ = damping_scale × n / (w̄ τ), the ridge that "
-                                        "SGD's training time implies (τ = Σ learning rates / (1 − momentum) up to the "
-                                        "member's checkpoint, w̄ = mean p(1 − p) of the correct class), where τ is known "
-                                        "(SGD with a recorded trajectory), else damping_ratio × mean eigenvalue; 'ratio' "
-                                        "always uses the ratio.", choices=("auto", "ratio"))
+                                        "the training time implies (SGD: τ = Σ learning rates / (1 − momentum) up to the "
+                                        "member's checkpoint; Adam: Σ learning rates / mean(√v̂ + ε) of the saved "
+                                        "optimizer states, with damping_scale_adam; w̄ = mean p(1 − p) of the correct "
+                                        "class), where τ is known (a recorded trajectory), else damping_ratio × mean "
+                                        "eigenvalue; 'ratio' always uses the ratio.", choices=("auto", "ratio"))
     # 3: best mean LDS over the nine SGD validation projects of docs/bench/lds-damping.json, and every
     # leave-one-project-out choice among 0.3–30 (the 20,000-image benchmark was held out)
-    damping_scale: float = setting(3.0, "With damping_rule 'auto': the multiple of n / (w̄ τ).", gt=0)
+    damping_scale: float = setting(3.0, "With damping_rule 'auto', SGD: the multiple of n / (w̄ τ).", gt=0)
+    # 10: best mean LDS over five Adam validation projects (every leave-one-out choice among 1, 3, 10, 30), then
+    # checked on two held out (docs/bench/lds-damping-adam.json)
+    damping_scale_adam: float = setting(10.0, "With damping_rule 'auto', Adam: the multiple of n / (w̄ τ).", gt=0)
     # the fallback rule (scripts/tune_trak_damping.py, docs/bench/trak-damping.json): LDS rises from 0.08–0.21
     # at 1e-3 to 0.65–0.67 at 10 on small MLPs, where the undamped kernel regression overfits
     damping_ratio: float = setting(10.0, "With damping = -1 and no training time (or damping_rule 'ratio'): λ as a "
@@ -219,6 +226,7 @@ class TRAK(Attributor):
     def requirements(cls, settings=None):  # the model ensemble needs several trained models
         return cls.requires | ({"models"} if getattr(settings, "ensemble", None) == "models" else set())
 
+    # v7: the training-time rule covers Adam (τ from the saved second moments, damping_scale_adam);
     # v6: damping_rule "auto": λ from SGD's training time (damping_scale × n / (w̄ τ)) where it is known;
     # v5: projection "auto" is factorized per layer (LoGra-style) for Linear/Conv2d models with image or
     # table inputs (other features, same formula);
@@ -226,7 +234,9 @@ class TRAK(Attributor):
     # (same formula, other rounding; the digits default run about 2× faster);
     # v3: dense Rademacher projections hashed on the device (same law, other draws; the same on CPU and GPU);
     # v2: streamed primal form (same formula; rounding differs from v1's stored float32 Ψ)
-    version = "6"
+    version = "7"
+    # what the shared feature stores are keyed by: bumped only when the features change (v7 changed a damping)
+    features_version = "6"
 
     @property
     def feature_members(self) -> list[_Member]:
@@ -257,7 +267,7 @@ class TRAK(Attributor):
             # shared by every run whose features are the same (the damping only changes the kernel beside
             # them), so trying another damping costs a kernel solve, not a featurization
             # (the method's version too: a later version that computes features otherwise never reads these)
-            shared = stable_hash({"tag": tag, "weights": weights, "data": data, "v": self.version})
+            shared = stable_hash({"tag": tag, "weights": weights, "data": data, "v": self.features_version})
             folder = self.store_dir / f"trak_{shared}"
             store, computer, projector = checkpoint_feature_store(
                 project, ck, folder / "features", kind="margin", projection=projection, proj_dim=k or None,
@@ -281,8 +291,9 @@ class TRAK(Attributor):
             tau = training_time(project, ck) if s.damping < 0 and s.damping_rule == "auto" else None
             if tau:
                 w_bar = max(float(np.mean(q_m * (1 - q_m))), 1e-12)
-                damping, rule = s.damping_scale * n / (w_bar * tau), "training time"
-            rules.append({"rule": rule, **({"tau": tau, "w_bar": w_bar} if tau else {})})
+                scale = s.damping_scale_adam if ck.optimizer == "adam" else s.damping_scale
+                damping, rule = scale * n / (w_bar * tau), "training time"
+            rules.append({"rule": rule, **({"tau": tau, "w_bar": w_bar, "optimizer": ck.optimizer} if tau else {})})
             grams: dict = {}  # this member's Gram matrix, computed at most once (dropped after the member)
             kernel, lam = self._kernel(folder, store, damping, primal, k_out, f"kernel {m + 1}/{len(self.members)}", grams)
             rows_written.append(store.rows_written)
