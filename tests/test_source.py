@@ -275,22 +275,31 @@ def test_self_influence_from_the_fit_pass_is_the_diagonal_of_the_scores(gd_proje
                                  training=GD.replace('"sgd"', '"adam"').replace("lr = 0.5", "lr = 0.05"))
     adam = Project.load(adam)
     record_training(adam)
-    cases = [(gd_project, EKFAC(EKFACSettings(trajectory_points=1)), True),
-             (gd_project, EKFAC(EKFACSettings(trajectory_points=3)), True),
-             (gd_project, EKFAC(EKFACSettings(trajectory_points=1, proj_dim=8)), True),
-             (gd_project, Source(SourceSettings(segments=1)), True),
-             (adam, Source(SourceSettings(segments=1)), True),
-             (multistage_project, Source(), False)]
+    p_covered = EKFAC(EKFACSettings(trajectory_points=1)).fit(gd_project).blocks.layout.n
+    # (project, method, training rows whose self-influence the fit's pass computes)
+    cases = [(gd_project, EKFAC(EKFACSettings(trajectory_points=1)), 60),
+             (gd_project, EKFAC(EKFACSettings(trajectory_points=3)), 60),
+             (gd_project, EKFAC(EKFACSettings(trajectory_points=1, proj_dim=8)), 60),
+             # a real projection as wide as the gradient is not the identity: no one-rotation shortcut
+             (gd_project, EKFAC(EKFACSettings(trajectory_points=1, projection="rademacher", proj_dim=p_covered)), 60),
+             (gd_project, Source(SourceSettings(segments=1)), 60),
+             (adam, Source(SourceSettings(segments=1)), 60),
+             # one segment over the fine-tuning stage: its 24 rows (not 0…23) in the pass, the other 36 have no term
+             (multistage_project, Source(SourceSettings(segments=1, segment_by="count", last_checkpoints=3)), 24),
+             (multistage_project, Source(), 0)]
     for p, att, in_fit in cases:
         att.fit(p)
         n = len(p.train_dataset)
         got = att.self_scores()
-        assert att.meta["self_influence_rows_in_fit"] == (n if in_fit else 0), type(att).__name__
+        assert att.meta["self_influence_rows_in_fit"] == in_fit, type(att).__name__
         diag = np.diag(att.scores(("train", np.arange(n))))
         assert np.abs(diag).max() > 0
         np.testing.assert_allclose(got, diag, rtol=1e-5, atol=1e-6 * float(np.abs(diag).max()))
-    assert cases[4][1].meta["adam_preconditioned"] == [True]  # √P on both sides of the one-segment walk
-    assert cases[2][1].projector.out_dim == 8
+    assert cases[5][1].meta["adam_preconditioned"] == [True]  # √P on both sides of the one-segment walk
+    assert cases[2][1].projector.out_dim == 8 and cases[3][1].projector.out_dim == p_covered
+    assert cases[3][1].meta["projection"]["kind"] != "none"
+    stage = cases[6][1]
+    assert 0 < len(stage.seg_state[0]["rows"]) == 24 and not np.array_equal(stage.seg_state[0]["rows"], np.arange(24))
 
 
 def test_loss_gradient_from_the_margin_keeps_its_precision_when_confident():
@@ -405,7 +414,9 @@ def test_training_gradients_are_written_in_parts_and_a_stopped_chunk_is_rewritte
     assert parts == [(1, 0, 10), (1, 10, 10), (1, 20, 8)]  # chunk 0 kept, chunk 1 written again whole
     # float32 gradients in other batch shapes: summation order only
     np.testing.assert_allclose(ek.scores("test"), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
-    # self-influence: chunk 1's rows from the resumed pass, chunk 0's (written before the stop) walked
+    # self-influence: chunk 1's rows from the resumed pass, chunk 0's (written before the stop) walked,
+    # their inputs gathered a few rows at a time
+    monkeypatch.setattr(source_module, "SELF_ROWS_PER_READ", 5)
     want_self = ref.self_scores()
     np.testing.assert_allclose(ek.self_scores(), want_self, rtol=1e-5, atol=1e-6 * np.abs(want_self).max())
     assert ek.meta["self_influence_rows_in_fit"] == 28 and ref.meta["self_influence_rows_in_fit"] == 60
@@ -581,7 +592,7 @@ def test_trak_damping_follows_adams_preconditioned_training_time(tmp_path):
 
     from safetensors.torch import load_file
 
-    from engine.methods.schedule import ADAM_BETA2, ADAM_EPS, training_time
+    from engine.methods.schedule import ADAM_BETA2, ADAM_EPS, adam_step_scale, training_time
     from engine.methods.trak import TRAK, TrakSettings
 
     root = write_tabular_project(tmp_path / "adam", n_train=60,
@@ -598,6 +609,12 @@ def test_trak_damping_follows_adams_preconditioned_training_time(tmp_path):
         return float(torch.cat([v.reshape(-1) for v in vals]).mean())
 
     scales = [s_bar(c) for c in run]
+    # over the tracked parameters only, when told which
+    st = load_file(str(run[-1].optimizer_state))
+    one = sorted(k[:-len(".exp_avg_sq")] for k in st if k.endswith(".exp_avg_sq"))[0]
+    v = st[f"{one}.exp_avg_sq"].double() / (1 - ADAM_BETA2 ** float(st[f"{one}.step"].reshape(-1)[0]))
+    assert adam_step_scale(run[-1], [one]) == pytest.approx(float((v.sqrt() + ADAM_EPS).mean()), rel=1e-9)
+    assert adam_step_scale(run[-1], [one]) != pytest.approx(scales[-1], rel=1e-3)
     assert len(set(round(x, 12) for x in scales)) > 1  # it changes along the run
     steps = np.diff([0] + [c.step for c in run])
     want = float(sum(k * 0.05 / sc for k, sc in zip(steps, scales)))
@@ -617,6 +634,15 @@ def test_trak_damping_follows_adams_preconditioned_training_time(tmp_path):
     p = Project.load(root)
     assert training_time(p, p.final_checkpoints()[0]) == pytest.approx(
         want - steps[0] * 0.05 / scales[0] + steps[0] * 0.05 / scales[1], rel=1e-9)
+    # the final checkpoint without its state: the previous one's s̄ stands in
+    last = p.run_checkpoints()[-1].optimizer_state
+    shutil.move(str(last), str(last) + ".away")
+    p = Project.load(root)
+    assert training_time(p, p.final_checkpoints()[0]) == pytest.approx(
+        want - steps[0] * 0.05 / scales[0] + steps[0] * 0.05 / scales[1] - steps[-1] * 0.05 / scales[-1]
+        + steps[-1] * 0.05 / scales[-2], rel=1e-9)
+    shutil.move(str(last) + ".away", str(last))
+    p = Project.load(root)
     for c in p.run_checkpoints()[1:]:  # no saved state at all: τ unknown, the ratio rule
         c.optimizer_state.unlink()
     p = Project.load(root)

@@ -156,10 +156,17 @@ class GradientComputer(BatchBackOff):
         return flat, torch.sigmoid(-f.float())
 
     def iter_margin_and_loss_scale(self, x: Any, y: torch.Tensor, batch_size: int | None = None,
-                                   ) -> Iterator[tuple[int, int, tuple[torch.Tensor, torch.Tensor]]]:
-        """(lo, hi, (∇f, s)) per batch (see :meth:`margin_and_loss_scale`), out-of-memory guarded."""
-        return self._batches(len(y), batch_size or self.batch_size(example_numel(x)),
-                             lambda lo, hi: self.margin_and_loss_scale(batch_rows(x, lo, hi), y[lo:hi]))
+                                   then: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                                   ) -> Iterator[tuple[int, int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """(lo, hi, (loss gradients −s·∇f, then applied if given; ∇f; s)) per batch (see
+        :meth:`margin_and_loss_scale`); the gradients, the scaling and ``then`` (e.g. a projection) run
+        inside the out-of-memory guard, so a batch that does not fit is retried smaller."""
+        def compute(lo: int, hi: int):
+            m, s = self.margin_and_loss_scale(batch_rows(x, lo, hi), y[lo:hi])
+            g = m * (-s[:, None])
+            return (g if then is None else then(g)), m, s
+
+        return self._batches(len(y), batch_size or self.batch_size(example_numel(x)), compute)
 
     def iter_batches(self, x: Any, y: torch.Tensor, kind: str = "margin", batch_size: int | None = None,
                      then: Callable[[torch.Tensor], torch.Tensor] | None = None,

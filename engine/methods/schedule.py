@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Iterable
 
 import numpy as np
 
@@ -55,46 +56,58 @@ def lr_sum(project: Project, ck: Checkpoint, steps: int, stage_rows: dict[str, n
     return float(sum(rates)) + ck.lr * max(0, steps - len(rates))
 
 
-def adam_step_scale(ck: Checkpoint) -> float | None:
-    """s̄ = the mean over every parameter entry of √v̂ + ε in ``ck``'s saved Adam state (v̂ the
-    bias-corrected second moment): Adam divides each coordinate's step by it, so η/s̄ is the
-    learning rate of the gradient descent it resembles. None without a saved state. Read one tensor
-    at a time (the state is twice the model)."""
+_STEP_SCALES: dict = {}  # (state file, its mtime, parameters) → s̄: an ensemble member rereads its run's states
+
+
+def adam_step_scale(ck: Checkpoint, params: Iterable[str] | None = None) -> float | None:
+    """s̄ = the mean over the parameter entries (``params``, default every one in the state) of √v̂ + ε in
+    ``ck``'s saved Adam state (v̂ the bias-corrected second moment): Adam divides each coordinate's step
+    by √v̂ + ε, and η/s̄ is taken as the learning rate of the gradient descent it resembles. None without
+    a saved state. Read one tensor at a time (the state is twice the model)."""
     from safetensors import safe_open
 
     f = ck.optimizer_state
     if f is None or not f.is_file():
         return None
+    wanted = None if params is None else frozenset(params)
+    key = (str(f), f.stat().st_mtime_ns, wanted)
+    if key in _STEP_SCALES:
+        return _STEP_SCALES[key]
     total, count = 0.0, 0
     try:
         with safe_open(str(f), framework="pt") as st:
             keys = set(st.keys())
-            for key in keys:
-                if not key.endswith(".exp_avg_sq"):
+            for k in keys:
+                if not k.endswith(".exp_avg_sq") or (wanted is not None and k[:-len(".exp_avg_sq")] not in wanted):
                     continue
-                v = st.get_tensor(key).double()
-                step_key = key[: -len(".exp_avg_sq")] + ".step"
+                v = st.get_tensor(k).double()
+                step_key = k[: -len(".exp_avg_sq")] + ".step"
                 t = float(st.get_tensor(step_key).reshape(-1)[0]) if step_key in keys else float(max(ck.step, 1))
                 vhat = v / max(1e-12, 1.0 - ADAM_BETA2 ** max(t, 1.0))
                 total += float((vhat.sqrt() + ADAM_EPS).sum())
                 count += v.numel()
     except Exception as e:  # a corrupt or foreign file: say which
         raise ProponentError(f"cannot read the saved optimizer state: {e}", file=str(f)) from None
-    return total / count if count else None
+    out = _STEP_SCALES[key] = total / count if count else None
+    return out
 
 
-def training_time(project: Project, ck: Checkpoint) -> float | None:
+def training_time(project: Project, ck: Checkpoint, params: Iterable[str] | None = None) -> float | None:
     """τ = Σ_t η_t / (1 − β) over every optimizer step of ``ck``'s run up to ``ck``: how far SGD with
     momentum β moved the linearised model (gradient descent for time τ on a quadratic fits the
     directions of curvature above about 1/τ, as a ridge would).
 
-    Adam: τ = Σ_t η_t / s̄_t, s̄ (:func:`adam_step_scale`) from the saved state of the checkpoint that
-    ends each stretch of steps: Adam with a slowly varying second moment is gradient descent
-    preconditioned by 1/(√v̂ + ε), here taken as its mean (a random projection of the features sees the
-    mean of the preconditioner); its momentum is an average of gradients, not a longer step, so no
-    1/(1 − β₁). Without a saved state at a checkpoint, the nearest later one's s̄ stands in.
+    Adam: τ = Σ_t η_t / s̄_t, s̄ (:func:`adam_step_scale`, over ``params``: the tracked parameters) from the
+    saved state of the checkpoint that ends each stretch of steps. Adam with a slowly varying second
+    moment is gradient descent preconditioned by 1/(√v̂ + ε); that per-coordinate preconditioner is
+    summarised by one learning rate η/s̄ with s̄ the mean of √v̂ + ε (the reciprocal of the mean, not the
+    mean of the reciprocals, which entries with v̂ near 0 would dominate through ε; damping_scale_adam is
+    calibrated for this choice). Its momentum is an average of gradients, not a longer step, so no
+    1/(1 − β₁). A checkpoint without a saved state takes the nearest later one's s̄ (the nearest earlier
+    one's after the last state).
 
-    None where it is not known: a weights-only checkpoint, L-BFGS, or Adam without saved states."""
+    None where it is not known: a weights-only checkpoint, L-BFGS, a run that changed optimizer, or Adam
+    without any saved state."""
     if ck.kind == "weights" or ck.optimizer not in ("sgd", "adam") or ck.step <= 0:
         return None
     rows = stage_rows(project)
@@ -104,10 +117,13 @@ def training_time(project: Project, ck: Checkpoint) -> float | None:
         return None  # a run that switched optimizers: no one rule
     scales: list[float | None] = [None] * len(run)
     if ck.optimizer == "adam":
-        scales = [adam_step_scale(c) for c in run]
-        later = None
+        scales = [adam_step_scale(c, params) for c in run]
+        fill = None
         for i in range(len(run) - 1, -1, -1):  # a checkpoint without a state takes the next one's
-            later = scales[i] = scales[i] if scales[i] else later
+            fill = scales[i] = scales[i] if scales[i] else fill
+        fill = None
+        for i in range(len(run)):  # after the last state: the previous one's
+            fill = scales[i] = scales[i] if scales[i] else fill
         if scales[-1] is None:
             return None
     total, prev = 0.0, 0

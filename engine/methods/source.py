@@ -30,9 +30,9 @@ change negative, so its score is positive. Checked against leave-one-out retrain
 Self-influence S[i, i] (triage) needs z_i's margin gradient at the final checkpoint walked through the
 curvature. With one segment whose points include the final checkpoint (EK-FAC, one-segment Source),
 the fit's training-gradient pass yields it: at that point the loss gradient is computed as
-−(1 − p_y)·∇f (exact for cross-entropy), so S[i, i] = ((1 − p_y)/N) Σ F ⊙ (Q_Sᵀ ∇f Q_A)² with one point
-and no projection, else −(1/N) walk(∇f)ᵀ ḡ(z_i); rows the fit did not compute (a store another run
-wrote) are walked afterwards. On the 2,000-image CNN this cut a one-point EK-FAC fit-and-score from
+−(1 − p_y)·∇f (exact for cross-entropy), so S[i, i] = ((1 − p_y)/N) Σ F ⊙ (Q_Sᵀ (√P ⊙ ∇f) Q_A)² with
+one point and no projection (√P = 1 without Adam preconditioning), else −(1/N) walk(∇f)ᵀ ḡ(z_i); rows
+the fit did not compute (a store another run wrote) are walked afterwards. On the 2,000-image CNN this cut a one-point EK-FAC fit-and-score from
 13.7 to 10.6 s.
 
 With L = 1 and F(σ) = 1/(σ + λ) (``response="inverse"``) this is EK-FAC influence exactly.
@@ -56,7 +56,7 @@ from engine.autodiff import distributed
 from engine.autodiff.functional import FunctionalModel, TrackedParameters
 from engine.autodiff.compute import all_finite
 from engine.autodiff.per_example import GradientComputer
-from engine.autodiff.projection import make_projector
+from engine.autodiff.projection import IdentityProjector, make_projector
 from engine.core.errors import ProponentError
 from engine.core.project import Checkpoint, Project
 from engine.methods.base import Attributor, register, settings_dict
@@ -416,9 +416,8 @@ class CurvatureInfluence(Attributor):
         fused = len(self.segments) == 1 and self._final_digest in digests
         final_j = digests.index(self._final_digest) if fused else -1
         self_vals, self_known = np.zeros(len(ds)), np.zeros(len(ds), bool)
-        if fused:
-            self_known[np.setdiff1d(np.arange(len(ds)), rows)] = True  # rows outside the segment: no term
-        one_point = len(points) == 1 and self.projector.out_dim == self.blocks.layout.n  # unprojected
+        one_point = len(points) == 1 and isinstance(self.projector, IdentityProjector)  # and unprojected
+        walk_rows = self._walk_rows(self.blocks.layout.n)  # host copies of ∇f walked at a time (bytes-bounded)
         total = sum(gbar.chunk_bounds(c)[1] - gbar.chunk_bounds(c)[0] for c in mine)
         done = 0
         # rows per part of a chunk held in memory (a whole [1,024, p] float32 chunk was the fit's peak)
@@ -439,17 +438,21 @@ class CurvatureInfluence(Attributor):
                         for blo, bhi, g in comp.iter_batches(xs, ys, "loss", then=self.train_projector.project):
                             block[blo:bhi].add_(g.float().cpu(), alpha=1.0 / len(points))
                         continue
-                    for blo, bhi, (m, one_minus_p) in comp.iter_margin_and_loss_scale(xs, ys):
-                        g = self.train_projector.project(m * (-one_minus_p[:, None]))
+                    for blo, bhi, (g, m, one_minus_p) in comp.iter_margin_and_loss_scale(
+                            xs, ys, then=self.train_projector.project):
                         block[blo:bhi].add_(g.float().cpu(), alpha=1.0 / len(points))
-                        V = self.blocks.to_layers(m.detach().to("cpu", WALK_DTYPE))
-                        if one_point:
-                            # ḡ = −(1 − p)∇f: −(1/N) walk(∇f)ᵀ ḡ = ((1 − p)/N) Σ F ⊙ r², r the rotated ∇f
-                            quad = sum((w_F * r * r).sum((1, 2)).double() for w_F, r in
-                                       zip(walk["F"], (self._rotated(walk, l, v) for l, v in enumerate(V))))
-                            part_self[blo:bhi] = quad * one_minus_p.detach().cpu().double() / len(rows)
-                        else:
-                            walked[blo:bhi] = self._respond_one(walk, V) * (-1.0 / len(rows))
+                        one_minus_p = one_minus_p.detach().cpu().double()
+                        for w0 in range(0, bhi - blo, walk_rows):
+                            w1 = min(bhi - blo, w0 + walk_rows)
+                            V = self.blocks.to_layers(m[w0:w1].detach().to("cpu", WALK_DTYPE))
+                            if one_point:
+                                # ḡ = −(1 − p)∇f: −(1/N) walk(∇f)ᵀ ḡ = ((1 − p)/N) Σ F ⊙ r², r the rotated ∇f
+                                quad = sum((w_F * r * r).sum((1, 2)).double() for w_F, r in
+                                           zip(walk["F"], (self._rotated(walk, l, v) for l, v in enumerate(V))))
+                                part_self[blo + w0:blo + w1] = quad * one_minus_p[w0:w1] / len(rows)
+                            else:
+                                walked[blo + w0:blo + w1] = self._respond_one(walk, V) * (-1.0 / len(rows))
+                        del m
                 if walked is not None:
                     part_self += (walked * block).sum(1).double()
                 if not all_finite(block):
@@ -466,7 +469,9 @@ class CurvatureInfluence(Attributor):
             if distributed.active():
                 self_vals = distributed.sum_array(self_vals)
                 self_known = distributed.sum_array(self_known.astype(np.float64)) > 0
-            self._fused_self = (self_vals, self_known)
+            in_fit = int(self_known.sum())
+            self_known[np.setdiff1d(np.arange(len(ds)), rows)] = True  # rows outside the segment: no term
+            self._fused_self = (self_vals, self_known, in_fit)
         distributed.barrier()  # every rank's blocks are on disk before anyone reads the store
         self.progress(f"{tag}: done", len(points), len(points))
         pos = np.full(len(ds), -1, np.int64)
@@ -533,9 +538,10 @@ class CurvatureInfluence(Attributor):
             V = Vn
         return us
 
-    def _walk_rows(self) -> int:
+    def _walk_rows(self, n_params: int | None = None) -> int:
         item = torch.empty((), dtype=WALK_DTYPE).element_size()
-        return max(1, min(1024, WALK_BLOCK_BYTES // (item * max(1, self.query_computer.n_params))))
+        p = self.query_computer.n_params if n_params is None else n_params
+        return max(1, min(1024, WALK_BLOCK_BYTES // (item * max(1, p))))
 
     def _query_grads(self, x: torch.Tensor, y: torch.Tensor):
         """(lo, hi, gradients) in blocks that _walk can take: it holds a few WALK_DTYPE copies of [rows, p]
@@ -584,13 +590,14 @@ class CurvatureInfluence(Attributor):
             n = len(self._p.train_dataset)
             out = np.zeros(n)
             todo = np.arange(n)
+            in_fit = 0
             if self._fused_self is not None:  # computed in the fit's training-gradient pass
-                vals, known = self._fused_self
+                vals, known, in_fit = self._fused_self
                 out[known] = vals[known]
                 todo = np.flatnonzero(~known)
             if len(todo):
                 self._self_scores_by_walk(todo, out)
-            self.meta["self_influence_rows_in_fit"] = int(n - len(todo))
+            self.meta["self_influence_rows_in_fit"] = in_fit  # the rest were walked here (or have no term)
             self._self = out
         return self._self.copy()
 

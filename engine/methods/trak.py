@@ -288,7 +288,7 @@ class TRAK(Attributor):
             q_m = distributed.sum_array(q_local)
             q_sum += q_m
             damping, rule = s.damping, "given" if s.damping >= 0 else "ratio"
-            tau = training_time(project, ck) if s.damping < 0 and s.damping_rule == "auto" else None
+            tau = training_time(project, ck, fm.names) if s.damping < 0 and s.damping_rule == "auto" else None
             if tau:
                 w_bar = max(float(np.mean(q_m * (1 - q_m))), 1e-12)
                 scale = s.damping_scale_adam if ck.optimizer == "adam" else s.damping_scale
