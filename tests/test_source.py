@@ -592,6 +592,7 @@ def test_trak_damping_follows_adams_preconditioned_training_time(tmp_path):
 
     from safetensors.torch import load_file
 
+    from engine.methods import schedule
     from engine.methods.schedule import ADAM_BETA2, ADAM_EPS, adam_step_scale, training_time
     from engine.methods.trak import TRAK, TrakSettings
 
@@ -627,6 +628,20 @@ def test_trak_damping_follows_adams_preconditioned_training_time(tmp_path):
     other = TRAK(TrakSettings(ensemble="final", proj_dim=0, damping_scale_adam=5.0, damping_scale=99.0),
                  workdir=tmp_path / "b").fit(p)
     assert other.meta["lambda"][0] == pytest.approx(att.meta["lambda"][0] / 2, rel=1e-9)  # SGD's scale unused
+
+    # a NaN in a saved second moment (a diverged run): τ unknown, not a NaN damping
+    from safetensors.torch import save_file
+    f_last = run[-1].optimizer_state
+    saved = load_file(str(f_last))
+    broken = dict(saved)
+    k_nan = next(k for k in broken if k.endswith(".exp_avg_sq"))
+    broken[k_nan] = broken[k_nan].clone()
+    broken[k_nan].view(-1)[0] = float("nan")
+    save_file(broken, str(f_last))
+    assert training_time(Project.load(root), final) is None
+    save_file(saved, str(f_last))
+    schedule._STEP_SCALES.clear()  # s̄ is cached by file and mtime; two rewrites here may share an mtime tick
+    assert training_time(Project.load(root), final) == pytest.approx(want, rel=1e-9)
 
     # a checkpoint without its state takes the next one's s̄
     first = run[0].optimizer_state

@@ -265,3 +265,23 @@ def test_a_chunk_written_in_parts_counts_once_marked_and_reads_come_in_blocks(tm
     assert all(h.flags.owndata and h.flags.writeable for h in held)
     assert str(s.data_path) not in Path("/proc/self/maps").read_text()
     np.testing.assert_array_equal(s.read_rows(np.array([9, 0, 5])), rows[[9, 0, 5]])
+
+
+def test_all_finite_sees_nan_and_inf_and_not_an_overflowing_sum():
+    """The stores' check of a gradient block: a sum carries NaN and ±inf; finite entries whose sum
+    overflows float32 are still finite (checked entry by entry)."""
+    import torch
+
+    from engine.autodiff.compute import all_finite
+
+    block = torch.randn(64, 300)
+    assert all_finite(block) and all_finite(torch.empty(0, 5))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        b = block.clone()
+        b[17, 123] = bad
+        assert not all_finite(b)
+    both = block.clone()
+    both[0, 0], both[1, 1] = float("inf"), float("-inf")  # their sum is NaN, still caught
+    assert not all_finite(both)
+    huge = torch.full((4, 4), 3e38)
+    assert not torch.isfinite(huge.sum()) and all_finite(huge)

@@ -56,6 +56,13 @@ def lr_sum(project: Project, ck: Checkpoint, steps: int, stage_rows: dict[str, n
     return float(sum(rates)) + ck.lr * max(0, steps - len(rates))
 
 
+def adam_denominator(exp_avg_sq, step: float):
+    """√v̂ + ε of torch's Adam, v̂ = exp_avg_sq / (1 − β₂^step) (float64): what each coordinate's step is
+    divided by."""
+    vhat = exp_avg_sq.double() / max(1e-12, 1.0 - ADAM_BETA2 ** max(float(step), 1.0))
+    return vhat.sqrt() + ADAM_EPS
+
+
 _STEP_SCALES: dict = {}  # (state file, its mtime, parameters) → s̄: an ensemble member rereads its run's states
 
 
@@ -80,11 +87,10 @@ def adam_step_scale(ck: Checkpoint, params: Iterable[str] | None = None) -> floa
             for k in keys:
                 if not k.endswith(".exp_avg_sq") or (wanted is not None and k[:-len(".exp_avg_sq")] not in wanted):
                     continue
-                v = st.get_tensor(k).double()
+                v = st.get_tensor(k)
                 step_key = k[: -len(".exp_avg_sq")] + ".step"
                 t = float(st.get_tensor(step_key).reshape(-1)[0]) if step_key in keys else float(max(ck.step, 1))
-                vhat = v / max(1e-12, 1.0 - ADAM_BETA2 ** max(t, 1.0))
-                total += float((vhat.sqrt() + ADAM_EPS).sum())
+                total += float(adam_denominator(v, t).sum())
                 count += v.numel()
     except Exception as e:  # a corrupt or foreign file: say which
         raise ProponentError(f"cannot read the saved optimizer state: {e}", file=str(f)) from None
@@ -132,4 +138,4 @@ def training_time(project: Project, ck: Checkpoint, params: Iterable[str] | None
             steps = lr_sum(project, c, c.step - prev, rows)
             total += steps / sbar if c.optimizer == "adam" else steps / (1.0 - c.momentum)
             prev = c.step
-    return total if total > 0 else None
+    return total if math.isfinite(total) and total > 0 else None  # a NaN state (a diverged run): unknown

@@ -32,8 +32,8 @@ curvature. With one segment whose points include the final checkpoint (EK-FAC, o
 the fit's training-gradient pass yields it: at that point the loss gradient is computed as
 −(1 − p_y)·∇f (exact for cross-entropy), so S[i, i] = ((1 − p_y)/N) Σ F ⊙ (Q_Sᵀ (√P ⊙ ∇f) Q_A)² with
 one point and no projection (√P = 1 without Adam preconditioning), else −(1/N) walk(∇f)ᵀ ḡ(z_i); rows
-the fit did not compute (a store another run wrote) are walked afterwards. On the 2,000-image CNN this cut a one-point EK-FAC fit-and-score from
-13.7 to 10.6 s.
+the fit did not compute (a store another run wrote) are walked afterwards. A separate pass was about a
+third of a one-point EK-FAC run on the 2,000-image CNN (docs/bench/cpu-cnn-2000.json: 14.0 s → 9.7 s).
 
 With L = 1 and F(σ) = 1/(σ + λ) (``response="inverse"``) this is EK-FAC influence exactly.
 Fast-Source averages the weights within each segment and computes everything once there.
@@ -60,7 +60,7 @@ from engine.autodiff.projection import IdentityProjector, make_projector
 from engine.core.errors import ProponentError
 from engine.core.project import Checkpoint, Project
 from engine.methods.base import Attributor, register, settings_dict
-from engine.methods.schedule import ADAM_BETA2, ADAM_EPS, lr_sum, stage_rows
+from engine.methods.schedule import adam_denominator, lr_sum, stage_rows
 from engine.methods.settings import (
     CurvatureSettings,
     DampingRatioSettings,
@@ -238,7 +238,8 @@ class CurvatureInfluence(Attributor):
         self.wd_per_layer = [0.0 if L.name in self.normalized else self.wd for L in self.layers_template]
         # the query checkpoint's weights: a segment point with these weights computes self-influence in its pass
         self._final_digest = cv.tensor_digest(project.load_state(final))
-        self._fused_self: tuple[np.ndarray, np.ndarray] | None = None  # (values, known) by training row
+        # (values, known, rows the fit's pass computed) by training row: self-influence from the fit's pass
+        self._fused_self: tuple[np.ndarray, np.ndarray, int] | None = None
         self.seg_state = []
         self._gradient_rows = 0  # training gradients this process computed (its share under torchrun)
         for seg in segs:
@@ -305,8 +306,7 @@ class CurvatureInfluence(Attributor):
                 if v is None:
                     return None
                 t = float(step.reshape(-1)[0]) if step is not None else float(c.step)
-                vhat = v.double() / max(1e-12, 1 - ADAM_BETA2 ** max(t, 1.0))
-                P = 1.0 / (vhat.sqrt() + ADAM_EPS)
+                P = 1.0 / adam_denominator(v, t)
                 acc[name] = acc.get(name, 0) + P / len(cks)
         return acc
 
