@@ -576,8 +576,10 @@ def stage_cnn(run: Runner, work: Path, n: int, lds_subsets: int, skip: tuple[str
         run.save(cnn_name(n), doc)
     if lds_subsets and saved:
         secs = max(20.0, min(150.0 * LIMIT_SCALE, run.left() - 40))
+        # the retrained margins are kept beside the scores: a later method version is scored without retraining
         doc["lds"] = run.child("lds", {"root": str(root), "subsets": lds_subsets, "seeds": 1, "scores": saved,
-                                       "device": DEVICE, "seconds": secs}, secs + 30)
+                                       "device": DEVICE, "seconds": secs,
+                                       "save_margins": str(work / f"lds-margins-{n}.npy")}, secs + 30)
         run.save(cnn_name(n), doc)
 
 

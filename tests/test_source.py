@@ -467,6 +467,49 @@ def test_weight_decay_is_left_out_of_normalized_layers_curvature(tmp_path):
     assert not np.allclose(new.scores("test"), old.scores("test"))
 
 
+def test_ekfac_damping_floor_follows_the_training_time(gd_project, logreg_project, tmp_path):
+    """EK-FAC's default λ per layer is max(damping_ratio × mean σ, damping_scale / τ), τ the run's
+    training time, except on layers the model normalises (the ratio alone); the ratio rule where τ is
+    unknown (L-BFGS) or damping_rule is 'ratio'."""
+    from engine.methods.schedule import training_time
+
+    def ratio_of(att):
+        return [0.1 * float(s.mean()) for s in att.seg_state[0]["sigma"]]
+
+    tau = training_time(gd_project, gd_project.final_checkpoints()[0])
+    assert tau == pytest.approx(15.0)
+    for scale in (0.3, 30.0):
+        att = EKFAC(EKFACSettings(trajectory_points=1, damping_scale=scale)).fit(gd_project)
+        rule = att.meta["damping_rule"][0]
+        assert rule["rule"] == "training time" and rule["tau"] == pytest.approx(tau)
+        assert rule["floor"] == pytest.approx(scale / tau)
+        assert att.meta["damping"][0] == pytest.approx([max(r, scale / tau) for r in ratio_of(att)], rel=1e-12)
+    assert rule["floored"] == att.meta["layers"]  # at 30 / τ every layer is raised
+    # the floor is the λ of F = 1/(σ + λ): with every layer floored the scores equal a given damping's
+    given = EKFAC(EKFACSettings(trajectory_points=1, damping=30.0 / tau)).fit(gd_project)
+    assert given.meta["damping_rule"] == [{"rule": "given"}]
+    np.testing.assert_allclose(att.scores("test"), given.scores("test"), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(att.self_scores(), given.self_scores(), rtol=1e-6, atol=1e-12)
+    ratio = EKFAC(EKFACSettings(trajectory_points=1, damping_scale=30.0, damping_rule="ratio")).fit(gd_project)
+    assert ratio.meta["damping_rule"] == [{"rule": "ratio"}]
+    assert ratio.meta["damping"][0] == pytest.approx(ratio_of(ratio), rel=1e-12)
+    assert not np.allclose(att.scores("test"), ratio.scores("test"), rtol=1e-3)
+    lb = EKFAC(EKFACSettings(trajectory_points=1, damping_scale=30.0)).fit(logreg_project)  # L-BFGS: no τ
+    assert lb.meta["damping_rule"] == [{"rule": "ratio"}] and lb.meta["damping"][0] == pytest.approx(ratio_of(lb))
+
+    # a Linear before BatchNorm keeps the ratio (also without weight decay); the last layer is floored
+    root = write_tabular_project(tmp_path / "bn", n_train=60, n_test=12, model=BN_MLP,
+                                 training='optimizer = "sgd"\nlr = 0.05\nmomentum = 0.9\nweight_decay = 0.0\n'
+                                          'epochs = 4\nbatch_size = 16\nseed = 0\n')
+    p = Project.load(root)
+    record_training(p)
+    p = Project.load(root)
+    bn = EKFAC(EKFACSettings(trajectory_points=1, damping_scale=1e3)).fit(p)
+    floor = 1e3 / training_time(p, p.final_checkpoints()[0])
+    assert bn.meta["layers"] == ["0", "3"] and bn.meta["damping_rule"][0]["floored"] == ["3"]
+    assert bn.meta["damping"][0] == pytest.approx([ratio_of(bn)[0], floor], rel=1e-12)
+
+
 def test_point_shares_split_the_rows_over_trajectory_points(monkeypatch):
     from engine.methods import source
     from engine.methods.source import point_shares

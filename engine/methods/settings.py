@@ -111,7 +111,16 @@ class CurvatureSettings(ProjectionSettings, GradientPrecisionSettings):
 
 @dataclasses.dataclass
 class DampingRatioSettings:
+    """λ of the inverse response 1/(σ + λ) (EK-FAC influence) when ``damping`` is -1."""
+
     damping_ratio: float = setting(0.1, "With damping = -1: λ as a fraction of each layer's mean eigenvalue.", gt=0)
+    damping_rule: str = setting("auto", "With damping = -1: 'auto' raises each layer's ratio damping to at least "
+                                        "damping_scale / τ, τ the run's training time (SGD: Σ learning rates / (1 − "
+                                        "momentum); Adam: Σ learning rates / mean(√v̂ + ε) of the saved states), on "
+                                        "layers whose output scale the model does not normalise away (BatchNorm after a "
+                                        "convolution keeps the ratio); where τ is unknown, and with 'ratio', the ratio "
+                                        "alone.", choices=("auto", "ratio"))
+    damping_scale: float = setting(0.3, "With damping_rule 'auto': the floor's multiple of 1/τ.", gt=0)
 
 
 @dataclasses.dataclass

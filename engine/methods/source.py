@@ -60,7 +60,7 @@ from engine.autodiff.projection import IdentityProjector, make_projector
 from engine.core.errors import ProponentError
 from engine.core.project import Checkpoint, Project
 from engine.methods.base import Attributor, register, settings_dict
-from engine.methods.schedule import adam_denominator, lr_sum, stage_rows
+from engine.methods.schedule import adam_denominator, lr_sum, stage_rows, training_time
 from engine.methods.settings import (
     CurvatureSettings,
     DampingRatioSettings,
@@ -192,6 +192,9 @@ def point_shares(rows: np.ndarray, n_points: int, point_rows: int, seed: int) ->
 class CurvatureInfluence(Attributor):
     """The shared engine: segments of the trajectory, EK-FAC per segment, backward walk."""
     shards_over_ranks = True
+    # what the shared training-gradient stores are keyed by (None: the version); kept when only the
+    # curvature side changes, so such a version reuses the stores an earlier one wrote
+    gradients_version: str | None = None
 
     def engine_config(self) -> EngineConfig:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -229,13 +232,19 @@ class CurvatureInfluence(Attributor):
         self.factor_dir.mkdir(exist_ok=True)
         self.wd = float(project.recipe.weight_decay) if cfg.weight_decay_in_curvature else 0.0
         final = project.final_checkpoint(segs[-1].checkpoints[-1].model_id)
-        self.normalized = []
-        if self.wd > 0 and not cfg.weight_decay_on_normalized:
-            # found on the final weights and a few training rows (a structural property of the model)
+        # layers whose output scale the model normalises away (found on the final weights and a few training
+        # rows: a structural property of the model): no weight decay in their σ, no training-time damping floor
+        skip_wd = self.wd > 0 and not cfg.weight_decay_on_normalized
+        time_rule = cfg.response == "inverse" and cfg.damping < 0 and cfg.damping_rule == "auto"
+        scale_invariant = []
+        if skip_wd or time_rule:
             rows = torch.arange(min(NORMALIZED_PROBE_ROWS, n))
-            self.normalized = cv.normalized_layers(project.load_model(final).to(self.device), self.layers_template,
+            scale_invariant = cv.normalized_layers(project.load_model(final).to(self.device), self.layers_template,
                                                    project.train_dataset.x[rows].to(self.device))
+        self.scale_invariant = frozenset(scale_invariant)
+        self.normalized = list(scale_invariant) if skip_wd else []
         self.wd_per_layer = [0.0 if L.name in self.normalized else self.wd for L in self.layers_template]
+        self.damping_rules: list[dict] = []
         # the query checkpoint's weights: a segment point with these weights computes self-influence in its pass
         self._final_digest = cv.tensor_digest(project.load_state(final))
         # (values, known, rows the fit's pass computed) by training row: self-influence from the fit's pass
@@ -260,6 +269,7 @@ class CurvatureInfluence(Attributor):
             "factor_rows_per_point": [st["point_rows"] for st in self.seg_state],
             "grad_precision": cfg.grad_precision,
             "damping": [st["damping"] for st in self.seg_state],
+            **({"damping_rule": self.damping_rules} if self.damping_rules else {}),
             "adam_preconditioned": [st["sqrtP"] is not None for st in self.seg_state],
             "sigma_mean": [st["sigma_mean"] for st in self.seg_state],
         })
@@ -374,10 +384,7 @@ class CurvatureInfluence(Attributor):
         # 3. curvature functions
         damping = None
         if cfg.response == "inverse":
-            if cfg.damping >= 0:
-                damping = [float(cfg.damping)] * len(sigma)
-            else:
-                damping = [cfg.damping_ratio * float(s.mean()) for s in sigma]
+            damping = self._layer_damping(project, seg, sigma)
             Fv = [cv.damped_inverse(s, d) for s, d in zip(sigma, damping)]
             Sv = [torch.ones_like(s) for s in sigma]
         else:
@@ -389,7 +396,7 @@ class CurvatureInfluence(Attributor):
         # in the shared store folder: runs that differ only in the damping or the response reuse it
         # (keyed by the method and its version too, so a later version never reads an older store)
         gkey = stable_hash({"points": [d for d, _, _ in points], "rows": cv.rows_digest(rows), "data": project.data_hash(),
-                            "method": self.name, "v": self.version,
+                            "method": self.name, "v": self.gradients_version or self.version,
                             "proj": self.projector.describe(), "seed": cfg.seed, "params": self.param_names,
                             **({"precision": cfg.grad_precision} if cfg.grad_precision != "float32" else {})})
 
@@ -481,6 +488,31 @@ class CurvatureInfluence(Attributor):
                 "F": Fv, "S": Sv, "sigma": sigma, "damping": damping, "sqrtP": sqrtP,
                 "gbar": gbar, "rows": rows, "pos": pos, "n_rows": len(rows),
                 "sigma_mean": float(np.mean([float(s.mean()) for s in sigma]))}
+
+    def _layer_damping(self, project: Project, seg: Segment, sigma: list[torch.Tensor]) -> list[float]:
+        """λ per layer of the inverse response 1/(σ + λ): ``damping`` when given; else damping_ratio × the
+        layer's mean σ, raised to damping_scale / τ (τ: the training time of the segment's last checkpoint,
+        engine.methods.schedule.training_time) on layers whose scale the loss sees (rule 'auto').
+
+        Why the floor: gradient descent run for a time τ has fitted only the directions whose curvature
+        exceeds about 1/τ, so a removed row cannot move the model further than that along flatter ones
+        (the ridge TRAK's training-time rule uses, engine/methods/trak.py). The ratio alone left a
+        3-epoch run 0.26 LDS below the floor's; on BatchNorm-normalised convolutions the floor cost 0.03 to
+        0.09, so those keep the ratio (docs/bench/lds-damping-ekfac.json)."""
+        cfg = self.cfg
+        if cfg.damping >= 0:
+            self.damping_rules.append({"rule": "given"})
+            return [float(cfg.damping)] * len(sigma)
+        ratio = [cfg.damping_ratio * float(s.mean()) for s in sigma]
+        tau = training_time(project, seg.checkpoints[-1], self.param_names) if cfg.damping_rule == "auto" else None
+        if not tau:
+            self.damping_rules.append({"rule": "ratio"})
+            return ratio
+        floor = cfg.damping_scale / tau
+        out = [r if L.name in self.scale_invariant else max(r, floor) for L, r in zip(self.layers_template, ratio)]
+        self.damping_rules.append({"rule": "training time", "tau": tau, "floor": floor,
+                                   "floored": [L.name for L, r, d in zip(self.layers_template, ratio, out) if d > r]})
+        return out
 
     # ------------------------------------------------------------------ scoring
     @staticmethod
@@ -635,13 +667,15 @@ class Source(CurvatureInfluence):
     description = ("Approximate unrolled differentiation over the recorded trajectory (Bae et al., 2024): EK-FAC per "
                    "segment with training-derived response functions. Suited to non-converged and multi-stage training.")
     Settings = SourceSettings
+    # v8: with response='inverse', EK-FAC's training-time damping floor (damping_rule 'auto'); stores as v7's
     # v7: a segment's checkpoints fit its factors on shares of the rows (point_rows=-1, at least 1,024 per point);
     # v6: no weight decay in the σ of normalised layers (weight_decay_on_normalized=False);
     # v5: one sampled Fisher label above 1,024 training rows (fisher_samples=-1); v4: curvature products and
     # the walk in float32, summed in float64; v3: unprojected up to 2^31 stored
     # entries (streamed); v2: unprojected while they fit in memory (v1
     # projected to 2048 above 8,192 parameters)
-    version = "7"
+    version = "8"
+    gradients_version = "7"
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(**settings_dict(self.settings))
