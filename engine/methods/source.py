@@ -394,7 +394,8 @@ class CurvatureInfluence(Attributor):
         # an on-disk store written block by block (a stopped fit resumes; under torchrun each rank
         # writes its own blocks) and read back block by block when scoring
         # in the shared store folder: runs that differ only in the damping or the response reuse it
-        # (keyed by the method and its version too, so a later version never reads an older store)
+        # (keyed by the method and its gradients_version too, so a version whose gradients changed never reads
+        # an older store)
         gkey = stable_hash({"points": [d for d, _, _ in points], "rows": cv.rows_digest(rows), "data": project.data_hash(),
                             "method": self.name, "v": self.gradients_version or self.version,
                             "proj": self.projector.describe(), "seed": cfg.seed, "params": self.param_names,
