@@ -66,6 +66,33 @@ def test_exact_fisher_is_the_expectation_over_model_labels():
     assert torch.allclose(lam, lam_mc, rtol=0.1, atol=1e-3 * float(lam.max()))
 
 
+def test_covariance_pass_draws_the_fisher_labels_itself():
+    """fit_covariances_sampled labels each batch from its own forward: the same labels and weights as
+    fisher_targets (whatever the batch size: each row's draw is fixed by the seed), and the same
+    covariances as fit_covariances given those labels; sampled labels follow the model's probabilities."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    layers, _ = cv.curvature_layers(model)
+    for samples in (1, 3, 0, -1):
+        ref_lab, ref_w = cv.fisher_targets(model, x, samples, seed=11)
+        ref_cov = cv.fit_covariances(model, layers, x, ref_lab, ref_w, batch_size=16)
+        for bs in (7, 16):
+            cov, lab, w = cv.fit_covariances_sampled(model, layers, x, samples, 11, batch_size=bs)
+            assert lab.dtype == torch.long
+            torch.testing.assert_close(lab, ref_lab, rtol=0, atol=0)
+            torch.testing.assert_close(w, ref_w, rtol=0, atol=0)
+            for k in ref_cov:
+                torch.testing.assert_close(cov[k], ref_cov[k], rtol=1e-12, atol=1e-14)
+    assert not torch.equal(cv.fisher_targets(model, x, 1, seed=12)[0], cv.fisher_targets(model, x, 1, seed=11)[0])
+    # inverse-CDF draws follow p: 20,000 labels of one row against its probabilities
+    row = x[:1].expand(20000, -1)
+    lab, _ = cv.fisher_targets(model, row, 1, seed=3)
+    freq = torch.bincount(lab[:, 0], minlength=4).double() / 20000
+    p = torch.softmax(model(x[:1]), -1)[0].detach()
+    assert torch.allclose(freq, p, atol=0.015)
+
+
 def test_conv2d_unfolded_patches_match_autograd():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3, 4)).double()

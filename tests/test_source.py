@@ -547,8 +547,9 @@ def test_trajectory_points_fit_their_factors_on_their_own_rows(gd_project, monke
 
     monkeypatch.setattr(source, "POINT_ROWS_FLOOR", 1)  # the 60-row project is split as a large one would be
     seen = {"cov": [], "lambda": []}
-    real_cov, real_lam = cv.fit_covariances, cv.fit_eigenvalues
-    monkeypatch.setattr(cv, "fit_covariances", lambda m, L, x, *a, **k: seen["cov"].append(len(x)) or real_cov(m, L, x, *a, **k))
+    real_cov, real_lam = cv.fit_covariances_sampled, cv.fit_eigenvalues
+    monkeypatch.setattr(cv, "fit_covariances_sampled",
+                        lambda m, L, x, *a, **k: seen["cov"].append(len(x)) or real_cov(m, L, x, *a, **k))
     monkeypatch.setattr(cv, "fit_eigenvalues", lambda m, L, x, *a, **k: seen["lambda"].append(len(x)) or real_lam(m, L, x, *a, **k))
     split = EKFAC().fit(gd_project)
     assert seen == {"cov": [12] * 5, "lambda": [12] * 5}

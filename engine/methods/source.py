@@ -333,7 +333,9 @@ class CurvatureInfluence(Attributor):
         tag = f"segment {seg.index + 1}/{len(self.segments)}"
         # chosen on the segment's rows, not a point's share: splitting must not switch on the exact (per-class) fit
         samples = cv.fisher_samples_for(cfg.fisher_samples, len(fit_rows), project.num_classes)
-        base_key = {"samples": samples, "seed": cfg.seed, "layers": [L.name for L in self.layers_template]}
+        # "labels": inverse-CDF draws fixed per row (cv.fisher_uniforms), labelled inside the covariance pass
+        base_key = {"samples": samples, "seed": cfg.seed, "layers": [L.name for L in self.layers_template],
+                    "labels": "icdf"}
         # 1. covariances per point (cached per checkpoint and rows), averaged over the segment
         covs, labels = [], []
         for j, (digest, model, _) in enumerate(points):
@@ -343,14 +345,14 @@ class CurvatureInfluence(Attributor):
             # the label seed follows the weights, so the same checkpoint gets the same factors in every run
             lab_seed = int(stable_hash({"seed": cfg.seed, "w": digest}, 12), 16)
             xf = ds.x[torch.as_tensor(shares[j])]  # one point's rows at a time (shares may each be every row)
-            lab, wts = cv.fisher_targets(model, xf, samples, seed=lab_seed, device=self.device)
-            labels.append((lab, wts))
             path = self.factor_dir / f"cov-{stable_hash({**base_key, 'rows': cv.rows_digest(shares[j]), 'w': digest})}.safetensors"
             cov = cv.load_tensors(path)
+            lab = None  # (labels, weights), or (model, rows, seed) to label later if the eigenvalues need them
             if not distributed.agree(cov is not None):  # under torchrun: fitted over every rank's share
-                cov = cv.fit_covariances(model, layers, xf, lab, wts, device=self.device)
+                cov, *lab = cv.fit_covariances_sampled(model, layers, xf, samples, lab_seed, device=self.device)
                 if distributed.is_main():
                     cv.save_tensors(path, cov, {"checkpoint_digest": digest})
+            labels.append(lab or (model, xf, lab_seed))
             covs.append(cov)
         mean_cov = {k: sum(c[k] for c in covs) / len(covs) for k in covs[0]}
         basis = cv.eigenbasis(mean_cov, self.layers_template)
@@ -374,6 +376,9 @@ class CurvatureInfluence(Attributor):
             path = self.factor_dir / f"lambda-{stable_hash(pkey)}.safetensors"
             lam = cv.load_tensors(path)
             if not distributed.agree(lam is not None):
+                if len(labels[j]) == 3:  # the covariances came from the cache: label this point's rows now
+                    m_j, xf, lab_seed = labels[j]
+                    labels[j] = cv.fisher_targets(m_j, xf, samples, seed=lab_seed, device=self.device)
                 lam = cv.fit_eigenvalues(model, layers, ds.x[torch.as_tensor(shares[j])], labels[j][0], basis,
                                          labels[j][1], scale=scale, device=self.device)
                 if distributed.is_main():
