@@ -510,6 +510,27 @@ def test_ekfac_damping_floor_follows_the_training_time(gd_project, logreg_projec
     assert bn.meta["damping"][0] == pytest.approx([ratio_of(bn)[0], floor], rel=1e-12)
 
 
+def test_a_damping_only_version_reuses_the_training_gradient_stores(gd_project, tmp_path, monkeypatch):
+    """gradients_version, not the version, keys the shared training-gradient stores: a version that changed
+    only the curvature side (EK-FAC v9's damping) reads the stores an earlier one wrote; one whose gradients
+    changed computes its own."""
+    n = len(gd_project.train_dataset)
+
+    def fit():
+        att = EKFAC(EKFACSettings(trajectory_points=1), store_dir=tmp_path / "stores").fit(gd_project)
+        att.self_scores()  # rows the fit's gradient pass did not compute are walked here, and counted
+        return att
+
+    first = fit()
+    assert first.meta["self_influence_rows_in_fit"] == n  # it computed the training gradients
+    monkeypatch.setattr(EKFAC, "version", "999")
+    again = fit()
+    assert again.meta["self_influence_rows_in_fit"] == 0  # it read the store
+    np.testing.assert_array_equal(again.scores("test"), first.scores("test"))
+    monkeypatch.setattr(EKFAC, "gradients_version", "999")
+    assert fit().meta["self_influence_rows_in_fit"] == n
+
+
 def test_point_shares_split_the_rows_over_trajectory_points(monkeypatch):
     from engine.methods import source
     from engine.methods.source import point_shares

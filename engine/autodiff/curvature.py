@@ -320,11 +320,15 @@ def fisher_uniforms(n: int, samples: int, seed: int) -> torch.Tensor:
 def labels_from_probs(p: torch.Tensor, samples: int, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(labels, weights) [b, k] for probabilities ``p`` [b, C] (float64) and the rows' uniforms ``u``:
     every class weighted by p when exact (``samples`` 0, or < 0 with at most EXACT_FISHER_MAX_CLASSES
-    classes), else k = samples labels by inverse CDF (label = #{c : F_c < u}), weight 1/k each."""
+    classes), else k = samples labels by inverse CDF (label = #{c : F_c ≤ u·F_C}), weight 1/k each.
+    Non-finite probabilities (a diverged model) raise ValueError."""
+    if not bool(torch.isfinite(p).all()):
+        raise ValueError("the model's probabilities are not finite (has the checkpoint diverged?)")
     if samples == 0 or (samples < 0 and p.shape[1] <= EXACT_FISHER_MAX_CLASSES):
         return torch.arange(p.shape[1]).expand(len(p), -1).clone(), p
     cdf = torch.cumsum(p, 1)
-    lab = torch.searchsorted(cdf, u.contiguous(), right=True).clamp_max(p.shape[1] - 1)  # rounding: F_C < 1
+    # u scaled by the row's total: a last class of probability 0 is never drawn when F_C rounds below 1
+    lab = torch.searchsorted(cdf, (u * cdf[:, -1:]).contiguous(), right=True).clamp_max(p.shape[1] - 1)
     return lab, torch.full(u.shape, 1.0 / u.shape[1], dtype=torch.float64)
 
 
@@ -435,7 +439,8 @@ def curvature_batch_size(model: nn.Module, layers: list[Layer], x: torch.Tensor,
     budget = CURVATURE_BATCH_BYTES
     if str(device).startswith("cuda"):  # device memory, not the host's, bounds a GPU batch
         budget = max(budget, torch.cuda.mem_get_info()[0] // 4)
-    return int(max(1, min(batch_size, budget // max(1, per))))
+    # one size on every rank (free GPU memory differs): the ranks split the same batches
+    return distributed.min_int(max(1, min(batch_size, budget // max(1, per))))
 
 
 # rows (examples × positions) per low-precision product before it is added to a float64 total: a

@@ -121,6 +121,16 @@ def sum_tensor_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def min_int(value: int) -> int:
+    """The smallest ``value`` over ranks: sizes that decide how rows are split (round-robin batches)
+    must be the same on every rank, or rows are covered twice or not at all."""
+    if not active():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def sum_array(a: np.ndarray) -> np.ndarray:
     """The sum of ``a`` over ranks (a new array; ``a`` is left as it was)."""
     if not active():

@@ -63,6 +63,7 @@ class EKFAC(CurvatureInfluence):
     Settings = EKFACSettings
     # v9: the training-time damping floor (damping_rule 'auto', damping_scale / τ on layers the model does not
     # normalise): +0.18 to +0.26 LDS on a 3-epoch run, within -0.006..+0.006 elsewhere (docs/bench/lds-damping-ekfac.json);
+    # its sampled Fisher labels are inverse-CDF draws made inside the covariance pass (curvature.fit_covariances_sampled);
     # v8: above 1,024 training rows each trajectory point fits its factors on its share of the rows (point_rows=-1;
     # at least 1,024 rows per point): the factor passes cost about one pass instead of one per point, LDS within
     # -0.002..+0.005 on ten projects (docs/bench/lds-point-rows.json);

@@ -86,7 +86,8 @@ class CurvatureSettings(ProjectionSettings, GradientPrecisionSettings):
         return kind, (0 if kind == "none" else k)
 
     damping: float = setting(-1.0, "λ added to the curvature eigenvalues (Source: only with response='inverse'); "
-                                   "-1 = damping_ratio × each layer's mean eigenvalue.", ge=-1)
+                                   "-1 = damping_ratio × each layer's mean eigenvalue, with damping_rule's "
+                                   "training-time floor.", ge=-1)
     # -1 (auto) is exact over classes for small sets, one label above (engine.autodiff.curvature.fisher_samples_for):
     # measured on 7 validation projects (docs/bench/lds-fisher-samples-*.json)
     fisher_samples: int = setting(-1, "Labels sampled from the model per example for the Fisher pseudo-gradients; 0: the "

@@ -193,7 +193,8 @@ class CurvatureInfluence(Attributor):
     """The shared engine: segments of the trajectory, EK-FAC per segment, backward walk."""
     shards_over_ranks = True
     # what the shared training-gradient stores are keyed by (None: the version); kept when only the
-    # curvature side changes, so such a version reuses the stores an earlier one wrote
+    # curvature side changes, so such a version reuses the stores an earlier one wrote. It MUST change
+    # whenever the training-gradient pass (what is stored) changes, or stale stores are read.
     gradients_version: str | None = None
 
     def engine_config(self) -> EngineConfig:  # pragma: no cover - abstract
@@ -235,7 +236,8 @@ class CurvatureInfluence(Attributor):
         # layers whose output scale the model normalises away (found on the final weights and a few training
         # rows: a structural property of the model): no weight decay in their σ, no training-time damping floor
         skip_wd = self.wd > 0 and not cfg.weight_decay_on_normalized
-        time_rule = cfg.response == "inverse" and cfg.damping < 0 and cfg.damping_rule == "auto"
+        time_rule = (cfg.response == "inverse" and cfg.damping < 0 and cfg.damping_rule == "auto"
+                     and training_time(project, segs[-1].checkpoints[-1], self.param_names) is not None)
         scale_invariant = []
         if skip_wd or time_rule:
             rows = torch.arange(min(NORMALIZED_PROBE_ROWS, n))
@@ -333,9 +335,10 @@ class CurvatureInfluence(Attributor):
         tag = f"segment {seg.index + 1}/{len(self.segments)}"
         # chosen on the segment's rows, not a point's share: splitting must not switch on the exact (per-class) fit
         samples = cv.fisher_samples_for(cfg.fisher_samples, len(fit_rows), project.num_classes)
-        # "labels": inverse-CDF draws fixed per row (cv.fisher_uniforms), labelled inside the covariance pass
         base_key = {"samples": samples, "seed": cfg.seed, "layers": [L.name for L in self.layers_template],
-                    "labels": "icdf"}
+                    # sampled labels are inverse-CDF draws fixed per row (cv.fisher_uniforms) since EK-FAC v9;
+                    # the exact expectation (samples 0) has no draws and keeps its caches
+                    **({"labels": "icdf"} if samples != 0 else {})}
         # 1. covariances per point (cached per checkpoint and rows), averaged over the segment
         covs, labels = [], []
         for j, (digest, model, _) in enumerate(points):
@@ -344,15 +347,16 @@ class CurvatureInfluence(Attributor):
             layers, _ = cv.curvature_layers(model, self.tracked)
             # the label seed follows the weights, so the same checkpoint gets the same factors in every run
             lab_seed = int(stable_hash({"seed": cfg.seed, "w": digest}, 12), 16)
-            xf = ds.x[torch.as_tensor(shares[j])]  # one point's rows at a time (shares may each be every row)
             path = self.factor_dir / f"cov-{stable_hash({**base_key, 'rows': cv.rows_digest(shares[j]), 'w': digest})}.safetensors"
             cov = cv.load_tensors(path)
-            lab = None  # (labels, weights), or (model, rows, seed) to label later if the eigenvalues need them
+            lab = None  # (labels, weights); None: labelled later, and only if the eigenvalues need them
             if not distributed.agree(cov is not None):  # under torchrun: fitted over every rank's share
+                xf = ds.x[torch.as_tensor(shares[j])]  # one point's rows at a time (shares may each be every row)
                 cov, *lab = cv.fit_covariances_sampled(model, layers, xf, samples, lab_seed, device=self.device)
+                del xf
                 if distributed.is_main():
                     cv.save_tensors(path, cov, {"checkpoint_digest": digest})
-            labels.append(lab or (model, xf, lab_seed))
+            labels.append(lab or lab_seed)  # a seed, not the rows: no copy of the rows held across the points
             covs.append(cov)
         mean_cov = {k: sum(c[k] for c in covs) / len(covs) for k in covs[0]}
         basis = cv.eigenbasis(mean_cov, self.layers_template)
@@ -376,11 +380,12 @@ class CurvatureInfluence(Attributor):
             path = self.factor_dir / f"lambda-{stable_hash(pkey)}.safetensors"
             lam = cv.load_tensors(path)
             if not distributed.agree(lam is not None):
-                if len(labels[j]) == 3:  # the covariances came from the cache: label this point's rows now
-                    m_j, xf, lab_seed = labels[j]
-                    labels[j] = cv.fisher_targets(m_j, xf, samples, seed=lab_seed, device=self.device)
-                lam = cv.fit_eigenvalues(model, layers, ds.x[torch.as_tensor(shares[j])], labels[j][0], basis,
-                                         labels[j][1], scale=scale, device=self.device)
+                xf = ds.x[torch.as_tensor(shares[j])]
+                if isinstance(labels[j], int):  # the covariances came from the cache: label this point's rows now
+                    labels[j] = cv.fisher_targets(model, xf, samples, seed=labels[j], device=self.device)
+                lam = cv.fit_eigenvalues(model, layers, xf, labels[j][0], basis, labels[j][1], scale=scale,
+                                         device=self.device)
+                del xf
                 if distributed.is_main():
                     cv.save_tensors(path, lam, {"checkpoint_digest": digest, "basis_digest": bdig})
             lam_sum = lam if lam_sum is None else {k: lam_sum[k] + lam[k] for k in lam}

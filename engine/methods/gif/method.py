@@ -99,7 +99,9 @@ class GIFAttribution(Attributor):
                    "iterative Hessian solve per query); its main use is the what-if prediction of removing or "
                    "relabelling a set of rows (Triage).")
     Settings = GIFSettings
-    version = "2"  # automatic damping and tolerance 1e-3 (v1: no damping, 1e-5); queries chunked, not refused
+    # v3: its EK-FAC preconditioner's sampled Fisher labels are inverse-CDF draws made in the covariance pass;
+    # v2: automatic damping and tolerance 1e-3 (v1: no damping, 1e-5); queries chunked, not refused
+    version = "3"
 
     @classmethod
     def supports(cls, project):
