@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -91,6 +92,10 @@ def test_covariance_pass_draws_the_fisher_labels_itself():
     freq = torch.bincount(lab[:, 0], minlength=4).double() / 20000
     p = torch.softmax(model(x[:1]), -1)[0].detach()
     assert torch.allclose(freq, p, atol=0.015)
+    # a diverged model's probabilities: one clear error, not a silent label
+    from engine.core.errors import ProponentError
+    with pytest.raises(ProponentError, match="non-finite class probabilities"):
+        cv.labels_from_probs(torch.tensor([[float("nan"), 1.0]], dtype=torch.float64), 1, torch.rand(1, 1, dtype=torch.float64))
 
 
 def test_conv2d_unfolded_patches_match_autograd():

@@ -45,6 +45,7 @@ from torch import nn
 
 import engine.autodiff.distributed as distributed
 from engine.autodiff.functional import ParamLayout
+from engine.core.errors import ProponentError
 from engine.storage.arrays import atomic_write_bytes
 
 ProgressFn = Callable[[str, int, int], None]
@@ -321,9 +322,10 @@ def labels_from_probs(p: torch.Tensor, samples: int, u: torch.Tensor) -> tuple[t
     """(labels, weights) [b, k] for probabilities ``p`` [b, C] (float64) and the rows' uniforms ``u``:
     every class weighted by p when exact (``samples`` 0, or < 0 with at most EXACT_FISHER_MAX_CLASSES
     classes), else k = samples labels by inverse CDF (label = #{c : F_c ≤ u·F_C}), weight 1/k each.
-    Non-finite probabilities (a diverged model) raise ValueError."""
+    Non-finite probabilities (a diverged model) end in a ProponentError."""
     if not bool(torch.isfinite(p).all()):
-        raise ValueError("the model's probabilities are not finite (has the checkpoint diverged?)")
+        raise ProponentError("non-finite class probabilities while drawing the Fisher labels: the checkpoint may "
+                             "have diverged")
     if samples == 0 or (samples < 0 and p.shape[1] <= EXACT_FISHER_MAX_CLASSES):
         return torch.arange(p.shape[1]).expand(len(p), -1).clone(), p
     cdf = torch.cumsum(p, 1)
