@@ -448,15 +448,19 @@ def build(input_shape, num_classes):
 '''
 
 
+def _bn_project(root, weight_decay: float) -> Project:
+    """The BN_MLP trained 4 epochs of SGD with momentum (its first Linear feeds BatchNorm)."""
+    write_tabular_project(root, n_train=60, n_test=12, model=BN_MLP,
+                          training=f'optimizer = "sgd"\nlr = 0.05\nmomentum = 0.9\nweight_decay = {weight_decay}\n'
+                                   'epochs = 4\nbatch_size = 16\nseed = 0\n')
+    record_training(Project.load(root))
+    return Project.load(root)
+
+
 def test_weight_decay_is_left_out_of_normalized_layers_curvature(tmp_path):
     """σ = Λ + weight decay on every layer except those the model normalises (here the Linear before
     BatchNorm): there σ = Λ, unless weight_decay_on_normalized asks for the old rule."""
-    root = write_tabular_project(tmp_path / "bn", n_train=60, n_test=12, model=BN_MLP,
-                                 training='optimizer = "sgd"\nlr = 0.05\nmomentum = 0.9\nweight_decay = 0.01\n'
-                                          'epochs = 4\nbatch_size = 16\nseed = 0\n')
-    p = Project.load(root)
-    record_training(p)
-    p = Project.load(root)
+    p = _bn_project(tmp_path / "bn", weight_decay=0.01)
     new = EKFAC(EKFACSettings(trajectory_points=1)).fit(p)
     old = EKFAC(EKFACSettings(trajectory_points=1, weight_decay_on_normalized=True)).fit(p)
     assert new.meta["layers"] == ["0", "3"] and new.meta["weight_decay_skipped"] == ["0"]
@@ -498,12 +502,7 @@ def test_ekfac_damping_floor_follows_the_training_time(gd_project, logreg_projec
     assert lb.meta["damping_rule"] == [{"rule": "ratio"}] and lb.meta["damping"][0] == pytest.approx(ratio_of(lb))
 
     # a Linear before BatchNorm keeps the ratio (also without weight decay); the last layer is floored
-    root = write_tabular_project(tmp_path / "bn", n_train=60, n_test=12, model=BN_MLP,
-                                 training='optimizer = "sgd"\nlr = 0.05\nmomentum = 0.9\nweight_decay = 0.0\n'
-                                          'epochs = 4\nbatch_size = 16\nseed = 0\n')
-    p = Project.load(root)
-    record_training(p)
-    p = Project.load(root)
+    p = _bn_project(tmp_path / "bn", weight_decay=0.0)
     bn = EKFAC(EKFACSettings(trajectory_points=1, damping_scale=1e3)).fit(p)
     floor = 1e3 / training_time(p, p.final_checkpoints()[0])
     assert bn.meta["layers"] == ["0", "3"] and bn.meta["damping_rule"][0]["floored"] == ["3"]

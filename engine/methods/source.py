@@ -236,8 +236,9 @@ class CurvatureInfluence(Attributor):
         # layers whose output scale the model normalises away (found on the final weights and a few training
         # rows: a structural property of the model): no weight decay in their σ, no training-time damping floor
         skip_wd = self.wd > 0 and not cfg.weight_decay_on_normalized
+        # (probed only where some segment's floor will apply: _layer_damping reads each segment's τ)
         time_rule = (cfg.response == "inverse" and cfg.damping < 0 and cfg.damping_rule == "auto"
-                     and training_time(project, segs[-1].checkpoints[-1], self.param_names) is not None)
+                     and any(training_time(project, s.checkpoints[-1], self.param_names) is not None for s in segs))
         scale_invariant = []
         if skip_wd or time_rule:
             rows = torch.arange(min(NORMALIZED_PROBE_ROWS, n))
