@@ -77,7 +77,7 @@ def test_ekfac_scores_equal_the_explicit_formula(logreg_project):
     from engine.autodiff import GradientComputer
 
     p = logreg_project
-    ek = EKFAC(EKFACSettings(trajectory_points=1)).fit(p)
+    ek = EKFAC(EKFACSettings(trajectory_points=1, gradient_dtype="float32")).fit(p)
     st = ek.seg_state[0]
     Q = torch.kron(st["QA"][0], st["QS"][0])
     sig = st["sigma"][0].T.reshape(-1)
@@ -95,6 +95,13 @@ def test_ekfac_scores_equal_the_explicit_formula(logreg_project):
     # tolerance: relative to each score, and to the scores' scale for the small ones
     got = ek.scores("test")
     np.testing.assert_allclose(got, expect.numpy(), rtol=1e-5, atol=2e-6 * float(expect.abs().max()))
+    # the default store keeps them in bfloat16 (8 significant bits): each score within a few of its
+    # units in the last place, summed over the row's entries
+    bf = EKFAC(EKFACSettings(trajectory_points=1)).fit(p)
+    assert bf.settings.gradient_dtype == "bfloat16" and bf.seg_state[0]["gbar"].dtype_name == "bfloat16"
+    got_bf = bf.scores("test")
+    assert not np.array_equal(got_bf, got)
+    np.testing.assert_allclose(got_bf, expect.numpy(), rtol=2e-2, atol=4e-3 * float(expect.abs().max()))
 
 
 def test_ekfac_sign_agrees_with_leave_one_out_on_convex_model(logreg_project):
@@ -215,7 +222,7 @@ def test_ekfac_on_conv_model_equals_block_diagonal_formula(tmp_path):
                                  training=GD.replace("epochs = 30", "epochs = 5"))
     p = Project.load(root)
     record_training(p)
-    ek = EKFAC(EKFACSettings(trajectory_points=1)).fit(p)
+    ek = EKFAC(EKFACSettings(trajectory_points=1, gradient_dtype="float32")).fit(p)
     assert ek.meta["layers"] == ["1", "5"]
     assert set(ek.meta["left_out"]) == {"4.weight", "4.bias"}
     st = ek.seg_state[0]
@@ -243,7 +250,7 @@ def test_self_influence_walks_training_rows_in_byte_bounded_blocks(logreg_projec
     the rows per walk are bounded by bytes (on a GPU one batch was all 5,000 rows: 21 GB of RSS)."""
     from engine.methods import source as source_module
 
-    ek = EKFAC(EKFACSettings(trajectory_points=1)).fit(logreg_project)
+    ek = EKFAC(EKFACSettings(trajectory_points=1, gradient_dtype="float32")).fit(logreg_project)
     want = ek.self_scores()
     p = ek.query_computer.n_params
     item = torch.empty((), dtype=source_module.WALK_DTYPE).element_size()
@@ -261,7 +268,8 @@ def test_self_influence_walks_training_rows_in_byte_bounded_blocks(logreg_projec
     got = ek.self_scores()
     assert max(sizes) == 7 and sum(sizes) == len(logreg_project.train_dataset)
     assert ek.meta["self_influence_rows_in_fit"] == 0
-    # the walk against the fit's one-rotation form (float32 either way)
+    # the walk against the fit's one-rotation form (float32 either way; a bfloat16 store's walk reads rounded
+    # gradients where the fit's pass had them unrounded)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
 
 
@@ -277,15 +285,19 @@ def test_self_influence_from_the_fit_pass_is_the_diagonal_of_the_scores(gd_proje
     record_training(adam)
     p_covered = EKFAC(EKFACSettings(trajectory_points=1)).fit(gd_project).blocks.layout.n
     # (project, method, training rows whose self-influence the fit's pass computes)
-    cases = [(gd_project, EKFAC(EKFACSettings(trajectory_points=1)), 60),
-             (gd_project, EKFAC(EKFACSettings(trajectory_points=3)), 60),
-             (gd_project, EKFAC(EKFACSettings(trajectory_points=1, proj_dim=8)), 60),
+    # float32 stores where the fit's pass computes them: it dots the unrounded gradients, the scores the stored
+    # ones (a bfloat16 store: within its rounding, ~1e-3). Walked afterwards (the last case), both read the store.
+    f32 = {"gradient_dtype": "float32"}
+    cases = [(gd_project, EKFAC(EKFACSettings(trajectory_points=1, **f32)), 60),
+             (gd_project, EKFAC(EKFACSettings(trajectory_points=3, **f32)), 60),
+             (gd_project, EKFAC(EKFACSettings(trajectory_points=1, proj_dim=8, **f32)), 60),
              # a real projection as wide as the gradient is not the identity: no one-rotation shortcut
-             (gd_project, EKFAC(EKFACSettings(trajectory_points=1, projection="rademacher", proj_dim=p_covered)), 60),
-             (gd_project, Source(SourceSettings(segments=1)), 60),
-             (adam, Source(SourceSettings(segments=1)), 60),
+             (gd_project, EKFAC(EKFACSettings(trajectory_points=1, projection="rademacher", proj_dim=p_covered,
+                                              **f32)), 60),
+             (gd_project, Source(SourceSettings(segments=1, **f32)), 60),
+             (adam, Source(SourceSettings(segments=1, **f32)), 60),
              # one segment over the fine-tuning stage: its 24 rows (not 0…23) in the pass, the other 36 have no term
-             (multistage_project, Source(SourceSettings(segments=1, segment_by="count", last_checkpoints=3)), 24),
+             (multistage_project, Source(SourceSettings(segments=1, segment_by="count", last_checkpoints=3, **f32)), 24),
              (multistage_project, Source(), 0)]
     for p, att, in_fit in cases:
         att.fit(p)
@@ -390,7 +402,8 @@ def test_training_gradients_are_written_in_parts_and_a_stopped_chunk_is_rewritte
     from engine.methods import source as source_module
     from engine.storage.arrays import ChunkedArray
 
-    ref = EKFAC(EKFACSettings(trajectory_points=1)).fit(gd_project)
+    f32 = EKFACSettings(trajectory_points=1, gradient_dtype="float32")  # self-influence compared below: see above
+    ref = EKFAC(f32).fit(gd_project)
     want, width = ref.scores("test"), ref.projector.out_dim
     monkeypatch.setattr(source_module, "GRADIENT_BLOCK_ROWS", 32)  # two chunks of the 60 rows
     monkeypatch.setattr(source_module, "GRADIENT_PART_MIN_ROWS", 1)
@@ -406,11 +419,11 @@ def test_training_gradients_are_written_in_parts_and_a_stopped_chunk_is_rewritte
     monkeypatch.setattr(ChunkedArray, "write_rows", failing)
     work = tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):
-        EKFAC(EKFACSettings(trajectory_points=1), workdir=work).fit(gd_project)
+        EKFAC(f32, workdir=work).fit(gd_project)
     assert parts == [(0, 0, 10), (0, 10, 10), (0, 20, 10), (0, 30, 2), (1, 0, 10)]
     assert (next(work.glob("grads_*")) / "done.bin").read_bytes() == b"\x01\x00"  # chunk 1 not done
     parts.clear()
-    ek = EKFAC(EKFACSettings(trajectory_points=1), workdir=work).fit(gd_project)
+    ek = EKFAC(f32, workdir=work).fit(gd_project)
     assert parts == [(1, 0, 10), (1, 10, 10), (1, 20, 8)]  # chunk 0 kept, chunk 1 written again whole
     # float32 gradients in other batch shapes: summation order only
     np.testing.assert_allclose(ek.scores("test"), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
@@ -498,6 +511,15 @@ def test_ekfac_damping_floor_follows_the_training_time(gd_project, logreg_projec
     assert ratio.meta["damping_rule"] == [{"rule": "ratio"}]
     assert ratio.meta["damping"][0] == pytest.approx(ratio_of(ratio), rel=1e-12)
     assert not np.allclose(att.scores("test"), ratio.scores("test"), rtol=1e-3)
+    # Source's inverse response takes the same rule, and its settings can ask for the ratio alone
+    src = Source(SourceSettings(segments=1, segment_by="count", last_checkpoints=1, response="inverse",
+                                damping_scale=30.0)).fit(gd_project)
+    assert src.meta["damping_rule"][0]["floor"] == pytest.approx(30.0 / tau)
+    np.testing.assert_allclose(src.scores("test"), att.scores("test"), rtol=1e-10, atol=1e-14)
+    src_ratio = Source(SourceSettings(segments=1, segment_by="count", last_checkpoints=1, response="inverse",
+                                      damping_scale=30.0, damping_rule="ratio")).fit(gd_project)
+    assert src_ratio.meta["damping_rule"] == [{"rule": "ratio"}]
+    np.testing.assert_allclose(src_ratio.scores("test"), ratio.scores("test"), rtol=1e-10, atol=1e-14)
     lb = EKFAC(EKFACSettings(trajectory_points=1, damping_scale=30.0)).fit(logreg_project)  # L-BFGS: no τ
     assert lb.meta["damping_rule"] == [{"rule": "ratio"}] and lb.meta["damping"][0] == pytest.approx(ratio_of(lb))
 
@@ -526,6 +548,12 @@ def test_a_damping_only_version_reuses_the_training_gradient_stores(gd_project, 
     again = fit()
     assert again.meta["self_influence_rows_in_fit"] == 0  # it read the store
     np.testing.assert_array_equal(again.scores("test"), first.scores("test"))
+    # the store's dtype keys it too: float32 gradients are not read from a bfloat16 store (nor the reverse)
+    f32 = EKFAC(EKFACSettings(trajectory_points=1, gradient_dtype="float32"), store_dir=tmp_path / "stores").fit(gd_project)
+    f32.self_scores()
+    assert f32.meta["self_influence_rows_in_fit"] == n and f32.seg_state[0]["gbar"].dtype_name == "float32"
+    assert len(list((tmp_path / "stores").glob("grads_*"))) == 2
+    assert fit().meta["self_influence_rows_in_fit"] == 0  # the bfloat16 store is still there, untouched
     monkeypatch.setattr(EKFAC, "gradients_version", "999")
     assert fit().meta["self_influence_rows_in_fit"] == n
 

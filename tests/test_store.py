@@ -195,6 +195,39 @@ def test_float16_store_scales_a_chunk_beyond_float16s_range(tmp_path):
     np.testing.assert_allclose(back, np.vstack([small, big]), rtol=1e-3, atol=1e-3 * s.scale(1) / 2**10)
 
 
+def test_bfloat16_store_keeps_float32s_range_in_half_the_bytes_written_in_parts(tmp_path):
+    """A bfloat16 store (the curvature methods' training gradients) keeps tiny and huge values that
+    float16 would flush to zero or overflow, rounds each to 8 significant bits (nearest even, as
+    torch), takes half a float32 store's bytes, and can be written a part of a chunk at a time."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    rows = (rng.standard_normal((7, 5)) * np.logspace(-30, 30, 7)[:, None]).astype(np.float32)
+    rows[0, 0], rows[1, 1] = 1e-38, -3e38  # float32's extremes: float16 has neither
+    s = ChunkedArray(tmp_path / "b", 7, 4, width=5, dtype="bfloat16")
+    s.write_rows(0, 0, rows[:2])
+    s.write_rows(0, 2, rows[2:4])
+    assert s.missing_chunks() == [0, 1]
+    s.mark_done(0)
+    s.write_chunk(1, rows[4:])
+    want = torch.from_numpy(rows).to(torch.bfloat16).float().numpy()
+    back = s.to_array()
+    assert back.dtype == np.float32
+    np.testing.assert_array_equal(back, want)
+    assert np.all(back != 0) and np.isfinite(back).all()
+    np.testing.assert_allclose(back, rows, rtol=2.0**-8)  # at most half a unit in the 8th bit
+    assert not np.array_equal(back, rows)  # really rounded: not a float32 store under another name
+    np.testing.assert_array_equal(s.read_rows(np.array([6, 1])), want[[6, 1]])
+    np.testing.assert_array_equal(np.vstack([b for *_, b in s.iter_chunks(max_bytes=2 * 5 * 4)]), want)
+    f32 = ChunkedArray(tmp_path / "f", 7, 4, width=5)
+    assert s.data_path.stat().st_size - 128 == (f32.data_path.stat().st_size - 128) // 2 == 7 * 5 * 2
+    # another dtype asked of the same folder starts over rather than reading bits as something else
+    again = ChunkedArray(tmp_path / "b", 7, 4, width=5, dtype="float32")
+    assert again.missing_chunks() == [0, 1]
+    with pytest.raises(ValueError, match="bfloat16"):
+        ChunkedArray(tmp_path / "x", 7, 4, width=5, dtype="int8")
+
+
 def _open_state_db(path, barrier, results):
     barrier.wait()  # both processes open the new database at the same moment
     try:
@@ -255,7 +288,7 @@ def test_a_chunk_written_in_parts_counts_once_marked_and_reads_come_in_blocks(tm
     assert s.complete
     with pytest.raises(ValueError, match="outside chunk 2"):
         s.write_rows(2, 1, rows[:2])
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ValueError, match="float32 and bfloat16"):
         ChunkedArray(tmp_path / "h", 4, 2, width=3, dtype="float16").write_rows(0, 0, rows[:2])
     blocks = list(s.iter_chunks(max_bytes=2 * 3 * 4))  # two rows a block, never across a chunk
     assert [(lo, hi) for lo, hi, _ in blocks] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]

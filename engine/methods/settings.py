@@ -85,6 +85,15 @@ class CurvatureSettings(ProjectionSettings, GradientPrecisionSettings):
         kind = "none" if (k >= n_params or self.projection == "none") else self.projection
         return kind, (0 if kind == "none" else k)
 
+    # measured on sixteen validation projects (docs/bench/lds-gradient-dtype.json): LDS within ±0.001 of float32 for
+    # EK-FAC and Source; float16 would flush the small entries of well-fitted rows to zero (smallest normal 6e-5)
+    gradient_dtype: str = setting("bfloat16", "How the stored training gradients are kept on disk: bfloat16 (half the "
+                                              "disk and reads of float32, float32's range, 8 significant bits; LDS "
+                                              "unchanged) or float32. Self-influence computed in the fit's gradient "
+                                              "pass uses the unrounded gradients, so it can differ from the scores' "
+                                              "diagonal by bfloat16's rounding (~1e-3 relative).",
+                                  choices=("bfloat16", "float32"))
+
     damping: float = setting(-1.0, "λ added to the curvature eigenvalues (Source: only with response='inverse'); "
                                    "-1 = damping_ratio × each layer's mean eigenvalue, with damping_rule's "
                                    "training-time floor.", ge=-1)

@@ -410,11 +410,12 @@ class CurvatureInfluence(Attributor):
         gkey = stable_hash({"points": [d for d, _, _ in points], "rows": cv.rows_digest(rows), "data": project.data_hash(),
                             "method": self.name, "v": self.gradients_version or self.version,
                             "proj": self.projector.describe(), "seed": cfg.seed, "params": self.param_names,
-                            **({"precision": cfg.grad_precision} if cfg.grad_precision != "float32" else {})})
+                            **({"precision": cfg.grad_precision} if cfg.grad_precision != "float32" else {}),
+                            **({"dtype": cfg.gradient_dtype} if cfg.gradient_dtype != "float32" else {})})
 
         def open_store() -> ChunkedArray:
             return ChunkedArray(self.store_dir / f"grads_{gkey}", len(rows), GRADIENT_BLOCK_ROWS,
-                                meta={"gradients": gkey}, width=self.projector.out_dim)
+                                meta={"gradients": gkey}, width=self.projector.out_dim, dtype=cfg.gradient_dtype)
 
         gbar = open_store() if distributed.is_main() else None
         distributed.barrier()
@@ -472,11 +473,11 @@ class CurvatureInfluence(Attributor):
                             else:
                                 walked[blo + w0:blo + w1] = self._respond_one(walk, V) * (-1.0 / len(rows))
                         del m
-                if walked is not None:
-                    part_self += (walked * block).sum(1).double()
                 if not all_finite(block):
                     raise ProponentError(f"{self.name}: non-finite training gradients in {tag}; the checkpoints may "
                                          f"have diverged")
+                if walked is not None:
+                    part_self += (walked * block).sum(1).double()
                 gbar.write_rows(c, a - lo, block.numpy())
                 if fused:
                     self_vals[rows[a:b]] = part_self.numpy()
@@ -667,8 +668,9 @@ class CurvatureInfluence(Attributor):
 
 
 @dataclasses.dataclass
-class SourceSettings(CurvatureSettings, TrajectorySettings):
-    """Source: the shared curvature settings and how the trajectory is cut and walked."""
+class SourceSettings(CurvatureSettings, TrajectorySettings, DampingRatioSettings):
+    """Source: the shared curvature settings, how the trajectory is cut and walked, and (with
+    response='inverse') EK-FAC's damping rule."""
 
 
 @register
@@ -679,6 +681,8 @@ class Source(CurvatureInfluence):
     description = ("Approximate unrolled differentiation over the recorded trajectory (Bae et al., 2024): EK-FAC per "
                    "segment with training-derived response functions. Suited to non-converged and multi-stage training.")
     Settings = SourceSettings
+    # v9: training gradients stored in bfloat16 (gradient_dtype, as EK-FAC v10), keyed by their dtype; the damping
+    # rule's settings exposed (damping_ratio, damping_rule, damping_scale: response='inverse' only)
     # v8: with response='inverse', EK-FAC's training-time damping floor (damping_rule 'auto'); stores as v7's
     # v7: a segment's checkpoints fit its factors on shares of the rows (point_rows=-1, at least 1,024 per point);
     # v6: no weight decay in the σ of normalised layers (weight_decay_on_normalized=False);
@@ -686,7 +690,7 @@ class Source(CurvatureInfluence):
     # the walk in float32, summed in float64; v3: unprojected up to 2^31 stored
     # entries (streamed); v2: unprojected while they fit in memory (v1
     # projected to 2048 above 8,192 parameters)
-    version = "8"
+    version = "9"
     gradients_version = "7"
 
     def engine_config(self) -> EngineConfig:

@@ -48,6 +48,23 @@ def cast_float(a: np.ndarray, dtype) -> np.ndarray:
     return a.astype(dtype)
 
 
+def to_bfloat16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 (or float64) values as bfloat16 bit patterns in uint16 (numpy has no bfloat16): the top half
+    of each float32, rounded to nearest even by torch; float32's range, so nothing underflows or overflows
+    that float32 would keep (float16's smallest normal, 6e-5, is above many gradient entries)."""
+    import torch
+
+    src = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    return src.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bit patterns back to float32 (exact: bfloat16 is float32's top half)."""
+    out = np.zeros(bits.shape, np.uint32)
+    np.left_shift(bits, 16, out=out, dtype=np.uint32)
+    return out.view(np.float32)
+
+
 # ---------------------------------------------------------------------------- atomic files
 def _umask() -> int:
     mask = os.umask(0)
@@ -230,6 +247,7 @@ def stable_hash(obj: Any, n: int = 16) -> str:
 
 # ---------------------------------------------------------------------------- chunked arrays
 F16_MAX = 6.0e4  # below float16's largest finite value (65504), with room for rounding up
+STORE_DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_LOAD_BUDGET = 4 * 2**30  # to_array() refuses a store larger than this in memory (bytes)
 
 
@@ -246,7 +264,9 @@ class ChunkedArray:
       process killed while writing a chunk leaves its byte 0 and the next run rewrites it. Ranks
       of a torchrun job write disjoint chunks and disjoint bytes of the same files;
     - ``scale.bin``: one float32 per chunk. A float16 store keeps each chunk as rows / scale with
-      scale a power of two (1 unless the chunk exceeds float16's range), read back in float32;
+      scale a power of two (1 unless the chunk exceeds float16's range), read back in float32. A
+      bfloat16 store (float32's range, 8 significant bits) needs no scale and keeps the bit patterns
+      in a uint16 array;
     - ``manifest.json``: the request (shape, chunking, dtype, meta). A different request in the
       same folder resets the store rather than mixing results.
     """
@@ -260,9 +280,11 @@ class ChunkedArray:
         self.n_rows = int(n_rows)
         self.chunk_rows = int(chunk_rows)
         self.meta = dict(meta or {})
-        if dtype not in ("float32", "float16"):
-            raise ValueError(f"dtype must be float32 or float16, not {dtype!r}")
-        self.dtype = np.dtype(dtype)
+        if dtype not in STORE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(STORE_DTYPES)}, not {dtype!r}")
+        self.dtype_name = dtype
+        # bfloat16 is kept as its bit patterns (uint16); readers always get float32
+        self.dtype = np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
         self._geom = None  # (offset, width) of data.npy, read on first use
         self.rows_written = 0  # rows this process wrote (featurize sets it; torchrun reports it per rank)
         manifest = self.folder / "manifest.json"
@@ -396,11 +418,12 @@ class ChunkedArray:
         self.mark_done(c)
 
     def write_rows(self, c: int, start: int, block: np.ndarray) -> None:
-        """Write rows ``start…start + len(block)`` of chunk ``c`` (a float32 store: a float16 chunk's scale
-        depends on the whole chunk), flushed; the chunk counts as done only after :meth:`mark_done`.
-        Lets a writer hold a part of a chunk rather than all of it."""
-        if self.dtype != np.float32:
-            raise ValueError("write_rows is for float32 stores; write a float16 chunk whole with write_chunk")
+        """Write rows ``start…start + len(block)`` of chunk ``c`` (a float32 or bfloat16 store: a float16
+        chunk's scale depends on the whole chunk), flushed; the chunk counts as done only after
+        :meth:`mark_done`. Lets a writer hold a part of a chunk rather than all of it."""
+        if self.dtype == np.float16:
+            raise ValueError("write_rows is for float32 and bfloat16 stores; write a float16 chunk whole with "
+                             "write_chunk")
         lo, hi = self.chunk_bounds(c)
         block = np.asarray(block)
         if block.ndim != 2 or start < 0 or lo + start + block.shape[0] > hi:
@@ -420,7 +443,8 @@ class ChunkedArray:
         if width != block.shape[1]:
             raise ValueError(f"chunk {c} has {block.shape[1]} columns, the store {width}")
         pos = offset + (self.chunk_bounds(c)[0] + start) * width * self.dtype.itemsize
-        self._pwrite(self.data_path.name, np.ascontiguousarray(cast_float(block, self.dtype)), pos)
+        stored = to_bfloat16_bits(block) if self.dtype_name == "bfloat16" else cast_float(block, self.dtype)
+        self._pwrite(self.data_path.name, np.ascontiguousarray(stored), pos)
 
     def _geometry(self) -> tuple[int, int]:
         """(byte offset of row 0 in data.npy, columns): read once from the .npy header."""
@@ -433,6 +457,8 @@ class ChunkedArray:
     # -- reading
     def _widen(self, rows: np.ndarray, scales: np.ndarray | float) -> np.ndarray:
         """float32 rows, rescaled; ``rows`` must be this process's own array (it may be scaled in place)."""
+        if self.dtype_name == "bfloat16":
+            return from_bfloat16_bits(rows)
         out = cast_float(rows, np.float32)
         if np.any(np.asarray(scales) != 1.0):
             out *= np.asarray(scales, dtype=np.float32).reshape(-1, 1) if np.ndim(scales) else scales
