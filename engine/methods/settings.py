@@ -52,7 +52,7 @@ class GradientPrecisionSettings:
                                   choices=GRAD_PRECISIONS)
 
 
-# n_train × k float32 training gradients a curvature method keeps per segment: 8 GiB on disk, read
+# n_train × k training gradients a curvature method keeps per segment: 4 GiB on disk in bfloat16 (8 in float32), read
 # block by block (memory: one block). Was 2^28 while the store was held in memory; on a 5,000-image
 # 94,762-parameter CNN the projection that bound forced (SJLT to k = 16384) gave LDS 0.069 against
 # kronfluence's unprojected 0.118 (scripts/bench_gpu.py, docs/bench/gpu-cnn-5000.json).
@@ -65,8 +65,8 @@ class CurvatureSettings(ProjectionSettings, GradientPrecisionSettings):
     """EK-FAC curvature (Fisher with labels sampled from the model), shared by EK-FAC and Source."""
 
     proj_dim: int = setting(-1, "Projection size k of the stored training gradients; -1: none while n_train × "
-                                "parameters fits 2^31 float32 entries (8 GiB on disk, streamed), else as large as fits "
-                                "(2048 to 16384); 0: none.",
+                                "parameters fits 2^31 entries (4 GiB on disk in bfloat16, 8 in float32; streamed), else "
+                                "as large as fits (2048 to 16384); 0: none.",
                             ge=-1)
 
     def projection_plan(self, n_params: int, n_train: int) -> tuple[str, int]:
@@ -89,8 +89,9 @@ class CurvatureSettings(ProjectionSettings, GradientPrecisionSettings):
     # EK-FAC and Source; float16 would flush the small entries of well-fitted rows to zero (smallest normal 6e-5)
     gradient_dtype: str = setting("bfloat16", "How the stored training gradients are kept on disk: bfloat16 (half the "
                                               "disk and reads of float32, float32's range, 8 significant bits; LDS "
-                                              "unchanged) or float32. Self-influence computed in the fit's gradient "
-                                              "pass uses the unrounded gradients, so it can differ from the scores' "
+                                              "unchanged) or float32. At one trajectory point, self-influence "
+                                              "computed in the fit's gradient pass uses the unrounded gradients (one "
+                                              "rotation per row instead of two), so it can differ from the scores' "
                                               "diagonal by bfloat16's rounding (~1e-3 relative).",
                                   choices=("bfloat16", "float32"))
 
@@ -123,7 +124,8 @@ class CurvatureSettings(ProjectionSettings, GradientPrecisionSettings):
 class DampingRatioSettings:
     """λ of the inverse response 1/(σ + λ) (EK-FAC influence) when ``damping`` is -1."""
 
-    damping_ratio: float = setting(0.1, "With damping = -1: λ as a fraction of each layer's mean eigenvalue.", gt=0)
+    damping_ratio: float = setting(0.1, "With damping = -1 (Source: and response='inverse'): λ as a fraction of each "
+                                        "layer's mean eigenvalue.", gt=0)
     damping_rule: str = setting("auto", "With damping = -1: 'auto' raises each layer's ratio damping to at least "
                                         "damping_scale / τ, τ the run's training time (SGD: Σ learning rates / (1 − "
                                         "momentum); Adam: Σ learning rates / mean(√v̂ + ε) of the saved states), on "
@@ -131,6 +133,9 @@ class DampingRatioSettings:
                                         "convolution keeps the ratio); where τ is unknown, and with 'ratio', the ratio "
                                         "alone.", choices=("auto", "ratio"))
     damping_scale: float = setting(0.3, "With damping_rule 'auto': the floor's multiple of 1/τ.", gt=0)
+    normalized_damping_rows: int = setting(0, "With damping_rule 'auto', on layers the model normalises: the ratio "
+                                              "times min(1, this / n), n the rows the curvature is fitted on (0: the "
+                                              "ratio whatever n).", ge=0)
 
 
 @dataclasses.dataclass

@@ -395,7 +395,7 @@ class CurvatureInfluence(Attributor):
         # 3. curvature functions
         damping = None
         if cfg.response == "inverse":
-            damping = self._layer_damping(project, seg, sigma)
+            damping = self._layer_damping(project, seg, sigma, len(fit_rows))
             Fv = [cv.damped_inverse(s, d) for s, d in zip(sigma, damping)]
             Sv = [torch.ones_like(s) for s in sigma]
         else:
@@ -473,6 +473,10 @@ class CurvatureInfluence(Attributor):
                             else:
                                 walked[blo + w0:blo + w1] = self._respond_one(walk, V) * (-1.0 / len(rows))
                         del m
+                if cfg.gradient_dtype == "bfloat16":
+                    # rounded as the store keeps them: the walked self-scores below then equal the scores'
+                    # diagonal, and a float32 value beyond bfloat16's largest (3.39e38) shows as inf here
+                    block = block.bfloat16().float()
                 if not all_finite(block):
                     raise ProponentError(f"{self.name}: non-finite training gradients in {tag}; the checkpoints may "
                                          f"have diverged")
@@ -502,7 +506,7 @@ class CurvatureInfluence(Attributor):
                 "gbar": gbar, "rows": rows, "pos": pos, "n_rows": len(rows),
                 "sigma_mean": float(np.mean([float(s.mean()) for s in sigma]))}
 
-    def _layer_damping(self, project: Project, seg: Segment, sigma: list[torch.Tensor]) -> list[float]:
+    def _layer_damping(self, project: Project, seg: Segment, sigma: list[torch.Tensor], n_fit: int = 0) -> list[float]:
         """λ per layer of the inverse response 1/(σ + λ): ``damping`` when given; else damping_ratio × the
         layer's mean σ, raised to damping_scale / τ (τ: the training time of the segment's last checkpoint,
         engine.methods.schedule.training_time) on layers whose scale the loss sees (rule 'auto').
@@ -522,9 +526,13 @@ class CurvatureInfluence(Attributor):
             self.damping_rules.append({"rule": "ratio"})
             return ratio
         floor = cfg.damping_scale / tau
-        out = [r if L.name in self.scale_invariant else max(r, floor) for L, r in zip(self.layers_template, ratio)]
+        # normalised layers: the ratio, falling as normalized_damping_rows / n above that many fitted rows
+        shrink = min(1.0, cfg.normalized_damping_rows / n_fit) if cfg.normalized_damping_rows > 0 and n_fit else 1.0
+        out = [r * shrink if L.name in self.scale_invariant else max(r, floor)
+               for L, r in zip(self.layers_template, ratio)]
         self.damping_rules.append({"rule": "training time", "tau": tau, "floor": floor,
-                                   "floored": [L.name for L, r, d in zip(self.layers_template, ratio, out) if d > r]})
+                                   "floored": [L.name for L, r, d in zip(self.layers_template, ratio, out) if d > r],
+                                   **({"normalized_shrink": shrink} if shrink != 1.0 else {})})
         return out
 
     # ------------------------------------------------------------------ scoring
@@ -668,7 +676,7 @@ class CurvatureInfluence(Attributor):
 
 
 @dataclasses.dataclass
-class SourceSettings(CurvatureSettings, TrajectorySettings, DampingRatioSettings):
+class SourceSettings(DampingRatioSettings, CurvatureSettings, TrajectorySettings):  # damping fields listed last
     """Source: the shared curvature settings, how the trajectory is cut and walked, and (with
     response='inverse') EK-FAC's damping rule."""
 

@@ -49,9 +49,10 @@ def cast_float(a: np.ndarray, dtype) -> np.ndarray:
 
 
 def to_bfloat16_bits(a: np.ndarray) -> np.ndarray:
-    """float32 (or float64) values as bfloat16 bit patterns in uint16 (numpy has no bfloat16): the top half
-    of each float32, rounded to nearest even by torch; float32's range, so nothing underflows or overflows
-    that float32 would keep (float16's smallest normal, 6e-5, is above many gradient entries)."""
+    """float32 values as bfloat16 bit patterns in uint16 (numpy has no bfloat16): the top half of each
+    float32, rounded to nearest even by torch. float32's exponent range: only values beyond 3.39e38
+    (to inf) or below 9e-41 (to 0) are lost, where float16 flushes anything under 6e-8 to zero and
+    keeps 6e-5 only at full precision (many gradient entries are smaller)."""
     import torch
 
     src = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
@@ -283,7 +284,8 @@ class ChunkedArray:
         if dtype not in STORE_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(STORE_DTYPES)}, not {dtype!r}")
         self.dtype_name = dtype
-        # bfloat16 is kept as its bit patterns (uint16); readers always get float32
+        # bfloat16 is kept as its bit patterns, so ``dtype`` (the on-disk type) is uint16 there: test
+        # ``dtype_name`` for the kind of store; readers always get float32
         self.dtype = np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
         self._geom = None  # (offset, width) of data.npy, read on first use
         self.rows_written = 0  # rows this process wrote (featurize sets it; torchrun reports it per rank)
