@@ -533,8 +533,8 @@ def test_ekfac_damping_floor_follows_the_training_time(gd_project, logreg_projec
     assert bn.meta["layers"] == ["0", "3"] and bn.meta["damping_rule"][0]["floored"] == ["3"]
     assert bn.meta["damping"][0] == pytest.approx([ratio_of(bn)[0], floor], rel=1e-12)
     assert "normalized_shrink" not in bn.meta["damping_rule"][0]  # 60 rows: below the default's row count
-    # above normalized_damping_rows fitted rows the normalised layer's ratio falls as rows / n; the floor stays
-    for rows, shrink in ((15, 0.25), (60, 1.0), (600, 1.0)):
+    # above normalized_damping_rows fitted rows the normalised layer's ratio falls as (rows / n)²; the floor stays
+    for rows, shrink in ((15, 0.0625), (30, 0.25), (60, 1.0), (600, 1.0)):
         att = EKFAC(EKFACSettings(trajectory_points=1, damping_scale=1e3, normalized_damping_rows=rows)).fit(p)
         assert att.meta["damping"][0] == pytest.approx([ratio_of(att)[0] * shrink, floor], rel=1e-12)
         assert att.meta["damping_rule"][0].get("normalized_shrink", 1.0) == pytest.approx(shrink)

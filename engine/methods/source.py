@@ -526,8 +526,9 @@ class CurvatureInfluence(Attributor):
             self.damping_rules.append({"rule": "ratio"})
             return ratio
         floor = cfg.damping_scale / tau
-        # normalised layers: the ratio, falling as normalized_damping_rows / n above that many fitted rows
-        shrink = min(1.0, cfg.normalized_damping_rows / n_fit) if cfg.normalized_damping_rows > 0 and n_fit else 1.0
+        # normalised layers: the ratio, falling as (normalized_damping_rows / n)² above that many fitted rows
+        # (measured on BatchNorm CNNs of 1,000-20,000 images: docs/bench/lds-damping-normalized.json)
+        shrink = min(1.0, (cfg.normalized_damping_rows / n_fit) ** 2) if cfg.normalized_damping_rows > 0 and n_fit else 1.0
         out = [r * shrink if L.name in self.scale_invariant else max(r, floor)
                for L, r in zip(self.layers_template, ratio)]
         self.damping_rules.append({"rule": "training time", "tau": tau, "floor": floor,
@@ -689,6 +690,7 @@ class Source(CurvatureInfluence):
     description = ("Approximate unrolled differentiation over the recorded trajectory (Bae et al., 2024): EK-FAC per "
                    "segment with training-derived response functions. Suited to non-converged and multi-stage training.")
     Settings = SourceSettings
+    # v10: with response='inverse', EK-FAC v11's normalised-layer damping (normalized_damping_rows)
     # v9: training gradients stored in bfloat16 (gradient_dtype, as EK-FAC v10), keyed by their dtype; the damping
     # rule's settings exposed (damping_ratio, damping_rule, damping_scale: response='inverse' only)
     # v8: with response='inverse', EK-FAC's training-time damping floor (damping_rule 'auto'); stores as v7's
@@ -698,7 +700,7 @@ class Source(CurvatureInfluence):
     # the walk in float32, summed in float64; v3: unprojected up to 2^31 stored
     # entries (streamed); v2: unprojected while they fit in memory (v1
     # projected to 2048 above 8,192 parameters)
-    version = "9"
+    version = "10"
     gradients_version = "7"
 
     def engine_config(self) -> EngineConfig:
