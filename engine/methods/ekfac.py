@@ -65,8 +65,9 @@ class EKFAC(CurvatureInfluence):
                    "influence). Linear and Conv2d layers; other layers are reported as left out.")
     Settings = EKFACSettings
     # v11: on layers the model normalises, the damping ratio falls as (2,000 / n)² above 2,000 fitted rows
-    # (normalized_damping_rows): LDS +0.014 on a held-out 8,000-image BatchNorm CNN, +0.015 / +0.013 at 20,000 images
-    # (1 / 5 points), +0.0015 at 5,000; sets of up to 2,000 rows unchanged (docs/bench/lds-damping-normalized.json);
+    # (normalized_damping_rows): LDS +0.014 on a new 8,000-image BatchNorm CNN, +0.015 / +0.013 at 20,000 images
+    # (1 / 5 points), +0.0015 at 5,000, +0.002 on a held-out 5,000-image Adam run; sets of up to 2,000 rows
+    # unchanged (docs/bench/lds-damping-normalized.json);
     # v10: training gradients stored in bfloat16 (gradient_dtype; half the disk and reads, float32's range): LDS
     # within ±0.001 of float32 on sixteen validation projects, EK-FAC and Source (docs/bench/lds-gradient-dtype.json);
     # v9: the training-time damping floor (damping_rule 'auto', damping_scale / τ on layers the model does not
