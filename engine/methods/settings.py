@@ -133,7 +133,8 @@ class DampingRatioSettings:
                                         "convolution keeps the ratio); where τ is unknown, and with 'ratio', the ratio "
                                         "alone.", choices=("auto", "ratio"))
     damping_scale: float = setting(0.3, "With damping_rule 'auto': the floor's multiple of 1/τ.", gt=0)
-    normalized_damping_rows: int = setting(2000, "With damping_rule 'auto', on layers the model normalises: the ratio "
+    normalized_damping_rows: int = setting(2000, "With damping_rule 'auto' and a known τ, on layers the model "
+                                                 "normalises: the ratio "
                                                  "times min(1, (this / n)²), n the training rows the curvature is fitted "
                                                  "on, so a set of 8,000 rows gets 1/16 of it (0: the ratio whatever n).",
                                            ge=0)

@@ -515,7 +515,9 @@ class CurvatureInfluence(Attributor):
         exceeds about 1/τ, so a removed row cannot move the model further than that along flatter ones
         (the ridge TRAK's training-time rule uses, engine/methods/trak.py). The ratio alone left a
         3-epoch run 0.26 LDS below the floor's; on BatchNorm-normalised convolutions the floor cost 0.03 to
-        0.09, so those keep the ratio (docs/bench/lds-damping-ekfac.json)."""
+        0.09, so those keep the ratio (docs/bench/lds-damping-ekfac.json), times min(1, (normalized_damping_rows
+        / n)²) for n fitted rows: large sets want less damping there (docs/bench/lds-damping-normalized.json).
+        Where τ is unknown the ratio alone applies on every layer (normalised layers are not probed then)."""
         cfg = self.cfg
         if cfg.damping >= 0:
             self.damping_rules.append({"rule": "given"})
