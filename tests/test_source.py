@@ -487,10 +487,12 @@ def test_weight_decay_is_left_out_of_normalized_layers_curvature(tmp_path):
     assert not np.allclose(new.scores("test"), old.scores("test"))
 
 
-def test_ekfac_damping_floor_follows_the_training_time(gd_project, logreg_project, tmp_path):
+def test_ekfac_damping_floor_follows_the_training_time(gd_project, logreg_project, tmp_path, monkeypatch):
     """EK-FAC's default λ per layer is max(damping_ratio × mean σ, damping_scale / τ), τ the run's
-    training time, except on layers the model normalises (the ratio alone); the ratio rule where τ is
-    unknown (L-BFGS) or damping_rule is 'ratio'."""
+    training time, except on layers the model normalises (the ratio, shrunk above normalized_damping_rows
+    fitted rows); no floor where τ is unknown (L-BFGS, final weights only), nothing but the ratio where
+    damping_rule is 'ratio'."""
+    from engine.methods import source as source_module
     from engine.methods.schedule import training_time
 
     def ratio_of(att):
@@ -540,6 +542,14 @@ def test_ekfac_damping_floor_follows_the_training_time(gd_project, logreg_projec
         assert att.meta["damping_rule"][0].get("normalized_shrink", 1.0) == pytest.approx(shrink)
     off = EKFAC(EKFACSettings(trajectory_points=1, damping_scale=1e3, normalized_damping_rows=0)).fit(p)
     assert off.meta["damping"][0] == pytest.approx([ratio_of(off)[0], floor], rel=1e-12)
+    # where τ is unknown (final weights only, L-BFGS) there is no floor, but the normalised layer's shrink stays
+    monkeypatch.setattr(source_module, "training_time", lambda *a, **k: None)
+    for rows, shrink in ((30, 0.25), (60, 1.0)):
+        att = EKFAC(EKFACSettings(trajectory_points=1, damping_scale=1e3, normalized_damping_rows=rows)).fit(p)
+        assert att.meta["damping"][0] == pytest.approx([ratio_of(att)[0] * shrink, ratio_of(att)[1]], rel=1e-12)
+        assert att.meta["damping_rule"] == [{"rule": "ratio", **({"normalized_shrink": shrink} if shrink < 1 else {})}]
+    ratio_only = EKFAC(EKFACSettings(trajectory_points=1, normalized_damping_rows=30, damping_rule="ratio")).fit(p)
+    assert ratio_only.meta["damping"][0] == pytest.approx(ratio_of(ratio_only), rel=1e-12)
 
 
 def test_a_damping_only_version_reuses_the_training_gradient_stores(gd_project, tmp_path, monkeypatch):

@@ -28,6 +28,8 @@ curvature above about 1/τ. On sixteen validation projects mean LDS 0.568 → 0.
 falls as (2,000 / n)² above 2,000 training rows (v11, ``normalized_damping_rows``): on BatchNorm CNNs
 of up to 1,500 rows a tenth of the ratio there lost up to 0.03 LDS, from 5,000 rows on less damping
 won steadily (kronfluence uses almost none), so larger sets get less (docs/bench/lds-damping-normalized.json).
+Where τ is unknown (final weights only, L-BFGS) there is no floor, but that shrink still applies (v12):
+weights-only LDS 0.088 → 0.092 at 5,000 images and 0.108 → 0.116 at 8,000 (docs/bench/lds-damping-weights-only.json).
 
 Weight decay: σ = Λ + the recipe's weight decay (the Hessian of the objective), except on layers
 whose output the model normalises (a convolution before BatchNorm, a Linear before LayerNorm:
@@ -64,6 +66,9 @@ class EKFAC(CurvatureInfluence):
                    "averaged over 5 checkpoints of the recorded run (trajectory_points=1: the final one only, classic "
                    "influence). Linear and Conv2d layers; other layers are reported as left out.")
     Settings = EKFACSettings
+    # v12: the normalised-layer shrink of v11 also where τ is unknown (final weights only, L-BFGS; there the ratio
+    # alone, with no floor, applies on the other layers): weights-only LDS +0.004 at 5,000 images, +0.008 at 8,000
+    # (docs/bench/lds-damping-weights-only.json);
     # v11: on layers the model normalises, the damping ratio falls as (2,000 / n)² above 2,000 fitted rows
     # (normalized_damping_rows): LDS +0.014 on a new 8,000-image BatchNorm CNN, +0.015 / +0.013 at 20,000 images
     # (1 / 5 points), +0.0015 at 5,000, +0.002 on a held-out 5,000-image Adam run; sets of up to 2,000 rows
@@ -82,7 +87,7 @@ class EKFAC(CurvatureInfluence):
     # v5: curvature products and the walk in float32, summed in float64 (2.2-2.9x faster on the CPU, scores
     # within 1e-6 of the largest); v4: stored gradients unprojected up to 2^31 entries (streamed from disk); v3: averaged over trajectory
     # points by default; v2: stored gradients unprojected while they fit
-    version = "11"
+    version = "12"
     # v9 changed the damping only: v8's training-gradient stores stay valid (v10's bfloat16 stores are keyed by
     # their dtype, float32 ones are v8's)
     gradients_version = "8"

@@ -130,10 +130,11 @@ class DampingRatioSettings:
                                         "damping_scale / τ, τ the run's training time (SGD: Σ learning rates / (1 − "
                                         "momentum); Adam: Σ learning rates / mean(√v̂ + ε) of the saved states), on "
                                         "layers whose output scale the model does not normalise away (BatchNorm after a "
-                                        "convolution keeps the ratio); where τ is unknown, and with 'ratio', the ratio "
-                                        "alone.", choices=("auto", "ratio"))
+                                        "convolution keeps the ratio, shrunk on large sets: normalized_damping_rows); "
+                                        "where τ is unknown (final weights only) no floor, the shrink still applies; "
+                                        "with 'ratio', the ratio alone.", choices=("auto", "ratio"))
     damping_scale: float = setting(0.3, "With damping_rule 'auto': the floor's multiple of 1/τ.", gt=0)
-    normalized_damping_rows: int = setting(2000, "With damping_rule 'auto' and a known τ, on layers the model "
+    normalized_damping_rows: int = setting(2000, "With damping_rule 'auto' (τ known or not), on layers the model "
                                                  "normalises: the ratio "
                                                  "times min(1, (this / n)²), n the training rows the curvature is fitted "
                                                  "on, so a set of 8,000 rows gets 1/16 of it (0: the ratio whatever n).",

@@ -236,11 +236,11 @@ class CurvatureInfluence(Attributor):
         # layers whose output scale the model normalises away (found on the final weights and a few training
         # rows: a structural property of the model): no weight decay in their σ, no training-time damping floor
         skip_wd = self.wd > 0 and not cfg.weight_decay_on_normalized
-        # (probed only where some segment's floor will apply: _layer_damping reads each segment's τ)
-        time_rule = (cfg.response == "inverse" and cfg.damping < 0 and cfg.damping_rule == "auto"
-                     and any(training_time(project, s.checkpoints[-1], self.param_names) is not None for s in segs))
+        # (probed wherever rule 'auto' sets the inverse response's damping: _layer_damping reads them with or
+        # without a known τ)
+        auto_rule = cfg.response == "inverse" and cfg.damping < 0 and cfg.damping_rule == "auto"
         scale_invariant = []
-        if skip_wd or time_rule:
+        if skip_wd or auto_rule:
             rows = torch.arange(min(NORMALIZED_PROBE_ROWS, n))
             scale_invariant = cv.normalized_layers(project.load_model(final).to(self.device), self.layers_template,
                                                    project.train_dataset.x[rows].to(self.device))
@@ -517,25 +517,30 @@ class CurvatureInfluence(Attributor):
         3-epoch run 0.26 LDS below the floor's; on BatchNorm-normalised convolutions the floor cost 0.03 to
         0.09, so those keep the ratio (docs/bench/lds-damping-ekfac.json), times min(1, (normalized_damping_rows
         / n)²) for n fitted rows: large sets want less damping there (docs/bench/lds-damping-normalized.json).
-        Where τ is unknown the ratio alone applies on every layer (normalised layers are not probed then)."""
+        Where τ is unknown (final weights only, L-BFGS) there is no floor: the ratio, with the normalised
+        layers' shrink (docs/bench/lds-damping-weights-only.json)."""
         cfg = self.cfg
         if cfg.damping >= 0:
             self.damping_rules.append({"rule": "given"})
             return [float(cfg.damping)] * len(sigma)
         ratio = [cfg.damping_ratio * float(s.mean()) for s in sigma]
-        tau = training_time(project, seg.checkpoints[-1], self.param_names) if cfg.damping_rule == "auto" else None
-        if not tau:
+        if cfg.damping_rule != "auto":
             self.damping_rules.append({"rule": "ratio"})
             return ratio
-        floor = cfg.damping_scale / tau
         # normalised layers: the ratio, falling as (normalized_damping_rows / n)² above that many fitted rows
         # (measured on BatchNorm CNNs of 1,000-20,000 images: docs/bench/lds-damping-normalized.json)
         shrink = min(1.0, (cfg.normalized_damping_rows / n_fit) ** 2) if cfg.normalized_damping_rows > 0 and n_fit else 1.0
+        shrunk = {"normalized_shrink": shrink} if shrink != 1.0 and self.scale_invariant else {}
+        tau = training_time(project, seg.checkpoints[-1], self.param_names)
+        if not tau:  # no floor without a training time; the normalised layers' shrink still applies
+            self.damping_rules.append({"rule": "ratio", **shrunk})
+            return [r * shrink if L.name in self.scale_invariant else r for L, r in zip(self.layers_template, ratio)]
+        floor = cfg.damping_scale / tau
         out = [r * shrink if L.name in self.scale_invariant else max(r, floor)
                for L, r in zip(self.layers_template, ratio)]
         self.damping_rules.append({"rule": "training time", "tau": tau, "floor": floor,
                                    "floored": [L.name for L, r, d in zip(self.layers_template, ratio, out) if d > r],
-                                   **({"normalized_shrink": shrink} if shrink != 1.0 else {})})
+                                   **shrunk})
         return out
 
     # ------------------------------------------------------------------ scoring
@@ -692,6 +697,7 @@ class Source(CurvatureInfluence):
     description = ("Approximate unrolled differentiation over the recorded trajectory (Bae et al., 2024): EK-FAC per "
                    "segment with training-derived response functions. Suited to non-converged and multi-stage training.")
     Settings = SourceSettings
+    # v11: with response='inverse', the normalised-layer shrink also where τ is unknown (as EK-FAC v12);
     # v10: with response='inverse', EK-FAC v11's normalised-layer damping (normalized_damping_rows)
     # v9: training gradients stored in bfloat16 (gradient_dtype, as EK-FAC v10), keyed by their dtype; the damping
     # rule's settings exposed (damping_ratio, damping_rule, damping_scale: response='inverse' only)
@@ -702,7 +708,7 @@ class Source(CurvatureInfluence):
     # the walk in float32, summed in float64; v3: unprojected up to 2^31 stored
     # entries (streamed); v2: unprojected while they fit in memory (v1
     # projected to 2048 above 8,192 parameters)
-    version = "10"
+    version = "11"
     gradients_version = "7"
 
     def engine_config(self) -> EngineConfig:
