@@ -532,12 +532,12 @@ class CurvatureInfluence(Attributor):
         shrink = min(1.0, (cfg.normalized_damping_rows / n_fit) ** 2) if cfg.normalized_damping_rows > 0 and n_fit else 1.0
         shrunk = {"normalized_shrink": shrink} if shrink != 1.0 and self.scale_invariant else {}
         tau = training_time(project, seg.checkpoints[-1], self.param_names)
-        if not tau:  # no floor without a training time; the normalised layers' shrink still applies
-            self.damping_rules.append({"rule": "ratio", **shrunk})
-            return [r * shrink if L.name in self.scale_invariant else r for L, r in zip(self.layers_template, ratio)]
-        floor = cfg.damping_scale / tau
+        floor = cfg.damping_scale / tau if tau else 0.0  # no floor without a training time; the shrink stays
         out = [r * shrink if L.name in self.scale_invariant else max(r, floor)
                for L, r in zip(self.layers_template, ratio)]
+        if not tau:
+            self.damping_rules.append({"rule": "ratio", **shrunk})
+            return out
         self.damping_rules.append({"rule": "training time", "tau": tau, "floor": floor,
                                    "floored": [L.name for L, r, d in zip(self.layers_template, ratio, out) if d > r],
                                    **shrunk})
