@@ -164,6 +164,34 @@ def cached_scores(project: Project, method: str, settings=None, *, device: str =
     return {"key": key, "meta": att.meta, **{n: load_npy(f) for n, f in files.items()}}
 
 
+def copy_scores(project: Project, method: str, settings=None, run: dict | None = None, *, device: str = "auto",
+                progress=None, fitted=None) -> np.ndarray:
+    """[n_train] the score each training example would get from an exact copy of itself as a query (the
+    diagonal of the run's test-score function; leak search compares a query's top score with it).
+
+    ``run``: the run's :func:`cached_scores` result, if the caller has it. Where the method scores
+    self-influence with the same function (every method but TRAK under the training-time rule) these
+    are its self-scores; else they are computed once (a refit that reuses the run's stores) and cached
+    beside the run. ``fitted``: a callable returning the run's fitted attributor, if the caller shares one
+    (leak search also needs it for its null), else the method is fitted here."""
+    cls = get_method(method)
+    settings = coerce_settings(cls, settings)
+    run = run or cached_scores(project, method, settings, device=device, progress=progress)
+    if not cls.copy_scores_differ(run.get("meta") or {}):
+        return np.asarray(run["self_scores"], dtype=np.float64)
+    path = run_dir(project, run["key"]) / "copy_scores.npy"
+    if path.is_file():
+        return np.asarray(load_npy(path, mmap=False), dtype=np.float64)
+    att = fitted() if fitted else fit_method(project, method, settings, device=device, progress=progress)[0]
+    if progress:
+        progress("copy scores", 0, 1)
+    with intra_op_threads(att.meta.get("threads") or torch.get_num_threads()):
+        out = np.asarray(att.copy_scores(), dtype=np.float64)
+    if distributed.is_main():
+        atomic_save_npy(path, out)
+    return out
+
+
 def attribute(project: Project, method: str = "trak", queries="test", settings=None, *, device: str = "auto",
               progress=None, cancel=None, use_cache: bool = True) -> np.ndarray:
     """[n_queries, n_train] attribution scores (positive: proponent), per docs/design.md, section 2.

@@ -52,6 +52,22 @@ def test_exact_copies_flagged_and_clean_rate_near_target(digits_copy, method):
     assert strict["n_flagged"] == 0 and strict["calibration"]["kind"] == "given"
 
 
+def test_trak_leak_flags_under_the_training_time_rule(tmp_path_factory):
+    """TRAK's default (training-time) kernel differs from its self-influence kernel: the flag compares a
+    match with its copy score under the scoring kernel (a ratio against self-influence found none of the
+    planted copies), and the null's training queries are put back on an unseen query's scale (without it
+    8% of clean queries were flagged at fpr 0.01)."""
+    from engine.evaluate.suite import SuiteProject, make_suite_project
+
+    p = make_suite_project(SuiteProject("tabular", 2, "uniform", 0.15, 900), tmp_path_factory.mktemp("trakleak") / "p")
+    out = detect_leaks(p, "trak", None, device="cpu", fpr=0.01)
+    twins, exact, pairs, clean = _evaluate(p, out)
+    found = [t for t, i in twins.items() if pairs[t]["flagged"] and pairs[t]["train_index"] == i]
+    assert len(found) >= 0.4 * len(twins), (found, twins)
+    assert all(abs(pairs[t]["self_ratio"] - 1) < 0.3 for t in found)
+    assert np.mean([pairs[t]["flagged"] for t in clean]) <= 0.03
+
+
 def test_forward_inf_leak_defaults_and_raw_scores_differ(digits_copy):
     """The leak search uses plain steps + self-normalised scores unless told otherwise; the raw
     loss change ranks high-gradient (mislabeled) examples first and retrieves no copy."""

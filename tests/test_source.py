@@ -697,6 +697,35 @@ def test_trak_damping_follows_the_training_time(gd_project, logreg_project, tmp_
     assert lb.meta["damping_rule"][0] == {"rule": "ratio"}  # no training time: the ratio rule
 
 
+def test_trak_copy_scores_and_training_query_scale_are_exact(gd_project, tmp_path):
+    """Leak search's references under the training-time rule: a row's copy score is the test-score
+    function's own diagonal (what an exact copy of it scores against it), not triage's ratio-kernel
+    self-influence; and a training row scored as a query, times training_query_scale, scores as it would
+    under the kernel refitted without that row (checked by a direct solve per row)."""
+    from engine.methods.trak import TRAK, TrakSettings
+
+    # float32 features, so the stored training side equals the query side to rounding
+    att = TRAK(TrakSettings(ensemble="final", proj_dim=0, feature_dtype="float32"), workdir=tmp_path / "a").fit(gd_project)
+    assert att.meta["damping_rule"][0]["rule"] == "training time" and TRAK.copy_scores_differ(att.meta)
+    idx = np.arange(0, len(gd_project.train_dataset), 7)
+    S = att.scores(("train", idx))
+    copy = att.copy_scores()
+    np.testing.assert_allclose(copy[idx], S[np.arange(len(idx)), idx], rtol=1e-6)
+    assert not np.allclose(copy, att.self_scores(), rtol=1e-2)  # the ratio kernel's diagonal is another
+    phi = att.feature_members[0].store.to_array().astype(np.float64)
+    lam = att.meta["lambda"][0]
+    scale = att.training_query_scale(idx)
+    assert (scale > 1.01).all()
+    for j, i in enumerate(idx):
+        keep = np.delete(np.arange(len(phi)), i)
+        M = np.linalg.inv(phi[keep].T @ phi[keep] + lam * np.eye(phi.shape[1]))
+        np.testing.assert_allclose(S[j] * scale[j], (phi[i] @ M @ phi.T) * att.q, rtol=1e-5, atol=1e-10)
+    # a run whose self-influence uses the scoring kernel needs no separate copy scores
+    ratio = TRAK(TrakSettings(ensemble="final", proj_dim=0, damping_rule="ratio"), workdir=tmp_path / "b").fit(gd_project)
+    assert not TRAK.copy_scores_differ(ratio.meta)
+    np.testing.assert_array_equal(ratio.copy_scores(), ratio.self_scores())
+
+
 def test_trak_damping_follows_adams_preconditioned_training_time(tmp_path):
     """Adam: τ = Σ_t η_t / s̄_t, s̄ the mean of √v̂ + ε in the saved state of the checkpoint ending each
     stretch of steps (a checkpoint without a state takes the next one's); λ = damping_scale_adam × n /

@@ -98,11 +98,12 @@ def leak_pairs(project: Project, key: str, detector: dict | None = None, max_pai
 QUICK_LEAK_TOP = 100
 
 # how well each method's top proponent finds planted copies: recall@1 pooled over the validation
-# suite's shapes and tabular projects (docs/bench/suite-triage-leaks.json, proponent bench --suite)
+# suite's shapes and tabular projects (docs/bench/suite-triage-leaks.json, proponent bench --suite; the
+# 2026-12-06 rerun with TRAK v6)
 LEAK_SEARCH = {
-    "knn": "suited to leak search: its top neighbour was the planted copy for 74 of 80 in the validation suite",
-    "trak": "partly suited: its top proponent was the planted copy for 26 of 80 in the validation suite",
-    "tracin": "poorly suited: its top proponent was the planted copy for 13 of 80 in the validation suite",
+    "knn": "suited to leak search: its top neighbour was the planted copy for 75 of 80 in the validation suite",
+    "trak": "partly suited: its top proponent was the planted copy for 45 of 80 in the validation suite",
+    "tracin": "poorly suited: its top proponent was the planted copy for 12 of 80 in the validation suite",
     "grad-dot": "poorly suited: its top proponent was the planted copy for 6 of 80 in the validation suite",
 }
 

@@ -170,6 +170,25 @@ class Attributor(ABC):
         """How suspicious each training example looks (higher: more likely mislabeled)."""
         return self.self_scores()
 
+    def copy_scores(self) -> np.ndarray:
+        """The score each training example would get from an exact copy of itself as a query: the
+        diagonal of the scoring function itself, leak search's reference (score / copy score is 1 for
+        a copy). The same as :meth:`self_scores` unless a method scores self-influence otherwise
+        (:meth:`copy_scores_differ`)."""
+        return self.self_scores()
+
+    def training_query_scale(self, rows: np.ndarray) -> np.ndarray | None:
+        """Per training row ``rows[j]`` scored as a query: the factor that undoes its own part in the fit,
+        so its scores stand in for those of an unseen query (leak search's null of training queries).
+        None: its presence changes nothing worth correcting (one row of a curvature fitted on thousands)."""
+        return None
+
+    @classmethod
+    def copy_scores_differ(cls, meta: dict) -> bool:
+        """Whether a fitted run (its ``meta``) scored self-influence with another function than the
+        test scores, so its copy scores must be computed apart."""
+        return False
+
     # -- helpers shared by methods
     @property
     def _p(self) -> Project:

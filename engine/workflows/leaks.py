@@ -6,17 +6,23 @@ For every test query q, with s = S[q, :] the method's scores over the training s
 - ``gap``: the top-1/top-2 gap in the same robust units, (s₁ − s₂) / (1.4826 · MAD s);
 - ``separation``: (s₁ − s₂) / (s₂ − s₁₀): how far the top-1 stands out from the runner-up,
   relative to how tightly the next neighbours bunch up;
-- ``self_ratio`` ρ = s₁ / S[i₁, i₁] and ``self_match`` = −|log ρ| (the default decision
-  statistic): the top-1 match's score against the score an exact copy of that training example
-  would get, which is its own self-score (for every method whose query and training sides are
-  the same function of an example: Forward-INF, TRAK, Grad-Dot/Cos, kNN). An exact copy gives
+- ``self_ratio`` ρ = s₁ / c(i₁) and ``self_match`` = −|log ρ| (the default decision
+  statistic): the top-1 match's score against c(i₁), the score an exact copy of that training
+  example would get (engine.api.copy_scores: the diagonal of the scoring function, for every method
+  whose query and training sides are the same function of an example: Forward-INF, TRAK,
+  Grad-Dot/Cos, kNN). That is the self-score, except for TRAK under the training-time rule, whose
+  self-influence keeps the ratio rule's kernel (against that, the flag found none of 240 planted
+  copies on generated suite projects; docs/bench/leak-copy-scores.json). An exact copy gives
   ρ = 1 (self_match 0); near-duplicates come close; a merely similar example falls short.
   Score-shape statistics (z, gap, separation) do not separate copies on data with many natural
   near-twins (8×8 digits), where the runner-up scores almost as high as the copy.
 
 The flag is ``statistic > threshold``. Unless given, the threshold holds a false-positive rate
 ``fpr`` on clean queries: it is the (1 − fpr) quantile of the same statistic over a null of
-training examples used as queries against the rest of the training set (own column removed).
+training examples used as queries against the rest of the training set (own column removed),
+each null row's scores put back on an unseen query's scale where the method says how
+(``training_query_scale``: TRAK's 1 / (1 − leverage), exact for taking the row out of its kernel;
+without it 3.7-10.2% of clean queries were flagged at fpr 0.01 on the suite projects).
 No test query, and never the truth file, is used to set it.
 
 Beside the attribution evidence each pair carries the input-space cosine (raw inputs) and the
@@ -27,11 +33,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.api import attribute, cached_scores, run_dir, run_key
+from engine.api import cached_scores, copy_scores, fit_method, run_dir, run_key
+from engine.autodiff.threads import intra_op_threads
 from engine.autodiff.embeddings import penultimate_features
 from engine.core.errors import ProponentError
 from engine.core.project import Project
-from engine.methods.base import coerce_settings, get_method, settings_dict
+from engine.methods.base import Queries, coerce_settings, get_method, settings_dict
 from engine.storage.arrays import atomic_save_npy, load_npy, scratch_array, stable_hash
 
 STATISTICS = ("self_match", "separation", "z", "gap")
@@ -57,10 +64,10 @@ def leak_settings(method: str, settings) -> dict:
     return settings_dict(settings)  # a full Settings object: taken as is
 
 
-def row_statistics(S: np.ndarray, self_scores: np.ndarray, exclude: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def row_statistics(S: np.ndarray, reference: np.ndarray, exclude: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per row: top-1 index and score, top-2 score, and the self_match / z / gap / separation
-    statistics. ``exclude[r]`` (optional) is a column to leave out of row r (a training query's
-    own entry)."""
+    statistics (``reference``: each training row's copy score, engine.api.copy_scores). ``exclude[r]``
+    (optional) is a column to leave out of row r (a training query's own entry)."""
     S = np.array(S, dtype=np.float64, copy=True)
     if S.ndim != 2 or S.shape[1] < 3:
         raise ProponentError(f"leak detection needs scores over at least 3 training examples, not shape {S.shape}")
@@ -78,7 +85,7 @@ def row_statistics(S: np.ndarray, self_scores: np.ndarray, exclude: np.ndarray |
     gap = (st[:, 0] - st[:, 1]) / scale
     spread = st[:, 1] - st[:, -1]
     separation = (st[:, 0] - st[:, 1]) / np.maximum(spread, 1e-12 * scale)
-    ref = np.asarray(self_scores, dtype=np.float64)[top[:, 0]]
+    ref = np.asarray(reference, dtype=np.float64)[top[:, 0]]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = st[:, 0] / ref
         self_match = np.where(ratio > 0, -np.abs(np.log(np.where(ratio > 0, ratio, 1.0))), -np.inf)
@@ -86,25 +93,43 @@ def row_statistics(S: np.ndarray, self_scores: np.ndarray, exclude: np.ndarray |
             "separation": separation, "self_ratio": ratio, "self_match": self_match}
 
 
+def _fit_once(project: Project, method: str, settings, device: str, progress):
+    """A callable that fits the method's run on its first call and returns the same attributor after:
+    the copy scores and the null share one refit."""
+    held = []
+
+    def fitted():
+        if not held:
+            held.append(fit_method(project, method, settings, device=device, progress=progress)[0])
+        return held[0]
+    return fitted
+
+
 def _unit(a: np.ndarray) -> np.ndarray:
     return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
 
 
-def null_statistics(project: Project, method: str, settings: dict, self_scores: np.ndarray, *, n_null: int = 300,
-                    seed: int = 0,
-                    device: str = "auto", progress=None) -> dict[str, np.ndarray]:
+def null_statistics(project: Project, method: str, settings: dict, reference: np.ndarray, *, n_null: int = 300,
+                    seed: int = 0, device: str = "auto", progress=None, fitted=None) -> dict[str, np.ndarray]:
     """The statistics of training examples used as queries against the rest of the training set
-    (cached beside the method's run)."""
+    (cached beside the method's run; ``fitted``: a callable returning the run's fitted attributor)."""
     n = len(project.train_dataset)
     m = int(min(n_null, n))
     idx = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
     key = run_key(project, method, coerce_settings(get_method(method), settings))
-    path = run_dir(project, key) / f"leak_null_{stable_hash({'n': m, 'seed': seed, 'k': NEIGHBOURS, 'v': 2})}.npy"
+    # v4: measured against copy scores, training queries leverage-scaled (earlier nulls are not reused)
+    path = run_dir(project, key) / f"leak_null_{stable_hash({'n': m, 'seed': seed, 'k': NEIGHBOURS, 'v': 4})}.npy"
     if path.is_file():
         arr = load_npy(path, mmap=False)
         return {s: arr[j] for j, s in enumerate(STATISTICS)}
-    S = attribute(project, method, ("train", idx), settings, device=device, progress=progress)
-    st = row_statistics(S, self_scores, exclude=idx)
+    att = fitted() if fitted else fit_method(project, method, settings, device=device, progress=progress)[0]
+    with intra_op_threads(att.meta.get("threads") or torch.get_num_threads()):
+        S = att.scores(Queries.resolve(project, ("train", idx)))
+        # a training row is part of the fit a test query is not: its scores are put back on an unseen query's scale
+        scale = att.training_query_scale(idx)
+    if scale is not None:
+        S = S * np.asarray(scale, np.float64)[:, None]
+    st = row_statistics(S, reference, exclude=idx)
     atomic_save_npy(path, np.stack([st[s] for s in STATISTICS]))
     return {s: st[s] for s in STATISTICS}
 
@@ -121,10 +146,13 @@ def detect_leaks(project: Project, method: str = "forward-inf", settings=None, *
     settings = leak_settings(method, settings)
     res = cached_scores(project, method, settings, device=device, progress=progress)
     S = np.asarray(res["scores"], dtype=np.float64)
-    st = row_statistics(S, res["self_scores"])
+    fitted = _fit_once(project, method, settings, device, progress)
+    reference = copy_scores(project, method, settings, res, device=device, progress=progress, fitted=fitted)
+    st = row_statistics(S, reference)
     calibration = {"kind": "given"}
     if threshold is None:
-        null = null_statistics(project, method, settings, res["self_scores"], n_null=n_null, seed=seed, device=device, progress=progress)
+        null = null_statistics(project, method, settings, reference, n_null=n_null, seed=seed, device=device,
+                               progress=progress, fitted=fitted)
         vals = null[statistic][np.isfinite(null[statistic])]
         if len(vals) == 0:
             raise ProponentError(f"{method}: the leak null has no finite statistics; cannot calibrate a threshold")
@@ -245,7 +273,7 @@ def explain_detector_pair(pair: dict, statistic: str, threshold: float) -> str:
     if v is None:
         return "no statistic recorded"
     side = ">" if pair.get("flagged") else "≤"
-    extra = f" (score / self-score {pair['self_ratio']:.3f})" if statistic == "self_match" and "self_ratio" in pair else ""
+    extra = f" (score / copy score {pair['self_ratio']:.3f})" if statistic == "self_match" and "self_ratio" in pair else ""
     return f"{statistic} {v:.4g} {side} threshold {threshold:.4g}{extra}"
 
 
@@ -298,7 +326,7 @@ def detect_copies(project: Project, method: str = "trak", settings=None, *, fpr:
     no truth file sets a threshold.
 
     Attribution (``method``): the rank of the matched example among the query's proponents, its top
-    proponent and that one's self-match (score / self-score, 1 for a copy). On the validation
+    proponent and that one's self-match (score / copy score, 1 for a copy). On the validation
     suite's fit projects (seeds 101-103), letting the self-match also flag on its own found 1 more
     of the 120 planted copies and added 15 false flags, so it corroborates and does not decide."""
     fpr = detector_fpr(project) if fpr is None else fpr
@@ -320,17 +348,18 @@ def detect_copies(project: Project, method: str = "trak", settings=None, *, fpr:
     if method:
         settings = leak_settings(method, settings)
         res = cached_scores(project, method, settings, device=device, progress=progress)
-        self_scores = np.asarray(res["self_scores"], np.float64)
-        if np.isfinite(self_scores).all() and n_train >= 3:
+        fitted = _fit_once(project, method, settings, device, progress)
+        reference = copy_scores(project, method, settings, res, device=device, progress=progress, fitted=fitted)
+        if np.isfinite(reference).all() and n_train >= 3:
             S = res["scores"]
             top = np.empty(len(S), np.int64)
             sm = np.empty(len(S))
             for lo in range(0, len(S), 256):
-                st = row_statistics(np.asarray(S[lo:lo + 256]), self_scores)
+                st = row_statistics(np.asarray(S[lo:lo + 256]), reference)
                 top[lo:lo + len(st["score"])] = st["train_index"]
                 sm[lo:lo + len(st["score"])] = st["self_match"]
-            a_null = null_statistics(project, method, settings, self_scores, n_null=ATTRIBUTION_NULL, seed=seed,
-                                     device=device, progress=progress)["self_match"]
+            a_null = null_statistics(project, method, settings, reference, n_null=ATTRIBUTION_NULL, seed=seed,
+                                     device=device, progress=progress, fitted=fitted)["self_match"]
             attr = {"index": top, "self_match": sm, "null": a_null, "scores": S}
     per = fpr / len(kinds)
     thr = {}
@@ -376,7 +405,7 @@ def detect_copies(project: Project, method: str = "trak", settings=None, *, fpr:
             pair["match_proponent_rank"] = int(1 + (row > row[train_index]).sum())
             pair["attribution"] = (f"{method} ranks train {train_index} as proponent #{pair['match_proponent_rank']}; "
                                    f"its top proponent (train {int(attr['index'][t])}) scores "
-                                   f"{np.exp(attr['self_match'][t]):.3f}× its own self-score"
+                                   f"{np.exp(attr['self_match'][t]):.3f}× what an exact copy of it would"
                                    + (" (copy-like)" if attr["self_match"][t] > thr["self_match"] else ""))
         pairs.append(pair)
     return {"method": "detector", "attribution_method": method or None, "fpr": fpr, "thresholds": thr,
