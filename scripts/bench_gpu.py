@@ -235,9 +235,35 @@ def child_attribute(a: dict) -> dict:
     return out
 
 
+def _load_partial_margins(path: Path, want: dict) -> list:
+    """Margins an interrupted LDS child saved for the same subsets (``want``: n_train, subsets, seeds,
+    n_test), else none."""
+    meta = path.with_suffix(".json")
+    if not (path.is_file() and meta.is_file()):
+        return []
+    try:
+        if json.loads(meta.read_text()).get("key") != want:
+            return []
+        return list(np.load(path))
+    except (OSError, ValueError):
+        return []
+
+
+def _save_margins(path: Path, margins: list, key: dict) -> None:
+    """[done, seeds, n_test] margins and what they are (atomically: a kill mid-write loses nothing saved)."""
+    tmp = path.with_name(f".{path.stem}.tmp.npy")
+    np.save(tmp, np.asarray(margins))
+    os.replace(tmp, path)
+    tmp_meta = path.with_name(f".{path.stem}.tmp.json")
+    tmp_meta.write_text(json.dumps({"key": key, "done": len(margins)}))
+    os.replace(tmp_meta, path.with_suffix(".json"))
+
+
 def child_lds(a: dict) -> dict:
     """LDS against retraining on random halves, retrained one after another on the device until
-    ``seconds`` run out (the subsets finished by then are the ones scored)."""
+    ``seconds`` run out (the subsets finished by then are the ones scored). A subset is started only
+    if the slowest one so far would still finish in time, and with ``save_margins`` every finished
+    subset is saved at once, so a later run with the same arguments resumes where this one stopped."""
     import torch
 
     from engine import Project
@@ -248,22 +274,30 @@ def child_lds(a: dict) -> dict:
     p = Project.load(a["root"])
     ts = p.test_dataset
     subsets = random_subsets(len(p.train_dataset), a["subsets"], seed=0)
+    key = {"n_train": len(p.train_dataset), "subsets": a["subsets"], "seeds": a["seeds"], "n_test": len(ts)}
+    save = Path(a["save_margins"]) if a.get("save_margins") else None
+    # [subsets, seeds, n_test]: a later scoring of new scores needs no retraining, a stopped run resumes
+    margins = _load_partial_margins(save, key) if save else []
+    resumed = len(margins)
     t0 = time.perf_counter()
-    margins = []
-    for m, keep in enumerate(subsets):
-        if time.perf_counter() - t0 > a["seconds"]:
+    slowest = 0.0
+    for keep in subsets[resumed:]:
+        if time.perf_counter() - t0 + slowest > a["seconds"]:
             break
+        t_sub = time.perf_counter()
         rows = np.flatnonzero(keep)
         seeds = []
         for seed in range(a["seeds"]):
             model = train_model(p, indices=rows, seed=seed, device=a["device"]).to(a["device"])
             seeds.append(test_margins(model, ts.x.to(a["device"]), ts.y.to(a["device"])))
         margins.append(seeds)
+        slowest = max(slowest, time.perf_counter() - t_sub)
+        if save:
+            _save_margins(save, margins, key)
     done = len(margins)
     margins = np.asarray(margins)
-    out = {"retrain_s": time.perf_counter() - t0, "subsets": done, "seeds": a["seeds"], "lds": {}}
-    if a.get("save_margins"):  # [subsets, seeds, n_test]: a later scoring of new scores needs no retraining
-        np.save(a["save_margins"], margins)
+    out = {"retrain_s": time.perf_counter() - t0, "subsets": done, "resumed_subsets": resumed, "seeds": a["seeds"],
+           "lds": {}}
     for name, f in a["scores"].items():
         if Path(f).is_file() and done >= 4:
             r = lds(np.load(f), subsets[:done], margins)
@@ -544,7 +578,8 @@ def cnn_name(n: int) -> str:
     return f"{'gpu' if DEVICE.startswith('cuda') else 'cpu'}-cnn-{n}.json"
 
 
-def stage_cnn(run: Runner, work: Path, n: int, lds_subsets: int, skip: tuple[str, ...] = ()) -> None:
+def stage_cnn(run: Runner, work: Path, n: int, lds_subsets: int, skip: tuple[str, ...] = (),
+              lds_s: float | None = None) -> None:
     root = work / f"rgb32-{n}"
     doc: dict = {"title": f"32×32 RGB CNN, {n:,} training images, on {DEVICE}", "n_train": n, "n_test": N_TEST, "runs": {}}
     doc["train"] = run.child("train", {"root": str(root), "n_train": n, "make": True, "device": DEVICE}, 240 * LIMIT_SCALE)
@@ -575,7 +610,8 @@ def stage_cnn(run: Runner, work: Path, n: int, lds_subsets: int, skip: tuple[str
             saved[name] = str(f)
         run.save(cnn_name(n), doc)
     if lds_subsets and saved:
-        secs = max(20.0, min(150.0 * LIMIT_SCALE, run.left() - 40))
+        # --lds-s: the retraining's own budget (still within the run's); else what the stage budget leaves
+        secs = max(20.0, min(lds_s if lds_s else 150.0 * LIMIT_SCALE, run.left() - 40))
         # the retrained margins are kept beside the scores: a later method version is scored without retraining
         doc["lds"] = run.child("lds", {"root": str(root), "subsets": lds_subsets, "seeds": 1, "scores": saved,
                                        "device": DEVICE, "seconds": secs,
@@ -705,6 +741,9 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=480)
     ap.add_argument("--stages", default=DEFAULT_STAGES)
     ap.add_argument("--lds-subsets", type=int, default=32)
+    ap.add_argument("--lds-s", type=float, default=None,
+                    help="seconds of retraining for the LDS (default 150 × --limit-scale), within --budget-s; "
+                         "finished subsets are saved, and a rerun with the same --work resumes them")
     ap.add_argument("--skip", default="", help="cnn stages: runs to leave out, comma-separated names "
                                                "(e.g. 'proponent trak dense')")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script where there is no GPU")
@@ -744,7 +783,7 @@ def main() -> int:
             elif stage.startswith("cnn-"):
                 n = int(stage.split("-")[1])
                 stage_cnn(run, work, n, a.lds_subsets if n <= 5000 else 0,
-                          tuple(v.strip() for v in a.skip.split(",") if v.strip()))
+                          tuple(v.strip() for v in a.skip.split(",") if v.strip()), a.lds_s)
             elif stage == "oom" and DEVICE != "cuda":
                 log("oom: needs CUDA")
             elif stage == "oom":
