@@ -411,7 +411,7 @@ class TRAK(Attributor):
         """1 / (1 − h̄_i): a training row is in its own kernel, and removing it (Sherman-Morrison) scales
         its every score by exactly 1 / (1 − h_i), h_i its leverage φ_iᵀ(ΦᵀΦ + λI)⁻¹φ_i; h̄ is the mean
         over the members. Without it a null of training queries undershoots a clean test query's top
-        score: on the generated suite projects under the training-time ridge (median h̄ 0.18 to 0.41)
+        score: on the generated suite projects under the training-time ridge (median h̄ 0.15 to 0.43)
         the flag fired on 3.7-10.2% of clean queries at fpr 0.01, with it on 0.7-1.3%
         (docs/bench/leak-copy-scores.json, scripts/bench_leak_reference.py)."""
         h = sum(member.leverage(rows) for member in self._proj) / len(self._proj)
