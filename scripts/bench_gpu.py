@@ -251,12 +251,10 @@ def _load_partial_margins(path: Path, want: dict) -> list:
 
 def _save_margins(path: Path, margins: list, key: dict) -> None:
     """[done, seeds, n_test] margins and what they are (atomically: a kill mid-write loses nothing saved)."""
-    tmp = path.with_name(f".{path.stem}.tmp.npy")
-    np.save(tmp, np.asarray(margins))
-    os.replace(tmp, path)
-    tmp_meta = path.with_name(f".{path.stem}.tmp.json")
-    tmp_meta.write_text(json.dumps({"key": key, "done": len(margins)}))
-    os.replace(tmp_meta, path.with_suffix(".json"))
+    from engine.storage.arrays import atomic_save_npy, atomic_write_json
+
+    atomic_save_npy(path, np.asarray(margins))
+    atomic_write_json(path.with_suffix(".json"), {"key": key, "done": len(margins)})
 
 
 def child_lds(a: dict) -> dict:

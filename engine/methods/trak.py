@@ -201,13 +201,20 @@ class _Member:
             out[:, lo:hi] = u @ np.asarray(chunk, dtype=np.float64).T
         return out
 
+    def _quadratic(self, rows: np.ndarray) -> np.ndarray:
+        """φ_iᵀ M φ_i for a block of stored feature rows (primal form)."""
+        c = np.asarray(rows, dtype=np.float64)
+        return np.einsum("ik,ik->i", c, c @ self.M)
+
     def leverage(self, rows: np.ndarray) -> np.ndarray:
-        """h_i = φ_iᵀ (ΦᵀΦ + λI)⁻¹ φ_i of training rows ``rows`` (read from the store; dual: 1 − λ A_ii)."""
+        """h_i = φ_iᵀ (ΦᵀΦ + λI)⁻¹ φ_i of training rows ``rows`` (dual: 1 − λ A_ii; primal: read from the store
+        one chunk's worth of rows at a time)."""
         rows = np.asarray(rows, np.int64)
         if self.dual:
             return 1.0 - self.lam * np.diag(self.A).astype(np.float64)[rows]
-        c = np.asarray(self.store.read_rows(rows), dtype=np.float64)
-        return np.einsum("ik,ik->i", c, c @ self.M)
+        step = self.store.chunk_rows
+        return np.concatenate([self._quadratic(self.store.read_rows(rows[lo:lo + step]))
+                               for lo in range(0, len(rows), step)] or [np.zeros(0)])
 
     def self_scores(self) -> np.ndarray:
         """φ_i · Ψ_i for every training row (each rank its share of the chunks, summed over ranks).
@@ -216,8 +223,7 @@ class _Member:
             return 1.0 - self.lam * np.diag(self.A).astype(np.float64)
         out = np.zeros(self.store.n_rows)
         for lo, hi, chunk in self.store.iter_chunks(distributed.my_share(range(self.store.n_chunks))):
-            c = np.asarray(chunk, dtype=np.float64)
-            out[lo:hi] = np.einsum("ik,ik->i", c, c @ self.M)
+            out[lo:hi] = self._quadratic(chunk)
         return distributed.sum_array(out)
 
 
