@@ -210,3 +210,15 @@ def test_orphan_temp_files_are_cleaned_only_when_their_writer_is_gone(tmp_path):
         p.write_bytes(b"x")
     assert clean_orphan_temp_files(tmp_path) == 1
     assert not orphan.exists() and live.exists() and foreign.exists()
+    # a killed writer's pid reused by a process that started after the file was last written: an orphan
+    # (seen in CI: a kill -9 trial left a temp file whose pid a later process had taken)
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        reused = tmp_path / "runs" / f".scores.npy.{later.pid}.ghi789.tmp"
+        reused.write_bytes(b"x")
+        os.utime(reused, (time.time() - 60, time.time() - 60))
+        assert clean_orphan_temp_files(tmp_path) == 1
+        assert not reused.exists() and live.exists()
+    finally:
+        later.kill()
+        later.wait()

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -128,16 +129,33 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _started_after(pid: int, when: float) -> bool:
+    """Whether process ``pid`` started after time ``when`` (so it cannot have written a file last
+    modified then: the pid was reused). False where unknown (no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime (clock ticks since boot)
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    started = time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    return started > when + 0.5  # both clocks are read to ~10 ms; the margin keeps a live writer's file
+
+
 def clean_orphan_temp_files(folder: str | Path) -> int:
     """Remove temporary files that :func:`_atomic_write` left behind when its process was killed
-    (only ours: the name pattern, and a writer pid that no longer runs). Returns how many."""
+    (only ours: the name pattern, and a writer pid that no longer runs, or that now belongs to a
+    process started after the file was last written: on a busy machine a killed writer's pid is
+    reused). Returns how many."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     removed = 0
     for p in folder.rglob(f"*{TEMP_SUFFIX}"):
         m = _TEMP_NAME.match(p.name)
-        if m and p.is_file() and not _alive(int(m.group(1))):
+        pid = int(m.group(1)) if m else 0
+        if m and p.is_file() and (not _alive(pid) or _started_after(pid, p.stat().st_mtime)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
                 removed += 1
