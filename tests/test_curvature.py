@@ -378,3 +378,60 @@ def test_normalized_layers_are_found_by_rescaling_and_leave_the_model_untouched(
         assert cv.normalized_layers(model, cv.curvature_layers(model)[0], x) == want
     # batch statistics need two rows: one row finds nothing rather than a false positive
     assert cv.normalized_layers(relu_then_bn, cv.curvature_layers(relu_then_bn)[0], x[:1]) == []
+
+
+class _ResidualNet(nn.Module):
+    """A convolution whose output a ReLU changes in place, and a residual ``out += h`` on another:
+    with ``inplace=False`` the same function written without in-place operations."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.inplace = inplace
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.act = nn.ReLU(inplace=inplace)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 5 * 5, 4)
+
+    def forward(self, x):
+        h = self.act(self.conv1(x))
+        r = self.conv2(h)
+        if self.inplace:
+            r += h
+        else:
+            r = r + h
+        return self.fc(self.act(r).flatten(1))
+
+
+def _twin_models():
+    torch.manual_seed(3)
+    plain = _ResidualNet(inplace=False).eval()
+    inplace = _ResidualNet(inplace=True).eval()
+    inplace.load_state_dict(plain.state_dict())
+    return plain, inplace
+
+
+def test_layers_changed_in_place_after_capture_give_their_own_statistics():
+    """A model that changes a covered layer's output in place (ReLU(inplace=True), a residual +=)
+    gets the same curvature statistics and factorized features as the same function without
+    in-place operations: the capture sees the change and captures again from copies."""
+    from engine.autodiff.factorized import FactorizedGradients
+
+    plain, inplace = _twin_models()
+    x = torch.randn(24, 3, 5, 5)
+    y = torch.randint(0, 4, (24,))
+    with torch.no_grad():
+        torch.testing.assert_close(inplace(x.clone()), plain(x))
+    labels = cv.sample_labels(plain, x, samples=2, seed=1)
+    covs = []
+    for model in (plain, inplace):
+        layers, left = cv.curvature_layers(model)
+        assert not left
+        covs.append(cv.fit_covariances(model, layers, x, labels, batch_size=10))
+    for k in covs[0]:
+        torch.testing.assert_close(covs[1][k], covs[0][k], rtol=1e-6, atol=1e-9)
+    feats = []
+    for model in (plain, inplace):
+        fg = FactorizedGradients(model, 48, seed=2)
+        feats.append(torch.cat([fg.features(x[lo:lo + 8], y[lo:lo + 8], "margin") for lo in (0, 8, 16)]))
+        assert fg._protect is (model is inplace)  # found once, remembered for the later batches
+    torch.testing.assert_close(feats[1], feats[0], rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from engine import Project
 from tests.conftest import LINEAR_MODEL, write_tabular_project
@@ -140,6 +141,23 @@ def test_selection_ranks_rows_by_activation_and_gradient():
     mask = select_parameters(model, x, y, ratio=2 / 6, mode="gradient", objective="loss")
     chosen = mask[:18].reshape(6, 3).all(1).nonzero().flatten().tolist()
     assert chosen == [0, 1]
+
+
+def test_gradient_selection_of_a_model_with_in_place_operations():
+    """A ReLU(inplace=True) on a convolution's output and a residual ``+=`` (where a full backward
+    hook fails): the same rows as the same function written without in-place operations."""
+    from tests.test_curvature import _twin_models
+
+    from engine.methods.gif.solvers import _layer_statistics
+    plain, inplace = _twin_models()
+    x, y = torch.randn(24, 3, 5, 5), torch.randint(0, 4, (24,))
+    stats = [_layer_statistics(m, x, y, "gradient", lambda o, t: F.cross_entropy(o, t, reduction="sum"), 10, "cpu")
+             for m in (plain, inplace)]
+    for a, b in zip(stats[0].values(), stats[1].values()):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+        assert float(a.sum()) > 0
+    masks = [select_parameters(m, x, y, ratio=0.5, mode="gradient") for m in (plain, inplace)]
+    assert torch.equal(masks[0], masks[1]) and masks[0].any()
 
 
 def test_full_ratio_equals_plain_if(mlp):

@@ -35,7 +35,7 @@ import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -259,30 +259,69 @@ def _out_grads(L: Layer, g: torch.Tensor) -> torch.Tensor:
 class _Capture:
     """Forward hooks that keep each covered layer's input and its output gradient (``grads``, filled
     by a backward pass), or with ``keep_grads=False`` its output itself (``outputs``, to take
-    ``torch.autograd.grad`` with respect to)."""
+    ``torch.autograd.grad`` with respect to).
 
-    def __init__(self, layers: list[Layer], keep_grads: bool = True):
+    Run the model through :meth:`run`: a model that changes a captured tensor in place after the
+    layer (``nn.ReLU(inplace=True)`` on a convolution's output, a residual ``out += x``) would
+    otherwise give the gradient of the changed tensor and the changed input. :meth:`run` sees the
+    version counters move and runs the batch again in ``protect`` mode, where each layer hands
+    the rest of the model a copy of its output and keeps a copy of its input (kept for later
+    batches: the same model does it again)."""
+
+    def __init__(self, layers: list[Layer], keep_grads: bool = True, protect: bool = False):
         self.layers = layers
         self.keep_grads = keep_grads
+        self.protect = protect
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = {}
+        self._versions: dict[str, list[tuple[torch.Tensor, int]]] = {}
         self.handles = []
         for L in layers:
             self.handles.append(L.module.register_forward_hook(self._hook(L)))
 
     def _hook(self, L: Layer):
         def hook(mod, inp, out):
-            self.inputs[L.name] = inp[0].detach()
+            self.calls[L.name] = self.calls.get(L.name, 0) + 1
+            a = inp[0].detach()
+            self.inputs[L.name] = a.clone() if self.protect else a
+            kept = out
+            if self.protect:
+                out = out.clone()  # the rest of the model may change its copy in place
+            self._versions[L.name] = [(inp[0], inp[0]._version), (kept, kept._version)]
             if not self.keep_grads:
-                self.outputs[L.name] = out
-            elif out.requires_grad:
-                out.register_hook(lambda g, name=L.name: self.grads.__setitem__(name, g.detach()))
+                self.outputs[L.name] = kept
+            elif kept.requires_grad:
+                kept.register_hook(lambda g, name=L.name: self.grads.__setitem__(name, g.detach()))
+            return out if self.protect else None
         return hook
+
+    def clear(self) -> None:
+        for d in (self.inputs, self.outputs, self.grads, self.calls, self._versions):
+            d.clear()
+
+    def changed_in_place(self) -> list[str]:
+        """Layers whose captured input or output the forward pass changed after capture."""
+        if self.protect:
+            return []  # the captured input is a private copy and the output is not handed on
+        return [name for name, pairs in self._versions.items() if any(t._version != v for t, v in pairs)]
+
+    def run(self, model: nn.Module, x: Any) -> torch.Tensor:
+        """``model(x)`` with fresh captures, run again protected if it changed a captured tensor."""
+        self.clear()
+        out = model(x)
+        if self.changed_in_place():
+            self.protect = True
+            del out
+            self.clear()
+            out = model(x)
+        return out
 
     def close(self):
         for h in self.handles:
             h.remove()
+        self._versions.clear()
 
 
 def sample_labels(model: nn.Module, x: torch.Tensor, samples: int = 1, seed: int = 0, batch_size: int = 512,
@@ -394,9 +433,7 @@ def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor,
             for lo in distributed.my_share(range(0, len(x), batch_size)):
                 xb = x[lo:lo + batch_size].to(device)
                 with torch.enable_grad():
-                    cap.inputs.clear()
-                    cap.outputs.clear()
-                    logits = model(xb)
+                    logits = cap.run(model, xb)
                     if callable(labels):
                         lb, wb = labels(lo, logits.detach())
                     else:

@@ -126,6 +126,7 @@ class FactorizedGradients(BatchBackOff):
             self.covered, self.out_dim, [{"layer": L.name, "k_out": a, "k_in": b} for L, (a, b) in zip(self.layers, self.dims)],
             seed, model_id, sorted(self.left_out))
         self.memory_budget_mb = memory_budget_mb
+        self._protect = False
 
     def batch_size(self, per_example_positions: int) -> int:
         """Examples per batch within the memory budget: the layer inputs (unfolded for convolutions)
@@ -150,10 +151,10 @@ class FactorizedGradients(BatchBackOff):
         """[b, out_dim] projected gradients of one batch."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}")
-        cap = _Capture(self.layers, keep_grads=False)
+        cap = _Capture(self.layers, keep_grads=False, protect=self._protect)
         try:
             with _grads_only_for(self.model, self.layers), torch.enable_grad():
-                out = self.model(to_device(x, self.device)).float()
+                out = cap.run(self.model, to_device(x, self.device)).float()
                 yb = y.to(self.device)
                 total = (correct_class_margin(out, yb) if kind == "margin" else example_loss(out, yb)).sum()
                 outs = [cap.outputs[L.name] for L in self.layers]
@@ -167,6 +168,7 @@ class FactorizedGradients(BatchBackOff):
                     parts.append(torch.einsum("bto,bti->boi", ps, pa).reshape(len(a), -1))
                     del a, s, pa, ps
         finally:
+            self._protect = cap.protect  # a model that changes a layer's output in place does so every batch
             cap.close()
         return torch.cat(parts, 1).detach()
 

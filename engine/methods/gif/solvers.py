@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.autodiff.curvature import Layer, _Capture, _grads_only_for
 from engine.autodiff.functional import FunctionalModel, Tracked
 from engine.autodiff.hvp import HessianOperator
 from engine.autodiff.measurement import correct_class_margin
@@ -101,31 +102,36 @@ def _layer_statistics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: 
     def on_forward(mod, inp, out) -> None:
         sums[id(mod)].add_(reduce(out))
 
-    def on_backward(mod, grad_in, grad_out) -> None:
-        sums[id(mod)].add_(reduce(grad_out[0]))
-
-    for m, _, _ in groups:
-        if mode == "output":
-            hooks.append(m.register_forward_hook(on_forward))
-        else:
-            hooks.append(m.register_full_backward_hook(on_backward))
+    for m, _, _ in groups if mode == "output" else ():
+        hooks.append(m.register_forward_hook(on_forward))
+    # gradient mode: the output gradients through the curvature capture, which also handles a model
+    # that changes a layer's output in place (where a full backward hook fails)
+    names = {id(m): n for n, m in model.named_modules()}
+    cap = None if mode == "output" else _Capture([Layer(names[id(m)], m, "", "", None, rows, 0) for m, _, rows in groups],
+                                                 keep_grads=False)
     model = model.eval()
     try:
         for lo in range(0, len(y), batch_size):
             xb = x[lo:lo + batch_size].to(device)
             yb = y[lo:lo + batch_size].to(device)
-            if mode == "output":
+            if cap is None:
                 with torch.no_grad():
                     model(xb)
             else:
-                xb = xb.clone().requires_grad_(True)  # full backward hooks need a graph to the input
-                model.zero_grad(set_to_none=True)
-                objective(model(xb), yb).backward()
+                with _grads_only_for(model, cap.layers), torch.enable_grad():
+                    out = cap.run(model, xb)
+                    outs = [cap.outputs[L.name] for L in cap.layers]
+                    grads = torch.autograd.grad(objective(out, yb), outs, allow_unused=True)
+                for L, g in zip(cap.layers, grads):
+                    if g is not None:
+                        sums[id(L.module)].add_(reduce(g))
+                del out, outs, grads
             count["n"] += len(yb)
     finally:
         for h in hooks:
             h.remove()
-        model.zero_grad(set_to_none=True)
+        if cap is not None:
+            cap.close()
     return {k: v / max(1, count["n"]) for k, v in sums.items()}
 
 
