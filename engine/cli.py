@@ -11,6 +11,8 @@ import numpy as np
 
 from engine.api import cached_scores, run_dir
 from engine.autodiff import distributed, resolve_device
+from engine.autodiff.functional import TrackedParameters
+from engine.autodiff.per_example import gradient_backend
 from engine.autodiff.threads import gradient_threads
 from engine.core.checkpoints import import_trajectory
 from engine.core.errors import ProponentError
@@ -171,6 +173,7 @@ def cmd_info(a) -> int:
         info["accuracy"] = acc["models"]
         info["warnings"] = [w for w in [acc["warning"], *p.data_warnings] if w]
         info["threads"] = gradient_threads(p)
+        info["gradients"] = gradient_backend(p.build_model().eval(), TrackedParameters.of(p))
         info["methods"] = {}
         for cls in list_methods():
             info["methods"][cls.name] = cls.supports(p) or "ok"
@@ -178,12 +181,13 @@ def cmd_info(a) -> int:
             print(json.dumps(info))
         else:
             for k, v in info.items():
-                if k in ("methods", "accuracy", "warnings", "threads"):
+                if k in ("methods", "accuracy", "warnings", "threads", "gradients"):
                     continue
                 print(f"{k:>12}: {v}")
             for r in info["accuracy"]:
                 print(f"{'accuracy':>12}: model {r['model']} train {r['train']:.3f}, test {r['test']:.3f}")
             print(f"{'threads':>12}: {info['threads']['threads']} for gradient work ({info['threads']['reason']})")
+            print(f"{'gradients':>12}: {info['gradients']['backend']} ({info['gradients']['reason']})")
             runnable = [n for n, v in info["methods"].items() if v == "ok"]
             print(f"{'can run':>12}: {', '.join(runnable) or 'none'}")
             for n, v in info["methods"].items():

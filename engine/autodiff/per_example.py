@@ -1,17 +1,22 @@
 """Per-example gradients of the measurement (margin) or of the training loss.
 
-One implementation for every method: ``torch.func`` (vmap over grad through the
-:class:`~engine.autodiff.functional.FunctionalModel`), batched by a memory budget, on the CPU
-or CUDA. Gradients come out flattened as [batch, p] over the tracked parameters, in the
+One gradient computer for every method, with two backends: ``torch.func`` (vmap over grad
+through the :class:`~engine.autodiff.functional.FunctionalModel`), which differentiates any
+model, and the per-layer pass of :mod:`engine.autodiff.per_layer` (one batched backward and a
+closed form per Linear / Conv2d / normalisation layer), taken where it applies and was measured
+faster (:func:`auto_layers_rule`) and checked against torch.func on its first batch. Batched by a
+memory budget, on the CPU or CUDA. Gradients come out flattened as [batch, p] over the tracked parameters, in the
 model's :class:`~engine.autodiff.functional.ParamLayout`. Inputs may be tensors or dicts
 (pytrees) of tensors, e.g. a text model's ``{input_ids, attention_mask}``.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 from torch.func import grad, grad_and_value, vmap
 
 from engine.autodiff.compute import resolve_device
@@ -25,10 +30,35 @@ from engine.autodiff.functional import (
     to_device,
 )
 from engine.autodiff.measurement import correct_class_margin, example_loss
+from engine.autodiff.per_layer import LayerGradients, NotPerLayer, layer_plan
 from engine.core.errors import ProponentError
 
 KINDS = ("margin", "loss")
+BACKENDS = ("auto", "vmap", "layers")
+BACKEND_ENV = "PROPONENT_GRADIENTS"  # overrides backend="auto" for every gradient computer of the process
+# rows of the first batch of each kind that the per-layer pass is checked on against torch.func, and
+# the agreement it must reach (float32 rounding is about 1e-7 of the largest entry)
+CHECK_ROWS = 2
+CHECK_RTOL = 1e-4
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def auto_layers_rule(parts) -> str | None:
+    """Why ``backend="auto"`` keeps torch.func for a model the per-layer pass could take (None: take it).
+
+    Measured at the engine's own batch sizes (scripts/bench_per_example.py,
+    docs/bench/per-example-grads.json, 2-core CPU, 1 and 2 threads): with a convolution or a
+    normalisation layer the per-layer pass took 0.87-1.00 of torch.func's time (0.87-0.92 on the
+    BatchNorm CNN of scripts/bench_gpu.py, where BatchNorm's γ and β have closed forms and each
+    convolution takes the faster of two forms); on a stack of Linear layers alone the two run the same
+    batched products and the per-layer pass was 1.01-1.12× slower, so such models keep torch.func."""
+    if not any(p.kind != "linear" for p in parts):
+        return "Linear layers only: torch.func (the same products; measured equal or up to 1.12× faster)"
+    return None
+
+
+def auto_layers_reason(parts) -> str:
+    return "convolution or normalisation layers: measured 0.87-1.00 of torch.func's time"
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -90,7 +120,7 @@ class GradientComputer(BatchBackOff):
     """
 
     def __init__(self, model: nn.Module, *, tracked: Tracked = None, device: str = "cpu",
-                 memory_budget_mb: float = 512.0, precision: str = "float32"):
+                 memory_budget_mb: float = 512.0, precision: str = "float32", backend: str = "auto"):
         if precision not in PRECISIONS:
             raise ProponentError(f"gradient precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.device = resolve_device(device)
@@ -112,13 +142,69 @@ class GradientComputer(BatchBackOff):
         self._input_dtype = low
 
         def measure(params, x, y, kind):
-            out = self._grad_fm(params, add_batch_dim(x)).float()
+            out = self._grad_fm(params, add_batch_dim(x))
+            out = out if out.dtype == torch.float64 else out.float()  # a low-precision pass is measured in float32
             if kind == "margin":
                 return correct_class_margin(out, y.unsqueeze(0)).sum()
             return example_loss(out, y.unsqueeze(0)).sum()
 
         self._grad_fns = {k: vmap(grad(lambda p, x, y, k=k: measure(p, x, y, k)), in_dims=(None, 0, 0)) for k in KINDS}
         self._margin_value_fn = vmap(grad_and_value(lambda p, x, y: measure(p, x, y, "margin")), in_dims=(None, 0, 0))
+        self._layers: LayerGradients | None = None
+        self._checked: set[str] = set()
+        self.backend = "vmap"
+        self.backend_reason = self._choose_backend(backend)
+
+    def _choose_backend(self, backend: str) -> str:
+        """Why the gradients take the path they take (``self._layers`` set for the per-layer one)."""
+        if backend not in BACKENDS:
+            raise ProponentError(f"gradient backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        forced = os.environ.get(BACKEND_ENV, "").strip()
+        if backend == "auto" and forced:
+            if forced not in BACKENDS:
+                raise ProponentError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, not {forced!r}")
+            backend = forced
+        if backend == "vmap":
+            return "asked for torch.func"
+        if self.precision != "float32":
+            why = f"a {self.precision} pass runs through torch.func"
+        else:
+            parts, why = layer_plan(self.model, self.layout)
+            if why is None and backend == "auto":
+                why = auto_layers_rule(parts)
+            if why is None:
+                self._layers = LayerGradients(self.model, self.layout, parts)
+                self.backend = "layers"
+                return "per-layer closed forms" + ("" if backend == "layers" else " (auto: " + auto_layers_reason(parts) + ")")
+        if backend == "layers":
+            raise ProponentError(f"gradient backend 'layers' cannot differentiate this model: {why}")
+        return why
+
+    def _fall_back(self, why: str) -> None:
+        self._layers, self.backend, self.backend_reason = None, "vmap", why
+
+    def _layer_pass(self, x: Any, y: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(gradients, values) from the per-layer pass, or None where it does not apply; the first
+        batch of each kind is checked against torch.func, and a mismatch falls back for good."""
+        if self._layers is None or any(t.requires_grad for t in pytree.tree_leaves(x)):
+            return None  # inputs that require grad (a synset being distilled) need torch.func's graph
+        xd, yd = to_device(x, self.device), y.to(self.device)
+        try:
+            g, v = self._layers.per_example(xd, yd, kind)
+        except NotPerLayer as e:
+            self._fall_back(str(e))
+            return None
+        if kind not in self._checked:
+            k = min(CHECK_ROWS, len(yd))
+            ref = self._grad_fns[kind](self._grad_params, batch_rows(xd, 0, k), yd[:k])
+            ref = self.flatten(ref).to(g.dtype)
+            scale = float(ref.abs().max()) if ref.numel() else 0.0
+            if ref.numel() and float((g[:k] - ref).abs().max()) > CHECK_RTOL * scale + 1e-30:
+                self._fall_back("per-layer gradients disagreed with torch.func on the first batch (a parameter "
+                                "used outside its module, or examples that interact)")
+                return None
+            self._checked.add(kind)
+        return g, v
 
     def batch_size(self, example_numel: int = 0) -> int:
         """Examples per vmap batch within the memory budget (on CUDA: at most half the free memory)."""
@@ -140,6 +226,9 @@ class GradientComputer(BatchBackOff):
         """[b, p] gradients of ``kind`` ("margin" or "loss") for one batch."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}")
+        done = self._layer_pass(x, y, kind)
+        if done is not None:
+            return done[0]
         g = self._grad_fns[kind](self._grad_params, to_device(x, self.device, self._input_dtype), y.to(self.device))
         return self.flatten({n: t.float() for n, t in g.items()}) if self._input_dtype else self.flatten(g)
 
@@ -151,6 +240,9 @@ class GradientComputer(BatchBackOff):
         from the margin itself (s = σ(−f), f = log(p_y / (1 − p_y))), so −s·∇f keeps its relative
         precision where p_y rounds to 1 in float32 (there p − e_y loses its y entry), and a caller
         gets the loss gradient and the margin gradient from one pass."""
+        done = self._layer_pass(x, y, "margin")
+        if done is not None:
+            return done[0], torch.sigmoid(-done[1].float())
         g, f = self._margin_value_fn(self._grad_params, to_device(x, self.device, self._input_dtype), y.to(self.device))
         flat = self.flatten({n: t.float() for n, t in g.items()}) if self._input_dtype else self.flatten(g)
         return flat, torch.sigmoid(-f.float())
@@ -186,4 +278,10 @@ class GradientComputer(BatchBackOff):
         return self.fm.outputs(x, batch)
 
 
-__all__ = ["GradientComputer", "BatchBackOff", "KINDS", "PRECISIONS", "is_out_of_memory", "resolve_device", "batch_len"]
+def gradient_backend(model: nn.Module, tracked: Tracked = None) -> dict:
+    """{"backend", "reason"}: how per-example gradients of ``model`` are computed by default."""
+    comp = GradientComputer(model, tracked=tracked)
+    return {"backend": comp.backend, "reason": comp.backend_reason}
+
+
+__all__ = ["GradientComputer", "BatchBackOff", "KINDS", "BACKENDS", "gradient_backend", "PRECISIONS", "is_out_of_memory", "resolve_device", "batch_len"]

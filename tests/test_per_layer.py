@@ -1,0 +1,175 @@
+"""Per-example gradients by layer (one batched backward, closed forms per module) against torch.func,
+and the gradient computer's choice between them: where the per-layer pass does not apply or
+disagrees, torch.func answers."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.autodiff.per_example import GradientComputer
+from engine.autodiff.per_layer import CONV_WEIGHT_GRADS, LayerGradients, layer_plan
+from engine.core.errors import ProponentError
+
+
+class Mixed(nn.Module):
+    """Every module kind the per-layer pass covers, with strides, dilation, groups and a Linear over
+    positions (a [b, T, d] input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 8, 3, stride=2, dilation=2, padding=2, bias=False)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding="same", groups=2)
+        self.gn = nn.GroupNorm(2, 8)
+        self.tok = nn.Linear(8, 5)  # over the 4x4 positions as tokens
+        self.ln = nn.LayerNorm(5)
+        self.head = nn.Linear(5 * 16, 4)
+        self.bn1d = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv1(x)))
+        h = self.gn(self.conv3(torch.relu(self.conv2(h))))
+        t = self.ln(self.tok(h.flatten(2).transpose(1, 2)))  # [b, 16, 5]
+        return self.bn1d(self.head(torch.tanh(t).flatten(1)))
+
+
+def _mixed(dtype=torch.float32):
+    torch.manual_seed(0)
+    m = Mixed().to(dtype).eval()
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        for bn in (m.bn, m.bn1d):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+        for norm in (m.bn, m.bn1d, m.gn, m.ln):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.3, 0.3)
+    return m
+
+
+def _data(n=7, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 8, 8, generator=g).to(dtype), torch.randint(0, 4, (n,), generator=g)
+
+
+@pytest.mark.parametrize("kind", ["margin", "loss"])
+@pytest.mark.parametrize("conv", sorted(CONV_WEIGHT_GRADS))
+def test_every_covered_module_equals_torch_func(kind, conv):
+    model = _mixed(torch.float64)
+    x, y = _data(dtype=torch.float64)
+    ref = GradientComputer(model, backend="vmap")
+    parts, why = layer_plan(model, ref.layout)
+    assert why is None and {p.kind for p in parts} == {"linear", "conv2d", "batchnorm", "layernorm", "groupnorm"}
+    lg = LayerGradients(model, ref.layout, parts)
+    lg.conv_methods = {p.layer.name: conv for p in parts if p.kind == "conv2d" and p.layer.module.groups == 1}
+    got, values = lg.per_example(x, y, kind)
+    want = ref.per_example(x, y, kind)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    with torch.no_grad():
+        logits = model(x)
+    from engine.autodiff.measurement import correct_class_margin, example_loss
+    torch.testing.assert_close(values, (correct_class_margin if kind == "margin" else example_loss)(logits, y))
+
+
+def test_partly_tracked_parameters_and_margin_with_loss_scale():
+    """Only some parameters tracked (a bias without its weight, one norm's weight): the flat layout
+    of the tracked ones; margin_and_loss_scale gives torch.func's ∇f and 1 − p_y."""
+    model = _mixed()
+    x, y = _data(9)
+    tracked = ["conv1.bias", "bn.weight", "tok.weight", "head.weight", "head.bias"]
+    auto = GradientComputer(model, tracked=tracked, backend="layers")
+    ref = GradientComputer(model, tracked=tracked, backend="vmap")
+    assert auto.backend == "layers" and auto.n_params == ref.n_params
+    g, s = auto.margin_and_loss_scale(x, y)
+    g_ref, s_ref = ref.margin_and_loss_scale(x, y)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(auto.per_example(x, y, "loss"), ref.per_example(x, y, "loss"), rtol=1e-4, atol=1e-6)
+
+
+class Reused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(torch.tanh(self.fc(x)))))  # one module, two calls
+
+
+class UsedOutside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x)) + 0.5 * F.linear(x, self.fc.weight)  # the weight used outside fc
+        return self.out(h)
+
+
+@pytest.mark.parametrize("model_cls,why", [(Reused, "ran 2 time"), (UsedOutside, "disagreed with torch.func")])
+def test_models_the_per_layer_pass_gets_wrong_fall_back_to_torch_func(model_cls, why):
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    comp = GradientComputer(model, backend="layers")
+    assert comp.backend == "layers"
+    got = comp.per_example(x, y)
+    assert comp.backend == "vmap" and why in comp.backend_reason
+    torch.testing.assert_close(got, GradientComputer(model, backend="vmap").per_example(x, y), rtol=1e-6, atol=1e-7)
+
+
+def test_models_without_per_layer_rules_say_why():
+    torch.manual_seed(0)
+    emb = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 3))
+    bn_batch = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2))
+    tied = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh(), nn.Linear(4, 4, bias=False))
+    tied[2].weight = tied[0].weight
+    for model, why in ((emb, "Embedding has no per-layer gradient rule"), (bn_batch, "examples interact"),
+                       (tied, "shared between modules")):
+        comp = GradientComputer(model.eval())
+        assert comp.backend == "vmap" and why in comp.backend_reason
+        with pytest.raises(ProponentError, match="gradient backend 'layers' cannot differentiate this model"):
+            GradientComputer(model, backend="layers")
+    low = GradientComputer(_mixed(), precision="bfloat16", backend="auto")
+    assert low.backend == "vmap" and "bfloat16" in low.backend_reason
+
+
+def test_inputs_that_require_grad_keep_the_graph():
+    """A synset being distilled (DDM) differentiates the gradients with respect to the inputs."""
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).eval()
+    comp = GradientComputer(model, backend="layers")
+    x = torch.randn(4, 5, requires_grad=True)
+    g = comp.per_example(x, torch.tensor([0, 1, 2, 0]), "loss")
+    assert g.requires_grad
+    (gx,) = torch.autograd.grad(g.square().sum(), x)
+    assert gx.abs().sum() > 0 and comp.backend == "layers"
+
+
+def test_in_place_operations_after_a_layer():
+    from tests.test_curvature import _twin_models
+
+    plain, inplace = _twin_models()
+    x, y = torch.randn(40, 3, 5, 5), torch.randint(0, 4, (40,))
+    a = GradientComputer(inplace, backend="layers")
+    got = a.per_example(x, y)
+    assert a.backend == "layers" and a._layers._protect
+    torch.testing.assert_close(got, GradientComputer(plain, backend="vmap").per_example(x, y), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_takes_the_per_layer_pass_where_it_was_measured_faster(monkeypatch):
+    mlp = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).eval()
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
+    assert GradientComputer(mlp).backend == "vmap" and "Linear layers only" in GradientComputer(mlp).backend_reason
+    assert GradientComputer(cnn).backend == "layers"
+    monkeypatch.setenv("PROPONENT_GRADIENTS", "vmap")
+    assert GradientComputer(cnn).backend == "vmap"
+    monkeypatch.setenv("PROPONENT_GRADIENTS", "layers")
+    assert GradientComputer(mlp).backend == "layers"
+    monkeypatch.setenv("PROPONENT_GRADIENTS", "fast")
+    with pytest.raises(ProponentError, match="PROPONENT_GRADIENTS must be one of"):
+        GradientComputer(mlp)
