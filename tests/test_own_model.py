@@ -221,8 +221,11 @@ def test_info_lists_what_can_run(own, capsys):
     for m in ("source", "tracin", "ddm"):
         assert "needs a recorded trajectory" in info["methods"][m]
     assert info["recipe"] is False and info["weights"] == "weights files"
+    # the own model is a Linear stack: torch.func, and why
+    assert info["gradients"]["backend"] == "vmap" and "Linear layers only" in info["gradients"]["reason"]
     code, out, _ = run_cli(capsys, "info", own["root"])
     assert "can run: " in out and "cannot run: source: source needs a recorded trajectory" in out
+    assert "gradients: vmap (Linear layers only" in out
 
 
 def test_trak_model_ensemble_needs_several_models(own, tmp_path, capsys):

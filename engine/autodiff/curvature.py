@@ -257,9 +257,8 @@ def _out_grads(L: Layer, g: torch.Tensor) -> torch.Tensor:
 
 
 class _Capture:
-    """Forward hooks that keep each covered layer's input and its output gradient (``grads``, filled
-    by a backward pass), or with ``keep_grads=False`` its output itself (``outputs``, to take
-    ``torch.autograd.grad`` with respect to).
+    """Forward hooks that keep each covered layer's input (``inputs``) and output (``outputs``, to
+    take ``torch.autograd.grad`` with respect to: no parameter gradient is formed).
 
     Run the model through :meth:`run`: a model that changes a captured tensor in place after the
     layer (``nn.ReLU(inplace=True)`` on a convolution's output, a residual ``out += x``) would
@@ -268,13 +267,11 @@ class _Capture:
     the rest of the model a copy of its output and keeps a copy of its input (kept for later
     batches: the same model does it again)."""
 
-    def __init__(self, layers: list[Layer], keep_grads: bool = True, protect: bool = False):
+    def __init__(self, layers: list[Layer], protect: bool = False):
         self.layers = layers
-        self.keep_grads = keep_grads
         self.protect = protect
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
-        self.grads: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
         self._versions: dict[str, list[tuple[torch.Tensor, int]]] = {}
         self.handles = []
@@ -290,15 +287,12 @@ class _Capture:
             if self.protect:
                 out = out.clone()  # the rest of the model may change its copy in place
             self._versions[L.name] = [(inp[0], inp[0]._version), (kept, kept._version)]
-            if not self.keep_grads:
-                self.outputs[L.name] = kept
-            elif kept.requires_grad:
-                kept.register_hook(lambda g, name=L.name: self.grads.__setitem__(name, g.detach()))
+            self.outputs[L.name] = kept
             return out if self.protect else None
         return hook
 
     def clear(self) -> None:
-        for d in (self.inputs, self.outputs, self.grads, self.calls, self._versions):
+        for d in (self.inputs, self.outputs, self.calls, self._versions):
             d.clear()
 
     def changed_in_place(self) -> list[str]:
@@ -427,7 +421,7 @@ def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor,
     layers' outputs: no parameter gradient is formed (a full ``backward`` also computed every
     weight gradient and took about twice as long)."""
     model = model.eval().to(device)
-    cap = _Capture(layers, keep_grads=False)
+    cap = _Capture(layers)
     try:
         with _grads_only_for(model, layers):
             for lo in distributed.my_share(range(0, len(x), batch_size)):
@@ -465,7 +459,7 @@ def curvature_batch_size(model: nn.Module, layers: list[Layer], x: torch.Tensor,
     if len(x) == 0:
         return batch_size
     model = model.eval().to(device)
-    cap = _Capture(layers, keep_grads=False)
+    cap = _Capture(layers)
     try:
         with torch.no_grad():
             model(x[:1].to(device))

@@ -151,7 +151,7 @@ class FactorizedGradients(BatchBackOff):
         """[b, out_dim] projected gradients of one batch."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}")
-        cap = _Capture(self.layers, keep_grads=False, protect=self._protect)
+        cap = _Capture(self.layers, protect=self._protect)
         try:
             with _grads_only_for(self.model, self.layers), torch.enable_grad():
                 out = cap.run(self.model, to_device(x, self.device)).float()

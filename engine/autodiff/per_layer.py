@@ -196,7 +196,7 @@ class LayerGradients:
 
     def per_example(self, x: Any, y: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """([b, p] gradients of ``kind`` per example, [b] the values of ``kind``)."""
-        cap = _Capture(self.layers, keep_grads=False, protect=self._protect)
+        cap = _Capture(self.layers, protect=self._protect)
         try:
             with _grads_only_for(self.model, self.layers), torch.enable_grad():
                 logits = cap.run(self.model, x)
