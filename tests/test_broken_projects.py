@@ -289,6 +289,12 @@ CASES = [
     ("factory-import-error", T, write_file("model.py", "import not_a_module_xyz\n"), INFO, "model.py"),
     ("model-wrong-classes", T, write_file("model.py", "from torch import nn\ndef build(s, k):\n    return nn.Linear(4, 7)\n"), INFO, "classes"),
     ("model-no-parameters", T, no_param_model, INFO, "no parameters"),
+    ("model-returns-a-tuple", T, write_file("model.py", "from torch import nn\nclass Two(nn.Module):\n"
+                                            "    def __init__(self):\n        super().__init__()\n"
+                                            "        self.fc = nn.Linear(4, 3)\n"
+                                            "    def forward(self, x):\n        return self.fc(x), x\n"
+                                            "def build(s, k):\n    return Two()\n"), INFO,
+     "model forward returned a tuple (Tensor[2, 3], Tensor[2, 4]), not a logits tensor"),
     ("model-fails-big-batch", T, big_batch_fails, INFO, "batch of"),
     ("weights-missing", T, edit_toml('checkpoints = "checkpoints"', 'checkpoints = "ck2"\nweights = ["nope.safetensors"]'), INFO, "nope.safetensors"),
     ("weights-pickled", T, pickled_weights, INFO, "w.pt"),

@@ -404,6 +404,10 @@ class Project:
                 except Exception as e:
                     raise ValidationError(f"model forward failed on a batch of {n}, input {_describe(x)}: "
                                           f"{type(e).__name__}: {e}", file=str(self._factory_file)) from None
+            if not isinstance(out, torch.Tensor):
+                raise ValidationError(f"model forward returned {_describe_output(out)}, not a logits tensor "
+                                      f"[batch, {self.num_classes}]; make build() return a module whose forward "
+                                      f"returns the logits alone", file=str(self._factory_file))
             if out.ndim != 2 or out.shape[0] != n:
                 break
         if out.ndim != 2 or out.shape[1] != self.num_classes:
@@ -588,6 +592,17 @@ def _positional_arity(fn) -> int:
     except (TypeError, ValueError):
         return 2
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
+
+
+def _describe_output(out) -> str:
+    """A model output that is not a tensor, in a few words: "a tuple (Tensor[2, 3], Tensor[2, 16])"."""
+    def one(v) -> str:
+        return f"Tensor{list(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} ({', '.join(one(v) for v in list(out)[:4])}{', …' if len(out) > 4 else ''})"
+    if isinstance(out, dict):
+        return f"a {type(out).__name__} with keys {', '.join(map(str, list(out)[:6]))}"
+    return f"a {type(out).__name__}"
 
 
 def _describe(x) -> str:
