@@ -173,3 +173,18 @@ def test_auto_takes_the_per_layer_pass_where_it_was_measured_faster(monkeypatch)
     monkeypatch.setenv("PROPONENT_GRADIENTS", "fast")
     with pytest.raises(ProponentError, match="PROPONENT_GRADIENTS must be one of"):
         GradientComputer(mlp)
+
+
+def test_a_failing_per_layer_pass_falls_back(monkeypatch):
+    from engine.autodiff import per_layer
+
+    def broken(*a, **k):
+        raise RuntimeError("shape the closed forms did not foresee")
+
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
+    x, y = torch.randn(5, 1, 6, 6), torch.randint(0, 3, (5,))
+    comp = GradientComputer(cnn)
+    monkeypatch.setattr(per_layer, "_part_grads", broken)
+    got = comp.per_example(x, y)
+    assert comp.backend == "vmap" and "per-layer pass failed (RuntimeError: shape the closed forms" in comp.backend_reason
+    torch.testing.assert_close(got, GradientComputer(cnn, backend="vmap").per_example(x, y))

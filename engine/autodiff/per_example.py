@@ -4,10 +4,10 @@ One gradient computer for every method, with two backends: ``torch.func`` (vmap 
 through the :class:`~engine.autodiff.functional.FunctionalModel`), which differentiates any
 model, and the per-layer pass of :mod:`engine.autodiff.per_layer` (one batched backward and a
 closed form per Linear / Conv2d / normalisation layer), taken where it applies and was measured
-faster (:func:`auto_layers_rule`) and checked against torch.func on its first batch. Batched by a
-memory budget, on the CPU or CUDA. Gradients come out flattened as [batch, p] over the tracked parameters, in the
-model's :class:`~engine.autodiff.functional.ParamLayout`. Inputs may be tensors or dicts
-(pytrees) of tensors, e.g. a text model's ``{input_ids, attention_mask}``.
+faster (:func:`auto_layers_rule`) and checked against torch.func on its first batch. Batched by
+a memory budget, on the CPU or CUDA. Gradients come out flattened as [batch, p] over the
+tracked parameters, in the model's :class:`~engine.autodiff.functional.ParamLayout`. Inputs may
+be tensors or dicts (pytrees) of tensors, e.g. a text model's ``{input_ids, attention_mask}``.
 """
 from __future__ import annotations
 
@@ -175,7 +175,8 @@ class GradientComputer(BatchBackOff):
             if why is None:
                 self._layers = LayerGradients(self.model, self.layout, parts)
                 self.backend = "layers"
-                return "per-layer closed forms" + ("" if backend == "layers" else " (auto: " + auto_layers_reason(parts) + ")")
+                why = "per-layer closed forms"
+                return why if backend == "layers" else f"{why} (auto: {auto_layers_reason(parts)})"
         if backend == "layers":
             raise ProponentError(f"gradient backend 'layers' cannot differentiate this model: {why}")
         return why
@@ -193,6 +194,11 @@ class GradientComputer(BatchBackOff):
             g, v = self._layers.per_example(xd, yd, kind)
         except NotPerLayer as e:
             self._fall_back(str(e))
+            return None
+        except Exception as e:  # a user module the closed forms did not foresee: torch.func still answers
+            if is_out_of_memory(e):
+                raise
+            self._fall_back(f"the per-layer pass failed ({type(e).__name__}: {str(e)[:200]})")
             return None
         if kind not in self._checked:
             k = min(CHECK_ROWS, len(yd))

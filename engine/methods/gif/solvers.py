@@ -107,7 +107,8 @@ def _layer_statistics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: 
     # gradient mode: the output gradients through the curvature capture, which also handles a model
     # that changes a layer's output in place (where a full backward hook fails)
     names = {id(m): n for n, m in model.named_modules()}
-    cap = None if mode == "output" else _Capture([Layer(names[id(m)], m, "", "", None, rows, 0) for m, _, rows in groups])
+    layers = [Layer(names[id(m)], m, "", "", None, rows, 0) for m, _, rows in groups]
+    cap = None if mode == "output" else _Capture(layers)
     model = model.eval()
     try:
         for lo in range(0, len(y), batch_size):
