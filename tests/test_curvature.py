@@ -435,3 +435,22 @@ def test_layers_changed_in_place_after_capture_give_their_own_statistics():
         feats.append(torch.cat([fg.features(x[lo:lo + 8], y[lo:lo + 8], "margin") for lo in (0, 8, 16)]))
         assert fg._protect is (model is inplace)  # found once, remembered for the later batches
     torch.testing.assert_close(feats[1], feats[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_called_at_every_step_gets_the_fisher_of_its_summed_gradient():
+    """A recurrent cell (one Linear called once per step): its per-example gradient is the sum over
+    the calls, so the EK-FAC eigenvalues equal the diagonal of the brute-force Fisher in the basis."""
+    from tests.test_factorized import Recurrent
+
+    torch.manual_seed(4)
+    model = Recurrent().double().eval()
+    x = torch.randn(12, 4, 3, dtype=torch.float64)
+    layers, left = cv.curvature_layers(model)
+    assert not left and {L.name for L in layers} == {"inp", "cell", "out"}
+    labels = cv.sample_labels(model, x, samples=2, seed=1)
+    basis = cv.eigenbasis(cv.fit_covariances(model, layers, x, labels, batch_size=5), layers)
+    lam = cv.fit_eigenvalues(model, layers, x, labels, basis, batch_size=7)
+    G = cv.brute_force_pseudo_grads(model, layers, x, labels)
+    for L in layers:
+        expect = _kron_fisher_diag(G[L.name], basis[f"{L.name}.QS"], basis[f"{L.name}.QA"])
+        torch.testing.assert_close(lam[f"{L.name}.lambda"], expect, rtol=1e-9, atol=1e-12)

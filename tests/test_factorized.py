@@ -41,6 +41,22 @@ class TinyText(nn.Module):
         return self.head((h * m).sum(1) / m.sum(1))
 
 
+class Recurrent(nn.Module):
+    """One Linear cell called once per step (and an input Linear once per step): gradients sum over calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 5)
+        self.cell = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 4)
+
+    def forward(self, x):  # [b, steps, 3]
+        h = torch.zeros(len(x), 5, dtype=x.dtype)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.cell(h) + self.inp(x[:, t]))
+        return self.out(h)
+
+
 def _models():
     from engine.core.data import TensorDict
 
@@ -52,10 +68,11 @@ def _models():
     mask = torch.ones(9, 4, dtype=torch.long)
     mask[::2, 3] = 0
     text = TensorDict({"input_ids": ids, "attention_mask": mask})
-    return [(mlp, torch.randn(9, 7), 4), (cnn, torch.randn(9, 3, 8, 8), 5), (TinyText(), text, 3)]
+    return [(mlp, torch.randn(9, 7), 4), (cnn, torch.randn(9, 3, 8, 8), 5), (TinyText(), text, 3),
+            (Recurrent(), torch.randn(9, 4, 3), 4)]
 
 
-@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("which", [0, 1, 2, 3])
 @pytest.mark.parametrize("kind", ["margin", "loss"])
 def test_features_equal_the_kronecker_projection_of_exact_gradients(which, kind):
     model, x, classes = _models()[which]
@@ -143,3 +160,49 @@ def test_out_of_memory_batches_back_off_to_the_same_features(monkeypatch):
     got = torch.cat([f for _, _, f in fg.iter_batches(x, y, batch_size=8)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert sizes[:3] == [8, 4, 2] and max(sizes[3:]) == 2 and fg.max_batch == 2 and fg.oom_retries == 2
+
+
+def test_a_layer_whose_forward_never_runs_is_named():
+    """A Linear whose weight the model applies itself (F.linear) has no capture: one line naming it."""
+    from engine.core.errors import ProponentError
+
+    class Direct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+            self.out = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.out(torch.tanh(nn.functional.linear(x, self.fc.weight, self.fc.bias)))
+
+    fg = FactorizedGradients(Direct().eval(), 16)
+    with pytest.raises(ProponentError, match="layer 'fc' \\(Linear\\) holds tracked parameters but its forward never ran"):
+        fg.features(torch.randn(4, 6), torch.tensor([0, 1, 2, 0]))
+
+
+def test_attention_output_projections_are_left_out_not_captured():
+    """nn.MultiheadAttention applies out_proj's weight itself: EK-FAC and the factorized projection
+    leave it out (named) instead of failing on a capture that never happens."""
+    torch.manual_seed(0)
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(4, 8)
+            self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(self.embed(x)).mean(1))
+
+    model = Tiny().eval()
+    fg = FactorizedGradients(model, 32)
+    assert "enc.self_attn.out_proj.weight" in fg.left_out
+    assert [L.name for L in fg.layers] == ["embed", "enc.linear1", "enc.linear2", "head"]
+    x, y = torch.randn(5, 6, 4), torch.tensor([0, 1, 2, 0, 1])
+    covered = covered_param_names(fg.layers)
+    exact = GradientComputer(model, tracked=covered).per_example(x, y, "margin")
+    mats = LayerBlocks(fg.layers, GradientComputer(model, tracked=covered).layout).to_layers(exact)
+    want = torch.cat([torch.einsum("ok,noi,ij->nkj", po.matrix, G, pi.matrix).reshape(len(x), -1)
+                      for G, po, pi in zip(mats, fg.p_out, fg.p_in)], 1)
+    torch.testing.assert_close(fg.features(x, y, "margin"), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

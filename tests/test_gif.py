@@ -160,6 +160,44 @@ def test_gradient_selection_of_a_model_with_in_place_operations():
     assert torch.equal(masks[0], masks[1]) and masks[0].any()
 
 
+def test_selection_of_a_linear_over_tokens_ranks_its_output_features():
+    """A Linear over [b, tokens, d] (a transformer's): its rows are the last dimension, not the
+    tokens; an attention block (whose out_proj never runs its own forward) selects in both modes."""
+    lin = nn.Linear(3, 6)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.1] * 3, [5.0] * 3, [0.2] * 3, [0.0] * 3, [-4.0] * 3, [0.3] * 3]))
+        lin.bias.zero_()
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):  # [b, 5, 3] -> [b, 6]
+            return self.lin(x).mean(1)
+
+    x = torch.ones(4, 5, 3)
+    y = torch.zeros(4, dtype=torch.long)
+    mask = select_parameters(Tokens().eval(), x, y, ratio=2 / 6, mode="output")
+    assert mask[:18].reshape(6, 3).all(1).nonzero().flatten().tolist() == [1, 4]
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(4, 8)
+            self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(self.embed(x)).mean(1))
+
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    xt, yt = torch.randn(5, 6, 4), torch.tensor([0, 1, 2, 0, 1])
+    for mode in ("output", "gradient"):
+        assert select_parameters(model, xt, yt, ratio=0.25, mode=mode).any()
+
+
 def test_full_ratio_equals_plain_if(mlp):
     model = mlp.load_model()
     ds = mlp.train_dataset

@@ -111,7 +111,30 @@ class UsedOutside(nn.Module):
         return self.out(h)
 
 
-@pytest.mark.parametrize("model_cls,why", [(Reused, "ran 2 time"), (UsedOutside, "disagreed with torch.func")])
+class NeverCalled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(F.linear(x, self.fc.weight, self.fc.bias)))  # fc's forward never runs
+
+
+def test_a_module_called_several_times_gets_the_sum_over_its_calls():
+    torch.manual_seed(0)
+    model = Reused().eval()
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    comp = GradientComputer(model, backend="layers")
+    for kind in ("margin", "loss"):
+        got = comp.per_example(x, y, kind)
+        assert comp.backend == "layers"
+        torch.testing.assert_close(got, GradientComputer(model, backend="vmap").per_example(x, y, kind),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_cls,why", [(NeverCalled, "did not run its own forward"),
+                                           (UsedOutside, "disagreed with torch.func")])
 def test_models_the_per_layer_pass_gets_wrong_fall_back_to_torch_func(model_cls, why):
     torch.manual_seed(0)
     model = model_cls().eval()

@@ -97,6 +97,9 @@ def curvature_layers(model: nn.Module, tracked: list[str] | None = None) -> tupl
     covered: set[str] = set()
     left_out: dict[str, str] = {}
     pname = {id(p): n for n, p in model.named_parameters()}
+    # nn.MultiheadAttention applies its out_proj's weight itself (F.multi_head_attention_forward):
+    # the Linear's own forward, and so its capture, never runs
+    attention_out = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     for mname, m in model.named_modules():
         if not isinstance(m, (nn.Linear, nn.Conv2d)) or m.weight is None:
             continue
@@ -105,6 +108,10 @@ def curvature_layers(model: nn.Module, tracked: list[str] | None = None) -> tupl
         if w not in wanted:
             if b:
                 left_out[b] = "its layer's weight is not tracked, so the layer has no Kronecker factorisation"
+            continue
+        if id(m) in attention_out:
+            for n in [w] + ([b] if b else []):
+                left_out[n] = "nn.MultiheadAttention's output projection runs inside the attention, not as a layer"
             continue
         if isinstance(m, nn.Conv2d):
             reason = None
@@ -257,8 +264,12 @@ def _out_grads(L: Layer, g: torch.Tensor) -> torch.Tensor:
 
 
 class _Capture:
-    """Forward hooks that keep each covered layer's input (``inputs``) and output (``outputs``, to
-    take ``torch.autograd.grad`` with respect to: no parameter gradient is formed).
+    """Forward hooks that keep each covered layer's inputs (``inputs``) and outputs (``outputs``, to
+    take ``torch.autograd.grad`` with respect to: no parameter gradient is formed), one entry per
+    call: a layer the forward pass calls several times (an unrolled recurrent cell, a shared
+    encoder) has the gradient Σ over calls, so :meth:`activations` and :meth:`out_grads` put its
+    calls side by side as more positions t. A layer that never runs its own forward (its weight
+    used directly) is an error naming it, not a wrong answer.
 
     Run the model through :meth:`run`: a model that changes a captured tensor in place after the
     layer (``nn.ReLU(inplace=True)`` on a convolution's output, a residual ``out += x``) would
@@ -270,10 +281,10 @@ class _Capture:
     def __init__(self, layers: list[Layer], protect: bool = False):
         self.layers = layers
         self.protect = protect
-        self.inputs: dict[str, torch.Tensor] = {}
-        self.outputs: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+        self.outputs: dict[str, list[torch.Tensor]] = {}
         self.calls: dict[str, int] = {}
-        self._versions: dict[str, list[tuple[torch.Tensor, int]]] = {}
+        self._versions: list[tuple[str, torch.Tensor, int]] = []
         self.handles = []
         for L in layers:
             self.handles.append(L.module.register_forward_hook(self._hook(L)))
@@ -282,12 +293,12 @@ class _Capture:
         def hook(mod, inp, out):
             self.calls[L.name] = self.calls.get(L.name, 0) + 1
             a = inp[0].detach()
-            self.inputs[L.name] = a.clone() if self.protect else a
+            self.inputs.setdefault(L.name, []).append(a.clone() if self.protect else a)
             kept = out
             if self.protect:
                 out = out.clone()  # the rest of the model may change its copy in place
-            self._versions[L.name] = [(inp[0], inp[0]._version), (kept, kept._version)]
-            self.outputs[L.name] = kept
+            self._versions += [(L.name, inp[0], inp[0]._version), (L.name, kept, kept._version)]
+            self.outputs.setdefault(L.name, []).append(kept)
             return out if self.protect else None
         return hook
 
@@ -295,13 +306,46 @@ class _Capture:
         for d in (self.inputs, self.outputs, self.calls, self._versions):
             d.clear()
 
+    def require_called(self) -> None:
+        """An error naming the first layer whose forward did not run in the last pass."""
+        for L in self.layers:
+            if not self.calls.get(L.name):
+                raise ProponentError(
+                    f"layer {L.name!r} ({type(L.module).__name__}) holds tracked parameters but its forward never ran: "
+                    f"the model uses its weight directly. Leave it out with [model] attribute, or use projection "
+                    f"'dense' (TRAK)")
+
+    def output_list(self) -> list[torch.Tensor]:
+        """Every captured output, layer by layer and call by call (what autograd.grad takes)."""
+        return [o for L in self.layers for o in self.outputs.get(L.name, ())]
+
+    def split(self, grads) -> dict[str, list[torch.Tensor | None]]:
+        """The gradients of :meth:`output_list`'s tensors, back to {layer: [one per call]}."""
+        out, i = {}, 0
+        for L in self.layers:
+            k = len(self.outputs.get(L.name, ()))
+            out[L.name] = list(grads[i:i + k])
+            i += k
+        return out
+
+    def activations(self, L: Layer) -> torch.Tensor:
+        """[b, T, in]: the layer's inputs over every call, calls side by side along T."""
+        parts = [_activations(L, a) for a in self.inputs[L.name]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def out_grads(self, L: Layer, grads: list[torch.Tensor | None]) -> torch.Tensor:
+        """[b, T, out]: the output gradients over every call (zeros for an output the measurement
+        does not reach), in the order of :meth:`activations`."""
+        parts = [_out_grads(L, torch.zeros_like(o) if g is None else g) for o, g in zip(self.outputs[L.name], grads)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
     def changed_in_place(self) -> list[str]:
         """Layers whose captured input or output the forward pass changed after capture."""
         if self.protect:
             return []  # the captured input is a private copy and the output is not handed on
-        return [name for name, pairs in self._versions.items() if any(t._version != v for t, v in pairs)]
+        return sorted({name for name, t, v in self._versions if t._version != v})
 
-    def run(self, model: nn.Module, x: Any) -> torch.Tensor:
+    def run(self, model: nn.Module, x: Any, require_called: bool = True) -> torch.Tensor:
         """``model(x)`` with fresh captures, run again protected if it changed a captured tensor."""
         self.clear()
         out = model(x)
@@ -310,6 +354,8 @@ class _Capture:
             del out
             self.clear()
             out = model(x)
+        if require_called:
+            self.require_called()
         return out
 
     def close(self):
@@ -433,13 +479,12 @@ def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor,
                     else:
                         lb, wb = labels[lo:lo + batch_size], weights[lo:lo + batch_size]
                     lb, wb = lb.to(device), wb.to(device).double()
-                    acts = {L.name: _activations(L, cap.inputs[L.name]) for L in layers}
-                    outs = [cap.outputs[L.name] for L in layers]
+                    acts = {L.name: cap.activations(L) for L in layers}
+                    outs = cap.output_list()
                     for j in range(lb.shape[1]):
                         loss = F.cross_entropy(logits, lb[:, j], reduction="sum")
-                        gs = torch.autograd.grad(loss, outs, retain_graph=j + 1 < lb.shape[1], allow_unused=True)
-                        yield (lo, j, {L.name: (acts[L.name], _out_grads(L, torch.zeros_like(o) if g is None else g))
-                                       for L, o, g in zip(layers, outs, gs)}, wb[:, j])
+                        gs = cap.split(torch.autograd.grad(loss, outs, retain_graph=j + 1 < lb.shape[1], allow_unused=True))
+                        yield (lo, j, {L.name: (acts[L.name], cap.out_grads(L, gs[L.name])) for L in layers}, wb[:, j])
                     del logits, outs
     finally:
         cap.close()
@@ -463,9 +508,10 @@ def curvature_batch_size(model: nn.Module, layers: list[Layer], x: torch.Tensor,
     try:
         with torch.no_grad():
             model(x[:1].to(device))
+        cap.require_called()
         per = 0
         for L in layers:
-            a = _activations(L, cap.inputs[L.name])
+            a = cap.activations(L)
             per += a.shape[1] * 2 * (L.in_dim + L.out_dim) * max(4, a.element_size())
     finally:
         cap.close()

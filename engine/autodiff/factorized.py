@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from engine.autodiff.compute import resolve_device
-from engine.autodiff.curvature import Layer, _activations, _Capture, _grads_only_for, _out_grads, curvature_layers
+from engine.autodiff.curvature import Layer, _Capture, _grads_only_for, curvature_layers
 from engine.autodiff.functional import FunctionalModel, Tracked, batch_rows, to_device
 from engine.autodiff.measurement import correct_class_margin, example_loss
 from engine.autodiff.per_example import KINDS, BatchBackOff
@@ -157,12 +157,11 @@ class FactorizedGradients(BatchBackOff):
                 out = cap.run(self.model, to_device(x, self.device)).float()
                 yb = y.to(self.device)
                 total = (correct_class_margin(out, yb) if kind == "margin" else example_loss(out, yb)).sum()
-                outs = [cap.outputs[L.name] for L in self.layers]
-                grads = torch.autograd.grad(total, outs, allow_unused=True)
+                grads = cap.split(torch.autograd.grad(total, cap.output_list(), allow_unused=True))
                 parts = []
-                for L, o, g, po, pi in zip(self.layers, outs, grads, self.p_out, self.p_in):
-                    a = _activations(L, cap.inputs[L.name]).float()  # [b, T, in]
-                    s = _out_grads(L, torch.zeros_like(o) if g is None else g).float()  # [b, T, out]
+                for L, po, pi in zip(self.layers, self.p_out, self.p_in):
+                    a = cap.activations(L).float()  # [b, T, in], every call of the layer along T
+                    s = cap.out_grads(L, grads[L.name]).float()  # [b, T, out]
                     pa = pi.project(a.reshape(-1, a.shape[-1])).reshape(a.shape[0], a.shape[1], -1)
                     ps = po.project(s.reshape(-1, s.shape[-1])).reshape(s.shape[0], s.shape[1], -1)
                     parts.append(torch.einsum("bto,bti->boi", ps, pa).reshape(len(a), -1))

@@ -12,8 +12,8 @@ input a (the trick Opacus and BackPACK use):
   the positions, x̂ the normalised input.
 
 :class:`LayerGradients` answers only for models whose every tracked parameter is the weight or
-bias of such a module, each called once per forward pass (:func:`layer_plan` gives the reason
-otherwise). :class:`engine.autodiff.per_example.GradientComputer` uses it where measured faster
+bias of such a module (:func:`layer_plan` gives the reason otherwise), each run through its own
+forward (several calls are summed). :class:`engine.autodiff.per_example.GradientComputer` uses it where measured faster
 than ``torch.func`` and checks it against ``torch.func`` on its first batch, so a model that uses
 a parameter outside its module (or mixes examples) falls back instead of being wrong.
 """
@@ -163,9 +163,9 @@ def _part_grads(part: _Part, a: torch.Tensor, g: torch.Tensor, conv_method: str 
 class LayerGradients:
     """[b, p] per-example gradients of the margin or the loss of an eval-mode model, by layer.
 
-    ``parts`` from :func:`layer_plan`. :meth:`per_example` raises :class:`NotPerLayer` when the
-    forward pass calls a module other than once (a module used twice would need its calls summed,
-    a module not called means its parameters are used elsewhere)."""
+    ``parts`` from :func:`layer_plan`. A module the forward pass calls several times gets the sum
+    over its calls; :meth:`per_example` raises :class:`NotPerLayer` when one is not called at all
+    (its parameters are used elsewhere)."""
 
     def __init__(self, model: nn.Module, layout: ParamLayout, parts: list[_Part]):
         self.model, self.layout, self.parts = model, layout, parts
@@ -199,21 +199,24 @@ class LayerGradients:
         cap = _Capture(self.layers, protect=self._protect)
         try:
             with _grads_only_for(self.model, self.layers), torch.enable_grad():
-                logits = cap.run(self.model, x)
+                logits = cap.run(self.model, x, require_called=False)
                 logits = logits if logits.dtype == torch.float64 else logits.float()
-                bad = {L.name: cap.calls.get(L.name, 0) for L in self.layers if cap.calls.get(L.name, 0) != 1}
-                if bad:
-                    name, calls = next(iter(bad.items()))
-                    raise NotPerLayer(f"module {name!r} ran {calls} time(s) in one forward pass")
+                missing = [L.name for L in self.layers if not cap.calls.get(L.name)]
+                if missing:
+                    raise NotPerLayer(f"module {missing[0]!r} did not run its own forward (its weight is used directly)")
                 values = correct_class_margin(logits, y) if kind == "margin" else example_loss(logits, y)
-                outs = [cap.outputs[L.name] for L in self.layers]
-                grads = torch.autograd.grad(values.sum(), outs, allow_unused=True)
+                outs = cap.output_list()
+                grads = cap.split(torch.autograd.grad(values.sum(), outs, allow_unused=True))
             b = len(values)
             flat = torch.empty(b, self.layout.n, dtype=outs[0].dtype, device=values.device)
-            for part, o, g in zip(self.parts, outs, grads):
-                g = torch.zeros_like(o) if g is None else g.detach()
-                a = cap.inputs[part.layer.name]
-                per = _part_grads(part, a, g, self._conv_method(part, a, g))
+            for part in self.parts:
+                name = part.layer.name
+                per: dict[str, torch.Tensor] = {}
+                # a module called several times (a recurrent cell, a shared encoder): the sum over its calls
+                for a, o, g in zip(cap.inputs[name], cap.outputs[name], grads[name]):
+                    g = torch.zeros_like(o) if g is None else g.detach()
+                    for attr, t in _part_grads(part, a, g, self._conv_method(part, a, g)).items():
+                        per[attr] = per[attr] + t if attr in per else t
                 for attr, s in part.slots:
                     flat[:, s.offset:s.offset + s.numel] = per[attr].reshape(b, s.numel)
                 del per

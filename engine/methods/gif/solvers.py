@@ -94,13 +94,17 @@ def _layer_statistics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: 
     count = {"n": 0}
     hooks = []
 
-    def reduce(t: torch.Tensor) -> torch.Tensor:  # [b, C, ...] -> [C] summed over batch and space
+    def reduce(t: torch.Tensor, mod: nn.Module) -> torch.Tensor:
+        """[rows] |t| summed over the batch and averaged over positions: a Conv2d's rows are its
+        channels (dim 1), a Linear's its last dim (it may run over tokens, [b, T, out])."""
         t = t.detach().abs().double()
-        return t.transpose(0, 1).reshape(t.shape[1], -1).sum(1).cpu() / max(1, t[0, 0].numel())
+        rows = t.shape[1] if isinstance(mod, nn.Conv2d) else t.shape[-1]
+        per_row = (t.transpose(0, 1) if isinstance(mod, nn.Conv2d) else t.movedim(-1, 0)).reshape(rows, -1)
+        return per_row.sum(1).cpu() / max(1, t[0].numel() // rows)
 
     # hooks must return None: a forward hook's return value would replace the layer's output
     def on_forward(mod, inp, out) -> None:
-        sums[id(mod)].add_(reduce(out))
+        sums[id(mod)].add_(reduce(out, mod))
 
     for m, _, _ in groups if mode == "output" else ():
         hooks.append(m.register_forward_hook(on_forward))
@@ -119,13 +123,15 @@ def _layer_statistics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: 
                     model(xb)
             else:
                 with _grads_only_for(model, cap.layers), torch.enable_grad():
-                    out = cap.run(model, xb)
-                    outs = [cap.outputs[L.name] for L in cap.layers]
-                    grads = torch.autograd.grad(objective(out, yb), outs, allow_unused=True)
-                for L, g in zip(cap.layers, grads):
-                    if g is not None:
-                        sums[id(L.module)].add_(reduce(g))
-                del out, outs, grads
+                    # a layer whose weight is applied elsewhere (attention's out_proj) has no output
+                    # of its own: no statistic, as in the output mode
+                    out = cap.run(model, xb, require_called=False)
+                    grads = cap.split(torch.autograd.grad(objective(out, yb), cap.output_list(), allow_unused=True))
+                for L in cap.layers:
+                    for g in grads[L.name]:  # a layer called several times: the sum over its calls
+                        if g is not None:
+                            sums[id(L.module)].add_(reduce(g, L.module))
+                del out, grads
             count["n"] += len(yb)
     finally:
         for h in hooks:
