@@ -561,3 +561,46 @@ def test_curvature_backprops_only_through_tracked_layers():
         g = torch.softmax(logits, 1) - torch.nn.functional.one_hot(labels[:, j], 3)
         S += (g.double().T @ g.double()) / 2
     assert torch.allclose(cov["2.S"], S / len(x), atol=1e-8)
+
+
+TRANSFORMER_MODEL = '''
+from torch import nn
+
+
+class FeatureTokens(nn.Module):
+    """Each tabular feature a token: a shared embedding applied per feature, attention, a head."""
+
+    def __init__(self, d, k):
+        super().__init__()
+        self.embed = nn.Linear(1, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(8, k)
+
+    def forward(self, x):
+        return self.head(self.enc(self.embed(x.unsqueeze(-1))).mean(1))
+
+
+def build(input_shape, num_classes):
+    return FeatureTokens(input_shape[0], num_classes)
+'''
+
+
+@pytest.mark.parametrize("method", ["ekfac", "trak"])
+def test_a_transformer_users_model_attributes(tmp_path, capsys, method):
+    """nn.TransformerEncoderLayer (attention applies its out_proj weight itself) through the CLI:
+    EK-FAC leaves the output projection out and its run says so (before: a KeyError traceback)."""
+    from tests.conftest import write_tabular_project
+
+    root = write_tabular_project(tmp_path / "tok", n_train=60, n_test=12, model=TRANSFORMER_MODEL,
+                                 training='optimizer = "adam"\nlr = 0.01\nepochs = 3\nbatch_size = 16\nseed = 0\n'
+                                          'checkpoints_per_epoch = 1\n')
+    assert run_cli(capsys, "train", str(root))[0] == 0
+    code, out, err = run_cli(capsys, "attribute", str(root), "--method", method)
+    assert code == 0, err
+    from engine import api
+
+    S = api.attribute(Project.load(root), method)  # the cached run
+    assert S.shape == (12, 60) and np.isfinite(S).all() and np.abs(S).max() > 0
+    if method == "ekfac":  # the run's metadata names what the curvature leaves out, and why
+        att, _ = api.fit_method(Project.load(root), method)
+        assert "runs inside the attention" in att.meta["left_out"]["enc.self_attn.out_proj.weight"]
