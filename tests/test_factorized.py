@@ -57,6 +57,19 @@ class Recurrent(nn.Module):
         return self.out(h)
 
 
+class TinyTransformer(nn.Module):
+    """Tokens [b, T, 4] through a Linear, one nn.TransformerEncoderLayer and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(self.embed(x)).mean(1))
+
+
 def _models():
     from engine.core.data import TensorDict
 
@@ -165,17 +178,9 @@ def test_out_of_memory_batches_back_off_to_the_same_features(monkeypatch):
 def test_a_layer_whose_forward_never_runs_is_named():
     """A Linear whose weight the model applies itself (F.linear) has no capture: one line naming it."""
     from engine.core.errors import ProponentError
+    from tests.test_per_layer import NeverCalled
 
-    class Direct(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(6, 6)
-            self.out = nn.Linear(6, 3)
-
-        def forward(self, x):
-            return self.out(torch.tanh(nn.functional.linear(x, self.fc.weight, self.fc.bias)))
-
-    fg = FactorizedGradients(Direct().eval(), 16)
+    fg = FactorizedGradients(NeverCalled().eval(), 16)
     with pytest.raises(ProponentError, match="layer 'fc' \\(Linear\\) holds tracked parameters but its forward never ran"):
         fg.features(torch.randn(4, 6), torch.tensor([0, 1, 2, 0]))
 
@@ -184,18 +189,7 @@ def test_attention_output_projections_are_left_out_not_captured():
     """nn.MultiheadAttention applies out_proj's weight itself: EK-FAC and the factorized projection
     leave it out (named) instead of failing on a capture that never happens."""
     torch.manual_seed(0)
-
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Linear(4, 8)
-            self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, x):
-            return self.head(self.enc(self.embed(x)).mean(1))
-
-    model = Tiny().eval()
+    model = TinyTransformer().eval()
     fg = FactorizedGradients(model, 32)
     assert "enc.self_attn.out_proj.weight" in fg.left_out
     assert [L.name for L in fg.layers] == ["embed", "enc.linear1", "enc.linear2", "head"]

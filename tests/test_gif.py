@@ -181,18 +181,10 @@ def test_selection_of_a_linear_over_tokens_ranks_its_output_features():
     mask = select_parameters(Tokens().eval(), x, y, ratio=2 / 6, mode="output")
     assert mask[:18].reshape(6, 3).all(1).nonzero().flatten().tolist() == [1, 4]
 
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Linear(4, 8)
-            self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, x):
-            return self.head(self.enc(self.embed(x)).mean(1))
+    from tests.test_factorized import TinyTransformer
 
     torch.manual_seed(0)
-    model = Tiny().eval()
+    model = TinyTransformer().eval()
     xt, yt = torch.randn(5, 6, 4), torch.tensor([0, 1, 2, 0, 1])
     for mode in ("output", "gradient"):
         assert select_parameters(model, xt, yt, ratio=0.25, mode=mode).any()
