@@ -83,6 +83,15 @@ def _conv_padding(m: nn.Conv2d):
     return tuple(m.padding)
 
 
+def conv_padding_problem(m: nn.Conv2d) -> str | None:
+    """Why a Conv2d's input patches cannot be formed here (None: they can)."""
+    if m.padding_mode != "zeros":
+        return f"Conv2d padding_mode {m.padding_mode!r} is not handled"
+    if _conv_padding(m) is None:
+        return "Conv2d 'same' padding with an even kernel is not handled"
+    return None
+
+
 def curvature_layers(model: nn.Module, tracked: list[str] | None = None) -> tuple[list[Layer], dict[str, str]]:
     """The Linear / Conv2d layers EK-FAC covers, and every other tracked parameter with the
     reason it is left out (never silently dropped).
@@ -114,13 +123,7 @@ def curvature_layers(model: nn.Module, tracked: list[str] | None = None) -> tupl
                 left_out[n] = "nn.MultiheadAttention's output projection runs inside the attention, not as a layer"
             continue
         if isinstance(m, nn.Conv2d):
-            reason = None
-            if m.groups != 1:
-                reason = "grouped Conv2d is not handled by K-FAC here"
-            elif m.padding_mode != "zeros":
-                reason = f"Conv2d padding_mode {m.padding_mode!r} is not handled"
-            elif _conv_padding(m) is None:
-                reason = "Conv2d 'same' padding with an even kernel is not handled"
+            reason = "grouped Conv2d is not handled by K-FAC here" if m.groups != 1 else conv_padding_problem(m)
             if reason:
                 left_out[w] = reason
                 if b:

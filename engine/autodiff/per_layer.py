@@ -13,9 +13,10 @@ input a (the trick Opacus and BackPACK use):
 
 :class:`LayerGradients` answers only for models whose every tracked parameter is the weight or
 bias of such a module (:func:`layer_plan` gives the reason otherwise), each run through its own
-forward (several calls are summed). :class:`engine.autodiff.per_example.GradientComputer` uses it where measured faster
-than ``torch.func`` and checks it against ``torch.func`` on its first batch, so a model that uses
-a parameter outside its module (or mixes examples) falls back instead of being wrong.
+forward (several calls are summed). :class:`engine.autodiff.per_example.GradientComputer` uses
+it where measured faster than ``torch.func`` and checks it against ``torch.func`` on its first
+batch, so a model that uses a parameter outside its module (or mixes examples) falls back
+instead of being wrong.
 """
 from __future__ import annotations
 
@@ -27,12 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.autodiff.curvature import Layer, _Capture, _conv_padding, _grads_only_for
+from engine.autodiff.curvature import Layer, _Capture, _conv_padding, _grads_only_for, conv_padding_problem
 from engine.autodiff.functional import ParamLayout, ParamSlot
 from engine.autodiff.measurement import correct_class_margin, example_loss
-
-NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
-
 
 class NotPerLayer(Exception):
     """The model cannot be differentiated layer by layer (the message says why)."""
@@ -64,11 +62,8 @@ def _kind(m: nn.Module) -> str | None:
 def _unsupported(m: nn.Module, kind: str | None) -> str | None:
     if kind is None:
         return f"{type(m).__name__} has no per-layer gradient rule here"
-    if kind == "conv2d":
-        if m.padding_mode != "zeros":
-            return f"Conv2d padding_mode {m.padding_mode!r}"
-        if _conv_padding(m) is None:
-            return "Conv2d 'same' padding with an even kernel"
+    if kind == "conv2d" and (problem := conv_padding_problem(m)):
+        return problem
     if kind == "batchnorm" and m.running_mean is None:
         return "BatchNorm without running statistics normalises by the batch (examples interact)"
     return None
@@ -226,4 +221,4 @@ class LayerGradients:
         return flat, values.detach()
 
 
-__all__ = ["LayerGradients", "NotPerLayer", "layer_plan", "NORMS"]
+__all__ = ["LayerGradients", "NotPerLayer", "layer_plan"]
