@@ -454,3 +454,29 @@ def test_a_layer_called_at_every_step_gets_the_fisher_of_its_summed_gradient():
     for L in layers:
         expect = _kron_fisher_diag(G[L.name], basis[f"{L.name}.QS"], basis[f"{L.name}.QA"])
         torch.testing.assert_close(lam[f"{L.name}.lambda"], expect, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("rotate_first", [True, False])
+def test_both_eigenvalue_orders_equal_brute_force(monkeypatch, rotate_first):
+    """The eigenvalue pass rotates per position or forms G first, whichever takes fewer products
+    (rotate_positions_first); each order alone gives E[(Q_Sᵀ G Q_A)²] of the per-example gradients."""
+    m64 = _small_cnn().double()
+    x = torch.randn(7, 3, 8, 8, dtype=torch.float64)
+    layers, _ = cv.curvature_layers(m64)
+    labels, w = cv.fisher_targets(m64, x, 2, seed=4)
+    basis = cv.eigenbasis(cv.fit_covariances(m64, layers, x, labels, w, batch_size=4), layers)
+    monkeypatch.setattr(cv, "rotate_positions_first", lambda *a, **k: rotate_first)
+    lam = cv.fit_eigenvalues(m64, layers, x, labels, basis, w, batch_size=3)
+    G = cv.brute_force_pseudo_grads(m64, layers, x, labels)
+    for L in layers:
+        QS, QA = basis[f"{L.name}.QS"], basis[f"{L.name}.QA"]
+        expect = (w.reshape(-1)[:, None, None] * (QS.T @ G[L.name] @ QA) ** 2).sum(0) / len(x)
+        assert torch.allclose(lam[f"{L.name}.lambda"], expect, rtol=1e-9, atol=1e-14), L.name
+
+
+def test_the_eigenvalue_order_follows_the_product_count():
+    # a Linear (one position) rotates first; the benchmark CNN's 32->64 convolution at 16x16 (256
+    # positions, 288 inputs) forms G; its 64->128 one at 8x8 (64 positions, 576 inputs) rotates first
+    assert cv.rotate_positions_first(1, 129, 10)
+    assert not cv.rotate_positions_first(256, 288, 64)
+    assert cv.rotate_positions_first(64, 576, 128)
