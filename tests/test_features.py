@@ -347,3 +347,29 @@ def test_hashed_rademacher_is_the_same_on_cuda():
 
     torch.testing.assert_close(projection.rademacher_rows(3, 0, 500, 2048, "cuda").cpu(),
                                projection.rademacher_rows(3, 0, 500, 2048, "cpu"), rtol=0, atol=0)
+
+
+def test_batches_count_the_activations_autograd_saves():
+    """A model with few parameters and large activations gets batches bounded by what autograd saves
+    per example, measured once (two rows minus one, each saved tensor once), not by its [p] gradients."""
+    from torch import nn
+
+    from engine.autodiff.per_example import ACTIVATION_FACTOR
+
+    torch.manual_seed(0)
+    # 1x1 convolutions to 32 channels over 32x32 images: each ReLU output (32·32·32 float32, 128 KiB)
+    # is saved once though two operations save it; 4,419 parameters
+    model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(32, 3))
+    comp = GradientComputer(model, memory_budget_mb=16, backend="vmap")
+    x, y = torch.randn(300, 3, 32, 32), torch.randint(0, 3, (300,))
+    saved = comp.saved_bytes_per_example(x)
+    relu_out, image = 32 * 32 * 32 * 4, 3 * 32 * 32 * 4
+    assert 2 * relu_out <= saved <= 2 * relu_out + image  # the two ReLU outputs, and the image the first conv keeps
+    per_example = 4 * (3 * comp.n_params + 8 * 3 * 32 * 32) + ACTIVATION_FACTOR * saved
+    assert comp.batch_size(3 * 32 * 32, saved) == int(16 * 2**20 // per_example) < 20
+    # the computer's own batches use it, and their gradients equal one whole-batch pass
+    got = list(comp.iter_batches(x[:60], y[:60], "loss"))
+    assert max(hi - lo for lo, hi, _ in got) == int(16 * 2**20 // per_example)
+    want = comp.per_example(x[:60], y[:60], "loss")
+    torch.testing.assert_close(torch.cat([g for _, _, g in got]), want, rtol=1e-5, atol=1e-7)

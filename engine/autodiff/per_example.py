@@ -41,6 +41,12 @@ BACKEND_ENV = "PROPONENT_GRADIENTS"  # overrides backend="auto" for every gradie
 CHECK_ROWS = 2
 CHECK_RTOL = 1e-4
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# a batch holds up to this many times the activations autograd saves for it (those, the gradients flowing
+# back through them, the per-layer pass's copies). The budget formula without activations let a "512 MB"
+# batch of the 95k-parameter BatchNorm CNN of scripts/bench_gpu.py (0.58 MB saved per 32x32 image) take
+# 0.93-1.10 GB of RSS at 434 rows; with a factor 3, 175 rows took 456-491 MB, and ran 1.4x faster on
+# the per-layer pass (0.84-0.89 against 1.17-1.25 s per 1,000 rows; torch.func 0.94-1.00 against 1.04-1.10)
+ACTIVATION_FACTOR = 3.0
 
 
 def auto_layers_rule(parts) -> str | None:
@@ -92,6 +98,7 @@ class BatchBackOff:
                 batch = self._back_off(hi - lo)
                 continue
             yield lo, hi, out
+            del out  # not held while the next batch is computed (two batches' [b, p] gradients at once)
             lo = hi
 
     def _back_off(self, failed: int) -> int:
@@ -151,6 +158,7 @@ class GradientComputer(BatchBackOff):
         self._margin_value_fn = vmap(grad_and_value(lambda p, x, y: measure(p, x, y, "margin")), in_dims=(None, 0, 0))
         self._layers: LayerGradients | None = None
         self._checked: set[str] = set()
+        self._saved_bytes: float | None = None  # per example, measured on the first batch (saved_bytes_per_example)
         self.backend = "vmap"
         self.backend_reason = self._choose_backend(backend)
 
@@ -211,15 +219,43 @@ class GradientComputer(BatchBackOff):
             self._checked.add(kind)
         return g, v
 
-    def batch_size(self, example_numel: int = 0) -> int:
-        """Examples per vmap batch within the memory budget (on CUDA: at most half the free memory)."""
+    def saved_bytes_per_example(self, x: Any) -> float:
+        """Bytes autograd saves for one example's gradient: a forward of two rows of ``x`` minus one
+        of one row, so what the batch shares (weights saved for the input gradient) is not counted
+        per example. Measured once per computer; 0 where it cannot be (fewer than two rows)."""
+        if self._saved_bytes is None:
+            if batch_len(x) < 2:
+                return 0.0
+            params = {n: t.detach().requires_grad_(True) for n, t in self._grad_params.items()}
+
+            def saved(k: int) -> int:
+                storages: dict[int, int] = {}  # a tensor saved by two operations (a ReLU's output, the next layer's input) once
+
+                def pack(t: torch.Tensor) -> torch.Tensor:
+                    st = t.untyped_storage()
+                    storages[st.data_ptr()] = st.nbytes()
+                    return t
+
+                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    self._grad_fm(params, to_device(batch_rows(x, 0, k), self.device, self._input_dtype))
+                return sum(storages.values())
+
+            self._saved_bytes = float(max(0, saved(2) - saved(1)))
+        return self._saved_bytes
+
+    def batch_size(self, example_numel: int = 0, saved_bytes: float = 0.0) -> int:
+        """Examples per batch within the memory budget (on CUDA: at most half the free memory):
+        a few [b, p] copies (the gradients, their flattening, their projection), the inputs, and
+        ACTIVATION_FACTOR × ``saved_bytes`` per example (:meth:`saved_bytes_per_example`)."""
         budget = self.memory_budget_mb * 2**20
         if self.device.startswith("cuda"):
             free, _ = torch.cuda.mem_get_info()
             budget = max(budget, free // 2)
-        # vmap materialises a few copies of [b, p] (the grads, their flattening, and activations)
-        per_example = 4 * (3 * self.n_params + 8 * max(example_numel, 1))
+        per_example = 4 * (3 * self.n_params + 8 * max(example_numel, 1)) + ACTIVATION_FACTOR * saved_bytes
         return int(max(1, min(self.max_batch or 8192, budget // per_example)))
+
+    def _auto_batch(self, x: Any) -> int:
+        return self.batch_size(example_numel(x), self.saved_bytes_per_example(x))
 
     def flatten(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.layout.flatten(grads)
@@ -263,7 +299,7 @@ class GradientComputer(BatchBackOff):
             g = m * (-s[:, None])
             return (g if then is None else then(g)), m, s
 
-        return self._batches(len(y), batch_size or self.batch_size(example_numel(x)), compute)
+        return self._batches(len(y), batch_size or self._auto_batch(x), compute)
 
     def iter_batches(self, x: Any, y: torch.Tensor, kind: str = "margin", batch_size: int | None = None,
                      then: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -274,7 +310,7 @@ class GradientComputer(BatchBackOff):
             out = self.per_example(batch_rows(x, lo, hi), y[lo:hi], kind)
             return out if then is None else then(out)  # the [b, p] gradients are not kept beside their projection
 
-        return self._batches(len(y), batch_size or self.batch_size(example_numel(x)), compute)
+        return self._batches(len(y), batch_size or self._auto_batch(x), compute)
 
     def full(self, x: Any, y: torch.Tensor, kind: str = "margin") -> torch.Tensor:
         return torch.cat([g for _, _, g in self.iter_batches(x, y, kind)], 0) if len(y) else torch.empty(0, self.n_params)
