@@ -3,7 +3,7 @@
 the per-layer pass (engine/autodiff/per_layer.py: one batched backward with respect to the layers'
 outputs, then each parameter's gradient in closed form, the trick Opacus and BackPACK use), on the
 CPU, same process, interleaved repeats, at the batch size the engine itself uses for the model
-(``GradientComputer.batch_size``) and at 256. The per-layer result is checked against vmap first.
+(``GradientComputer._auto_batch``: the memory budget, activations counted) and at 256. The per-layer result is checked against vmap first.
 
     python scripts/bench_per_example.py [--repeats 7] [--threads 1,2]
 
@@ -27,7 +27,6 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.autodiff.functional import example_numel  # noqa: E402
 from engine.autodiff.per_example import GradientComputer  # noqa: E402
 
 
@@ -73,7 +72,7 @@ def main() -> int:
         model.eval()
         vm = GradientComputer(model, backend="vmap")
         auto = GradientComputer(model).backend
-        for batch in sorted({256, vm.batch_size(example_numel(torch.zeros(1, *shape)))}):
+        for batch in sorted({256, vm._auto_batch(torch.zeros(2, *shape))}):
             layers = GradientComputer(model, backend="layers")
             x = torch.randn(batch, *shape)
             y = torch.randint(0, classes, (batch,))
