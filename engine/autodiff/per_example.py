@@ -240,7 +240,10 @@ class GradientComputer(BatchBackOff):
                     self._grad_fm(params, to_device(batch_rows(x, 0, k), self.device, self._input_dtype))
                 return sum(storages.values())
 
-            self._saved_bytes = float(max(0, saved(2) - saved(1)))
+            try:
+                self._saved_bytes = float(max(0, saved(2) - saved(1)))
+            except Exception:  # the gradient pass itself will say what is wrong; size as before meanwhile
+                self._saved_bytes = 0.0
         return self._saved_bytes
 
     def batch_size(self, example_numel: int = 0, saved_bytes: float = 0.0) -> int:
