@@ -2,7 +2,7 @@
 """Per-example gradient batches sized with and without the activations autograd saves.
 
 For each model of scripts/bench_per_example.py and each backend: the batch the gradient computer
-picks at its default 512 MB budget (``GradientComputer._auto_batch``), the peak RSS above the
+picks at its default 512 MB budget (``GradientComputer.auto_batch_size``), the peak RSS above the
 process's resident size while it computes the gradients of ``--rows`` rows (fresh process per run,
 /proc VmHWM after clear_refs), and the seconds per 1,000 rows. "without" is the sizing before
 2026-12-06 (three [p] copies and the inputs only); "with" adds ACTIVATION_FACTOR × the bytes
@@ -53,7 +53,7 @@ def child(name: str, backend: str, sizing: str, rows: int, threads: int) -> dict
     x, y = torch.randn(rows, *shape), torch.randint(0, classes, (rows,))
     if sizing == "without":
         comp.saved_bytes_per_example = lambda x: 0.0
-    batch = comp._auto_batch(x)
+    batch = comp.auto_batch_size(x)
     # warm-up, not timed: the per-layer pass's self-check against torch.func and the timing of each
     # convolution's two forms (on its first batch of 32 rows or more), one-time costs of a computer
     comp.per_example(x[:32], y[:32], "loss")

@@ -3,7 +3,8 @@
 the per-layer pass (engine/autodiff/per_layer.py: one batched backward with respect to the layers'
 outputs, then each parameter's gradient in closed form, the trick Opacus and BackPACK use), on the
 CPU, same process, interleaved repeats, at the batch size the engine itself uses for the model
-(``GradientComputer._auto_batch``: the memory budget, activations counted) and at 256. The per-layer result is checked against vmap first.
+(``GradientComputer.auto_batch_size``: the memory budget, activations counted) and at 256. The
+per-layer result is checked against vmap first.
 
     python scripts/bench_per_example.py [--repeats 7] [--threads 1,2]
 
@@ -72,7 +73,7 @@ def main() -> int:
         model.eval()
         vm = GradientComputer(model, backend="vmap")
         auto = GradientComputer(model).backend
-        for batch in sorted({256, vm._auto_batch(torch.zeros(2, *shape))}):
+        for batch in sorted({256, vm.auto_batch_size(torch.zeros(2, *shape))}):
             layers = GradientComputer(model, backend="layers")
             x = torch.randn(batch, *shape)
             y = torch.randint(0, classes, (batch,))

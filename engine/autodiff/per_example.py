@@ -5,7 +5,8 @@ through the :class:`~engine.autodiff.functional.FunctionalModel`), which differe
 model, and the per-layer pass of :mod:`engine.autodiff.per_layer` (one batched backward and a
 closed form per Linear / Conv2d / normalisation layer), taken where it applies and was measured
 faster (:func:`auto_layers_rule`) and checked against torch.func on its first batch. Batched by
-a memory budget, on the CPU or CUDA. Gradients come out flattened as [batch, p] over the
+a memory budget that counts the activations autograd saves (measured on the first batch), on the
+CPU or CUDA. Gradients come out flattened as [batch, p] over the
 tracked parameters, in the model's :class:`~engine.autodiff.functional.ParamLayout`. Inputs may
 be tensors or dicts (pytrees) of tensors, e.g. a text model's ``{input_ids, attention_mask}``.
 """
@@ -42,10 +43,10 @@ CHECK_ROWS = 2
 CHECK_RTOL = 1e-4
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # a batch holds up to this many times the activations autograd saves for it (those, the gradients flowing
-# back through them, the per-layer pass's copies). The budget formula without activations let a "512 MB"
-# batch of the 95k-parameter BatchNorm CNN of scripts/bench_gpu.py (0.58 MB saved per 32x32 image) take
-# 0.93-1.10 GB of RSS at 434 rows; with a factor 3, 175 rows took 456-491 MB, and ran 1.4x faster on
-# the per-layer pass (0.84-0.89 against 1.17-1.25 s per 1,000 rows; torch.func 0.94-1.00 against 1.04-1.10)
+# back through them, the per-layer pass's copies). Without them in the formula a "512 MB" batch of the
+# 95k-parameter BatchNorm CNN of scripts/bench_gpu.py (0.58 MB saved per 32x32 image) was 434 rows and
+# peaked at 878-899 MB; with a factor 3 it is 175 rows and peaked at 423-462 MB, at the same or lower
+# time per row (scripts/bench_gradient_batches.py, docs/bench/gradient-batches.json)
 ACTIVATION_FACTOR = 3.0
 
 
@@ -257,7 +258,8 @@ class GradientComputer(BatchBackOff):
         per_example = 4 * (3 * self.n_params + 8 * max(example_numel, 1)) + ACTIVATION_FACTOR * saved_bytes
         return int(max(1, min(self.max_batch or 8192, budget // per_example)))
 
-    def _auto_batch(self, x: Any) -> int:
+    def auto_batch_size(self, x: Any) -> int:
+        """The batch :meth:`iter_batches` takes for ``x`` when given none."""
         return self.batch_size(example_numel(x), self.saved_bytes_per_example(x))
 
     def flatten(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -302,7 +304,7 @@ class GradientComputer(BatchBackOff):
             g = m * (-s[:, None])
             return (g if then is None else then(g)), m, s
 
-        return self._batches(len(y), batch_size or self._auto_batch(x), compute)
+        return self._batches(len(y), batch_size or self.auto_batch_size(x), compute)
 
     def iter_batches(self, x: Any, y: torch.Tensor, kind: str = "margin", batch_size: int | None = None,
                      then: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -313,7 +315,7 @@ class GradientComputer(BatchBackOff):
             out = self.per_example(batch_rows(x, lo, hi), y[lo:hi], kind)
             return out if then is None else then(out)  # the [b, p] gradients are not kept beside their projection
 
-        return self._batches(len(y), batch_size or self._auto_batch(x), compute)
+        return self._batches(len(y), batch_size or self.auto_batch_size(x), compute)
 
     def full(self, x: Any, y: torch.Tensor, kind: str = "margin") -> torch.Tensor:
         return torch.cat([g for _, _, g in self.iter_batches(x, y, kind)], 0) if len(y) else torch.empty(0, self.n_params)
