@@ -173,7 +173,9 @@ def cmd_info(a) -> int:
         info["accuracy"] = acc["models"]
         info["warnings"] = [w for w in [acc["warning"], *p.data_warnings] if w]
         info["threads"] = gradient_threads(p)
-        info["gradients"] = gradient_backend(p.build_model().eval(), TrackedParameters.of(p))
+        ds = p.train_dataset
+        sample = ds.x[0:2] if len(ds) >= 2 else None  # two rows: what one example's activations take
+        info["gradients"] = gradient_backend(p.build_model().eval(), TrackedParameters.of(p), sample)
         info["methods"] = {}
         for cls in list_methods():
             info["methods"][cls.name] = cls.supports(p) or "ok"
@@ -187,7 +189,10 @@ def cmd_info(a) -> int:
             for r in info["accuracy"]:
                 print(f"{'accuracy':>12}: model {r['model']} train {r['train']:.3f}, test {r['test']:.3f}")
             print(f"{'threads':>12}: {info['threads']['threads']} for gradient work ({info['threads']['reason']})")
-            print(f"{'gradients':>12}: {info['gradients']['backend']} ({info['gradients']['reason']})")
+            gr = info["gradients"]
+            batch = (f"; {gr['batch']} rows per batch at {gr['budget_mb']:g} MB ({gr['saved_mb_per_example']:.3g} MB of "
+                     f"activations saved per example)" if "batch" in gr else "")
+            print(f"{'gradients':>12}: {gr['backend']} ({gr['reason']}){batch}")
             runnable = [n for n, v in info["methods"].items() if v == "ok"]
             print(f"{'can run':>12}: {', '.join(runnable) or 'none'}")
             for n, v in info["methods"].items():

@@ -223,9 +223,21 @@ def test_info_lists_what_can_run(own, capsys):
     assert info["recipe"] is False and info["weights"] == "weights files"
     # the own model is a Linear stack: torch.func, and why
     assert info["gradients"]["backend"] == "vmap" and "Linear layers only" in info["gradients"]["reason"]
+    # and the batch its gradients take at the default budget, from what autograd saves per example
+    from engine.autodiff.per_example import GradientComputer
+    from engine.autodiff.functional import TrackedParameters
+    from engine.core.project import Project
+
+    p = Project.load(own["root"])
+    comp = GradientComputer(p.build_model().eval(), tracked=TrackedParameters.of(p))
+    saved = comp.saved_bytes_per_example(p.train_dataset.x[0:2])
+    assert saved > 0 and info["gradients"]["saved_mb_per_example"] == round(saved / 2**20, 4)
+    assert info["gradients"]["batch"] == comp.batch_size(p.train_dataset.x[0:2][0].numel(), saved)
+    assert info["gradients"]["budget_mb"] == 512
     code, out, _ = run_cli(capsys, "info", own["root"])
     assert "can run: " in out and "cannot run: source: source needs a recorded trajectory" in out
     assert "gradients: vmap (Linear layers only" in out
+    assert f"; {info['gradients']['batch']} rows per batch at 512 MB (" in out
 
 
 def test_trak_model_ensemble_needs_several_models(own, tmp_path, capsys):

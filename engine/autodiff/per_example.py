@@ -324,10 +324,16 @@ class GradientComputer(BatchBackOff):
         return self.fm.outputs(x, batch)
 
 
-def gradient_backend(model: nn.Module, tracked: Tracked = None) -> dict:
-    """{"backend", "reason"}: how per-example gradients of ``model`` are computed by default."""
+def gradient_backend(model: nn.Module, tracked: Tracked = None, x: Any = None) -> dict:
+    """{"backend", "reason"}: how per-example gradients of ``model`` are computed by default; with
+    example inputs ``x`` (two rows or more) also "batch" (rows per batch at the default budget,
+    "budget_mb") and "saved_mb_per_example" (what autograd saves for one example)."""
     comp = GradientComputer(model, tracked=tracked)
-    return {"backend": comp.backend, "reason": comp.backend_reason}
+    out = {"backend": comp.backend, "reason": comp.backend_reason}
+    if x is not None and batch_len(x) >= 2:
+        out.update(batch=comp.auto_batch_size(x), budget_mb=comp.memory_budget_mb,
+                   saved_mb_per_example=round(comp.saved_bytes_per_example(x) / 2**20, 4))
+    return out
 
 
 __all__ = ["GradientComputer", "BatchBackOff", "KINDS", "BACKENDS", "gradient_backend", "PRECISIONS", "is_out_of_memory", "resolve_device", "batch_len"]
