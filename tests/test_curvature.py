@@ -480,3 +480,28 @@ def test_the_eigenvalue_order_follows_the_product_count():
     assert cv.rotate_positions_first(1, 129, 10)
     assert not cv.rotate_positions_first(256, 288, 64)
     assert cv.rotate_positions_first(64, 576, 128)
+
+
+def test_gram_of_columns_equals_gram_of_rows(monkeypatch):
+    """Convolution patches are summed as Xᵀ [in, rows] (a cheaper copy of unfold's layout): the same
+    float64 total of float32 partial products as the [rows, in] form, in chunks or not."""
+    X = torch.randn(300, 7)
+    monkeypatch.setattr(cv, "ACCUMULATE_ROWS", 64)
+    torch.testing.assert_close(cv._gram_columns(X.T.contiguous()), cv._gram(X), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(cv._gram_columns(X.double().T), X.double().T @ X.double(), rtol=1e-12, atol=1e-12)
+
+
+def test_convolution_input_covariance_equals_the_patches_second_moment():
+    """A of a convolution without bias (its patches a transposed view, summed through
+    _gram_columns) is E[Σ_t patch_t patch_tᵀ] over the examples, computed here from F.unfold."""
+    import torch.nn.functional as F
+
+    m64 = _small_cnn().double()
+    x = torch.randn(9, 3, 8, 8, dtype=torch.float64)
+    layers, _ = cv.curvature_layers(m64)
+    conv = next(L for L in layers if L.kind == "conv2d" and not L.bias)
+    labels, w = cv.fisher_targets(m64, x, 0)
+    cov = cv.fit_covariances(m64, layers, x, labels, w, batch_size=4)
+    P = F.unfold(x, 3, padding=1)  # [n, 27, 64]: the first layer's input patches
+    expect = torch.einsum("nit,njt->ij", P, P) / len(x)
+    torch.testing.assert_close(cov[f"{conv.name}.A"], expect, rtol=1e-10, atol=1e-12)
