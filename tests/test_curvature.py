@@ -482,18 +482,20 @@ def test_the_eigenvalue_order_follows_the_product_count():
     assert cv.rotate_positions_first(64, 576, 128)
 
 
-def test_gram_of_columns_equals_gram_of_rows(monkeypatch):
-    """Convolution patches are summed as Xᵀ [in, rows] (a cheaper copy of unfold's layout): the same
-    float64 total of float32 partial products as the [rows, in] form, in chunks or not."""
+def test_gram_sums_float32_chunks_in_float64(monkeypatch):
+    """Σ_rows x xᵀ from Xᵀ (contiguous or a transposed view), float32 products of ACCUMULATE_ROWS rows
+    summed in float64: equal to the float64 product; float64 input multiplied in float64."""
     X = torch.randn(300, 7)
     monkeypatch.setattr(cv, "ACCUMULATE_ROWS", 64)
-    torch.testing.assert_close(cv._gram_columns(X.T.contiguous()), cv._gram(X), rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(cv._gram_columns(X.double().T), X.double().T @ X.double(), rtol=1e-12, atol=1e-12)
+    want = X.double().T @ X.double()
+    torch.testing.assert_close(cv._gram(X.T.contiguous()), want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(cv._gram(X.T), want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(cv._gram(X.double().T), want, rtol=1e-12, atol=1e-12)
 
 
 def test_convolution_input_covariance_equals_the_patches_second_moment():
     """A of a convolution without bias (its patches a transposed view, summed through
-    _gram_columns) is E[Σ_t patch_t patch_tᵀ] over the examples, computed here from F.unfold."""
+    _gram) is E[Σ_t patch_t patch_tᵀ] over the examples, computed here from F.unfold."""
     import torch.nn.functional as F
 
     m64 = _small_cnn().double()

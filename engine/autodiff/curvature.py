@@ -530,22 +530,10 @@ def curvature_batch_size(model: nn.Module, layers: list[Layer], x: torch.Tensor,
 ACCUMULATE_ROWS = 8192
 
 
-def _gram(X: torch.Tensor, Y: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ_rows Xᵀ Y (Y defaults to X) for X [rows, d], Y [rows, e], in float64 on the host: float64
-    inputs are multiplied in float64; others in their own dtype, ACCUMULATE_ROWS rows at a time,
-    each partial product added to the float64 total."""
-    Y = X if Y is None else Y
-    if X.dtype == torch.float64:
-        return (X.T @ Y).cpu()
-    out = torch.zeros(X.shape[1], Y.shape[1], dtype=torch.float64, device=X.device)
-    for lo in range(0, X.shape[0], ACCUMULATE_ROWS):
-        out += (X[lo:lo + ACCUMULATE_ROWS].T @ Y[lo:lo + ACCUMULATE_ROWS]).double()
-    return out.cpu()
-
-
-def _gram_columns(XT: torch.Tensor) -> torch.Tensor:
-    """:func:`_gram` of X given as Xᵀ [d, rows]: Σ_rows x xᵀ, summed the same way (ACCUMULATE_ROWS
-    columns per low-precision product)."""
+def _gram(XT: torch.Tensor) -> torch.Tensor:
+    """Σ_rows x xᵀ for X given as Xᵀ [d, rows], in float64 on the host: float64 inputs are
+    multiplied in float64; others in their own dtype, ACCUMULATE_ROWS rows at a time, each partial
+    product added to the float64 total."""
     if XT.dtype == torch.float64:
         return (XT @ XT.T).cpu()
     out = torch.zeros(XT.shape[0], XT.shape[0], dtype=torch.float64, device=XT.device)
@@ -618,14 +606,11 @@ def _covariances(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels,
             a, s = batch[L.name]
             dt = _compute_dtype(a)
             if j == 0:
-                if a.is_contiguous():
-                    out[f"{L.name}.A"] += _gram(a.to(dt).reshape(-1, a.shape[-1]))
-                else:
-                    # a convolution's patches [b, T, in] are a transposed view of unfold's [b, in, T]: copied
-                    # as [in, b·T] (each run of positions kept contiguous) rather than as [b·T, in], the
-                    # covariance pass over 3,000 rows of the 20k benchmark CNN took 2.51 s against 2.94
-                    # (medians of 9, three interleaved pairs of runs; the covariances bit-identical)
-                    out[f"{L.name}.A"] += _gram_columns(a.to(dt).permute(2, 0, 1).reshape(a.shape[-1], -1))
+                # [in, b·T]: a view of contiguous inputs; a convolution's patches (a transposed view of
+                # unfold's [b, in, T]) are copied with each run of positions kept contiguous, which made
+                # the covariance pass over 3,000 rows of the 20k benchmark CNN 2.51 s against 2.94 for the
+                # [b·T, in] copy (medians of 9, three interleaved pairs of runs; covariances bit-identical)
+                out[f"{L.name}.A"] += _gram(a.to(dt).permute(2, 0, 1).reshape(a.shape[-1], -1))
             # per example Σ_t w s sᵀ from the [b, out, T] layout (a conv's gradient as it comes: no copy),
             # summed over the batch in the compute dtype, then in float64
             sc = s.to(dt).transpose(1, 2)
