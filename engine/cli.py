@@ -23,6 +23,7 @@ from engine.core.samples import prepare_sample
 from engine.core.train import accuracy, record_training
 from engine.evaluate.bench import cli_main
 from engine.methods import describe_settings, list_methods
+from engine.methods.trak import projection_summary
 from engine.storage.blocks import iter_row_blocks, write_blocks
 from engine.storage.cache import cache_entries, cache_size, prune_cache
 from engine.storage.statedb import StateDB
@@ -165,6 +166,17 @@ def cmd_leaks(a) -> int:
     return 0
 
 
+def _describe_projection(pr: dict) -> str:
+    if pr["kind"] == "none":
+        return "none (the whole gradient)"
+    if pr["kind"] != "factorized":
+        return f"{pr['kind']}, k {pr['k']}"
+    parts = [f"{L['layer'] or 'model'} " + (f"{L['sketch']} sketch {L['k']}" if "sketch" in L else f"{L['k_out']}×{L['k_in']}")
+             for L in pr["layers"]]
+    left = f"; left out: {', '.join(pr['left_out'])}" if pr["left_out"] else ""
+    return f"factorized per layer, k {pr['k']} ({', '.join(parts)}{left})"
+
+
 def cmd_info(a) -> int:
     if a.project:
         p = _project(a.project)
@@ -176,6 +188,7 @@ def cmd_info(a) -> int:
         ds = p.train_dataset
         sample = ds.x[0:2] if len(ds) >= 2 else None  # two rows: what one example's activations take
         info["gradients"] = gradient_backend(p.build_model().eval(), TrackedParameters.of(p), sample)
+        info["projection"] = projection_summary(p)  # TRAK's, at its defaults
         info["methods"] = {}
         for cls in list_methods():
             info["methods"][cls.name] = cls.supports(p) or "ok"
@@ -183,7 +196,7 @@ def cmd_info(a) -> int:
             print(json.dumps(info))
         else:
             for k, v in info.items():
-                if k in ("methods", "accuracy", "warnings", "threads", "gradients"):
+                if k in ("methods", "accuracy", "warnings", "threads", "gradients", "projection"):
                     continue
                 print(f"{k:>12}: {v}")
             for r in info["accuracy"]:
@@ -193,6 +206,7 @@ def cmd_info(a) -> int:
             batch = (f"; {gr['batch']} rows per batch at {gr['budget_mb']:g} MB ({gr['saved_mb_per_example']:.3g} MB of "
                      f"activations saved per example)" if "batch" in gr else "")
             print(f"{'gradients':>12}: {gr['backend']} ({gr['reason']}){batch}")
+            print(f"{'projection':>12}: {_describe_projection(info['projection'])} (TRAK's default)")
             runnable = [n for n, v in info["methods"].items() if v == "ok"]
             print(f"{'can run':>12}: {', '.join(runnable) or 'none'}")
             for n, v in info["methods"].items():

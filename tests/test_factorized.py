@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from engine.autodiff.curvature import LayerBlocks, covered_param_names
-from engine.autodiff.factorized import FactorizedGradients, factor_dims
+from engine.autodiff.factorized import SKETCH_C, FactorizedGradients, factor_dims, factorized_layers
 from engine.autodiff.per_example import GradientComputer
+from engine.autodiff.projection import sketch_buckets
+from engine.core.errors import ProponentError
 
 
 class SmallCNN(nn.Module):
@@ -31,7 +33,7 @@ class TinyText(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.emb = nn.Embedding(20, 6)  # left out of the factorisation
+        self.emb = nn.Embedding(20, 6, padding_idx=0)  # a gather of P_in's rows, none for padding
         self.proj = nn.Linear(6, 5)
         self.head = nn.Linear(5, 3)
 
@@ -39,6 +41,18 @@ class TinyText(nn.Module):
         h = torch.tanh(self.proj(self.emb(batch["input_ids"])))  # [b, tokens, 5]
         m = batch["attention_mask"].unsqueeze(-1).float()
         return self.head((h * m).sum(1) / m.sum(1))
+
+
+class Categorical(nn.Module):
+    """A table's categorical column as one id per row (ids [b]) through an embedding, beside numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.cat = nn.Embedding(7, 3)
+        self.head = nn.Linear(3 + 2, 4)
+
+    def forward(self, x):  # [b, 3]: the id, then two numbers
+        return self.head(torch.cat([self.cat(x[:, 0].long()), x[:, 1:]], 1))
 
 
 class Recurrent(nn.Module):
@@ -77,33 +91,89 @@ def _models():
     mlp = nn.Sequential(nn.Linear(7, 12), nn.Tanh(), nn.Linear(12, 4))
     cnn = SmallCNN()
     cnn.bn.running_mean.uniform_(-0.5, 0.5)
-    ids = torch.randint(0, 20, (9, 4))
+    ids = torch.randint(1, 20, (9, 4))
+    ids[1, 2:] = 0  # padding inside the sequence
+    ids[4, 0] = ids[4, 3]  # a token twice in one example: its rows sum
     mask = torch.ones(9, 4, dtype=torch.long)
     mask[::2, 3] = 0
     text = TensorDict({"input_ids": ids, "attention_mask": mask})
+    table = torch.cat([torch.randint(0, 7, (9, 1)).float(), torch.randn(9, 2)], 1)
     return [(mlp, torch.randn(9, 7), 4), (cnn, torch.randn(9, 3, 8, 8), 5), (TinyText(), text, 3),
-            (Recurrent(), torch.randn(9, 4, 3), 4)]
+            (Recurrent(), torch.randn(9, 4, 3), 4), (Categorical(), table, 4)]
 
 
-@pytest.mark.parametrize("which", [0, 1, 2, 3])
+def _expected_features(fg: FactorizedGradients, model, x, y, kind) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The features from each covered layer's exact per-example gradient (``torch.func``, every
+    parameter): P_outᵀ G P_in for a Linear/Conv2d layer; for an embedding, its flat [V, d] weight
+    gradient times the sketch's dense [V·d, k] matrix (or the gradient itself when kept whole).
+    Also the exact gradients, per layer."""
+    gc = GradientComputer(model, tracked=covered_param_names(fg.layers))
+    exact = gc.per_example(x, y, kind)
+    feats, grads = [], []
+    for L, po, pi, dims, seed in zip(fg.layers, fg.p_out, fg.p_in, fg.dims, fg.sketch_seed):
+        if L.kind == "embedding":
+            slot = gc.layout[L.weight]
+            g = exact[:, slot.offset:slot.offset + slot.numel]
+            k = dims[0] * dims[1]
+            if k == slot.numel:
+                feats.append(g)
+            else:
+                buckets, signs = sketch_buckets(seed, torch.arange(slot.numel), k, SKETCH_C)
+                dense = torch.zeros(slot.numel, k)
+                for j in range(SKETCH_C):
+                    dense[torch.arange(slot.numel), buckets[j]] += signs[j]
+                feats.append(g @ dense)
+        else:
+            (g,) = LayerBlocks([L], gc.layout).to_layers(exact)
+            # a side at the layer's full width is the identity, not a square random factor
+            p_out = torch.eye(L.out_dim) if dims[0] == L.out_dim else po.matrix
+            p_in = torch.eye(L.in_dim) if dims[1] == L.in_dim else pi.matrix
+            assert (po is None) == (dims[0] == L.out_dim) and (pi is None) == (dims[1] == L.in_dim)
+            feats.append(torch.einsum("ok,noi,ij->nkj", p_out, g, p_in).reshape(len(x), -1))
+        grads.append(g)
+    return torch.cat(feats, 1), grads
+
+
+@pytest.mark.parametrize("which", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize("kind", ["margin", "loss"])
 def test_features_equal_the_kronecker_projection_of_exact_gradients(which, kind):
     model, x, classes = _models()[which]
     y = torch.arange(len(x)) % classes
     fg = FactorizedGradients(model, 64, seed=3, model_id=1)
-    covered = covered_param_names(fg.layers)
-    exact = GradientComputer(model, tracked=covered).per_example(x, y, kind)
-    mats = LayerBlocks(fg.layers, GradientComputer(model, tracked=covered).layout).to_layers(exact)
-    want = torch.cat([torch.einsum("ok,noi,ij->nkj", po.matrix, G, pi.matrix).reshape(len(x), -1)
-                      for G, po, pi in zip(mats, fg.p_out, fg.p_in)], 1)
+    want, grads = _expected_features(fg, model, x, y, kind)
     got = torch.cat([f for _, _, f in fg.iter_batches(x, y, kind, batch_size=4)])
     assert got.shape == (len(x), fg.out_dim)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     if which == 1:
         assert "bn.weight" in fg.left_out and "bn.bias" in fg.left_out  # named, not silently dropped
         assert fg.projector.describe()["left_out"] == ["bn.bias", "bn.weight"]  # and in the run's metadata
+    if which in (2, 4):  # the embeddings are covered: a 20 × 6 table sketched, a 7 × 3 one kept whole
+        assert [L.kind for L in fg.layers][0] == "embedding" and not fg.left_out
+        assert fg.covered == fg.fm.layout.n
+        sketch = fg.projector.describe()["layers"][0]
+        assert sketch["sketch"] == ("sjlt" if which == 2 else "exact") and sketch["k"] < 120
     if which == 2:
-        assert "emb.weight" in fg.left_out and fg._positions(x) == 4
+        assert fg._positions(x) == 4
+        assert float(grads[0][1, :6].abs().sum()) == 0.0  # the padding row's exact gradient is zero
+
+
+def test_embeddings_the_factorisation_cannot_follow_are_left_out_with_the_reason():
+    class Tied(nn.Module):  # input and output embeddings share one weight (language-model style)
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 4)
+            self.freq = nn.Embedding(11, 4, scale_grad_by_freq=True)
+            self.out = nn.Linear(4, 11, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.out((self.emb(ids) + self.freq(ids)).mean(1))
+
+    layers, left_out = factorized_layers(Tied())
+    assert layers == []  # neither the tied Linear nor either embedding
+    assert "shared" in left_out["emb.weight"] and "scale_grad_by_freq" in left_out["freq.weight"]
+    with pytest.raises(ProponentError, match="Embedding layers; this model has none"):
+        FactorizedGradients(Tied(), 16)
 
 
 def test_factor_dims_split_k_over_layers_within_each_layer():
@@ -194,9 +264,5 @@ def test_attention_output_projections_are_left_out_not_captured():
     assert "enc.self_attn.out_proj.weight" in fg.left_out
     assert [L.name for L in fg.layers] == ["embed", "enc.linear1", "enc.linear2", "head"]
     x, y = torch.randn(5, 6, 4), torch.tensor([0, 1, 2, 0, 1])
-    covered = covered_param_names(fg.layers)
-    exact = GradientComputer(model, tracked=covered).per_example(x, y, "margin")
-    mats = LayerBlocks(fg.layers, GradientComputer(model, tracked=covered).layout).to_layers(exact)
-    want = torch.cat([torch.einsum("ok,noi,ij->nkj", po.matrix, G, pi.matrix).reshape(len(x), -1)
-                      for G, po, pi in zip(mats, fg.p_out, fg.p_in)], 1)
+    want, _ = _expected_features(fg, model, x, y, "margin")
     torch.testing.assert_close(fg.features(x, y, "margin"), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))

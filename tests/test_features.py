@@ -320,6 +320,41 @@ def test_hashed_rademacher_matrix_is_a_pure_function_of_its_coordinates(monkeypa
                                projection.rademacher_rows(11, 0, 10, 128, "cpu")[:, :70], rtol=0, atol=0)
 
 
+def test_sketch_buckets_are_a_sparse_jl_transform_of_the_coordinates():
+    """The embedding sketch's buckets and signs: a pure function of (seed, coordinate), in range,
+    ±1/√c, spread evenly, and the sketch keeps inner products of sparse vectors (JL) where its
+    width allows."""
+    from engine.autodiff import projection
+
+    coords = torch.arange(200_000)
+    b, s = projection.sketch_buckets(5, coords, 1000, 4)
+    assert b.shape == s.shape == (4, 200_000) and int(b.min()) >= 0 and int(b.max()) < 1000
+    assert set(s.unique().tolist()) == {-0.5, 0.5} and abs(float(s.mean())) < 0.01
+    counts = torch.bincount(b[0], minlength=1000).float()
+    assert float(counts.std() / counts.mean()) < 0.2  # about 200 per bucket, Poisson spread 0.07
+    some = torch.tensor([[7, 123_456], [99_999, 3]])
+    b2, s2 = projection.sketch_buckets(5, some, 1000, 4)
+    assert torch.equal(b2, b[:, some]) and torch.equal(s2, s[:, some])  # any shape, same values
+    assert not torch.equal(projection.sketch_buckets(6, coords[:50], 1000, 4)[0], b[:, :50])
+
+    def sketch(idx, val, k):
+        bb, ss = projection.sketch_buckets(5, idx, k, 4)
+        out = torch.zeros(k, dtype=torch.float64)
+        for j in range(4):
+            out.index_add_(0, bb[j], val * ss[j].double())
+        return out
+
+    gen = torch.Generator().manual_seed(0)
+    errs = []
+    for _ in range(20):  # two sparse vectors sharing half their support, in a 10^7-dimensional space
+        idx = torch.randint(0, 10**7, (600,), generator=gen).unique()
+        x, y = torch.randn(len(idx), generator=gen, dtype=torch.float64), torch.randn(len(idx), generator=gen, dtype=torch.float64)
+        y[::2] = x[::2]
+        exact = float(x @ y)
+        errs.append(abs(float(sketch(idx, x, 4096) @ sketch(idx, y, 4096)) - exact) / float(x.norm() * y.norm()))
+    assert float(np.median(errs)) < 0.03, errs
+
+
 def test_hashed_rademacher_matches_a_plain_python_splitmix64():
     """Golden values: the tensor arithmetic (wrapping int64, emulated logical shifts, the byte view)
     equals splitmix64 written with Python integers, entry (i, j) = bit j mod 64 of word (i, j // 64)."""

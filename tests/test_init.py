@@ -1,6 +1,7 @@
 """`proponent init DIR`: inspect a folder, write project.toml and a model.py template, say what was guessed."""
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -128,6 +129,21 @@ def test_init_text_template_attributes_over_dict_inputs(tmp_path, capsys):
     assert S.shape == (8, 30) and np.isfinite(S).all()
     y_tr, y_te = p.train_dataset.y.numpy(), p.test_dataset.y.numpy()
     assert (y_tr[S.argmax(1)] == y_te).mean() >= 0.75
+    # TRAK's default projection over token inputs: per layer, the 2^15 × 64 embedding table gathered
+    # by token (no dense 2.1M-entry gradient), nothing left out
+    r = cached_scores(p, "trak", {"ensemble": "final"})
+    proj = r["meta"]["projection"]
+    assert proj["kind"] == "factorized" and proj["left_out"] == []
+    assert [layer["layer"] for layer in proj["layers"]] == ["embed", "head"]
+    assert proj["in_dim"] == sum(q.numel() for q in p.build_model().parameters())
+    S = np.asarray(r["scores"])
+    assert S.shape == (8, 30) and (y_tr[S.argmax(1)] == y_te).mean() >= 0.75
+    # and `proponent info` says so before anything runs
+    code, out, _ = run_cli(capsys, "info", root, "--json")
+    assert json.loads(out)["projection"] == {"kind": "factorized", "k": proj["out_dim"], "layers": proj["layers"],
+                                             "left_out": []}
+    code, out, _ = run_cli(capsys, "info", root)
+    assert f"projection: factorized per layer, k {proj['out_dim']} (embed sjlt sketch " in out
 
 
 def test_init_nothing_recognisable(tmp_path, capsys):

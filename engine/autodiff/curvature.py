@@ -57,7 +57,7 @@ class Layer:
 
     name: str
     module: nn.Module
-    kind: str  # linear | conv2d
+    kind: str  # linear | conv2d; embedding only in the factorised projection (engine.autodiff.factorized)
     weight: str  # parameter name in model.named_parameters()
     bias: str | None
     out_dim: int
@@ -109,6 +109,12 @@ def curvature_layers(model: nn.Module, tracked: list[str] | None = None) -> tupl
     # nn.MultiheadAttention applies its out_proj's weight itself (F.multi_head_attention_forward):
     # the Linear's own forward, and so its capture, never runs
     attention_out = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    # a weight two modules hold (tied input and output embeddings) has the sum of both uses as its
+    # gradient: one layer's inputs and output gradients would give part of it
+    holders: dict[int, list[str]] = {}
+    for mname, m in model.named_modules():
+        for q in m.parameters(recurse=False):
+            holders.setdefault(id(q), []).append(mname)
     for mname, m in model.named_modules():
         if not isinstance(m, (nn.Linear, nn.Conv2d)) or m.weight is None:
             continue
@@ -117,6 +123,10 @@ def curvature_layers(model: nn.Module, tracked: list[str] | None = None) -> tupl
         if w not in wanted:
             if b:
                 left_out[b] = "its layer's weight is not tracked, so the layer has no Kronecker factorisation"
+            continue
+        if len(holders[id(m.weight)]) > 1:
+            for n in [w] + ([b] if b else []):
+                left_out[n] = f"the weight is shared by modules {', '.join(map(repr, holders[id(m.weight)]))}"
             continue
         if id(m) in attention_out:
             for n in [w] + ([b] if b else []):
@@ -247,8 +257,11 @@ class LayerBlocks:
 
 # ----------------------------------------------------------------------------- capture
 def _activations(L: Layer, inp: torch.Tensor) -> torch.Tensor:
-    """[b, T, in] layer inputs (bias column of ones appended when the layer has a bias)."""
+    """[b, T, in] layer inputs (bias column of ones appended when the layer has a bias); an
+    embedding's are its [b, T] token ids (the one-hot rows are never formed)."""
     m = L.module
+    if L.kind == "embedding":
+        return inp.reshape(inp.shape[0], -1)
     if L.kind == "conv2d":
         a = F.unfold(inp, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m), stride=m.stride)
         a = a.transpose(1, 2)  # [b, L, cin*kh*kw]
@@ -316,7 +329,7 @@ class _Capture:
                 raise ProponentError(
                     f"layer {L.name!r} ({type(L.module).__name__}) holds tracked parameters but its forward never ran: "
                     f"the model uses its weight directly. Leave it out with [model] attribute, or use projection "
-                    f"'dense' (TRAK)")
+                    f"'sjlt' (TRAK)")
 
     def output_list(self) -> list[torch.Tensor]:
         """Every captured output, layer by layer and call by call (what autograd.grad takes)."""

@@ -41,6 +41,27 @@ def _sign_table(device) -> torch.Tensor:
     return (((b >> torch.arange(8)) & 1).float() * 2 - 1).to(device)
 
 
+def _splitmix64(counter: torch.Tensor, seed: int) -> torch.Tensor:
+    """splitmix64 of int64 counters under ``seed``: the counter times the golden gamma, then the
+    finaliser (int64 wraps alike on every device)."""
+    z = counter * _GOLDEN + _signed((int(seed) * 0xD1B54A32D192ED03) % 2**64)
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def sketch_buckets(seed: int, coords: torch.Tensor, k: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse JL for coordinates given by index: (buckets [c, *coords.shape] in [0, k), signs ±1/√c
+    float32), each coordinate's c (bucket, sign) pairs hashed from (seed, coordinate, j), so a
+    projection of a huge, sparse vector (an embedding table's gradient) is formed from its nonzero
+    coordinates alone, the same on every device."""
+    z = _splitmix64(coords.to(torch.int64)[None] * c + torch.arange(c, device=coords.device).view(-1, *[1] * coords.ndim),
+                    seed)
+    buckets = _shr(z, 1) % int(k)
+    signs = ((z & 1).float() * 2 - 1) / math.sqrt(c)
+    return buckets, signs
+
+
 def rademacher_rows(seed: int, lo: int, hi: int, k: int, device) -> torch.Tensor:
     """Rows lo..hi of the [p, k] ±1 matrix of ``seed`` (float32), identical on every device.
 
@@ -51,14 +72,9 @@ def rademacher_rows(seed: int, lo: int, hi: int, k: int, device) -> torch.Tensor
     step = max(1, HASH_BLOCK_ENTRIES // (64 * words))
     word = torch.arange(words, dtype=torch.int64, device=device)
     table = _sign_table(device)
-    base = _signed((int(seed) * 0xD1B54A32D192ED03) % 2**64)
     for r0 in range(lo, hi, step):
         r1 = min(hi, r0 + step)
-        # splitmix64: the counter times the golden gamma, then the finaliser (int64 wraps alike everywhere)
-        z = (torch.arange(r0, r1, dtype=torch.int64, device=device)[:, None] * words + word) * _GOLDEN + base
-        z = (z ^ _shr(z, 30)) * _MIX1
-        z = (z ^ _shr(z, 27)) * _MIX2
-        z = z ^ _shr(z, 31)
+        z = _splitmix64(torch.arange(r0, r1, dtype=torch.int64, device=device)[:, None] * words + word, seed)
         # little-endian bytes on every platform torch runs on (x86, ARM, NVIDIA): a byte → 8 signs lookup
         byte = z.contiguous().view(torch.uint8).long()  # [rows, words × 8]
         out[r0 - lo:r1 - lo] = table[byte].reshape(r1 - r0, 64 * words)[:, :k]
@@ -182,13 +198,23 @@ def default_projection_dim(n_params: int, n_train: int) -> int | None:
     return 2048
 
 
+def projector_kind(kind: str, in_dim: int, out_dim: int | None) -> str:
+    """What ``kind`` means for gradients of ``in_dim`` entries projected to ``out_dim``: "none"
+    without a projection (or "auto" with out_dim ≥ in_dim), "auto" is "rademacher" up to
+    DENSE_MAX_ENTRIES entries and "sjlt" beyond; other kinds as given."""
+    if kind == "none" or out_dim is None or out_dim <= 0 or (kind == "auto" and out_dim >= in_dim):
+        return "none"
+    if kind == "auto":
+        return "rademacher" if in_dim * out_dim <= DENSE_MAX_ENTRIES else "sjlt"
+    return kind
+
+
 def make_projector(kind: str, in_dim: int, out_dim: int | None, *, seed: int = 0, model_id: int = 0,
                    device: str = "cpu") -> Projector:
     """``kind``: auto | none | rademacher | gaussian | sjlt."""
-    if kind == "none" or out_dim is None or out_dim <= 0 or (kind == "auto" and out_dim >= in_dim):
+    kind = projector_kind(kind, in_dim, out_dim)
+    if kind == "none":
         return IdentityProjector(in_dim)
-    if kind == "auto":
-        kind = "rademacher" if in_dim * out_dim <= DENSE_MAX_ENTRIES else "sjlt"
     if kind in ("rademacher", "gaussian"):
         return DenseProjector(in_dim, out_dim, seed=seed, model_id=model_id, distribution=kind, device=device)
     if kind == "sjlt":

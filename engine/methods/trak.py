@@ -32,9 +32,10 @@ import scipy.linalg
 import torch
 
 from engine.autodiff import distributed
-from engine.autodiff.factorized import auto_projection
+from engine.autodiff.factorized import FactorizedGradients, auto_projection
 from engine.autodiff.features import checkpoint_feature_store, project_gradients
 from engine.autodiff.functional import FunctionalModel, TrackedParameters
+from engine.autodiff.projection import projector_kind
 from engine.autodiff.measurement import correct_class_probability
 from engine.methods.base import Attributor, register, setting
 from engine.methods.schedule import training_time
@@ -48,11 +49,11 @@ class TrakSettings(ProjectionSettings, GradientPrecisionSettings):
                                      "trained model, or the last checkpoints of a single run), 'models', 'checkpoints', 'final'.",
                             choices=("auto", "models", "checkpoints", "final"))
     max_models: int = setting(0, "Use at most this many ensemble members (0: all).", ge=0)
-    projection: str = setting("auto", "Random projection: auto (factorized where Linear/Conv2d layers hold ≥ 90% of the "
-                                      "tracked parameters and the inputs are images or tables; else rademacher, sjlt "
-                                      "beyond 2^28 entries), rademacher, gaussian, sjlt, factorized (per layer, "
-                                      "P_out ⊗ P_in before the outer product, as LoGra does; other parameters left out) "
-                                      "or none.", choices=PROJECTIONS)
+    projection: str = setting("auto", "Random projection: auto (factorized where Linear, Conv2d and Embedding layers "
+                                      "hold ≥ 90% of the tracked parameters; else rademacher, sjlt beyond 2^28 "
+                                      "entries), rademacher, gaussian, sjlt, factorized (per layer, P_out ⊗ P_in before "
+                                      "the outer product, as LoGra does; an embedding's P_in rows gathered by token; "
+                                      "other parameters left out) or none.", choices=PROJECTIONS)
     damping: float = setting(-1.0, "Ridge λ added to ΦᵀΦ; -1 chooses it by damping_rule.", ge=-1)
     damping_rule: str = setting("auto", "With damping = -1: 'auto' sets λ = damping_scale × n / (w̄ τ), the ridge that "
                                         "the training time implies (SGD: τ = Σ learning rates / (1 − momentum) up to the "
@@ -76,6 +77,29 @@ class TrakSettings(ProjectionSettings, GradientPrecisionSettings):
                                             "and reads; a chunk beyond float16's range is stored scaled by a power of two) or float32 (use it "
                                             "with a near-zero damping, where the kernel amplifies rounding).",
                                  choices=("float32", "float16"))
+
+    def resolved_projection(self, fm: FunctionalModel, n_train: int) -> tuple[str, int]:
+        """(projection, k) the fit uses for this model: :meth:`projection_plan`, with "auto" made
+        "factorized" where :func:`auto_projection` says so (float32 passes only: low-precision
+        passes are vmap's)."""
+        projection, k = self.projection_plan(fm.n_params, n_train)
+        if projection == "auto" and k and self.grad_precision == "float32":
+            projection = auto_projection(fm)
+        return projection, k
+
+
+def projection_summary(project, settings: TrakSettings | None = None) -> dict:
+    """TRAK's projection for ``project`` at ``settings`` (default: the defaults), without computing
+    anything: {"kind", "k"} (k 0: none), and for "factorized" each layer's share ("layers") and the
+    tracked parameters it leaves out ("left_out"). What `proponent info` shows."""
+    s = settings or TrakSettings()
+    fm = FunctionalModel(project.build_model(), TrackedParameters.of(project))
+    projection, k = s.resolved_projection(fm, len(project.train_dataset))
+    if projection == "factorized":
+        d = FactorizedGradients(fm.module, k, tracked=TrackedParameters.of(project)).projector.describe()
+        return {"kind": "factorized", "k": d["out_dim"], "layers": d["layers"], "left_out": d["left_out"]}
+    kind = projector_kind(projection, fm.n_params, k or None)
+    return {"kind": kind, "k": 0 if kind == "none" else int(k)}
 
 
 def kernel_damping(gram: np.ndarray, n: int, k: int, damping: float, damping_ratio: float) -> float:
@@ -240,6 +264,8 @@ class TRAK(Attributor):
     def requirements(cls, settings=None):  # the model ensemble needs several trained models
         return cls.requires | ({"models"} if getattr(settings, "ensemble", None) == "models" else set())
 
+    # v8: projection "auto" is factorized for token (dict) inputs too, and the factorized projection covers
+    # nn.Embedding tables (a gather of P_in's rows);
     # v7: the training-time rule covers Adam (τ from the saved second moments, damping_scale_adam);
     # v6: damping_rule "auto": λ from SGD's training time (damping_scale × n / (w̄ τ)) where it is known;
     # v5: projection "auto" is factorized per layer (LoGra-style) for Linear/Conv2d models with image or
@@ -248,9 +274,10 @@ class TRAK(Attributor):
     # (same formula, other rounding; the digits default run about 2× faster);
     # v3: dense Rademacher projections hashed on the device (same law, other draws; the same on CPU and GPU);
     # v2: streamed primal form (same formula; rounding differs from v1's stored float32 Ψ)
-    version = "7"
-    # what the shared feature stores are keyed by: bumped only when the features change (v7 changed a damping)
-    features_version = "6"
+    version = "8"
+    # what the shared feature stores are keyed by: bumped only when the features change (v7 changed a damping;
+    # v8's factorized features include the embeddings)
+    features_version = "7"
 
     @property
     def feature_members(self) -> list[_Member]:
@@ -269,9 +296,7 @@ class TRAK(Attributor):
         lambdas, rows_written, rules = [], [], []
         fm = FunctionalModel(project.build_model(), TrackedParameters.of(project))
         weights, data = project.checkpoint_hash(), project.data_hash()
-        projection, k = s.projection_plan(fm.n_params, n)
-        if projection == "auto" and k and s.grad_precision == "float32":  # low-precision passes are vmap's
-            projection = auto_projection(fm, dict_inputs=hasattr(ds.x, "keys"))
+        projection, k = s.resolved_projection(fm, n)
         for m, ck in enumerate(self.members):
             self._check_cancel("fit")
             # "gen": dense Rademacher entries are hashed on the device since v3 (the kernel beside the store follows it)
