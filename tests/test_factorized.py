@@ -266,3 +266,32 @@ def test_attention_output_projections_are_left_out_not_captured():
     x, y = torch.randn(5, 6, 4), torch.tensor([0, 1, 2, 0, 1])
     want, _ = _expected_features(fg, model, x, y, "margin")
     torch.testing.assert_close(fg.features(x, y, "margin"), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+def test_auto_projection_per_method_family():
+    """TRAK's "auto" is factorized wherever the layers it covers hold ≥ 90% of the parameters;
+    Grad-Dot/Cos and TracIn take it only where the dense rule would be SJLT over a huge gradient,
+    and keep the dense Rademacher projection below that."""
+    from engine.autodiff.functional import FunctionalModel
+    from engine.methods.gradsim import GradSimSettings
+    from engine.methods.trak import TrakSettings
+
+    class BagOfWords(nn.Module):
+        def __init__(self, vocab):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, 8, padding_idx=0)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.head(self.emb(ids).mean(1))
+
+    mlp = FunctionalModel(nn.Sequential(nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 3)))  # 10,403 parameters
+    big = FunctionalModel(BagOfWords(2**15))  # 262,171 parameters: 2048 × that is past 2^28
+    assert TrakSettings().resolved_projection(mlp, 500) == ("factorized", 2048)
+    assert TrakSettings().resolved_projection(big, 500) == ("factorized", 2048)
+    assert GradSimSettings().resolved_projection(mlp, 500) == ("auto", 2048)
+    assert GradSimSettings().resolved_projection(big, 500) == ("factorized", 2048)
+    # an explicit choice is kept, and a model the factorisation barely covers stays dense (SJLT)
+    assert GradSimSettings(projection="sjlt").resolved_projection(big, 500) == ("sjlt", 2048)
+    norm = FunctionalModel(nn.Sequential(nn.LayerNorm(300_000), nn.Linear(300_000, 2)))
+    assert GradSimSettings().resolved_projection(norm, 500) == ("auto", 2048)

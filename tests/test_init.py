@@ -125,7 +125,10 @@ def test_init_text_template_attributes_over_dict_inputs(tmp_path, capsys):
     assert code == 0, err
     p = Project.load(root)
     assert set(p.train_dataset.x.keys()) == {"input_ids", "attention_mask"}
-    S = np.asarray(cached_scores(p, "grad-cos", {"proj_dim": 256})["scores"])
+    r = cached_scores(p, "grad-cos", {"proj_dim": 256})
+    # 2.1M parameters × 256 is past the dense limit: per layer, not SJLT over a dense gradient
+    assert r["meta"]["projection"]["kind"] == "factorized"
+    S = np.asarray(r["scores"])
     assert S.shape == (8, 30) and np.isfinite(S).all()
     y_tr, y_te = p.train_dataset.y.numpy(), p.test_dataset.y.numpy()
     assert (y_tr[S.argmax(1)] == y_te).mean() >= 0.75
