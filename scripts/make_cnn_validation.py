@@ -39,7 +39,7 @@ def build(input_shape, num_classes):
 '''
 
 
-def _edit_recipe(root: Path, *edits: tuple[str, str]) -> None:
+def edit_recipe(root: Path, *edits: tuple[str, str]) -> None:
     toml = (root / "project.toml").read_text()
     for old, new in edits:
         if old not in toml:
@@ -51,11 +51,11 @@ def _edit_recipe(root: Path, *edits: tuple[str, str]) -> None:
 def make(name: str, root: Path) -> Path:
     if name == "rgb-adam-s23":
         bench_gpu.make_cnn_project(root, 1500, seed=23)
-        _edit_recipe(root, ('optimizer = "sgd"', 'optimizer = "adam"'), ("lr = 0.05", "lr = 0.002"),
+        edit_recipe(root, ('optimizer = "sgd"', 'optimizer = "adam"'), ("lr = 0.05", "lr = 0.002"),
                      ("momentum = 0.9\n", ""), ("epochs = 10", "epochs = 14"))
     elif name == "rgb-bn-const-s29":
         bench_gpu.make_cnn_project(root, 1000, seed=29)
-        _edit_recipe(root, ('lr_schedule = "cosine"\n', ""), ("lr = 0.05", "lr = 0.02"))
+        edit_recipe(root, ('lr_schedule = "cosine"\n', ""), ("lr = 0.05", "lr = 0.02"))
     elif name == "shapes-cnn-s9":
         make_suite_project(SuiteProject("shapes", 9, "uniform", 0.05, 1300), root, train=False)
         (root / "model.py").write_text(NO_NORM_CNN)
@@ -64,13 +64,11 @@ def make(name: str, root: Path) -> Path:
     return root
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("dir")
-    ap.add_argument("--only", default="rgb-adam-s23,rgb-bn-const-s29,shapes-cnn-s9")
-    a = ap.parse_args(argv)
-    for name in a.only.split(","):
-        root = Path(a.dir) / name
+def make_and_train(folder: str, names: list[str], make) -> None:
+    """``make(name, root)`` writes each project (one that exists is left as it is); then it is
+    trained by its recipe and its size and test accuracy printed."""
+    for name in names:
+        root = Path(folder) / name
         if (root / "project.toml").exists():
             print(f"{root}: exists, left as it is")
             continue
@@ -81,6 +79,14 @@ def main(argv=None) -> int:
         model = p.load_model(p.final_checkpoints()[0])
         print(f"{root}: {sum(q.numel() for q in model.parameters()):,} parameters, test accuracy "
               f"{accuracy(model, p.test_dataset.x, p.test_dataset.y):.3f}, {time.perf_counter() - t0:.0f} s")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dir")
+    ap.add_argument("--only", default="rgb-adam-s23,rgb-bn-const-s29,shapes-cnn-s9")
+    a = ap.parse_args(argv)
+    make_and_train(a.dir, a.only.split(","), make)
     return 0
 
 

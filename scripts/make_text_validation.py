@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +27,10 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-from engine import Project  # noqa: E402
 from engine.core.init_project import init_project  # noqa: E402
-from engine.core.train import accuracy, record_training  # noqa: E402
+from make_cnn_validation import edit_recipe, make_and_train  # noqa: E402
 
 PROJECTS = {"bow3000": (3000, 400, 5, ()),
             "bow2000s7": (2000, 300, 7, (("epochs = 20", "epochs = 15"), ("lr = 0.05", "lr = 0.1")))}
@@ -90,12 +89,7 @@ def make(name: str, root: Path) -> Path:
     n_train, n_test, seed, edits = PROJECTS[name]
     write_topics(root, n_train, n_test, seed)
     init_project(root)
-    toml = (root / "project.toml").read_text()
-    for old, new in edits:
-        if old not in toml:
-            raise SystemExit(f"{root / 'project.toml'}: expected {old!r} in the recipe init wrote")
-        toml = toml.replace(old, new)
-    (root / "project.toml").write_text(toml)
+    edit_recipe(root, *edits)
     return root
 
 
@@ -104,17 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("dir")
     ap.add_argument("--only", default=",".join(PROJECTS))
     a = ap.parse_args(argv)
-    for name in a.only.split(","):
-        root = Path(a.dir) / name
-        if (root / "project.toml").exists():
-            print(f"{root}: exists, left as it is")
-            continue
-        t0 = time.perf_counter()
-        record_training(Project.load(make(name, root)))
-        p = Project.load(root)
-        model = p.load_model(p.final_checkpoints()[0])
-        print(f"{root}: {sum(q.numel() for q in model.parameters()):,} parameters, test accuracy "
-              f"{accuracy(model, p.test_dataset.x, p.test_dataset.y):.3f}, {time.perf_counter() - t0:.0f} s")
+    make_and_train(a.dir, a.only.split(","), make)
     return 0
 
 

@@ -92,6 +92,16 @@ def conv_padding_problem(m: nn.Conv2d) -> str | None:
     return None
 
 
+def parameter_holders(model: nn.Module) -> dict[int, list[str]]:
+    """{id(parameter): names of the modules that hold it directly}: more than one for a shared
+    (tied) parameter."""
+    holders: dict[int, list[str]] = {}
+    for mname, m in model.named_modules():
+        for q in m.parameters(recurse=False):
+            holders.setdefault(id(q), []).append(mname)
+    return holders
+
+
 def curvature_layers(model: nn.Module, tracked: list[str] | None = None) -> tuple[list[Layer], dict[str, str]]:
     """The Linear / Conv2d layers EK-FAC covers, and every other tracked parameter with the
     reason it is left out (never silently dropped).
@@ -111,10 +121,7 @@ def curvature_layers(model: nn.Module, tracked: list[str] | None = None) -> tupl
     attention_out = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     # a weight two modules hold (tied input and output embeddings) has the sum of both uses as its
     # gradient: one layer's inputs and output gradients would give part of it
-    holders: dict[int, list[str]] = {}
-    for mname, m in model.named_modules():
-        for q in m.parameters(recurse=False):
-            holders.setdefault(id(q), []).append(mname)
+    holders = parameter_holders(model)
     for mname, m in model.named_modules():
         if not isinstance(m, (nn.Linear, nn.Conv2d)) or m.weight is None:
             continue
@@ -843,7 +850,7 @@ def rows_digest(rows: np.ndarray | None) -> str:
     return hashlib.sha1(np.asarray(rows, np.int64).tobytes()).hexdigest()[:16]
 
 
-__all__ = ["Layer", "LayerBlocks", "curvature_layers", "covered_param_names", "sample_labels", "fit_covariances", "fit_covariances_sampled",
+__all__ = ["Layer", "LayerBlocks", "curvature_layers", "parameter_holders", "covered_param_names", "sample_labels", "fit_covariances", "fit_covariances_sampled",
            "fisher_uniforms", "labels_from_probs",
            "eigenbasis", "fit_eigenvalues", "rotate_positions_first", "fisher_targets", "fisher_samples_for", "curvature_batch_size", "brute_force_pseudo_grads", "rotate", "unrotate", "apply_eigen_fn",
            "response", "propagation", "damped_inverse", "EigenCurvature", "save_tensors", "load_tensors", "tensor_digest",

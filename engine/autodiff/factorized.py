@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from engine.autodiff.compute import resolve_device
-from engine.autodiff.curvature import Layer, _Capture, _grads_only_for, curvature_layers
+from engine.autodiff.curvature import Layer, _Capture, _grads_only_for, curvature_layers, parameter_holders
 from engine.autodiff.functional import FunctionalModel, Tracked, batch_rows, to_device
 from engine.autodiff.measurement import correct_class_margin, example_loss
 from engine.autodiff.per_example import KINDS, BatchBackOff
@@ -75,10 +75,7 @@ def factorized_layers(model: nn.Module, tracked: list[str] | None = None) -> tup
     out with the reason."""
     layers, left_out = curvature_layers(model, tracked)
     pname = {id(p): n for n, p in model.named_parameters()}
-    holders: dict[int, int] = {}
-    for m in model.modules():
-        for q in m.parameters(recurse=False):
-            holders[id(q)] = holders.get(id(q), 0) + 1
+    holders = parameter_holders(model)
     for mname, m in model.named_modules():
         if not isinstance(m, nn.Embedding) or pname.get(id(m.weight)) not in left_out:
             continue
@@ -86,7 +83,7 @@ def factorized_layers(model: nn.Module, tracked: list[str] | None = None) -> tup
         if m.scale_grad_by_freq:
             # the gradient divides by each token's count in the whole batch: examples interact
             left_out[w] = "Embedding with scale_grad_by_freq has no per-example gradient"
-        elif holders[id(m.weight)] > 1:
+        elif len(holders[id(m.weight)]) > 1:
             left_out[w] = "the embedding's weight is shared with another module"
         else:
             del left_out[w]
@@ -99,7 +96,7 @@ def factorized_layers(model: nn.Module, tracked: list[str] | None = None) -> tup
 SKETCH_C = 4
 
 
-# "auto" projects layer by layer when Linear/Conv2d layers hold at least this share of the tracked
+# "auto" projects layer by layer when Linear, Conv2d and Embedding layers hold at least this share of the tracked
 # parameters (what the factorisation leaves out is then small)
 FACTORIZED_MIN_COVERAGE = 0.9
 
@@ -157,8 +154,7 @@ class FactorizedGradients(BatchBackOff):
         self.layers, self.left_out = factorized_layers(self.model, list(self.fm.layout.names))
         if not self.layers:
             raise ProponentError("projection 'factorized' needs tracked Linear, Conv2d or Embedding layers; this model "
-                                 "has none "
-                                 "(use projection 'auto')")
+                                 "has none (use projection 'auto')")
         self.dims = factor_dims(self.layers, int(proj_dim))
         # independent factors: each layer and side its own model id under the member's seed
         self.p_out, self.p_in, self.sketch_seed = [], [], []

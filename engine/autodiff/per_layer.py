@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.autodiff.curvature import Layer, _Capture, _conv_padding, _grads_only_for, conv_padding_problem
+from engine.autodiff.curvature import (Layer, _Capture, _conv_padding, _grads_only_for, conv_padding_problem,
+                                       parameter_holders)
 from engine.autodiff.functional import ParamLayout, ParamSlot
 from engine.autodiff.measurement import correct_class_margin, example_loss
 
@@ -73,17 +74,14 @@ def layer_plan(model: nn.Module, layout: ParamLayout) -> tuple[list[_Part], str 
     """The modules that hold the tracked parameters, or ([], why not) when one of them has no
     per-layer rule or a tracked parameter is shared between modules."""
     modules = dict(model.named_modules())
-    owners: dict[int, int] = {}
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
+    holders = parameter_holders(model)
     named = dict(model.named_parameters())
     grouped: dict[str, list[tuple[str, ParamSlot]]] = {}
     for s in layout:
         m = modules.get(s.module_name)
         if m is None or s.attr not in ("weight", "bias"):
             return [], f"{s.name} is not the weight or bias of a module"
-        if owners.get(id(named[s.name]), 0) > 1:
+        if len(holders.get(id(named[s.name]), ())) > 1:
             return [], f"{s.name} is shared between modules"
         reason = _unsupported(m, _kind(m))
         if reason:

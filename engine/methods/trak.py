@@ -52,7 +52,7 @@ class TrakSettings(ProjectionSettings, GradientPrecisionSettings):
     projection: str = setting("auto", "Random projection: auto (factorized where Linear, Conv2d and Embedding layers "
                                       "hold ≥ 90% of the tracked parameters; else rademacher, sjlt beyond 2^28 "
                                       "entries), rademacher, gaussian, sjlt, factorized (per layer, P_out ⊗ P_in before "
-                                      "the outer product, as LoGra does; an embedding's P_in rows gathered by token; "
+                                      "the outer product, as LoGra does; an embedding sketched from its nonzero rows; "
                                       "other parameters left out) or none.", choices=PROJECTIONS)
     damping: float = setting(-1.0, "Ridge λ added to ΦᵀΦ; -1 chooses it by damping_rule.", ge=-1)
     damping_rule: str = setting("auto", "With damping = -1: 'auto' sets λ = damping_scale × n / (w̄ τ), the ridge that "
@@ -265,7 +265,7 @@ class TRAK(Attributor):
         return cls.requires | ({"models"} if getattr(settings, "ensemble", None) == "models" else set())
 
     # v8: projection "auto" is factorized for token (dict) inputs too, and the factorized projection covers
-    # nn.Embedding tables (a gather of P_in's rows);
+    # nn.Embedding tables (a sparse JL sketch of their nonzero rows), and a side at full width is not projected;
     # v7: the training-time rule covers Adam (τ from the saved second moments, damping_scale_adam);
     # v6: damping_rule "auto": λ from SGD's training time (damping_scale × n / (w̄ τ)) where it is known;
     # v5: projection "auto" is factorized per layer (LoGra-style) for Linear/Conv2d models with image or
