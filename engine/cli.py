@@ -205,7 +205,10 @@ def cmd_info(a) -> int:
             gr = info["gradients"]
             batch = (f"; {gr['batch']} rows per batch at {gr['budget_mb']:g} MB ({gr['saved_mb_per_example']:.3g} MB of "
                      f"activations saved per example)" if "batch" in gr else "")
-            print(f"{'gradients':>12}: {gr['backend']} ({gr['reason']}){batch}")
+            layout = "; image batches channels_last" if gr.get("layout") == "channels_last" else ""
+            print(f"{'gradients':>12}: {gr['backend']} ({gr['reason']}){batch}{layout}")
+            print(f"{'products':>12}: EK-FAC and Source scores in "
+                  f"{'bfloat16 (this CPU multiplies it fast)' if gr['bf16_products'] else 'float32'}")
             print(f"{'projection':>12}: {_describe_projection(info['projection'])} (TRAK's default)")
             runnable = [n for n, v in info["methods"].items() if v == "ok"]
             print(f"{'can run':>12}: {', '.join(runnable) or 'none'}")

@@ -79,6 +79,11 @@ def test_init_image_csv_then_loads_and_trains(tmp_path, capsys):
     assert "weights: none found" in out
     p = Project.load(root)  # paths resolve relative to the project root
     assert p.input_shape == (3, 6, 6) and p.has_recipe and not p.checkpoints
+    # the template's CNN takes its image batches channels_last in the layer passes on the CPU
+    code, out, _ = run_cli(capsys, "info", root, "--json")
+    assert code == 0 and json.loads(out)["gradients"]["layout"] == "channels_last"
+    code, out, _ = run_cli(capsys, "info", root)
+    assert "; image batches channels_last" in out
 
 
 def test_init_tabular_with_categories(tmp_path, capsys):

@@ -234,11 +234,16 @@ def test_info_lists_what_can_run(own, capsys):
     assert saved > 0 and info["gradients"]["saved_mb_per_example"] == round(saved / 2**20, 4)
     assert info["gradients"]["batch"] == comp.batch_size(p.train_dataset.x[0:2][0].numel(), saved)
     assert info["gradients"]["budget_mb"] == 512
+    from engine.autodiff.compute import bfloat16_products
+
+    # a table's rows have no image layout; EK-FAC's products follow this CPU
+    assert info["gradients"]["layout"] == "default" and info["gradients"]["bf16_products"] == bfloat16_products()
     # TRAK's projection at its defaults: this small Linear stack is below the projection threshold (8,192)
     assert info["projection"] == {"kind": "none", "k": 0}
     code, out, _ = run_cli(capsys, "info", own["root"])
     assert "can run: " in out and "cannot run: source: source needs a recorded trajectory" in out
-    assert "gradients: vmap (Linear layers only" in out
+    assert "gradients: vmap (Linear layers only" in out and "image batches" not in out
+    assert f"products: EK-FAC and Source scores in {'bfloat16' if bfloat16_products() else 'float32'}" in out
     assert f"; {info['gradients']['batch']} rows per batch at 512 MB (" in out
 
 

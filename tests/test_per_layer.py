@@ -211,3 +211,110 @@ def test_a_failing_per_layer_pass_falls_back(monkeypatch):
     got = comp.per_example(x, y)
     assert comp.backend == "vmap" and "per-layer pass failed (RuntimeError: shape the closed forms" in comp.backend_reason
     torch.testing.assert_close(got, GradientComputer(cnn, backend="vmap").per_example(x, y))
+
+
+class Pooled(nn.Module):
+    """A convolution, ReLU, max pooling and a head: the layer passes take its image batches channels_last
+    on the CPU (engine.autodiff.compute.layer_pass_layout)."""
+
+    def __init__(self, view_after_conv: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8 * 4 * 4, 3)
+        self.view_after_conv = view_after_conv
+        self.seen: list[tuple[int, bool]] = []  # (rows, channels_last) of each forward's batch
+
+    def forward(self, x):
+        self.seen.append((len(x), x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()))
+        h = F.max_pool2d(torch.relu(self.conv2(torch.relu(self.conv(x)))), 2)
+        # .view needs the default layout's strides: such a model must keep it
+        return self.head(h.view(h.shape[0], -1) if self.view_after_conv else h.flatten(1))
+
+
+def test_image_batches_run_channels_last_where_the_model_agrees(monkeypatch):
+    """On the CPU the per-layer gradient pass, the factorized projection and the curvature passes give
+    a convolutional model its image batches channels_last (max pooling and oneDNN's convolutions are
+    vectorised over channels there), with the same gradients, features and covariances as the default
+    layout. A model that calls .view on an activation (it raises on channels_last), one without a
+    convolution, and PROPONENT_CHANNELS_LAST=0 keep the default layout."""
+    from engine.autodiff import curvature as cv
+    from engine.autodiff.compute import CHANNELS_LAST_ENV, layer_pass_layout
+    from engine.autodiff.factorized import FactorizedGradients
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 3, (12,), generator=g)
+
+    def run(model):
+        torch.manual_seed(0)
+        model.load_state_dict(Pooled().state_dict())  # the same weights every time
+        model.eval()
+        comp = GradientComputer(model, backend="layers")
+        layouts = []
+
+        def whole_batch_layout():  # of the pass's forwards over all 12 rows (not a probe or a check's few)
+            flags = {cl for rows, cl in model.seen if rows == len(x)}
+            model.seen.clear()
+            assert len(flags) == 1
+            return flags.pop()
+
+        grads = comp.per_example(x, y, "loss")
+        layouts.append(whole_batch_layout())
+        feats = FactorizedGradients(model, 64).features(x, y)
+        layouts.append(whole_batch_layout())
+        layers, _ = cv.curvature_layers(model, None)
+        cov = cv.fit_covariances(model, layers, x, y[:, None], device="cpu")
+        layouts.append(whole_batch_layout())
+        ref = GradientComputer(model, backend="vmap").per_example(x, y, "loss")
+        return comp, grads, feats, cov, ref, layouts
+
+    comp, grads, feats, cov, ref, layouts = run(Pooled())
+    assert comp.backend == "layers"
+    assert layouts == [True, True, True]  # the per-layer, factorized and covariance passes
+    monkeypatch.setenv(CHANNELS_LAST_ENV, "0")
+    comp0, grads0, feats0, cov0, _, layouts0 = run(Pooled())
+    assert layouts0 == [False, False, False]
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(grads, ref, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(grads, grads0, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(feats, feats0, rtol=0, atol=1e-5 * float(feats0.abs().max()))
+    for k in cov0:
+        torch.testing.assert_close(cov[k], cov0[k], rtol=0, atol=1e-5 * float(cov0[k].abs().max()))
+    monkeypatch.delenv(CHANNELS_LAST_ENV)
+    # .view after a convolution: the probe sees channels_last fail, and the passes keep working
+    comp_v, grads_v, _, _, _, layouts_v = run(Pooled(view_after_conv=True))
+    assert comp_v.backend == "layers" and layouts_v == [False, False, False]
+    torch.testing.assert_close(grads_v, ref, rtol=0, atol=1e-5 * scale)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3)).eval()
+    assert layer_pass_layout(mlp, x) is x
+    assert layer_pass_layout(Pooled().train(), x) is x  # the probe would move BatchNorm statistics
+
+
+def test_a_check_that_fails_in_channels_last_is_judged_in_the_default_layout(monkeypatch):
+    """Rounding in the other layout can flip a max-pool window whose two largest values nearly tie (two
+    of 200 random-noise images on a BatchNorm CNN). A first-batch check that fails channels_last is
+    made again in the default layout, which the model then keeps, instead of giving up the per-layer pass."""
+    from engine.autodiff import per_example
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 3, (6,), generator=g)
+    model = Pooled().eval()
+    comp = GradientComputer(model, backend="auto")
+    real, calls = GradientComputer._disagrees, []
+
+    def flaky(self, grads, xb, yb, kind):  # the channels_last pass's check "fails" once
+        calls.append(kind)
+        return len(calls) == 1 or real(self, grads, xb, yb, kind)
+
+    monkeypatch.setattr(GradientComputer, "_disagrees", flaky)
+    got = comp.per_example(x, y, "margin")
+    assert comp.backend == "layers", comp.backend_reason
+    assert calls == ["margin", "margin"]  # judged again, on the default layout's pass
+    assert not [rows for rows, cl in model.seen if cl and rows == len(x)][1:]  # at most the failed pass
+    model.seen.clear()
+    comp.per_example(x, y, "margin")  # the default layout kept from then on
+    assert model.seen and not any(cl for _, cl in model.seen)
+    ref = GradientComputer(Pooled().eval(), backend="vmap")
+    ref.model.load_state_dict(model.state_dict())
+    torch.testing.assert_close(got, ref.per_example(x, y, "margin"), rtol=1e-5, atol=1e-6)
+    assert per_example.CHECK_ROWS >= 1

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from engine import Project
+from engine.autodiff.compute import BF16_PRODUCTS_ENV
 from engine.core.errors import ProponentError
 from engine.evaluate.groundtruth import loo_effects
 from engine.evaluate.metrics import pearson
@@ -115,7 +116,8 @@ def test_ekfac_sign_agrees_with_leave_one_out_on_convex_model(logreg_project):
     assert 0.5 < ratio < 2.0, ratio
 
 
-def test_source_tracks_leave_one_out_better_than_ekfac_when_not_converged(gd_project):
+def test_source_tracks_leave_one_out_better_than_ekfac_when_not_converged(gd_project, monkeypatch):
+    monkeypatch.setenv(BF16_PRODUCTS_ENV, "0")  # float32 products: the diagonal below to float32 precision
     idx = np.arange(0, 60, 3)
     _, eff = loo_effects(gd_project, idx, seeds=[0])
     src = Source().fit(gd_project)
@@ -273,12 +275,14 @@ def test_self_influence_walks_training_rows_in_byte_bounded_blocks(logreg_projec
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
 
 
-def test_self_influence_from_the_fit_pass_is_the_diagonal_of_the_scores(gd_project, multistage_project, tmp_path):
+def test_self_influence_from_the_fit_pass_is_the_diagonal_of_the_scores(gd_project, multistage_project, tmp_path,
+                                                                        monkeypatch):
     """Where the query's walk is one step (one segment) and a trajectory point is the query checkpoint,
     the fit's training-gradient pass yields the self-scores too (its loss gradients come as −(1 − p)∇f):
     one rotation per row with one point and no projection, the walk otherwise, Adam's √P included.
     Each equals the diagonal of the scores with the training rows as queries; Source with two
     segments has them walked afterwards."""
+    monkeypatch.setenv(BF16_PRODUCTS_ENV, "0")  # float32 products (bfloat16 ones: test_bfloat16_products_…)
     adam = write_tabular_project(tmp_path / "adam", n_train=60,
                                  training=GD.replace('"sgd"', '"adam"').replace("lr = 0.5", "lr = 0.05"))
     adam = Project.load(adam)
@@ -367,6 +371,7 @@ def test_float32_walk_agrees_with_float64_and_scores_in_few_store_passes(gd_proj
         att._self = None
         return att.scores(queries), att.self_scores()
 
+    monkeypatch.setenv(BF16_PRODUCTS_ENV, "0")  # float32 products (bfloat16 ones: test_bfloat16_products_…)
     q = ("test", np.arange(len(gd_project.test_dataset)))
     for att in (EKFAC(EKFACSettings(trajectory_points=1)).fit(gd_project), Source().fit(gd_project),
                 Source(SourceSettings(segments=2, response="inverse")).fit(gd_project)):
@@ -391,11 +396,49 @@ def test_float32_walk_agrees_with_float64_and_scores_in_few_store_passes(gd_proj
         np.testing.assert_allclose(att.scores(q), S32, rtol=1e-6, atol=1e-7 * np.abs(S32).max())
         assert len(reads) == len(att.seg_state) * -(-len(q[1]) // 6)  # 3-row blocks, two to a pass
         monkeypatch.undo()
+        monkeypatch.setenv(BF16_PRODUCTS_ENV, "0")
         if len(att.seg_state) > 1 and att.cfg.response == "inverse":
             for st in att.seg_state:
                 assert att._walk_factors(st)["S_one"]
                 st["walk"]["S_one"] = False  # the full walk: Q_S (1 ⊙ Q_Sᵀ v Q_A) Q_Aᵀ
             np.testing.assert_allclose(att.scores(q), S32, rtol=1e-5, atol=1e-6 * np.abs(S32).max())
+
+
+def test_bfloat16_products_agree_with_float32_within_its_rounding(gd_project, monkeypatch):
+    """With a bfloat16 store (the default) on a CPU that multiplies bfloat16 fast, the walked queries
+    times the store run in bfloat16: the stored bits as they are (no float32 copy of the store), each
+    score rounded to bfloat16's 8 significant bits. Against float32 products of the same store every
+    score is within about that rounding and the rankings hold; a float32 store keeps float32 products.
+    Against a float32 store, as the largest |difference| over the largest |score|: the bfloat16 store
+    alone 1.8e-3 (EK-FAC, 3 points) and 1.2e-3 (Source, 3 segments), with bfloat16 products 2.6e-3 and 2.3e-3."""
+    from engine.storage.arrays import ChunkedArray
+
+    q = ("test", np.arange(len(gd_project.test_dataset)))
+    got = {}
+    for forced in ("1", "0"):
+        monkeypatch.setenv(BF16_PRODUCTS_ENV, forced)
+        for name, att in (("ekfac", EKFAC(EKFACSettings(trajectory_points=3))), ("source", Source())):
+            att.fit(gd_project)
+            got[name, forced] = att, att.scores(q)
+    reads = []
+    real = ChunkedArray.iter_bfloat16
+    monkeypatch.setattr(ChunkedArray, "iter_bfloat16", lambda self, *a, **k: reads.append(1) or real(self, *a, **k))
+    for name in ("ekfac", "source"):
+        bf, S_bf = got[name, "1"]
+        f32, S = got[name, "0"]
+        assert bf.meta["score_products"] == "bfloat16" and f32.meta["score_products"] == "float32"
+        scale = np.abs(S).max()
+        assert 0 < np.abs(S_bf - S).max() < 4e-3 * scale
+        assert (np.argsort(-S_bf, 1)[:, :3] == np.argsort(-S, 1)[:, :3]).mean() >= 0.9
+        if len(bf.seg_state) == 1:  # one segment, one product per score: each is a bfloat16 value
+            rounded = torch.from_numpy(S_bf).to(torch.bfloat16).double().numpy()
+            np.testing.assert_array_equal(S_bf, rounded)
+        reads.clear()
+        np.testing.assert_array_equal(bf.scores(q), S_bf)  # the same again, read straight from the bits
+        assert len(reads) == len(bf.seg_state)
+    monkeypatch.setenv(BF16_PRODUCTS_ENV, "1")
+    f32_store = EKFAC(EKFACSettings(trajectory_points=1, gradient_dtype="float32")).fit(gd_project)
+    assert f32_store.meta["score_products"] == "float32"
 
 
 def test_training_gradients_are_written_in_parts_and_a_stopped_chunk_is_rewritten(gd_project, tmp_path, monkeypatch):

@@ -219,7 +219,14 @@ def test_bfloat16_store_keeps_float32s_range_in_half_the_bytes_written_in_parts(
     assert not np.array_equal(back, rows)  # really rounded: not a float32 store under another name
     np.testing.assert_array_equal(s.read_rows(np.array([6, 1])), want[[6, 1]])
     np.testing.assert_array_equal(np.vstack([b for *_, b in s.iter_chunks(max_bytes=2 * 5 * 4)]), want)
+    # as torch bfloat16 tensors straight from the bits (bfloat16 products), in parts of at most max_bytes
+    parts = list(s.iter_bfloat16(max_bytes=3 * 5 * 2))
+    assert [(lo, hi) for lo, hi, _ in parts] == [(0, 3), (3, 4), (4, 7)]
+    assert all(t.dtype == torch.bfloat16 for *_, t in parts)
+    np.testing.assert_array_equal(torch.cat([t for *_, t in parts]).float().numpy(), want)
     f32 = ChunkedArray(tmp_path / "f", 7, 4, width=5)
+    with pytest.raises(ValueError, match="bfloat16 stores"):
+        next(f32.iter_bfloat16())
     assert s.data_path.stat().st_size - 128 == (f32.data_path.stat().st_size - 128) // 2 == 7 * 5 * 2
     # another dtype asked of the same folder starts over rather than reading bits as something else
     again = ChunkedArray(tmp_path / "b", 7, 4, width=5, dtype="float32")
