@@ -54,17 +54,17 @@ def auto_layers_rule(parts) -> str | None:
     """Why ``backend="auto"`` keeps torch.func for a model the per-layer pass could take (None: take it).
 
     Measured at the engine's own batch sizes (scripts/bench_per_example.py,
-    docs/bench/per-example-grads.json, 2-core CPU, 1 and 2 threads, two runs): the per-layer pass took
-    0.84-0.92 of torch.func's time on the BatchNorm CNN of scripts/bench_gpu.py (BatchNorm's γ and β
-    in closed form, each convolution in the faster of two forms) and 0.92-1.00 on a 3-conv CNN; on small
-    CNNs and Linear stacks both run the same batched products (0.94-1.14, noise). Linear stacks keep
-    torch.func's one code path."""
+    docs/bench/per-example-grads.json, 2-core CPU, 1 and 2 threads, five runs): the per-layer pass took
+    0.69-0.75 of torch.func's time on the BatchNorm CNN of scripts/bench_gpu.py (BatchNorm's γ and β
+    in closed form, each convolution in the faster of two forms, image batches channels_last) and
+    0.74-0.77 on a 3-conv CNN; on small CNNs and Linear stacks both run the same batched products
+    (0.74-1.16, noise). Linear stacks keep torch.func's one code path."""
     if not any(p.kind != "linear" for p in parts):
         return "Linear layers only: torch.func (the same batched products, measured equal within noise)"
     return None
 
 
-AUTO_LAYERS_REASON = "convolution or normalisation layers: measured 0.84-1.00 of torch.func's time on 32x32 CNNs"
+AUTO_LAYERS_REASON = "convolution or normalisation layers: measured 0.69-0.77 of torch.func's time on 32x32 CNNs"
 
 
 def is_out_of_memory(e: BaseException) -> bool:
