@@ -201,13 +201,15 @@ class GradientComputer(BatchBackOff):
         xl = layer_pass_layout(self.model, xd)
         try:
             g, v = self._layers.per_example(xl, yd, kind)
-            if kind not in self._checked and xl is not xd and self._disagrees(g, xd, yd, kind):
+            disagrees = kind not in self._checked and self._disagrees(g, xd, yd, kind)
+            if disagrees and xl is not xd:
                 # The other layout's rounding can flip a max-pool window whose two largest values nearly
                 # tie, and that example's gradient then takes the other (equally valid) path: 2 of 200
                 # random-noise images on the BatchNorm CNN, none of 1,000 real ones. Check in the default
                 # layout before judging the per-layer pass, and keep that layout for this model.
                 keep_default_layout(self.model)
                 g, v = self._layers.per_example(xd, yd, kind)
+                disagrees = self._disagrees(g, xd, yd, kind)
         except NotPerLayer as e:
             self._fall_back(str(e))
             return None
@@ -216,12 +218,11 @@ class GradientComputer(BatchBackOff):
                 raise
             self._fall_back(f"the per-layer pass failed ({type(e).__name__}: {str(e)[:200]})")
             return None
-        if kind not in self._checked:
-            if self._disagrees(g, xd, yd, kind):
-                self._fall_back("per-layer gradients disagreed with torch.func on the first batch (a parameter "
-                                "used outside its module, or examples that interact)")
-                return None
-            self._checked.add(kind)
+        if disagrees:
+            self._fall_back("per-layer gradients disagreed with torch.func on the first batch (a parameter "
+                            "used outside its module, or examples that interact)")
+            return None
+        self._checked.add(kind)
         return g, v
 
     def _disagrees(self, g: torch.Tensor, x: Any, y: torch.Tensor, kind: str) -> bool:
