@@ -215,7 +215,7 @@ def test_a_failing_per_layer_pass_falls_back(monkeypatch):
 
 class Pooled(nn.Module):
     """A convolution, ReLU, max pooling and a head: the layer passes take its image batches channels_last
-    on the CPU (engine.autodiff.compute.layer_pass_layout)."""
+    on the CPU (engine.autodiff.compute.fast_layout)."""
 
     def __init__(self, view_after_conv: bool = False):
         super().__init__()
@@ -233,14 +233,15 @@ class Pooled(nn.Module):
 
 
 def test_image_batches_run_channels_last_where_the_model_agrees(monkeypatch):
-    """On the CPU the per-layer gradient pass, the factorized projection and the curvature passes give
-    a convolutional model its image batches channels_last (max pooling and oneDNN's convolutions are
+    """On the CPU the per-layer gradient pass, the factorized projection, the curvature passes and
+    plain forwards (predictions) give a convolutional model its image batches channels_last (max pooling and oneDNN's convolutions are
     vectorised over channels there), with the same gradients, features and covariances as the default
     layout. A model that calls .view on an activation (it raises on channels_last), one without a
     convolution, and PROPONENT_CHANNELS_LAST=0 keep the default layout."""
     from engine.autodiff import curvature as cv
-    from engine.autodiff.compute import CHANNELS_LAST_ENV, layer_pass_layout
+    from engine.autodiff.compute import CHANNELS_LAST_ENV, fast_layout
     from engine.autodiff.factorized import FactorizedGradients
+    from engine.core.train import predict_logits
 
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(12, 3, 8, 8, generator=g), torch.randint(0, 3, (12,), generator=g)
@@ -265,15 +266,18 @@ def test_image_batches_run_channels_last_where_the_model_agrees(monkeypatch):
         layers, _ = cv.curvature_layers(model, None)
         cov = cv.fit_covariances(model, layers, x, y[:, None], device="cpu")
         layouts.append(whole_batch_layout())
+        logits = predict_logits(model, x)  # a plain forward (predictions)
+        layouts.append(whole_batch_layout())
         ref = GradientComputer(model, backend="vmap").per_example(x, y, "loss")
-        return comp, grads, feats, cov, ref, layouts
+        return comp, grads, (feats, logits), cov, ref, layouts
 
-    comp, grads, feats, cov, ref, layouts = run(Pooled())
+    comp, grads, (feats, logits), cov, ref, layouts = run(Pooled())
     assert comp.backend == "layers"
-    assert layouts == [True, True, True]  # the per-layer, factorized and covariance passes
+    assert layouts == [True, True, True, True]  # the per-layer, factorized, covariance passes and a forward
     monkeypatch.setenv(CHANNELS_LAST_ENV, "0")
-    comp0, grads0, feats0, cov0, _, layouts0 = run(Pooled())
-    assert layouts0 == [False, False, False]
+    comp0, grads0, (feats0, logits0), cov0, _, layouts0 = run(Pooled())
+    assert layouts0 == [False, False, False, False]
+    torch.testing.assert_close(logits, logits0, rtol=0, atol=1e-5 * float(logits0.abs().max()))
     scale = float(ref.abs().max())
     torch.testing.assert_close(grads, ref, rtol=0, atol=1e-5 * scale)
     torch.testing.assert_close(grads, grads0, rtol=0, atol=1e-5 * scale)
@@ -283,11 +287,11 @@ def test_image_batches_run_channels_last_where_the_model_agrees(monkeypatch):
     monkeypatch.delenv(CHANNELS_LAST_ENV)
     # .view after a convolution: the probe sees channels_last fail, and the passes keep working
     comp_v, grads_v, _, _, _, layouts_v = run(Pooled(view_after_conv=True))
-    assert comp_v.backend == "layers" and layouts_v == [False, False, False]
+    assert comp_v.backend == "layers" and layouts_v == [False, False, False, False]
     torch.testing.assert_close(grads_v, ref, rtol=0, atol=1e-5 * scale)
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3)).eval()
-    assert layer_pass_layout(mlp, x) is x
-    assert layer_pass_layout(Pooled().train(), x) is x  # the probe would move BatchNorm statistics
+    assert fast_layout(mlp, x) is x
+    assert fast_layout(Pooled().train(), x) is x  # the probe would move BatchNorm statistics
 
 
 def test_a_check_that_fails_in_channels_last_is_judged_in_the_default_layout(monkeypatch):

@@ -53,16 +53,19 @@ CHANNELS_LAST_ENV = "PROPONENT_CHANNELS_LAST"
 _channels_last: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
-def layer_pass_layout(model: nn.Module, x: Any) -> Any:
-    """``x`` in the memory layout the layer passes (per-layer gradients, the factorized projection,
-    the curvature passes) run this model fastest in: channels_last for a convolutional model's
-    image batches on the CPU, where oneDNN's convolutions and, above all, max pooling are
-    vectorised over channels (max_pool2d over a [43, 32, 32, 32] batch: 3.7 ms contiguous, 0.28 ms
-    channels_last). The layout of the batch alone is changed, never the model's weights, and only
-    after a probe: two rows run both ways must agree, so a model that calls ``.view`` on a
-    channels_last activation (it raises) or depends on strides keeps the default. Measured on 2,000
-    rows of the 20,000-image BatchNorm CNN of scripts/bench_gpu.py (medians of six alternations):
-    per-layer gradients 1.25 → 1.16 s, factorized features 1.24 → 1.05 s, covariances 1.80 → 1.67 s.
+def fast_layout(model: nn.Module, x: Any) -> Any:
+    """``x`` in the memory layout this model runs fastest in, for the layer passes (per-layer
+    gradients, the factorized projection, the curvature passes) and plain forwards (predictions,
+    ``FunctionalModel.outputs``): channels_last for a convolutional model's image batches on the
+    CPU, where oneDNN's convolutions and, above all, max pooling are vectorised over channels
+    (max_pool2d over a [43, 32, 32, 32] batch: 3.7 ms contiguous, 0.28 ms channels_last). The
+    layout of the batch alone is changed, never the model's weights, and only after a probe: two
+    rows run both ways must agree, so a model that calls ``.view`` on a channels_last activation
+    (it raises) or depends on strides keeps the default. Measured on the BatchNorm CNN of
+    scripts/bench_gpu.py (its 5,000-image project, final checkpoint, real images): per-layer
+    gradients of 2,000 rows 1.25 → 1.16 s, factorized features 1.24 → 1.05 s, covariances
+    1.80 → 1.67 s (medians of six alternations); predictions (train.predict_logits) of 5,000 rows
+    1.89 → 1.16 s (medians of three).
     Not used for torch.func's vmap, which was slower with it (2.26 → 2.92 s on random inputs), nor
     on CUDA (not measured). ``PROPONENT_CHANNELS_LAST=0`` turns it off."""
     if (not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point() or x.device.type != "cpu"
@@ -96,5 +99,5 @@ def _channels_last_agrees(model: nn.Module, probe: torch.Tensor) -> bool:
     return bool(torch.isfinite(ref).all()) and float((alt - ref).abs().max()) <= 1e-4 * scale + 1e-12
 
 
-__all__ = ["resolve_device", "all_finite", "layer_pass_layout", "keep_default_layout", "bfloat16_products",
+__all__ = ["resolve_device", "all_finite", "fast_layout", "keep_default_layout", "bfloat16_products",
            "CHANNELS_LAST_ENV", "BF16_PRODUCTS_ENV"]

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 import engine.autodiff.distributed as distributed
-from engine.autodiff.compute import layer_pass_layout
+from engine.autodiff.compute import fast_layout
 from engine.autodiff.functional import ParamLayout
 from engine.core.errors import ProponentError
 from engine.storage.arrays import atomic_write_bytes
@@ -492,12 +492,12 @@ def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor,
     weight gradient and took about twice as long)."""
     model = model.eval().to(device)
     if len(x):
-        layer_pass_layout(model, x[:2].to(device))  # its probe runs the model: before the capture's hooks
+        fast_layout(model, x[:2].to(device))  # its probe runs the model: before the capture's hooks
     cap = _Capture(layers)
     try:
         with _grads_only_for(model, layers):
             for lo in distributed.my_share(range(0, len(x), batch_size)):
-                xb = layer_pass_layout(model, x[lo:lo + batch_size].to(device))
+                xb = fast_layout(model, x[lo:lo + batch_size].to(device))
                 with torch.enable_grad():
                     logits = cap.run(model, xb)
                     if callable(labels):

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from engine.autodiff.compute import layer_pass_layout, resolve_device
+from engine.autodiff.compute import fast_layout, resolve_device
 from engine.autodiff.curvature import Layer, _Capture, _grads_only_for, curvature_layers, parameter_holders
 from engine.autodiff.functional import FunctionalModel, Tracked, batch_rows, to_device
 from engine.autodiff.measurement import correct_class_margin, example_loss
@@ -210,7 +210,7 @@ class FactorizedGradients(BatchBackOff):
         """[b, out_dim] projected gradients of one batch."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}")
-        x = layer_pass_layout(self.model, to_device(x, self.device))  # probed before the capture's hooks exist
+        x = fast_layout(self.model, to_device(x, self.device))  # probed before the capture's hooks exist
         cap = _Capture(self.layers, protect=self._protect)
         try:
             with _grads_only_for(self.model, self.layers), torch.enable_grad():

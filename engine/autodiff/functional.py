@@ -30,6 +30,7 @@ from torch.utils import (
     _pytree as pytree,  # the pytree registry torch.func maps over (no public alias in torch 2.13)
 )
 
+from engine.autodiff.compute import fast_layout
 from engine.core.errors import ValidationError
 
 ATTRIBUTE_KEY = "[model] attribute"
@@ -282,7 +283,7 @@ class FunctionalModel:
         """Model outputs for every example of ``x`` (no grad), batched."""
         n = batch_len(x)
         with torch.no_grad():
-            return torch.cat([self.module(to_device(batch_rows(x, lo, lo + batch), self.device))
+            return torch.cat([self.module(fast_layout(self.module, to_device(batch_rows(x, lo, lo + batch), self.device)))
                               for lo in range(0, n, batch)], 0)
 
 

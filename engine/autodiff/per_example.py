@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.func import grad, grad_and_value, vmap
 
-from engine.autodiff.compute import bfloat16_products, keep_default_layout, layer_pass_layout, resolve_device
+from engine.autodiff.compute import bfloat16_products, keep_default_layout, fast_layout, resolve_device
 from engine.autodiff.functional import (
     FunctionalModel,
     Tracked,
@@ -198,7 +198,7 @@ class GradientComputer(BatchBackOff):
         if self._layers is None or any(t.requires_grad for t in pytree.tree_leaves(x)):
             return None  # inputs that require grad (a synset being distilled) need torch.func's graph
         xd, yd = to_device(x, self.device), y.to(self.device)
-        xl = layer_pass_layout(self.model, xd)
+        xl = fast_layout(self.model, xd)
         try:
             g, v = self._layers.per_example(xl, yd, kind)
             disagrees = kind not in self._checked and self._disagrees(g, xd, yd, kind)
@@ -349,7 +349,7 @@ def gradient_backend(model: nn.Module, tracked: Tracked = None, x: Any = None) -
         xd = to_device(x, comp.device)
         out.update(batch=comp.auto_batch_size(x), budget_mb=comp.memory_budget_mb,
                    saved_mb_per_example=round(comp.saved_bytes_per_example(x) / 2**20, 4),
-                   layout="default" if layer_pass_layout(comp.model, xd) is xd else "channels_last")
+                   layout="default" if fast_layout(comp.model, xd) is xd else "channels_last")
     return out
 
 

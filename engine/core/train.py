@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from engine.autodiff.compute import fast_layout
 from engine.autodiff.threads import gradient_threads, intra_op_threads
 from engine.core.errors import Cancelled, ProponentError, ValidationError
 from engine.core.project import Project, Recipe, Stage
@@ -294,7 +295,7 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch: int = 4096, device:
     out = []
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            out.append(model(x[i:i + batch].to(device)).cpu())
+            out.append(model(fast_layout(model, x[i:i + batch].to(device))).cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
