@@ -322,3 +322,35 @@ def test_a_check_that_fails_in_channels_last_is_judged_in_the_default_layout(mon
     ref.model.load_state_dict(model.state_dict())
     torch.testing.assert_close(got, ref.per_example(x, y, "margin"), rtol=1e-5, atol=1e-6)
     assert per_example.CHECK_ROWS >= 1
+
+
+def test_training_batches_run_channels_last_with_the_same_result(monkeypatch):
+    """The trainer gives a convolutional model its image batches channels_last too (probed in eval mode,
+    so no BatchNorm statistic moves), its recorded weights and optimizer state stay writable as
+    safetensors, and the trained weights equal a default-layout run's to float32 rounding."""
+    from safetensors.torch import save
+
+    from engine.autodiff.compute import CHANNELS_LAST_ENV
+    from engine.core.project import Recipe
+    from engine.core.train import fit_model
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(24, 3, 8, 8, generator=g), torch.randint(0, 3, (24,), generator=g)
+    built: list[Pooled] = []
+
+    def build():
+        built.append(Pooled())
+        return built[-1]
+
+    recipe = Recipe(epochs=2, batch_size=8, lr=0.05, momentum=0.9)
+    fast = fit_model(build, x, y, recipe, record=True)
+    steps = [cl for rows, cl in built[-1].seen if rows == 8]  # the training batches (not the 2-row probe)
+    assert len(steps) == 6 and all(steps)
+    for ck in fast.checkpoints:
+        save(ck.state), save(ck.optimizer_state)  # safetensors takes only contiguous tensors
+    assert any(k.endswith("momentum_buffer") for k in fast.checkpoints[-1].optimizer_state)
+    monkeypatch.setenv(CHANNELS_LAST_ENV, "0")
+    plain = fit_model(build, x, y, recipe)
+    assert not any(cl for _, cl in built[-1].seen)
+    for k, v in plain.model.state_dict().items():
+        torch.testing.assert_close(fast.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)

@@ -99,7 +99,8 @@ def _optimizer_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> dic
             continue
         for k, v in st.items():
             if torch.is_tensor(v):
-                out[f"{name}.{k}"] = v.detach().clone().reshape(v.shape if v.ndim else (1,))
+                # contiguous: safetensors refuses other strides (a channels_last gradient's momentum)
+                out[f"{name}.{k}"] = v.detach().clone(memory_format=torch.contiguous_format).reshape(v.shape if v.ndim else (1,))
     return out
 
 
@@ -148,6 +149,12 @@ def fit_model(build_model: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
         result.seconds = time.perf_counter() - t0
         return result
 
+    # image batches channels_last where the model agrees (engine.autodiff.compute.fast_layout), decided in
+    # eval mode so the probe moves no BatchNorm statistics: 3,000 rows of SGD on the benchmark CNN
+    # 1.37 → 1.13 s (/tmp A/B, medians of three)
+    model.eval()
+    fast_layout(model, x[:2])
+    model.train()
     opt = make_optimizer(recipe, model.parameters(), stages[0].lr)
     step = 0
     total_steps = 0
@@ -182,7 +189,7 @@ def fit_model(build_model: Callable[[], nn.Module], x: torch.Tensor, y: torch.Te
                     g["lr"] = lr
                 batch = perm[b * recipe.batch_size:(b + 1) * recipe.batch_size]
                 opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x[batch]), y[batch])
+                loss = F.cross_entropy(model(fast_layout(model, x[batch])), y[batch])
                 if not torch.isfinite(loss):
                     raise ProponentError(f"training diverged (loss {loss.item()}) at step {step} of stage {s.name!r}; "
                                          f"lower [training] lr")
@@ -286,7 +293,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 40
     correct = 0
     with torch.no_grad():
         for i in range(0, len(y), batch):
-            correct += (model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item()
+            correct += (model(fast_layout(model, x[i:i + batch])).argmax(1) == y[i:i + batch]).sum().item()
     return correct / max(1, len(y))
 
 
