@@ -637,22 +637,23 @@ class CurvatureInfluence(Attributor):
         cap = max(walk_rows, SCORE_PASS_BYTES // (dtype.itemsize * width * len(self.seg_state)))
         cap = max(1, min(cap, len(q)))
         U = [torch.empty(cap, width, dtype=dtype) for _ in self.seg_state]
+        # where a segment's store rows are a range, its first row: its columns are then a slice (no gather and scatter)
+        first = [int(r[0]) if len(r) and np.array_equal(r, np.arange(r[0], r[0] + len(r))) else None
+                 for r in (st["rows"] for st in self.seg_state)]
         start, filled = 0, 0
 
         def flush():
             if not filled:
                 return
             for s_i, st in enumerate(self.seg_state):
-                rows = st["rows"]
                 # the training side streamed from disk, a part of a chunk at a time
                 if self.bf16_products:
                     parts = st["gbar"].iter_bfloat16(max_bytes=SCORE_READ_BYTES)
                 else:  # float32 product (torch's GEMM, on the threads torch was given)
                     parts = ((lo, hi, torch.from_numpy(c)) for lo, hi, c in st["gbar"].iter_chunks(max_bytes=SCORE_READ_BYTES))
-                in_order = len(rows) > 0 and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows)))  # a range
                 for glo, ghi, chunk in parts:
                     prod = (U[s_i][:filled] @ chunk.T).float().numpy()  # summed in float64
-                    cols = slice(rows[0] + glo, rows[0] + ghi) if in_order else rows[glo:ghi]
+                    cols = st["rows"][glo:ghi] if first[s_i] is None else slice(first[s_i] + glo, first[s_i] + ghi)
                     out[start:start + filled, cols] += prod
 
         for lo, hi, g in self._query_grads(q.x, q.y):

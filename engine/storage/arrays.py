@@ -518,17 +518,22 @@ class ChunkedArray:
         mm = load_npy(self.data_path, mmap=True)
         return self._widen(np.asarray(mm[rows]), self._scales()[rows // self.chunk_rows])
 
-    def iter_chunks(self, chunks=None, max_bytes: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(lo, hi, rows) of every chunk in order, or of the given chunk numbers; with ``max_bytes``,
-        each chunk in blocks of at most that many float32 bytes (memory: one block, not one chunk)."""
+    def _parts(self, chunks, max_bytes: int | None, item_bytes: int) -> Iterator[tuple[int, int, int]]:
+        """(chunk, lo, hi) of every chunk in order (or the given ones), each cut into blocks of at most
+        ``max_bytes`` at ``item_bytes`` per entry (None: whole chunks)."""
         step = None
         if max_bytes is not None and self.allocated:
-            step = max(1, int(max_bytes) // (4 * max(1, self.width)))
+            step = max(1, int(max_bytes) // (item_bytes * max(1, self.width)))
         for c in range(self.n_chunks) if chunks is None else chunks:
             lo, hi = self.chunk_bounds(c)
             for a in range(lo, hi, step or max(1, hi - lo)):
-                b = min(hi, a + (step or hi - lo))
-                yield a, b, self.read_chunk(c, a, b)
+                yield c, a, min(hi, a + (step or hi - lo))
+
+    def iter_chunks(self, chunks=None, max_bytes: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(lo, hi, rows) of every chunk in order, or of the given chunk numbers; with ``max_bytes``,
+        each chunk in blocks of at most that many float32 bytes (memory: one block, not one chunk)."""
+        for c, a, b in self._parts(chunks, max_bytes, 4):
+            yield a, b, self.read_chunk(c, a, b)
 
     def iter_bfloat16(self, max_bytes: int | None = None):
         """(lo, hi, rows) of a bfloat16 store as torch bfloat16 tensors, straight from the stored bits (no
@@ -537,14 +542,10 @@ class ChunkedArray:
 
         if self.dtype_name != "bfloat16":
             raise ValueError(f"{self.folder}: iter_bfloat16 reads bfloat16 stores, this one is {self.dtype_name}")
-        step = max(1, int(max_bytes) // (2 * max(1, self.width))) if max_bytes is not None and self.allocated else None
-        for c in range(self.n_chunks):
+        for c, a, b in self._parts(None, max_bytes, 2):
             if not self.has_chunk(c):
                 raise RuntimeError(f"{self.folder}: chunk {c} has not been written")
-            lo, hi = self.chunk_bounds(c)
-            for a in range(lo, hi, step or max(1, hi - lo)):
-                b = min(hi, a + (step or hi - lo))
-                yield a, b, torch.from_numpy(self._read_rows(a, b).view(np.int16)).view(torch.bfloat16)
+            yield a, b, torch.from_numpy(self._read_rows(a, b).view(np.int16)).view(torch.bfloat16)
 
     @property
     def complete(self) -> bool:
