@@ -207,8 +207,9 @@ def cmd_info(a) -> int:
                      f"activations saved per example)" if "batch" in gr else "")
             layout = "; image batches channels_last" if gr.get("layout") == "channels_last" else ""
             print(f"{'gradients':>12}: {gr['backend']} ({gr['reason']}){batch}{layout}")
-            print(f"{'products':>12}: EK-FAC and Source scores in "
-                  f"{'bfloat16 (this CPU multiplies it fast)' if gr['bf16_products'] else 'float32'}")
+            products = ("bfloat16 (this CPU multiplies it fast; EK-FAC's self-influence walk too, on models of 16k+ "
+                        "parameters)" if gr["bf16_products"] else "float32")
+            print(f"{'products':>12}: EK-FAC and Source scores in {products}")
             print(f"{'projection':>12}: {_describe_projection(info['projection'])} (TRAK's default)")
             runnable = [n for n, v in info["methods"].items() if v == "ok"]
             print(f"{'can run':>12}: {', '.join(runnable) or 'none'}")

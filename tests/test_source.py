@@ -3,6 +3,7 @@ retraining, segments of multi-stage and non-converged training, Fast-Source and 
 from __future__ import annotations
 
 import copy
+import threading
 
 import numpy as np
 import pandas as pd
@@ -413,17 +414,30 @@ def test_bfloat16_products_agree_with_float32_within_its_rounding(gd_project, mo
     alone 1.8e-3 (EK-FAC, 3 points) and 1.2e-3 (Source, 3 segments), with bfloat16 products 2.6e-3 and 2.3e-3."""
     from engine.storage.arrays import ChunkedArray
 
+    from engine.methods import source as source_module
+
     q = ("test", np.arange(len(gd_project.test_dataset)))
     got = {}
+    monkeypatch.setattr(source_module, "BF16_SELF_WALK_MIN_PARAMS", 0)  # a model this small keeps float32 otherwise
     for forced in ("1", "0"):
         monkeypatch.setenv(BF16_PRODUCTS_ENV, forced)
-        for name, att in (("ekfac", EKFAC(EKFACSettings(trajectory_points=3))), ("source", Source())):
+        for name, att in (("ekfac", EKFAC(EKFACSettings(trajectory_points=3))), ("source", Source()),
+                          ("ekfac 1 point", EKFAC(EKFACSettings(trajectory_points=1)))):
             att.fit(gd_project)
             got[name, forced] = att, att.scores(q)
+    # the fit's self-influence walk (one segment: EK-FAC) runs in bfloat16 too; Source's is walked later, in float32
+    for name, walk in (("ekfac", "bfloat16"), ("ekfac 1 point", "bfloat16"), ("source", "float32")):
+        bf, f32 = got[name, "1"][0], got[name, "0"][0]
+        assert bf.meta["self_influence_walk"] == walk and f32.meta["self_influence_walk"] == "float32"
+        s_bf, s32 = bf.self_scores(), f32.self_scores()
+        err = np.abs(s_bf - s32).max() / np.abs(s32).max()
+        # (on the 5,000-image benchmark CNN, 94,762 parameters: 4e-4 walked; the roundings average over its entries)
+        assert (0 < err < (3e-3 if name == "ekfac" else 1.2e-2)) if walk == "bfloat16" else err == 0
+        assert (np.argsort(s_bf)[:5] == np.argsort(s32)[:5]).all()  # the same most negative rows
     reads = []
     real = ChunkedArray.iter_bfloat16
     monkeypatch.setattr(ChunkedArray, "iter_bfloat16", lambda self, *a, **k: reads.append(1) or real(self, *a, **k))
-    for name in ("ekfac", "source"):
+    for name in ("ekfac", "source", "ekfac 1 point"):
         bf, S_bf = got[name, "1"]
         f32, S = got[name, "0"]
         assert bf.meta["score_products"] == "bfloat16" and f32.meta["score_products"] == "float32"
@@ -438,7 +452,11 @@ def test_bfloat16_products_agree_with_float32_within_its_rounding(gd_project, mo
         assert len(reads) == len(bf.seg_state)
     monkeypatch.setenv(BF16_PRODUCTS_ENV, "1")
     f32_store = EKFAC(EKFACSettings(trajectory_points=1, gradient_dtype="float32")).fit(gd_project)
-    assert f32_store.meta["score_products"] == "float32"
+    assert f32_store.meta["score_products"] == "float32" and f32_store.meta["self_influence_walk"] == "float32"
+    monkeypatch.undo()
+    monkeypatch.setenv(BF16_PRODUCTS_ENV, "1")
+    small = EKFAC(EKFACSettings(trajectory_points=1)).fit(gd_project)  # below BF16_SELF_WALK_MIN_PARAMS
+    assert small.meta["score_products"] == "bfloat16" and small.meta["self_influence_walk"] == "float32"
 
 
 def test_training_gradients_are_written_in_parts_and_a_stopped_chunk_is_rewritten(gd_project, tmp_path, monkeypatch):
@@ -454,10 +472,11 @@ def test_training_gradients_are_written_in_parts_and_a_stopped_chunk_is_rewritte
     monkeypatch.setattr(source_module, "GRADIENT_BLOCK_ROWS", 32)  # two chunks of the 60 rows
     monkeypatch.setattr(source_module, "GRADIENT_PART_MIN_ROWS", 1)
     monkeypatch.setattr(source_module, "GRADIENT_PART_BYTES", 4 * width * 10)  # ten rows a part
-    parts, real = [], ChunkedArray.write_rows
+    parts, real, writers = [], ChunkedArray.write_rows, set()
 
     def failing(self, c, start, block):
         parts.append((c, start, len(block)))
+        writers.add(threading.current_thread().name)  # off the gradient pass's thread (BackgroundWriter)
         if len(parts) == 5:  # chunk 1's second part: chunk 0 is done, chunk 1 half-written
             raise KeyboardInterrupt
         return real(self, c, start, block)
@@ -467,6 +486,7 @@ def test_training_gradients_are_written_in_parts_and_a_stopped_chunk_is_rewritte
     with pytest.raises(KeyboardInterrupt):
         EKFAC(f32, workdir=work).fit(gd_project)
     assert parts == [(0, 0, 10), (0, 10, 10), (0, 20, 10), (0, 30, 2), (1, 0, 10)]
+    assert writers == {"proponent-store-writer"}
     assert (next(work.glob("grads_*")) / "done.bin").read_bytes() == b"\x01\x00"  # chunk 1 not done
     parts.clear()
     ek = EKFAC(f32, workdir=work).fit(gd_project)

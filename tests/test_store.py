@@ -206,7 +206,12 @@ def test_bfloat16_store_keeps_float32s_range_in_half_the_bytes_written_in_parts(
     rows[0, 0], rows[1, 1] = 1e-38, -3e38  # float32's extremes: float16 has neither
     s = ChunkedArray(tmp_path / "b", 7, 4, width=5, dtype="bfloat16")
     s.write_rows(0, 0, rows[:2])
-    s.write_rows(0, 2, rows[2:4])
+    # values already rounded by the writer (EK-FAC's pass), handed over as their bits: stored as they are
+    s.write_bfloat16_rows(0, 2, torch.from_numpy(rows[2:4]).bfloat16().view(torch.int16).numpy())
+    with pytest.raises(ValueError, match="16-bit integers"):
+        s.write_bfloat16_rows(0, 2, rows[2:4])  # float32 values are not bits
+    with pytest.raises(ValueError, match="outside chunk"):
+        s.write_bfloat16_rows(0, 3, np.zeros((2, 5), np.int16))
     assert s.missing_chunks() == [0, 1]
     s.mark_done(0)
     s.write_chunk(1, rows[4:])
@@ -227,6 +232,8 @@ def test_bfloat16_store_keeps_float32s_range_in_half_the_bytes_written_in_parts(
     f32 = ChunkedArray(tmp_path / "f", 7, 4, width=5)
     with pytest.raises(ValueError, match="bfloat16 stores"):
         next(f32.iter_bfloat16())
+    with pytest.raises(ValueError, match="bfloat16 stores"):
+        f32.write_bfloat16_rows(0, 0, np.zeros((1, 5), np.int16))
     assert s.data_path.stat().st_size - 128 == (f32.data_path.stat().st_size - 128) // 2 == 7 * 5 * 2
     # another dtype asked of the same folder starts over rather than reading bits as something else
     again = ChunkedArray(tmp_path / "b", 7, 4, width=5, dtype="float32")
@@ -325,3 +332,57 @@ def test_all_finite_sees_nan_and_inf_and_not_an_overflowing_sum():
     assert not all_finite(both)
     huge = torch.full((4, 4), 3e38)
     assert not torch.isfinite(huge.sum()) and all_finite(huge)
+
+
+def test_background_writes_run_in_order_stop_at_the_first_failure_and_raise_it_in_the_caller(tmp_path):
+    """EK-FAC's training-gradient store is written on a background thread while the next part is
+    computed. The done mark, submitted after a chunk's rows, must never land after a failed row
+    write; the failure reaches the caller; queued writes are bounded; a failing body still drains."""
+    from engine.storage.background import BackgroundWriter
+
+    done = []
+    with BackgroundWriter() as w:
+        for i in range(50):
+            w.submit(done.append, i)
+    assert done == list(range(50))  # all of them, in order, by the end of the block
+
+    def fail(i):
+        raise OSError(28, f"No space left on device (write {i})")
+
+    done.clear()
+    hold = threading.Event()
+    with pytest.raises(OSError, match="write 1"):
+        with BackgroundWriter() as w:
+            w.submit(lambda: (done.append(0), hold.wait(5)))
+            w.submit(fail, 1)
+            w.submit(done.append, "mark after the failed write")  # queued before the failure happens
+            hold.set()
+            w.close()
+    assert done == [0]  # nothing after the failure ran
+    with pytest.raises(OSError, match="write 1"):
+        w.submit(done.append, 3)  # and a closed writer refuses more work (its failure first)
+
+    # bounded: with depth 2 and the thread held by a first task, a fourth submit waits
+    gate, entered = threading.Event(), threading.Event()
+    w = BackgroundWriter(depth=2)
+    w.submit(lambda: (entered.set(), gate.wait()))
+    assert entered.wait(5)
+    w.submit(done.append, "a")
+    w.submit(done.append, "b")
+    fourth = threading.Thread(target=w.submit, args=(done.append, "c"))
+    fourth.start()
+    fourth.join(0.3)
+    assert fourth.is_alive()  # blocked: two tasks already wait
+    gate.set()
+    fourth.join(5)
+    w.close()
+    assert done[-3:] == ["a", "b", "c"]
+
+    # the body fails (a cancel, Ctrl-C): what it queued still finishes, and the body's error propagates
+    done.clear()
+    with pytest.raises(KeyboardInterrupt):
+        with BackgroundWriter() as w:
+            w.submit(done.append, "rows")
+            w.submit(done.append, "mark")
+            raise KeyboardInterrupt
+    assert done == ["rows", "mark"]

@@ -67,6 +67,7 @@ from engine.methods.settings import (
     TrajectorySettings,
 )
 from engine.storage.arrays import ChunkedArray, stable_hash
+from engine.storage.background import BackgroundWriter
 
 # training rows per block of stored training gradients: bounds memory, and is the unit torchrun ranks share out
 GRADIENT_BLOCK_ROWS = 1024
@@ -90,8 +91,10 @@ GRADIENT_BATCH_MB = 128.0
 # queries of a 500-query run fit one pass over the store, not two. Largest score error against a float32
 # store, over the largest score, on the GD logistic regression of tests/test_source.py: the bfloat16
 # store alone 1.8e-3 (EK-FAC, 3 points) and 1.2e-3 (Source), with bfloat16 products 2.6e-3 and 2.3e-3.
-# The walk itself stays float32: in bfloat16 its chained roundings gave 4.7e-3 and 1.3e-2.
-# PROPONENT_BF16_PRODUCTS=0 keeps float32 products.
+# The query walk itself stays float32: in bfloat16 its chained roundings gave 4.7e-3 and 1.3e-2. The fit's
+# self-influence walk of the training rows (one segment) does run in bfloat16 there, on models of at least
+# BF16_SELF_WALK_MIN_PARAMS (see _fit_segment; meta "self_influence_walk").
+# PROPONENT_BF16_PRODUCTS=0 keeps float32 products and walks.
 # least rows a trajectory point's factors are fitted on when the rows are split over the points
 # (point_rows=-1). Measured on 10 validation projects (docs/bench/lds-point-rows.json): an even split
 # with no floor moved EK-FAC's LDS by -0.022 to +0.014 where a point got 140-290 rows; with this
@@ -99,6 +102,9 @@ GRADIENT_BATCH_MB = 128.0
 POINT_ROWS_FLOOR = 1024
 NORMALIZED_PROBE_ROWS = 16  # training rows the scale-invariance probe runs the model on (one forward per layer)
 WALK_DTYPE = torch.float32
+# covered parameters from which the fit's self-influence walk runs in bfloat16 on a CPU that multiplies it
+# natively: on a 60-row logistic regression a one-point self-score was off by 7.8e-3 of the largest
+BF16_SELF_WALK_MIN_PARAMS = 2**14
 WALK_BLOCK_BYTES = 2**26  # one [rows, p] copy (WALK_DTYPE) of query gradients walked through the curvature (64 MiB)
 # walked query vectors gathered before one pass over the stored training gradients (each pass reads the
 # whole store from disk, so fewer and wider passes; at most this many bytes of [queries, width])
@@ -264,6 +270,9 @@ class CurvatureInfluence(Attributor):
         self._fused_self: tuple[np.ndarray, np.ndarray, int] | None = None
         self.seg_state = []
         self._gradient_rows = 0  # training gradients this process computed (its share under torchrun)
+        # bfloat16 score products, and the fit's self-influence walk in bfloat16 (see _fit_segment)
+        self.bf16_products = cfg.gradient_dtype == "bfloat16" and bfloat16_products()
+        self._self_walk_dtype = "float32"
         for seg in segs:
             self._check_cancel("fit")
             self.seg_state.append(self._fit_segment(project, seg))
@@ -272,10 +281,10 @@ class CurvatureInfluence(Attributor):
         self.query_computer = GradientComputer(self.query_model, tracked=self.param_names, device=self.device,
                                                memory_budget_mb=GRADIENT_BATCH_MB, precision=cfg.grad_precision)
         self._self = None
-        self.bf16_products = cfg.gradient_dtype == "bfloat16" and bfloat16_products()
         self.meta.update({
             "segments": [s.describe() for s in segs], "response": cfg.response, "fast": cfg.fast,
             "score_products": "bfloat16" if self.bf16_products else "float32",
+            "self_influence_walk": self._self_walk_dtype,
             "layers": [L.name for L in self.layers_template], "left_out": self.left_out,
             "covered_parameters": p, "projection": self.projector.describe(), "weight_decay": self.wd,
             "weight_decay_skipped": self.normalized,  # normalised layers: no weight decay in their σ
@@ -436,9 +445,9 @@ class CurvatureInfluence(Attributor):
         computers = [GradientComputer(model, tracked=self.param_names, device=self.device,
                                       memory_budget_mb=GRADIENT_BATCH_MB, precision=cfg.grad_precision)
                      for _, model, _ in points]
-        walk = self._walk_factors({"QS": [basis[f"{L.name}.QS"] for L in self.layers_template],
-                                   "QA": [basis[f"{L.name}.QA"] for L in self.layers_template],
-                                   "F": Fv, "S": Sv, "sqrtP": sqrtP})
+        factors = {"QS": [basis[f"{L.name}.QS"] for L in self.layers_template],
+                   "QA": [basis[f"{L.name}.QA"] for L in self.layers_template], "F": Fv, "S": Sv, "sqrtP": sqrtP}
+        walk = self._walk_factors(dict(factors))
         # Self-influence in this pass: with one segment the query's walk is one step, and when a point is the
         # query checkpoint its loss gradients come as −(1 − p_y)·∇f (GradientComputer.margin_and_loss_scale),
         # so the margin gradients the self-scores need cost no second gradient pass over the training set
@@ -449,57 +458,73 @@ class CurvatureInfluence(Attributor):
         final_j = digests.index(self._final_digest) if fused else -1
         self_vals, self_known = np.zeros(len(ds)), np.zeros(len(ds), bool)
         one_point = len(points) == 1 and isinstance(self.projector, IdentityProjector)  # and unprojected
+        # The self-influence walk of the training rows in bfloat16 where the CPU multiplies it natively (AMX,
+        # AVX-512 BF16; as the scores' products): its rotations are the fit's largest GEMMs after the gradients
+        # themselves, 2.4x faster so (1,024 rows of the 5,000-image benchmark CNN: 1.25 -> 0.51 s). The
+        # rotated entries are off by ~0.4%, but each self-score sums ~10^5 of them: at most 4e-4 of the largest
+        # self-score there, Spearman 0.9999995, the same 50 most negative rows. The query walk stays float32
+        # (its vector is multiplied into every score, and a chained walk compounds the rounding).
+        # Only for models of at least BF16_SELF_WALK_MIN_PARAMS covered parameters: below that the walk is cheap
+        # and a self-score sums too few entries for their roundings to average out.
+        self._self_walk_dtype = ("bfloat16" if fused and self.bf16_products and self.blocks.layout.n >= BF16_SELF_WALK_MIN_PARAMS
+                                 else "float32")  # the walk runs on the host CPU whatever the device
+        walk_self = walk if self._self_walk_dtype == "float32" else self._walk_factors(dict(factors), torch.bfloat16)
         walk_rows = self._walk_rows(self.blocks.layout.n)  # host copies of ∇f walked at a time (bytes-bounded)
         total = sum(gbar.chunk_bounds(c)[1] - gbar.chunk_bounds(c)[0] for c in mine)
         done = 0
         # rows per part of a chunk held in memory (a whole [1,024, p] float32 chunk was the fit's peak)
         part = max(GRADIENT_PART_MIN_ROWS, GRADIENT_PART_BYTES // (4 * max(1, self.projector.out_dim)))
-        for c in mine:
-            self._check_cancel("fit")
-            lo, hi = gbar.chunk_bounds(c)
-            for a in range(lo, hi, part):
-                self.progress(f"{tag}: training gradients", done, total)
-                b = min(hi, a + part)
-                sel = torch.as_tensor(rows[a:b])
-                xs, ys = ds.x[sel], ds.y[sel]
-                block = torch.zeros(b - a, self.projector.out_dim)  # float32, like the store
-                walked = torch.zeros(b - a, self.projector.out_dim) if fused and not one_point else None
-                part_self = torch.zeros(b - a, dtype=torch.float64) if fused else None
-                for j, comp in enumerate(computers):
-                    if j != final_j:
-                        for blo, bhi, g in comp.iter_batches(xs, ys, "loss", then=self.train_projector.project):
+        with BackgroundWriter() as writer:  # in order, so a chunk is marked done after its rows are on disk
+            for c in mine:
+                self._check_cancel("fit")
+                lo, hi = gbar.chunk_bounds(c)
+                for a in range(lo, hi, part):
+                    self.progress(f"{tag}: training gradients", done, total)
+                    b = min(hi, a + part)
+                    sel = torch.as_tensor(rows[a:b])
+                    xs, ys = ds.x[sel], ds.y[sel]
+                    block = torch.zeros(b - a, self.projector.out_dim)  # float32, like the store
+                    walked = torch.zeros(b - a, self.projector.out_dim) if fused and not one_point else None
+                    part_self = torch.zeros(b - a, dtype=torch.float64) if fused else None
+                    for j, comp in enumerate(computers):
+                        if j != final_j:
+                            for blo, bhi, g in comp.iter_batches(xs, ys, "loss", then=self.train_projector.project):
+                                block[blo:bhi].add_(g.float().cpu(), alpha=1.0 / len(points))
+                            continue
+                        for blo, bhi, (g, m, one_minus_p) in comp.iter_margin_and_loss_scale(
+                                xs, ys, then=self.train_projector.project):
                             block[blo:bhi].add_(g.float().cpu(), alpha=1.0 / len(points))
-                        continue
-                    for blo, bhi, (g, m, one_minus_p) in comp.iter_margin_and_loss_scale(
-                            xs, ys, then=self.train_projector.project):
-                        block[blo:bhi].add_(g.float().cpu(), alpha=1.0 / len(points))
-                        one_minus_p = one_minus_p.detach().cpu().double()
-                        for w0 in range(0, bhi - blo, walk_rows):
-                            w1 = min(bhi - blo, w0 + walk_rows)
-                            V = self.blocks.to_layers(m[w0:w1].detach().to("cpu", WALK_DTYPE))
-                            if one_point:
-                                # ḡ = −(1 − p)∇f: −(1/N) walk(∇f)ᵀ ḡ = ((1 − p)/N) Σ F ⊙ r², r the rotated ∇f
-                                quad = sum((w_F * r * r).sum((1, 2)).double() for w_F, r in
-                                           zip(walk["F"], (self._rotated(walk, l, v) for l, v in enumerate(V))))
-                                part_self[blo + w0:blo + w1] = quad * one_minus_p[w0:w1] / len(rows)
-                            else:
-                                walked[blo + w0:blo + w1] = self._respond_one(walk, V) * (-1.0 / len(rows))
-                        del m
-                if cfg.gradient_dtype == "bfloat16":
-                    # rounded as the store keeps them: the walked self-scores below then equal the scores'
-                    # diagonal, and a float32 value beyond bfloat16's largest (3.39e38) shows as inf here
-                    block = block.bfloat16().float()
-                if not all_finite(block):
-                    raise ProponentError(f"{self.name}: non-finite training gradients in {tag}; the checkpoints may "
-                                         f"have diverged")
-                if walked is not None:
-                    part_self += (walked * block).sum(1).double()
-                gbar.write_rows(c, a - lo, block.numpy())
-                if fused:
-                    self_vals[rows[a:b]] = part_self.numpy()
-                    self_known[rows[a:b]] = True
-                done += b - a
-            gbar.mark_done(c)  # only now: a run stopped inside the chunk rewrites all of it
+                            one_minus_p = one_minus_p.detach().cpu().double()
+                            for w0 in range(0, bhi - blo, walk_rows):
+                                w1 = min(bhi - blo, w0 + walk_rows)
+                                V = self.blocks.to_layers(m[w0:w1].detach().to("cpu", walk_self["dtype"]))
+                                if one_point:
+                                    # ḡ = −(1 − p)∇f: −(1/N) walk(∇f)ᵀ ḡ = ((1 − p)/N) Σ F ⊙ r², r the rotated ∇f
+                                    quad = sum((w_F * r.float() * r.float()).sum((1, 2)).double() for w_F, r in
+                                               zip(walk["F"], (self._rotated(walk_self, l, v) for l, v in enumerate(V))))
+                                    part_self[blo + w0:blo + w1] = quad * one_minus_p[w0:w1] / len(rows)
+                                else:
+                                    walked[blo + w0:blo + w1] = self._respond_one(walk_self, V) * (-1.0 / len(rows))
+                            del m
+                    if cfg.gradient_dtype == "bfloat16":
+                        # rounded as the store keeps them: the walked self-scores below then equal the scores'
+                        # diagonal, and a float32 value beyond bfloat16's largest (3.39e38) shows as inf here
+                        block = block.bfloat16()
+                    if not all_finite(block):
+                        raise ProponentError(f"{self.name}: non-finite training gradients in {tag}; the checkpoints may "
+                                             f"have diverged")
+                    if walked is not None:
+                        part_self += (walked * block).sum(1).double()  # a bfloat16 block is widened exactly
+                    # written while the next part is computed (the block is not touched again here)
+                    if block.dtype == torch.bfloat16:
+                        writer.submit(gbar.write_bfloat16_rows, c, a - lo, block.view(torch.int16).numpy())
+                    else:
+                        writer.submit(gbar.write_rows, c, a - lo, block.numpy())
+                    if fused:
+                        self_vals[rows[a:b]] = part_self.numpy()
+                        self_known[rows[a:b]] = True
+                    done += b - a
+                writer.submit(gbar.mark_done, c)  # after its rows: a run stopped inside the chunk rewrites all of it
         self._gradient_rows += done
         if fused:  # each rank computed its own chunks' self-scores
             if distributed.active():
@@ -557,11 +582,13 @@ class CurvatureInfluence(Attributor):
 
     # ------------------------------------------------------------------ scoring
     @staticmethod
-    def _walk_factors(st: dict) -> dict:
-        """The segment's basis and curvature functions in WALK_DTYPE (converted once, not per block)."""
+    def _walk_factors(st: dict, dtype: torch.dtype | None = None) -> dict:
+        """The segment's basis and curvature functions in ``dtype`` (default WALK_DTYPE; converted once, not per
+        block)."""
+        dtype = dtype or WALK_DTYPE
         w = st.get("walk")
-        if w is None or w["dtype"] != WALK_DTYPE:
-            dt = WALK_DTYPE
+        if w is None or w["dtype"] != dtype:
+            dt = dtype
             sqrtP = st["sqrtP"]
             w = st["walk"] = {
                 "dtype": dt, "QS": [q.to(dt) for q in st["QS"]], "QA": [q.to(dt) for q in st["QA"]],

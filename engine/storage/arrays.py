@@ -444,17 +444,31 @@ class ChunkedArray:
         if self.dtype == np.float16:
             raise ValueError("write_rows is for float32 and bfloat16 stores; write a float16 chunk whole with "
                              "write_chunk")
+        self._write_rows(c, start, self._rows_inside(c, start, block))
+
+    def write_bfloat16_rows(self, c: int, start: int, bits: np.ndarray) -> None:
+        """:meth:`write_rows` for a bfloat16 store, given values already rounded to bfloat16 as their uint16
+        bit patterns (e.g. ``tensor.bfloat16().view(torch.int16).numpy()``): written as they are, with
+        no second rounding pass."""
+        if self.dtype_name != "bfloat16":
+            raise ValueError(f"{self.folder}: write_bfloat16_rows writes bfloat16 stores, this one is {self.dtype_name}")
+        bits = self._rows_inside(c, start, bits)
+        if bits.dtype.itemsize != 2 or bits.dtype.kind not in "iu":
+            raise ValueError(f"bfloat16 bit patterns come as 16-bit integers, not {bits.dtype}")
+        self._write_rows(c, start, bits, as_bits=True)
+
+    def _rows_inside(self, c: int, start: int, block) -> np.ndarray:
         lo, hi = self.chunk_bounds(c)
         block = np.asarray(block)
         if block.ndim != 2 or start < 0 or lo + start + block.shape[0] > hi:
             raise ValueError(f"rows {start}…{start + (block.shape[0] if block.ndim else 0)} are outside chunk {c} "
                              f"({hi - lo} rows)")
-        self._write_rows(c, start, block)
+        return block
 
     def mark_done(self, c: int) -> None:
         self._pwrite("done.bin", b"\x01", c)  # last: a chunk counts only once its rows are on disk
 
-    def _write_rows(self, c: int, start: int, block: np.ndarray) -> None:
+    def _write_rows(self, c: int, start: int, block: np.ndarray, as_bits: bool = False) -> None:
         """Through :meth:`_pwrite` (not a writable memory map: its dirty pages counted in the process's
         resident memory, a whole chunk of them)."""
         if not self.allocated:
@@ -463,7 +477,10 @@ class ChunkedArray:
         if width != block.shape[1]:
             raise ValueError(f"chunk {c} has {block.shape[1]} columns, the store {width}")
         pos = offset + (self.chunk_bounds(c)[0] + start) * width * self.dtype.itemsize
-        stored = to_bfloat16_bits(block) if self.dtype_name == "bfloat16" else cast_float(block, self.dtype)
+        if as_bits:
+            stored = block
+        else:
+            stored = to_bfloat16_bits(block) if self.dtype_name == "bfloat16" else cast_float(block, self.dtype)
         self._pwrite(self.data_path.name, np.ascontiguousarray(stored), pos)
 
     def _geometry(self) -> tuple[int, int]:
