@@ -158,8 +158,6 @@ def test_models_without_per_layer_rules_say_why():
         assert comp.backend == "vmap" and why in comp.backend_reason
         with pytest.raises(ProponentError, match="gradient backend 'layers' cannot differentiate this model"):
             GradientComputer(model, backend="layers")
-    low = GradientComputer(_mixed(), precision="bfloat16", backend="auto")
-    assert low.backend == "vmap" and "bfloat16" in low.backend_reason
 
 
 def test_inputs_that_require_grad_keep_the_graph():
@@ -354,3 +352,34 @@ def test_training_batches_run_channels_last_with_the_same_result(monkeypatch):
     assert not any(cl for _, cl in built[-1].seen)
     for k, v in plain.model.state_dict().items():
         torch.testing.assert_close(fast.model.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_low_precision_passes_take_the_per_layer_path_checked_in_float32():
+    """grad_precision='bfloat16' (an option of TRAK, EK-FAC and Source): the closed forms run on the
+    bfloat16 copy, and the first batch of each kind is checked in float32 against torch.func, so a model
+    the per-layer pass gets wrong still falls back (a check between two bfloat16 computations would have
+    to allow their per-row rounding, several per cent)."""
+    model = _mixed()
+    x, y = _data(16)
+    for kind in ("loss", "margin"):
+        ref = GradientComputer(model, backend="vmap").per_example(x, y, kind)
+        low = GradientComputer(model, precision="bfloat16")
+        assert low.backend == "layers" and low.backend_reason.startswith("per-layer closed forms in bfloat16")
+        g = low.per_example(x, y, kind)
+        assert g.dtype == torch.float32 and all(q.dtype == torch.float32 for q in model.parameters())
+        assert low.backend == "layers"
+        rel = float((g - ref).norm() / ref.norm())
+        assert 0 < rel < 0.05, rel  # really bfloat16 (not the float32 pass), and close
+        by_vmap = GradientComputer(model, precision="bfloat16", backend="vmap").per_example(x, y, kind)
+        assert float((g - by_vmap).norm() / ref.norm()) < 0.05
+        m, s = low.margin_and_loss_scale(x, y)
+        assert m.dtype == s.dtype == torch.float32 and low.backend == "layers"
+    for model_cls, why in ((NeverCalled, "did not run its own forward"), (UsedOutside, "disagreed with torch.func")):
+        torch.manual_seed(0)
+        wrong = model_cls().eval()
+        xw, yw = torch.randn(10, 6), torch.randint(0, 3, (10,))
+        low = GradientComputer(wrong, precision="bfloat16", backend="layers")
+        got = low.per_example(xw, yw, "loss")
+        assert low.backend == "vmap" and why in low.backend_reason
+        want = GradientComputer(wrong, backend="vmap").per_example(xw, yw, "loss")
+        assert float((got - want).norm() / want.norm()) < 0.05

@@ -42,6 +42,9 @@ BACKEND_ENV = "PROPONENT_GRADIENTS"  # overrides backend="auto" for every gradie
 CHECK_ROWS = 2
 CHECK_RTOL = 1e-4
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# what a low-precision pass computes, for the keys of stores written from one: 2 since the per-layer closed forms run
+# on the low-precision copy (torch.func's vmap before; another summation order, the same precision)
+LOW_PRECISION_PASS = 2
 # a batch holds up to this many times the activations autograd saves for it (those, the gradients flowing
 # back through them, the per-layer pass's copies). Without them in the formula a "512 MB" batch of the
 # 95k-parameter BatchNorm CNN of scripts/bench_gpu.py (0.58 MB saved per 32x32 image) was 434 rows and
@@ -158,6 +161,8 @@ class GradientComputer(BatchBackOff):
         self._grad_fns = {k: vmap(grad(lambda p, x, y, k=k: measure(p, x, y, k)), in_dims=(None, 0, 0)) for k in KINDS}
         self._margin_value_fn = vmap(grad_and_value(lambda p, x, y: measure(p, x, y, "margin")), in_dims=(None, 0, 0))
         self._layers: LayerGradients | None = None
+        self._low_layers: LayerGradients | None = None  # the per-layer pass of a low-precision copy
+        self._check_fns: dict | None = None  # float32 torch.func references for a low-precision pass's check
         self._checked: set[str] = set()
         self._saved_bytes: float | None = None  # per example, measured on the first batch (saved_bytes_per_example)
         self.backend = "vmap"
@@ -174,23 +179,25 @@ class GradientComputer(BatchBackOff):
             backend = forced
         if backend == "vmap":
             return "asked for torch.func"
-        if self.precision != "float32":
-            why = f"a {self.precision} pass runs through torch.func"
-        else:
-            parts, why = layer_plan(self.model, self.layout)
-            if why is None and backend == "auto":
-                why = auto_layers_rule(parts)
-            if why is None:
-                self._layers = LayerGradients(self.model, self.layout, parts)
-                self.backend = "layers"
-                why = "per-layer closed forms"
-                return why if backend == "layers" else f"{why} (auto: {AUTO_LAYERS_REASON})"
+        parts, why = layer_plan(self.model, self.layout)
+        if why is None and backend == "auto":
+            why = auto_layers_rule(parts)
+        if why is None:
+            self._layers = LayerGradients(self.model, self.layout, parts)
+            if self._input_dtype is not None:
+                # a low-precision pass: the closed forms run on the low-precision copy, and self._layers (float32)
+                # only checks them on a few rows of the first batch of each kind (see _low_layer_pass)
+                low_parts, _ = layer_plan(self._grad_fm.module, self._grad_fm.layout)
+                self._low_layers = LayerGradients(self._grad_fm.module, self._grad_fm.layout, low_parts)
+            self.backend = "layers"
+            why = "per-layer closed forms" + (f" in {self.precision}" if self._input_dtype is not None else "")
+            return why if backend == "layers" else f"{why} (auto: {AUTO_LAYERS_REASON})"
         if backend == "layers":
             raise ProponentError(f"gradient backend 'layers' cannot differentiate this model: {why}")
         return why
 
     def _fall_back(self, why: str) -> None:
-        self._layers, self.backend, self.backend_reason = None, "vmap", why
+        self._layers, self._low_layers, self.backend, self.backend_reason = None, None, "vmap", why
 
     def _layer_pass(self, x: Any, y: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(gradients, values) from the per-layer pass, or None where it does not apply; the first
@@ -198,6 +205,8 @@ class GradientComputer(BatchBackOff):
         if self._layers is None or any(t.requires_grad for t in pytree.tree_leaves(x)):
             return None  # inputs that require grad (a synset being distilled) need torch.func's graph
         xd, yd = to_device(x, self.device), y.to(self.device)
+        if self._low_layers is not None:
+            return self._low_layer_pass(xd, yd, kind)
         xl = fast_layout(self.model, xd)
         try:
             g, v = self._layers.per_example(xl, yd, kind)
@@ -225,10 +234,55 @@ class GradientComputer(BatchBackOff):
         self._checked.add(kind)
         return g, v
 
-    def _disagrees(self, g: torch.Tensor, x: Any, y: torch.Tensor, kind: str) -> bool:
-        """Whether per-layer gradients ``g`` of batch ``x`` differ from torch.func's on its first rows."""
+    def _low_layer_pass(self, xd: Any, yd: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The per-layer pass on the low-precision copy (gradients and values returned float32). The closed
+        forms are checked in float32 on the first rows of the first batch of each kind: whether a model's
+        parameters are used only inside their modules does not depend on the dtype, and a check between two
+        low-precision computations would have to allow their rounding (several per cent per row in
+        bfloat16), loose enough to miss a small wrong layer. The layout is the float32 model's choice."""
+        xl = fast_layout(self.model, xd)
+        try:
+            if kind not in self._checked:
+                k = min(CHECK_ROWS, len(yd))
+                g32, _ = self._layers.per_example(batch_rows(xl, 0, k), yd[:k], kind)
+                disagrees = self._disagrees(g32, xd, yd, kind, float32=True)
+                if disagrees and xl is not xd:  # a near-tie the other layout rounds the other way (see _layer_pass)
+                    keep_default_layout(self.model)
+                    xl = xd
+                    g32, _ = self._layers.per_example(batch_rows(xd, 0, k), yd[:k], kind)
+                    disagrees = self._disagrees(g32, xd, yd, kind, float32=True)
+                if disagrees:
+                    self._fall_back("per-layer gradients disagreed with torch.func on the first batch (a parameter "
+                                    "used outside its module, or examples that interact)")
+                    return None
+            g, v = self._low_layers.per_example(to_device(xl, self.device, self._input_dtype), yd, kind)
+        except NotPerLayer as e:
+            self._fall_back(str(e))
+            return None
+        except Exception as e:  # as in _layer_pass: torch.func still answers
+            if is_out_of_memory(e):
+                raise
+            self._fall_back(f"the per-layer pass failed ({type(e).__name__}: {str(e)[:200]})")
+            return None
+        self._checked.add(kind)
+        return g.float(), v.float()
+
+    def _disagrees(self, g: torch.Tensor, x: Any, y: torch.Tensor, kind: str, float32: bool = False) -> bool:
+        """Whether per-layer gradients ``g`` of batch ``x`` differ from torch.func's on its first rows
+        (``float32``: against the float32 model's, for a low-precision pass's check)."""
         k = min(CHECK_ROWS, len(y))
-        ref = self._grad_fns[kind](self._grad_params, batch_rows(x, 0, k), y[:k])
+        if float32 and self._input_dtype is not None:
+            if self._check_fns is None:
+                def measure32(params, x1, y1, kind):
+                    out = self.fm(params, add_batch_dim(x1))
+                    f = correct_class_margin if kind == "margin" else example_loss
+                    return f(out, y1.unsqueeze(0)).sum()
+
+                self._check_fns = {kk: vmap(grad(lambda p, x1, y1, kk=kk: measure32(p, x1, y1, kk)), in_dims=(None, 0, 0))
+                                   for kk in KINDS}
+            ref = self._check_fns[kind](self.params, batch_rows(x, 0, k), y[:k])
+        else:
+            ref = self._grad_fns[kind](self._grad_params, batch_rows(x, 0, k), y[:k])
         ref = self.flatten(ref).to(g.dtype)
         scale = float(ref.abs().max()) if ref.numel() else 0.0
         return bool(ref.numel()) and float((g[:k] - ref).abs().max()) > CHECK_RTOL * scale + 1e-30

@@ -44,11 +44,13 @@ class GradientPrecisionSettings:
     """The dtype the per-example gradient passes run in (TRAK, EK-FAC, Source)."""
 
     grad_precision: str = setting("float32", "Precision of the per-example gradient passes: float32, or bfloat16/float16 "
-                                             "(a low-precision copy of the model; gradients come back float32, curvature "
-                                             "and kernels stay float32/64). LDS unchanged for TRAK and EK-FAC; on an H200 "
-                                             "TRAK no faster; on a CPU with AMX EK-FAC about 6% faster and TRAK slower (it "
-                                             "needs the dense projection instead of the factorized one: 4x on a "
-                                             "2,000-image CNN). docs/bench/lds-grad-precision.json, docs/benchmarks.md.",
+                                             "(a low-precision copy of the model, through the per-layer closed forms where "
+                                             "the model allows; gradients come back float32, curvature and kernels stay "
+                                             "float32/64). LDS unchanged for TRAK and EK-FAC; on an H200 TRAK no faster; on "
+                                             "a CPU with AMX EK-FAC 12-29% faster on BatchNorm CNNs (97% of top-10 "
+                                             "proponents the same) and TRAK slower (it needs the dense projection instead "
+                                             "of the factorized one: 4x on a 2,000-image CNN). "
+                                             "docs/bench/lds-grad-precision*.json, docs/benchmarks.md.",
                                   choices=GRAD_PRECISIONS)
 
 

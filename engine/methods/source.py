@@ -55,7 +55,7 @@ from engine.autodiff import curvature as cv
 from engine.autodiff import distributed
 from engine.autodiff.functional import FunctionalModel, TrackedParameters
 from engine.autodiff.compute import all_finite, bfloat16_products
-from engine.autodiff.per_example import GradientComputer
+from engine.autodiff.per_example import LOW_PRECISION_PASS, GradientComputer
 from engine.autodiff.projection import IdentityProjector, make_projector
 from engine.core.errors import ProponentError
 from engine.core.project import Checkpoint, Project
@@ -431,7 +431,8 @@ class CurvatureInfluence(Attributor):
         gkey = stable_hash({"points": [d for d, _, _ in points], "rows": cv.rows_digest(rows), "data": project.data_hash(),
                             "method": self.name, "v": self.gradients_version or self.version,
                             "proj": self.projector.describe(), "seed": cfg.seed, "params": self.param_names,
-                            **({"precision": cfg.grad_precision} if cfg.grad_precision != "float32" else {}),
+                            **({"precision": cfg.grad_precision, "pass": LOW_PRECISION_PASS}
+                               if cfg.grad_precision != "float32" else {}),
                             **({"dtype": cfg.gradient_dtype} if cfg.gradient_dtype != "float32" else {})})
 
         def open_store() -> ChunkedArray:

@@ -35,6 +35,7 @@ from engine.autodiff import distributed
 from engine.autodiff.factorized import FactorizedGradients, auto_projection
 from engine.autodiff.features import checkpoint_feature_store, project_gradients
 from engine.autodiff.functional import FunctionalModel, TrackedParameters
+from engine.autodiff.per_example import LOW_PRECISION_PASS
 from engine.autodiff.projection import projector_kind
 from engine.autodiff.measurement import correct_class_probability
 from engine.methods.base import Attributor, register, setting
@@ -302,7 +303,8 @@ class TRAK(Attributor):
             # "gen": dense Rademacher entries are hashed on the device since v3 (the kernel beside the store follows it)
             tag = stable_hash({"ck": ck.key, "k": k, "proj": projection, "seed": s.seed, "m": m, "gen": 3,
                                **({"dtype": s.feature_dtype} if s.feature_dtype != "float32" else {}),
-                               **({"precision": s.grad_precision} if s.grad_precision != "float32" else {})})
+                               **({"precision": s.grad_precision, "pass": LOW_PRECISION_PASS}
+                                  if s.grad_precision != "float32" else {})})
             # shared by every run whose features are the same (the damping only changes the kernel beside
             # them), so trying another damping costs a kernel solve, not a featurization
             # (the method's version too: a later version that computes features otherwise never reads these)
