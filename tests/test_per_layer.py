@@ -383,3 +383,38 @@ def test_low_precision_passes_take_the_per_layer_path_checked_in_float32():
         assert low.backend == "vmap" and why in low.backend_reason
         want = GradientComputer(wrong, backend="vmap").per_example(xw, yw, "loss")
         assert float((got - want).norm() / want.norm()) < 0.05
+
+
+def test_accumulate_adds_each_layer_straight_into_the_callers_rows(monkeypatch):
+    """EK-FAC's trajectory points add their training gradients into one float32 block: after the first
+    (checked) batch, each layer's closed form is added into the block's rows, with no [b, p] gradient
+    tensor assembled; the sum equals the assembled gradients' to float32 rounding, row for row."""
+    from engine.autodiff import per_layer
+
+    model = _mixed()
+    x, y = _data(23)
+    comp = GradientComputer(model)
+    assert comp.backend == "layers"
+    monkeypatch.setattr(GradientComputer, "auto_batch_size", lambda self, x: 5)  # five batches, the last of 3
+    calls = []
+    real = per_layer.LayerGradients.per_example
+    monkeypatch.setattr(per_layer.LayerGradients, "per_example",
+                        lambda self, xb, yb, kind, into=None, alpha=1.0: calls.append(into is not None) or
+                        real(self, xb, yb, kind, into=into, alpha=alpha))
+    base = torch.randn(23, comp.n_params)
+    for kind in ("loss", "margin"):
+        calls.clear()
+        got = base.clone()
+        comp.accumulate(x, y, kind, into=got, alpha=0.25)
+        want = base + 0.25 * GradientComputer(model, backend="vmap").per_example(x, y, kind)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        # the first batch of each kind is computed, checked against torch.func and added; later ones go straight in
+        assert calls == [False] + [True] * 4
+    with pytest.raises(ValueError, match="shape"):
+        comp.accumulate(x, y, "loss", into=torch.zeros(22, comp.n_params))
+    # torch.func (a model without per-layer rules) and a low-precision pass: computed, then added
+    low = GradientComputer(model, precision="bfloat16")
+    got = base.clone()
+    low.accumulate(x, y, "loss", into=got, alpha=0.25)
+    ref = 0.25 * GradientComputer(model).per_example(x, y, "loss")
+    assert float((got - base - ref).norm() / ref.norm()) < 0.05

@@ -384,6 +384,34 @@ class GradientComputer(BatchBackOff):
 
         return self._batches(len(y), batch_size or self.auto_batch_size(x), compute)
 
+    def accumulate(self, x: Any, y: torch.Tensor, kind: str, into: torch.Tensor, alpha: float = 1.0) -> None:
+        """``into`` [n, p] += ``alpha`` × the per-example gradients of ``kind``, batch by batch (EK-FAC's and
+        Source's training gradients averaged over trajectory points). On the CPU, once the per-layer pass has
+        been checked for ``kind`` (its first batch), each layer's closed form is added straight into
+        ``into``: no [b, p] gradient tensor is assembled and then added. Elsewhere (torch.func, CUDA, where
+        a batch retried after running out of memory must not add twice) batches are computed and added."""
+        if into.shape != (len(y), self.n_params):
+            raise ValueError(f"into has shape {tuple(into.shape)}, not ({len(y)}, {self.n_params})")
+        direct = self.device == "cpu" and self._low_layers is None
+        batch = self.auto_batch_size(x)
+        lo = 0
+        while lo < len(y):
+            if direct and self._layers is not None and kind in self._checked and not any(
+                    t.requires_grad for t in pytree.tree_leaves(x)):
+                hi = min(len(y), lo + batch)
+                xb = fast_layout(self.model, to_device(batch_rows(x, lo, hi), self.device))
+                self._layers.per_example(xb, y[lo:hi].to(self.device), kind, into=into[lo:hi], alpha=alpha)
+                lo = hi
+                continue
+            # the first batch (checked against torch.func), or no per-layer pass: computed, then added
+            for blo, bhi, g in self.iter_batches(batch_rows(x, lo, len(y)), y[lo:], kind, batch_size=batch):
+                into[lo + blo:lo + bhi].add_(g.to(into.device, into.dtype), alpha=alpha)
+                if direct and self._layers is not None and kind in self._checked:
+                    lo += bhi
+                    break
+            else:
+                lo = len(y)
+
     def full(self, x: Any, y: torch.Tensor, kind: str = "margin") -> torch.Tensor:
         return torch.cat([g for _, _, g in self.iter_batches(x, y, kind)], 0) if len(y) else torch.empty(0, self.n_params)
 
