@@ -501,6 +501,53 @@ def test_training_gradients_are_written_in_parts_and_a_stopped_chunk_is_rewritte
     assert ek.meta["self_influence_rows_in_fit"] == 28 and ref.meta["self_influence_rows_in_fit"] == 60
 
 
+def test_a_store_write_that_fails_in_the_background_is_one_line_and_the_rerun_resumes(gd_project, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """The training-gradient store is written on a background thread. A write the filesystem refuses
+    there (a quota, a full disk where the space reservation is emulated) still ends the command in one
+    line naming the file (exit 2, no traceback), the chunk it hit is not marked done, and a rerun
+    writes only that chunk and scores as an uninterrupted run."""
+    import errno
+    import os
+    import shutil
+
+    from engine.cli import main
+    from engine.methods import source as source_module
+    from engine.storage.arrays import ChunkedArray
+
+    proj = tmp_path / "gd"
+    shutil.copytree(gd_project.root, proj, ignore=shutil.ignore_patterns(".proponent"))
+    monkeypatch.setattr(source_module, "GRADIENT_BLOCK_ROWS", 32)  # two chunks of the 60 rows
+    args = ["attribute", str(proj), "--method", "ekfac", "--set", "trajectory_points=1"]
+    real, big = os.pwrite, []
+
+    def refusing(fd, view, offset):
+        if len(view) >= 28 * 4:  # a part of training gradients (not a done mark)
+            big.append(offset)
+            if len(big) == 2:
+                raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        return real(fd, view, offset)
+
+    monkeypatch.setattr(os, "pwrite", refusing)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "quota" in err[0].lower() and "data.npy" in err[0] and "Traceback" not in err[0], err
+    store = next((proj / ".proponent").rglob("grads_*"))
+    assert (store / "done.bin").read_bytes() == b"\x01\x00"  # chunk 0 on disk and done; chunk 1 not
+    monkeypatch.setattr(os, "pwrite", real)
+    written = []
+    monkeypatch.setattr(ChunkedArray, "write_bfloat16_rows",
+                        lambda self, c, *a, real=ChunkedArray.write_bfloat16_rows: written.append(c) or real(self, c, *a))
+    assert main(args) == 0
+    assert written == [1]  # resumed: only the chunk that failed
+    from engine import Project
+    from engine.api import cached_scores
+
+    resumed = cached_scores(Project.load(proj), "ekfac", {"trajectory_points": 1}, device="cpu")["scores"]
+    clean = EKFAC(EKFACSettings(trajectory_points=1)).fit(gd_project).scores("test")
+    np.testing.assert_array_equal(np.asarray(resumed), clean)
+
+
 def test_fisher_is_exact_on_small_sets_and_sampled_above(gd_project, monkeypatch):
     """fisher_samples=-1 (the default): the exact expectation over classes up to FISHER_EXACT_MAX_ROWS
     training rows, one sampled label per example above (as kronfluence); the run says which, and a

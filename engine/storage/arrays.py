@@ -388,14 +388,25 @@ class ChunkedArray:
     def _pwrite(self, name: str, data, offset: int) -> None:
         """Write ``data`` (bytes or any contiguous buffer) at ``offset`` of one of the store's files, then fsync."""
         view = memoryview(data).cast("B")
-        fd = os.open(self.folder / name, os.O_WRONLY)
         try:
-            while len(view):  # one pwrite moves at most 2 GiB on Linux
-                n = os.pwrite(fd, view, offset)
-                view, offset = view[n:], offset + n
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.folder / name, os.O_WRONLY)
+            try:
+                while len(view):  # one pwrite moves at most 2 GiB on Linux
+                    n = os.pwrite(fd, view, offset)
+                    view, offset = view[n:], offset + n
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            # the space is reserved when the store is made, but a filesystem may still refuse (a quota, a full
+            # disk where the reservation is emulated, a folder made read-only): one line; the chunk is not
+            # marked done, so a rerun writes it again
+            if e.errno not in _CANNOT_WRITE and e.errno != errno.EIO:
+                raise
+            from engine.core.errors import ProponentError
+
+            raise ProponentError(f"cannot write the feature store: {os.strerror(e.errno).lower()} (finished chunks "
+                                 f"are kept and a rerun resumes)", file=str(self.folder / name)) from None
 
     # -- shape
     @property
