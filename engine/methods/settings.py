@@ -47,7 +47,7 @@ class GradientPrecisionSettings:
                                              "(a low-precision copy of the model, through the per-layer closed forms where "
                                              "the model allows; gradients come back float32, curvature and kernels stay "
                                              "float32/64). LDS unchanged for TRAK and EK-FAC; on an H200 TRAK no faster; on "
-                                             "a CPU with AMX EK-FAC 12-29% faster on BatchNorm CNNs (97% of top-10 "
+                                             "a CPU with AMX EK-FAC 12-29% faster on four CNN projects (97% of top-10 "
                                              "proponents the same) and TRAK slower (it needs the dense projection instead "
                                              "of the factorized one: 4x on a 2,000-image CNN). "
                                              "docs/bench/lds-grad-precision*.json, docs/benchmarks.md.",
