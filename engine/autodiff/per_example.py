@@ -76,6 +76,20 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, oom) or (isinstance(e, RuntimeError) and "CUDA out of memory" in str(e))
 
 
+def _measure(fm: FunctionalModel, params, x, y, kind: str) -> torch.Tensor:
+    """One example's margin or loss (a low-precision model is measured in float32)."""
+    out = fm(params, add_batch_dim(x))
+    out = out if out.dtype == torch.float64 else out.float()
+    if kind == "margin":
+        return correct_class_margin(out, y.unsqueeze(0)).sum()
+    return example_loss(out, y.unsqueeze(0)).sum()
+
+
+def _vmapped_grads(fm: FunctionalModel) -> dict:
+    """{kind: torch.func per-example gradients of ``fm``}."""
+    return {k: vmap(grad(lambda p, x, y, k=k: _measure(fm, p, x, y, k)), in_dims=(None, 0, 0)) for k in KINDS}
+
+
 class BatchBackOff:
     """Batches of a CUDA computation whose size halves after an out-of-memory error and stays
     there for later batches (shared by the gradient computer and the factorized projection)."""
@@ -151,18 +165,14 @@ class GradientComputer(BatchBackOff):
         self._grad_params = self._grad_fm.params
         self._input_dtype = low
 
-        def measure(params, x, y, kind):
-            out = self._grad_fm(params, add_batch_dim(x))
-            out = out if out.dtype == torch.float64 else out.float()  # a low-precision pass is measured in float32
-            if kind == "margin":
-                return correct_class_margin(out, y.unsqueeze(0)).sum()
-            return example_loss(out, y.unsqueeze(0)).sum()
-
-        self._grad_fns = {k: vmap(grad(lambda p, x, y, k=k: measure(p, x, y, k)), in_dims=(None, 0, 0)) for k in KINDS}
-        self._margin_value_fn = vmap(grad_and_value(lambda p, x, y: measure(p, x, y, "margin")), in_dims=(None, 0, 0))
+        self._grad_fns = _vmapped_grads(self._grad_fm)
+        self._margin_value_fn = vmap(grad_and_value(lambda p, x, y: _measure(self._grad_fm, p, x, y, "margin")),
+                                     in_dims=(None, 0, 0))
         self._layers: LayerGradients | None = None
         self._low_layers: LayerGradients | None = None  # the per-layer pass of a low-precision copy
-        self._check_fns: dict | None = None  # float32 torch.func references for a low-precision pass's check
+        # torch.func's float32 gradients, the per-layer pass's first-batch reference (a low-precision pass is
+        # checked in float32 too; built when first needed)
+        self._check_fns: dict | None = self._grad_fns if low is None else None
         self._checked: set[str] = set()
         self._saved_bytes: float | None = None  # per example, measured on the first batch (saved_bytes_per_example)
         self.backend = "vmap"
@@ -186,7 +196,7 @@ class GradientComputer(BatchBackOff):
             self._layers = LayerGradients(self.model, self.layout, parts)
             if self._input_dtype is not None:
                 # a low-precision pass: the closed forms run on the low-precision copy, and self._layers (float32)
-                # only checks them on a few rows of the first batch of each kind (see _low_layer_pass)
+                # only checks them on a few rows of the first batch of each kind (see _layer_pass)
                 low_parts, _ = layer_plan(self._grad_fm.module, self._grad_fm.layout)
                 self._low_layers = LayerGradients(self._grad_fm.module, self._grad_fm.layout, low_parts)
             self.backend = "layers"
@@ -201,24 +211,40 @@ class GradientComputer(BatchBackOff):
 
     def _layer_pass(self, x: Any, y: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(gradients, values) from the per-layer pass, or None where it does not apply; the first
-        batch of each kind is checked against torch.func, and a mismatch falls back for good."""
+        batch of each kind is checked against torch.func, and a mismatch falls back for good.
+
+        A low-precision pass runs the closed forms on its low-precision copy (gradients and values
+        returned float32), checked in float32 on the first rows of the first batch of each kind: whether a
+        model's parameters are used only inside their modules does not depend on the dtype, and a check
+        between two low-precision computations would have to allow their rounding (several per cent per
+        row in bfloat16), loose enough to miss a small wrong layer. The layout is the float32 model's choice."""
         if self._layers is None or any(t.requires_grad for t in pytree.tree_leaves(x)):
             return None  # inputs that require grad (a synset being distilled) need torch.func's graph
         xd, yd = to_device(x, self.device), y.to(self.device)
-        if self._low_layers is not None:
-            return self._low_layer_pass(xd, yd, kind)
         xl = fast_layout(self.model, xd)
+        low = self._low_layers is not None
+        k = min(CHECK_ROWS, len(yd))
+
+        def float32_pass(xb):  # the batch itself, or (low precision) only the rows the check reads
+            return self._layers.per_example(batch_rows(xb, 0, k), yd[:k], kind) if low else \
+                self._layers.per_example(xb, yd, kind)
+
         try:
-            g, v = self._layers.per_example(xl, yd, kind)
-            disagrees = kind not in self._checked and self._disagrees(g, xd, yd, kind)
-            if disagrees and xl is not xd:
-                # The other layout's rounding can flip a max-pool window whose two largest values nearly
-                # tie, and that example's gradient then takes the other (equally valid) path: 2 of 200
-                # random-noise images on the BatchNorm CNN, none of 1,000 real ones. Check in the default
-                # layout before judging the per-layer pass, and keep that layout for this model.
-                keep_default_layout(self.model)
-                g, v = self._layers.per_example(xd, yd, kind)
-                disagrees = self._disagrees(g, xd, yd, kind)
+            res, disagrees = None, False
+            if not low or kind not in self._checked:
+                res = float32_pass(xl)
+            if kind not in self._checked:
+                disagrees = self._disagrees(res[0], xd, yd, kind)
+                if disagrees and xl is not xd:
+                    # The other layout's rounding can flip a max-pool window whose two largest values nearly
+                    # tie, and that example's gradient then takes the other (equally valid) path: 2 of 200
+                    # random-noise images on the BatchNorm CNN, none of 1,000 real ones. Check in the default
+                    # layout before judging the per-layer pass, and keep that layout for this model.
+                    keep_default_layout(self.model)
+                    xl, res = xd, float32_pass(xd)
+                    disagrees = self._disagrees(res[0], xd, yd, kind)
+            if low and not disagrees:
+                res = self._low_layers.per_example(to_device(xl, self.device, self._input_dtype), yd, kind)
         except NotPerLayer as e:
             self._fall_back(str(e))
             return None
@@ -232,58 +258,15 @@ class GradientComputer(BatchBackOff):
                             "used outside its module, or examples that interact)")
             return None
         self._checked.add(kind)
-        return g, v
+        g, v = res
+        return (g.float(), v.float()) if low else (g, v)
 
-    def _low_layer_pass(self, xd: Any, yd: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The per-layer pass on the low-precision copy (gradients and values returned float32). The closed
-        forms are checked in float32 on the first rows of the first batch of each kind: whether a model's
-        parameters are used only inside their modules does not depend on the dtype, and a check between two
-        low-precision computations would have to allow their rounding (several per cent per row in
-        bfloat16), loose enough to miss a small wrong layer. The layout is the float32 model's choice."""
-        xl = fast_layout(self.model, xd)
-        try:
-            if kind not in self._checked:
-                k = min(CHECK_ROWS, len(yd))
-                g32, _ = self._layers.per_example(batch_rows(xl, 0, k), yd[:k], kind)
-                disagrees = self._disagrees(g32, xd, yd, kind, float32=True)
-                if disagrees and xl is not xd:  # a near-tie the other layout rounds the other way (see _layer_pass)
-                    keep_default_layout(self.model)
-                    xl = xd
-                    g32, _ = self._layers.per_example(batch_rows(xd, 0, k), yd[:k], kind)
-                    disagrees = self._disagrees(g32, xd, yd, kind, float32=True)
-                if disagrees:
-                    self._fall_back("per-layer gradients disagreed with torch.func on the first batch (a parameter "
-                                    "used outside its module, or examples that interact)")
-                    return None
-            g, v = self._low_layers.per_example(to_device(xl, self.device, self._input_dtype), yd, kind)
-        except NotPerLayer as e:
-            self._fall_back(str(e))
-            return None
-        except Exception as e:  # as in _layer_pass: torch.func still answers
-            if is_out_of_memory(e):
-                raise
-            self._fall_back(f"the per-layer pass failed ({type(e).__name__}: {str(e)[:200]})")
-            return None
-        self._checked.add(kind)
-        return g.float(), v.float()
-
-    def _disagrees(self, g: torch.Tensor, x: Any, y: torch.Tensor, kind: str, float32: bool = False) -> bool:
-        """Whether per-layer gradients ``g`` of batch ``x`` differ from torch.func's on its first rows
-        (``float32``: against the float32 model's, for a low-precision pass's check)."""
+    def _disagrees(self, g: torch.Tensor, x: Any, y: torch.Tensor, kind: str) -> bool:
+        """Whether per-layer gradients ``g`` of batch ``x`` differ from torch.func's float32 ones on its first rows."""
         k = min(CHECK_ROWS, len(y))
-        if float32 and self._input_dtype is not None:
-            if self._check_fns is None:
-                def measure32(params, x1, y1, kind):
-                    out = self.fm(params, add_batch_dim(x1))
-                    f = correct_class_margin if kind == "margin" else example_loss
-                    return f(out, y1.unsqueeze(0)).sum()
-
-                self._check_fns = {kk: vmap(grad(lambda p, x1, y1, kk=kk: measure32(p, x1, y1, kk)), in_dims=(None, 0, 0))
-                                   for kk in KINDS}
-            ref = self._check_fns[kind](self.params, batch_rows(x, 0, k), y[:k])
-        else:
-            ref = self._grad_fns[kind](self._grad_params, batch_rows(x, 0, k), y[:k])
-        ref = self.flatten(ref).to(g.dtype)
+        if self._check_fns is None:
+            self._check_fns = _vmapped_grads(self.fm)
+        ref = self.flatten(self._check_fns[kind](self.params, batch_rows(x, 0, k), y[:k])).to(g.dtype)
         scale = float(ref.abs().max()) if ref.numel() else 0.0
         return bool(ref.numel()) and float((g[:k] - ref).abs().max()) > CHECK_RTOL * scale + 1e-30
 
@@ -392,25 +375,19 @@ class GradientComputer(BatchBackOff):
         a batch retried after running out of memory must not add twice) batches are computed and added."""
         if into.shape != (len(y), self.n_params):
             raise ValueError(f"into has shape {tuple(into.shape)}, not ({len(y)}, {self.n_params})")
-        direct = self.device == "cpu" and self._low_layers is None
         batch = self.auto_batch_size(x)
-        lo = 0
-        while lo < len(y):
-            if direct and self._layers is not None and kind in self._checked and not any(
-                    t.requires_grad for t in pytree.tree_leaves(x)):
-                hi = min(len(y), lo + batch)
-                xb = fast_layout(self.model, to_device(batch_rows(x, lo, hi), self.device))
-                self._layers.per_example(xb, y[lo:hi].to(self.device), kind, into=into[lo:hi], alpha=alpha)
-                lo = hi
+        for lo in range(0, len(y), batch):
+            hi = min(len(y), lo + batch)
+            xb, yb = batch_rows(x, lo, hi), y[lo:hi]
+            if (self.device == "cpu" and self._layers is not None and self._low_layers is None and kind in self._checked
+                    and not any(t.requires_grad for t in pytree.tree_leaves(xb))):
+                self._layers.per_example(fast_layout(self.model, to_device(xb, self.device)), yb.to(self.device), kind,
+                                         into=into[lo:hi], alpha=alpha)
                 continue
-            # the first batch (checked against torch.func), or no per-layer pass: computed, then added
-            for blo, bhi, g in self.iter_batches(batch_rows(x, lo, len(y)), y[lo:], kind, batch_size=batch):
+            # the first batch (checked against torch.func), or no direct pass: computed, then added (on CUDA in
+            # smaller batches after running out of memory)
+            for blo, bhi, g in self.iter_batches(xb, yb, kind, batch_size=batch):
                 into[lo + blo:lo + bhi].add_(g.to(into.device, into.dtype), alpha=alpha)
-                if direct and self._layers is not None and kind in self._checked:
-                    lo += bhi
-                    break
-            else:
-                lo = len(y)
 
     def full(self, x: Any, y: torch.Tensor, kind: str = "margin") -> torch.Tensor:
         return torch.cat([g for _, _, g in self.iter_batches(x, y, kind)], 0) if len(y) else torch.empty(0, self.n_params)

@@ -489,10 +489,10 @@ class CurvatureInfluence(Attributor):
                     walked = torch.zeros(b - a, self.projector.out_dim) if fused and not one_point else None
                     part_self = torch.zeros(b - a, dtype=torch.float64) if fused else None
                     for j, comp in enumerate(computers):
-                        if j != final_j and unprojected:  # added into the block layer by layer (CPU)
-                            comp.accumulate(xs, ys, "loss", into=block, alpha=1.0 / len(points))
-                            continue
                         if j != final_j:
+                            if unprojected:  # added into the block layer by layer (on the CPU)
+                                comp.accumulate(xs, ys, "loss", into=block, alpha=1.0 / len(points))
+                                continue
                             for blo, bhi, g in comp.iter_batches(xs, ys, "loss", then=self.train_projector.project):
                                 block[blo:bhi].add_(g.float().cpu(), alpha=1.0 / len(points))
                             continue
