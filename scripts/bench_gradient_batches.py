@@ -54,7 +54,7 @@ def child(name: str, backend: str, sizing: str, rows: int, threads: int) -> dict
     if sizing == "without":
         comp.saved_bytes_per_example = lambda x: 0.0
     batch = comp.auto_batch_size(x)
-    # warm-up, not timed: the per-layer pass's self-check against torch.func and the timing of each
+    # warm-up, not timed: the per-layer pass's self-check against autograd and the timing of each
     # convolution's two forms (on its first batch of 32 rows or more), one-time costs of a computer
     comp.per_example(x[:32], y[:32], "loss")
     with open("/proc/self/clear_refs", "w") as f:

@@ -111,6 +111,29 @@ class UsedOutside(nn.Module):
         return self.out(h)
 
 
+class MixesRows(nn.Module):
+    """Centres its hidden layer over the batch: a row's output depends on the other rows (no layer rule
+    sees it; only the first-batch check can)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        return self.out(h - 0.5 * h.mean(0, keepdim=True))
+
+
+class MixesRowsDetached(MixesRows):
+    """Shifts by a detached batch statistic: within the batch each row's gradient is what the closed forms
+    compute, but it changes with the other rows (measured alone, as torch.func does, it is another one)."""
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        return self.out(h - 0.5 * h.mean(0, keepdim=True).detach())
+
+
 class NeverCalled(nn.Module):
     def __init__(self):
         super().__init__()
@@ -134,7 +157,8 @@ def test_a_module_called_several_times_gets_the_sum_over_its_calls():
 
 
 @pytest.mark.parametrize("model_cls,why", [(NeverCalled, "did not run its own forward"),
-                                           (UsedOutside, "disagreed with torch.func")])
+                                           (UsedOutside, "disagreed with autograd"),
+                                           (MixesRows, "disagreed with autograd")])
 def test_models_the_per_layer_pass_gets_wrong_fall_back_to_torch_func(model_cls, why):
     torch.manual_seed(0)
     model = model_cls().eval()
@@ -144,6 +168,24 @@ def test_models_the_per_layer_pass_gets_wrong_fall_back_to_torch_func(model_cls,
     got = comp.per_example(x, y)
     assert comp.backend == "vmap" and why in comp.backend_reason
     torch.testing.assert_close(got, GradientComputer(model, backend="vmap").per_example(x, y), rtol=1e-6, atol=1e-7)
+
+
+def test_rows_that_interact_fall_back_even_when_the_batch_is_the_checked_rows():
+    """A batch of CHECK_ROWS rows is its own reference batch, so only measuring each row alone shows that
+    its value (and gradient) depends on the other rows."""
+    from engine.autodiff.per_example import CHECK_ROWS
+
+    torch.manual_seed(0)
+    model = MixesRowsDetached().eval()
+    x, y = torch.randn(CHECK_ROWS, 6), torch.randint(0, 3, (CHECK_ROWS,))
+    comp = GradientComputer(model, backend="layers")
+    got = comp.per_example(x, y)
+    assert comp.backend == "vmap" and "examples that interact" in comp.backend_reason
+    torch.testing.assert_close(got, GradientComputer(model, backend="vmap").per_example(x, y), rtol=1e-6, atol=1e-7)
+    # a model whose rows do not interact keeps the per-layer pass on such a batch
+    ok = GradientComputer(nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).eval(), backend="layers")
+    ok.per_example(x, y)
+    assert ok.backend == "layers"
 
 
 def test_models_without_per_layer_rules_say_why():
@@ -374,7 +416,7 @@ def test_low_precision_passes_take_the_per_layer_path_checked_in_float32():
         assert float((g - by_vmap).norm() / ref.norm()) < 0.05
         m, s = low.margin_and_loss_scale(x, y)
         assert m.dtype == s.dtype == torch.float32 and low.backend == "layers"
-    for model_cls, why in ((NeverCalled, "did not run its own forward"), (UsedOutside, "disagreed with torch.func")):
+    for model_cls, why in ((NeverCalled, "did not run its own forward"), (UsedOutside, "disagreed with autograd")):
         torch.manual_seed(0)
         wrong = model_cls().eval()
         xw, yw = torch.randn(10, 6), torch.randint(0, 3, (10,))

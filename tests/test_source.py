@@ -405,6 +405,45 @@ def test_float32_walk_agrees_with_float64_and_scores_in_few_store_passes(gd_proj
             np.testing.assert_allclose(att.scores(q), S32, rtol=1e-5, atol=1e-6 * np.abs(S32).max())
 
 
+def test_score_columns_walk_every_query_then_read_each_store_once(gd_project, multistage_project, monkeypatch):
+    """cached_scores' path: all queries walked first, then column blocks from one pass over each segment's
+    store, equal to the query blocks' scores; query blocks where the walked queries would pass
+    SCORE_PASS_BYTES or where segments store different rows (a multi-stage run)."""
+    from engine.methods import source as source_module
+
+    n_q, n = len(gd_project.test_dataset), len(gd_project.train_dataset)
+    q = ("test", np.arange(n_q))
+    # float32 products, and bfloat16 ones straight from the stored bits ("1" forces them on any CPU)
+    for bf16, att in (("0", EKFAC(EKFACSettings(trajectory_points=3))), ("0", Source()),
+                      ("1", EKFAC(EKFACSettings(trajectory_points=3))), ("1", Source())):
+        monkeypatch.setenv(BF16_PRODUCTS_ENV, bf16)
+        att.fit(gd_project)
+        assert att.bf16_products == (bf16 == "1")
+        expect = att.scores(q)
+        reads = []
+        reader = "iter_bfloat16" if att.bf16_products else "iter_chunks"
+        for st in att.seg_state:
+            real = getattr(st["gbar"], reader)
+            monkeypatch.setattr(st["gbar"], reader, lambda *a, real=real, **k: reads.append(1) or real(*a, **k))
+        width = att.projector.out_dim
+        # parts of 7 training rows
+        monkeypatch.setattr(source_module, "SCORE_READ_BYTES", (2 if att.bf16_products else 4) * width * 7)
+        got, bounds = np.full((n_q, n), np.nan), []
+        for lo, hi, block in att.score_columns("test"):
+            assert block.shape == (n_q, hi - lo)
+            got[:, lo:hi] = block
+            bounds.append((lo, hi))
+        assert bounds == [(lo, min(n, lo + 7)) for lo in range(0, n, 7)]
+        assert len(reads) == len(att.seg_state)  # one pass over each store for every query
+        np.testing.assert_allclose(got, expect, rtol=1e-6, atol=1e-7 * np.abs(expect).max())
+        item = 2 if att.bf16_products else 4
+        monkeypatch.setattr(source_module, "SCORE_PASS_BYTES", item * width * len(att.seg_state) * (n_q - 1))
+        assert att.score_columns("test") is None  # one query too many for a pass: query blocks
+        monkeypatch.undo()
+    ms = Source().fit(multistage_project)
+    assert len(ms.seg_state) == 2 and ms.score_columns("test") is None
+
+
 def test_bfloat16_products_agree_with_float32_within_its_rounding(gd_project, monkeypatch):
     """With a bfloat16 store (the default) on a CPU that multiplies bfloat16 fast, the walked queries
     times the store run in bfloat16: the stored bits as they are (no float32 copy of the store), each

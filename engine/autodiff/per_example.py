@@ -4,7 +4,8 @@ One gradient computer for every method, with two backends: ``torch.func`` (vmap 
 through the :class:`~engine.autodiff.functional.FunctionalModel`), which differentiates any
 model, and the per-layer pass of :mod:`engine.autodiff.per_layer` (one batched backward and a
 closed form per Linear / Conv2d / normalisation layer), taken where it applies and was measured
-faster (:func:`auto_layers_rule`) and checked against torch.func on its first batch. Batched by
+faster (:func:`auto_layers_rule`) and checked against plain autograd, one row at a time, on the first
+rows of its first batch. Batched by
 a memory budget that counts the activations autograd saves (measured on the first batch), on the
 CPU or CUDA. Gradients come out flattened as [batch, p] over the
 tracked parameters, in the model's :class:`~engine.autodiff.functional.ParamLayout`. Inputs may
@@ -37,10 +38,14 @@ from engine.core.errors import ProponentError
 KINDS = ("margin", "loss")
 BACKENDS = ("auto", "vmap", "layers")
 BACKEND_ENV = "PROPONENT_GRADIENTS"  # overrides backend="auto" for every gradient computer of the process
-# rows of the first batch of each kind that the per-layer pass is checked on against torch.func, and
+# rows of the first batch of each kind that the per-layer pass is checked on against autograd (one row at a
+# time, :func:`_autograd_rows`), and
 # the agreement it must reach (float32 rounding is about 1e-7 of the largest entry)
 CHECK_ROWS = 2
 CHECK_RTOL = 1e-4
+# a row measured alone must give the value it has in the batch to this relative precision (float32 rounding
+# of another batch size is about 1e-6; a batch-statistics layer changes it by order one)
+INTERACTION_RTOL = 1e-3
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # what a low-precision pass computes, for the keys of stores written from one: 2 since the per-layer closed forms run
 # on the low-precision copy (torch.func's vmap before; another summation order, the same precision)
@@ -83,6 +88,37 @@ def _measure(fm: FunctionalModel, params, x, y, kind: str) -> torch.Tensor:
     if kind == "margin":
         return correct_class_margin(out, y.unsqueeze(0)).sum()
     return example_loss(out, y.unsqueeze(0)).sum()
+
+
+def _measure_rows(fm: FunctionalModel, params, x, y, kind: str) -> torch.Tensor:
+    """[rows] margins or losses of a batch (a low-precision model is measured in float32)."""
+    out = fm(params, x)
+    out = out if out.dtype == torch.float64 else out.float()
+    return correct_class_margin(out, y) if kind == "margin" else example_loss(out, y)
+
+
+def _autograd_rows(fm: FunctionalModel, params: dict, x: Any, y: torch.Tensor, kind: str) -> dict | None:
+    """{name: [k, *shape]} per-example gradients of the ``k`` rows of ``x`` by plain autograd (the per-layer
+    pass's first-batch reference): one forward of the rows together, then one backward per row. None where the
+    rows interact (a row's value changes when it is measured alone, as in a batch-statistics layer), so no
+    per-example gradient exists for the closed forms to match.
+    Not torch.func, whose first gradient call in a process imports torch._dynamo (1.1 s of a fresh process,
+    4% of a 5,000-image EK-FAC run that otherwise never calls it). Not a batch of one per row either: a
+    convolution over one row rounds differently, enough to flip a max-pool window whose two largest values
+    nearly tie (one checkpoint of the 5,000-image benchmark CNN), and the check would then reject a right pass."""
+    leaves = {n: t.detach().requires_grad_(True) for n, t in params.items()}
+    with torch.enable_grad():
+        values = _measure_rows(fm, leaves, x, y, kind)
+        rows: dict[str, list[torch.Tensor]] = {n: [] for n in leaves}
+        for i in range(len(y)):
+            grads = torch.autograd.grad(values[i], list(leaves.values()), retain_graph=i + 1 < len(y), allow_unused=True)
+            for (n, t), g in zip(leaves.items(), grads):
+                rows[n].append(torch.zeros_like(t) if g is None else g)
+    with torch.no_grad():
+        alone = torch.cat([_measure_rows(fm, params, batch_rows(x, i, i + 1), y[i:i + 1], kind) for i in range(len(y))])
+    if float((alone - values.detach()).abs().max()) > INTERACTION_RTOL * float(values.detach().abs().max()) + 1e-6:
+        return None
+    return {n: torch.stack(v) for n, v in rows.items()}
 
 
 def _vmapped_grads(fm: FunctionalModel) -> dict:
@@ -170,9 +206,6 @@ class GradientComputer(BatchBackOff):
                                      in_dims=(None, 0, 0))
         self._layers: LayerGradients | None = None
         self._low_layers: LayerGradients | None = None  # the per-layer pass of a low-precision copy
-        # torch.func's float32 gradients, the per-layer pass's first-batch reference (a low-precision pass is
-        # checked in float32 too; built when first needed)
-        self._check_fns: dict | None = self._grad_fns if low is None else None
         self._checked: set[str] = set()
         self._saved_bytes: float | None = None  # per example, measured on the first batch (saved_bytes_per_example)
         self.backend = "vmap"
@@ -211,7 +244,8 @@ class GradientComputer(BatchBackOff):
 
     def _layer_pass(self, x: Any, y: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(gradients, values) from the per-layer pass, or None where it does not apply; the first
-        batch of each kind is checked against torch.func, and a mismatch falls back for good.
+        batch of each kind is checked against plain autograd (:func:`_autograd_rows`), and a mismatch falls
+        back for good to torch.func.
 
         A low-precision pass runs the closed forms on its low-precision copy (gradients and values
         returned float32), checked in float32 on the first rows of the first batch of each kind: whether a
@@ -254,7 +288,7 @@ class GradientComputer(BatchBackOff):
             self._fall_back(f"the per-layer pass failed ({type(e).__name__}: {str(e)[:200]})")
             return None
         if disagrees:
-            self._fall_back("per-layer gradients disagreed with torch.func on the first batch (a parameter "
+            self._fall_back("per-layer gradients disagreed with autograd on the first batch (a parameter "
                             "used outside its module, or examples that interact)")
             return None
         self._checked.add(kind)
@@ -262,11 +296,12 @@ class GradientComputer(BatchBackOff):
         return (g.float(), v.float()) if low else (g, v)
 
     def _disagrees(self, g: torch.Tensor, x: Any, y: torch.Tensor, kind: str) -> bool:
-        """Whether per-layer gradients ``g`` of batch ``x`` differ from torch.func's float32 ones on its first rows."""
+        """Whether per-layer gradients ``g`` of batch ``x`` differ from autograd's float32 ones on its first rows."""
         k = min(CHECK_ROWS, len(y))
-        if self._check_fns is None:
-            self._check_fns = _vmapped_grads(self.fm)
-        ref = self.flatten(self._check_fns[kind](self.params, batch_rows(x, 0, k), y[:k])).to(g.dtype)
+        ref = _autograd_rows(self.fm, self.params, batch_rows(x, 0, k), y[:k], kind)
+        if ref is None:  # the rows interact: no per-example gradient for the closed forms to match
+            return True
+        ref = self.flatten(ref).to(g.dtype)
         scale = float(ref.abs().max()) if ref.numel() else 0.0
         return bool(ref.numel()) and float((g[:k] - ref).abs().max()) > CHECK_RTOL * scale + 1e-30
 
@@ -384,7 +419,7 @@ class GradientComputer(BatchBackOff):
                 self._layers.per_example(fast_layout(self.model, to_device(xb, self.device)), yb.to(self.device), kind,
                                          into=into[lo:hi], alpha=alpha)
                 continue
-            # the first batch (checked against torch.func), or no direct pass: computed, then added (on CUDA in
+            # the first batch (checked against autograd), or no direct pass: computed, then added (on CUDA in
             # smaller batches after running out of memory)
             for blo, bhi, g in self.iter_batches(xb, yb, kind, batch_size=batch):
                 into[lo + blo:lo + bhi].add_(g.to(into.device, into.dtype), alpha=alpha)

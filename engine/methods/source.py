@@ -111,6 +111,8 @@ WALK_BLOCK_BYTES = 2**26  # one [rows, p] copy (WALK_DTYPE) of query gradients w
 SCORE_PASS_BYTES = 2**27
 # training gradients read from the store per product when scoring (a part of a chunk)
 SCORE_READ_BYTES = 2**26
+# rows per product of walked and stored gradients in the fit's self-scores (a [rows, p] temporary stays small)
+SELF_DOT_ROWS = 16
 # training rows whose inputs are gathered at a time when self-influence walks a subset of them
 SELF_ROWS_PER_READ = 4096
 
@@ -476,6 +478,13 @@ class CurvatureInfluence(Attributor):
         done = 0
         # rows per part of a chunk held in memory (a whole [1,024, p] float32 chunk was the fit's peak)
         part = max(GRADIENT_PART_MIN_ROWS, GRADIENT_PART_BYTES // (4 * max(1, self.projector.out_dim)))
+        # One float32 block (and walked block) for every part: a fresh 64 MiB tensor is mapped anew by the
+        # allocator and page-faulted in, 14 ms against 1.3 ms to zero a used one (1.1 s of a 27 s 5-point fit
+        # at 5,000 images). Only where the writer is handed a bfloat16 copy: a float32 store writes the block
+        # itself while the next part is computed.
+        reuse = cfg.gradient_dtype == "bfloat16"
+        block_buf = torch.empty(min(part, len(rows)), self.projector.out_dim) if reuse else None
+        walked_buf = torch.empty(min(part, len(rows)), self.projector.out_dim) if fused and not one_point else None
         with BackgroundWriter() as writer:  # in order, so a chunk is marked done after its rows are on disk
             for c in mine:
                 self._check_cancel("fit")
@@ -485,8 +494,9 @@ class CurvatureInfluence(Attributor):
                     b = min(hi, a + part)
                     sel = torch.as_tensor(rows[a:b])
                     xs, ys = ds.x[sel], ds.y[sel]
-                    block = torch.zeros(b - a, self.projector.out_dim)  # float32, like the store
-                    walked = torch.zeros(b - a, self.projector.out_dim) if fused and not one_point else None
+                    # float32, like the store
+                    block = block_buf[:b - a].zero_() if reuse else torch.zeros(b - a, self.projector.out_dim)
+                    walked = walked_buf[:b - a] if walked_buf is not None else None  # every row is set below
                     part_self = torch.zeros(b - a, dtype=torch.float64) if fused else None
                     for j, comp in enumerate(computers):
                         if j != final_j:
@@ -509,7 +519,8 @@ class CurvatureInfluence(Attributor):
                                                zip(walk["F"], (self._rotated(walk_self, l, v) for l, v in enumerate(V))))
                                     part_self[blo + w0:blo + w1] = quad * one_minus_p[w0:w1] / len(rows)
                                 else:
-                                    walked[blo + w0:blo + w1] = self._respond_one(walk_self, V) * (-1.0 / len(rows))
+                                    torch.mul(self._respond_one(walk_self, V), -1.0 / len(rows),
+                                              out=walked[blo + w0:blo + w1])
                             del m
                     if cfg.gradient_dtype == "bfloat16":
                         # rounded as the store keeps them: the walked self-scores below then equal the scores'
@@ -518,8 +529,10 @@ class CurvatureInfluence(Attributor):
                     if not all_finite(block):
                         raise ProponentError(f"{self.name}: non-finite training gradients in {tag}; the checkpoints may "
                                              f"have diverged")
-                    if walked is not None:
-                        part_self += (walked * block).sum(1).double()  # a bfloat16 block is widened exactly
+                    if walked is not None:  # a bfloat16 block is widened exactly
+                        for r0 in range(0, b - a, SELF_DOT_ROWS):  # a few rows at a time: no [part, p] temporary
+                            r1 = min(b - a, r0 + SELF_DOT_ROWS)
+                            part_self[r0:r1] += (walked[r0:r1] * block[r0:r1]).sum(1).double()
                     # written while the next part is computed (the block is not touched again here)
                     if block.dtype == torch.bfloat16:
                         writer.submit(gbar.write_bfloat16_rows, c, a - lo, block.view(torch.int16).numpy())
@@ -657,6 +670,52 @@ class CurvatureInfluence(Attributor):
             for a in range(lo, hi, rows):
                 yield a, min(hi, a + rows), g[a - lo:min(hi, a + rows) - lo]
 
+    def _walked_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16_products else torch.float32  # the walked queries, as multiplied
+
+    def _store_parts(self, st: dict):
+        """(lo, hi, rows) of a segment's stored training gradients, a part of a chunk at a time, in the dtype
+        the walked queries are multiplied in."""
+        if self.bf16_products:
+            return st["gbar"].iter_bfloat16(max_bytes=SCORE_READ_BYTES)
+        # float32 product (torch's GEMM, on the threads torch was given)
+        return ((lo, hi, torch.from_numpy(c)) for lo, hi, c in st["gbar"].iter_chunks(max_bytes=SCORE_READ_BYTES))
+
+    def score_columns(self, queries="test"):
+        """Every query walked first, then one pass over the stored training gradients: column blocks
+        S[:, part] = Σ_segments U_ℓ G_ℓ[part]ᵀ. Query blocks (score_blocks) read the whole store once per
+        block, and a block holds at most SCORE_BLOCK_BYTES of float64 scores: 5 reads of the 3.6 GB store
+        for 500 queries at 20,000 training images. None (query blocks) where the walked queries would pass
+        SCORE_PASS_BYTES, or where a segment does not store every training row in order (a multi-stage
+        run's segments: their columns differ)."""
+        q = self._queries(queries)
+        n = len(self._p.train_dataset)
+        width = max(1, self.projector.out_dim)
+        dtype = self._walked_dtype()
+        if len(q) * dtype.itemsize * width * len(self.seg_state) > SCORE_PASS_BYTES:
+            return None
+        if not all(st["n_rows"] == n and np.array_equal(st["rows"], np.arange(n)) for st in self.seg_state):
+            return None
+        U = [torch.empty(len(q), width, dtype=dtype) for _ in self.seg_state]
+        for lo, hi, g in self._query_grads(q.x, q.y):
+            self._check_cancel("scoring")
+            for s_i, u in enumerate(self._walk(g)):
+                U[s_i][lo:hi] = u
+
+        def columns():
+            # every segment's store has the same rows and width, so the same parts
+            for parts in zip(*(self._store_parts(st) for st in self.seg_state)):
+                self._check_cancel("scoring")
+                lo, hi = parts[0][0], parts[0][1]
+                block = np.zeros((len(q), hi - lo))
+                for u, (glo, ghi, chunk) in zip(U, parts):
+                    if (glo, ghi) != (lo, hi):
+                        raise RuntimeError(f"{self.name}: segment stores split rows differently ({glo}-{ghi}, {lo}-{hi})")
+                    block += (u @ chunk.T).float().numpy()  # summed in float64, as scores() does
+                yield lo, hi, block
+
+        return columns()
+
     def scores(self, queries="test") -> np.ndarray:
         q = self._queries(queries)
         n = len(self._p.train_dataset)
@@ -665,7 +724,7 @@ class CurvatureInfluence(Attributor):
         # scored in one pass over the store
         width = max(1, self.projector.out_dim)
         walk_rows = self._walk_rows()
-        dtype = torch.bfloat16 if self.bf16_products else torch.float32  # the walked queries, as multiplied
+        dtype = self._walked_dtype()
         cap = max(walk_rows, SCORE_PASS_BYTES // (dtype.itemsize * width * len(self.seg_state)))
         cap = max(1, min(cap, len(q)))
         U = [torch.empty(cap, width, dtype=dtype) for _ in self.seg_state]
@@ -679,11 +738,7 @@ class CurvatureInfluence(Attributor):
                 return
             for s_i, st in enumerate(self.seg_state):
                 # the training side streamed from disk, a part of a chunk at a time
-                if self.bf16_products:
-                    parts = st["gbar"].iter_bfloat16(max_bytes=SCORE_READ_BYTES)
-                else:  # float32 product (torch's GEMM, on the threads torch was given)
-                    parts = ((lo, hi, torch.from_numpy(c)) for lo, hi, c in st["gbar"].iter_chunks(max_bytes=SCORE_READ_BYTES))
-                for glo, ghi, chunk in parts:
+                for glo, ghi, chunk in self._store_parts(st):
                     prod = (U[s_i][:filled] @ chunk.T).float().numpy()  # summed in float64
                     cols = st["rows"][glo:ghi] if first[s_i] is None else slice(first[s_i] + glo, first[s_i] + ghi)
                     out[start:start + filled, cols] += prod
