@@ -150,7 +150,7 @@ def test_column_blocks_write(tmp_path):
 
 
 def test_influence_index_matches_trak_scores(project):
-    from engine.workflows.index import InfluenceIndex, plan_index, recall_at_k
+    from engine.workflows.index import InfluenceIndex, head_rows, plan_index, recall_at_k
 
     att, _ = fit_method(project, "trak", {"proj_dim": 64, "ensemble": "checkpoints", "max_models": 2,
                                           "projection": "rademacher"})
@@ -174,6 +174,16 @@ def test_influence_index_matches_trak_scores(project):
     S = att.scores(q)
     np.testing.assert_allclose(approx["proponent_scores"], np.take_along_axis(S, approx["proponents"], 1),
                                rtol=1e-4, atol=1e-6 * np.abs(S).max())
+    # the rows of largest norm are kept out of IVF-PQ and scanned exactly: each of them in a query's exact
+    # top-10 is found, whatever product quantisation makes of the rest
+    v = np.concatenate([c for _, _, c in exact._train_chunks()])
+    h = head_rows(len(v), v.shape[1])
+    assert 0 < h < len(v) and ivf.index.ntotal == len(v) - h
+    assert set(ivf._head_ids) == set(np.argsort(-np.linalg.norm(v, axis=1))[:h])
+    for key in ("proponents", "opponents"):
+        in_head = [set(w) & set(ivf._head_ids) for w in want[key]]
+        assert sum(map(len, in_head)) >= 10  # the check below has rows to find
+        assert all(hw <= set(a) for hw, a in zip(in_head, approx[key]))
     r_default = recall_at_k(approx["proponents"], want["proponents"])
     ivf.index.nprobe = ivf.plan.nlist  # every list probed: only PQ's ranking of candidates is approximate
     r_all = recall_at_k(ivf.search(u, 10)["proponents"], want["proponents"])
