@@ -18,12 +18,13 @@ from engine.core.checkpoints import import_trajectory
 from engine.core.errors import ProponentError
 from engine.core.init_project import init_project
 from engine.core.progress import TerminalProgress
-from engine.core.project import Project
+from engine.core.project import ROWS_FILE, Project
 from engine.core.samples import prepare_sample
 from engine.core.train import accuracy, record_training
 from engine.evaluate.bench import cli_main
 from engine.methods import describe_settings, list_methods
 from engine.methods.trak import projection_summary
+from engine.storage.arrays import clean_orphan_temp_files
 from engine.storage.blocks import iter_row_blocks, write_blocks
 from engine.storage.cache import cache_entries, cache_size, prune_cache
 from engine.storage.statedb import StateDB
@@ -104,8 +105,11 @@ def cmd_attribute(a) -> int:
     # rows.csv maps every printed index back to its file and label
     p.write_rows_csv(run_dir(p, res["key"]))
     if a.export:
-        write_blocks(a.export, S.shape, iter_row_blocks(S), dtype=np.float64)  # block by block, renamed when complete
-        p.write_rows_csv(Path(a.export).resolve().parent)
+        export = Path(a.export).resolve()
+        # what an export killed while writing left in the user's folder: only its own two files' temporaries
+        clean_orphan_temp_files(export.parent, names=(export.name, ROWS_FILE))
+        write_blocks(export, S.shape, iter_row_blocks(S), dtype=np.float64)  # block by block, renamed when complete
+        p.write_rows_csv(export.parent)
     if a.json:
         k = min(a.top, S.shape[1])
         out = {"method": a.method, "run": res["key"], "shape": list(S.shape),

@@ -197,6 +197,29 @@ def test_state_db_migrates_an_old_database_and_refuses_a_newer_one(tmp_path):
         StateDB(path)
 
 
+def test_an_export_killed_while_writing_leaves_nothing_after_the_next_export(tmp_path):
+    """`attribute --export` writes into the user's folder, which a project load does not clean: the next
+    export removes the temporaries of its own two files that a killed writer left there, and nothing else
+    (seen in CI: a kill -9 trial landed in the export's rows.csv write)."""
+    root = _project(tmp_path / "p")
+    subprocess.run(_cli("train", root), env=ENV, check=True, capture_output=True)
+    out_dir = tmp_path / "exports"
+    out_dir.mkdir()
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    ours = [out_dir / f".s.npy.{dead}.abc123.tmp", out_dir / f".rows.csv.{dead}.def456.tmp"]
+    theirs = [out_dir / f".other.npy.{dead}.ghi789.tmp",  # the pattern, but not a file this export writes
+              out_dir / "notes.tmp", out_dir / "sub" / f".rows.csv.{dead}.jkl012.tmp"]  # not directly in the folder
+    for f in ours + theirs:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x")
+    r = subprocess.run(_cli("attribute", root, "--method", "grad-dot", "--export", out_dir / "s.npy"), env=ENV,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (out_dir / "s.npy").is_file() and (out_dir / "rows.csv").is_file()
+    assert not any(f.exists() for f in ours) and all(f.exists() for f in theirs)
+
+
 def test_orphan_temp_files_are_cleaned_only_when_their_writer_is_gone(tmp_path):
     from engine.storage.arrays import clean_orphan_temp_files
 

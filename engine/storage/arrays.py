@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import math
@@ -17,7 +18,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -143,16 +144,20 @@ def _started_after(pid: int, when: float) -> bool:
     return started > when + 0.5  # both clocks are read to ~10 ms; the margin keeps a live writer's file
 
 
-def clean_orphan_temp_files(folder: str | Path) -> int:
+def clean_orphan_temp_files(folder: str | Path, names: Iterable[str] | None = None) -> int:
     """Remove temporary files that :func:`_atomic_write` left behind when its process was killed
     (only ours: the name pattern, and a writer pid that no longer runs, or that now belongs to a
     process started after the file was last written: on a busy machine a killed writer's pid is
-    reused). Returns how many."""
+    reused). ``names``: only the temporary files of these file names, directly in ``folder`` (a
+    folder that is not Proponent's own, e.g. where ``attribute --export`` writes), else every one
+    under ``folder``. Returns how many."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     removed = 0
-    for p in folder.rglob(f"*{TEMP_SUFFIX}"):
+    found = (folder.rglob(f"*{TEMP_SUFFIX}") if names is None else
+             (p for name in names for p in folder.glob(f".{glob.escape(name)}.*{TEMP_SUFFIX}")))
+    for p in found:
         m = _TEMP_NAME.match(p.name)
         pid = int(m.group(1)) if m else 0
         if m and p.is_file() and (not _alive(pid) or _started_after(pid, p.stat().st_mtime)):
