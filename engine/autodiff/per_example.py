@@ -4,7 +4,7 @@ One gradient computer for every method, with two backends: ``torch.func`` (vmap 
 through the :class:`~engine.autodiff.functional.FunctionalModel`), which differentiates any
 model, and the per-layer pass of :mod:`engine.autodiff.per_layer` (one batched backward and a
 closed form per Linear / Conv2d / normalisation layer), taken where it applies and was measured
-faster (:func:`auto_layers_rule`) and checked against plain autograd, one row at a time, on the first
+faster (:func:`auto_layers_rule`) and checked against plain autograd (a backward per row) on the first
 rows of its first batch. Batched by
 a memory budget that counts the activations autograd saves (measured on the first batch), on the
 CPU or CUDA. Gradients come out flattened as [batch, p] over the
@@ -38,8 +38,8 @@ from engine.core.errors import ProponentError
 KINDS = ("margin", "loss")
 BACKENDS = ("auto", "vmap", "layers")
 BACKEND_ENV = "PROPONENT_GRADIENTS"  # overrides backend="auto" for every gradient computer of the process
-# rows of the first batch of each kind that the per-layer pass is checked on against autograd (one row at a
-# time, :func:`_autograd_rows`), and
+# rows of the first batch of each kind that the per-layer pass is checked on against autograd (a forward of
+# the rows together, a backward per row: :func:`_autograd_rows`), and
 # the agreement it must reach (float32 rounding is about 1e-7 of the largest entry)
 CHECK_ROWS = 2
 CHECK_RTOL = 1e-4
