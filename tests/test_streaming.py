@@ -149,6 +149,31 @@ def test_column_blocks_write(tmp_path):
     assert np.array_equal(load_npy(path), a)
 
 
+@pytest.mark.parametrize("method,settings", [("trak", {"proj_dim": 64, "ensemble": "checkpoints", "max_models": 2}),
+                                             ("grad-dot", {}), ("ekfac", {"trajectory_points": 2})])
+def test_score_columns_stay_within_the_score_block_budget(project, monkeypatch, method, settings):
+    """With many queries a training chunk's column block is cut into slices whose [n_queries, columns]
+    float64 scores keep to SCORE_BLOCK_BYTES (here: 7 columns), and the slices equal the scores."""
+    from engine.methods.base import Attributor
+
+    att, _ = fit_method(project, method, settings)
+    q = ("test", np.arange(len(project.test_dataset)))
+    n_q, n = len(q[1]), len(project.train_dataset)
+    want = att.scores(q)
+    monkeypatch.setattr(Attributor, "SCORE_BLOCK_BYTES", 8 * 4 * n_q * 7)
+    cols = att.score_columns(q)
+    assert cols is not None
+    got, widths = np.full((n_q, n), np.nan), []
+    for lo, hi, block in cols:
+        assert block.shape == (n_q, hi - lo)
+        got[:, lo:hi] = block
+        widths.append(hi - lo)
+    assert max(widths) == 7 and sum(widths) == n
+    # bfloat16 products round each score to 8 bits; a narrower product may round the other way (one unit)
+    rtol = 2.0 ** -7 if getattr(att, "bf16_products", False) else 1e-5
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-7 * np.abs(want).max())
+
+
 def test_influence_index_matches_trak_scores(project):
     from engine.workflows.index import InfluenceIndex, head_rows, plan_index, recall_at_k
 

@@ -81,20 +81,16 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, oom) or (isinstance(e, RuntimeError) and "CUDA out of memory" in str(e))
 
 
-def _measure(fm: FunctionalModel, params, x, y, kind: str) -> torch.Tensor:
-    """One example's margin or loss (a low-precision model is measured in float32)."""
-    out = fm(params, add_batch_dim(x))
-    out = out if out.dtype == torch.float64 else out.float()
-    if kind == "margin":
-        return correct_class_margin(out, y.unsqueeze(0)).sum()
-    return example_loss(out, y.unsqueeze(0)).sum()
-
-
 def _measure_rows(fm: FunctionalModel, params, x, y, kind: str) -> torch.Tensor:
     """[rows] margins or losses of a batch (a low-precision model is measured in float32)."""
     out = fm(params, x)
     out = out if out.dtype == torch.float64 else out.float()
     return correct_class_margin(out, y) if kind == "margin" else example_loss(out, y)
+
+
+def _measure(fm: FunctionalModel, params, x, y, kind: str) -> torch.Tensor:
+    """One example's margin or loss (what torch.func differentiates, the example without its batch dimension)."""
+    return _measure_rows(fm, params, add_batch_dim(x), y.unsqueeze(0), kind).sum()
 
 
 def _autograd_rows(fm: FunctionalModel, params: dict, x: Any, y: torch.Tensor, kind: str) -> dict | None:

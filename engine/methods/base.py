@@ -226,6 +226,14 @@ class Attributor(ABC):
         when the method scores by query blocks only."""
         return None
 
+    def _column_slices(self, lo: int, hi: int, n_queries: int) -> Iterator[tuple[int, int]]:
+        """Training columns lo…hi of a score_columns chunk in slices whose [n_queries, columns] float64 scores
+        (and the temporaries of scoring, about 4 copies) stay within SCORE_BLOCK_BYTES, as score_blocks' rows
+        do: with many queries a whole chunk's block grows with them (10,000 queries × 1,024 rows: 82 MB)."""
+        step = max(1, self.SCORE_BLOCK_BYTES // (8 * 4 * max(1, n_queries)))
+        for a in range(lo, hi, step):
+            yield a, min(hi, a + step)
+
     def topk(self, queries="test", k: int = 10, chunk: int | None = None) -> dict[str, np.ndarray]:
         """Top-k proponents and opponents per query (ties: lower training index first), streamed
         over query blocks so memory is bounded by ``chunk × n_train``."""

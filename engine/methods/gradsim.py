@@ -138,7 +138,8 @@ class GradientSimilarity(Attributor):
             for parts in zip(*(m.chunks() for m in self._members)):
                 self._check_cancel("scoring")
                 lo, hi = parts[0][0], parts[0][1]
-                yield lo, hi, sum(g @ side.T for g, (_, _, side) in zip(gs, parts))
+                for a, b in self._column_slices(lo, hi, len(q)):
+                    yield a, b, sum(g @ side[a - lo:b - lo].T for g, (_, _, side) in zip(gs, parts))
 
         return columns()
 

@@ -707,12 +707,13 @@ class CurvatureInfluence(Attributor):
             for parts in zip(*(self._store_parts(st) for st in self.seg_state)):
                 self._check_cancel("scoring")
                 lo, hi = parts[0][0], parts[0][1]
-                block = np.zeros((len(q), hi - lo))
-                for u, (glo, ghi, chunk) in zip(U, parts):
-                    if (glo, ghi) != (lo, hi):
-                        raise RuntimeError(f"{self.name}: segment stores split rows differently ({glo}-{ghi}, {lo}-{hi})")
-                    block += (u @ chunk.T).float().numpy()  # summed in float64, as scores() does
-                yield lo, hi, block
+                if any((glo, ghi) != (lo, hi) for glo, ghi, _ in parts):
+                    raise RuntimeError(f"{self.name}: segment stores split rows differently")
+                for a, b in self._column_slices(lo, hi, len(q)):
+                    block = np.zeros((len(q), b - a))
+                    for u, (_, _, chunk) in zip(U, parts):
+                        block += (u @ chunk[a - lo:b - lo].T).float().numpy()  # summed in float64, as scores() does
+                    yield a, b, block
 
         return columns()
 

@@ -423,8 +423,9 @@ class TRAK(Attributor):
             for parts in zip(*readers):
                 self._check_cancel("scoring")
                 lo, hi = parts[0][0], parts[0][1]
-                block = sum(u @ np.asarray(c, dtype=np.float64).T for u, (_, _, c) in zip(us, parts))
-                yield lo, hi, block * (self.q[None, lo:hi] / len(self._proj))
+                for a, b in self._column_slices(lo, hi, len(q)):
+                    block = sum(u @ np.asarray(c[a - lo:b - lo], dtype=np.float64).T for u, (_, _, c) in zip(us, parts))
+                    yield a, b, block * (self.q[None, a:b] / len(self._proj))
 
         return columns()
 

@@ -81,6 +81,16 @@ _FILE_MODE = 0o666 & ~_umask()  # mkstemp makes 0600 files; results should read 
 _CANNOT_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
+def _refused_write(e: BaseException, file: str | Path, doing: str, kept: str, errnos=_CANNOT_WRITE):
+    """The one-line error (naming ``file``) for a write the filesystem refused, ``doing``: the reason (``kept``);
+    None for any other error, which the caller re-raises as it is."""
+    if not isinstance(e, OSError) or e.errno not in errnos:
+        return None
+    from engine.core.errors import ProponentError
+
+    return ProponentError(f"{doing}: {os.strerror(e.errno).lower()} ({kept})", file=str(file))
+
+
 def _atomic_write(path: str | Path, write) -> None:
     """Write through ``write(fileobj)`` to a temporary file in the same folder, fsync, rename."""
     path = Path(path)
@@ -97,12 +107,11 @@ def _atomic_write(path: str | Path, write) -> None:
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno in _CANNOT_WRITE:
-            # a full disk or a read-only/forbidden folder is the user's to fix: one line, nothing half-written
-            from engine.core.errors import ProponentError
-
-            raise ProponentError(f"cannot write: {os.strerror(e.errno).lower()} (nothing was half-written; finished "
-                                 f"parts are kept and a rerun resumes)", file=str(path)) from None
+        # a full disk or a read-only/forbidden folder is the user's to fix: one line, nothing half-written
+        refused = _refused_write(e, path, "cannot write",
+                                 "nothing was half-written; finished parts are kept and a rerun resumes")
+        if refused is not None:
+            raise refused from None
         raise
 
 
@@ -371,13 +380,11 @@ class ChunkedArray:
         except BaseException as e:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            if isinstance(e, OSError) and e.errno in _CANNOT_WRITE:
-                from engine.core.errors import ProponentError
-
-                need = self.n_rows * width * self.dtype.itemsize / 2**20
-                raise ProponentError(f"cannot reserve {need:,.0f} MB for the feature store: "
-                                     f"{os.strerror(e.errno).lower()} (finished stores are kept and a rerun resumes)",
-                                     file=str(self.data_path)) from None
+            need = self.n_rows * width * self.dtype.itemsize / 2**20
+            refused = _refused_write(e, self.data_path, f"cannot reserve {need:,.0f} MB for the feature store",
+                                     "finished stores are kept and a rerun resumes")
+            if refused is not None:
+                raise refused from None
             raise
 
     def _mask(self) -> bytes:
@@ -404,14 +411,13 @@ class ChunkedArray:
                 os.close(fd)
         except OSError as e:
             # the space is reserved when the store is made, but a filesystem may still refuse (a quota, a full
-            # disk where the reservation is emulated, a folder made read-only): one line; the chunk is not
+            # disk where the reservation is emulated, a folder made read-only, EIO): one line; the chunk is not
             # marked done, so a rerun writes it again
-            if e.errno not in _CANNOT_WRITE and e.errno != errno.EIO:
-                raise
-            from engine.core.errors import ProponentError
-
-            raise ProponentError(f"cannot write the feature store: {os.strerror(e.errno).lower()} (finished chunks "
-                                 f"are kept and a rerun resumes)", file=str(self.folder / name)) from None
+            refused = _refused_write(e, self.folder / name, "cannot write the feature store",
+                                     "finished chunks are kept and a rerun resumes", _CANNOT_WRITE | {errno.EIO})
+            if refused is not None:
+                raise refused from None
+            raise
 
     # -- shape
     @property
