@@ -23,6 +23,7 @@ from engine.core.samples import prepare_sample
 from engine.core.train import accuracy, record_training
 from engine.evaluate.bench import cli_main
 from engine.methods import describe_settings, list_methods
+from engine.autodiff.curvature import BF16_FACTOR_MIN_IN
 from engine.methods.source import BF16_SELF_WALK_MIN_PARAMS
 from engine.methods.trak import projection_summary
 from engine.storage.arrays import clean_orphan_temp_files
@@ -212,8 +213,9 @@ def cmd_info(a) -> int:
                      f"activations saved per example)" if "batch" in gr else "")
             layout = "; image batches channels_last" if gr.get("layout") == "channels_last" else ""
             print(f"{'gradients':>12}: {gr['backend']} ({gr['reason']}){batch}{layout}")
-            products = (f"bfloat16 (this CPU multiplies it fast; EK-FAC's self-influence walk too, on models of "
-                        f"{BF16_SELF_WALK_MIN_PARAMS:,}+ covered parameters)" if gr["bf16_products"] else "float32")
+            products = (f"bfloat16 (this CPU multiplies it fast; on models of {BF16_SELF_WALK_MIN_PARAMS:,}+ covered "
+                        f"parameters EK-FAC's self-influence walk too, and the factor passes' products on layers of "
+                        f"{BF16_FACTOR_MIN_IN}+ inputs)" if gr["bf16_products"] else "float32")
             print(f"{'products':>12}: EK-FAC and Source scores in {products}")
             print(f"{'projection':>12}: {_describe_projection(info['projection'])} (TRAK's default)")
             runnable = [n for n, v in info["methods"].items() if v == "ok"]

@@ -193,6 +193,14 @@ def test_ekfac_method_stores_factors_and_reuses_them(logreg_project, copy_projec
         monkeypatch.setattr(cv, name, boom)
     S2 = EKFAC().fit(p).scores("test")
     np.testing.assert_array_equal(S1, S2)
+    # factor_products: the logistic regression is below the bfloat16 floor, so auto fits in float32 (the files
+    # above); asked for bfloat16, its factors are keyed apart (never read by a float32 fit, nor the reverse)
+    assert a.meta["factor_products"] == "float32"
+    monkeypatch.undo()
+    b = EKFAC(EKFAC.Settings(factor_products="bfloat16")).fit(p)
+    assert b.meta["factor_products"] == "bfloat16"
+    after = sorted(f.name for f in (p.state_dir / "factors").glob("*.safetensors"))
+    assert len(after) == 2 * len(files) and set(files) < set(after)
 
 
 def test_eigen_curvature_operator_is_ekfac_in_flat_layout():
@@ -333,9 +341,9 @@ def test_curvature_batches_are_bounded_by_bytes_and_give_the_same_factors(monkey
     seen = []
     real = cv._pseudo_grad_batches
 
-    def spy(model, layers, x, labels, weights, batch_size, device):
+    def spy(model, layers, x, labels, weights, batch_size, device, products=None):
         seen.append(batch_size)
-        return real(model, layers, x, labels, weights, batch_size, device)
+        return real(model, layers, x, labels, weights, batch_size, device, products)
 
     monkeypatch.setattr(cv, "_pseudo_grad_batches", spy)
     labels, w = cv.fisher_targets(model, x, 0)
@@ -507,3 +515,78 @@ def test_convolution_input_covariance_equals_the_patches_second_moment():
     P = F.unfold(x, 3, padding=1)  # [n, 27, 64]: the first layer's input patches
     expect = torch.einsum("nit,njt->ij", P, P) / len(x)
     torch.testing.assert_close(cov[f"{conv.name}.A"], expect, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_conv_patches_equal_unfold_in_either_column_order(memory_format):
+    """conv_patches (strided slices of a padded channels-last copy) gives F.unfold's patches for strides,
+    dilations, asymmetric kernels and every padding form; kernel-major columns map back through
+    kernel_major_order, and a bias's ones column is written in place."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    for kw in [dict(kernel_size=3, padding=1), dict(kernel_size=(3, 5), padding=(1, 2), stride=2),
+               dict(kernel_size=3, dilation=2, padding="same"), dict(kernel_size=2, stride=2),
+               dict(kernel_size=1), dict(kernel_size=3, padding="valid", stride=(1, 2)), dict(kernel_size=4, padding=3, stride=3)]:
+        m = nn.Conv2d(5, 7, **kw)
+        k = m.kernel_size[0] * m.kernel_size[1]
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            x = torch.randn(4, 5, 11, 9).to(dtype).contiguous(memory_format=memory_format)
+            want = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=cv._conv_padding(m), stride=m.stride).transpose(1, 2)
+            got = cv.conv_patches(m, x)
+            assert got.is_contiguous() and got.dtype == dtype
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            kmajor = cv.conv_patches(m, x, kernel_major=True)
+            assert not torch.equal(kmajor, want) or k == 1  # really another order
+            torch.testing.assert_close(kmajor[..., cv.kernel_major_order(5, k)], want, rtol=0, atol=0)
+            ones = cv.conv_patches(m, x, kernel_major=True, ones_column=True)
+            assert bool((ones[..., -1] == 1).all())
+            torch.testing.assert_close(ones[..., cv.kernel_major_order(5, k, 1)][..., :-1], want, rtol=0, atol=0)
+
+
+def test_eigenvalues_with_an_adam_scale_equal_brute_force_on_convolutions():
+    """The √P ⊙ G variant (formed G, scaled, rotated) on kernel-major convolution patches: the scale and Q_A
+    follow the patches' column order, so Λ = E[(Q_Sᵀ (√P ⊙ G) Q_A)²] of the weight-ordered gradients."""
+    m64 = _small_cnn().double()
+    x = torch.randn(7, 3, 8, 8, dtype=torch.float64)
+    layers, _ = cv.curvature_layers(m64)
+    labels, w = cv.fisher_targets(m64, x, 1, seed=2)
+    basis = cv.eigenbasis(cv.fit_covariances(m64, layers, x, labels, w, batch_size=4), layers)
+    gen = torch.Generator().manual_seed(5)
+    scale = {L.name: torch.rand(L.out_dim, L.in_dim, generator=gen, dtype=torch.float64) + 0.5 for L in layers}
+    lam = cv.fit_eigenvalues(m64, layers, x, labels, basis, w, scale=scale, batch_size=3)
+    G = cv.brute_force_pseudo_grads(m64, layers, x, labels)
+    for L in layers:
+        QS, QA = basis[f"{L.name}.QS"], basis[f"{L.name}.QA"]
+        expect = (w.reshape(-1)[:, None, None] * (QS.T @ (G[L.name] * scale[L.name]) @ QA) ** 2).sum(0) / len(x)
+        torch.testing.assert_close(lam[f"{L.name}.lambda"], expect, rtol=1e-9, atol=1e-14)
+
+
+def test_bfloat16_factor_products_stay_close_on_wide_layers_and_leave_narrow_ones_exact():
+    """products=bfloat16: a float32 model's layers of at least BF16_FACTOR_MIN_IN inputs form their input
+    Gram matrices and eigenvalue rotations in bfloat16 (off by about 2^-9 per entry, averaging out); narrower
+    layers and S stay float32, bit for bit; a float64 model ignores the request."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 5)).eval()
+    x = torch.randn(48, 3, 10, 10)
+    layers, _ = cv.curvature_layers(model)
+    wide = [L.name for L in layers if L.in_dim >= cv.BF16_FACTOR_MIN_IN]
+    assert wide == ["2"]  # 32 channels × 9 + bias
+    labels, w = cv.fisher_targets(model, x, 1, seed=1)
+    cov32 = cv.fit_covariances(model, layers, x, labels, w)
+    cov16 = cv.fit_covariances(model, layers, x, labels, w, products=torch.bfloat16)
+    basis = cv.eigenbasis(cov32, layers)
+    lam32 = cv.fit_eigenvalues(model, layers, x, labels, basis, w)
+    lam16 = cv.fit_eigenvalues(model, layers, x, labels, basis, w, products=torch.bfloat16)
+    for L in layers:
+        for key, a, b in ((f"{L.name}.A", cov32, cov16), (f"{L.name}.S", cov32, cov16), (f"{L.name}.lambda", lam32, lam16)):
+            err = float((b[key] - a[key]).norm() / a[key].norm())
+            if L.name in wide and not key.endswith(".S"):
+                assert 0 < err < 1e-2, (key, err)  # really bfloat16, and close
+            else:
+                assert err == 0, (key, err)
+    m64 = model.double()
+    c64 = cv.fit_covariances(m64, layers, x.double(), labels, w)
+    assert all(torch.equal(c64[k], v) for k, v in cv.fit_covariances(m64, layers, x.double(), labels, w,
+                                                                       products=torch.bfloat16).items())

@@ -460,3 +460,27 @@ def test_accumulate_adds_each_layer_straight_into_the_callers_rows(monkeypatch):
     low.accumulate(x, y, "loss", into=got, alpha=0.25)
     ref = 0.25 * GradientComputer(model).per_example(x, y, "loss")
     assert float((got - base - ref).norm() / ref.norm()) < 0.05
+
+
+def test_a_convolution_is_timed_once_per_process_and_shape(monkeypatch):
+    """The grouped/unfolded choice is timed on a layer's first batch and remembered by shape, so the next
+    LayerGradients of the same model (an EK-FAC run builds one per trajectory point) reuses it untimed."""
+    from engine.autodiff import per_layer as pl
+
+    monkeypatch.setattr(pl, "_CONV_METHOD_BY_SHAPE", {})
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    x = torch.randn(pl.TIME_CONV_FROM_ROWS, 3, 8, 8)
+    y = torch.randint(0, 3, (len(x),))
+    calls = []
+    timed = {k: (lambda f: lambda *a: calls.append(1) or f(*a))(f) for k, f in pl.CONV_WEIGHT_GRADS.items()}
+    monkeypatch.setattr(pl, "CONV_WEIGHT_GRADS", timed)
+    ref = GradientComputer(model, backend="vmap")
+    parts, _ = layer_plan(model, ref.layout)
+    first = LayerGradients(model, ref.layout, parts)
+    first.per_example(x, y, "loss")
+    assert len(calls) == 2 * 2 + 1  # each way twice, then the batch itself
+    second = LayerGradients(model, ref.layout, parts)
+    calls.clear()
+    got, _ = second.per_example(x, y, "loss")
+    assert len(calls) == 1 and second.conv_methods == first.conv_methods
+    torch.testing.assert_close(got, ref.per_example(x, y, "loss"), rtol=1e-4, atol=1e-6)

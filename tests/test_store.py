@@ -229,6 +229,13 @@ def test_bfloat16_store_keeps_float32s_range_in_half_the_bytes_written_in_parts(
     assert [(lo, hi) for lo, hi, _ in parts] == [(0, 3), (3, 4), (4, 7)]
     assert all(t.dtype == torch.bfloat16 for *_, t in parts)
     np.testing.assert_array_equal(torch.cat([t for *_, t in parts]).float().numpy(), want)
+    # reuse: every part read into one buffer (a part is valid until the next is asked for), same values
+    seen, pointers = [], set()
+    for lo, hi, t in s.iter_bfloat16(max_bytes=3 * 5 * 2, reuse=True):
+        seen.append((lo, hi, t.float().numpy().copy()))
+        pointers.add(t.data_ptr())
+    assert [(lo, hi) for lo, hi, _ in seen] == [(0, 3), (3, 4), (4, 7)] and len(pointers) == 1
+    np.testing.assert_array_equal(np.vstack([v for *_, v in seen]), want)
     f32 = ChunkedArray(tmp_path / "f", 7, 4, width=5)
     with pytest.raises(ValueError, match="bfloat16 stores"):
         next(f32.iter_bfloat16())

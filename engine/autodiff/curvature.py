@@ -264,15 +264,68 @@ class LayerBlocks:
 
 
 # ----------------------------------------------------------------------------- capture
-def _activations(L: Layer, inp: torch.Tensor) -> torch.Tensor:
+def conv_patches(m: nn.Conv2d, x: torch.Tensor, kernel_major: bool = False, ones_column: bool = False) -> torch.Tensor:
+    """[b, T, in_channels·kh·kw] input patches of a groups-1 Conv2d over its zero-padded input ``x``
+    [b, C, H, W], T the output positions; contiguous. ``ones_column``: one more column of ones (a bias's),
+    written in place rather than concatenated (a second copy of the patches).
+
+    Columns in the weight's order (channel, then kernel position: ``F.unfold``'s), or with
+    ``kernel_major`` kernel position first, then channel (:func:`kernel_major_order` maps back).
+    Built from kh·kw strided slices of one zero-padded channels-last copy of ``x``: on the 5,000-image
+    benchmark CNN's 32->64 layer (85 images of 32×16×16, channels_last as fast_layout runs them)
+    ``F.unfold`` plus the transposing copy every caller made took 8.0 ms in float32 and 6.9 in bfloat16,
+    these slices 4.9 / 2.4 ms, kernel-major 1.35 / 0.64 ms (medians of 7)."""
+    kh, kw = m.kernel_size
+    sh, sw = m.stride
+    dh, dw = m.dilation
+    ph, pw = _conv_padding(m)
+    b, c, h, w = x.shape
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    xp = x.permute(0, 2, 3, 1)  # [b, H, W, C]: a view of a channels_last batch
+    if ph or pw:
+        padded = x.new_zeros(b, h + 2 * ph, w + 2 * pw, c)
+        padded[:, ph:ph + h, pw:pw + w] = xp
+        xp = padded
+    full = x.new_empty(b, ho * wo, c * kh * kw + int(ones_column))
+    if ones_column:
+        full[..., -1] = 1
+    body = full[..., :c * kh * kw] if ones_column else full
+    out = body.unflatten(2, (kh * kw, c) if kernel_major else (c, kh * kw)).unflatten(1, (ho, wo))
+    for i in range(kh):
+        for j in range(kw):
+            src = xp[:, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]
+            if kernel_major:
+                out[:, :, :, i * kw + j] = src
+            else:
+                out[..., i * kw + j] = src
+    return full
+
+
+def kernel_major_order(channels: int, kernel: int, extra: int = 0) -> torch.Tensor:
+    """Index ``o`` with ``weight_order[..., j] = kernel_major[..., o[j]]`` for patches of ``channels`` ×
+    ``kernel`` columns (``extra`` trailing columns, e.g. a bias column, kept in place)."""
+    j = torch.arange(channels * kernel)
+    return torch.cat([(j % kernel) * channels + j // kernel, channels * kernel + torch.arange(extra)])
+
+
+def patch_order(L: Layer) -> torch.Tensor | None:
+    """For a convolution, :func:`kernel_major_order` of its kernel-major activations (bias column included);
+    None for other layers (their activations have one order)."""
+    if L.kind != "conv2d":
+        return None
+    k = int(np.prod(L.module.kernel_size))
+    return kernel_major_order((L.in_dim - int(bool(L.bias))) // k, k, int(bool(L.bias)))
+
+
+def _activations(L: Layer, inp: torch.Tensor, kernel_major: bool = False) -> torch.Tensor:
     """[b, T, in] layer inputs (bias column of ones appended when the layer has a bias); an
     embedding's are its [b, T] token ids (the one-hot rows are never formed)."""
     m = L.module
     if L.kind == "embedding":
         return inp.reshape(inp.shape[0], -1)
     if L.kind == "conv2d":
-        a = F.unfold(inp, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m), stride=m.stride)
-        a = a.transpose(1, 2)  # [b, L, cin*kh*kw]
+        return conv_patches(m, inp, kernel_major, ones_column=bool(L.bias))  # [b, T, cin*kh*kw (+1)]
     else:
         a = inp.reshape(inp.shape[0], -1, inp.shape[-1])
     if L.bias:
@@ -352,9 +405,12 @@ class _Capture:
             i += k
         return out
 
-    def activations(self, L: Layer) -> torch.Tensor:
-        """[b, T, in]: the layer's inputs over every call, calls side by side along T."""
-        parts = [_activations(L, a) for a in self.inputs[L.name]]
+    def activations(self, L: Layer, dtype: torch.dtype | None = None, kernel_major: bool = False) -> torch.Tensor:
+        """[b, T, in]: the layer's inputs over every call, calls side by side along T; ``dtype``: a float32
+        input converted to it first (a float64 one is kept); ``kernel_major``: a convolution's columns in
+        :func:`conv_patches`' kernel-major order (:func:`patch_order` maps them back)."""
+        parts = [_activations(L, a if dtype is None or not a.is_floating_point() or a.dtype == torch.float64
+                              else a.to(dtype), kernel_major) for a in self.inputs[L.name]]
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
     def out_grads(self, L: Layer, grads: list[torch.Tensor | None]) -> torch.Tensor:
@@ -477,7 +533,9 @@ def _grads_only_for(model: nn.Module, layers: list[Layer]):
 
 
 def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels, weights: torch.Tensor | None,
-                         batch_size: int, device: str):
+                         batch_size: int, device: str, products: torch.dtype | None = None):
+    # a convolution's ``a`` comes kernel-major (conv_patches: 5x cheaper to form); callers map back with
+    # patch_order(L)
     """Yields, per batch and label column j, (batch start, j, {layer: (a [b,T,in], s [b,T,out])}, w [b])
     with ``s`` the gradient of each example's own cross-entropy (summed loss, so per-example
     scale) for label ``labels[:, j]`` and ``w`` its Fisher weight (float64). ``a`` and ``s`` are in
@@ -486,6 +544,9 @@ def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor,
 
     ``labels`` may instead be a callable (batch start, logits) → (labels, weights) that labels each
     batch from its own forward (:func:`fit_covariances_sampled`).
+
+    ``products`` (bfloat16): a float32 model's ``a`` comes in that dtype, converted before a convolution's
+    input is unfolded (half the bytes unfolded and copied; the factor products run in it anyway).
 
     One forward per batch, then per label ``torch.autograd.grad`` with respect to the covered
     layers' outputs: no parameter gradient is formed (a full ``backward`` also computed every
@@ -505,7 +566,7 @@ def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor,
                     else:
                         lb, wb = labels[lo:lo + batch_size], weights[lo:lo + batch_size]
                     lb, wb = lb.to(device), wb.to(device).double()
-                    acts = {L.name: cap.activations(L) for L in layers}
+                    acts = {L.name: cap.activations(L, layer_products(L, products), kernel_major=True) for L in layers}
                     outs = cap.output_list()
                     for j in range(lb.shape[1]):
                         loss = F.cross_entropy(logits, lb[:, j], reduction="sum")
@@ -551,24 +612,41 @@ def curvature_batch_size(model: nn.Module, layers: list[Layer], x: torch.Tensor,
 # rows (examples × positions) per low-precision product before it is added to a float64 total: a
 # float32 sum stays short, so the statistics agree with float64 arithmetic to about 1e-6
 ACCUMULATE_ROWS = 8192
+# the same for bfloat16 products, whose partial sums come back rounded to bfloat16 (2^-9 relative, as the CPU
+# has no bfloat16 GEMM with a float32 result): shorter partials, so their roundings average out over more of them
+BF16_ACCUMULATE_ROWS = 1024
 
 
 def _gram(XT: torch.Tensor) -> torch.Tensor:
     """Σ_rows x xᵀ for X given as Xᵀ [d, rows], in float64 on the host: float64 inputs are
-    multiplied in float64; others in their own dtype, ACCUMULATE_ROWS rows at a time, each partial
-    product added to the float64 total."""
+    multiplied in float64; others in their own dtype, ACCUMULATE_ROWS (bfloat16: BF16_ACCUMULATE_ROWS)
+    rows at a time, each partial product added to the float64 total."""
     if XT.dtype == torch.float64:
         return (XT @ XT.T).cpu()
+    step = BF16_ACCUMULATE_ROWS if XT.dtype == torch.bfloat16 else ACCUMULATE_ROWS
     out = torch.zeros(XT.shape[0], XT.shape[0], dtype=torch.float64, device=XT.device)
-    for lo in range(0, XT.shape[1], ACCUMULATE_ROWS):
-        c = XT[:, lo:lo + ACCUMULATE_ROWS]
+    for lo in range(0, XT.shape[1], step):
+        c = XT[:, lo:lo + step]
         out += (c @ c.T).double()
     return out.cpu()
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """float64 stays float64 (tests, double models); everything else is multiplied in float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+# least input width (columns of a layer's gradient matrix) whose factor products run in bfloat16 when asked: a
+# narrower layer's products are cheap in float32 (on the benchmark CNN the 27-column first convolution's Gram in
+# 1,024-row bfloat16 partials cost more than in float32), and a first layer's inputs are often quantised pixels,
+# whose bfloat16 roundings repeat with the value instead of averaging out (3.4e-3 relative error in its A)
+BF16_FACTOR_MIN_IN = 256
+
+
+def layer_products(L: Layer, products: torch.dtype | None) -> torch.dtype | None:
+    """The dtype layer ``L``'s factor products run in for the requested ``products`` (None: float32)."""
+    return products if products is not None and L.in_dim >= BF16_FACTOR_MIN_IN else None
+
+
+def _compute_dtype(t: torch.Tensor, products: torch.dtype | None = None) -> torch.dtype:
+    """float64 stays float64 (tests, double models); everything else is multiplied in ``products``
+    (default float32)."""
+    return torch.float64 if t.dtype == torch.float64 else (products or torch.float32)
 
 
 def _uniform(labels: torch.Tensor) -> torch.Tensor:
@@ -576,17 +654,18 @@ def _uniform(labels: torch.Tensor) -> torch.Tensor:
 
 
 def fit_covariances(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels: torch.Tensor,
-                    weights: torch.Tensor | None = None, *, batch_size: int | None = None, device: str = "cpu"
-                    ) -> dict[str, torch.Tensor]:
+                    weights: torch.Tensor | None = None, *, batch_size: int | None = None, device: str = "cpu",
+                    products: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """``{name.A, name.S}``: K-FAC covariances E[Σ_t a aᵀ] and E[Σ_t s sᵀ] (float64; the products of a
     float32 model are formed in float32 and summed in float64, :func:`_gram`). ``batch_size``: default
-    :func:`curvature_batch_size`."""
+    :func:`curvature_batch_size`. ``products`` bfloat16: a float32 model's input Gram matrices A (the pass's
+    largest products) are formed from bfloat16 inputs; S stays float32."""
     return _covariances(model, layers, x, labels, _uniform(labels) if weights is None else weights,
-                        batch_size=batch_size, device=device)
+                        batch_size=batch_size, device=device, products=products)
 
 
 def fit_covariances_sampled(model: nn.Module, layers: list[Layer], x: torch.Tensor, samples: int, seed: int, *,
-                            batch_size: int | None = None, device: str = "cpu"
+                            batch_size: int | None = None, device: str = "cpu", products: torch.dtype | None = None
                             ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """(covariances, labels, weights): :func:`fit_covariances` with the Fisher targets of
     :func:`fisher_targets` (same ``samples``, ``seed``) drawn from this pass's own forward, so no
@@ -597,7 +676,8 @@ def fit_covariances_sampled(model: nn.Module, layers: list[Layer], x: torch.Tens
     n = len(x)
     if n == 0:
         labels, weights = fisher_targets(model, x, samples, seed, device=device)
-        return fit_covariances(model, layers, x, labels, weights, batch_size=batch_size, device=device), labels, weights
+        return (fit_covariances(model, layers, x, labels, weights, batch_size=batch_size, device=device,
+                                products=products), labels, weights)
     with torch.no_grad():  # the number of classes fixes k (exact: one column per class)
         classes = model.eval().to(device)(x[:1].to(device)).shape[-1]
     u = fisher_uniforms(n, samples, seed)
@@ -611,35 +691,37 @@ def fit_covariances_sampled(model: nn.Module, layers: list[Layer], x: torch.Tens
         weights[lo:lo + len(lab)] = w
         return lab, w
 
-    cov = _covariances(model, layers, x, targets, None, batch_size=batch_size, device=device)
+    cov = _covariances(model, layers, x, targets, None, batch_size=batch_size, device=device, products=products)
     distributed.sum_tensors({"labels": labels, "weights": weights})
     return cov, labels.round().long(), weights
 
 
 def _covariances(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels, weights, *,
-                 batch_size: int | None, device: str) -> dict[str, torch.Tensor]:
+                 batch_size: int | None, device: str, products: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     n = len(x)
     batch_size = batch_size or curvature_batch_size(model, layers, x, device=device)
     out = {}
     for L in layers:
         out[f"{L.name}.A"] = torch.zeros(L.in_dim, L.in_dim, dtype=torch.float64)
         out[f"{L.name}.S"] = torch.zeros(L.out_dim, L.out_dim, dtype=torch.float64)
-    for lo, j, batch, w in _pseudo_grad_batches(model, layers, x, labels, weights, batch_size, device):
+    for lo, j, batch, w in _pseudo_grad_batches(model, layers, x, labels, weights, batch_size, device, products):
         for L in layers:
             a, s = batch[L.name]
-            dt = _compute_dtype(a)
+            dt = _compute_dtype(a, layer_products(L, products))
             if j == 0:
-                # [in, b·T]: a view of contiguous inputs; a convolution's patches (a transposed view of
-                # unfold's [b, in, T]) are copied with each run of positions kept contiguous, which made
-                # the covariance pass over 3,000 rows of the 20k benchmark CNN 2.51 s against 2.94 for the
-                # [b·T, in] copy (medians of 9, three interleaved pairs of runs; covariances bit-identical)
-                out[f"{L.name}.A"] += _gram(a.to(dt).permute(2, 0, 1).reshape(a.shape[-1], -1))
+                # [in, b·T]: a transposed view of the contiguous [b·T, in] inputs (a convolution's patches come
+                # contiguous from conv_patches), no copy
+                out[f"{L.name}.A"] += _gram(a.to(dt).reshape(-1, a.shape[-1]).T)
             # per example Σ_t w s sᵀ from the [b, out, T] layout (a conv's gradient as it comes: no copy),
             # summed over the batch in the compute dtype, then in float64
-            sc = s.to(dt).transpose(1, 2)
-            out[f"{L.name}.S"] += torch.bmm(sc * w.to(dt)[:, None, None], s.to(dt)).sum(0).double().cpu()
+            ds = _compute_dtype(s)  # small products (out² per position): float32 whatever ``products``
+            sc = s.to(ds).transpose(1, 2)
+            out[f"{L.name}.S"] += torch.bmm(sc * w.to(ds)[:, None, None], s.to(ds)).sum(0).double().cpu()
     distributed.sum_tensors(out)
     for L in layers:
+        o = patch_order(L)
+        if o is not None:  # kernel-major Gram matrix → the weight's column order
+            out[f"{L.name}.A"] = out[f"{L.name}.A"][o][:, o].contiguous()
         out[f"{L.name}.A"] /= n
         out[f"{L.name}.S"] /= n
     return out
@@ -671,14 +753,15 @@ def rotate_positions_first(positions: int, d_in: int, d_out: int, labels: int = 
 
 def fit_eigenvalues(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels: torch.Tensor,
                     basis: dict[str, torch.Tensor], weights: torch.Tensor | None = None, *,
-                    scale: dict[str, torch.Tensor] | None = None, batch_size: int | None = None, device: str = "cpu"
-                    ) -> dict[str, torch.Tensor]:
+                    scale: dict[str, torch.Tensor] | None = None, batch_size: int | None = None, device: str = "cpu",
+                    products: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """``{name.lambda}``: EK-FAC eigenvalues E[(Q_Sᵀ G Q_A)²] [out, in] in the given basis.
 
     ``scale`` (optional, per layer [out, in]) multiplies each pseudo-gradient elementwise
     first: the Adam-preconditioned variant uses √P ⊙ G. A float32 model's rotations and squares
     are formed in float32 (per batch, ≤ ``batch_size`` examples, default :func:`curvature_batch_size`)
-    and summed in float64.
+    and summed in float64. ``products`` bfloat16: the rotations of a float32 model run in bfloat16 (each
+    rotated entry then off by a few 2^-9; its square summed in float32 as before).
     """
     n = len(x)
     batch_size = batch_size or curvature_batch_size(model, layers, x, device=device)
@@ -686,26 +769,44 @@ def fit_eigenvalues(model: nn.Module, layers: list[Layer], x: torch.Tensor, labe
     out = {f"{L.name}.lambda": torch.zeros(L.out_dim, L.in_dim, dtype=torch.float64) for L in layers}
     Q: dict = {}  # (layer, dtype, device) → (QA, QS, scale) in the dtype the products are formed in
     rotated: dict = {}  # layer → (batch start, Q_Aᵀ a): the activations are the same for every label
-    for lo, _, batch, w in _pseudo_grad_batches(model, layers, x, labels, weights, batch_size, device):
+    squares: dict = {}  # layer → float32 buffer the rotated entries are squared in
+    for lo, _, batch, w in _pseudo_grad_batches(model, layers, x, labels, weights, batch_size, device, products):
         for L in layers:
             a, s = batch[L.name]
-            dt = _compute_dtype(a)
+            dt = _compute_dtype(a, layer_products(L, products))
             key = (L.name, dt, a.device)
             if key not in Q:
-                Q[key] = (basis[f"{L.name}.QA"].to(a.device, dt), basis[f"{L.name}.QS"].to(a.device, dt),
-                          None if scale is None else scale[L.name].to(a.device, dt))
+                QA, sc = basis[f"{L.name}.QA"], None if scale is None else scale[L.name]
+                o = patch_order(L)
+                if o is not None:  # a_weight_order @ QA = a_kernel_major @ QA_k with QA_k[o] = QA (and G's columns)
+                    QA = torch.empty_like(QA).index_copy_(0, o, QA)
+                    sc = None if sc is None else torch.empty_like(sc).index_copy_(1, o, sc)
+                Q[key] = (QA.to(a.device, dt), basis[f"{L.name}.QS"].to(a.device, dt),
+                          None if sc is None else sc.to(a.device, dt))
             QA, QS, sc = Q[key]
             s = s.to(dt)
             if sc is None and rotate_positions_first(a.shape[1], L.in_dim, L.out_dim, labels.shape[1]):
-                # (Q_Sᵀ s)(Q_Aᵀ a)ᵀ summed over positions, without materialising G; Q_Aᵀ a once per batch
+                # (Q_Sᵀ s)(Q_Aᵀ a)ᵀ summed over positions, without materialising G; Q_Aᵀ a once per batch. Each
+                # rotation is one [b·T, d] × [d, d] product: ``a @ QA`` on a convolution's [b, T, in] patches (a
+                # transposed view) broadcast QA to a [b, in, in] copy and a batched product, 3x slower in float32
+                # (10x in bfloat16) on the 5,000-image benchmark CNN's 64->128 layer
                 if L.name not in rotated or rotated[L.name][0] != lo:
-                    rotated[L.name] = (lo, a.to(dt) @ QA)
-                r = torch.bmm(QS.T @ s.transpose(1, 2), rotated[L.name][1])  # [b, out, T] @ [b, T, in]
+                    rotated[L.name] = (lo, (a.to(dt).reshape(-1, a.shape[-1]) @ QA).view(*a.shape[:2], -1))
+                rs = (s.reshape(-1, s.shape[-1]) @ QS).view(*s.shape[:2], -1)  # [b, T, out]: Q_Sᵀ s_t by position
+                r = torch.bmm(rs.transpose(1, 2), rotated[L.name][1])  # [b, out, T] @ [b, T, in]
             else:
                 G = torch.bmm(s.transpose(1, 2), a.to(dt))
                 r = QS.T @ (G if sc is None else G * sc) @ QA
-            # Σ_b w_b r_b², the squares summed over ≤ batch_size examples in the compute dtype, then in float64
-            out[f"{L.name}.lambda"] += (w.to(dt) @ (r * r).reshape(len(r), -1)).double().reshape(r.shape[1:]).cpu()
+            # Σ_b w_b r_b², the squares summed over ≤ batch_size examples in float32 (float64 models: float64), then
+            # in float64; squared in place in a buffer kept per layer (a fresh [b, out, in] tensor per batch is
+            # page-faulted in anew)
+            sq_dt = _compute_dtype(r)
+            buf = squares.get(L.name)
+            if buf is None or buf.dtype != sq_dt or buf.device != r.device or buf.numel() < r.numel():
+                buf = squares[L.name] = torch.empty(r.numel(), dtype=sq_dt, device=r.device)
+            r2 = buf[:r.numel()].view(len(r), -1)
+            r2.copy_(r.reshape(len(r), -1)).square_()
+            out[f"{L.name}.lambda"] += (w.to(sq_dt) @ r2).double().reshape(r.shape[1:]).cpu()
     distributed.sum_tensors(out)
     for L in layers:
         out[f"{L.name}.lambda"] /= n

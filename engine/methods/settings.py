@@ -105,6 +105,14 @@ class CurvatureSettings(ProjectionSettings, GradientPrecisionSettings):
     fisher_samples: int = setting(-1, "Labels sampled from the model per example for the Fisher pseudo-gradients; 0: the "
                                       "exact expectation over all classes (one backward pass per class); -1: exact for "
                                       "≤ 1,024 training rows and ≤ 16 classes, else 1 sample (as kronfluence).", ge=-1)
+    # measured on the 5,000-image benchmark CNN (docs/bench/lds-factor-products.json): covariances within 3.4e-3 (relative
+    # Frobenius) of float32, eigenvalues within 3.9e-3, ten times below the sampling noise of 1,024 rows
+    factor_products: str = setting("auto", "Dtype the covariance pass's input Gram matrices and the eigenvalue pass's "
+                                           "rotations are multiplied in (the passes themselves run in float32, the "
+                                           "factors are summed in float64): auto = bfloat16 on a CPU that multiplies it "
+                                           "natively (AMX or AVX-512 BF16) for models of at least 2^14 covered "
+                                           "parameters, else float32.",
+                                   choices=("auto", "float32", "bfloat16"))
     fit_rows: int = setting(0, "Fit the curvature on at most this many training rows (per segment; 0: all).", ge=0)
     point_rows: int = setting(-1, "Training rows each trajectory point's covariances and eigenvalues are fitted on, "
                                   "when a segment has several points: -1 splits the rows evenly over the points, at least "

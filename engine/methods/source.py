@@ -275,6 +275,7 @@ class CurvatureInfluence(Attributor):
         # bfloat16 score products, and the fit's self-influence walk in bfloat16 (see _fit_segment)
         self.bf16_products = cfg.gradient_dtype == "bfloat16" and bfloat16_products()
         self._self_walk_dtype = "float32"
+        self.factor_products = self._factor_products(cfg, p)
         for seg in segs:
             self._check_cancel("fit")
             self.seg_state.append(self._fit_segment(project, seg))
@@ -286,6 +287,7 @@ class CurvatureInfluence(Attributor):
         self.meta.update({
             "segments": [s.describe() for s in segs], "response": cfg.response, "fast": cfg.fast,
             "score_products": "bfloat16" if self.bf16_products else "float32",
+            "factor_products": "float32" if self.factor_products is None else "bfloat16",
             "self_influence_walk": self._self_walk_dtype,
             "layers": [L.name for L in self.layers_template], "left_out": self.left_out,
             "covered_parameters": p, "projection": self.projector.describe(), "weight_decay": self.wd,
@@ -302,6 +304,15 @@ class CurvatureInfluence(Attributor):
         if distributed.active():  # which rank computed how many training gradients (resumed runs: new ones)
             self.meta["distributed"] = {**distributed.describe(),
                                         "gradient_rows": distributed.per_rank(self._gradient_rows)}
+
+    def _factor_products(self, cfg: EngineConfig, n_params: int) -> torch.dtype | None:
+        """bfloat16 where the factor passes multiply in it (setting factor_products), else None (float32)."""
+        if cfg.factor_products == "bfloat16":
+            return torch.bfloat16
+        if (cfg.factor_products == "auto" and str(self.device) == "cpu" and bfloat16_products()
+                and n_params >= BF16_SELF_WALK_MIN_PARAMS):
+            return torch.bfloat16
+        return None
 
     def _segment_models(self, project: Project, seg: Segment) -> list[tuple[str, torch.nn.Module, dict | None]]:
         """(digest, model, optimizer state) for each point where the segment's factors are fitted."""
@@ -362,7 +373,8 @@ class CurvatureInfluence(Attributor):
         base_key = {"samples": samples, "seed": cfg.seed, "layers": [L.name for L in self.layers_template],
                     # sampled labels are inverse-CDF draws fixed per row (cv.fisher_uniforms) since EK-FAC v9;
                     # the exact expectation (samples 0) has no draws and keeps its caches
-                    **({"labels": "icdf"} if samples != 0 else {})}
+                    **({"labels": "icdf"} if samples != 0 else {}),
+                    **({"products": "bfloat16"} if self.factor_products is not None else {})}
         # 1. covariances per point (cached per checkpoint and rows), averaged over the segment
         covs, labels = [], []
         for j, (digest, model, _) in enumerate(points):
@@ -376,7 +388,8 @@ class CurvatureInfluence(Attributor):
             lab = None  # (labels, weights); None: labelled later, and only if the eigenvalues need them
             if not distributed.agree(cov is not None):  # under torchrun: fitted over every rank's share
                 xf = ds.x[torch.as_tensor(shares[j])]  # one point's rows at a time (shares may each be every row)
-                cov, *lab = cv.fit_covariances_sampled(model, layers, xf, samples, lab_seed, device=self.device)
+                cov, *lab = cv.fit_covariances_sampled(model, layers, xf, samples, lab_seed, device=self.device,
+                                                       products=self.factor_products)
                 del xf
                 if distributed.is_main():
                     cv.save_tensors(path, cov, {"checkpoint_digest": digest})
@@ -408,7 +421,7 @@ class CurvatureInfluence(Attributor):
                 if isinstance(labels[j], int):  # the covariances came from the cache: label this point's rows now
                     labels[j] = cv.fisher_targets(model, xf, samples, seed=labels[j], device=self.device)
                 lam = cv.fit_eigenvalues(model, layers, xf, labels[j][0], basis, labels[j][1], scale=scale,
-                                         device=self.device)
+                                         device=self.device, products=self.factor_products)
                 del xf
                 if distributed.is_main():
                     cv.save_tensors(path, lam, {"checkpoint_digest": digest, "basis_digest": bdig})
@@ -675,9 +688,10 @@ class CurvatureInfluence(Attributor):
 
     def _store_parts(self, st: dict):
         """(lo, hi, rows) of a segment's stored training gradients, a part of a chunk at a time, in the dtype
-        the walked queries are multiplied in."""
+        the walked queries are multiplied in. A bfloat16 part is valid until the next is asked for (one read
+        buffer per store)."""
         if self.bf16_products:
-            return st["gbar"].iter_bfloat16(max_bytes=SCORE_READ_BYTES)
+            return st["gbar"].iter_bfloat16(max_bytes=SCORE_READ_BYTES, reuse=True)
         # float32 product (torch's GEMM, on the threads torch was given)
         return ((lo, hi, torch.from_numpy(c)) for lo, hi, c in st["gbar"].iter_chunks(max_bytes=SCORE_READ_BYTES))
 
@@ -806,6 +820,7 @@ class Source(CurvatureInfluence):
     description = ("Approximate unrolled differentiation over the recorded trajectory (Bae et al., 2024): EK-FAC per "
                    "segment with training-derived response functions. Suited to non-converged and multi-stage training.")
     Settings = SourceSettings
+    # v12: bfloat16 factor products where the CPU multiplies bfloat16 natively (factor_products, as EK-FAC v14);
     # v11: with response='inverse', the normalised-layer shrink also where τ is unknown (as EK-FAC v12);
     # v10: with response='inverse', EK-FAC v11's normalised-layer damping (normalized_damping_rows)
     # v9: training gradients stored in bfloat16 (gradient_dtype, as EK-FAC v10), keyed by their dtype; the damping
@@ -817,7 +832,7 @@ class Source(CurvatureInfluence):
     # the walk in float32, summed in float64; v3: unprojected up to 2^31 stored
     # entries (streamed); v2: unprojected while they fit in memory (v1
     # projected to 2048 above 8,192 parameters)
-    version = "11"
+    version = "12"
     gradients_version = "7"
 
     def engine_config(self) -> EngineConfig:
