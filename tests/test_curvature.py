@@ -174,6 +174,16 @@ def test_layout_round_trip():
     mats = layout.to_layers(flat)
     assert [tuple(m.shape[1:]) for m in mats] == [(2, 10), (3, 32)]
     assert torch.equal(layout.to_flat(mats), flat)
+    # into a given tensor, converted to its dtype, every entry written (no stale values left)
+    out = torch.full((5, comp.n_params), float("nan"), dtype=torch.float64)
+    assert layout.covers_all and layout.to_flat(mats, out=out) is out and torch.equal(out, flat.double())
+    # a layout wider than the layers (a BatchNorm's parameters tracked too): the rest is zeroed
+    bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 4 * 4, 3, bias=False))
+    wide = cv.LayerBlocks(cv.curvature_layers(bn)[0], GradientComputer(bn).layout)
+    assert not wide.covers_all
+    out = torch.full((5, wide.n), float("nan"))
+    got = wide.to_flat(wide.to_layers(torch.randn(5, wide.n)), out=out)
+    assert torch.isfinite(got).all() and torch.equal(got, wide.to_flat(wide.to_layers(got)))
 
 
 def test_ekfac_method_stores_factors_and_reuses_them(logreg_project, copy_project, monkeypatch):

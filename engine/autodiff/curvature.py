@@ -237,6 +237,8 @@ class LayerBlocks:
         missing = [n for n in covered_param_names(layers) if n not in layout]
         if missing:
             raise ValueError(f"gradient layout lacks parameters {missing}")
+        # whether the layers fill every entry of the flat layout (to_flat then writes every entry of ``out``)
+        self.covers_all = sum(layout[n].numel for n in covered_param_names(layers)) == layout.n
 
     def to_layers(self, flat: torch.Tensor) -> list[torch.Tensor]:
         lead = flat.shape[:-1]
@@ -250,9 +252,16 @@ class LayerBlocks:
             out.append(w)
         return out
 
-    def to_flat(self, mats: list[torch.Tensor]) -> torch.Tensor:
+    def to_flat(self, mats: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-layer matrices back in the flat layout (parameters the layers do not cover: 0); ``out``: written
+        into that [..., n] tensor (converted to its dtype) instead of a new one in the matrices' dtype."""
         lead = mats[0].shape[:-2]
-        flat = torch.zeros(*lead, self.n, dtype=mats[0].dtype, device=mats[0].device)
+        if out is None:
+            flat = torch.zeros(*lead, self.n, dtype=mats[0].dtype, device=mats[0].device)
+        else:
+            flat = out
+            if not self.covers_all:
+                flat.zero_()
         for L, M in zip(self.layers, mats):
             sw = self.layout[L.weight]
             wcols = L.in_dim - (1 if L.bias else 0)

@@ -375,13 +375,16 @@ class GradientComputer(BatchBackOff):
         return flat, torch.sigmoid(-f.float())
 
     def iter_margin_and_loss_scale(self, x: Any, y: torch.Tensor, batch_size: int | None = None,
-                                   then: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                                   ) -> Iterator[tuple[int, int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+                                   then: Callable[[torch.Tensor], torch.Tensor] | None = None, loss: bool = True,
+                                   ) -> Iterator[tuple[int, int, tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]]:
         """(lo, hi, (loss gradients −s·∇f, then applied if given; ∇f; s)) per batch (see
         :meth:`margin_and_loss_scale`); the gradients, the scaling and ``then`` (e.g. a projection) run
-        inside the out-of-memory guard, so a batch that does not fit is retried smaller."""
+        inside the out-of-memory guard, so a batch that does not fit is retried smaller. ``loss=False``:
+        no loss gradients are formed (None in their place), for a caller that scales ∇f itself."""
         def compute(lo: int, hi: int):
             m, s = self.margin_and_loss_scale(batch_rows(x, lo, hi), y[lo:hi])
+            if not loss:
+                return None, m, s
             g = m * (-s[:, None])
             return (g if then is None else then(g)), m, s
 

@@ -519,9 +519,14 @@ class CurvatureInfluence(Attributor):
                             for blo, bhi, g in comp.iter_batches(xs, ys, "loss", then=self.train_projector.project):
                                 block[blo:bhi].add_(g.float().cpu(), alpha=1.0 / len(points))
                             continue
+                        # unprojected: −(1 − p)·∇f/points added straight into the block (no [b, p] loss-gradient temporary)
                         for blo, bhi, (g, m, one_minus_p) in comp.iter_margin_and_loss_scale(
-                                xs, ys, then=self.train_projector.project):
-                            block[blo:bhi].add_(g.float().cpu(), alpha=1.0 / len(points))
+                                xs, ys, then=self.train_projector.project, loss=not unprojected):
+                            if g is None:
+                                block[blo:bhi].addcmul_(m.float().cpu(), one_minus_p.float().cpu()[:, None],
+                                                        value=-1.0 / len(points))
+                            else:
+                                block[blo:bhi].add_(g.float().cpu(), alpha=1.0 / len(points))
                             one_minus_p = one_minus_p.detach().cpu().double()
                             for w0 in range(0, bhi - blo, walk_rows):
                                 w1 = min(bhi - blo, w0 + walk_rows)
@@ -532,8 +537,7 @@ class CurvatureInfluence(Attributor):
                                                zip(walk["F"], (self._rotated(walk_self, l, v) for l, v in enumerate(V))))
                                     part_self[blo + w0:blo + w1] = quad * one_minus_p[w0:w1] / len(rows)
                                 else:
-                                    torch.mul(self._respond_one(walk_self, V), -1.0 / len(rows),
-                                              out=walked[blo + w0:blo + w1])
+                                    self._respond_one(walk_self, V, out=walked[blo + w0:blo + w1]).mul_(-1.0 / len(rows))
                             del m
                     if cfg.gradient_dtype == "bfloat16":
                         # rounded as the store keeps them: the walked self-scores below then equal the scores'
@@ -641,10 +645,14 @@ class CurvatureInfluence(Attributor):
         u = cv.unrotate(r, w["QS"][l], w["QA"][l])
         return u if w["sqrtP"] is None else u * w["sqrtP"][l]
 
-    def _respond_one(self, w: dict, V: list[torch.Tensor]) -> torch.Tensor:
-        """One segment's response to per-layer gradients V, flat and projected (√P F(√P H √P) √P v)."""
+    def _respond_one(self, w: dict, V: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """One segment's response to per-layer gradients V, flat and projected (√P F(√P H √P) √P v), float32;
+        ``out``: written into it (unprojected: straight from the layers, no flat copy in the walk's dtype)."""
         U = [self._unrotated(w, l, w["F"][l] * self._rotated(w, l, v)) for l, v in enumerate(V)]
-        return self.projector.project(self.blocks.to_flat(U).float()).float()
+        if out is not None and isinstance(self.projector, IdentityProjector):
+            return self.blocks.to_flat(U, out=out)
+        flat = self.projector.project(self.blocks.to_flat(U).float()).float()
+        return flat if out is None else out.copy_(flat)
 
     def _walk(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """u_ℓ (flat, projected, already scaled by −1/N_ℓ, float32) for each segment, walking back from the query."""
