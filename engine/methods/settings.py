@@ -105,13 +105,14 @@ class CurvatureSettings(ProjectionSettings, GradientPrecisionSettings):
     fisher_samples: int = setting(-1, "Labels sampled from the model per example for the Fisher pseudo-gradients; 0: the "
                                       "exact expectation over all classes (one backward pass per class); -1: exact for "
                                       "≤ 1,024 training rows and ≤ 16 classes, else 1 sample (as kronfluence).", ge=-1)
-    # measured on the 5,000-image benchmark CNN (docs/bench/lds-factor-products.json): covariances within 3.4e-3 (relative
-    # Frobenius) of float32, eigenvalues within 3.9e-3, ten times below the sampling noise of 1,024 rows
+    # measured (docs/bench/lds-factor-products.json): on the 5,000-image benchmark CNN covariances within 2.1e-4 and
+    # eigenvalues within 1.4e-3 of float32 (relative Frobenius; 1.8e-2 to 9.5e-2 between two samples of 1,024 rows);
+    # LDS within 0.001 on three held-out CNN projects; the factor passes 1.4x faster
     factor_products: str = setting("auto", "Dtype the covariance pass's input Gram matrices and the eigenvalue pass's "
-                                           "rotations are multiplied in (the passes themselves run in float32, the "
-                                           "factors are summed in float64): auto = bfloat16 on a CPU that multiplies it "
-                                           "natively (AMX or AVX-512 BF16) for models of at least 2^14 covered "
-                                           "parameters, else float32.",
+                                           "rotations are multiplied in, on layers of at least 256 inputs (the passes "
+                                           "themselves run in float32, the factors are summed in float64): auto = "
+                                           "bfloat16 on a CPU that multiplies it natively (AMX or AVX-512 BF16) for "
+                                           "models of at least 2^14 covered parameters, else float32.",
                                    choices=("auto", "float32", "bfloat16"))
     fit_rows: int = setting(0, "Fit the curvature on at most this many training rows (per segment; 0: all).", ge=0)
     point_rows: int = setting(-1, "Training rows each trajectory point's covariances and eigenvalues are fitted on, "
