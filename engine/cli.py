@@ -11,6 +11,7 @@ import numpy as np
 
 from engine.api import cached_scores, run_dir
 from engine.autodiff import distributed, resolve_device
+from engine.autodiff.curvature import BF16_FACTOR_MIN_IN
 from engine.autodiff.functional import TrackedParameters
 from engine.autodiff.per_example import gradient_backend
 from engine.autodiff.threads import gradient_threads
@@ -23,7 +24,6 @@ from engine.core.samples import prepare_sample
 from engine.core.train import accuracy, record_training
 from engine.evaluate.bench import cli_main
 from engine.methods import describe_settings, list_methods
-from engine.autodiff.curvature import BF16_FACTOR_MIN_IN
 from engine.methods.source import BF16_SELF_WALK_MIN_PARAMS
 from engine.methods.trak import projection_summary
 from engine.storage.arrays import clean_orphan_temp_files

@@ -428,8 +428,12 @@ def test_score_columns_walk_every_query_then_read_each_store_once(gd_project, mu
         width = att.projector.out_dim
         # parts of 7 training rows
         monkeypatch.setattr(source_module, "SCORE_READ_BYTES", (2 if att.bf16_products else 4) * width * 7)
-        got, bounds = np.full((n_q, n), np.nan), []
-        for lo, hi, block in att.score_columns("test"):
+        got, bounds, stages = np.full((n_q, n), np.nan), [], []
+        att.progress = lambda stage, done, total: stages.append((stage, done, total))
+        columns = att.score_columns("test")
+        # the queries' walk is its own progress stage, finished before the store is read
+        assert stages and {s for s, _, _ in stages} == {"score: test queries walked"} and stages[-1][1:] == (n_q, n_q)
+        for lo, hi, block in columns:
             assert block.shape == (n_q, hi - lo)
             got[:, lo:hi] = block
             bounds.append((lo, hi))

@@ -543,8 +543,6 @@ def _grads_only_for(model: nn.Module, layers: list[Layer]):
 
 def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor, labels, weights: torch.Tensor | None,
                          batch_size: int, device: str, products: torch.dtype | None = None):
-    # a convolution's ``a`` comes kernel-major (conv_patches: 5x cheaper to form); callers map back with
-    # patch_order(L)
     """Yields, per batch and label column j, (batch start, j, {layer: (a [b,T,in], s [b,T,out])}, w [b])
     with ``s`` the gradient of each example's own cross-entropy (summed loss, so per-example
     scale) for label ``labels[:, j]`` and ``w`` its Fisher weight (float64). ``a`` and ``s`` are in
@@ -554,8 +552,10 @@ def _pseudo_grad_batches(model: nn.Module, layers: list[Layer], x: torch.Tensor,
     ``labels`` may instead be a callable (batch start, logits) → (labels, weights) that labels each
     batch from its own forward (:func:`fit_covariances_sampled`).
 
-    ``products`` (bfloat16): a float32 model's ``a`` comes in that dtype, converted before a convolution's
-    input is unfolded (half the bytes unfolded and copied; the factor products run in it anyway).
+    A convolution's ``a`` comes kernel-major (:func:`conv_patches`: several times cheaper to form); callers
+    map its columns back with :func:`patch_order`. ``products`` (bfloat16): on the layers
+    :func:`layer_products` picks, a float32 model's ``a`` comes in that dtype, converted before the patches
+    are cut (half the bytes copied; the factor products run in it anyway).
 
     One forward per batch, then per label ``torch.autograd.grad`` with respect to the covered
     layers' outputs: no parameter gradient is formed (a full ``backward`` also computed every
@@ -796,9 +796,9 @@ def fit_eigenvalues(model: nn.Module, layers: list[Layer], x: torch.Tensor, labe
             s = s.to(dt)
             if sc is None and rotate_positions_first(a.shape[1], L.in_dim, L.out_dim, labels.shape[1]):
                 # (Q_Sᵀ s)(Q_Aᵀ a)ᵀ summed over positions, without materialising G; Q_Aᵀ a once per batch. Each
-                # rotation is one [b·T, d] × [d, d] product: ``a @ QA`` on a convolution's [b, T, in] patches (a
-                # transposed view) broadcast QA to a [b, in, in] copy and a batched product, 3x slower in float32
-                # (10x in bfloat16) on the 5,000-image benchmark CNN's 64->128 layer
+                # rotation is one [b·T, d] × [d, d] product: ``a @ QA`` on F.unfold's patches (a transposed view)
+                # broadcast QA to a [b, in, in] copy and a batched product, 3x slower in float32 (10x in bfloat16)
+                # on the 5,000-image benchmark CNN's 64->128 layer
                 if L.name not in rotated or rotated[L.name][0] != lo:
                     rotated[L.name] = (lo, (a.to(dt).reshape(-1, a.shape[-1]) @ QA).view(*a.shape[:2], -1))
                 rs = (s.reshape(-1, s.shape[-1]) @ QS).view(*s.shape[:2], -1)  # [b, T, out]: Q_Sᵀ s_t by position

@@ -719,10 +719,13 @@ class CurvatureInfluence(Attributor):
         if not all(st["n_rows"] == n and np.array_equal(st["rows"], np.arange(n)) for st in self.seg_state):
             return None
         U = [torch.empty(len(q), width, dtype=dtype) for _ in self.seg_state]
+        stage = "score: test queries walked"  # its own stage: their gradients and walk, before the store is read
         for lo, hi, g in self._query_grads(q.x, q.y):
             self._check_cancel("scoring")
+            self.progress(stage, lo, len(q))
             for s_i, u in enumerate(self._walk(g)):
                 U[s_i][lo:hi] = u
+        self.progress(stage, len(q), len(q))
 
         def columns():
             # every segment's store has the same rows and width, so the same parts
