@@ -68,7 +68,7 @@ class EKFAC(CurvatureInfluence):
     Settings = EKFACSettings
     # v14: where the CPU multiplies bfloat16 natively, the covariance and eigenvalue passes form the Gram matrices and
     # rotations of layers with at least 256 inputs in bfloat16 (factor_products; summed in float32/float64 as before):
-    # factor passes 1.4x faster on the 5,000-image CNN, covariances within 2.1e-4 and eigenvalues within 1.4e-3 of
+    # covariance and eigenvalue passes 1.3x and 1.4x faster on the 5,000-image CNN, covariances within 2.1e-4 and eigenvalues within 1.4e-3 of
     # float32 (relative); LDS in docs/bench/lds-factor-products.json;
     # v13: where the CPU multiplies bfloat16 natively (compute.bfloat16_products), the fit's self-influence walk
     # runs in bfloat16 (2.4x faster rotations; self-scores within 4e-4 of the largest on the 5,000-image CNN);

@@ -107,7 +107,8 @@ class CurvatureSettings(ProjectionSettings, GradientPrecisionSettings):
                                       "≤ 1,024 training rows and ≤ 16 classes, else 1 sample (as kronfluence).", ge=-1)
     # measured (docs/bench/lds-factor-products.json): on the 5,000-image benchmark CNN covariances within 2.1e-4 and
     # eigenvalues within 1.4e-3 of float32 (relative Frobenius; 1.8e-2 to 9.5e-2 between two samples of 1,024 rows);
-    # LDS within 0.001 on four held-out projects (three CNNs, a wide tabular MLP); the factor passes 1.4x faster
+    # LDS within 0.001 on four held-out projects (three CNNs, a wide tabular MLP); covariance and eigenvalue passes
+    # 1.3x and 1.4x faster on the 5,000-image CNN (1,024 rows, /tmp/s46/tcov.py: 0.58 -> 0.44 s and 0.54 -> 0.38-0.42 s)
     factor_products: str = setting("auto", "Dtype the covariance pass's input Gram matrices and the eigenvalue pass's "
                                            "rotations are multiplied in, on layers of at least 256 inputs (the passes "
                                            "themselves run in float32, the factors are summed in float64): auto = "

@@ -103,7 +103,8 @@ POINT_ROWS_FLOOR = 1024
 NORMALIZED_PROBE_ROWS = 16  # training rows the scale-invariance probe runs the model on (one forward per layer)
 WALK_DTYPE = torch.float32
 # covered parameters from which the fit's self-influence walk runs in bfloat16 on a CPU that multiplies it
-# natively: on a 60-row logistic regression a one-point self-score was off by 7.8e-3 of the largest
+# natively: on a 60-row logistic regression a one-point self-score was off by 7.8e-3 of the largest. Also the floor
+# of factor_products='auto' (below it the factor passes are cheap in float32)
 BF16_SELF_WALK_MIN_PARAMS = 2**14
 WALK_BLOCK_BYTES = 2**26  # one [rows, p] copy (WALK_DTYPE) of query gradients walked through the curvature (64 MiB)
 # walked query vectors gathered before one pass over the stored training gradients (each pass reads the
