@@ -484,3 +484,32 @@ def test_a_convolution_is_timed_once_per_process_and_shape(monkeypatch):
     got, _ = second.per_example(x, y, "loss")
     assert len(calls) == 1 and second.conv_methods == first.conv_methods
     torch.testing.assert_close(got, ref.per_example(x, y, "loss"), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("conv", [dict(in_channels=4, out_channels=16, kernel_size=3, padding=1),  # 9 positions < 16
+                                  dict(in_channels=4, out_channels=5, kernel_size=3, padding=1),  # 9 positions ≥ 5
+                                  dict(in_channels=3, out_channels=7, kernel_size=(2, 3), stride=2, padding=(1, 0))])
+def test_unfolded_convolution_weight_gradients_in_either_branch_and_layout(conv, channels_last):
+    """The unfolded weight gradient reorders either the kernel-major patches (fewer positions than output
+    channels) or the product (returned as a strided view, reordered by the caller's write): both equal each
+    example's own autograd gradient, written into rows as per_example writes them, in either memory layout."""
+    from engine.autodiff.per_layer import _conv_weight_unfolded
+
+    torch.manual_seed(3)
+    m = nn.Conv2d(**conv, bias=False).double()
+    a = torch.randn(5, m.in_channels, 3, 3, dtype=torch.float64)
+    g = torch.randn_like(m(a))
+    want = []
+    for i in range(len(a)):
+        w = m.weight.detach().clone().requires_grad_(True)
+        out = F.conv2d(a[i:i + 1], w, stride=m.stride, padding=m.padding)
+        want.append(torch.autograd.grad((out * g[i:i + 1]).sum(), w)[0])
+    if channels_last:
+        a, g = (t.contiguous(memory_format=torch.channels_last) for t in (a, g))
+    got = _conv_weight_unfolded(m, a, g)
+    assert got.shape == (len(a), *m.weight.shape)
+    rows = torch.zeros(len(a), 2 + m.weight.numel(), dtype=torch.float64)
+    rows[:, 2:].view(got.shape).add_(got, alpha=0.5)  # per_example's write into a slot of a caller's block
+    torch.testing.assert_close(rows[:, 2:], 0.5 * torch.stack(want).flatten(1), rtol=1e-10, atol=1e-12)
+    assert rows[:, :2].abs().max() == 0
