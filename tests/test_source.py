@@ -385,9 +385,9 @@ def test_float32_walk_agrees_with_float64_and_scores_in_few_store_passes(gd_proj
         assert (np.argsort(-S32, 1)[:, :5] == np.argsort(-S64, 1)[:, :5]).all()
         # how often the store is read: once per gathered pass
         reads = []
-        for st in att.seg_state:
-            real = st["gbar"].iter_chunks
-            monkeypatch.setattr(st["gbar"], "iter_chunks", lambda *a, real=real, **k: reads.append(1) or real(*a, **k))
+        for st in att.seg_state:  # a bfloat16 store (the default), read as its bits and widened part by part
+            real = st["gbar"].iter_bfloat16
+            monkeypatch.setattr(st["gbar"], "iter_bfloat16", lambda *a, real=real, **k: reads.append(1) or real(*a, **k))
         monkeypatch.setattr(source_module, "WALK_BLOCK_BYTES", 4 * att.query_computer.n_params * 3)  # 3 rows a walk
         np.testing.assert_allclose(att.scores(q), S32, rtol=1e-6, atol=1e-7 * np.abs(S32).max())
         assert len(reads) == len(att.seg_state)  # every block gathered into one pass
@@ -421,7 +421,10 @@ def test_score_columns_walk_every_query_then_read_each_store_once(gd_project, mu
         assert att.bf16_products == (bf16 == "1")
         expect = att.scores(q)
         reads = []
-        reader = "iter_bfloat16" if att.bf16_products else "iter_chunks"
+        # a bfloat16 store (the default) is read as its bits either way: float32 products widen each part
+        # into one reused float32 buffer
+        assert {st["gbar"].dtype_name for st in att.seg_state} == {"bfloat16"}
+        reader = "iter_bfloat16"
         for st in att.seg_state:
             real = getattr(st["gbar"], reader)
             monkeypatch.setattr(st["gbar"], reader, lambda *a, real=real, **k: reads.append(1) or real(*a, **k))
