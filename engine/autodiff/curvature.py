@@ -345,6 +345,10 @@ def _activations(L: Layer, inp: torch.Tensor, kernel_major: bool = False) -> tor
 def _out_grads(L: Layer, g: torch.Tensor) -> torch.Tensor:
     """[b, T, out] gradients of the layer output."""
     if L.kind == "conv2d":
+        if g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous():
+            # channels_last (fast_layout's batches): already [b, H, W, out] in memory, so a view, where flatten(2)
+            # made a copy and its transposed view a second one in each consumer's reshape
+            return g.permute(0, 2, 3, 1).reshape(g.shape[0], -1, g.shape[1])
         return g.flatten(2).transpose(1, 2)
     return g.reshape(g.shape[0], -1, g.shape[-1])
 

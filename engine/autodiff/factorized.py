@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from engine.autodiff.compute import fast_layout, resolve_device
-from engine.autodiff.curvature import Layer, _Capture, _grads_only_for, curvature_layers, parameter_holders
+from engine.autodiff.curvature import (Layer, _Capture, _grads_only_for, curvature_layers, parameter_holders,
+                                       patch_order)
 from engine.autodiff.functional import FunctionalModel, Tracked, batch_rows, to_device
 from engine.autodiff.measurement import correct_class_margin, example_loss
 from engine.autodiff.per_example import KINDS, BatchBackOff
@@ -183,6 +184,7 @@ class FactorizedGradients(BatchBackOff):
         self.projector = FactorizedProjector(self.covered, self.out_dim, described, seed, model_id, sorted(self.left_out))
         self.memory_budget_mb = memory_budget_mb
         self._protect = False
+        self._p_in_kernel_major: dict[int, torch.Tensor] = {}  # layer index -> P_in, rows as the activations come
 
     def batch_size(self, per_example_positions: int) -> int:
         """Examples per batch within the memory budget: the layer inputs (unfolded for convolutions)
@@ -219,13 +221,18 @@ class FactorizedGradients(BatchBackOff):
                 total = (correct_class_margin(out, yb) if kind == "margin" else example_loss(out, yb)).sum()
                 grads = cap.split(torch.autograd.grad(total, cap.output_list(), allow_unused=True))
                 parts = []
-                for L, po, pi, dims, seed in zip(self.layers, self.p_out, self.p_in, self.dims, self.sketch_seed):
+                for i, (L, po, pi, dims, seed) in enumerate(zip(self.layers, self.p_out, self.p_in, self.dims,
+                                                                 self.sketch_seed)):
                     s = cap.out_grads(L, grads[L.name]).float()  # [b, T, out]
                     if L.kind == "embedding":
                         parts.append(self._embedding_features(L, cap.activations(L), s, dims[0] * dims[1], seed, len(yb)))
                         continue
-                    a = cap.activations(L).float()  # [b, T, in], every call of the layer along T
-                    pa = a if pi is None else pi.project(a.reshape(-1, a.shape[-1])).reshape(a.shape[0], a.shape[1], -1)
+                    if pi is None:
+                        a = cap.activations(L).float()  # [b, T, in], every call of the layer along T
+                        pa = a
+                    else:  # a convolution's patches kernel-major (several times cheaper to cut), P_in's rows to match
+                        a = cap.activations(L, kernel_major=True).float()
+                        pa = (a.reshape(-1, a.shape[-1]) @ self._p_in_rows(i, L, pi)).reshape(a.shape[0], a.shape[1], -1)
                     del a
                     ps = s if po is None else po.project(s.reshape(-1, s.shape[-1])).reshape(s.shape[0], s.shape[1], -1)
                     parts.append(torch.einsum("bto,bti->boi", ps, pa).reshape(len(pa), -1))
@@ -234,6 +241,21 @@ class FactorizedGradients(BatchBackOff):
             self._protect = cap.protect  # a model that changes a layer's output in place does so every batch
             cap.close()
         return torch.cat(parts, 1).detach()
+
+    def _p_in_rows(self, i: int, L: Layer, pi: DenseProjector) -> torch.Tensor:
+        """P_in with its rows in the order of layer i's activations as :meth:`_Capture.activations` gives them
+        kernel-major: a convolution's patches (conv_patches: kernel position first) need P_in's rows permuted
+        to match, so that a_kernel-major @ P_in' = a_weight-order @ P_in; other layers' P_in as it is. Kept per
+        layer (in × k_in floats)."""
+        if i not in self._p_in_kernel_major:
+            order = patch_order(L)
+            m = pi.matrix
+            if order is not None:
+                rows = torch.empty_like(m)
+                rows[order.to(m.device)] = m
+                m = rows
+            self._p_in_kernel_major[i] = m
+        return self._p_in_kernel_major[i]
 
     @staticmethod
     def _embedding_features(L: Layer, ids: torch.Tensor, s: torch.Tensor, k: int, seed: int | None,
