@@ -72,7 +72,17 @@ def machine() -> str:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}, python {platform.python_version()}"
+    isa = f", CPU kernels {torch.backends.cpu.get_cpu_capability()}" if ISA else ""
+    return (f"{platform.machine()}, {os.cpu_count()} cores, {gpu}{isa}, torch {torch.__version__}, "
+            f"python {platform.python_version()}")
+
+
+# --isa avx2: a CPU without AVX-512 and AMX, emulated on this one (the same cores, clock and memory): torch's own
+# kernels, oneDNN's and MKL's limited to AVX2, and Proponent's bfloat16 products off as its probe would find them
+# there. Peers run under the same limits. Only an estimate of such a CPU: its caches and clocks differ.
+ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                    "PROPONENT_BF16_PRODUCTS": "0"}}
+ISA = ""
 
 
 # ----------------------------------------------------------------------------- the 32×32 RGB project
@@ -573,13 +583,14 @@ def stage_methods(run: Runner, work: Path, sample: str, only: list[str] | None =
 
 
 def cnn_name(n: int) -> str:
-    return f"{'gpu' if DEVICE.startswith('cuda') else 'cpu'}-cnn-{n}.json"
+    return f"{'gpu' if DEVICE.startswith('cuda') else 'cpu'}{'-' + ISA if ISA else ''}-cnn-{n}.json"
 
 
 def stage_cnn(run: Runner, work: Path, n: int, lds_subsets: int, skip: tuple[str, ...] = (),
               lds_s: float | None = None) -> None:
     root = work / f"rgb32-{n}"
-    doc: dict = {"title": f"32×32 RGB CNN, {n:,} training images, on {DEVICE}", "n_train": n, "n_test": N_TEST, "runs": {}}
+    where = f"{DEVICE} limited to {ISA.upper()} (emulated)" if ISA else DEVICE
+    doc: dict = {"title": f"32×32 RGB CNN, {n:,} training images, on {where}", "n_train": n, "n_test": N_TEST, "runs": {}}
     doc["train"] = run.child("train", {"root": str(root), "n_train": n, "make": True, "device": DEVICE}, 240 * LIMIT_SCALE)
     run.save(cnn_name(n), doc)
     if "error" in doc["train"]:
@@ -640,7 +651,7 @@ def _r(v, nd=1):
 def render(dirs: list[Path]) -> dict[str, dict]:
     raw: dict[str, dict] = {}
     for d in dirs:  # later runs replace earlier ones, file by file (the methods rerun row by row)
-        for f in sorted([*d.glob("gpu-*.json"), *d.glob("cpu-cnn-*.json")]):
+        for f in sorted([*d.glob("gpu-*.json"), *d.glob("cpu-cnn-*.json"), *d.glob("cpu-*-cnn-*.json")]):
             raw[f.name] = json.loads(f.read_text())
     docs = {}
     head = {k: None for k in ("date", "machine", "command")}
@@ -665,7 +676,7 @@ def render(dirs: list[Path]) -> dict[str, dict]:
                                   "engine's own cancel and reported as such (not as a failure of the GPU path)."]
                         + ([f"rows marked by a rerun come from {rerun['command']}"] if rerun else [])}]}
     for name, src in raw.items():
-        if not name.startswith(("gpu-cnn-", "cpu-cnn-")):
+        if not (name.startswith(("gpu-cnn-", "cpu-cnn-")) or (name.startswith("cpu-") and "-cnn-" in name)):
             continue
         runs, lds = src.get("runs", {}), (src.get("lds") or {}).get("lds", {})
         peer_of = {"proponent trak": "traker trak", "proponent trak bf16": "traker trak", "proponent trak dense": "traker trak",
@@ -749,6 +760,8 @@ def main() -> int:
     ap.add_argument("--topk-sizes", default="100000,1000000")
     ap.add_argument("--per-method-s", type=float, default=PER_METHOD_S)
     ap.add_argument("--limit-scale", type=float, default=1.0, help="multiply every per-run time limit (CPU runs)")
+    ap.add_argument("--isa", choices=sorted(ISA_ENV), help="CPU runs: emulate a CPU with only this instruction set "
+                                                           "(results in cpu-ISA-cnn-N.json)")
     ap.add_argument("--methods", help="the methods stage runs only these (and skips the jobs and CPU comparisons)")
     ap.add_argument("--note", action="append", default=[], help="FILE: TEXT, a note added to that rendered file")
     ap.add_argument("--render", help="comma-separated output folders of earlier runs (later ones win): their raw "
@@ -762,8 +775,13 @@ def main() -> int:
             (ROOT / "docs" / "bench" / name).write_text(json.dumps(doc, indent=1, default=str) + "\n")
             print(f"docs/bench/{name}")
         return 0
-    global DEVICE, LIMIT_SCALE
+    global DEVICE, LIMIT_SCALE, ISA
     DEVICE, LIMIT_SCALE = a.device, a.limit_scale
+    if a.isa:
+        if "torch" in sys.modules:
+            raise SystemExit("--isa must be set before torch is imported")
+        ISA = a.isa
+        os.environ.update(ISA_ENV[a.isa])  # this process and every child
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(a.work or f"/tmp/proponent-gpu-{os.getpid()}")
