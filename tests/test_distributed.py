@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -45,15 +46,18 @@ def _env():
 
 
 def _run_cli(cmd, timeout=600):
-    """Run a command in its own process group, killed whole on a timeout (torchrun's workers too)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=str(ROOT),
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
+    """Run a command in its own process group, killed whole on a timeout (torchrun's workers too). Its TMPDIR is
+    a folder of the test's own, removed afterwards: torch's elastic agent leaves a torchelastic_* folder in the
+    temporary directory after every run."""
+    with tempfile.TemporaryDirectory(prefix="proponent-torchrun-") as tmp:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**_env(), "TMPDIR": tmp}, cwd=str(ROOT), start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
