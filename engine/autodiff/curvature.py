@@ -327,6 +327,23 @@ def patch_order(L: Layer) -> torch.Tensor | None:
     return kernel_major_order((L.in_dim - int(bool(L.bias))) // k, k, int(bool(L.bias)))
 
 
+def kernel_major_rows(M: torch.Tensor, L: Layer, dim: int = 0) -> torch.Tensor:
+    """``M`` with its entries along ``dim`` (indexed by layer L's weight-order input columns) moved to L's
+    kernel-major activation order, so that a_kernel_major @ M' = a_weight_order @ M; ``M`` itself for a layer
+    other than a convolution."""
+    o = patch_order(L)
+    return M if o is None else torch.empty_like(M).index_copy_(dim, o.to(M.device), M)
+
+
+def conv_out_grads(g: torch.Tensor) -> torch.Tensor:
+    """[b, T, out] of a convolution's [b, out, H, W] output gradient: a view either way. A channels_last one
+    (fast_layout's batches) is already [b, H, W, out] in memory, where flatten(2) would copy it (and each
+    consumer's reshape of the transposed copy copy again)."""
+    if g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous():
+        return g.permute(0, 2, 3, 1).reshape(g.shape[0], -1, g.shape[1])
+    return g.flatten(2).transpose(1, 2)
+
+
 def _activations(L: Layer, inp: torch.Tensor, kernel_major: bool = False) -> torch.Tensor:
     """[b, T, in] layer inputs (bias column of ones appended when the layer has a bias); an
     embedding's are its [b, T] token ids (the one-hot rows are never formed)."""
@@ -345,11 +362,7 @@ def _activations(L: Layer, inp: torch.Tensor, kernel_major: bool = False) -> tor
 def _out_grads(L: Layer, g: torch.Tensor) -> torch.Tensor:
     """[b, T, out] gradients of the layer output."""
     if L.kind == "conv2d":
-        if g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous():
-            # channels_last (fast_layout's batches): already [b, H, W, out] in memory, so a view, where flatten(2)
-            # made a copy and its transposed view a second one in each consumer's reshape
-            return g.permute(0, 2, 3, 1).reshape(g.shape[0], -1, g.shape[1])
-        return g.flatten(2).transpose(1, 2)
+        return conv_out_grads(g)
     return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
@@ -789,11 +802,9 @@ def fit_eigenvalues(model: nn.Module, layers: list[Layer], x: torch.Tensor, labe
             dt = _compute_dtype(a, layer_products(L, products))
             key = (L.name, dt, a.device)
             if key not in Q:
-                QA, sc = basis[f"{L.name}.QA"], None if scale is None else scale[L.name]
-                o = patch_order(L)
-                if o is not None:  # a_weight_order @ QA = a_kernel_major @ QA_k with QA_k[o] = QA (and G's columns)
-                    QA = torch.empty_like(QA).index_copy_(0, o, QA)
-                    sc = None if sc is None else torch.empty_like(sc).index_copy_(1, o, sc)
+                # a convolution's activations come kernel-major: QA's rows (and the scale's columns, G's) to match
+                QA = kernel_major_rows(basis[f"{L.name}.QA"], L)
+                sc = None if scale is None else kernel_major_rows(scale[L.name], L, dim=1)
                 Q[key] = (QA.to(a.device, dt), basis[f"{L.name}.QS"].to(a.device, dt),
                           None if sc is None else sc.to(a.device, dt))
             QA, QS, sc = Q[key]

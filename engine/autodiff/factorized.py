@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from engine.autodiff.compute import fast_layout, resolve_device
-from engine.autodiff.curvature import (Layer, _Capture, _grads_only_for, curvature_layers, parameter_holders,
-                                       patch_order)
+from engine.autodiff.curvature import (Layer, _Capture, _grads_only_for, curvature_layers, kernel_major_rows,
+                                       parameter_holders)
 from engine.autodiff.functional import FunctionalModel, Tracked, batch_rows, to_device
 from engine.autodiff.measurement import correct_class_margin, example_loss
 from engine.autodiff.per_example import KINDS, BatchBackOff
@@ -243,18 +243,10 @@ class FactorizedGradients(BatchBackOff):
         return torch.cat(parts, 1).detach()
 
     def _p_in_rows(self, i: int, L: Layer, pi: DenseProjector) -> torch.Tensor:
-        """P_in with its rows in the order of layer i's activations as :meth:`_Capture.activations` gives them
-        kernel-major: a convolution's patches (conv_patches: kernel position first) need P_in's rows permuted
-        to match, so that a_kernel-major @ P_in' = a_weight-order @ P_in; other layers' P_in as it is. Kept per
-        layer (in × k_in floats)."""
+        """P_in with its rows in the order layer i's activations come kernel-major (a convolution's patches, cut
+        kernel position first), kept per layer (in × k_in floats)."""
         if i not in self._p_in_kernel_major:
-            order = patch_order(L)
-            m = pi.matrix
-            if order is not None:
-                rows = torch.empty_like(m)
-                rows[order.to(m.device)] = m
-                m = rows
-            self._p_in_kernel_major[i] = m
+            self._p_in_kernel_major[i] = kernel_major_rows(pi.matrix, L)
         return self._p_in_kernel_major[i]
 
     @staticmethod

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.autodiff.curvature import (Layer, _Capture, _conv_padding, _grads_only_for, conv_padding_problem,
-                                       conv_patches, parameter_holders)
+from engine.autodiff.curvature import (Layer, _Capture, _conv_padding, _grads_only_for, conv_out_grads,
+                                       conv_padding_problem, conv_patches, parameter_holders)
 from engine.autodiff.functional import ParamLayout, ParamSlot
 from engine.autodiff.measurement import correct_class_margin, example_loss
 
@@ -118,10 +118,7 @@ def _conv_weight_unfolded(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> tor
     patches = conv_patches(m, a, kernel_major=True)  # [b, T, kh·kw·C]
     b, co, ci = len(a), m.weight.shape[0], m.weight.shape[1]
     kk, positions = patches.shape[2] // ci, patches.shape[1]
-    if g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous():
-        g3 = g.permute(0, 2, 3, 1).reshape(b, positions, co).transpose(1, 2)  # a view: bmm reads it transposed
-    else:
-        g3 = g.flatten(2)
+    g3 = conv_out_grads(g).transpose(1, 2)  # [b, out, T], a view either way (bmm reads a transposed one as it is)
     if positions < co:
         weight_order = patches.view(b, positions, kk, ci).transpose(2, 3).reshape(b, positions, ci * kk)
         return torch.bmm(g3, weight_order).view(b, *m.weight.shape)
