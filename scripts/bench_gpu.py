@@ -72,9 +72,19 @@ def machine() -> str:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    isa = f", CPU kernels {torch.backends.cpu.get_cpu_capability()}" if ISA else ""
-    return (f"{platform.machine()}, {os.cpu_count()} cores, {gpu}{isa}, torch {torch.__version__}, "
+    isa = f", CPU kernels {torch.backends.cpu.get_cpu_capability()}"
+    return (f"{platform.machine()} {cpu_model()}, {os.cpu_count()} cores, {gpu}{isa}, torch {torch.__version__}, "
             f"python {platform.python_version()}")
+
+
+def cpu_model() -> str:
+    try:  # the same core count and kernels can hide very different CPUs (a Xeon with AMX, an EPYC with AVX2 only)
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 # --isa avx2: a CPU without AVX-512 and AMX, emulated on this one (the same cores, clock and memory): torch's own
@@ -83,6 +93,7 @@ def machine() -> str:
 ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
                     "PROPONENT_BF16_PRODUCTS": "0"}}
 ISA = ""
+TAG = ""  # --tag: the CPU's own name in the file name (cpu-TAG-cnn-N.json), so one machine's rows keep another's
 
 
 # ----------------------------------------------------------------------------- the 32×32 RGB project
@@ -583,13 +594,15 @@ def stage_methods(run: Runner, work: Path, sample: str, only: list[str] | None =
 
 
 def cnn_name(n: int) -> str:
-    return f"{'gpu' if DEVICE.startswith('cuda') else 'cpu'}{'-' + ISA if ISA else ''}-cnn-{n}.json"
+    label = "".join(f"-{v}" for v in (TAG, ISA) if v)
+    return f"{'gpu' if DEVICE.startswith('cuda') else 'cpu'}{label}-cnn-{n}.json"
 
 
 def stage_cnn(run: Runner, work: Path, n: int, lds_subsets: int, skip: tuple[str, ...] = (),
               lds_s: float | None = None) -> None:
     root = work / f"rgb32-{n}"
-    where = f"{DEVICE} limited to {ISA.upper()} (emulated)" if ISA else DEVICE
+    where = f"{DEVICE} ({TAG})" if TAG else DEVICE
+    where = f"{where} limited to {ISA.upper()} (emulated)" if ISA else where
     doc: dict = {"title": f"32×32 RGB CNN, {n:,} training images, on {where}", "n_train": n, "n_test": N_TEST, "runs": {}}
     doc["train"] = run.child("train", {"root": str(root), "n_train": n, "make": True, "device": DEVICE}, 240 * LIMIT_SCALE)
     run.save(cnn_name(n), doc)
@@ -762,6 +775,7 @@ def main() -> int:
     ap.add_argument("--limit-scale", type=float, default=1.0, help="multiply every per-run time limit (CPU runs)")
     ap.add_argument("--isa", choices=sorted(ISA_ENV), help="CPU runs: emulate a CPU with only this instruction set "
                                                            "(results in cpu-ISA-cnn-N.json)")
+    ap.add_argument("--tag", default="", help="CPU runs: a name for this CPU in the file name (cpu-TAG-cnn-N.json)")
     ap.add_argument("--methods", help="the methods stage runs only these (and skips the jobs and CPU comparisons)")
     ap.add_argument("--note", action="append", default=[], help="FILE: TEXT, a note added to that rendered file")
     ap.add_argument("--render", help="comma-separated output folders of earlier runs (later ones win): their raw "
@@ -775,8 +789,11 @@ def main() -> int:
             (ROOT / "docs" / "bench" / name).write_text(json.dumps(doc, indent=1, default=str) + "\n")
             print(f"docs/bench/{name}")
         return 0
-    global DEVICE, LIMIT_SCALE, ISA
+    global DEVICE, LIMIT_SCALE, ISA, TAG
     DEVICE, LIMIT_SCALE = a.device, a.limit_scale
+    if a.tag and not a.tag.replace("-", "").isalnum():
+        raise SystemExit(f"--tag {a.tag!r}: letters, digits and '-' only")
+    TAG = a.tag
     if a.isa:
         if "torch" in sys.modules:
             raise SystemExit("--isa must be set before torch is imported")
