@@ -500,15 +500,27 @@ def test_the_eigenvalue_order_follows_the_product_count():
     assert cv.rotate_positions_first(64, 576, 128)
 
 
-def test_gram_sums_float32_chunks_in_float64(monkeypatch):
+@pytest.mark.parametrize("d,block", [(7, 96), (7, 2), (290, 96)])
+def test_gram_sums_float32_chunks_in_float64(monkeypatch, d, block):
     """Σ_rows x xᵀ from Xᵀ (contiguous or a transposed view), float32 products of ACCUMULATE_ROWS rows
-    summed in float64: equal to the float64 product; float64 input multiplied in float64."""
-    X = torch.randn(300, 7)
+    summed in float64: equal to the float64 product, and exactly symmetric however many upper-triangle blocks
+    (one; 3 of 7 columns, uneven; 3 of 290); float64 input multiplied in float64."""
+    X = torch.randn(300, d)
     monkeypatch.setattr(cv, "ACCUMULATE_ROWS", 64)
+    monkeypatch.setattr(cv, "GRAM_BLOCK", block)
+    blocks = len(cv._gram_edges(d)) - 1
+    assert blocks == (1 if (d, block) == (7, 96) else 3)
     want = X.double().T @ X.double()
-    torch.testing.assert_close(cv._gram(X.T.contiguous()), want, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(cv._gram(X.T), want, rtol=1e-6, atol=1e-5)
+    for XT in (X.T.contiguous(), X.T):
+        got = cv._gram(XT)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)  # float32 sums of 64 products
+        assert blocks == 1 or torch.equal(got, got.T)  # one full product: symmetric only to rounding
     torch.testing.assert_close(cv._gram(X.double().T), want, rtol=1e-12, atol=1e-12)
+    # bfloat16 inputs (the factor products' dtype where the CPU multiplies it): the same blocks, bfloat16 rounding
+    Xb = X.bfloat16()
+    got = cv._gram(Xb.T)
+    torch.testing.assert_close(got, Xb.double().T @ Xb.double(), rtol=2e-2, atol=0.5)
+    assert blocks == 1 or torch.equal(got, got.T)
 
 
 def test_convolution_input_covariance_equals_the_patches_second_moment():

@@ -643,17 +643,36 @@ ACCUMULATE_ROWS = 8192
 BF16_ACCUMULATE_ROWS = 1024
 
 
+# A Gram matrix is symmetric, so only its upper triangle is multiplied: row block i of Xᵀ times the columns from
+# block i on (one product per row block), mirrored once at the end. Blocks of about this many rows of Xᵀ (at most
+# GRAM_MAX_BLOCKS): on a 2-core AVX2 EPYC, the 5,000-image benchmark CNN's [576, 5,440] and [288, 8,192] partials
+# took 35 and 15 ms against 51 and 19 ms for the full product (medians of 7); narrower ones gain little
+GRAM_BLOCK = 96
+GRAM_MAX_BLOCKS = 8
+
+
+def _gram_edges(d: int) -> list[int]:
+    blocks = max(1, min(GRAM_MAX_BLOCKS, d // GRAM_BLOCK))
+    return [round(i * d / blocks) for i in range(blocks + 1)]
+
+
 def _gram(XT: torch.Tensor) -> torch.Tensor:
     """Σ_rows x xᵀ for X given as Xᵀ [d, rows], in float64 on the host: float64 inputs are
     multiplied in float64; others in their own dtype, ACCUMULATE_ROWS (bfloat16: BF16_ACCUMULATE_ROWS)
-    rows at a time, each partial product added to the float64 total."""
+    rows at a time, each partial product added to the float64 total. Wide ones by upper-triangle blocks
+    (:data:`GRAM_BLOCK`), exactly symmetric."""
     if XT.dtype == torch.float64:
         return (XT @ XT.T).cpu()
     step = BF16_ACCUMULATE_ROWS if XT.dtype == torch.bfloat16 else ACCUMULATE_ROWS
-    out = torch.zeros(XT.shape[0], XT.shape[0], dtype=torch.float64, device=XT.device)
+    d = XT.shape[0]
+    edges = _gram_edges(d)
+    out = torch.zeros(d, d, dtype=torch.float64, device=XT.device)
     for lo in range(0, XT.shape[1], step):
         c = XT[:, lo:lo + step]
-        out += (c @ c.T).double()
+        for a, b in zip(edges[:-1], edges[1:]):  # the diagonal block in full, the blocks right of it
+            out[a:b, a:] += (c[a:b] @ c[a:].T).double()
+    if len(edges) > 2:  # below the diagonal blocks: nothing yet; the upper triangle mirrored there
+        out = out.triu() + out.triu(1).T
     return out.cpu()
 
 
