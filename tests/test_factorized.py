@@ -71,6 +71,22 @@ class Recurrent(nn.Module):
         return self.out(h)
 
 
+class ConvVariants(nn.Module):
+    """Convolutions whose projected patches come from the layer's own convolution: dilated with 'same' padding
+    (called twice, on the input and on its mirror image: its patches sum over both calls), and a strided 1×2
+    kernel with uneven padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.dil = nn.Conv2d(2, 6, 3, padding="same", dilation=2)
+        self.wide = nn.Conv2d(6, 5, (1, 2), stride=(2, 1), padding=(0, 1), bias=False)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.dil(x) + self.dil(x.flip(-1)))
+        return self.fc(torch.tanh(self.wide(h)).mean((2, 3)))
+
+
 class TinyTransformer(nn.Module):
     """Tokens [b, T, 4] through a Linear, one nn.TransformerEncoderLayer and a head."""
 
@@ -99,7 +115,7 @@ def _models():
     text = TensorDict({"input_ids": ids, "attention_mask": mask})
     table = torch.cat([torch.randint(0, 7, (9, 1)).float(), torch.randn(9, 2)], 1)
     return [(mlp, torch.randn(9, 7), 4), (cnn, torch.randn(9, 3, 8, 8), 5), (TinyText(), text, 3),
-            (Recurrent(), torch.randn(9, 4, 3), 4), (Categorical(), table, 4)]
+            (Recurrent(), torch.randn(9, 4, 3), 4), (Categorical(), table, 4), (ConvVariants(), torch.randn(9, 2, 7, 6), 3)]
 
 
 def _expected_features(fg: FactorizedGradients, model, x, y, kind) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -134,12 +150,14 @@ def _expected_features(fg: FactorizedGradients, model, x, y, kind) -> tuple[torc
     return torch.cat(feats, 1), grads
 
 
-@pytest.mark.parametrize("which", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("which", [0, 1, 2, 3, 4, 5])
 @pytest.mark.parametrize("kind", ["margin", "loss"])
 def test_features_equal_the_kronecker_projection_of_exact_gradients(which, kind):
     model, x, classes = _models()[which]
     y = torch.arange(len(x)) % classes
     fg = FactorizedGradients(model, 64, seed=3, model_id=1)
+    if which in (1, 5):  # every convolution's input side projected: P_in as filters over the layer's input
+        assert all(pi is not None for L, pi in zip(fg.layers, fg.p_in) if L.kind == "conv2d")
     want, grads = _expected_features(fg, model, x, y, kind)
     got = torch.cat([f for _, _, f in fg.iter_batches(x, y, kind, batch_size=4)])
     assert got.shape == (len(x), fg.out_dim)

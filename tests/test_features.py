@@ -408,3 +408,41 @@ def test_batches_count_the_activations_autograd_saves():
     assert max(hi - lo for lo, hi, _ in got) == int(16 * 2**20 // per_example)
     want = comp.per_example(x[:60], y[:60], "loss")
     torch.testing.assert_close(torch.cat([g for _, _, g in got]), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("projection", ["auto", "rademacher"])  # per layer (factorized), or the gradient computer's
+def test_trak_takes_the_loss_scale_from_its_featurization_pass_and_keeps_it_beside_the_features(
+        digits_project, copy_project, monkeypatch, projection):
+    """TRAK's Q_i = 1 − p(y_i|x_i) comes from the featurization's own forward pass (no second pass over the
+    training set), is kept beside the features and read back by a run with another damping, and is rebuilt by a
+    forward pass where a store lacks it. Every way, it is 1 − p(y|x) of the member's model."""
+    import shutil
+
+    from engine.api import fit_method
+    from engine.autodiff import factorized, per_example
+
+    p = copy_project(digits_project)
+    forward_rows = []
+    for cls in (factorized.FactorizedGradients, per_example.GradientComputer):
+        monkeypatch.setattr(cls, "outputs", lambda self, x, batch=4096, orig=cls.outputs:
+                            forward_rows.append(len(x)) or orig(self, x, batch))
+    settings = {"proj_dim": 256, "ensemble": "final", "projection": projection}
+    att, _ = fit_method(p, "trak", settings)
+    assert forward_rows == []  # the featurization's pass gave Q
+    assert att.meta["projection"]["kind"] == ("factorized" if projection == "auto" else "dense-rademacher")
+    model = p.load_model(p.final_checkpoints()[0]).double().eval()
+    ds = p.train_dataset
+    with torch.no_grad():
+        probs = torch.softmax(model(ds.x[torch.arange(len(ds))].double()), -1)
+    want = 1 - probs[torch.arange(len(ds)), ds.y].numpy()
+    np.testing.assert_allclose(att.q, want, rtol=2e-5, atol=1e-7)
+    companion = att.feature_members[0].store.folder / "margin_scale"
+    assert (companion / "data.npy").is_file()
+
+    again, _ = fit_method(p, "trak", {**settings, "damping_scale": 1.0})
+    assert forward_rows == [] and np.array_equal(again.q, att.q)  # read back, not recomputed
+
+    shutil.rmtree(companion)  # a store written before the companion existed
+    rebuilt, _ = fit_method(p, "trak", {**settings, "damping_scale": 2.0})
+    assert sum(forward_rows) == len(ds) and (companion / "data.npy").is_file()
+    np.testing.assert_allclose(rebuilt.q, att.q, rtol=1e-5, atol=1e-7)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from engine.autodiff.compute import fast_layout, resolve_device
-from engine.autodiff.curvature import (Layer, _Capture, _grads_only_for, curvature_layers, kernel_major_rows,
+from engine.autodiff.curvature import (Layer, _Capture, _grads_only_for, conv_out_grads, curvature_layers,
                                        parameter_holders)
 from engine.autodiff.functional import FunctionalModel, Tracked, batch_rows, to_device
 from engine.autodiff.measurement import correct_class_margin, example_loss
@@ -184,7 +184,8 @@ class FactorizedGradients(BatchBackOff):
         self.projector = FactorizedProjector(self.covered, self.out_dim, described, seed, model_id, sorted(self.left_out))
         self.memory_budget_mb = memory_budget_mb
         self._protect = False
-        self._p_in_kernel_major: dict[int, torch.Tensor] = {}  # layer index -> P_in, rows as the activations come
+        # layer index -> (P_in's columns as convolution filters, its bias row or None)
+        self._p_in_filters: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def batch_size(self, per_example_positions: int) -> int:
         """Examples per batch within the memory budget: the layer inputs (unfolded for convolutions)
@@ -208,8 +209,9 @@ class FactorizedGradients(BatchBackOff):
             return int(shape[1]) if len(shape) > 1 else 1
         return int(math.prod(shape[2:])) if len(shape) > 2 else 1
 
-    def features(self, x: Any, y: torch.Tensor, kind: str = "margin") -> torch.Tensor:
-        """[b, out_dim] projected gradients of one batch."""
+    def features(self, x: Any, y: torch.Tensor, kind: str = "margin", values: bool = False):
+        """[b, out_dim] projected gradients of one batch; ``values``: (them, the [b] values of ``kind`` whose
+        gradients they are)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}")
         x = fast_layout(self.model, to_device(x, self.device))  # probed before the capture's hooks exist
@@ -218,8 +220,8 @@ class FactorizedGradients(BatchBackOff):
             with _grads_only_for(self.model, self.layers), torch.enable_grad():
                 out = cap.run(self.model, x).float()
                 yb = y.to(self.device)
-                total = (correct_class_margin(out, yb) if kind == "margin" else example_loss(out, yb)).sum()
-                grads = cap.split(torch.autograd.grad(total, cap.output_list(), allow_unused=True))
+                measured = correct_class_margin(out, yb) if kind == "margin" else example_loss(out, yb)
+                grads = cap.split(torch.autograd.grad(measured.sum(), cap.output_list(), allow_unused=True))
                 parts = []
                 for i, (L, po, pi, dims, seed) in enumerate(zip(self.layers, self.p_out, self.p_in, self.dims,
                                                                  self.sketch_seed)):
@@ -228,26 +230,41 @@ class FactorizedGradients(BatchBackOff):
                         parts.append(self._embedding_features(L, cap.activations(L), s, dims[0] * dims[1], seed, len(yb)))
                         continue
                     if pi is None:
-                        a = cap.activations(L).float()  # [b, T, in], every call of the layer along T
-                        pa = a
-                    else:  # a convolution's patches kernel-major (several times cheaper to cut), P_in's rows to match
-                        a = cap.activations(L, kernel_major=True).float()
-                        pa = (a.reshape(-1, a.shape[-1]) @ self._p_in_rows(i, L, pi)).reshape(a.shape[0], a.shape[1], -1)
-                    del a
+                        pa = cap.activations(L).float()  # [b, T, in], every call of the layer along T
+                    elif L.kind == "conv2d":
+                        pa = self._projected_patches(i, L, pi, cap.inputs[L.name])
+                    else:
+                        a = cap.activations(L).float()
+                        pa = (a.reshape(-1, a.shape[-1]) @ pi.matrix).reshape(a.shape[0], a.shape[1], -1)
+                        del a
                     ps = s if po is None else po.project(s.reshape(-1, s.shape[-1])).reshape(s.shape[0], s.shape[1], -1)
                     parts.append(torch.einsum("bto,bti->boi", ps, pa).reshape(len(pa), -1))
                     del s, pa, ps
         finally:
             self._protect = cap.protect  # a model that changes a layer's output in place does so every batch
             cap.close()
-        return torch.cat(parts, 1).detach()
+        feats = torch.cat(parts, 1).detach()
+        return (feats, measured.detach()) if values else feats
 
-    def _p_in_rows(self, i: int, L: Layer, pi: DenseProjector) -> torch.Tensor:
-        """P_in with its rows in the order layer i's activations come kernel-major (a convolution's patches, cut
-        kernel position first), kept per layer (in × k_in floats)."""
-        if i not in self._p_in_kernel_major:
-            self._p_in_kernel_major[i] = kernel_major_rows(pi.matrix, L)
-        return self._p_in_kernel_major[i]
+    def _projected_patches(self, i: int, L: Layer, pi: DenseProjector, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """[b, T, k_in]: a convolution's input patches times P_in, every call of the layer along T, computed as
+        the layer's own convolution (stride, padding, dilation) of its input with P_in's k_in columns as
+        filters, so no patch is cut. On the 5,000-image benchmark CNN (batches of 34, 2-core AVX2 EPYC) 1.2,
+        2.2 and 1.2 ms per layer against 2.8, 4.7 and 2.0 ms to cut the patches and multiply them."""
+        if i not in self._p_in_filters:
+            m = L.module
+            c, kh, kw = m.in_channels, *m.kernel_size
+            mat = pi.matrix
+            filters = mat[:c * kh * kw].T.reshape(-1, c, kh, kw).contiguous()  # P_in's rows in the weight's order
+            self._p_in_filters[i] = (filters, mat[-1] if L.bias else None)  # the bias column: a constant input 1
+        filters, bias_row = self._p_in_filters[i]
+        parts = []
+        with torch.no_grad():
+            for inp in inputs:
+                y = L.module._conv_forward(inp.float(), filters, None)  # [b, k_in, H', W']
+                parts.append(conv_out_grads(y))  # the same [b, T, channels] view a convolution's output gradient takes
+        pa = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        return pa if bias_row is None else pa + bias_row
 
     @staticmethod
     def _embedding_features(L: Layer, ids: torch.Tensor, s: torch.Tensor, k: int, seed: int | None,
@@ -285,6 +302,17 @@ class FactorizedGradients(BatchBackOff):
         def compute(lo: int, hi: int) -> torch.Tensor:
             out = self.features(batch_rows(x, lo, hi), y[lo:hi], kind)
             return out if then is None else then(out)
+
+        return self._batches(len(y), batch_size or self.batch_size(self._positions(x)), compute)
+
+    def iter_margins(self, x: Any, y: torch.Tensor, batch_size: int | None = None,
+                     then: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     ) -> Iterator[tuple[int, int, tuple[torch.Tensor, torch.Tensor]]]:
+        """(lo, hi, (projected margin gradients, ``then`` applied if given; s = 1 − p_y = σ(−f) from the same
+        forward pass)) per batch, as :meth:`GradientComputer.iter_margins`."""
+        def compute(lo: int, hi: int):
+            out, f = self.features(batch_rows(x, lo, hi), y[lo:hi], "margin", values=True)
+            return (out if then is None else then(out)), torch.sigmoid(-f.float())
 
         return self._batches(len(y), batch_size or self.batch_size(self._positions(x)), compute)
 

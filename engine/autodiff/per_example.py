@@ -390,6 +390,17 @@ class GradientComputer(BatchBackOff):
 
         return self._batches(len(y), batch_size or self.auto_batch_size(x), compute)
 
+    def iter_margins(self, x: Any, y: torch.Tensor, batch_size: int | None = None,
+                     then: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     ) -> Iterator[tuple[int, int, tuple[torch.Tensor, torch.Tensor]]]:
+        """(lo, hi, (margin gradients ∇f, ``then`` applied if given; s = 1 − p_y)) per batch: the margin
+        gradients and, from the same pass, each row's loss scale (:meth:`margin_and_loss_scale`)."""
+        def compute(lo: int, hi: int):
+            m, s = self.margin_and_loss_scale(batch_rows(x, lo, hi), y[lo:hi])
+            return (m if then is None else then(m)), s
+
+        return self._batches(len(y), batch_size or self.auto_batch_size(x), compute)
+
     def iter_batches(self, x: Any, y: torch.Tensor, kind: str = "margin", batch_size: int | None = None,
                      then: Callable[[torch.Tensor], torch.Tensor] | None = None,
                      ) -> Iterator[tuple[int, int, torch.Tensor]]:

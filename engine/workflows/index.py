@@ -171,7 +171,7 @@ class InfluenceIndex:
 
     # ---------------------------------------------------------------- queries
     def query_vectors(self, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-        parts = [project_gradients(m.computer, m.projector, x, y, "margin").numpy().astype(np.float64) @ m.M
+        parts = [m.query_vectors(project_gradients(m.computer, m.projector, x, y, "margin").numpy())
                  for m in self.members]
         return np.concatenate(parts, axis=1).astype(np.float32)
 
