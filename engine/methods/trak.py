@@ -240,20 +240,16 @@ class _Member:
         return np.asarray(phi_q, np.float64) @ self.M
 
     def scores(self, phi_q: np.ndarray, n: int) -> np.ndarray:
-        if self.dual:  # S_q = (φ_q Φᵀ) A, both products in product_dtype
-            u = phi_q.astype(self.product_dtype)
-            out = np.empty((len(phi_q), n), dtype=self.product_dtype)
-            for lo, hi, chunk in self.store.iter_chunks():
-                out[:, lo:hi] = u @ np.asarray(chunk, dtype=self.product_dtype).T
-            return out @ self.A
-        u = self.query_vectors(phi_q).astype(self.product_dtype)
+        """S_q = (φ_q M) Φᵀ (primal) or (φ_q Φᵀ) A (dual), every product in product_dtype."""
+        u = (phi_q if self.dual else self.query_vectors(phi_q)).astype(self.product_dtype)
         out = np.empty((len(phi_q), n), dtype=self.product_dtype)
         for lo, hi, chunk in self.store.iter_chunks():
             out[:, lo:hi] = u @ np.asarray(chunk, dtype=self.product_dtype).T
-        return out
+        return out @ self.A if self.dual else out
 
     def _quadratic(self, rows: np.ndarray) -> np.ndarray:
-        """φ_iᵀ M φ_i for a block of stored feature rows (primal form), in float64."""
+        """φ_iᵀ M φ_i for a block of stored feature rows (primal form): products in product_dtype, returned in
+        float64."""
         c = np.asarray(rows, dtype=self.product_dtype)
         return np.einsum("ik,ik->i", c, c @ self._M_products).astype(np.float64)
 
