@@ -281,6 +281,7 @@ def test_image_batches_run_channels_last_where_the_model_agrees(monkeypatch):
     from engine.autodiff import curvature as cv
     from engine.autodiff.compute import CHANNELS_LAST_ENV, fast_layout
     from engine.autodiff.factorized import FactorizedGradients
+    from engine.autodiff.functional import FORWARD_PROBE_ROWS
     from engine.core.train import predict_logits
 
     g = torch.Generator().manual_seed(3)
@@ -293,8 +294,8 @@ def test_image_batches_run_channels_last_where_the_model_agrees(monkeypatch):
         comp = GradientComputer(model, backend="layers")
         layouts = []
 
-        def whole_batch_layout():  # of the pass's forwards over all 12 rows (not a probe or a check's few)
-            flags = {cl for rows, cl in model.seen if rows == len(x)}
+        def whole_batch_layout(rows=len(x)):  # of the pass's forwards over all 12 rows (not a probe or a check's few)
+            flags = {cl for n, cl in model.seen if n == rows}
             model.seen.clear()
             assert len(flags) == 1
             return flags.pop()
@@ -306,8 +307,8 @@ def test_image_batches_run_channels_last_where_the_model_agrees(monkeypatch):
         layers, _ = cv.curvature_layers(model, None)
         cov = cv.fit_covariances(model, layers, x, y[:, None], device="cpu")
         layouts.append(whole_batch_layout())
-        logits = predict_logits(model, x)  # a plain forward (predictions)
-        layouts.append(whole_batch_layout())
+        logits = predict_logits(model, x)  # a plain forward (predictions): the rows after its activation probe
+        layouts.append(whole_batch_layout(len(x) - FORWARD_PROBE_ROWS))
         ref = GradientComputer(model, backend="vmap").per_example(x, y, "loss")
         return comp, grads, (feats, logits), cov, ref, layouts
 

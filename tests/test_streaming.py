@@ -392,3 +392,46 @@ def test_primal_kernel_over_a_float16_store_multiplies_in_float32_where_its_roun
         assert got_self.dtype == np.float64
         np.testing.assert_allclose(got_self, self_ref, rtol=1e-4, atol=1e-6 * np.abs(self_ref).max())
         np.testing.assert_allclose(member.leverage(np.array([3, 650, 11])), self_ref[[3, 650, 11]], rtol=1e-4)
+
+
+def test_plain_forwards_keep_a_batchs_largest_activation_within_the_budget(monkeypatch):
+    """Predictions, accuracy and FunctionalModel.outputs batch a model's rows so that one batch's largest
+    activation stays within FORWARD_ACTIVATION_BYTES on the CPU (larger blocks are mapped and page-faulted anew
+    each batch), with the same outputs as one forward over every row; a model with small activations still
+    takes its rows in one batch after the probe."""
+    import torch
+    from torch import nn
+
+    from engine.autodiff import functional
+    from engine.autodiff.compute import fast_layout
+    from engine.autodiff.functional import FORWARD_PROBE_ROWS, FunctionalModel
+    from engine.core.train import accuracy, predict_logits
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 4)).eval()
+    mlp = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    y = torch.randint(0, 4, (103,))
+    per_row = 16 * 16 * 16 * 4  # bytes of one row of the convolution's (and the ReLU's) output
+    monkeypatch.setattr(functional, "FORWARD_ACTIVATION_BYTES", 5 * per_row)
+    for model, x, rows_per_batch in ((conv, torch.randn(103, 3, 16, 16), 5), (mlp, torch.randn(103, 12), 99)):
+        with torch.no_grad():
+            ref = model(x)
+        fast_layout(model, x)  # its layout probe (two rows, once per model) runs before the hook counts rows
+        seen: list[int] = []
+        hook = model[0].register_forward_hook(lambda m, i, o: seen.append(len(o)))
+        try:
+            for forward in (predict_logits, lambda m, rows: FunctionalModel(m).outputs(rows)):
+                out = forward(model, x)
+                torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+                # the probe's rows, then full batches of what the budget allows, then what is left
+                rest = len(x) - FORWARD_PROBE_ROWS
+                assert seen == [FORWARD_PROBE_ROWS] + [rows_per_batch] * (rest // rows_per_batch) + (
+                    [rest % rows_per_batch] if rest % rows_per_batch else [])
+                seen.clear()
+            assert accuracy(model, x, y) == int((ref.argmax(1) == y).sum()) / len(x)
+            assert sum(seen) == len(x) and max(seen) <= max(FORWARD_PROBE_ROWS, rows_per_batch)
+        finally:
+            hook.remove()
+    x = torch.randn(3, 3, 16, 16)  # no probe below its rows
+    assert len(predict_logits(conv, x[:0])) == 0 and len(predict_logits(conv, x)) == 3

@@ -45,7 +45,7 @@ from torch import nn
 
 import engine.autodiff.distributed as distributed
 from engine.autodiff.compute import fast_layout
-from engine.autodiff.functional import ParamLayout
+from engine.autodiff.functional import ParamLayout, forward_batches
 from engine.core.errors import ProponentError
 from engine.storage.arrays import atomic_write_bytes
 
@@ -531,12 +531,11 @@ def fisher_targets(model: nn.Module, x: torch.Tensor, samples: int = 1, seed: in
     u = fisher_uniforms(len(x), samples, seed)
     model = model.eval().to(device)
     labs, ws = [], []
-    with torch.no_grad():
-        for lo in range(0, len(x), batch_size):
-            p = torch.softmax(model(x[lo:lo + batch_size].to(device)).double().cpu(), -1)
-            lab, w = labels_from_probs(p, samples, u[lo:lo + len(p)])
-            labs.append(lab)
-            ws.append(w)
+    for lo, _, logits in forward_batches(model, x, device, batch_size):
+        p = torch.softmax(logits.double().cpu(), -1)
+        lab, w = labels_from_probs(p, samples, u[lo:lo + len(p)])
+        labs.append(lab)
+        ws.append(w)
     if not labs:
         return torch.empty(0, max(1, samples), dtype=torch.long), torch.empty(0, max(1, samples), dtype=torch.float64)
     return torch.cat(labs, 0), torch.cat(ws, 0)

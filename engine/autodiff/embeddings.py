@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.autodiff.functional import batch_len, batch_rows, to_device
+from engine.autodiff.functional import forward_batches
 from engine.core.errors import ProponentError
 
 
@@ -24,9 +24,8 @@ def penultimate_features(model: nn.Module, x: torch.Tensor, batch: int = 2048, d
     captured: list[torch.Tensor] = []
     hook = last_linear(model).register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach().flatten(1).cpu()))
     try:
-        with torch.no_grad():
-            for i in range(0, batch_len(x), batch):
-                model(to_device(batch_rows(x, i, i + batch), device))
+        for _ in forward_batches(model, x, device, batch):  # the hook keeps what is wanted
+            pass
     finally:
         hook.remove()
     return torch.cat(captured, 0) if captured else torch.empty(0)

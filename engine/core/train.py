@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from engine.autodiff.compute import fast_layout
+from engine.autodiff.functional import forward_batches
 from engine.autodiff.threads import gradient_threads, intra_op_threads
 from engine.core.errors import Cancelled, ProponentError, ValidationError
 from engine.core.project import Project, Recipe, Stage
@@ -290,19 +291,13 @@ def _record_training(project: Project, models: int, device: str, progress, cance
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 4096) -> float:
     model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(y), batch):
-            correct += (model(fast_layout(model, x[i:i + batch])).argmax(1) == y[i:i + batch]).sum().item()
+    correct = sum((out.argmax(1) == y[lo:hi]).sum().item() for lo, hi, out in forward_batches(model, x, batch=batch))
     return correct / max(1, len(y))
 
 
 def predict_logits(model: nn.Module, x: torch.Tensor, batch: int = 4096, device: str = "cpu") -> torch.Tensor:
     model.eval().to(device)
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            out.append(model(fast_layout(model, x[i:i + batch].to(device))).cpu())
+    out = [o.cpu() for _, _, o in forward_batches(model, x, device, batch)]
     return torch.cat(out) if out else torch.empty(0)
 
 

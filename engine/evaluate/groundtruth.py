@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from engine.autodiff.functional import forward_batches
 from engine.autodiff.measurement import correct_class_margin
 from engine.core.errors import ProponentError
 from engine.core.project import Project
@@ -77,10 +78,7 @@ def groundtruth_key(project: Project, subsets: np.ndarray, seeds: Sequence[int],
 
 def test_margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 4096) -> np.ndarray:
     model.eval()
-    out = []
-    with torch.no_grad():
-        for lo in range(0, len(y), batch):
-            out.append(correct_class_margin(model(x[lo:lo + batch]), y[lo:lo + batch]).double().cpu().numpy())
+    out = [correct_class_margin(f, y[lo:hi]).double().cpu().numpy() for lo, hi, f in forward_batches(model, x, batch=batch)]
     return np.concatenate(out) if out else np.zeros(0)
 
 
