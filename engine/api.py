@@ -95,6 +95,24 @@ def _peak_mb() -> float:
     return peak_rss_mb()
 
 
+def _read_back(files: dict[str, Path], shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray] | None:
+    """A finished run's stored arrays (memory-mapped), or None where any is missing or cannot be read back
+    as the float array of the shape it should have (truncated, overwritten, not a .npy): a cache miss, so
+    the run is recomputed and the file, which Proponent wrote, replaced. Never unpickled."""
+    out = {}
+    for name, f in files.items():
+        if not f.is_file():
+            return None
+        try:
+            arr = load_npy(f)
+        except (ValueError, OSError, EOFError):
+            return None
+        if arr.shape != tuple(shapes[name]) or arr.dtype.kind != "f":
+            return None
+        out[name] = arr
+    return out
+
+
 def cached_scores(project: Project, method: str, settings=None, *, device: str = "auto", progress=None,
                   cancel=None, use_cache: bool = True) -> dict:
     """Test-query scores, self-scores and suspicion of a run, computed once and cached on disk.
@@ -109,11 +127,14 @@ def cached_scores(project: Project, method: str, settings=None, *, device: str =
     db = StateDB.for_project(project)
     files = {n: folder / f"{n}.npy" for n in ("scores", "self_scores", "suspicion")}
     row = db.get_run(key)
-    done = bool(use_cache and row and row["status"] == "done" and all(f.is_file() for f in files.values()))
-    if distributed.agree(done):  # under torchrun every rank takes rank 0's view of the cache
+    cached = None
+    if use_cache and row and row["status"] == "done":
+        n_test, n_train = len(project.test_dataset), len(project.train_dataset)
+        cached = _read_back(files, {"scores": (n_test, n_train), "self_scores": (n_train,), "suspicion": (n_train,)})
+    if distributed.agree(cached is not None):  # under torchrun every rank takes rank 0's view of the cache
         if not distributed.is_main():
             return {"key": key, "rank": distributed.rank(), "meta": {}}
-        return {"key": key, "meta": row.get("meta") or {}, **{n: load_npy(f) for n, f in files.items()}}
+        return {"key": key, "meta": row.get("meta") or {}, **cached}
     if distributed.active() and not cls.shards_over_ranks:
         distributed.stop()  # this method does not split its fit: rank 0 runs it alone
         if not distributed.is_main_process():
@@ -180,8 +201,9 @@ def copy_scores(project: Project, method: str, settings=None, run: dict | None =
     if not cls.copy_scores_differ(run.get("meta") or {}):
         return np.asarray(run["self_scores"], dtype=np.float64)
     path = run_dir(project, run["key"]) / "copy_scores.npy"
-    if path.is_file():
-        return np.asarray(load_npy(path, mmap=False), dtype=np.float64)
+    stored = _read_back({"copy": path}, {"copy": (len(project.train_dataset),)})  # a damaged file: recomputed
+    if stored is not None:
+        return np.asarray(stored["copy"], dtype=np.float64)
     att = fitted() if fitted else fit_method(project, method, settings, device=device, progress=progress)[0]
     if progress:
         progress("copy scores", 0, 1)

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
+import sqlite3
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +32,7 @@ from engine.methods.source import BF16_SELF_WALK_MIN_PARAMS
 from engine.methods.trak import projection_summary
 from engine.storage.arrays import clean_orphan_temp_files
 from engine.storage.blocks import iter_row_blocks, write_blocks
-from engine.storage.cache import cache_entries, cache_size, prune_cache
+from engine.storage.cache import cache_entries, cache_size, prune_cache, skipped_entries
 from engine.storage.statedb import StateDB
 from engine.workflows.leaks import detect_copies, detect_leaks
 from engine.workflows.triage import triage
@@ -50,6 +54,95 @@ def _settings(pairs: list[str] | None) -> dict:
 
 def _progress():
     return TerminalProgress()
+
+
+# ---------------------------------------------------------------------------- output paths
+def check_output_file(path: str, option: str) -> Path:
+    """The file a command will write (``--export``, ``bench --json``), checked before the work starts: a
+    name, not a folder, under folders that exist or can be made (not a file in their place) and that this
+    user may write in. Missing folders are made when the file is written."""
+    if not path or not path.strip():
+        raise ProponentError(f"{option} needs a file name, got an empty one")
+    target = Path(path).expanduser().resolve()
+    if target.is_dir():
+        raise ProponentError(f"{option}: is a folder; give a file name inside it", file=str(target))
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ProponentError(f"{option}: {folder} is a file, not a folder, so {target.name} cannot be written under it",
+                             file=str(target))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ProponentError(f"{option}: cannot write in the folder {folder} (permission denied)", file=str(target))
+    return target
+
+
+def _first_line(path: Path, limit: int = 4096) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(limit)
+    except OSError:
+        return None
+    return head.split(b"\n", 1)[0].rstrip(b"\r")
+
+
+def is_score_export(path: Path) -> bool:
+    """Whether ``path`` is what ``attribute --export`` writes (and so may replace): a complete .npy of a
+    C-ordered 2-D float64 matrix. Read from the header; the data is not touched."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+        return (len(shape) == 2 and not fortran and dtype == np.dtype("<f8")
+                and path.stat().st_size == offset + int(np.prod(shape)) * 8)
+    except (OSError, ValueError, EOFError):
+        return False
+
+
+def check_export(p, path: str) -> Path:
+    """``attribute --export PATH``: where the matrix and its ``rows.csv`` go, refused (one line, before the
+    run) where either would replace a file Proponent did not write. A previous export (a 2-D float64 .npy;
+    a rows.csv whose first line is the header Proponent writes) is replaced, so exporting again to the same
+    path works."""
+    export = check_output_file(path, "--export")
+    if export.name == ROWS_FILE:
+        raise ProponentError(f"--export: the score matrix cannot be named {ROWS_FILE}: {ROWS_FILE} is written "
+                             f"beside it; give a name such as scores.npy", file=str(export))
+    if (export.exists() or export.is_symlink()) and not (export.is_file() and is_score_export(export)):
+        raise ProponentError("--export: exists and is not a score matrix Proponent exported (a 2-D float64 .npy); "
+                             "not overwritten: move it away or give another --export path", file=str(export))
+    rows = export.parent / ROWS_FILE
+    if rows.exists() or rows.is_symlink():
+        header = ",".join(["split", *p.rows("train").columns])
+        if not rows.is_file() or _first_line(rows) != header.encode():
+            raise ProponentError(f"--export writes {ROWS_FILE} beside the matrix, and this one was not written by "
+                                 f"Proponent (its first line is not {header!r}); not overwritten: move it away or "
+                                 f"export to another folder", file=str(rows))
+    return export
+
+
+# ---------------------------------------------------------------------------- argument types
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def cmd_prepare(a) -> int:
@@ -88,6 +181,8 @@ def advise_method(p, method: str | None, settings) -> None:
 
 def cmd_attribute(a) -> int:
     p = _project(a.project)
+    if a.export is not None:  # before the run: a refused path should not cost the whole computation
+        check_export(p, a.export)
     # under torchrun (`torchrun --nproc_per_node N -m engine.cli attribute …`) the ranks share the fit
     distributed.start(resolve_device(a.device))
     if distributed.active():  # rank 0 creates the state folder and database before the others open them
@@ -106,8 +201,8 @@ def cmd_attribute(a) -> int:
 
     # rows.csv maps every printed index back to its file and label
     p.write_rows_csv(run_dir(p, res["key"]))
-    if a.export:
-        export = Path(a.export).resolve()
+    if a.export is not None:
+        export = check_export(p, a.export)  # again: the folder may have changed during the run
         # what an export killed while writing left in the user's folder: only its own two files' temporaries
         clean_orphan_temp_files(export.parent, names=(export.name, ROWS_FILE))
         write_blocks(export, S.shape, iter_row_blocks(S), dtype=np.float64)  # block by block, renamed when complete
@@ -128,7 +223,7 @@ def cmd_attribute(a) -> int:
         sys.stdout.write("\n")
     else:
         print(f"{a.method}: scores {S.shape[0]} test × {S.shape[1]} train (run {res['key']})"
-              + (f", written to {a.export}" if a.export else ""))
+              + (f", written to {a.export}" if a.export is not None else ""))
     return 0
 
 
@@ -247,11 +342,15 @@ def cmd_cache(a) -> int:
         removed = prune_cache(p.root, older_than_days=a.older_than, max_total_mb=a.max_size, keys=a.run,
                               everything=a.all, dry_run=a.dry_run)
         verb = "would remove" if a.dry_run else "removed"
+        skipped = skipped_entries(p.root)
         if a.json:
-            print(json.dumps({"removed": [e.as_dict() for e in removed], "dry_run": a.dry_run}))
+            print(json.dumps({"removed": [e.as_dict() for e in removed], "dry_run": a.dry_run,
+                              "skipped": [e.as_dict() for e in skipped]}))
         else:
             for e in removed:
                 print(f"{verb} {e.kind}/{e.key} ({e.bytes / 2**20:.1f} MiB)")
+            for e in skipped:
+                print(f"skipped {e.kind}{'/' + e.key if e.key else ''}: {e.reason}")
             print(f"{verb} {len(removed)} entries, {sum(e.bytes for e in removed) / 2**20:.1f} MiB; "
                   f"cache now {cache_size(p.root) / 2**20:.1f} MiB")
         return 0
@@ -283,7 +382,18 @@ def cmd_init(a) -> int:
     return 0
 
 
+def check_bench_json(argv: list[str]) -> None:
+    """``bench --json PATH``: checked before the bench runs (minutes to hours), not when its results are
+    written."""
+    for i, tok in enumerate(argv):
+        if tok == "--json" and i + 1 < len(argv):
+            check_output_file(argv[i + 1], "--json")
+        elif tok.startswith("--json="):
+            check_output_file(tok.split("=", 1)[1], "--json")
+
+
 def cmd_bench(a, rest: list[str]) -> int:
+    check_bench_json(rest)
     return cli_main([a.project, *rest])
 
 
@@ -375,23 +485,23 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--export", help="write the [n_test, n_train] score matrix to this .npy file")
     p.add_argument("--json", action="store_true", help="print top proponents and opponents per query as JSON")
-    p.add_argument("--top", type=int, default=10, help="proponents/opponents per query in --json")
+    p.add_argument("--top", type=positive_int, default=10, help="proponents/opponents per query in --json")
     p.add_argument("--no-cache", action="store_true", help="recompute even if a cached run exists")
     p.set_defaults(func=cmd_attribute)
 
     p = sub.add_parser("triage", help="rank training examples by how likely they are mislabeled")
     common(p)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--limit", type=int, default=None, help="keep only the N most suspicious")
+    p.add_argument("--limit", type=positive_int, default=None, help="keep only the N most suspicious")
     # no --method: the recommended ranking (attribution + out-of-sample label evidence + neighbours)
     p.set_defaults(func=cmd_triage, method=None)
 
     p = sub.add_parser("leaks", help="suspected train/test duplicates, with a calibrated flag")
     common(p)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--fpr", type=float, help="false-positive rate the flag threshold holds on clean queries (default: "
+    p.add_argument("--fpr", type=finite_float, help="false-positive rate the flag threshold holds on clean queries (default: "
                                              "the copy detector 0.001, on text 0.01; with --method 0.01)")
-    p.add_argument("--threshold", type=float, help="explicit flag threshold of --method's statistic (overrides --fpr)")
+    p.add_argument("--threshold", type=finite_float, help="explicit flag threshold of --method's statistic (overrides --fpr)")
     # no --method: the default detector (exact, perceptual-hash and input-cosine evidence; TRAK corroborates)
     p.set_defaults(func=cmd_leaks, method=None)
 
@@ -432,6 +542,53 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+_FILE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.ENOSPC,
+                errno.EROFS, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def file_error_line(e: BaseException) -> str | None:
+    """``<file>: <problem>`` for an OSError of a file (permission, a folder or file in the way, a missing
+    file, a full or read-only disk) or an SQLite database error; None for anything else (a bug: its
+    traceback stands)."""
+    if isinstance(e, sqlite3.DatabaseError):
+        if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.DataError,
+                          sqlite3.NotSupportedError)):
+            return None
+        return f"state database: {e}"
+    if not isinstance(e, OSError) or e.errno not in _FILE_ERRNOS:
+        return None
+    problem = e.strerror or os.strerror(e.errno)
+    if e.filename is None:
+        return problem
+    return f"{e.filename}: {problem}" + (f" ({e.filename2})" if e.filename2 is not None else "")
+
+
+_PROPONENT_DIRS = tuple(str(Path(__file__).resolve().parents[1] / d) + os.sep for d in ("engine", "app"))
+
+
+def _library_dirs() -> tuple[str, ...]:
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    for name in ("stdlib", "platstdlib", "purelib", "platlib"):
+        with_path = sysconfig.get_paths().get(name)
+        if with_path:
+            dirs.add(with_path)
+    return tuple(str(Path(d).resolve()) + os.sep for d in dirs if d)
+
+
+def user_code_file(tb) -> str | None:
+    """The innermost file of a traceback that is neither Proponent's nor Python's or an installed
+    package's: the project's own code (model.py, or a module of the user's it imports)."""
+    found, library = None, _library_dirs()
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if name and not name.startswith("<"):
+            full = str(Path(name).resolve())
+            if not full.startswith(_PROPONENT_DIRS) and not full.startswith(library):
+                found = full
+        tb = tb.tb_next
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = build_parser()
@@ -440,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
             project, opts = split_app_args(argv[1:])
             return cmd_app(argparse.Namespace(project=project), opts)
         if argv and argv[0] == "bench" and "--suite" in argv:  # no project: generated validation projects
+            check_bench_json(argv[1:])
             return cli_main(argv[1:])
         a, rest = ap.parse_known_args(argv)
         if rest and not getattr(a, "passthrough", False):
@@ -447,7 +605,16 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.launched_by_torchrun() and a.func is not cmd_attribute:
             raise ProponentError(f"only 'attribute' splits its work over torchrun's processes; run "
                                  f"'proponent {argv[0]}' without torchrun")
-        return a.func(a, rest) if getattr(a, "passthrough", False) else a.func(a)
+        try:
+            return a.func(a, rest) if getattr(a, "passthrough", False) else a.func(a)
+        except SystemExit as e:
+            # the user's model.py (or code it imports) exited: one line naming it, not a silent exit code
+            culprit = user_code_file(e.__traceback__)
+            if culprit is None:
+                raise  # Proponent's own exits (a passthrough command's usage error) stand
+            raise ProponentError(f"called sys.exit({e.code!r}) while Proponent imported or ran it; a project's "
+                                 f"model code must not exit (guard script code with "
+                                 f"`if __name__ == \"__main__\":`)", file=culprit) from None
     except ProponentError as e:
         print(f"proponent: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -456,6 +623,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except (OSError, sqlite3.DatabaseError) as e:
+        # the last resort for a file problem no check foresaw: still one line and exit code 2
+        line = file_error_line(e)
+        if line is None:
+            raise
+        print(f"proponent: error: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

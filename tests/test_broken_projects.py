@@ -241,7 +241,30 @@ def shorten_train(root: Path):
     csv_edit("data/train.csv", lambda lines: lines[:-5])(root)
 
 
+def weights_outside(root: Path):
+    """A trajectory entry whose weights file lies outside the checkpoint folder (moved, then named by ../)."""
+    other = root.parent / "elsewhere"
+    other.mkdir(exist_ok=True)
+    log = json.loads((root / "checkpoints" / "trajectory.json").read_text())
+    rel = log["checkpoints"][-1]["weights"]
+    shutil.move(root / "checkpoints" / rel, other / "w.safetensors")
+    log["checkpoints"][-1]["weights"] = "../../elsewhere/w.safetensors"
+    (root / "checkpoints" / "trajectory.json").write_text(json.dumps(log))
+
+
+def manifest_import(rows: str, name: str = "manifest.csv") -> Callable[[Path], None]:
+    """A folder of the user's checkpoints (a copy of the recorded final one) with the manifest ``rows``."""
+    def f(root: Path):
+        src = root / "theirs"
+        src.mkdir()
+        log = json.loads((root / "checkpoints" / "trajectory.json").read_text())
+        shutil.copy(root / "checkpoints" / log["checkpoints"][-1]["weights"], src / "a.safetensors")
+        (src / name).write_text(rows)
+    return f
+
+
 T, I = "tab", "img"
+IMPORT = ["import", "{p}", "--checkpoints", "{p}/theirs"]
 INFO = ["info", "{p}"]
 TRAIN = ["train", "{p}"]
 TRAK = ["attribute", "{p}", "--method", "trak", "--no-cache"]
@@ -286,6 +309,8 @@ CASES = [
     ("factory-outside", T, edit_toml('factory = "model.py:build"', 'factory = "../../elsewhere/model.py:build"'), INFO, "outside"),
     ("factory-missing", T, remove("model.py"), INFO, "model.py"),
     ("factory-no-function", T, edit_toml('factory = "model.py:build"', 'factory = "model.py:nope"'), INFO, "nope"),
+    ("factory-exits-on-import", T, write_file("model.py", "import sys\nsys.exit(3)\n"), INFO, "called sys.exit(3)"),
+    ("factory-exits-in-build", T, write_file("model.py", "import sys\ndef build(s, k):\n    sys.exit(0)\n"), INFO, "build((4,), 3) failed: it called sys.exit(0)"),
     ("factory-import-error", T, write_file("model.py", "import not_a_module_xyz\n"), INFO, "model.py"),
     ("model-wrong-classes", T, write_file("model.py", "from torch import nn\ndef build(s, k):\n    return nn.Linear(4, 7)\n"), INFO, "classes"),
     ("model-no-parameters", T, no_param_model, INFO, "no parameters"),
@@ -341,6 +366,21 @@ CASES = [
     ("folder-empty-class", I, empty_class_folder, INFO, "no images"),
     ("folder-class-only-in-test", I, class_folder_only_in_test, INFO, "zebra"),
     ("resize-bad", I, edit_toml('image_column = "path"', 'image_column = "path"\nresize = [8]'), INFO, "resize"),
+    ("categorical-is-the-label", T, edit_toml('label_column = "label"', 'label_column = "label"\ncategorical_columns = ["label"]'), INFO, "cannot also be a categorical column"),
+    ("categorical-missing", T, edit_toml('label_column = "label"', 'label_column = "label"\ncategorical_columns = ["nope"]'), INFO, "categorical column 'nope' not found"),
+    ("trajectory-weights-outside", T, weights_outside, TRAK, "is outside the checkpoint folder"),
+    ("trajectory-lr-nan", T, write_file("checkpoints/trajectory.json", '{"checkpoints": [{"model_id": 0, "index": 0, "step": 3, "epoch": 1, "lr": NaN, "weights": "model_0/x.safetensors"}]}'), TRAK, "checkpoints.0.lr"),
+    ("trajectory-lr-negative", T, trajectory(lambda log: {**log, "checkpoints": [{**c, "lr": -0.1} for c in log["checkpoints"]]}), TRAK, "checkpoints.0.lr"),
+    ("import-step-negative", T, manifest_import("file,step,lr\na.safetensors,-5,0.05\n"), IMPORT, "step: -5 is negative"),
+    ("import-step-infinite", T, manifest_import("file,step,lr\na.safetensors,inf,0.05\n"), IMPORT, "step: inf is not a finite number"),
+    ("import-step-huge-json", T, manifest_import('[{"file": "a.safetensors", "step": 1e400, "lr": 0.05}]', "manifest.json"), IMPORT, "not a finite number"),
+    ("import-step-fraction", T, manifest_import("file,step,lr\na.safetensors,2.5,0.05\n"), IMPORT, "not a whole number"),
+    ("import-lr-negative", T, manifest_import("file,step,lr\na.safetensors,5,-0.05\n"), IMPORT, "lr: -0.05 is negative"),
+    ("import-lr-text", T, manifest_import("file,step,lr\na.safetensors,5,fast\n"), IMPORT, "lr: 'fast' is not a number"),
+    ("import-file-outside", T, manifest_import("file,step,lr\n../../elsewhere/a.safetensors,5,0.05\n"), IMPORT, "not a path inside"),
+    ("normalize-mean-nan", I, edit_toml('image_column = "path"', 'image_column = "path"\nnormalize = { mean = [nan], std = [1.0] }'), INFO, "mean"),
+    ("normalize-std-inf", I, edit_toml('image_column = "path"', 'image_column = "path"\nnormalize = { mean = [0.5], std = [inf] }'), INFO, "std"),
+    ("resize-huge", I, edit_toml('image_column = "path"', 'image_column = "path"\nresize = [100000, 100000]'), INFO, "resize"),
     ("normalize-std-zero", I, edit_toml('image_column = "path"', 'image_column = "path"\nnormalize = { mean = [0.5], std = [0] }'), INFO, "std"),
 ]
 

@@ -171,3 +171,22 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
         load_tabular_splits(root / "train.csv", root / "test.csv", "label", None, ["c", "e"], set(), scratch_dir=cache)
     assert "No space left on device" in str(e.value) and str(cache) in str(e.value)
     assert list(cache.iterdir()) == []
+
+
+def test_labels_read_as_numbers_in_one_chunk_and_text_in_another_are_one_class_each(tmp_path):
+    """pandas infers each chunk's (and each file's) label type on its own: a chunk holding a non-numeric label
+    reads '0', '1', '2' as text where the others read 0, 1, 2. Each class is then known by its text, once, and
+    the test file (all numbers) finds them; a truly unknown test class still names its row."""
+    rng = np.random.default_rng(0)
+    n = 60
+    y = [str(i % 3) for i in range(n)]
+    y[45] = "x"  # only the last chunk of 20 rows holds text
+    pd.DataFrame({"a": rng.normal(size=n), "label": y}).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame({"a": rng.normal(size=6), "label": [0, 1, 2, 0, 1, 2]}).to_csv(tmp_path / "test.csv", index=False)
+    t = tables.load_tabular_splits(tmp_path / "train.csv", tmp_path / "test.csv", "label", None, [], set(), rows=20)
+    assert t.classes == ["0", "1", "2", "x"]
+    assert [t.classes[i] for i in t.y_train] == y
+    assert [t.classes[i] for i in t.y_test] == ["0", "1", "2", "0", "1", "2"]
+    pd.DataFrame({"a": rng.normal(size=3), "label": [0, 7, 1]}).to_csv(tmp_path / "test.csv", index=False)
+    with pytest.raises(tables.ValidationError, match="row 1.*class 7 is in test but not in train"):
+        tables.load_tabular_splits(tmp_path / "train.csv", tmp_path / "test.csv", "label", None, [], set(), rows=20)

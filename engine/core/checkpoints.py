@@ -12,6 +12,7 @@ state dicts: never an unpickle of arbitrary objects.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from engine.core.errors import ValidationError
+from engine.core.paths import OPT_OUT, FolderResolver
 from engine.storage.arrays import atomic_write_json
 from engine.storage.folders import (
     make_owned_dir,
@@ -67,13 +69,13 @@ class TrajectoryEntry(BaseModel):
     model_id: int = Field(ge=0)
     index: int = Field(ge=0)
     step: int = Field(ge=0)
-    epoch: float
-    lr: float
+    epoch: float = Field(allow_inf_nan=False)
+    lr: float = Field(ge=0, allow_inf_nan=False)
     weights: str = Field(min_length=1)
     stage: str = "train"
     stage_steps: int | None = None
     optimizer_state: str | None = None
-    momentum: float = 0.0
+    momentum: float = Field(0.0, ge=0, allow_inf_nan=False)
     optimizer: str = "sgd"
 
 
@@ -103,13 +105,25 @@ def read_trajectory(checkpoint_dir: Path) -> dict:
     return raw
 
 
-def trajectory_checkpoints(checkpoint_dir: Path, log: dict) -> list[Checkpoint]:
+def trajectory_checkpoints(checkpoint_dir: Path, log: dict, allow_outside: bool = False) -> list[Checkpoint]:
+    """The log's checkpoints; their files must lie in the checkpoint folder (links followed) unless
+    ``allow_outside`` ([project] allow_outside_paths)."""
     out = []
-    for c in (TrajectoryEntry.model_validate(e) for e in log.get("checkpoints", [])):
+    resolver = FolderResolver()
+    where = checkpoint_dir / TRAJECTORY_FILE
+
+    def inside(rel: str, i: int, key: str) -> Path:
+        path = checkpoint_dir / rel
+        if not allow_outside and not resolver.inside(path, checkpoint_dir):
+            raise ValidationError(f"trajectory log: checkpoints.{i}.{key}: {rel} is outside the checkpoint folder "
+                                  f"{checkpoint_dir}; {OPT_OUT}", file=str(where))
+        return path
+
+    for i, c in enumerate(TrajectoryEntry.model_validate(e) for e in log.get("checkpoints", [])):
         out.append(Checkpoint(
             model_id=c.model_id, index=c.index, step=c.step, epoch=c.epoch, lr=c.lr, stage=c.stage,
-            weights=checkpoint_dir / c.weights,
-            optimizer_state=(checkpoint_dir / c.optimizer_state) if c.optimizer_state else None,
+            weights=inside(c.weights, i, "weights"),
+            optimizer_state=inside(c.optimizer_state, i, "optimizer_state") if c.optimizer_state else None,
             stage_steps=c.step if c.stage_steps is None else c.stage_steps, momentum=c.momentum,
             optimizer=c.optimizer))
     return sorted(out, key=lambda c: (c.model_id, c.step))
@@ -199,15 +213,29 @@ def read_manifest(src: Path) -> list[dict]:
         for key in ("file", "step", "lr"):
             if key not in row or row[key] is None or row[key] != row[key]:
                 raise ValidationError(f"missing {key!r}", file=str(path), row=r)
-        try:
-            out.append({"file": str(row["file"]), "step": int(row["step"]), "lr": float(row["lr"]),
-                        "epoch": float(row.get("epoch", 0.0) if row.get("epoch") == row.get("epoch") else 0.0),
-                        "model_id": int(row.get("model_id", 0) if row.get("model_id") == row.get("model_id") else 0),
-                        "stage": str(row.get("stage") or "train"),
-                        "optimizer": str(row.get("optimizer") or "sgd"),
-                        "momentum": float(row.get("momentum") or 0.0)})
-        except (TypeError, ValueError) as e:
-            raise ValidationError(f"bad value: {e}", file=str(path), row=r) from None
+        entry = {}
+        # each key checked as the trajectory log will be (a bad import must not leave a log no command can read)
+        for key, kind, default, low in (("step", int, None, 0), ("lr", float, None, 0.0), ("epoch", float, 0.0, None),
+                                        ("model_id", int, 0, 0), ("momentum", float, 0.0, 0.0)):
+            v = row.get(key, default)
+            v = default if v is None or v != v or v == "" else v
+            try:
+                num = float(v)
+            except (TypeError, ValueError, OverflowError):
+                num = None
+            problem = ("not a number" if num is None else "not a finite number" if not math.isfinite(num)
+                       else "not a whole number" if kind is int and num != int(num) else None)
+            if problem:
+                raise ValidationError(f"{key}: {row.get(key)!r} is {problem}", file=str(path), row=r)
+            v = kind(num)
+            if low is not None and v < low:
+                raise ValidationError(f"{key}: {v!r} is negative", file=str(path), row=r)
+            entry[key] = v
+        file = str(row["file"])
+        if Path(file).is_absolute() or ".." in Path(file).parts:
+            raise ValidationError(f"file: {file!r} is not a path inside the checkpoint folder", file=str(path), row=r)
+        out.append({"file": file, **entry, "stage": str(row.get("stage") or "train"),
+                    "optimizer": str(row.get("optimizer") or "sgd")})
     return out
 
 

@@ -369,9 +369,9 @@ class Project:
         try:
             sys.modules[mod_name] = module
             spec.loader.exec_module(module)  # the user's own model.py: code they wrote, not a pickle
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # model code that calls sys.exit() is an error in it, not an exit
             sys.modules.pop(mod_name, None)
-            raise ValidationError(f"cannot import: {type(e).__name__}: {e}", file=str(path)) from None
+            raise ValidationError(f"cannot import: {_failure(e)}", file=str(path)) from None
         return module
 
     def build_model(self) -> nn.Module:
@@ -382,8 +382,8 @@ class Project:
             else (self.input_shape, self.num_classes)
         try:
             model = factory(*args)
-        except Exception as e:
-            raise ValidationError(f"build{args} failed: {type(e).__name__}: {e}",
+        except (Exception, SystemExit) as e:
+            raise ValidationError(f"build{args} failed: {_failure(e)}",
                                   file=str(self.root / self.factory_spec.partition(':')[0])) from None
         if not isinstance(model, nn.Module):
             raise ValidationError(f"factory returned {type(model).__name__}, not a torch.nn.Module",
@@ -401,9 +401,9 @@ class Project:
             with torch.no_grad():
                 try:
                     out = model(x)
-                except Exception as e:
+                except (Exception, SystemExit) as e:
                     raise ValidationError(f"model forward failed on a batch of {n}, input {_describe(x)}: "
-                                          f"{type(e).__name__}: {e}", file=str(self._factory_file)) from None
+                                          f"{_failure(e)}", file=str(self._factory_file)) from None
             if not isinstance(out, torch.Tensor):
                 raise ValidationError(f"model forward returned {_describe_output(out)}, not a logits tensor "
                                       f"[batch, {self.num_classes}]; make build() return a module whose forward "
@@ -431,7 +431,7 @@ class Project:
     def checkpoints(self) -> list[Checkpoint]:
         """All recorded checkpoints, ordered by (model, step); without a trajectory, the
         ``[model] weights`` files (one final checkpoint per model)."""
-        cks = ckpt.trajectory_checkpoints(self.checkpoint_dir, self.trajectory())
+        cks = ckpt.trajectory_checkpoints(self.checkpoint_dir, self.trajectory(), self.allow_outside_paths)
         return cks or ckpt.weights_checkpoints(self.root, self.weight_files)
 
     def model_ids(self) -> list[int]:
@@ -584,6 +584,13 @@ def _hash_examples(*datasets) -> str:
             h.update(block)
         h.update(ds.y.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _failure(e: BaseException) -> str:
+    """What went wrong in the user's model code, for a one-line error."""
+    if isinstance(e, SystemExit):
+        return f"it called sys.exit({e.code!r}) (model code must not exit)"
+    return f"{type(e).__name__}: {e}"
 
 
 def _positional_arity(fn) -> int:

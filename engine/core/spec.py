@@ -35,9 +35,12 @@ class ProjectTable(_Table):
     allow_outside_paths: bool = False
 
 
+MAX_IMAGE_SIDE = 4096
+
+
 class NormalizeTable(_Table):
-    mean: list[float] = Field(min_length=1)
-    std: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)
+    mean: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(min_length=1)
+    std: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(min_length=1)
 
 
 class DataTable(_Table):
@@ -50,7 +53,8 @@ class DataTable(_Table):
     image_root: NonEmptyStr | None = None
     feature_columns: list[NonEmptyStr] | None = None
     categorical_columns: list[NonEmptyStr] = []
-    resize: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)] | None = None
+    # at most MAX_IMAGE_SIDE a side: a typo such as 100000 would otherwise decode into tens of GB before any check
+    resize: Annotated[list[Annotated[int, Field(gt=0, le=MAX_IMAGE_SIDE)]], Field(min_length=2, max_length=2)] | None = None
     mode: Literal["rgb", "grey", "gray"] | None = None
     normalize: NormalizeTable | None = None
 
@@ -78,7 +82,7 @@ class ModelTable(_Table):
 class StageTable(_Table):
     name: NonEmptyStr | None = None
     epochs: PositiveInt | None = None
-    lr: Annotated[float, Field(gt=0)] | None = None
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     lr_schedule: Literal[LR_SCHEDULES] | None = None
     select: NonEmptyStr | None = None
 

@@ -147,6 +147,16 @@ class FirstSeen:
         ids = np.array([self.ids.setdefault(self.key(u), len(self.ids)) for u in uniques], np.int32)
         self.codes.append(ids[codes] if len(ids) else np.zeros(len(values), np.int32))
 
+    def merge_by_text(self) -> None:
+        """Values known by their text where pandas read the column as numbers in one chunk or file and as text in
+        another (a chunk holding a non-numeric value): 1 and '1' are then one value, '1'."""
+        if len({isinstance(k, str) for k in self.ids}) < 2:
+            return
+        merged: dict = {}
+        lut = np.array([merged.setdefault(str(k), len(merged)) for k in self.ids], np.int32)
+        self.codes = [lut[c] for c in self.codes]
+        self.ids = merged
+
     def remapped(self, order: list) -> np.ndarray:
         where = {v: i for i, v in enumerate(order)}
         lut = np.array([where[v] for v in self.ids], np.int64)
@@ -167,6 +177,7 @@ def _codes_in(values: pd.Series, index: dict, key, on_unknown) -> np.ndarray:
 
 def class_list(labels: FirstSeen, label_column: str, train_file: Path) -> list:
     """The training classes in their printed order; a single class is an error."""
+    labels.merge_by_text()
     classes = class_order(labels.ids)
     if len(classes) < 2:
         raise ValidationError(f"the training data has a single class ({classes[0]!r} in column {label_column!r}); "
@@ -180,7 +191,15 @@ def test_class_codes(values: pd.Series, class_index: dict, file: Path, first_row
         raise ValidationError(f"class {native(values.iloc[r])!r} is in test but not in train", file=str(file),
                               row=first_row + r)
 
-    return _codes_in(values, class_index, native, unknown)
+    # a test file pandas read with another type than the training labels (numbers there, text here, or the
+    # reverse) still finds its classes by their text
+    by_text = {**{str(k): i for k, i in class_index.items()}, **class_index}
+
+    def key(v):
+        v = native(v)
+        return v if v in class_index else str(v)
+
+    return _codes_in(values, by_text, key, unknown)
 
 
 def _category_key(v):
@@ -260,12 +279,14 @@ def load_tabular_splits(train_file: Path, test_file: Path, label_column: str, fe
                 cols = [c for c in df.columns if c != lc and c not in exclude]
             state["cols"] = cols
         cols = state["cols"]
-        for c in cols:
+        for c in list(cols) + [c for c in cats if c not in cols]:
             if c not in df.columns:
-                raise ValidationError(f"feature column {c!r} not found (columns: {', '.join(map(str, df.columns))})",
+                kind = "categorical" if c in cats else "feature"
+                raise ValidationError(f"{kind} column {c!r} not found (columns: {', '.join(map(str, df.columns))})",
                                       file=str(file))
-        if lc in cols:
-            raise ValidationError(f"[data] label column {lc!r} cannot also be a feature column", file=str(train_file))
+        if lc in cols or lc in cats:
+            kind = "categorical" if lc in cats else "feature"
+            raise ValidationError(f"[data] label column {lc!r} cannot also be a {kind} column", file=str(train_file))
         if not cols:
             raise ValidationError("no feature columns", file=str(train_file))
 

@@ -30,9 +30,11 @@ from engine.storage.folders import (
     MARKER,
     is_owned,
     make_owned_dir,
+    old_path,
     partial_path,
     remove_owned,
     replace_owned_dir,
+    require_only_ours,
 )
 from engine.storage.locks import project_writer_lock
 
@@ -253,6 +255,10 @@ def _record_training(project: Project, models: int, device: str, progress, cance
     if final.exists() and not is_owned(final):  # refuse before training, not after
         raise ValidationError(f"refusing to replace {final}: Proponent did not create it (no {MARKER} marker); move it "
                               f"away or choose another [model] checkpoints folder", file=str(project.toml_path))
+    # the marker says Proponent made the folder, not that everything in it is Proponent's: a user's
+    # file placed inside would go with the swap, so refuse (naming it) before training, not after
+    for folder in (final, partial_path(final), old_path(final)):
+        require_only_ours(folder)
     tmp = make_owned_dir(partial_path(final))
     ds = project.train_dataset
     log = {"recipe": project.recipe.fingerprint(), "n_train": len(ds), "data_hash": project.data_hash(), "train_hash": project.train_data_hash,
@@ -286,6 +292,11 @@ def _record_training(project: Project, models: int, device: str, progress, cance
         remove_owned(tmp)
         raise ProponentError("training recorded no checkpoints; the previous trajectory is kept", file=str(final))
     atomic_write_json(tmp / "trajectory.json", log)
+    try:
+        require_only_ours(final)  # again: a file may have been dropped in while training ran
+    except ValidationError:
+        remove_owned(tmp)
+        raise
     replace_owned_dir(final, tmp)
 
 

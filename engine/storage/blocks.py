@@ -7,13 +7,15 @@ training set, without ever holding a full [n_queries, n_train] row set.
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from engine.storage.arrays import temp_path_for
+from engine.core.errors import ProponentError
+from engine.storage.arrays import _refused_write, temp_path_for
 
 REMAP_BYTES = 128 << 20
 
@@ -21,11 +23,21 @@ REMAP_BYTES = 128 << 20
 def write_blocks(path: str | Path, shape: tuple[int, int], blocks: Iterable[tuple[int, int, np.ndarray]],
                  dtype=np.float32, axis: int = 0) -> Path:
     """Write the blocks ``(lo, hi, block)`` of a ``shape`` matrix to ``path`` (a ``.npy``): row
-    blocks (``axis=0``) or column blocks (``axis=1``, rows × (hi - lo))."""
+    blocks (``axis=0``) or column blocks (``axis=1``, rows × (hi - lo)).
+
+    The matrix's disk space is reserved before the first block (a full disk is an error here, not a
+    SIGBUS while a mapped page is written). A write the filesystem refuses (a full disk, a read-only or
+    forbidden folder, a folder where the file should be, a file where a folder should be) ends in one
+    line naming ``path``, and nothing is left behind."""
     path = Path(path)
-    tmp = temp_path_for(path)
+    tmp = None
     try:
+        tmp = temp_path_for(path)
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(int(s) for s in shape))
+        size = out.offset + out.nbytes
+        if hasattr(os, "posix_fallocate") and size > 0:
+            with open(tmp, "rb+") as f:
+                os.posix_fallocate(f.fileno(), 0, size)
         filled, since_remap = 0, 0
         for lo, hi, block in blocks:
             if axis == 0:
@@ -47,11 +59,28 @@ def write_blocks(path: str | Path, shape: tuple[int, int], blocks: Iterable[tupl
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        refused = _refused(e, path)
+        if refused is not None:
+            raise refused from None
         raise
     return path
+
+
+_FOLDER_IN_THE_WAY = {errno.EEXIST: "a file is where a folder of this path should be",
+                      errno.ENOTDIR: "a file is where a folder of this path should be",
+                      errno.EISDIR: "is a folder; give a file name"}
+
+
+def _refused(e: BaseException, path: Path):
+    """The one-line error for a write of ``path`` the filesystem refused; None for anything else."""
+    if isinstance(e, OSError) and e.errno in _FOLDER_IN_THE_WAY:
+        where = e.filename if e.errno != errno.EISDIR and e.filename else None
+        return ProponentError(f"cannot write: {_FOLDER_IN_THE_WAY[e.errno]}" + (f" ({where})" if where else ""),
+                              file=str(path))
+    return _refused_write(e, path, "cannot write", "nothing was half-written")
 
 
 def iter_row_blocks(matrix: np.ndarray, rows: int = 256) -> Iterator[tuple[int, int, np.ndarray]]:

@@ -4,18 +4,42 @@ Everything here can be recomputed: method runs (``runs/<key>``), the training-si
 and curvature factors runs share (``features``, ``factors``), retrained ground truth
 (``groundtruth``), calibrations, embedding layouts and job logs. ``state.db`` (flags, notes, the
 audit trail) is never touched. Pruning removes whole entries, least recently used first.
+
+Only entries Proponent wrote are listed or pruned: each kind's writer names its entries by a fixed
+pattern (a method and a hash, a store kind and a hash, ...), and anything else there (a user's
+notes, a folder of their own) is reported as skipped and left in place. A symlinked cache folder or
+entry is never followed: it is skipped with a note, so pruning cannot reach outside the project.
 """
 from __future__ import annotations
 
+import math
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.core.errors import ProponentError
 from engine.storage.statedb import STATE_DIRNAME, StateDB
 
 # folders of recomputable results, each entry one child (runs: one per run key)
 CACHE_KINDS = ("runs", "features", "factors", "groundtruth", "calibration", "embeddings", "jobs")
+_H = r"[0-9a-f]{8,}"
+# how each kind's writer names its entries: engine.api (run_dir: METHOD-HASH; store_dir: trak_HASH from
+# methods/trak.py, grads_HASH from methods/source.py), methods/source.py (factors), evaluate/groundtruth.py,
+# methods/forward_inf/calibration.py, workflows/embeddings.py (TAG-REDUCER-LAYOUT-CKPTS-DATA.npz) and
+# app/jobs/queue.py (TIMESTAMP-HEX.log). Anything else in these folders is not Proponent's.
+OWN_NAMES = {
+    "runs": re.compile(r"^[a-z0-9][a-z0-9_-]*-[0-9a-f]{12}$"),
+    "features": re.compile(rf"^(trak|grads)_{_H}$"),
+    "factors": re.compile(rf"^(cov|lambda)-{_H}\.safetensors$"),
+    "groundtruth": re.compile(rf"^gt-{_H}\.(npy|parts)$"),
+    "calibration": re.compile(rf"^forward-inf-{_H}\.json$"),
+    "embeddings": re.compile(rf"^[A-Za-z0-9_-]+-{_H}-{_H}-{_H}\.npz$"),
+    "jobs": re.compile(r"^\d{14}-[0-9a-f]{8}\.log$"),
+}
+# an atomic write's temporary file left by a killed writer (engine.storage.arrays.temp_path_for)
+_TEMP = re.compile(r"^\..+\.\d+\.[^.]+\.tmp$")
 
 
 @dataclass
@@ -35,6 +59,18 @@ class CacheEntry:
                 "status": self.status}
 
 
+@dataclass
+class SkippedEntry:
+    """Something in a cache folder that pruning leaves alone, and why."""
+    kind: str
+    key: str
+    path: Path
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "key": self.key, "path": str(self.path), "reason": self.reason}
+
+
 def _size_and_mtime(path: Path) -> tuple[int, float]:
     if path.is_file():
         st = path.stat()
@@ -48,23 +84,43 @@ def _size_and_mtime(path: Path) -> tuple[int, float]:
     return total, newest
 
 
-def cache_entries(root: str | Path) -> list[CacheEntry]:
-    """Every cached entry of the project at ``root``, largest first."""
+def _scan(root: str | Path) -> tuple[list[CacheEntry], list[SkippedEntry]]:
     state = Path(root) / STATE_DIRNAME
     runs = {}
     if (state / "state.db").is_file():
         runs = {r["key"]: r for r in StateDB(state / "state.db").list_runs()}
-    out = []
+    inside = state.resolve()
+    out, skipped = [], []
     for kind in CACHE_KINDS:
         folder = state / kind
+        if folder.is_symlink() or (folder.is_dir() and folder.resolve().parent != inside):
+            skipped.append(SkippedEntry(kind, "", folder, "a symlink; not followed"))
+            continue
         if not folder.is_dir():
             continue
         for child in sorted(folder.iterdir()):
+            if child.is_symlink():
+                skipped.append(SkippedEntry(kind, child.name, child, "a symlink; not followed"))
+                continue
+            if not (OWN_NAMES[kind].match(child.name) or (kind == "runs" and child.name in runs and child.is_dir())
+                    or (_TEMP.match(child.name) and child.is_file())):
+                skipped.append(SkippedEntry(kind, child.name, child, "not written by Proponent; left in place"))
+                continue
             size, mtime = _size_and_mtime(child)
             run = runs.get(child.name) if kind == "runs" else None
             out.append(CacheEntry(kind, child.name, child, size, mtime, method=run and run["method"],
                                   status=run and run["status"]))
-    return sorted(out, key=lambda e: -e.bytes)
+    return sorted(out, key=lambda e: -e.bytes), skipped
+
+
+def cache_entries(root: str | Path) -> list[CacheEntry]:
+    """Every cached entry Proponent wrote in the project at ``root``, largest first."""
+    return _scan(root)[0]
+
+
+def skipped_entries(root: str | Path) -> list[SkippedEntry]:
+    """What the cache folders hold that Proponent did not write (or that a symlink leads to)."""
+    return _scan(root)[1]
 
 
 def cache_size(root: str | Path) -> int:
@@ -75,8 +131,18 @@ def prune_cache(root: str | Path, *, older_than_days: float | None = None, max_t
                 keys: list[str] | None = None, everything: bool = False, dry_run: bool = False) -> list[CacheEntry]:
     """Remove entries: named ``keys``; those unused for ``older_than_days``; then the least recently
     used until the cache is at most ``max_total_mb``; or all of them. Returns what was (or, with
-    ``dry_run``, would be) removed. Runs removed also leave the state database."""
-    entries = cache_entries(root)
+    ``dry_run``, would be) removed. Runs removed also leave the state database. Only entries
+    Proponent wrote are candidates (see :func:`skipped_entries` for the rest)."""
+    for flag, value, unit in (("--older-than", older_than_days, "days"), ("--max-size", max_total_mb, "MB")):
+        if value is not None and not (value >= 0 and not math.isnan(value)):
+            raise ProponentError(f"{flag} must be 0 or more {unit}, not {value:g}")
+    entries, skipped = _scan(root)
+    for k in keys or []:
+        if not any(e.key == k for e in entries):
+            foreign = next((s for s in skipped if s.key == k), None)
+            if foreign is not None:
+                raise ProponentError(f"--run {k}: {foreign.reason}", file=str(foreign.path))
+            raise ProponentError(f"--run {k}: no cached entry has this key (`proponent cache` lists them)")
     now = time.time()
     chosen: dict[Path, CacheEntry] = {}
     for e in entries:
@@ -96,14 +162,19 @@ def prune_cache(root: str | Path, *, older_than_days: float | None = None, max_t
         return removed
     state = Path(root) / STATE_DIRNAME
     db = StateDB(state / "state.db") if (state / "state.db").is_file() else None
+    done = []
     for e in removed:
+        if e.path.is_symlink():  # replaced by a link since the scan: never followed
+            continue
         if e.path.is_dir():
             shutil.rmtree(e.path)
         else:
             e.path.unlink(missing_ok=True)
         if e.kind == "runs" and db is not None:
             db.delete_run(e.key)
-    return removed
+        done.append(e)
+    return done
 
 
-__all__ = ["CacheEntry", "cache_entries", "cache_size", "prune_cache", "CACHE_KINDS"]
+__all__ = ["CacheEntry", "SkippedEntry", "cache_entries", "skipped_entries", "cache_size", "prune_cache", "CACHE_KINDS",
+           "OWN_NAMES"]

@@ -22,6 +22,14 @@ MARKER = ".proponent-owned"
 # what `proponent train` wrote before folders carried a marker
 _RECORDED = re.compile(r"^(trajectory\.json|stage_[^/]+_rows\.json|model_\d+/step_\d+(\.optim)?\.safetensors|"
                        r"imported/.*)$")
+# everything ``proponent train`` (and ``proponent import`` beside it) writes into a checkpoint folder,
+# marker included: a marked folder holding anything else holds a user's file and is not replaced
+TRAINED_FILES = re.compile(r"^(\.proponent-owned|trajectory\.json|stage_[^/]+_rows\.json|"
+                           r"model_\d+/step_\d+(\.optim)?\.safetensors|"
+                           r"imported(\.partial|\.old)?/(\.proponent-owned|model_\d+/step_\d+\.safetensors))$")
+TRAINED_DIRS = re.compile(r"^(model_\d+|imported(\.partial|\.old)?(/model_\d+)?)$")
+# an atomic write's temporary file (engine.storage.arrays.temp_path_for), left behind by a kill
+_TEMP = re.compile(r"^\..+\.\d+\.[^.]+\.tmp$")
 
 
 def make_owned_dir(path: Path) -> Path:
@@ -42,6 +50,32 @@ def is_owned(path: Path) -> bool:
         return True
     files = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() or p.is_symlink()]
     return bool(files) and "trajectory.json" in files and all(_RECORDED.match(f) for f in files)
+
+
+def foreign_entry(path: Path, files: re.Pattern = TRAINED_FILES, dirs: re.Pattern = TRAINED_DIRS) -> Path | None:
+    """The first thing inside ``path`` that Proponent does not write there (``files`` and ``dirs``
+    match relative POSIX paths; an atomic write's leftover temporary file is Proponent's), or None."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return None
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path).as_posix()
+        if p.is_dir() and not p.is_symlink():
+            ok = dirs.match(rel)
+        else:
+            ok = files.match(rel) or (_TEMP.match(p.name) and not p.is_symlink())
+        if not ok:
+            return p
+    return None
+
+
+def require_only_ours(path: Path, files: re.Pattern = TRAINED_FILES, dirs: re.Pattern = TRAINED_DIRS) -> None:
+    """A one-line refusal naming the first file in ``path`` that Proponent did not write: replacing or
+    removing the folder would lose it (the marker says who made the folder, not who filled it)."""
+    bad = foreign_entry(path, files, dirs)
+    if bad is not None:
+        raise ValidationError(f"Proponent did not write this, and replacing {Path(path).name}/ would delete it; "
+                              "move it out of the folder and run again", file=str(bad))
 
 
 def remove_owned(path: Path) -> None:
@@ -93,5 +127,5 @@ def recover_interrupted_swap(final: Path) -> bool:
     return False
 
 
-__all__ = ["MARKER", "make_owned_dir", "is_owned", "remove_owned", "replace_owned_dir", "recover_interrupted_swap",
-           "partial_path", "old_path"]
+__all__ = ["MARKER", "TRAINED_FILES", "TRAINED_DIRS", "make_owned_dir", "is_owned", "foreign_entry", "require_only_ours",
+           "remove_owned", "replace_owned_dir", "recover_interrupted_swap", "partial_path", "old_path"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sqlite3
 import threading
@@ -80,6 +81,55 @@ MIGRATIONS: list[tuple[int, str]] = [
 SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
+def database_error(e: BaseException, path: str | Path) -> ProponentError | None:
+    """The one line (naming ``path``) for a state database that cannot be opened, read or written: a corrupt
+    or foreign file, a folder in its place, a read-only file or folder, a lock held too long. None for any
+    other error. Proponent never deletes the file: its flags, notes and audit trail are the user's."""
+    path = Path(path)
+    if isinstance(e, OSError):  # the .proponent folder itself cannot be made (a file in its place, no permission)
+        return ProponentError(f"cannot make the folder of {path.name}: {e.strerror or e}",
+                              file=str(e.filename or path.parent))
+    if not isinstance(e, sqlite3.DatabaseError) or isinstance(e, (
+            sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.DataError, sqlite3.NotSupportedError)):
+        return None  # a bug in the statement, not a problem of the file: the traceback is what helps
+    msg = str(e)
+    low = msg.lower()
+    if path.is_dir():
+        problem = ("is a folder, not Proponent's SQLite database; move it away (Proponent then starts a new "
+                   "state.db there)")
+    elif "readonly" in low or "read-only" in low:
+        problem = (f"is read-only ({msg}); Proponent records runs, flags and jobs there: make state.db and its "
+                   f"folder writable by this user")
+    elif "locked" in low or "busy" in low:
+        problem = f"is locked by another process ({msg}); wait for it to finish and try again"
+    elif "unable to open" in low:
+        problem = (f"cannot be opened ({msg}); check that the file and its folder {path.parent.name} can be read "
+                   f"and written by this user")
+    elif "disk is full" in low or "disk i/o" in low:
+        problem = f"cannot be written ({msg}); free some space or check the disk"
+    elif not isinstance(e, sqlite3.OperationalError) or "malformed" in low or "not a database" in low:
+        problem = (f"is not a readable SQLite database ({msg}); it may be damaged or another program's file: move "
+                   f"it away (for example rename it to state.db.broken) and rerun to start a new one, "
+                   f"whose flags and notes start empty (Proponent does not delete it)")
+    else:
+        problem = f"SQLite error: {msg}"
+    return ProponentError(problem, file=str(path))
+
+
+def _one_line(method):
+    """A database error inside ``method`` becomes the one-line :func:`database_error` naming state.db."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.DatabaseError, OSError) as e:
+            err = database_error(e, self.path)
+            if err is None:
+                raise
+            raise err from None
+    return wrapped
+
+
 class StateDB:
     """The project's SQLite database (WAL mode) for runs, flags, notes, audit trail and jobs.
 
@@ -88,8 +138,12 @@ class StateDB:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._open()
+
+    @_one_line
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._migrate()
 
     def _migrate(self) -> None:
@@ -142,10 +196,12 @@ class StateDB:
             yield con
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # a failed COMMIT may have ended the transaction already
+                con.execute("ROLLBACK")
             raise
 
     # ------------------------------------------------------------ runs
+    @_one_line
     def upsert_run(self, key: str, **fields) -> None:
         fields = {k: (json.dumps(v, default=json_default) if k in ("settings", "meta") and not isinstance(v, str) else v)
                   for k, v in fields.items()}
@@ -160,18 +216,22 @@ class StateDB:
             elif fields:
                 con.execute(f"UPDATE runs SET {','.join(f'{k}=?' for k in fields)} WHERE key=?", (*fields.values(), key))
 
+    @_one_line
     def get_run(self, key: str) -> dict | None:
         row = self._conn().execute("SELECT * FROM runs WHERE key=?", (key,)).fetchone()
         return _run_row(row) if row else None
 
+    @_one_line
     def delete_run(self, key: str) -> None:
         with self._tx() as con:
             con.execute("DELETE FROM runs WHERE key=?", (key,))
 
+    @_one_line
     def list_runs(self) -> list[dict]:
         return [_run_row(r) for r in self._conn().execute("SELECT * FROM runs ORDER BY created DESC")]
 
     # ------------------------------------------------------------ flags
+    @_one_line
     def set_flag(self, split: str, item: int | str, *, flag: str | None = ..., relabel: Any = ...,
                  note: str | None = ..., source: str = "user") -> dict:
         """Set any of flag / relabel / note for one item, recording each change in the audit trail.
@@ -207,6 +267,7 @@ class StateDB:
                     (split, item, new["flag"], new["relabel"], new["note"], now))
         return new
 
+    @_one_line
     def toggle_flag(self, split: str, item: int | str, flag: str = "mislabeled", source: str = "user") -> str | None:
         """One-click flag: set ``flag`` if the item does not carry it, clear it if it does. The read
         and the write are one transaction, so concurrent clicks are never lost."""
@@ -218,6 +279,7 @@ class StateDB:
             self._set_in(con, split, item, {"flag": new}, source)
         return new
 
+    @_one_line
     def set_flags(self, split: str, items, **kw) -> None:
         """The same change for many items, in one transaction."""
         source = kw.pop("source", "user")
@@ -226,15 +288,18 @@ class StateDB:
             for it in items:
                 self._set_in(con, split, it, changes, source)
 
+    @_one_line
     def flags(self, split: str | None = None) -> dict[str, dict]:
         q = "SELECT * FROM flags" + (" WHERE split=?" if split else "")
         rows = self._conn().execute(q, (split,) if split else ()).fetchall()
         return {(r["item"] if split else f"{r['split']}:{r['item']}"): dict(r) for r in rows}
 
+    @_one_line
     def audit(self, limit: int = 1000) -> list[dict]:
         return [dict(r) for r in self._conn().execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))]
 
     # ------------------------------------------------------------ jobs
+    @_one_line
     def upsert_job(self, job_id: str, **fields) -> None:
         fields = {k: (json.dumps(v, default=json_default) if k in ("params", "result") and not isinstance(v, str) else v)
                   for k, v in fields.items()}
@@ -252,10 +317,12 @@ class StateDB:
             else:
                 con.execute(f"UPDATE jobs SET {','.join(f'{k}=?' for k in fields)} WHERE id=?", (*fields.values(), job_id))
 
+    @_one_line
     def get_job(self, job_id: str) -> dict | None:
         row = self._conn().execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return _job_row(row) if row else None
 
+    @_one_line
     def list_jobs(self, limit: int = 50) -> list[dict]:
         return [_job_row(r) for r in self._conn().execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,))]
 
