@@ -24,6 +24,7 @@ from engine.storage.arrays import (
     atomic_save_npy,
     atomic_write_json,
     load_npy,
+    read_cached_npy,
     stable_hash,
 )
 from engine.storage.blocks import write_blocks
@@ -96,18 +97,12 @@ def _peak_mb() -> float:
 
 
 def _read_back(files: dict[str, Path], shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray] | None:
-    """A finished run's stored arrays (memory-mapped), or None where any is missing or cannot be read back
-    as the float array of the shape it should have (truncated, overwritten, not a .npy): a cache miss, so
-    the run is recomputed and the file, which Proponent wrote, replaced. Never unpickled."""
+    """A finished run's stored arrays (memory-mapped), or None where any is a cache miss (see
+    :func:`read_cached_npy`)."""
     out = {}
     for name, f in files.items():
-        if not f.is_file():
-            return None
-        try:
-            arr = load_npy(f)
-        except (ValueError, OSError, EOFError):
-            return None
-        if arr.shape != tuple(shapes[name]) or arr.dtype.kind != "f":
+        arr = read_cached_npy(f, shapes[name])
+        if arr is None:
             return None
         out[name] = arr
     return out

@@ -33,13 +33,13 @@ from engine.methods.trak import projection_summary
 from engine.storage.arrays import clean_orphan_temp_files
 from engine.storage.blocks import iter_row_blocks, write_blocks
 from engine.storage.cache import cache_entries, cache_size, prune_cache, skipped_entries
-from engine.storage.statedb import StateDB
+from engine.storage.statedb import StateDB, is_database_fault
 from engine.workflows.leaks import detect_copies, detect_leaks
 from engine.workflows.triage import triage
 
 
-def _project(path: str):
-    return Project.load(path)
+def _project(path: str, **checks):
+    return Project.load(path, **checks)
 
 
 def _settings(pairs: list[str] | None) -> dict:
@@ -152,7 +152,7 @@ def cmd_prepare(a) -> int:
 
 
 def cmd_train(a) -> int:
-    p = _project(a.project)
+    p = _project(a.project, check_trajectory=False)
     device = "cpu" if a.device == "auto" else a.device
     cks = record_training(p, models=a.models, device=device, progress=_progress())
     finals = p.final_checkpoints()
@@ -368,7 +368,7 @@ def cmd_cache(a) -> int:
 
 
 def cmd_import(a) -> int:
-    p = _project(a.project)
+    p = _project(a.project, check_trajectory=False)
     n = import_trajectory(p, a.checkpoints)
     print(f"imported {n} checkpoints from {a.checkpoints} into {p.trajectory_path}; "
           f"trajectory methods (source, tracin) can now run")
@@ -551,10 +551,7 @@ def file_error_line(e: BaseException) -> str | None:
     file, a full or read-only disk) or an SQLite database error; None for anything else (a bug: its
     traceback stands)."""
     if isinstance(e, sqlite3.DatabaseError):
-        if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.DataError,
-                          sqlite3.NotSupportedError)):
-            return None
-        return f"state database: {e}"
+        return f"state database: {e}" if is_database_fault(e) else None
     if not isinstance(e, OSError) or e.errno not in _FILE_ERRNOS:
         return None
     problem = e.strerror or os.strerror(e.errno)

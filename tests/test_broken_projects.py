@@ -252,6 +252,56 @@ def weights_outside(root: Path):
     (root / "checkpoints" / "trajectory.json").write_text(json.dumps(log))
 
 
+def as_table(kind: str, edit_train: Callable[[list[dict]], list] | None = None) -> Callable[[Path], None]:
+    """Both CSV splits rewritten as JSON Lines or Parquet (``edit_train``: changes the training records;
+    a string record is written as that raw line) and project.toml pointed at them."""
+    def f(root: Path):
+        import pandas as pd
+        for split in ("train", "test"):
+            records = pd.read_csv(root / "data" / f"{split}.csv").to_dict("records")
+            if split == "train" and edit_train:
+                records = edit_train(records)
+            if kind == "jsonl":
+                (root / "data" / f"{split}.jsonl").write_text(
+                    "\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+            else:
+                pd.DataFrame(records).to_parquet(root / "data" / f"{split}.parquet")
+            (root / "data" / f"{split}.csv").unlink()
+        edit_toml('train = "data/train.csv"\ntest = "data/test.csv"',
+                  f'train = "data/train.{kind}"\ntest = "data/test.{kind}"')(root)
+    return f
+
+
+def set_record(i: int, **values) -> Callable[[list[dict]], list]:
+    """Record ``i`` with ``values`` set (a value of ... removes the key)."""
+    def fn(records):
+        rec = {k: v for k, v in records[i].items() if values.get(k, 0) is not ...}
+        records[i] = {**rec, **{k: v for k, v in values.items() if v is not ...}}
+        return records
+    return fn
+
+
+def weights_file(fn: Callable[[dict], dict]) -> Callable[[Path], None]:
+    """``[model] weights`` set to the recorded final weights, changed by ``fn``."""
+    def f(root: Path):
+        from safetensors.torch import load_file
+        log = json.loads((root / "checkpoints" / "trajectory.json").read_text())
+        state = load_file(str(root / "checkpoints" / log["checkpoints"][-1]["weights"]))
+        save_file(fn(state), str(root / "w.safetensors"))
+        edit_toml('checkpoints = "checkpoints"', 'checkpoints = "ck2"\nweights = ["w.safetensors"]')(root)
+    return f
+
+
+def not_utf8(root: Path):
+    lines = (root / "data" / "train.csv").read_bytes().split(b"\n")
+    lines[7] = lines[7][:-1] + b"\xe9"  # a Latin-1 "é" as the label's last byte, on line 8
+    (root / "data" / "train.csv").write_bytes(b"\n".join(lines))
+
+
+def rgb_among_grey(root: Path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "data" / "img" / "train_3.png")
+
+
 def manifest_import(rows: str, name: str = "manifest.csv") -> Callable[[Path], None]:
     """A folder of the user's checkpoints (a copy of the recorded final one) with the manifest ``rows``."""
     def f(root: Path):
@@ -381,6 +431,19 @@ CASES = [
     ("normalize-mean-nan", I, edit_toml('image_column = "path"', 'image_column = "path"\nnormalize = { mean = [nan], std = [1.0] }'), INFO, "mean"),
     ("normalize-std-inf", I, edit_toml('image_column = "path"', 'image_column = "path"\nnormalize = { mean = [0.5], std = [inf] }'), INFO, "std"),
     ("resize-huge", I, edit_toml('image_column = "path"', 'image_column = "path"\nresize = [100000, 100000]'), INFO, "resize"),
+    ("csv-not-utf8", T, not_utf8, INFO, "line 8: byte 0xe9 at column"),
+    ("jsonl-bad-line", T, as_table("jsonl", lambda rs: rs[:5] + ["{broken"] + rs[6:]), INFO, "line 6: not valid JSON"),
+    ("jsonl-not-an-object", T, as_table("jsonl", lambda rs: rs[:3] + ["[1, 2]"] + rs[4:]), INFO, "line 4: expected a JSON object"),
+    ("jsonl-null-feature", T, as_table("jsonl", set_record(5, f1=None)), INFO, "row 5 (line 6): column 'f1': has no value"),
+    ("jsonl-key-missing", T, as_table("jsonl", set_record(5, f1=...)), INFO, "row 5 (line 6): column 'f1': has no value"),
+    ("jsonl-label-missing", T, as_table("jsonl", set_record(7, label=...)), INFO, "row 7 (line 8): empty label"),
+    ("parquet-nan-feature", T, as_table("parquet", set_record(5, f1=float("nan"))), INFO, "train.parquet: row 5: column 'f1': has no value"),
+    ("parquet-dates", T, as_table("parquet", lambda rs: [{**r, "f1": __import__("pandas").Timestamp("2024-01-01")} for r in rs]), INFO, "column 'f1' holds dates"),
+    ("image-rgb-among-grey", I, rgb_among_grey, INFO, 'set [data] mode = "rgb"'),
+    ("weights-integers", T, weights_file(lambda st: {k: v.to(torch.int32) for k, v in st.items()}), INFO, "holds int32 values but model.py builds float32"),
+    ("weights-nan", T, weights_file(lambda st: {k: v.clone().fill_(float("nan")) if i == 1 else v for i, (k, v) in enumerate(st.items())}), INFO, "NaN or infinite"),
+    ("weights-a-folder", T, lambda r: ((r / "w.safetensors").mkdir(), edit_toml('checkpoints = "checkpoints"', 'checkpoints = "ck2"\nweights = ["w.safetensors"]')(r)), INFO, "is a folder, not a weights file"),
+    ("import-json-entry-has-no-line", T, manifest_import('[{"file": "a.safetensors", "step": 3, "lr": 0.05}, {"file": "a.safetensors", "step": -1, "lr": 0.05}]', "manifest.json"), IMPORT, "manifest.json: row 1: step: -1 is negative"),
     ("normalize-std-zero", I, edit_toml('image_column = "path"', 'image_column = "path"\nnormalize = { mean = [0.5], std = [0] }'), INFO, "std"),
 ]
 

@@ -188,6 +188,59 @@ def test_read_back_never_unpickles_and_checks_shapes(tmp_path):
     assert _read_back({"s": tmp_path / "missing.npy"}, {"s": (1,)}) is None
 
 
+def _derived(name: str):
+    """(compute(project) → comparable value, glob of the cached file under .proponent/) for each result
+    cached outside a run's scores."""
+    from engine.api import cached_scores
+    from engine.workflows.counterfactual import query_scores
+    from engine.workflows.leaks import detect_leaks
+    from engine.workflows.mislabel import label_probabilities
+
+    return {
+        "trak-kernel": (lambda p: cached_scores(p, "trak", {"proj_dim": 16}, use_cache=False)["scores"],
+                        "features/**/kernel.npy"),
+        "trak-lambda": (lambda p: cached_scores(p, "trak", {"proj_dim": 16}, use_cache=False)["scores"],
+                        "features/**/lambda.npy"),
+        "cv-probs": (lambda p: label_probabilities(p, folds=2)[0], "cache/cv_probs_*.npy"),
+        "leak-null": (lambda p: detect_leaks(p, "grad-dot")["threshold"], "runs/grad-dot-*/leak_null_*.npy"),
+        "query-scores": (lambda p: query_scores(p, 1, "grad-dot"), "runs/grad-dot-*/scores.npy"),
+    }[name]
+
+
+def _store_first(name: str, p) -> None:
+    """What must be cached before the damaged read (one query's scores read a stored run)."""
+    if name == "query-scores":
+        from engine.api import cached_scores
+
+        cached_scores(p, "grad-dot")
+
+
+@pytest.mark.parametrize("name", ["trak-kernel", "trak-lambda", "cv-probs", "leak-null", "query-scores"])
+@pytest.mark.parametrize("damage", ["truncated", "pickled"])
+def test_a_damaged_derived_cache_is_recomputed(proj, name, damage):
+    """Kernels, cross-validated probabilities, leak nulls and the scores one query reads back: a damaged
+    file is a miss (the same result again, the file replaced), never an error or a wrong answer."""
+    from engine import Project
+
+    compute, pattern = _derived(name)
+    p = Project.load(proj)
+    _store_first(name, p)
+    want = np.array(compute(p))
+    (stored,) = (proj / ".proponent").glob(pattern)
+    good = np.load(stored)
+    if damage == "truncated":
+        stored.write_bytes(stored.read_bytes()[:100])
+    else:
+        np.save(stored, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    again = np.array(compute(Project.load(proj)))
+    if name == "query-scores":  # the miss scores the one query afresh in float64; the run stores float32
+        np.testing.assert_allclose(again, want, rtol=1e-5, atol=1e-7 * np.abs(want).max())
+    else:
+        assert np.array_equal(again, want)
+    if name != "query-scores":  # one query's read never writes the whole run back
+        assert np.array_equal(np.load(stored), good)
+
+
 # ---------------------------------------------------------------------------- bench --json
 @pytest.mark.parametrize("form", ["--json", "--json="])
 def test_bench_json_path_is_checked_before_the_bench_runs(proj, tmp_path, capsys, monkeypatch, form):

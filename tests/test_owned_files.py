@@ -174,3 +174,48 @@ def test_train_still_replaces_its_own_checkpoint_folder(project, capsys):
     assert rc == 0, err
     assert (ck / "trajectory.json").is_file() and "recorded" in out
     assert (ck / ".proponent-owned").is_file() and before
+
+
+@pytest.mark.parametrize("damage", ["{not json", "[]", '{"checkpoints": [{"model_id": 0}]}'])
+def test_train_and_import_replace_a_damaged_trajectory_log(project, tmp_path, capsys, damage):
+    """The commands that write a new log are the fix for a damaged one: they must not refuse to run."""
+    import json
+
+    ck = project / "checkpoints"
+    log = json.loads((ck / "trajectory.json").read_text())
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    shutil.copy(ck / log["checkpoints"][-1]["weights"], theirs / "a.safetensors")
+    (theirs / "manifest.csv").write_text("file,step,lr\na.safetensors,5,0.05\n")
+    (ck / "trajectory.json").write_text(damage)
+    rc, _, err = run(capsys, "attribute", project, "--method", "tracin")
+    one_line_error(err, str(ck / "trajectory.json"))  # everything that reads the log still refuses it
+    rc, out, err = run(capsys, "import", project, "--checkpoints", theirs)
+    assert rc == 0, err
+    assert [c["step"] for c in json.loads((ck / "trajectory.json").read_text())["checkpoints"]] == [5]
+    (ck / "trajectory.json").write_text(damage)
+    rc, out, err = run(capsys, "train", project)
+    assert rc == 0, err
+    assert json.loads((ck / "trajectory.json").read_text())["checkpoints"]
+
+
+def test_written_checkpoints_are_readable_like_any_other_file(project, tmp_path, capsys):
+    """Weights follow the umask as the user's other files do (safetensors alone creates them 0600)."""
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    want = 0o666 & ~mask
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    ck = project / "checkpoints"
+    assert run(capsys, "train", project)[0] == 0
+    weights = sorted(ck.rglob("*.safetensors"))
+    assert weights
+    shutil.copy(weights[-1], theirs / "a.safetensors")
+    (theirs / "manifest.csv").write_text("file,step,lr\na.safetensors,5,0.05\n")
+    assert run(capsys, "import", project, "--checkpoints", theirs)[0] == 0
+    written = sorted(ck.rglob("*.safetensors"))
+    assert len(written) > len(weights)
+    for f in written:
+        assert f.stat().st_mode & 0o777 == want, (f, oct(f.stat().st_mode))

@@ -117,7 +117,7 @@ def test_nan_feature(tmp_path):
     parts[0] = "nan"
     lines[2] = ",".join(parts)
     (root / "test.csv").write_text("\n".join(lines) + "\n")
-    _assert_one_line_error(root, "test.csv", "row 1", "not a finite number")
+    _assert_one_line_error(root, "test.csv", "row 1", "column 'f0': has no value (empty, null, missing or NaN)")
 
 
 def test_missing_project_toml(tmp_path):

@@ -57,9 +57,9 @@ def test_choice_is_measured_once_and_cached(project, monkeypatch):
     monkeypatch.setattr(th, "available_cores", lambda: 4)
     timed = []
 
-    def fake_time(computer, x, y, threads, repeats=3):
-        timed.append(threads)
-        return {1: 0.02, 4: 0.05}[threads]  # this model is faster on one thread
+    def fake_time(computer, x, y, counts, repeats=5):
+        timed.extend(counts)
+        return {n: {1: 0.02, 4: 0.05}[n] for n in counts}  # this model is faster on one thread
 
     monkeypatch.setattr(th, "_time_gradients", fake_time)
     first = th.gradient_threads(project)
@@ -77,8 +77,31 @@ def test_choice_is_measured_once_and_cached(project, monkeypatch):
     th.gradient_threads(project)
     assert sorted(timed) == [1, 1, 4, 4]  # another architecture file: measured again
     monkeypatch.setattr(th, "available_cores", lambda: 8)  # another machine size: measured again
-    monkeypatch.setattr(th, "_time_gradients", lambda c, x, y, t, repeats=3: {1: 0.05, 8: 0.01}[t])
+    monkeypatch.setattr(th, "_time_gradients", lambda c, x, y, counts, repeats=5: {1: 0.05, 8: 0.01})
     assert th.gradient_threads(project)["threads"] == 8
+
+
+@pytest.mark.parametrize("all_cores, want", [(0.089, 2), (0.095, 1), (0.12, 1)])
+def test_all_cores_only_when_clearly_faster(project, monkeypatch, all_cores, want):
+    """A near tie goes to one thread: on a busy machine many threads can be several times slower."""
+    monkeypatch.delenv("PROPONENT_THREADS", raising=False)
+    monkeypatch.setattr(th, "available_cores", lambda: 2)
+    monkeypatch.setattr(th, "_time_gradients", lambda c, x, y, counts, repeats=5: {1: 0.1, 2: all_cores})
+    assert th.gradient_threads(project)["threads"] == want
+
+
+def test_thread_counts_are_timed_in_turn(project):
+    """Rounds alternate the counts, so a burst of outside load cannot land on one count's every repeat."""
+    order = []
+
+    class Computer:
+        def per_example(self, x, y):
+            if len(x) > 2:  # not the warm-up
+                order.append(torch.get_num_threads())
+
+    x, y = torch.zeros(8, 3), torch.zeros(8, dtype=torch.long)
+    seconds = th._time_gradients(Computer(), x, y, (1, 2), repeats=3)
+    assert order == [1, 2, 1, 2, 1, 2] and set(seconds) == {1, 2}
 
 
 def test_real_timing_picks_a_valid_count(project, monkeypatch):

@@ -20,12 +20,12 @@ import pandas as pd
 import pydantic
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from engine.core.errors import ValidationError
 from engine.core.paths import OPT_OUT, FolderResolver
-from engine.storage.arrays import atomic_write_json
+from engine.storage.arrays import atomic_write_json, save_tensors
 from engine.storage.folders import (
     make_owned_dir,
     partial_path,
@@ -143,7 +143,13 @@ def weights_checkpoints(root: Path, files: list[str]) -> list[Checkpoint]:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a .safetensors file or a tensors-only .pt/.pth/.bin file."""
     if not path.is_file():
-        raise ValidationError("weights file not found", file=str(path))
+        raise ValidationError("is a folder, not a weights file" if path.is_dir() else "weights file not found",
+                              file=str(path))
+    try:
+        with open(path, "rb"):  # the OS's reason (permissions, I/O), not a parser's guess
+            pass
+    except OSError as e:
+        raise ValidationError(f"cannot read weights: {e.strerror or e}", file=str(path)) from None
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
@@ -175,9 +181,18 @@ def fit_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> n
         raise ValidationError(f"weights do not fit model.py: unexpected key {unexpected[0]!r}"
                               + (f" ({len(unexpected)} unexpected)" if len(unexpected) > 1 else ""), file=str(path))
     for k, v in own.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise ValidationError(f"weights do not fit model.py: key {k!r} has shape {tuple(state[k].shape)} "
+        got = state[k]
+        if tuple(got.shape) != tuple(v.shape):
+            raise ValidationError(f"weights do not fit model.py: key {k!r} has shape {tuple(got.shape)} "
                                   f"but model.py builds {tuple(v.shape)}", file=str(path))
+        # load_state_dict would cast integers into float parameters without a word
+        if v.is_floating_point() and not (got.is_floating_point() or got.is_complex()):
+            raise ValidationError(f"weights do not fit model.py: key {k!r} holds {str(got.dtype).replace('torch.', '')} "
+                                  f"values but model.py builds {str(v.dtype).replace('torch.', '')}", file=str(path))
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            bad = int((~torch.isfinite(got)).sum())
+            raise ValidationError(f"key {k!r} holds {bad} NaN or infinite value(s); these weights come from a run "
+                                  f"that diverged or a damaged file", file=str(path))
     model.load_state_dict(state)
     return model
 
@@ -207,12 +222,13 @@ def read_manifest(src: Path) -> list[dict]:
     if not rows:
         raise ValidationError("the manifest lists no checkpoints", file=str(path))
     out = []
+    as_lines = path.suffix == ".csv"  # a JSON manifest's entries are not lines
     for r, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValidationError("each checkpoint must be a table with file, step, lr", file=str(path), row=r)
+            raise ValidationError("each checkpoint must be a table with file, step, lr", file=str(path), row=r, lines=as_lines)
         for key in ("file", "step", "lr"):
             if key not in row or row[key] is None or row[key] != row[key]:
-                raise ValidationError(f"missing {key!r}", file=str(path), row=r)
+                raise ValidationError(f"missing {key!r}", file=str(path), row=r, lines=as_lines)
         entry = {}
         # each key checked as the trajectory log will be (a bad import must not leave a log no command can read)
         for key, kind, default, low in (("step", int, None, 0), ("lr", float, None, 0.0), ("epoch", float, 0.0, None),
@@ -226,14 +242,14 @@ def read_manifest(src: Path) -> list[dict]:
             problem = ("not a number" if num is None else "not a finite number" if not math.isfinite(num)
                        else "not a whole number" if kind is int and num != int(num) else None)
             if problem:
-                raise ValidationError(f"{key}: {row.get(key)!r} is {problem}", file=str(path), row=r)
+                raise ValidationError(f"{key}: {row.get(key)!r} is {problem}", file=str(path), row=r, lines=as_lines)
             v = kind(num)
             if low is not None and v < low:
-                raise ValidationError(f"{key}: {v!r} is negative", file=str(path), row=r)
+                raise ValidationError(f"{key}: {v!r} is negative", file=str(path), row=r, lines=as_lines)
             entry[key] = v
         file = str(row["file"])
         if Path(file).is_absolute() or ".." in Path(file).parts:
-            raise ValidationError(f"file: {file!r} is not a path inside the checkpoint folder", file=str(path), row=r)
+            raise ValidationError(f"file: {file!r} is not a path inside the checkpoint folder", file=str(path), row=r, lines=as_lines)
         out.append({"file": file, **entry, "stage": str(row.get("stage") or "train"),
                     "optimizer": str(row.get("optimizer") or "sgd")})
     return out
@@ -273,7 +289,7 @@ def _import_into(project, src: Path, entries: list[dict]) -> int:
             sub = f"model_{e['model_id']}"
             (tmp / sub).mkdir(exist_ok=True)
             wname = f"{sub}/step_{e['step']:07d}.safetensors"
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / wname))
+            save_tensors({k: v.contiguous() for k, v in state.items()}, tmp / wname)
             i = index.get(e["model_id"], 0)
             index[e["model_id"]] = i + 1
             log["checkpoints"].append({

@@ -344,7 +344,13 @@ def decode_split(paths: list[Path], names: list[str], prep: ImagePreprocessing, 
                 if problem is not None:
                     raise ValidationError(problem, file=str(files[i]), row=rows[i])
                 if arr.shape != shape:
-                    hint = "" if prep.resize else "; set [data] resize = [h, w] to resize them"
+                    hints = []
+                    if arr.shape[0] != shape[0] and prep.mode is None:
+                        hints.append(f'set [data] mode = "{"rgb" if 3 in (arr.shape[0], shape[0]) else "grey"}" '
+                                    f'to convert their colours')
+                    if arr.shape[1:] != shape[1:] and not prep.resize:
+                        hints.append("set [data] resize = [h, w] to resize them")
+                    hint = "; " + " and ".join(hints) if hints else ""
                     raise ValidationError(f"image {names[i]} has shape {tuple(arr.shape)} (channels, height, width) "
                                           f"but the others have {shape}{hint}", file=str(files[i]), row=rows[i])
                 mm[i] = arr

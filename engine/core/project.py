@@ -198,7 +198,10 @@ class Project:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str | Path, *, check_model: bool = True) -> "Project":
+    def load(cls, path: str | Path, *, check_model: bool = True, check_trajectory: bool = True) -> "Project":
+        """The project at ``path``, its TOML and data checked; ``check_model``: model.py builds and fits the
+        data, and the weights in force load. ``check_trajectory=False`` for commands that write a new
+        trajectory (train, import): a damaged log must not stop the command that replaces it."""
         root = Path(path).expanduser().resolve()
         if not root.exists():
             raise ValidationError("project folder not found", file=str(path))
@@ -210,7 +213,7 @@ class Project:
         p = cls(root, spec)
         if check_model:
             p._check_model()
-            if not p.has_trajectory:
+            if check_trajectory and not p.has_trajectory:
                 p.check_weights()
         return p
 

@@ -45,9 +45,43 @@ def chunk_rows(n_columns: int) -> int:
 
 
 def parse_error(path: Path, kind: str, e: Exception) -> ValidationError:
+    """The one line for a table pandas or pyarrow could not parse. Their messages give a byte offset in
+    a buffer (a bad JSON line, a byte that is not UTF-8), so the file is scanned for the line instead."""
     name = "JSONL" if kind == "jsonl" else kind.upper()
+    located = _bad_line(path, kind, e)
+    if located is not None:
+        line, problem = located
+        return ValidationError(f"cannot parse {name}: line {line}: {problem}", file=str(path))
     return ValidationError(f"cannot parse {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                            file=str(path))
+
+
+def _bad_line(path: Path, kind: str, e: Exception) -> tuple[int, str] | None:
+    """(1-based line, problem) of the first line of a CSV or JSONL file that is not UTF-8 text or (JSONL)
+    not a JSON object; None when no line is at fault or the file cannot be read."""
+    if kind == "parquet" or not (isinstance(e, UnicodeDecodeError) or kind == "jsonl"):
+        return None
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            for i, raw in enumerate(f, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as u:
+                    return i, (f"byte 0x{raw[u.start]:02x} at column {u.start + 1} is not UTF-8 text; "
+                               f"save the file as UTF-8")
+                if kind != "jsonl" or not text.strip():
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as j:
+                    return i, f"not valid JSON ({j.msg} at column {j.colno})"
+                if not isinstance(obj, dict):
+                    return i, f"expected a JSON object per line, got {type(obj).__name__}"
+    except OSError:
+        return None
+    return None
 
 
 def check_unique_header(path: Path) -> list[str]:
@@ -254,12 +288,23 @@ class TabularSplits:
 
 def _numeric_block(df: pd.DataFrame, numeric: list[str], file: Path, lo: int) -> np.ndarray:
     block = df[numeric]
+    for c in numeric:
+        # pandas would turn dates and durations into nanosecond counts: numbers, but not features
+        if block[c].dtype.kind in "mM":
+            raise ValidationError(f"column {c!r} holds {'dates' if block[c].dtype.kind == 'M' else 'durations'} "
+                                  f"({block[c].dtype}), not numbers; leave it out with [data] feature_columns, "
+                                  f"or store it as a number", file=str(file))
     num = block.apply(pd.to_numeric, errors="coerce")
     bad = num.isna().to_numpy() | ~np.isfinite(num.to_numpy(dtype=np.float64, na_value=np.nan))
     if bad.any():
         r, c = map(int, np.argwhere(bad)[0])
-        raise ValidationError(f"column {numeric[c]!r}: value {str(block.iat[r, c])!r} is not a finite number",
-                              file=str(file), row=lo + r)
+        value = block.iat[r, c]
+        if value is None or (isinstance(value, float) and value != value) or value is pd.NA:
+            # an empty CSV cell, a JSON null or absent key, a Parquet null, or a NaN
+            problem = "has no value (empty, null, missing or NaN)"
+        else:
+            problem = f"value {str(value)!r} is not a finite number"
+        raise ValidationError(f"column {numeric[c]!r}: {problem}", file=str(file), row=lo + r)
     return num.to_numpy(dtype=np.float32)
 
 

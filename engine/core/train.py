@@ -17,7 +17,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from engine.autodiff.compute import fast_layout
@@ -25,7 +24,7 @@ from engine.autodiff.functional import forward_batches
 from engine.autodiff.threads import gradient_threads, intra_op_threads
 from engine.core.errors import Cancelled, ProponentError, ValidationError
 from engine.core.project import Project, Recipe, Stage
-from engine.storage.arrays import atomic_write_bytes, atomic_write_json
+from engine.storage.arrays import atomic_write_bytes, atomic_write_json, save_tensors
 from engine.storage.folders import (
     MARKER,
     is_owned,
@@ -277,11 +276,11 @@ def _record_training(project: Project, models: int, device: str, progress, cance
             sub = f"model_{m}"
             (tmp / sub).mkdir(exist_ok=True)
             wname = f"{sub}/step_{ck.step:07d}.safetensors"
-            save_file(ck.state, str(tmp / wname))
+            save_tensors(ck.state, tmp / wname)
             oname = None
             if ck.optimizer_state:
                 oname = f"{sub}/step_{ck.step:07d}.optim.safetensors"
-                save_file(ck.optimizer_state, str(tmp / oname))
+                save_tensors(ck.optimizer_state, tmp / oname)
             log["checkpoints"].append({
                 "model_id": m, "index": i, "step": ck.step, "epoch": ck.epoch, "lr": ck.lr, "stage": ck.stage,
                 "stage_steps": ck.stage_steps, "weights": wname, "optimizer_state": oname,

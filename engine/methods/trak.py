@@ -41,7 +41,7 @@ from engine.autodiff.measurement import correct_class_margin
 from engine.methods.base import Attributor, register, setting
 from engine.methods.schedule import training_time
 from engine.methods.settings import PROJECTIONS, GradientPrecisionSettings, ProjectionSettings
-from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
+from engine.storage.arrays import atomic_save_npy, read_cached_npy, stable_hash
 
 
 @dataclasses.dataclass
@@ -407,8 +407,11 @@ class TRAK(Attributor):
         s: TrakSettings = self.settings
         form = {} if primal else {"form": "dual-inverse"}  # the n×n A, not the n×k Ψ of TRAK v3
         solved = folder / f"kernel_{stable_hash({'d': damping, 'r': s.damping_ratio, **form})}"
-        if distributed.agree((solved / "kernel.npy").is_file()):
-            return load_npy(solved / "kernel.npy", mmap=False), float(np.load(solved / "lambda.npy"))
+        # a damaged kernel or λ file is a miss: solved again and replaced
+        kernel = read_cached_npy(solved / "kernel.npy", ndim=2, mmap=False)
+        lam = read_cached_npy(solved / "lambda.npy", (), mmap=False)
+        if distributed.agree(kernel is not None and lam is not None and kernel.shape[0] == kernel.shape[1]):
+            return kernel, float(lam)
         self.progress(stage, 0, 1)
         if "gram" not in grams:
             if primal:

@@ -197,6 +197,31 @@ def load_npy(path: str | Path, mmap: bool = True) -> np.ndarray:
     return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
+def read_cached_npy(path: str | Path, shape: tuple[int, ...] | None = None, *, ndim: int | None = None,
+                    mmap: bool = True) -> np.ndarray | None:
+    """A float array Proponent cached at ``path``, or None where it is missing or cannot be read back as
+    one (truncated, overwritten, not a .npy, another shape or rank): a cache miss, so the caller
+    recomputes and replaces the file, which Proponent wrote. Never unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        arr = load_npy(path, mmap=mmap)
+    except (ValueError, OSError, EOFError):
+        return None
+    if arr.dtype.kind != "f" or (shape is not None and arr.shape != tuple(shape)) or (ndim is not None and arr.ndim != ndim):
+        return None
+    return arr
+
+
+def save_tensors(tensors: dict, path: str | Path) -> None:
+    """A safetensors file readable like any other result (the library creates it 0600)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path))
+    os.chmod(path, _FILE_MODE)
+
+
 def json_default(o):
     if isinstance(o, (np.integer,)):
         return int(o)

@@ -81,6 +81,16 @@ MIGRATIONS: list[tuple[int, str]] = [
 SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
+# errors of a statement (Proponent's bug: the traceback is what helps), not of the database file
+_STATEMENT_ERRORS = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.DataError, sqlite3.NotSupportedError)
+
+
+def is_database_fault(e: BaseException) -> bool:
+    """An SQLite error of the database file (damaged, foreign, locked, read-only, full disk), which the user
+    fixes; not an error of the statement."""
+    return isinstance(e, sqlite3.DatabaseError) and not isinstance(e, _STATEMENT_ERRORS)
+
+
 def database_error(e: BaseException, path: str | Path) -> ProponentError | None:
     """The one line (naming ``path``) for a state database that cannot be opened, read or written: a corrupt
     or foreign file, a folder in its place, a read-only file or folder, a lock held too long. None for any
@@ -89,9 +99,8 @@ def database_error(e: BaseException, path: str | Path) -> ProponentError | None:
     if isinstance(e, OSError):  # the .proponent folder itself cannot be made (a file in its place, no permission)
         return ProponentError(f"cannot make the folder of {path.name}: {e.strerror or e}",
                               file=str(e.filename or path.parent))
-    if not isinstance(e, sqlite3.DatabaseError) or isinstance(e, (
-            sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.DataError, sqlite3.NotSupportedError)):
-        return None  # a bug in the statement, not a problem of the file: the traceback is what helps
+    if not is_database_fault(e):
+        return None
     msg = str(e)
     low = msg.lower()
     if path.is_dir():

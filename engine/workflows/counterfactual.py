@@ -21,7 +21,7 @@ from engine.core.errors import ProponentError
 from engine.core.project import Project
 from engine.evaluate.groundtruth import retrain_margins
 from engine.methods.base import coerce_settings, get_method
-from engine.storage.arrays import load_npy
+from engine.storage.arrays import read_cached_npy
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -34,10 +34,9 @@ def query_scores(project: Project, query: int, method: str, settings=None, *, de
     cls = get_method(method)
     s = coerce_settings(cls, settings)
     cached = run_dir(project, run_key(project, method, s)) / "scores.npy"
-    if cached.is_file():
-        arr = load_npy(cached)
-        if arr.shape == (len(project.test_dataset), len(project.train_dataset)):
-            return np.asarray(arr[query], np.float64)
+    arr = read_cached_npy(cached, (len(project.test_dataset), len(project.train_dataset)))
+    if arr is not None:
+        return np.asarray(arr[query], np.float64)
     att, _ = fit_method(project, method, s, device=device)
     return np.asarray(att.scores(("test", np.array([query])))[0], np.float64)
 

@@ -39,7 +39,7 @@ from engine.autodiff.embeddings import penultimate_features
 from engine.core.errors import ProponentError
 from engine.core.project import Project
 from engine.methods.base import Queries, coerce_settings, get_method, settings_dict
-from engine.storage.arrays import atomic_save_npy, load_npy, scratch_array, stable_hash
+from engine.storage.arrays import atomic_save_npy, read_cached_npy, scratch_array, stable_hash
 
 STATISTICS = ("self_match", "separation", "z", "gap")
 # leak-search defaults a method gets unless the user sets them: Forward-INF's raw loss change is
@@ -119,8 +119,8 @@ def null_statistics(project: Project, method: str, settings: dict, reference: np
     key = run_key(project, method, coerce_settings(get_method(method), settings))
     # v4: measured against copy scores, training queries leverage-scaled (earlier nulls are not reused)
     path = run_dir(project, key) / f"leak_null_{stable_hash({'n': m, 'seed': seed, 'k': NEIGHBOURS, 'v': 4})}.npy"
-    if path.is_file():
-        arr = load_npy(path, mmap=False)
+    arr = read_cached_npy(path, ndim=2, mmap=False)
+    if arr is not None and len(arr) == len(STATISTICS):  # else a damaged file: recomputed and replaced
         return {s: arr[j] for j, s in enumerate(STATISTICS)}
     att = fitted() if fitted else fit_method(project, method, settings, device=device, progress=progress)[0]
     with intra_op_threads(att.meta.get("threads") or torch.get_num_threads()):

@@ -33,7 +33,7 @@ from engine.api import cached_scores
 from engine.core.errors import ProponentError
 from engine.core.project import Project
 from engine.core.train import cross_val_probs, predict_logits, retrain_refusal
-from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
+from engine.storage.arrays import atomic_save_npy, read_cached_npy, stable_hash
 
 EVIDENCE = ("self_influence", "opposes_own_class", "label_improbability", "neighbour_disagreement")
 WEIGHTS_FILE = Path(__file__).with_name("mislabel_weights.json")
@@ -87,8 +87,9 @@ def label_probabilities(project: Project, *, folds: int = FOLDS, device: str = "
     if refusal is None:
         key = stable_hash({"data": project.train_data_hash, "ck": project.checkpoint_hash(), "folds": folds, "v": 1})
         path = project.state_dir / "cache" / f"cv_probs_{key}.npy"
-        if path.is_file():
-            return load_npy(path, mmap=False), f"cross-validation ({folds} folds)"
+        stored = read_cached_npy(path, (len(project.train_dataset), len(project.classes)), mmap=False)
+        if stored is not None:  # a damaged file is a miss: recomputed and replaced
+            return stored, f"cross-validation ({folds} folds)"
         probs = cross_val_probs(project, folds=folds, device=device, progress=progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_npy(path, probs)
