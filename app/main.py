@@ -17,6 +17,7 @@ if os.environ.get("PROPONENT_SYNC_JOBS") != "1":
 
 import streamlit as st  # noqa: E402
 
+from app import services as svc  # noqa: E402
 from app import ui  # noqa: E402
 
 st.set_page_config(page_title="Proponent", page_icon="🔎", layout="wide")
@@ -40,15 +41,29 @@ with st.sidebar:
     root = ui.project_root()
     st.caption(f"Project: `{Path(root).name}`" if root else "No project open")
     st.caption("Scores: positive = proponent (removing it lowers the query's correct-class margin).")
+
+
+def run_page() -> None:
+    """The chosen page. A ProponentError that reaches here (a damaged or locked state.db, deleted
+    checkpoints, a run whose files are damaged) is a problem the user can fix: one line, not a
+    traceback, and the page stops there."""
+    ui.show_save_error()  # a click in a widget callback that could not be saved
+    try:
+        nav.run()
+    except svc.ProponentError as e:
+        st.error(ui.one_line(e), icon=":material/error:")
+        st.stop()
+
+
 _timing = os.environ.get("PROPONENT_PAGE_TIMING")  # a file: the latency benchmark splits server from browser time
 if _timing:
     import time
 
     _t0 = time.perf_counter()
     try:
-        nav.run()
+        run_page()
     finally:
         with open(_timing, "a") as _f:
             _f.write(f"{nav.title}\t{time.perf_counter() - _t0:.4f}\t{time.time():.3f}\n")
 else:
-    nav.run()
+    run_page()

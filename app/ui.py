@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import html
 import os
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -52,8 +53,42 @@ def set_project(root: str) -> None:
     st.session_state["project_root"] = root
     st.query_params.clear()  # another project's run and query do not apply
     st.query_params["project"] = root
-    for k in ("_keep_run", "_keep_q", "run", "q"):
+    # nor do its review undo stack (Undo would revert project A's decision on project B's flags), its
+    # cleaned copy and its picks
+    for k in ("_keep_run", "_keep_q", "run", "q", *PROJECT_SESSION_KEYS):
         st.session_state.pop(k, None)
+
+
+# session keys that belong to the open project (see app/views/triage.py)
+PROJECT_SESSION_KEYS = ("rv_undo", "rv_id", "rv_pos", "cleaned", "bulk_sel", "_save_error")
+
+
+def md(text) -> str:
+    """``text`` for st.markdown / st.caption: Markdown's special characters escaped, so a class name such
+    as ``**x**`` or ``[a](b)`` shows as written."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~:$])", r"\\\1", str(text))
+
+
+def save(what: str, write: Callable, *args, **kwargs) -> tuple[bool, object]:
+    """Run a click's write to the state database: (True, its result), or, where it fails (locked by
+    another process, damaged), (False, None) and one line saying that ``what`` was not saved, instead
+    of a traceback or a silent loss. In a widget callback the line is kept in the session and shown by
+    :func:`show_save_error` (app/main.py calls it before every page); in a page it shows at once."""
+    try:
+        return True, write(*args, **kwargs)
+    except svc.ProponentError as e:
+        st.session_state["_save_error"] = f"Not saved: {what}. {one_line(e)}"
+        return False, None
+
+
+def show_save_error() -> None:
+    msg = st.session_state.pop("_save_error", None)
+    if msg:
+        st.error(msg, icon=":material/error:")
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _stamp(root: str) -> tuple:
@@ -231,8 +266,11 @@ def kept_toggle(label: str, key: str, help: str | None = None) -> bool:
 
 def text_card(text: str, caption: str | None = None):
     """A text example as a readable card."""
+    # line breaks as <br>: a blank line inside markdown's HTML block would end it, and the rest of the
+    # text would be read as Markdown
+    body = "<br>".join(html.escape(line) for line in str(text).splitlines())
     st.markdown(f"<div style='border:1px solid #ddd;border-radius:6px;padding:6px 8px;font-size:0.9em;"
-                f"line-height:1.35'>{html.escape(text)}</div>", unsafe_allow_html=True)
+                f"line-height:1.35'>{body}</div>", unsafe_allow_html=True)
     if caption:
         st.caption(caption)
 
@@ -289,10 +327,16 @@ def flag_pills(project, split: str, indices, key: str, flags: dict, label: str =
         now = set(st.session_state.get(wkey) or [])
         added = [i for i in indices if i in now and i not in flagged]
         removed = [i for i in flagged if i not in now]
+        ok = True
         if added:
-            svc.bulk_update(db(project), split, added, flag="mislabeled", source="app")
-        if removed:
-            svc.bulk_update(db(project), split, removed, flag=None, source="app")
+            ok, _ = save(f"the flag on {split} " + ", ".join(f"#{i}" for i in added), svc.bulk_update, db(project),
+                         split, added, flag="mislabeled", source="app")
+        if removed and ok:
+            ok, _ = save(f"clearing the flag on {split} " + ", ".join(f"#{i}" for i in removed), svc.bulk_update,
+                         db(project), split, removed, flag=None, source="app")
+        if not ok:  # the pills show what is stored, not the click that was lost
+            st.session_state[wkey] = flagged
+            return
         for i in added + removed:
             st.toast(f"{split} #{i}: {'flagged mislabeled' if i in added else 'flag cleared'}")
 

@@ -48,6 +48,8 @@ def _settings(pairs: list[str] | None) -> dict:
         if "=" not in item:
             raise ProponentError(f"--set expects NAME=VALUE, got {item!r}")
         k, v = item.split("=", 1)
+        if k.strip() in out:  # the last one would win without a word
+            raise ProponentError(f"--set {k.strip()} is given twice ({out[k.strip()]!r} and {v.strip()!r})")
         out[k.strip()] = v.strip()
     return out
 
@@ -146,6 +148,8 @@ def finite_float(text: str) -> float:
 
 
 def cmd_prepare(a) -> int:
+    if a.dir is not None and not a.dir.strip():
+        raise ProponentError("--dir is empty; give a folder, or leave --dir out for sample_projects/NAME")
     dest = prepare_sample(a.sample, a.dir, train=not a.no_train, models=a.models, progress=_progress(), force=a.force)
     print(f"prepared {a.sample} at {dest}")
     return 0
@@ -338,6 +342,9 @@ def cmd_cache(a) -> int:
     criteria = a.older_than is not None or a.max_size is not None or a.run or a.all
     if a.prune and not criteria:
         raise ProponentError("--prune needs what to remove: --older-than DAYS, --max-size MB, --run KEY or --all")
+    if criteria and not a.prune:  # listing ignores them: say so rather than seem to have pruned
+        raise ProponentError("--older-than, --max-size, --run and --all choose what --prune removes; add --prune "
+                             "(and --dry-run to see the list first)")
     if a.prune:
         removed = prune_cache(p.root, older_than_days=a.older_than, max_total_mb=a.max_size, keys=a.run,
                               everything=a.all, dry_run=a.dry_run)
@@ -471,14 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="write a ready sample project (data, model.py, project.toml, checkpoints)")
     p.add_argument("sample", help="sample name, e.g. digits")
     p.add_argument("--dir", help="where to write it (default: sample_projects/NAME)")
-    p.add_argument("--models", type=int, default=1, help="independently trained models to record")
+    p.add_argument("--models", type=positive_int, default=1, help="independently trained models to record")
     p.add_argument("--no-train", action="store_true", help="write the data only")
     p.add_argument("--force", action="store_true", help="regenerate data and checkpoints")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train per the recipe, recording the trajectory")
     common(p, method=False)
-    p.add_argument("--models", type=int, default=1, help="independently trained models (seeds seed..seed+N-1)")
+    p.add_argument("--models", type=positive_int, default=1, help="independently trained models (seeds seed..seed+N-1)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("attribute", help="score every test query against every training example")

@@ -324,3 +324,29 @@ def test_out_of_range_numbers_are_refused_by_the_parser(proj, capsys, args, opti
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and f"argument {option}" in err[-1] and "Traceback" not in "\n".join(err)
     assert no_run_stored(proj)
+
+
+# ---------------------------------------------------------------------------- values that used to be ignored
+def test_a_setting_given_twice_is_one_line(proj, capsys):
+    one_line(*run(capsys, "attribute", proj, "--method", "trak", "--set", "proj_dim=16", "--set", "proj_dim=32"),
+             "--set proj_dim is given twice")
+    assert no_run_stored(proj)
+
+
+@pytest.mark.parametrize("criterion", [["--older-than", "3"], ["--max-size", "10"], ["--all"]])
+def test_prune_criteria_without_prune_are_one_line(proj, capsys, criterion):
+    one_line(*run(capsys, "cache", proj, *criterion), "add --prune")
+
+
+@pytest.mark.parametrize("flag, value", [("--processes", "0"), ("--processes", "-2"), ("--queries", "-1"),
+                                         ("--subsets", "1"), ("--seeds", "0")])
+def test_bench_counts_out_of_range_are_refused(proj, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:  # argparse's usage error, before any work
+        main(["bench", str(proj), flag, value])
+    assert e.value.code == 2 and f"{flag}: must be" in capsys.readouterr().err
+
+
+def test_a_state_folder_that_is_a_file_is_one_line(proj, capsys):
+    (proj / ".proponent").write_text("mine")
+    one_line(*run(capsys, "attribute", proj, *METHOD), proj / ".proponent", "is a file, not a folder")
+    assert (proj / ".proponent").read_text() == "mine"

@@ -43,7 +43,7 @@ def test_init_image_folder_with_weights(tmp_path, capsys):
     assert spec["data"] == {"format": "image_folder", "train": "train", "test": "val", "mode": "grey", "resize": [10, 10]}
     assert spec["model"]["weights"] == ["weights/final.safetensors"] and "training" not in spec
     assert "3 classes (cat, dog, fox), 12 training and 6 test images" in out
-    assert "1 non-image file(s) will be skipped" in out and "sizes differ, so resize = [10, 10]" in out
+    assert "1 file(s) will be skipped" in out and "(not an image file)" in out and "sizes differ, so resize = [10, 10]" in out
     assert "weights: weights/final.safetensors" in out
     # the template builds a model for this data (the user then makes it match their weights)
     p = Project.load(root, check_model=False)

@@ -136,6 +136,21 @@ def test_prune_never_follows_a_symlinked_cache_folder_or_entry(project, tmp_path
     assert "skipped runs" in out and "symlink" in out
 
 
+@pytest.mark.parametrize("where", ["my_notes.txt", "work/plot.png"])
+def test_prune_leaves_a_run_holding_a_users_file(project, capsys, where):
+    """A file saved inside a run's folder would go with the folder: that entry is skipped, whole."""
+    (folder,) = _run_dirs(project)
+    (folder / where).parent.mkdir(exist_ok=True)
+    (folder / where).write_text("mine\n")
+    rc, out, _ = run(capsys, "cache", project, "--prune", "--all")
+    assert rc == 0
+    assert (folder / where).read_text() == "mine\n" and (folder / "scores.npy").is_file()
+    assert f"skipped runs/{folder.name}" in out and where in out
+    (folder / where).unlink()
+    assert run(capsys, "cache", project, "--prune", "--all")[0] == 0
+    assert not folder.exists()  # once the user's file is out, the run is pruned as before
+
+
 @pytest.mark.parametrize("flag", ["--older-than", "--max-size"])
 def test_prune_refuses_negative_values(project, capsys, flag):
     rc, _, err = run(capsys, "cache", project, "--prune", flag, "-5")

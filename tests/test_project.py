@@ -117,7 +117,7 @@ def test_nan_feature(tmp_path):
     parts[0] = "nan"
     lines[2] = ",".join(parts)
     (root / "test.csv").write_text("\n".join(lines) + "\n")
-    _assert_one_line_error(root, "test.csv", "row 1", "column 'f0': has no value (empty, null, missing or NaN)")
+    _assert_one_line_error(root, "test.csv", "row 1", "column 'f0': value 'nan' is not a finite number")
 
 
 def test_missing_project_toml(tmp_path):

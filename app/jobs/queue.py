@@ -64,6 +64,66 @@ def _alive(pid: int | None) -> bool:
         return True
 
 
+# a worker forked by the warm launcher keeps the launcher's command line, so app.jobs.runner names the
+# process (its comm, at most 15 characters) after its job: WORKER_TAG + the job id's random part
+WORKER_TAG = "pjob-"
+
+
+def worker_tag(job_id: str) -> str:
+    return (WORKER_TAG + str(job_id).rsplit("-", 1)[-1])[:15]
+
+
+def _is_worker(pid: int, job_id: str, status: str) -> bool | None:
+    """Whether live process ``pid`` is the worker of ``job_id`` and not an unrelated process that got
+    its pid later (after a reboot, or on a busy machine): its command line is ``-m app.jobs.runner ...
+    JOB_ID``, or (forked by the warm launcher, app/jobs/launcher.py) the launcher's, with the process
+    named after the job once the runner started. None where it cannot be told (no /proc): the caller
+    then trusts the pid, as before."""
+    if int(pid) == os.getpid():
+        return True  # a job run in this process (background=False)
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+            args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        with open(f"/proc/{int(pid)}/comm") as f:
+            comm = f.read().strip()
+    except FileNotFoundError:
+        return False if Path("/proc/self/cmdline").exists() else None  # it ended since the check
+    except OSError:
+        return None
+    if "app.jobs.runner" in args:
+        return str(job_id) in args
+    if "app.jobs.launcher" in args:
+        # just forked, before the runner named itself, the job is still queued
+        return comm == worker_tag(job_id) or (status == "queued" and not comm.startswith(WORKER_TAG))
+    return False
+
+
+def _worker_alive(j: dict) -> bool:
+    return _alive(j["pid"]) and _is_worker(j["pid"], j["id"], j["status"]) is not False
+
+
+def _run_key_of(j: dict) -> str | None:
+    """The run (runs table) a job computes, as its worker recorded it (see :func:`run_job`)."""
+    res = j.get("result") if isinstance(j.get("result"), dict) else {}
+    return res.get("run_key") or (res.get("key") if j.get("kind") == "attribute" else None)
+
+
+def _fail_run(db: StateDB, j: dict, message: str) -> None:
+    """The job's worker is gone: its run row, if still 'running', is failed too (a killed worker cannot
+    say so, and the row would read 'running' for ever), unless another live job computes it."""
+    key = _run_key_of(j)
+    if not key:
+        return
+    run = db.get_run(key)
+    if run is None or run["status"] != "running":
+        return
+    for other in db.list_jobs(200):
+        if (other["id"] != j["id"] and other["status"] in ACTIVE and _run_key_of(other) == key
+                and other.get("pid") and _worker_alive(other)):
+            return
+    db.upsert_run(key, status="failed", message=message)
+
+
 def job_signature(kind: str, params: dict) -> str:
     return json.dumps({"kind": kind, **params}, sort_keys=True, default=str)
 
@@ -140,12 +200,14 @@ def refresh(project, job_id: str) -> dict | None:
     if j and j["status"] == "queued" and not j.get("pid") and time.time() - float(j["created"]) > NEVER_STARTED_S:
         db.upsert_job(job_id, status="failed", message="the worker process never started; run it again")
         return db.get_job(job_id)
-    if j and j["status"] in ACTIVE and j.get("pid") and not _alive(j["pid"]):
+    if j and j["status"] in ACTIVE and j.get("pid") and not _worker_alive(j):
         time.sleep(0.2)
         j = db.get_job(job_id)
         if j["status"] in ACTIVE:
             status = "cancelled" if j["status"] == "cancelling" else "failed"
-            db.upsert_job(job_id, status=status, message=j.get("message") or "the worker process ended unexpectedly")
+            message = j.get("message") or "the worker process ended unexpectedly"
+            db.upsert_job(job_id, status=status, message=message)
+            _fail_run(db, j, f"its job {job_id} ended without finishing: {message}")
             j = db.get_job(job_id)
     return j
 
@@ -226,6 +288,7 @@ def run_job(root: str | Path, job_id: str) -> dict:
     try:
         project = svc.open_project(root)
         params = j.get("params") or {}
+        _record_run_key(db, job_id, project, j["kind"], params)
         result = _dispatch(project, j["kind"], params, rep)
         db.upsert_job(job_id, status="done", stage="done", result=result, eta=0.0,
                       message=None)
@@ -239,6 +302,23 @@ def run_job(root: str | Path, job_id: str) -> dict:
         if isinstance(e, KeyboardInterrupt):
             raise
     return db.get_job(job_id)
+
+
+# job kinds whose worker computes (or reuses) the cached run of params' method and settings
+RUN_KINDS = {"attribute": None, "leaks": None, "copies": "trak"}
+
+
+def _record_run_key(db: StateDB, job_id: str, project, kind: str, params: dict) -> None:
+    """Before the run's row exists, note in the job's result which run it computes: if the worker is
+    killed, :func:`refresh` fails that row too."""
+    if kind not in RUN_KINDS:
+        return
+    method = params.get("method") or RUN_KINDS[kind]
+    try:
+        key = svc.run_key_for(project, method, params.get("settings") or {})
+    except ProponentError:  # an unknown method or bad settings: the job itself says so
+        return
+    db.upsert_job(job_id, result={"run_key": key})
 
 
 def _dispatch(project, kind: str, params: dict, rep: JobReporter) -> dict:

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from app.jobs.queue import run_job
+from app.jobs.queue import run_job, worker_tag
 from engine.storage.statedb import StateDB
 
 CANCEL_GRACE_S = 1.5
@@ -49,11 +49,23 @@ def watch_cancel(root: str, job_id: str, grace: float = CANCEL_GRACE_S, poll: fl
     return t
 
 
+def name_process(job_id: str) -> None:
+    """Name this process after its job (Linux: /proc/self/comm), before the job's row says 'running':
+    a worker forked by the warm launcher has the launcher's command line, and the queue tells it from
+    an unrelated process that later got its pid by this name (app.jobs.queue._is_worker)."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(worker_tag(job_id))
+    except OSError:  # no /proc: the queue trusts the pid, as before
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 2:
         print("usage: python -m app.jobs.runner PROJECT_ROOT JOB_ID", file=sys.stderr)
         return 2
+    name_process(argv[1])
     watch_cancel(argv[0], argv[1])
     j = run_job(argv[0], argv[1])
     return 0 if j and j["status"] == "done" else 1

@@ -92,6 +92,15 @@ def build_report(project, key: str, *, method: str = "", n_queries: int = 4, k: 
     name = project.class_name
 
     problem = {i: r for i, r in flags.items() if r.get("flag") not in (None, "ok", "dismissed") or r.get("relabel")}
+    # a flag set before the training table lost rows may name a row that no longer exists: left out, and said
+    n_train = len(project.train_dataset)
+    gone = sorted((i for i in problem if not (isinstance(i, int) and 0 <= i < n_train)), key=str)
+    for i in gone:
+        del problem[i]
+    # flags follow their examples (engine.workflows.flag_rows): those whose example left the data
+    missing = svc.missing_flags(db)
+    gone += [k.split(":", 1)[1].split("@", 1)[0] for k, r in missing.items() if k.startswith("train:")
+             and (r.get("flag") not in (None, "ok", "dismissed") or r.get("relabel"))]
     wrong = int((preds["pred"] != preds["label"]).sum())
     kpis = [("test accuracy", f"{summ['test_accuracy']:.1%}" if summ["test_accuracy"] is not None else "—"),
             ("training examples", f"{summ['n_train']:,}"), ("test examples", f"{summ['n_test']:,}"),
@@ -104,6 +113,10 @@ def build_report(project, key: str, *, method: str = "", n_queries: int = 4, k: 
         counts[r.get("flag") or "relabel"] = counts.get(r.get("flag") or "relabel", 0) + 1
     summary = (f"The model has {summ['parameters']:,} parameters. Review flagged {len(problem)} training examples"
                + (": " + ", ".join(f"{n} {f}" for f, n in sorted(counts.items())) if counts else "") + ".")
+    if gone:
+        summary += (f" {len(gone)} flag(s) name training rows that no longer exist (the data has {n_train:,} rows: "
+                    + ", ".join(f"#{i}" for i in gone[:10]) + ("…" if len(gone) > 10 else "")
+                    + ") and were skipped.")
 
     flagged = []
     for i in sorted(problem, key=lambda i: -float(by_index.at[i, "suspicion"]) if i in by_index.index else 0)[:max_flagged]:

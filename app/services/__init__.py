@@ -34,6 +34,7 @@ from app.services.flags import (  # noqa: F401
     cell_value,
     db_for,
     flag_state,
+    missing_flags,
     selection_indices,
     toggle_flag,
 )

@@ -8,11 +8,28 @@ from typing import Any, Iterable
 from engine.core.errors import ProponentError
 from engine.core.project import Project
 from engine.storage.statedb import FLAG_VALUES, StateDB
+from engine.workflows.flag_rows import follow_data, gone_flags, identity_for
+
+
+# a click waits this long for another process's write (a job recording its progress holds the lock for
+# milliseconds); past it the page says the change was not saved, instead of hanging for 30 s
+APP_BUSY_TIMEOUT_S = 5.0
 
 
 def db_for(project: Project | str | Path) -> StateDB:
-    root = project.root if isinstance(project, Project) else Path(project)
-    return StateDB(Path(root) / ".proponent" / "state.db")
+    """The project's state database. Given a loaded Project, flags are stamped with the example they are
+    set on, and flags set on other data are first moved to where their examples are now
+    (:mod:`engine.workflows.flag_rows`), so a flag never lands on another row."""
+    if not isinstance(project, Project):
+        return StateDB(Path(project) / ".proponent" / "state.db", busy_timeout=APP_BUSY_TIMEOUT_S)
+    db = StateDB(project.state_dir / "state.db", identity=identity_for(project), busy_timeout=APP_BUSY_TIMEOUT_S)
+    follow_data(db, project)
+    return db
+
+
+def missing_flags(db: StateDB) -> dict[str, dict]:
+    """Flags whose examples are no longer in the data (kept; they return with their examples)."""
+    return gone_flags(db)
 
 
 def flag_state(db: StateDB, split: str = "train") -> dict[int | str, dict]:

@@ -3,17 +3,20 @@ proponents and opponents)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from engine.api import attribute
 from engine.autodiff.measurement import correct_class_margin
 from engine.core.errors import ProponentError
+from engine.core.images import read_raw_image
 from engine.core.project import Project
 from engine.core.train import predict_logits
 from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
@@ -22,37 +25,117 @@ from engine.storage.arrays import atomic_save_npy, load_npy, stable_hash
 def query_from_upload(project: Project, data: bytes, filename: str = "") -> np.ndarray:
     """An uploaded input as one query [1, *input_shape], preprocessed like the project's data:
     an image (PNG/JPEG; resized to the training images' size if it differs) or a one-row CSV with
-    the feature columns (standardised with the training statistics)."""
+    the training table's feature columns (numbers standardised with the training statistics,
+    categories one-hot with the training categories) or with the model's encoded columns."""
     if project.data_format == "text":
         raise ProponentError("uploaded queries are not supported for text projects yet; pick a test sentence",
                              file=filename or None)
     if project.data_format == "images":
-        c, h, w = project.input_shape
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im = im.convert("L" if c == 1 else "RGB")
-                if project.preprocessing.resize is None and im.size != (w, h):
-                    im = im.resize((w, h), Image.BILINEAR)
-                # the project's own resize / normalize, exactly as its training data was prepared
-                arr = project.preprocess_image(im)
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise ProponentError(f"unreadable image: {e}", file=filename or None) from None
-        return arr[None].astype(np.float32)
+        return _image_query(project, data, filename)
+    return _table_query(project, data, filename)
 
+
+def _image_query(project: Project, data: bytes, filename: str) -> np.ndarray:
+    c, h, w = project.input_shape
+    file = filename or None
+    try:
+        im = read_raw_image(data)
+    except UnidentifiedImageError:  # PIL's own message names only the in-memory buffer
+        raise ProponentError("unreadable image: not an image file PIL can read (PNG, JPEG, BMP, ...)",
+                             file=file) from None
+    except (OSError, ValueError, EOFError, SyntaxError, struct.error) as e:
+        # (a damaged file reaches PIL's decoders as any of these)
+        raise ProponentError(f"unreadable image: {e}", file=file) from None
+    # the project's own preprocessing (bit depth, colours, resize, normalize), so an upload is
+    # converted or refused exactly as a training file would be, in the size the model takes
+    prep = dataclasses.replace(project.preprocessing, mode="grey" if c == 1 else "rgb",
+                               resize=project.preprocessing.resize or (h, w))
+    try:
+        arr = prep.apply(im)
+    except (OSError, ValueError) as e:
+        raise ProponentError(f"image cannot be used: {e}", file=file) from None
+    return arr[None].astype(np.float32)
+
+
+def _table_query(project: Project, data: bytes, filename: str) -> np.ndarray:
+    file = filename or None
     try:
         df = pd.read_csv(io.BytesIO(data))
     except Exception as e:
-        raise ProponentError(f"cannot parse CSV: {str(e).splitlines()[0]}", file=filename or None) from None
-    missing = [c for c in project.feature_columns if c not in df.columns]
-    if missing:
-        raise ProponentError(f"feature column {missing[0]!r} missing", file=filename or None)
+        raise ProponentError(f"cannot parse CSV: {str(e).splitlines()[0]}", file=file) from None
+    df.columns = [str(col) for col in df.columns]
     if len(df) != 1:
-        raise ProponentError(f"expected one data row, found {len(df)}", file=filename or None)
-    row = pd.to_numeric(df[project.feature_columns].iloc[0], errors="coerce").to_numpy(dtype=np.float64)
+        raise ProponentError(f"expected one data row, found {len(df)}", file=file)
+    features, cats = list(project.feature_columns), dict(project.categories or {})
+    # feature_columns are the numeric columns, then one "column=value" per category (tables.load_tabular_splits)
+    numeric = features[:len(features) - sum(len(v) for v in cats.values())]
+    mean = np.asarray(project.feature_mean, np.float32)
+    std = np.asarray(project.feature_std, np.float32)
+    raw_columns = numeric + list(cats)
+    if all(col in df.columns for col in raw_columns):
+        hot = [_one_hot_of_value(col, df[col].iloc[0], known, file) for col, known in cats.items()]
+    elif cats and all(col in df.columns for col in features):
+        hot, at = [], len(numeric)
+        for col, known in cats.items():
+            hot.append(_checked_one_hot(col, df[features[at:at + len(known)]].iloc[0], file))
+            at += len(known)
+    else:
+        missing = next(col for col in raw_columns if col not in df.columns)
+        raise ProponentError(f"feature column {missing!r} missing (expected the training table's columns: "
+                             f"{', '.join(raw_columns)})", file=file)
+    values = df[numeric].iloc[0]
+    row = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
     if not np.isfinite(row).all():
-        bad = project.feature_columns[int(np.argmax(~np.isfinite(row)))]
-        raise ProponentError(f"column {bad!r} is not a finite number", file=filename or None, row=0)
-    return ((row - project.feature_mean) / project.feature_std).astype(np.float32)[None]
+        bad = numeric[int(np.argmax(~np.isfinite(row)))]
+        problem = "has no value" if pd.isna(values[bad]) else f"value {str(values[bad])!r} is not a finite number"
+        raise ProponentError(f"column {bad!r} {problem}", file=file, row=0)
+    k = len(numeric)
+    # float32 arithmetic, as the training inputs were made (tables._inputs): the same row, the same input
+    x = (row.astype(np.float32) - mean[:k]) / std[:k]
+    return np.concatenate([x] + hot).astype(np.float32)[None]
+
+
+def _category_keys(v) -> list[str]:
+    """How a CSV cell may be spelt among the training categories (kept as text: tables._category_key);
+    a one-row CSV parses 3 as an integer where the training column held 3.0, or the reverse."""
+    keys = [str(v)]
+    if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)):
+        f = float(v)
+        keys.append(str(f))
+        if f.is_integer():
+            keys.append(str(int(f)))
+    return keys
+
+
+def _one_hot_of_value(column: str, v, known: list, file: str | None) -> np.ndarray:
+    if pd.isna(v):
+        raise ProponentError(f"categorical column {column!r} has no value (the training categories: "
+                             f"{', '.join(map(str, known))})", file=file, row=0)
+    index = {str(k): i for i, k in enumerate(known)}
+    hit = next((index[k] for k in _category_keys(v) if k in index), None)
+    if hit is None:
+        raise ProponentError(f"categorical column {column!r}: value {str(v)!r} is not among the training categories "
+                             f"({', '.join(map(str, known))})", file=file, row=0)
+    out = np.zeros(len(known), np.float32)
+    out[hit] = 1.0
+    return out
+
+
+def _checked_one_hot(column: str, values: pd.Series, file: str | None) -> np.ndarray:
+    """An already-encoded group: every cell 0 or 1 and exactly one 1, or the model would be asked
+    about an input no training row could have been."""
+    nums = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    if not np.isin(nums, (0.0, 1.0)).all():
+        bad = values.index[int(np.argmax(~np.isin(nums, (0.0, 1.0))))]
+        shown = "empty" if pd.isna(values[bad]) else repr(str(values[bad]))
+        raise ProponentError(f"one-hot column {bad!r} of categorical column {column!r} is {shown}; "
+                             f"it must be 0 or 1 (or give {column!r} itself, as in the training table)",
+                             file=file, row=0)
+    if nums.sum() != 1:
+        raise ProponentError(f"categorical column {column!r}: its one-hot columns ({', '.join(values.index)}) must "
+                             f"hold exactly one 1, found {int(nums.sum())} (or give {column!r} itself, as in the "
+                             f"training table)", file=file, row=0)
+    return nums.astype(np.float32)
 
 
 def save_query(project: Project, x: np.ndarray) -> str:

@@ -17,26 +17,48 @@ from engine.methods import (
     list_methods,
     settings_dict,
 )
-from engine.storage.arrays import load_npy
+from engine.storage.arrays import read_cached_npy
 
 
 def list_runs(project: Project) -> list[dict]:
+    """Every recorded run, newest first. ``stale``: why a run recorded as done does not describe the
+    project now (its data or checkpoints changed, or its stored arrays are not this project's
+    shape), else None; the pages offer only :func:`done_runs`."""
     out = []
     for r in db_for(project).list_runs():
         out.append({"key": r["key"], "method": r["method"], "status": r["status"],
                     "settings": r.get("settings") or {}, "device": r.get("device"),
                     "fit_s": r.get("fit_seconds"), "score_s": r.get("score_seconds"), "peak_mb": r.get("peak_mb"),
                     "created": r.get("created"), "message": r.get("message")})
+        out[-1]["stale"] = stale_reason(project, out[-1]) if r["status"] == "done" else None
     return out
+
+
+def stale_reason(project: Project, run: dict) -> str | None:
+    """None if the finished ``run`` belongs to the project as it is now, else why not. A run's key
+    hashes its method, settings, data and checkpoints (engine.api.run_key): a run of other data or
+    weights has another key, and its score matrix would index other rows."""
+    try:
+        cls = get_method(run["method"])
+        current = run_key(project, run["method"], coerce_settings(cls, run.get("settings") or {}))
+        n_test, n_train = len(project.test_dataset), len(project.train_dataset)
+    except ProponentError as e:
+        return f"cannot be checked against the project: {e}"
+    if current != run["key"]:
+        return "the data, checkpoints or method version changed since it ran"
+    folder = run_dir(project, run["key"])
+    if read_cached_npy(folder / "scores.npy", (n_test, n_train)) is None:
+        return f"its scores are missing, damaged or not {n_test}×{n_train}"
+    for n in ("self_scores", "suspicion"):
+        f = folder / f"{n}.npy"
+        if f.exists() and read_cached_npy(f, (n_train,)) is None:
+            return f"its {n}.npy is damaged or not {n_train} long"
+    return None
 
 
 def done_runs(project: Project) -> list[dict]:
-    """Finished runs whose score files exist, newest first."""
-    out = []
-    for r in list_runs(project):
-        if r["status"] == "done" and (run_dir(project, r["key"]) / "scores.npy").is_file():
-            out.append(r)
-    return out
+    """Finished runs of the project as it is now (see :func:`stale_reason`), newest first."""
+    return [r for r in list_runs(project) if r["status"] == "done" and r["stale"] is None]
 
 
 def run_label(run: dict) -> str:
@@ -45,15 +67,23 @@ def run_label(run: dict) -> str:
 
 
 def load_run(project: Project, key: str) -> dict:
-    """A finished run's arrays: scores [n_test, n_train] (memory-mapped), self_scores and suspicion [n_train]."""
+    """A finished run's arrays: scores [n_test, n_train] (memory-mapped), self_scores and suspicion [n_train].
+    A file that is truncated, not a .npy (never unpickled) or of another shape is a one-line error."""
     folder = run_dir(project, key)
-    if not (folder / "scores.npy").is_file():
-        raise ProponentError(f"run {key} has no scores on disk", file=str(folder))
+    n_test, n_train = len(project.test_dataset), len(project.train_dataset)
     out = {"key": key}
-    for n in ("scores", "self_scores", "suspicion"):
+    for n, shape in (("scores", (n_test, n_train)), ("self_scores", (n_train,)), ("suspicion", (n_train,))):
         f = folder / f"{n}.npy"
+        if not f.is_file() and n != "scores":
+            out[n] = None
+            continue
         # the [n_test, n_train] scores stay memory-mapped: pages read the rows and columns they show
-        out[n] = (load_npy(f, mmap=True) if n == "scores" else np.asarray(load_npy(f, mmap=False))) if f.is_file() else None
+        arr = read_cached_npy(f, shape, mmap=n == "scores")
+        if arr is None:
+            raise ProponentError(f"run {key} cannot be used: {n}.npy is missing, damaged or not of shape "
+                                 f"{shape} (the project has {n_test} test and {n_train} training rows); "
+                                 "run the method again", file=str(f))
+        out[n] = arr if n == "scores" else np.asarray(arr)
     return out
 
 

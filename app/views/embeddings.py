@@ -125,8 +125,12 @@ else:
     a1, a2, a3, a4, a5, a6 = st.columns(6)
     for col, flag in zip((a1, a2, a3, a4), ("mislabeled", "ok", "ambiguous", "leak")):
         if col.button(f"Flag {flag}", key=f"sel_{flag}"):
-            n = svc.bulk_update(db, "train", selected, flag=flag, source="app-embeddings")
-            st.toast(f"{n} flagged {flag}")
+            ok, n = ui.save(f"the {flag} flag on {len(selected)} example(s)", svc.bulk_update, db, "train", selected,
+                            flag=flag, source="app-embeddings")
+            if ok:
+                st.toast(f"{n} flagged {flag}")
+            else:
+                ui.show_save_error()
     if a5.button("Clear selection", key="sel_clear"):
         st.session_state["e_sel_gen"] = gen + 1
         st.rerun()
@@ -139,8 +143,12 @@ else:
     note = st.text_input("Note for the selection", key="sel_note", placeholder="e.g. blurry scans from one source",
                          help="Saved on every selected example (and kept in the audit trail).")
     if st.button("Save the note", key="sel_note_save", disabled=not note.strip()):
-        n = svc.bulk_update(db, "train", selected, note=note.strip(), source="app-embeddings")
-        st.toast(f"note saved on {n} example(s)")
+        ok, n = ui.save(f"the note on {len(selected)} example(s)", svc.bulk_update, db, "train", selected,
+                        note=note.strip(), source="app-embeddings")
+        if ok:
+            st.toast(f"note saved on {n} example(s)")
+        else:
+            ui.show_save_error()
     show = selected[:24]
     ui.example_cards(project, "train", [(int(i), [f"#{i} label {project.class_name(int(project.train_dataset.y[i]))}"])
                                         for i in show], size=64, per_row=4 if project.data_format == "text" else 8)

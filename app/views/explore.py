@@ -96,7 +96,7 @@ with mid:
     st.markdown(f"**Query: test #{q}**")
     ui.show_example(project, "test", q, size=144)
     lab, pr = int(preds["label"][q]), int(preds["pred"][q])
-    st.markdown(f"True label **{project.class_name(lab)}** · predicted **{project.class_name(pr)}** "
+    st.markdown(f"True label **{ui.md(project.class_name(lab))}** · predicted **{ui.md(project.class_name(pr))}** "
                 + (":green[(correct)]" if lab == pr else ":red[(wrong)]"))
     st.metric("Margin", f"{preds['margin'][q]:.2f}", help="Correct-class margin z_y − logsumexp_{j≠y} z_j; "
               "what the scores explain. " + svc.SIGN_HELP)
@@ -150,7 +150,7 @@ if clusters.is_cluster_run(run):
                 st.caption(f"No {role.lower()} cluster for this query (no cluster has a "
                            f"{'positive' if key == 'proponents' else 'negative'} predicted effect).")
             for r in qc[key]:
-                st.markdown(f"**{role} cluster {r['cluster']}** · class {r['class']} · {r['size']} members · "
+                st.markdown(f"**{role} cluster {r['cluster']}** · class {ui.md(r['class'])} · {r['size']} members · "
                             f"predicted effect {r['effect']:+.4g} · residual {r['residual']:.3f}",
                             help=clusters.CLUSTER_HELP)
                 shown_m = [r["medoid"]] + [i for i in r["members"] if i != r["medoid"]][:15]
@@ -197,7 +197,7 @@ if st.toggle("Upload a new input as the query", key="t_upload"):  # a toggle: no
             with u1:
                 if project.data_format == "images":
                     st.image(svc.array_png(xq[0], 144), caption="uploaded (as the model sees it)", width=144)
-                st.markdown(f"Predicted **{project.class_name(pq['pred'])}** ({pq['probs'].max():.1%})")
+                st.markdown(f"Predicted **{ui.md(project.class_name(pq['pred']))}** ({pq['probs'].max():.1%})")
             with u2:
                 names = [str(c) for c in project.classes]
                 lab = st.selectbox("Explain the margin of class", list(range(len(names))), index=pq["pred"],
@@ -217,7 +217,7 @@ if st.toggle("Upload a new input as the query", key="t_upload"):  # a toggle: no
             if path.is_file():
                 row = svc.load_npy(path, mmap=False)
                 tu = svc.topk(row, k)
-                st.markdown(f"**Top-{k} proponents of the uploaded input** (margin of class {names[lab]}: "
+                st.markdown(f"**Top-{k} proponents of the uploaded input** (margin of class {ui.md(names[lab])}: "
                             f"{pq['margins'][lab]:.2f})", help=svc.SIGN_HELP)
                 cards(tu["proponents"], tu["proponent_scores"], "proponent", prefix="up_")
                 st.markdown(f"**Top-{k} opponents of the uploaded input**", help=svc.SIGN_HELP)

@@ -88,8 +88,17 @@ STATE = {None: "not run", True: "flagged", False: "not flagged"}
 
 
 def _decide(item: str, train_index: int, key: str) -> None:
-    """A pair's decision, saved at once: a leak also flags the training row; taking a leak back (clear
-    or dismiss) clears the row's leak flag unless another pair still marks it."""
+    """A pair's decision, saved at once (a locked database: one line saying it was not saved)."""
+    ok, _ = ui.save(f"the decision on pair test #{item.split(':')[0]} ↔ train #{train_index}", _write_decision, item,
+                    train_index, key)
+    if not ok:  # the control shows what is stored, not the click that was lost
+        st.session_state[key] = (pf.get(item) or {}).get("flag") if (pf.get(item) or {}).get("flag") in (
+            "leak", "dismissed") else None
+
+
+def _write_decision(item: str, train_index: int, key: str) -> None:
+    """A leak also flags the training row; taking a leak back (clear or dismiss) clears the row's leak
+    flag unless another pair still marks it."""
     want = st.session_state.get(key)
     was = (pf.get(item) or {}).get("flag")
     db.set_flag("pair", item, flag=want if want in ("leak", "dismissed") else None, source="app-leakage")

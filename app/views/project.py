@@ -178,7 +178,10 @@ if runs_now:
     # one HTML block, not a data grid: a grid costs every switch to the page its drawing (Explore's query
     # grid about 0.08 s in scratch paired A/B runs in Chromium, stop 29); a list of runs needs no sorting
     st.html(svc.table_html(["method", "status", "fit (s)", "score (s)", "peak MB", "device", "settings", "run"],
-                           [[r["method"], r["status"], _num(r["fit_s"]), _num(r["score_s"]), _num(r["peak_mb"]),
+                           [[r["method"], f"stale: {r['stale']}" if r.get("stale") else r["status"], _num(r["fit_s"]), _num(r["score_s"]), _num(r["peak_mb"]),
                              r["device"], str(r["settings"]), r["key"]] for r in runs_now]))
+    if any(r.get("stale") for r in runs_now):
+        st.caption("Stale runs were computed on other data or checkpoints (or their files are damaged); the pages "
+                   "do not offer them. Run the method again on the Attribute page.")
 else:
     st.caption("None yet — run a method on the Attribute page.")

@@ -130,8 +130,11 @@ if shown_as == "table":
             **{f"ev_{k}": st.column_config.NumberColumn(k.replace("_", " "), format="%.3g", help=v)
                for k, v in svc.EVIDENCE_COLUMNS.items()},
         })
-    n_changed = svc.apply_table_edits(db, shown, edited)
-    if n_changed:
+    ok, n_changed = ui.save("the table edit", svc.apply_table_edits, db, shown, edited)
+    if not ok:  # a new editor shows what is stored, not the edit that was lost
+        st.session_state["editor_v"] = ver + 1
+        ui.show_save_error()
+    elif n_changed:
         st.session_state["editor_v"] = ver + 1
         st.toast(f"saved {n_changed} change(s)")
         st.rerun()
@@ -203,9 +206,10 @@ if shown_as == "review":
         if nav2.button("Next ▶", key="rv_next", disabled=pos >= len(order) - 1, shortcut="Right"):
             st.session_state["rv_id"] = order[pos + 1]
             st.rerun()
-        nav3.caption(f"Suspect {pos + 1} of {len(order)} · train #{i} · given **{row['label']}** · suggested "
-                     f"**{row['suggested']}** · suspicion {row['suspicion']:.4g} · p(given label) {row['p_label']:.3f} · "
-                     f"flag now: {ui.fmt_flag(row['flag'])}" + (f" → relabel {row['relabel']}" if row['relabel'] else ""))
+        nav3.caption(f"Suspect {pos + 1} of {len(order)} · train #{i} · given **{ui.md(row['label'])}** · suggested "
+                     f"**{ui.md(row['suggested'])}** · suspicion {row['suspicion']:.4g} · p(given label) "
+                     f"{row['p_label']:.3f} · flag now: {ui.fmt_flag(row['flag'])}"
+                     + (f" → relabel {ui.md(row['relabel'])}" if row['relabel'] else ""))
         big, typ = st.columns([1, 3])
         with big:
             ui.show_example(project, "train", i, size=224, caption=f"train #{i} (given {row['label']})")
@@ -230,19 +234,31 @@ if shown_as == "review":
                                              ("OK", "ok", "O"), ("Ambiguous", "ambiguous", "A"), ("Leak", "leak", "K"))):
             if c.button(label, key=f"rv_{act}", shortcut=key_):
                 decision = act
+        # each entry names its project: a decision made in another project (this session had it open
+        # before) is never undone here, on this project's flags
         undo_stack = st.session_state.setdefault("rv_undo", [])
+        undo_stack[:] = [u for u in undo_stack if u.get("project") == root]
         if d[5].button("Undo", key="rv_undo_btn", disabled=not undo_stack, shortcut="U"):
-            prior = undo_stack.pop()
-            svc.undo_decision(db, prior)
-            st.session_state["rv_id"] = prior["index"]
-            st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
-            st.rerun()
+            prior = undo_stack[-1]
+            ok, _ = ui.save(f"undoing the decision on train #{prior['index']}", svc.undo_decision, db, prior)
+            if not ok:  # kept on the stack: Undo can be clicked again
+                ui.show_save_error()
+            else:
+                undo_stack.pop()
+                st.session_state["rv_id"] = prior["index"]
+                st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
+                st.rerun()
         if decision:
-            undo_stack.append(svc.review_decision(db, i, decision, str(row["suggested"])))
-            st.session_state["rv_id"] = order[pos + 1] if pos + 1 < len(order) else i
-            st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
-            st.toast(f"train #{i}: {decision}")
-            st.rerun()
+            ok, prior = ui.save(f"the decision '{decision}' on train #{i}", svc.review_decision, db, i, decision,
+                                str(row["suggested"]))
+            if not ok:  # this suspect stays shown, so the decision can be made again
+                ui.show_save_error()
+            else:
+                undo_stack.append({**prior, "project": root})
+                st.session_state["rv_id"] = order[pos + 1] if pos + 1 < len(order) else i
+                st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
+                st.toast(f"train #{i}: {decision}")
+                st.rerun()
     else:
         st.caption("No suspect matches the filters.")
 
@@ -276,10 +292,14 @@ if clusters.is_cluster_run(run):
             if st.button(f"Flag the {n_mem} member(s) of {len(csel)} cluster(s)", key="cluster_flag_apply",
                          disabled=not csel, help="Flags every training example in the selected clusters (each "
                                                  "change goes to the audit trail)."):
-                n = clusters.flag_cluster_members(db, cr, csel, cflag)
-                st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
-                st.toast(f"flagged {n} example(s) {cflag}")
-                st.rerun()
+                ok, n = ui.save(f"the {cflag} flag on the clusters' members", clusters.flag_cluster_members, db, cr,
+                                csel, cflag)
+                if not ok:
+                    ui.show_save_error()
+                else:
+                    st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
+                    st.toast(f"flagged {n} example(s) {cflag}")
+                    st.rerun()
         else:
             st.success("No cluster's simulated removal lowers the validation loss.")
 
@@ -301,22 +321,26 @@ if bulk_on:
     action = st.selectbox("Action", ["flag mislabeled", "flag ok", "flag ambiguous", "flag leak", "clear flag",
                                      "relabel to suggested", "add note"], key="bulk_action")
     note = st.text_input("Note", key="bulk_note") if action == "add note" else None
-    if st.button(f"Apply to {len(targets)} example(s)", key="bulk_apply", disabled=not targets):
+    def _bulk() -> int:
         if action.startswith("flag "):
-            n = svc.bulk_update(db, "train", targets, flag=action.split(" ", 1)[1])
-        elif action == "clear flag":
-            n = svc.bulk_update(db, "train", targets, flag=None)
-        elif action == "relabel to suggested":
+            return svc.bulk_update(db, "train", targets, flag=action.split(" ", 1)[1])
+        if action == "clear flag":
+            return svc.bulk_update(db, "train", targets, flag=None)
+        if action == "relabel to suggested":
             sug = table.set_index("index")["suggested"]
-            n = 0
             for i in targets:
                 db.set_flag("train", i, relabel=sug[i], source="app-bulk")
-                n += 1
-        else:
-            n = svc.bulk_update(db, "train", targets, note=note or None)
+            return len(targets)
+        return svc.bulk_update(db, "train", targets, note=note or None)
+
+    if st.button(f"Apply to {len(targets)} example(s)", key="bulk_apply", disabled=not targets):
+        ok, n = ui.save(f"{action} on {len(targets)} example(s)", _bulk)
         st.session_state["editor_v"] = st.session_state.get("editor_v", 0) + 1
-        st.toast(f"{action}: {n} example(s) updated")
-        st.rerun()
+        if not ok:
+            ui.show_save_error()
+        else:
+            st.toast(f"{action}: {n} example(s) updated")
+            st.rerun()
     st.download_button(f"Export the {len(targets)} selected (CSV)",
                        lambda sel=tuple(targets): svc.selection_csv(project, db, sel, table),
                        file_name=f"{project.name}-selection.csv", mime="text/csv", key="dl_selection",
@@ -393,5 +417,8 @@ if st.toggle("Export: the flags (CSV, JSON) and a cleaned copy of the dataset", 
         out = st.session_state["cleaned"]
         st.success(f"Cleaned copy: {out['n_train']} training rows ({out['removed']} removed, {out['relabelled']} relabelled) "
                    f"at `{out['folder']}`")
+        if out.get("skipped"):
+            st.warning(f"Left out of the copy ({len(out['skipped'])}): " + "; ".join(ui.md(x) for x in out["skipped"][:10])
+                       + ("…" if len(out["skipped"]) > 10 else ""))
         st.download_button("Download the cleaned copy (zip)", lambda: svc.zip_folder(out["folder"]),
                            file_name=f"{project.name}-cleaned.zip", mime="application/zip", key="dl_clean")

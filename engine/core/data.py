@@ -23,10 +23,10 @@ import torch
 from torch.utils import _pytree as pytree
 
 from engine.core.errors import ValidationError
-from engine.core.images import ImagePreprocessing, ImageRows, load_split, read_raw_image
+from engine.core.images import ImagePreprocessing, ImageRows, load_split, read_raw_image, regular_file
 from engine.core.paths import FolderResolver, check_inside
-from engine.core.tables import (TABLE_SUFFIXES, FirstSeen, check_labels, check_unique_header, class_list, iter_table,
-                                 load_tabular_splits, parse_error, table_kind, test_class_codes)
+from engine.core.tables import (TABLE_SUFFIXES, FirstSeen, check_labels, check_unique_header, class_list, csv_options,
+                                 iter_table, load_tabular_splits, parse_error, table_kind, test_class_codes)
 from engine.storage.statedb import STATE_DIRNAME
 
 FORMATS = ("images", "image_folder", "tabular", "text")
@@ -210,13 +210,15 @@ class LoadedData:
     image_cache: list = field(default_factory=list)  # PendingImageCache: decoded splits to keep
     table_files: tuple[Path, Path] | None = None  # tabular: (train, test) files behind train_df/test_df
     label_column: str = "label"
+    text_columns: tuple[str, ...] = ()  # read as text whatever they look like (see engine.core.tables.csv_options)
 
     def head(self, split: str, n: int = 10) -> pd.DataFrame:
         """The split's first ``n`` raw rows, without reading a tabular table whole when it was not."""
         attr = "train_df" if split == "train" else "test_df"
         if getattr(self, attr) is None and self.table_files is not None:
             path = self.table_files[0 if split == "train" else 1]
-            return next(iter_table(path, self.label_column, rows=max(1, int(n))))[1].head(n)
+            return next(iter_table(path, self.label_column, rows=max(1, int(n)),
+                                   text_columns=self.text_columns))[1].head(n)
         return self.frame(split).head(n)
 
     def frame(self, split: str) -> pd.DataFrame:
@@ -225,14 +227,15 @@ class LoadedData:
         attr = "train_df" if split == "train" else "test_df"
         df = getattr(self, attr)
         if df is None:
-            df = read_table(self.table_files[0 if split == "train" else 1], self.label_column)
+            df = read_table(self.table_files[0 if split == "train" else 1], self.label_column, self.text_columns)
             setattr(self, attr, df)
         return df
 
 
 # ----------------------------------------------------------------------------- tables
-def read_table(path: Path, label_column: str) -> pd.DataFrame:
-    """A CSV, Parquet or JSONL file with a label column and at least one row."""
+def read_table(path: Path, label_column: str, text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A CSV, Parquet or JSONL file with a label column and at least one row (``text_columns``: CSV
+    columns kept as written, e.g. a text "007" or an image path "123", not parsed as numbers)."""
     if not path.is_file():
         raise ValidationError("file not found", file=str(path))
     kind = table_kind(path)
@@ -242,7 +245,7 @@ def read_table(path: Path, label_column: str) -> pd.DataFrame:
         elif kind == "jsonl":
             df = pd.read_json(path, lines=True)
         else:
-            df = pd.read_csv(path)
+            df = pd.read_csv(path, **csv_options(text_columns))
     except Exception as e:  # pandas/pyarrow raise many types; the user needs one line
         raise parse_error(path, kind, e) from None
     if kind == "csv":
@@ -288,13 +291,17 @@ def resolve_image_path(rel: str, csv: Path, root: Path, image_root: str | None, 
         if os.path.isfile(c):
             return check_inside(Path(c), root, allowed=allow_outside, what="image", file=csv, row=row,
                                 resolver=resolver)
+    for c in candidates:  # only on the error path: a folder or a FIFO by that name is "there" but no image
+        if os.path.exists(c):
+            what = "a folder" if os.path.isdir(c) else "not a regular file (a pipe, socket or device?)"
+            raise ValidationError(f"image {rel} is {what}: {c}", file=str(csv), row=row)
     looked = ", ".join(str(c) for c in dict.fromkeys(candidates))
     raise ValidationError(f"image file not found: {rel} (looked in {looked})", file=str(csv), row=row)
 
 
 def _load_image_csv(cfg: DataConfig, root: Path, train_file: Path, test_file: Path) -> LoadedData:
     lc, col = cfg.label_column, cfg.image_column
-    train_df, test_df = read_table(train_file, lc), read_table(test_file, lc)
+    train_df, test_df = read_table(train_file, lc, (col,)), read_table(test_file, lc, (col,))
     classes, y_train, y_test = _class_index(train_df, test_df, lc, test_file, train_file)
     xs, files, pending = [], [], []
     resolver = FolderResolver()
@@ -314,9 +321,16 @@ def _load_image_csv(cfg: DataConfig, root: Path, train_file: Path, test_file: Pa
                       train_files=files[0], test_files=files[1], image_cache=pending)
 
 
-def scan_image_folder(folder: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[Path, str]], list[Path]]:
-    """(classes, [(file, class)], skipped non-image files) of an ImageFolder tree, in torchvision's
-    order. With ``classes`` (the training classes), a class folder outside them is an error."""
+def scan_image_folder(folder: Path, classes: list[str] | None = None
+                      ) -> tuple[list[str], list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """(classes, [(file, class)], [(skipped file, why)]) of an ImageFolder tree, in torchvision's
+    order. With ``classes`` (the training classes), a class folder outside them is an error.
+
+    Links are followed, but a folder is read once: a link back up the tree (a loop) or to a folder
+    already read (another class's images under a second label) is an error naming it. Hidden files
+    and folders (``.ipynb_checkpoints``, macOS ``._*`` files), files at the top outside any class
+    folder, and anything that is not a regular file (a FIFO would block the reader for ever) are
+    skipped, each with its reason."""
     if not folder.is_dir():
         raise ValidationError("image folder not found (expected one sub-folder per class)", file=str(folder))
     found = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
@@ -327,15 +341,35 @@ def scan_image_folder(folder: Path, classes: list[str] | None = None) -> tuple[l
         if extra:
             raise ValidationError(f"class folder {extra[0]!r} is in test but not in train", file=str(folder / extra[0]))
     samples, skipped = [], []
+    for e in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not e.is_dir():
+            skipped.append((Path(e.path), "outside any class folder"))
+    read: dict[str, tuple[str, Path]] = {}  # real folder → (class, the path it was first read as)
     for cls in found:
         n_before = len(samples)
-        for dirpath, _, fnames in sorted(os.walk(folder / cls, followlinks=True)):
+        for dirpath, dirnames, fnames in os.walk(folder / cls, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in read:
+                first_cls, first = read[real]
+                what = (f"a loop: it leads back to {first}" if first_cls == cls and Path(dirpath).is_relative_to(first)
+                        else f"the same folder as {first}, already read as class {first_cls!r}: its images "
+                             f"would be read twice" + (" under two labels" if first_cls != cls else ""))
+                raise ValidationError(f"this folder (a link?) is {what}; remove the link or move the images",
+                                      file=dirpath)
+            read[real] = (cls, Path(dirpath))
+            hidden = sorted(d for d in dirnames if d.startswith("."))
+            skipped.extend((Path(dirpath) / d, "hidden folder") for d in hidden)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # in place: os.walk descends these
             for fname in sorted(fnames):
                 path = Path(dirpath) / fname
-                if fname.lower().endswith(IMAGE_EXTENSIONS):
-                    samples.append((path, cls))
+                if fname.startswith("."):
+                    skipped.append((path, "hidden file"))
+                elif not fname.lower().endswith(IMAGE_EXTENSIONS):
+                    skipped.append((path, "not an image file"))
+                elif not regular_file(path):
+                    skipped.append((path, "not a regular file"))
                 else:
-                    skipped.append(path)
+                    samples.append((path, cls))
         if len(samples) == n_before:
             raise ValidationError(f"class folder {cls!r} has no images ({', '.join(IMAGE_EXTENSIONS)})",
                                   file=str(folder / cls))
@@ -363,7 +397,7 @@ def _load_image_folder(cfg: DataConfig, root: Path, train_dir: Path, test_dir: P
     y_train = torch.tensor([index[c] for _, c in train_s], dtype=torch.long)
     y_test = torch.tensor([index[c] for _, c in test_s], dtype=torch.long)
     skipped = skip_train + skip_test
-    warnings = [f"{p}: skipped, not an image file ({len(skipped)} skipped in all)" for p in skipped]
+    warnings = [f"{p}: skipped, {why} ({len(skipped)} skipped in all)" for p, why in skipped]
     return LoadedData(xs[0], y_train, xs[1], y_test, list(classes), dfs[0], dfs[1],
                       train_files=[p for p, _ in train_s], test_files=[p for p, _ in test_s], warnings=warnings,
                       image_cache=pending)
@@ -406,6 +440,9 @@ def _load_text(cfg: DataConfig, root: Path, train_file: Path, test_file: Path, t
     if tokenize is None:
         raise ValidationError("format 'text' needs a function tokenize(texts) -> dict of tensors", file=str(factory_file))
     lc, tc = cfg.label_column, cfg.text_column
+    if lc == tc:
+        raise ValidationError(f"[data] text_column and label_column are both {lc!r}: the model would read its "
+                              f"own label", file=str(root / "project.toml"))
     scratch = cache_folder(root)
     labels = FirstSeen()
     x_train = _tokenized_split(train_file, lc, tc, tokenize, factory_file, scratch, lambda lo, v: labels.add(v))
@@ -416,7 +453,7 @@ def _load_text(cfg: DataConfig, root: Path, train_file: Path, test_file: Path, t
                               lambda lo, v: test_codes.append(test_class_codes(v, index, test_file, first_row=lo)))
     return LoadedData(x_train, torch.from_numpy(labels.remapped(classes)), x_test,
                       torch.from_numpy(np.concatenate(test_codes)), classes, None, None,
-                      table_files=(train_file, test_file), label_column=lc)
+                      table_files=(train_file, test_file), label_column=lc, text_columns=(tc,))
 
 
 def _text_chunk(df: pd.DataFrame, tc: str, path: Path, lo: int) -> list[str]:
@@ -424,8 +461,13 @@ def _text_chunk(df: pd.DataFrame, tc: str, path: Path, lo: int) -> list[str]:
         raise ValidationError(f"text column {tc!r} not found (columns: {', '.join(map(str, df.columns))})", file=str(path))
     texts = df[tc].tolist()
     for r, t in enumerate(texts):
-        if not isinstance(t, str) or not t.strip():
-            raise ValidationError(f"empty text in column {tc!r}", file=str(path), row=lo + r)
+        if isinstance(t, str) and t.strip():
+            continue
+        if isinstance(t, str) or t is None or (isinstance(t, float) and t != t):
+            problem = f"empty text in column {tc!r}"
+        else:  # a number, list, dict or bytes: JSON and Parquet keep their types
+            problem = f"column {tc!r}: value {str(t)[:40]!r} ({type(t).__name__}) is not text"
+        raise ValidationError(problem, file=str(path), row=lo + r)
     return texts
 
 
@@ -436,7 +478,7 @@ def _tokenized_split(path: Path, lc: str, tc: str, tokenize: Callable, factory_f
     files: dict = {}  # key → (scratch file, trailing shape, dtype)
     n, uneven = 0, False
     try:
-        for lo, df in iter_table(path, lc, rows=TEXT_CHUNK_ROWS):
+        for lo, df in iter_table(path, lc, rows=TEXT_CHUNK_ROWS, text_columns=(tc,)):
             texts = _text_chunk(df, tc, path, lo)
             on_labels(lo, df[lc])
             if uneven:
@@ -456,7 +498,7 @@ def _tokenized_split(path: Path, lc: str, tc: str, tokenize: Callable, factory_f
                     raise disk_error(e, scratch, "tokenized texts") from None
             n += len(texts)
         if uneven:  # batch-dependent padding: one call over the whole split, as before
-            df = read_table(path, lc)
+            df = read_table(path, lc, (tc,))
             return tokenize_texts(tokenize, _text_chunk(df, tc, path, 0), factory_file)
         data = {}
         for k, (f, trail, dtype) in files.items():
@@ -481,6 +523,13 @@ def tokenize_texts(tokenize: Callable, texts: list[str], factory_file: Path) -> 
         if not isinstance(v, torch.Tensor) or v.ndim == 0 or len(v) != len(texts):
             raise ValidationError(f"tokenize()[{k!r}] must be a tensor with one row per text ({len(texts)})",
                                   file=str(factory_file))
+        if v.numel() == 0:
+            raise ValidationError(f"tokenize()[{k!r}] has shape {tuple(v.shape)}: no values per text",
+                                  file=str(factory_file))
+        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+            r = int((~torch.isfinite(v)).reshape(len(v), -1).any(1).nonzero()[0])
+            raise ValidationError(f"tokenize()[{k!r}] holds NaN or infinite values (text {r} of the batch: "
+                                  f"{texts[r][:40]!r})", file=str(factory_file))
     return TensorDict(out)
 
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
+import stat
 import tempfile
 import threading
 import warnings
@@ -59,6 +61,7 @@ class ImagePreprocessing:
 
     def pixels(self, im) -> np.ndarray:
         """A PIL image → uint8 [channels, height, width]: mode and resize, before normalisation."""
+        im = eight_bit(im)
         im = im.convert(self.pil_mode(im))
         if self.resize is not None:
             h, w = self.resize
@@ -94,13 +97,59 @@ class ImagePreprocessing:
         return {"resize": self.resize, "mode": self.mode}
 
 
-def read_raw_image(path: Path):
-    """The file's pixels as a PIL image (loaded, file closed). An image over PIL's pixel limit
-    (a possible decompression bomb) is refused, not just warned about."""
+def eight_bit(im):
+    """A 16-bit, 32-bit integer or float single-channel image as 8-bit grey ("L"), scaled the way
+    scikit-image's ``img_as_ubyte`` does (16 bits: / 257; floats: 0..1 → 0..255). PIL's own convert
+    clips instead, so every 16-bit scan came out white and every float image black. Values that fit
+    no such range are refused (ValueError) rather than guessed at. Other modes are returned as they are."""
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im
+    arr = np.asarray(im)
+    if arr.size == 0:
+        return im
+    if im.mode == "F" and not np.isfinite(arr).all():
+        raise ValueError("float pixels hold NaN or infinite values; save it as an 8- or 16-bit image")
+    lo, hi = float(arr.min()), float(arr.max())
+    if im.mode == "F":
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"float pixels must lie in 0..1 (this file holds {lo:g}..{hi:g}); "
+                             f"save it as an 8- or 16-bit image")
+        out = np.rint(arr * 255.0)
+    else:
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"32-bit pixel values {lo:g}..{hi:g} do not fit 16 bits; save it as an 8- or "
+                             f"16-bit image")
+        out = np.rint(arr / 257.0)
+    return Image.fromarray(out.astype(np.uint8), mode="L")
+
+
+def regular_file(path: Path) -> bool:
+    """A plain file (links followed): not a FIFO, socket or device, which an image reader would block on."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True  # missing or a broken link: the reader names it as missing
+
+
+def read_raw_image(source):
+    """The pixels of a file (a path, bytes or a binary file object) as a PIL image (loaded, file
+    closed). An image over PIL's pixel limit (a possible decompression bomb: a 17 KB PNG can hold
+    144 million pixels) is refused before it is decoded, and so is a path that is not a regular
+    file (opening a FIFO would wait for a writer for ever)."""
+    if isinstance(source, (str, os.PathLike)) and not regular_file(Path(source)):
+        raise ValueError("not a regular file (a pipe, socket or device?)")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as im:
+            with Image.open(source) as im:
+                w, h = im.size
+                # checked here as well: the warnings filter is process-wide, and another thread (a
+                # Streamlit session) may reset it between the two lines above
+                if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"{w}×{h} = {w * h} pixels, over the limit of "
+                                                       f"{Image.MAX_IMAGE_PIXELS}")
                 im.load()
                 return im.copy()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -18,6 +18,7 @@ succeeded.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -66,8 +67,9 @@ def _image_folder(root: Path) -> dict | None:
     notes = [f"ImageFolder tree: {len(classes)} classes ({_short(classes)}), {len(train_samples)} training and "
              f"{len(test_samples)} test images; rows in (class folder, file name) order, as torchvision's ImageFolder"]
     if skipped or skipped_test:
-        notes.append(f"{len(skipped) + len(skipped_test)} non-image file(s) will be skipped, e.g. "
-                     f"{(skipped + skipped_test)[0].relative_to(root)}")
+        first, why = (skipped + skipped_test)[0]
+        notes.append(f"{len(skipped) + len(skipped_test)} file(s) will be skipped, e.g. "
+                     f"{first.relative_to(root)} ({why})")
     return {"data": facts, "notes": notes, "num_classes": len(classes)}
 
 
@@ -208,7 +210,9 @@ def inspect_folder(root: str | Path) -> dict:
 # ----------------------------------------------------------------------------- writing
 def _toml_value(v) -> str:
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # JSON's string escapes are TOML's basic-string escapes (\n, \t, \uXXXX for other control
+        # characters); DEL is the one character TOML also refuses raw
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (list, tuple)):

@@ -277,6 +277,25 @@ class Project:
         atomic_write_text(path, pd.concat(frames, ignore_index=True).to_csv(index=False))
         return path
 
+    def row_fingerprints(self, split: str = "train") -> np.ndarray:
+        """One uint64 per example of ``split`` that names it by content, not position: the raw table row
+        (tabular and text: every column, numbers as float64 and the rest as text, so a column read as
+        integers in one version of the file and as floats in another still matches), or the image's
+        file (relative to the project) and label. What flags follow when rows are added, removed or
+        re-ordered (:mod:`engine.workflows.flag_rows`)."""
+        cache = self.__dict__.setdefault("_row_fingerprints", {})
+        if split not in cache:
+            if self.data_format in ("tabular", "text"):
+                df = self.train_df if split == "train" else self.test_df
+            else:
+                df = self.rows(split)[["file", "label"]]
+            canonical = pd.DataFrame({
+                str(c): (df[c].astype(np.float64) if pd.api.types.is_numeric_dtype(df[c])
+                         and not pd.api.types.is_bool_dtype(df[c]) else df[c].astype(str))
+                for c in df.columns})
+            cache[split] = pd.util.hash_pandas_object(canonical, index=False).to_numpy(np.uint64)
+        return cache[split]
+
     def example_file(self, split: str, index: int) -> Path | None:
         files = self._data.train_files if split == "train" else self._data.test_files
         return None if files is None else files[int(index)]
@@ -554,7 +573,11 @@ class Project:
     @property
     def state_dir(self) -> Path:
         d = self.root / STATE_DIRNAME
-        d.mkdir(exist_ok=True)
+        try:
+            d.mkdir(exist_ok=True)
+        except FileExistsError:  # not a folder: mkdir's "File exists" does not say what to do
+            raise ValidationError(f"is a file, not a folder; Proponent keeps its results and state in "
+                                  f"{STATE_DIRNAME}/: move the file away", file=str(d)) from None
         # the project now keeps state: keep its decoded images too (see engine.core.data.PendingImageCache)
         pending, self._pending_image_cache = getattr(self, "_pending_image_cache", []), []
         for item in pending:

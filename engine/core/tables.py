@@ -35,6 +35,17 @@ MAX_CHUNK_ROWS = 1 << 16
 BLOCK_BYTES = 8 << 20  # float32 blocks of the passes over the scratch and input arrays (a pass makes ~3 temporaries)
 
 
+def csv_options(text_columns=()) -> dict:
+    """pandas.read_csv options for every table Proponent reads. Only an empty cell is missing: by
+    default pandas also reads "NA", "N/A", "None", "null", "nan" ... as missing, so a class named NA
+    (North America) or a text "None" could not be used, and the error said "empty". ``text_columns``
+    are kept as written ("007" stays "007")."""
+    opts = {"keep_default_na": False, "na_values": [""]}
+    if text_columns:
+        opts["dtype"] = {c: str for c in text_columns}
+    return opts
+
+
 def table_kind(path: Path) -> str:
     return TABLE_SUFFIXES.get(path.suffix.lower(), "csv")
 
@@ -96,7 +107,8 @@ def check_unique_header(path: Path) -> list[str]:
     return header
 
 
-def _raw_chunks(path: Path, kind: str, rows: int | None, n_columns: int) -> Iterator[pd.DataFrame]:
+def _raw_chunks(path: Path, kind: str, rows: int | None, n_columns: int,
+                text_columns=()) -> Iterator[pd.DataFrame]:
     if kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -109,7 +121,7 @@ def _raw_chunks(path: Path, kind: str, rows: int | None, n_columns: int) -> Iter
             yield from reader
     else:
         rows = rows or chunk_rows(n_columns)
-        with pd.read_csv(path, chunksize=rows) as reader:
+        with pd.read_csv(path, chunksize=rows, **csv_options(text_columns)) as reader:
             yield from reader
 
 
@@ -124,7 +136,8 @@ def check_labels(df: pd.DataFrame, label_column: str, path: Path, first_row: int
                               row=first_row + int(np.argmax(missing)))
 
 
-def iter_table(path: Path, label_column: str, *, rows: int | None = None) -> Iterator[tuple[int, pd.DataFrame]]:
+def iter_table(path: Path, label_column: str, *, rows: int | None = None,
+               text_columns=()) -> Iterator[tuple[int, pd.DataFrame]]:
     """(first row, chunk) over a CSV, Parquet or JSONL file, with :func:`engine.core.data.read_table`'s
     checks: the file exists and parses, has the label column and at least one row, and no label
     is empty (the error gives the row in the whole file)."""
@@ -132,7 +145,7 @@ def iter_table(path: Path, label_column: str, *, rows: int | None = None) -> Ite
         raise ValidationError("file not found", file=str(path))
     kind = table_kind(path)
     n_columns = len(check_unique_header(path)) if kind == "csv" else 0
-    chunks = _raw_chunks(path, kind, rows, n_columns)
+    chunks = _raw_chunks(path, kind, rows, n_columns, text_columns)
     lo = 0
     while True:
         try:
@@ -419,6 +432,6 @@ def _inputs(split: _ParsedSplit, mean: np.ndarray, std: np.ndarray, sizes: list[
     return out
 
 
-__all__ = ["iter_table", "check_labels", "parse_error", "load_tabular_splits", "column_mean_std", "check_unique_header", "table_kind",
+__all__ = ["csv_options", "iter_table", "check_labels", "parse_error", "load_tabular_splits", "column_mean_std", "check_unique_header", "table_kind",
            "chunk_rows", "TabularSplits", "TABLE_SUFFIXES", "native", "class_order", "FirstSeen", "class_list",
            "test_class_codes"]

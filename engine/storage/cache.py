@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.core.errors import ProponentError
+from engine.storage.folders import foreign_entry
 from engine.storage.statedb import STATE_DIRNAME, StateDB
 
 # folders of recomputable results, each entry one child (runs: one per run key)
@@ -40,6 +41,18 @@ OWN_NAMES = {
 }
 # an atomic write's temporary file left by a killed writer (engine.storage.arrays.temp_path_for)
 _TEMP = re.compile(r"^\..+\.\d+\.[^.]+\.tmp$")
+# what an entry folder holds when Proponent filled it: a run's results at the top (engine.api, the
+# CLI's rows.csv, workflows/leaks.py) and a method's work folder; elsewhere arrays, chunk masks and
+# manifests. A file of another name (a user's notes saved beside the results) keeps the whole entry
+# out of pruning, since removing the folder would delete it.
+_DATA_FILE = r"[A-Za-z0-9_.-]+\.(npy|npz|bin|json|pt|safetensors|parts)"
+ENTRY_FILES = {
+    "runs": re.compile(rf"^((scores|self_scores|suspicion|copy_scores)\.npy|meta\.json|rows\.csv|"
+                       rf"leak_null_[0-9a-f]+\.npy|work/([A-Za-z0-9_.-]+/)*{_DATA_FILE})$"),
+}
+_ANY_ENTRY_FILES = re.compile(rf"^([A-Za-z0-9_.-]+/)*{_DATA_FILE}$")
+ENTRY_DIRS = {"runs": re.compile(r"^work(/[A-Za-z0-9_.-]+)*$")}
+_ANY_ENTRY_DIRS = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 
 
 @dataclass
@@ -105,6 +118,13 @@ def _scan(root: str | Path) -> tuple[list[CacheEntry], list[SkippedEntry]]:
             if not (OWN_NAMES[kind].match(child.name) or (kind == "runs" and child.name in runs and child.is_dir())
                     or (_TEMP.match(child.name) and child.is_file())):
                 skipped.append(SkippedEntry(kind, child.name, child, "not written by Proponent; left in place"))
+                continue
+            foreign = foreign_entry(child, ENTRY_FILES.get(kind, _ANY_ENTRY_FILES),
+                                    ENTRY_DIRS.get(kind, _ANY_ENTRY_DIRS)) if child.is_dir() else None
+            if foreign is not None:
+                skipped.append(SkippedEntry(kind, child.name, child,
+                                            f"holds {foreign.relative_to(child).as_posix()}, which Proponent did not "
+                                            f"write; left in place (move that file out to prune it)"))
                 continue
             size, mtime = _size_and_mtime(child)
             run = runs.get(child.name) if kind == "runs" else None

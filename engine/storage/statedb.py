@@ -77,7 +77,13 @@ FLAG_VALUES = ("mislabeled", "ok", "ambiguous", "leak", "dismissed")
 # schema change. A database from a newer Proponent is refused rather than altered.
 MIGRATIONS: list[tuple[int, str]] = [
     (2, "CREATE INDEX IF NOT EXISTS audit_item ON audit (split, item, id);"),
+    # which data a flag's item index refers to, and the flagged example's content fingerprint (for a
+    # pair, "test:train"), so flags follow their examples when the data changes (engine.workflows.flag_rows)
+    (3, "ALTER TABLE flags ADD COLUMN data_hash TEXT;"),
+    (4, "ALTER TABLE flags ADD COLUMN fingerprint TEXT;"),
 ]
+# flags whose example is no longer in the data live in split "<split>-gone" until it returns
+GONE_SUFFIX = "-gone"
 SCHEMA_VERSION = MIGRATIONS[-1][0] if MIGRATIONS else 1
 
 
@@ -145,9 +151,15 @@ class StateDB:
     Every write commits at once, so a reload, another tab or a restarted server sees it.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, identity=None, busy_timeout: float = 30.0):
         self.path = Path(path)
+        # how long a statement waits for another process's write lock: a batch job can wait, a click
+        # in the app should say "not saved" within seconds
+        self.busy_timeout = float(busy_timeout)
         self._local = threading.local()
+        # identity(split, item) -> (data hash, fingerprint) of the example a flag is set on; None: not
+        # known here (the flag is stamped by the next engine.workflows.flag_rows.follow_data)
+        self.identity = identity
         self._open()
 
     @_one_line
@@ -183,7 +195,7 @@ class StateDB:
     def _conn(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
         if con is None:
-            con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            con = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
             for attempt in range(50):
                 try:  # switching a new database to WAL takes a lock the busy timeout does not always wait for
                     con.execute("PRAGMA journal_mode=WAL")
@@ -249,12 +261,12 @@ class StateDB:
         """
         with self._tx() as con:
             return self._set_in(con, split, item, {k: v for k, v in (("flag", flag), ("relabel", relabel), ("note", note))
-                                                   if v is not ...}, source)
+                                                   if v is not ...}, source, self.identity)
 
     @staticmethod
-    def _set_in(con, split: str, item, changes: dict, source: str) -> dict:
+    def _set_in(con, split: str, item, changes: dict, source: str, identity=None) -> dict:
         """Apply ``changes`` (flag/relabel/note → value or None) to one item inside the caller's
-        transaction, writing each changed field to the audit trail."""
+        transaction, writing each changed field to the audit trail (``identity``: see ``__init__``)."""
         if split not in ("train", "test", "pair"):
             raise ValueError(f"split must be train, test or pair, not {split!r}")
         if changes.get("flag") is not None and changes["flag"] not in FLAG_VALUES:
@@ -270,10 +282,14 @@ class StateDB:
             if new[name] != old[name]:
                 con.execute("INSERT INTO audit (ts, split, item, field, old, new, source) VALUES (?,?,?,?,?,?,?)",
                             (now, split, item, name, old[name], new[name], source))
-        con.execute("INSERT INTO flags (split, item, flag, relabel, note, updated) VALUES (?,?,?,?,?,?) "
+        data_hash, fingerprint = identity(split, item) if identity is not None else (None, None)
+        con.execute("INSERT INTO flags (split, item, flag, relabel, note, updated, data_hash, fingerprint) "
+                    "VALUES (?,?,?,?,?,?,?,?) "
                     "ON CONFLICT(split, item) DO UPDATE SET flag=excluded.flag, relabel=excluded.relabel, "
-                    "note=excluded.note, updated=excluded.updated",
-                    (split, item, new["flag"], new["relabel"], new["note"], now))
+                    "note=excluded.note, updated=excluded.updated, "
+                    "data_hash=COALESCE(excluded.data_hash, flags.data_hash), "
+                    "fingerprint=COALESCE(excluded.fingerprint, flags.fingerprint)",
+                    (split, item, new["flag"], new["relabel"], new["note"], now, data_hash, fingerprint))
         return new
 
     @_one_line
@@ -285,7 +301,7 @@ class StateDB:
         with self._tx() as con:
             row = con.execute("SELECT flag FROM flags WHERE split=? AND item=?", (split, str(item))).fetchone()
             new = None if (row is not None and row["flag"] == flag) else flag
-            self._set_in(con, split, item, {"flag": new}, source)
+            self._set_in(con, split, item, {"flag": new}, source, self.identity)
         return new
 
     @_one_line
@@ -295,13 +311,46 @@ class StateDB:
         changes = {k: v for k, v in kw.items() if v is not ...}
         with self._tx() as con:
             for it in items:
-                self._set_in(con, split, it, changes, source)
+                self._set_in(con, split, it, changes, source, self.identity)
 
     @_one_line
     def flags(self, split: str | None = None) -> dict[str, dict]:
         q = "SELECT * FROM flags" + (" WHERE split=?" if split else "")
         rows = self._conn().execute(q, (split,) if split else ()).fetchall()
         return {(r["item"] if split else f"{r['split']}:{r['item']}"): dict(r) for r in rows}
+
+    @_one_line
+    def flags_off_data(self, data_hash: str) -> list[dict]:
+        """Flag rows (every split, gone ones too) not known to refer to the data of ``data_hash``."""
+        return [dict(r) for r in self._conn().execute(
+            "SELECT * FROM flags WHERE data_hash IS NULL OR data_hash != ?", (data_hash,))]
+
+    @_one_line
+    def move_flags(self, moves: list[dict], data_hash: str, source: str = "data changed") -> None:
+        """Re-key flag rows in one transaction: each move is {"split", "item"} (where the row is now) and
+        {"to_split", "to_item", "fingerprint"} (where it goes); every row is stamped with ``data_hash``.
+        A changed key goes to the audit trail. A target already holding a flag of the current data keeps
+        it, and the moving row goes to the gone split instead: nothing is overwritten."""
+        with self._tx() as con:
+            rows = []
+            for m in moves:
+                r = con.execute("SELECT * FROM flags WHERE split=? AND item=?", (m["split"], m["item"])).fetchone()
+                if r is not None:
+                    rows.append((m, dict(r)))
+                    con.execute("DELETE FROM flags WHERE split=? AND item=?", (m["split"], m["item"]))
+            now = time.time()
+            for m, r in rows:
+                to_split, to_item = m["to_split"], str(m["to_item"])
+                if con.execute("SELECT 1 FROM flags WHERE split=? AND item=?", (to_split, to_item)).fetchone():
+                    to_split, to_item = m["split"].removesuffix(GONE_SUFFIX) + GONE_SUFFIX, f"{m['item']}@{r['data_hash']}"
+                if (to_split, to_item) != (m["split"], m["item"]):
+                    con.execute("INSERT INTO audit (ts, split, item, field, old, new, source) VALUES (?,?,?,?,?,?,?)",
+                                (now, to_split, to_item, "item", f"{m['split']}:{m['item']}", f"{to_split}:{to_item}",
+                                 source))
+                con.execute("INSERT OR REPLACE INTO flags (split, item, flag, relabel, note, updated, data_hash, "
+                            "fingerprint) VALUES (?,?,?,?,?,?,?,?)",
+                            (to_split, to_item, r["flag"], r["relabel"], r["note"], r["updated"], data_hash,
+                             m.get("fingerprint", r["fingerprint"])))
 
     @_one_line
     def audit(self, limit: int = 1000) -> list[dict]:

@@ -18,6 +18,9 @@ def ensemble_probabilities(project: Project, split: str = "train") -> np.ndarray
     ds = project.train_dataset if split == "train" else project.test_dataset
     probs = None
     finals = project.final_checkpoints()
+    if not finals:  # deleted or never recorded: no model to ask (not a TypeError from None / 0)
+        raise ProponentError("no trained checkpoints to compute class probabilities from; run `proponent train` "
+                             "(or `proponent import`) first", file=str(project.checkpoint_dir))
     for ck in finals:
         p = torch.softmax(predict_logits(project.load_model(ck), ds.x), 1).numpy()
         probs = p if probs is None else probs + p

@@ -37,6 +37,19 @@ def machine_description() -> str:
             f"{torch.get_num_threads()} torch thread(s)")
 
 
+def at_least(low: int):
+    """An argparse type: a whole number ≥ ``low`` (a negative count used to mean "all" or be clamped)."""
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+        return value
+    return whole
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="proponent bench", description="Accuracy and cost of attribution methods and peers.")
     ap.add_argument("project", help="the project to benchmark (or --suite: generated validation projects, see "
@@ -47,13 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "e.g. dattri:if-cg), or 'none' (default: all; --quick: none)")
     ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
                     help=f"comma-separated, of {','.join(ALL_METRICS)} (default: {','.join(DEFAULT_METRICS)})")
-    ap.add_argument("--cf-queries", type=int, default=5, help="test queries for the counterfactual metric")
-    ap.add_argument("--subsets", type=int, help="LDS subsets M (default 100; --quick 12)")
-    ap.add_argument("--seeds", type=int, help="retraining seeds R per subset (default 2; ≥ 2 gives the noise ceiling)")
+    ap.add_argument("--cf-queries", type=at_least(0), default=5, help="test queries for the counterfactual metric")
+    ap.add_argument("--subsets", type=at_least(2), help="LDS subsets M (default 100; --quick 12)")
+    ap.add_argument("--seeds", type=at_least(1), help="retraining seeds R per subset (default 2; ≥ 2 gives the noise ceiling)")
     ap.add_argument("--alpha", type=float, default=0.5, help="fraction of the training set in each LDS subset")
-    ap.add_argument("--queries", type=int, help="test queries used for LDS/LOO (default 100; --quick 40; 0: all)")
-    ap.add_argument("--loo", type=int, help="training examples removed one at a time for LOO (default 20; --quick 6)")
-    ap.add_argument("--proj-dim", type=int, default=512, help="projection size for the TRAK vs traker comparison")
+    ap.add_argument("--queries", type=at_least(0), help="test queries used for LDS/LOO (default 100; --quick 40; 0: all)")
+    ap.add_argument("--loo", type=at_least(0), help="training examples removed one at a time for LOO (default 20; --quick 6)")
+    ap.add_argument("--proj-dim", type=at_least(1), default=512, help="projection size for the TRAK vs traker comparison")
     ap.add_argument("--mislabel-source", default="auto", choices=("auto", "truth", "flip"),
                     help="planted flips from truth.json (auto: when present) or flip 10%% of labels in a copy")
     ap.add_argument("--leak-source", default="auto", choices=("auto", "truth", "plant"))
@@ -64,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--peer-timeout", type=float, help="seconds one peer method may run (in its own process) before it "
                                                         "is stopped and reported as skipped (default 600; 0: no limit)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--processes", type=int, help="retraining processes (default: cores − 1; 1 on ≤ 2 cores)")
+    ap.add_argument("--processes", type=at_least(1), help="retraining processes (default: cores − 1; 1 on ≤ 2 cores)")
     ap.add_argument("--quick", action="store_true", help="the CI configuration: a few minutes on 2 cores")
     ap.add_argument("--title", help="title of the benchmark in docs/benchmarks.md")
     ap.add_argument("--json", help="write the results as JSON here")
