@@ -227,3 +227,38 @@ def test_an_unwritable_cache_folder_decodes_privately(tmp_path, monkeypatch):
     assert list((root / ".proponent" / "cache").iterdir()) == []
     ref = _reference([p.example_file("train", i) for i in range(40)], p.preprocessing)
     assert np.array_equal(p.train_dataset.x[:].numpy(), ref)
+
+
+def test_decoding_with_workers_under_a_streamlit_main_and_other_threads_finishes(tmp_path):
+    """The app's server runs threads and installs its page script as ``__main__``: spawned decode
+    workers re-ran that script and died, and the parent blocked for ever writing them a large split.
+    Run in a child process with a time limit, so a regression fails instead of hanging the suite."""
+    import subprocess
+    import sys
+    import textwrap
+
+    paths = _write_images(tmp_path / "im", 3000, size=(8, 8))
+    page = tmp_path / "page.py"
+    page.write_text("raise SystemExit(1)  # what a page script does outside Streamlit, at best\n")
+    script = textwrap.dedent(f"""
+        import os, sys, threading, time, types
+        from pathlib import Path
+        import numpy as np
+        os.environ["PROPONENT_DECODE_WORKERS"] = "2"
+        from engine.core.images import ImagePreprocessing, load_split
+        threading.Thread(target=time.sleep, args=(600,), daemon=True).start()  # the server's threads
+        main = types.ModuleType("__main__")
+        main.__file__ = {str(page)!r}  # as Streamlit's script runner installs the page
+        sys.modules["__main__"] = main
+        paths = sorted(Path({str(tmp_path / "im")!r}).glob("*.png"))
+        x = load_split(paths, [p.name for p in paths], ImagePreprocessing(), paths, [None] * len(paths), None,
+                       cache=None, pending=None)
+        np.save({str(tmp_path / "x.npy")!r}, x[:].numpy())
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = np.load(tmp_path / "x.npy")
+    ordered = sorted(paths)
+    assert got.shape[0] == 3000
+    assert np.array_equal(got[[0, 1500, 2999]], _reference([ordered[i] for i in (0, 1500, 2999)], ImagePreprocessing()))

@@ -16,6 +16,8 @@ and 4× smaller than float32, and ``normalize`` can change without decoding agai
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import io
@@ -28,6 +30,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -328,8 +331,9 @@ def _as_list(batch):
 
 
 def decode_workers(n: int) -> int:
-    """Worker processes for decoding ``n`` images: ``PROPONENT_DECODE_WORKERS`` if set, else
-    none below :data:`WORKERS_FROM` images, else the usable cores up to 8."""
+    """Workers decoding ``n`` images (forked processes, or threads where other threads run: see
+    :func:`_batches`): ``PROPONENT_DECODE_WORKERS`` if set, else none below :data:`WORKERS_FROM`
+    images, else the usable cores up to 8."""
     env = os.environ.get("PROPONENT_DECODE_WORKERS", "").strip()
     if env:
         try:
@@ -342,13 +346,39 @@ def decode_workers(n: int) -> int:
     return max(0, min(cores, 8)) if cores > 1 else 0
 
 
-def _loader(paths: list[Path], prep: ImagePreprocessing, workers: int):
-    kw = {}
-    if workers:
-        # forking a process that runs other threads (the app, a job's watchdog) can deadlock a child
-        kw["multiprocessing_context"] = "fork" if threading.active_count() == 1 else "spawn"
-    return torch.utils.data.DataLoader(_ImageFiles(paths, prep), batch_size=DECODE_BATCH, shuffle=False,
-                                       num_workers=workers, collate_fn=_as_list, **kw)
+def _batches(paths: list[Path], prep: ImagePreprocessing, workers: int) -> Iterator[list]:
+    """The split's decoded batches, in order: [(index, uint8 pixels or None, problem or None)].
+
+    In a process running no other thread, ``workers`` forked DataLoader processes decode them. Where
+    other threads run (the app's server, a job's watchdog), forking can deadlock a child, and
+    "spawn" re-runs the parent's ``__main__`` file in every child: under Streamlit that is the
+    page script (its runner installs the page as ``__main__``), so the children died at start and
+    the parent blocked for ever writing a large split to a child that was gone (CPython writes the
+    pickled dataset before it notices). There a pool of ``workers`` threads decodes instead (Pillow
+    releases the GIL while it decodes), at most two batches per thread ahead of the consumer."""
+    if workers and threading.active_count() == 1:
+        yield from torch.utils.data.DataLoader(_ImageFiles(paths, prep), batch_size=DECODE_BATCH, shuffle=False,
+                                               num_workers=workers, collate_fn=_as_list,
+                                               multiprocessing_context="fork")
+        return
+    files = _ImageFiles(paths, prep)
+
+    def batch(lo: int) -> list:
+        return [files[i] for i in range(lo, min(lo + DECODE_BATCH, len(paths)))]
+
+    starts = range(0, len(paths), DECODE_BATCH)
+    if not workers:
+        for lo in starts:
+            yield batch(lo)
+        return
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        ahead: collections.deque = collections.deque()
+        for lo in starts:
+            ahead.append(pool.submit(batch, lo))
+            if len(ahead) >= 2 * workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def _new_file(final: Path | None) -> tuple[Path, bool]:
@@ -388,7 +418,7 @@ def decode_split(paths: list[Path], names: list[str], prep: ImagePreprocessing, 
             if hasattr(os, "posix_fallocate"):
                 # claim the blocks now: a full disk is an error here, not a SIGBUS while writing rows
                 os.posix_fallocate(f.fileno(), 0, mm.offset + mm.nbytes)
-        for batch in _loader(paths, prep, decode_workers(len(paths))):
+        for batch in _batches(paths, prep, decode_workers(len(paths))):
             for i, arr, problem in batch:
                 if problem is not None:
                     raise ValidationError(problem, file=str(files[i]), row=rows[i])
