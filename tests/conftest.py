@@ -13,6 +13,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+@pytest.fixture(autouse=True)
+def _main_module_kept():
+    """Streamlit's script runner (AppTest) installs the page it runs as ``sys.modules["__main__"]`` and
+    leaves it there; a process that later test spawns would re-run that page as its ``__main__`` and
+    die (AppTest.from_function's page cannot run outside AppTest). Each test gets the real one back."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None and sys.modules.get("__main__") is not main:
+        sys.modules["__main__"] = main
+
+
 @pytest.fixture(scope="session")
 def digits_project(tmp_path_factory):
     """The digits sample, data + one recorded model (15 checkpoints). Read-only for tests:
