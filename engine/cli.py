@@ -27,6 +27,7 @@ from engine.core.project import ROWS_FILE, Project
 from engine.core.samples import prepare_sample
 from engine.core.train import accuracy, record_training
 from engine.evaluate.bench import cli_main
+from engine.evaluate.bench.config import at_least
 from engine.methods import describe_settings, list_methods
 from engine.methods.source import BF16_SELF_WALK_MIN_PARAMS
 from engine.methods.trak import projection_summary
@@ -127,14 +128,7 @@ def check_export(p, path: str) -> Path:
 
 
 # ---------------------------------------------------------------------------- argument types
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
+positive_int = at_least(1)  # the bench's own count type: one rule, one message
 
 
 def finite_float(text: str) -> float:

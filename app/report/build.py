@@ -99,7 +99,7 @@ def build_report(project, key: str, *, method: str = "", n_queries: int = 4, k: 
         del problem[i]
     # flags follow their examples (engine.workflows.flag_rows): those whose example left the data
     missing = svc.missing_flags(db)
-    gone += [k.split(":", 1)[1].split("@", 1)[0] for k, r in missing.items() if k.startswith("train:")
+    gone += [r["old_item"] for k, r in missing.items() if k.startswith("train:")
              and (r.get("flag") not in (None, "ok", "dismissed") or r.get("relabel"))]
     wrong = int((preds["pred"] != preds["label"]).sum())
     kpis = [("test accuracy", f"{summ['test_accuracy']:.1%}" if summ["test_accuracy"] is not None else "—"),

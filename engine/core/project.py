@@ -37,6 +37,7 @@ from engine.core.data import (
 from engine.core.errors import ValidationError
 from engine.core.paths import check_inside
 from engine.core.spec import ProjectSpec, TrainingTable, parse_spec
+from engine.core.tables import iter_table
 from engine.storage.arrays import atomic_write_text, clean_orphan_temp_files
 from engine.storage.folders import recover_interrupted_swap
 from engine.storage.statedb import STATE_DIRNAME
@@ -285,15 +286,14 @@ class Project:
         re-ordered (:mod:`engine.workflows.flag_rows`)."""
         cache = self.__dict__.setdefault("_row_fingerprints", {})
         if split not in cache:
-            if self.data_format in ("tabular", "text"):
-                df = self.train_df if split == "train" else self.test_df
+            if self.data_format in ("tabular", "text") and self._data.table_files is not None:
+                # chunk by chunk, as attribution reads the table: memory is one chunk plus 8 bytes a row
+                path = self._data.table_files[0 if split == "train" else 1]
+                parts = [_content_hashes(df) for _, df in iter_table(path, self._data.label_column,
+                                                                     text_columns=self._data.text_columns)]
+                cache[split] = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
             else:
-                df = self.rows(split)[["file", "label"]]
-            canonical = pd.DataFrame({
-                str(c): (df[c].astype(np.float64) if pd.api.types.is_numeric_dtype(df[c])
-                         and not pd.api.types.is_bool_dtype(df[c]) else df[c].astype(str))
-                for c in df.columns})
-            cache[split] = pd.util.hash_pandas_object(canonical, index=False).to_numpy(np.uint64)
+                cache[split] = _content_hashes(self.rows(split)[["file", "label"]])
         return cache[split]
 
     def example_file(self, split: str, index: int) -> Path | None:
@@ -601,6 +601,16 @@ class Project:
             "weights": "trajectory" if self.has_trajectory else ("weights files" if self.weight_files else "none"),
             "recipe": self.has_recipe,
         }
+
+
+def _content_hashes(df: pd.DataFrame) -> np.ndarray:
+    """One uint64 per row of ``df``: numbers as float64 (an int/float re-typing still matches), the rest
+    as text."""
+    canonical = pd.DataFrame({
+        str(c): (df[c].astype(np.float64) if pd.api.types.is_numeric_dtype(df[c])
+                 and not pd.api.types.is_bool_dtype(df[c]) else df[c].astype(str))
+        for c in df.columns})
+    return pd.util.hash_pandas_object(canonical, index=False).to_numpy(np.uint64)
 
 
 def _hash_examples(*datasets) -> str:

@@ -19,6 +19,7 @@ leak search on text, exports), not to attribute.
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -72,8 +73,6 @@ def _bad_line(path: Path, kind: str, e: Exception) -> tuple[int, str] | None:
     not a JSON object; None when no line is at fault or the file cannot be read."""
     if kind == "parquet" or not (isinstance(e, UnicodeDecodeError) or kind == "jsonl"):
         return None
-    import json
-
     try:
         with open(path, "rb") as f:
             for i, raw in enumerate(f, start=1):

@@ -216,7 +216,7 @@ def read_cached_npy(path: str | Path, shape: tuple[int, ...] | None = None, *, n
 
 def save_tensors(tensors: dict, path: str | Path) -> None:
     """A safetensors file readable like any other result (the library creates it 0600)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # imports torch, which this module otherwise does not need
 
     save_file(tensors, str(path))
     os.chmod(path, _FILE_MODE)

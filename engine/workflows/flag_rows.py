@@ -10,7 +10,7 @@ another example, and never lost.
 """
 from __future__ import annotations
 
-from collections import defaultdict
+import numpy as np
 
 from engine.core.project import Project
 from engine.storage.statedb import GONE_SUFFIX, StateDB
@@ -61,15 +61,18 @@ def follow_data(db: StateDB, project: Project) -> dict:
     stale = db.flags_off_data(current)
     if not stale:
         return {"moved": 0, "gone": 0, "kept": 0}
-    where: dict[str, dict[str, list[int]]] = {}
+    where: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def rows_of(split: str) -> dict[str, list[int]]:
+    def rows_with(split: str, fp: str) -> np.ndarray:
+        """The rows of ``split`` whose fingerprint is ``fp``, ascending (two arrays of 8 bytes a row, sorted
+        once; not a dictionary of Python objects per row)."""
         if split not in where:
-            index = defaultdict(list)
-            for i, v in enumerate(project.row_fingerprints(split)):
-                index[_hex(v)].append(i)
-            where[split] = index
-        return where[split]
+            rows = project.row_fingerprints(split)
+            order = np.argsort(rows, kind="stable")
+            where[split] = (rows[order], order)
+        ordered, order = where[split]
+        v = np.uint64(int(fp, 16))
+        return order[np.searchsorted(ordered, v, "left"):np.searchsorted(ordered, v, "right")]
 
     taken = {(r["split"], r["item"]) for r in db.flags().values() if r["data_hash"] == current}
     moves, counts = [], {"moved": 0, "gone": 0, "kept": 0}
@@ -96,9 +99,9 @@ def follow_data(db: StateDB, project: Project) -> dict:
             fingerprint = r["fingerprint"]
             found = []
             for (s, old), fp in zip(parts, fps):
-                candidates = rows_of(s).get(fp, [])
+                candidates = rows_with(s, fp)
                 # identical rows share a fingerprint: keep the old index if it is one of them
-                found.append(old if old in candidates else (candidates[0] if candidates else None))
+                found.append(old if old in candidates else (int(candidates[0]) if len(candidates) else None))
             found = None if None in found or len(found) != len(parts) else found
         to_item = ":".join(map(str, found)) if found is not None else None
         if to_item is None or (base, to_item) in taken:
@@ -115,11 +118,12 @@ def follow_data(db: StateDB, project: Project) -> dict:
 
 
 def gone_flags(db: StateDB) -> dict[str, dict]:
-    """Flags whose example is not in the current data, keyed "<split>:<old item>"."""
+    """Flags whose example is not in the current data, keyed "<split>:<key>"; each row's ``old_item`` is
+    the index (or "test:train" pair) it had."""
     out = {}
     for base in ("train", "test", "pair"):
         for item, row in db.flags(base + GONE_SUFFIX).items():
-            out[f"{base}:{item}"] = row
+            out[f"{base}:{item}"] = {**row, "old_item": item.split("@", 1)[0]}
     return out
 
 
